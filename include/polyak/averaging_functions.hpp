@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: MIT
+// Averaging functions: how AveragedModel folds the current weights into the average.
+//
+// An averaging function is any callable of the shape
+//     fn(averaged, current, num_averaged)
+// where `averaged` is a writable flat Eigen array (ArrayMap<accumulator_t<T>>), `current` a read-only
+// one (ConstArrayMap<T>) and `num_averaged` the number of models averaged so far (>= 1 when it is
+// called). It either updates `averaged` in place and returns void, or returns the new average as an
+// Eigen expression, as PyTorch's avg_fn does; polyak then assigns it in the same single pass.
+//
+// A multi-tensor function gets all tensors of one update at once, as two TensorArrays; mark a user's
+// callable as one with polyak::multi_tensor(fn). PyTorch's names for these are multi_avg_fn and
+// get_*_multi_avg_fn.
+#pragma once
+
+#include <cmath>        // std::abs
+#include <cstddef>      // std::size_t
+#include <cstdint>      // std::int64_t
+#include <stdexcept>    // std::invalid_argument
+#include <string>
+#include <type_traits>
+#include <utility>      // std::forward
+
+#include "polyak/tensor_view.hpp"
+
+namespace polyak {
+
+/// Stochastic weight averaging: the equal-weight running mean of every model seen,
+///     averaged += (current - averaged) / (num_averaged + 1).
+/// PyTorch: get_swa_avg_fn(), the default of AveragedModel.
+struct SWA {
+  template <class Averaged, class Current>
+  void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
+    using S = typename std::remove_reference_t<Averaged>::Scalar;
+    averaged += (current.template cast<S>() - averaged) / static_cast<S>(num_averaged + 1);
+  }
+};
+
+/// Exponential moving average of the weights,
+///     averaged = averaged + (1 - decay) * (current - averaged),
+/// computed as torch.lerp(averaged, current, 1 - decay) computes it (the other end when the weight
+/// is 0.5 or more), so that results round as PyTorch's do. PyTorch: get_ema_avg_fn(decay).
+class EMA {
+ public:
+  /// PyTorch's default decay.
+  EMA() = default;
+
+  /// `decay` must lie in [0, 1]; anything else, NaN included, is refused.
+  explicit EMA(double decay) : decay_(decay) {
+    if (!(decay >= 0.0 && decay <= 1.0)) {
+      throw std::invalid_argument("polyak::EMA: decay " + std::to_string(decay) +
+                                  " is outside [0, 1]");
+    }
+  }
+
+  double decay() const noexcept { return decay_; }
+
+  template <class Averaged, class Current>
+  void operator()(Averaged&& averaged, const Current& current, std::int64_t /*num_averaged*/) const {
+    using S = typename std::remove_reference_t<Averaged>::Scalar;
+    const S weight = static_cast<S>(1.0 - decay_);
+    if (std::abs(weight) < S(0.5)) {
+      averaged += weight * (current.template cast<S>() - averaged);
+    } else {
+      averaged = current.template cast<S>() - (current.template cast<S>() - averaged) * (S(1) - weight);
+    }
+  }
+
+ private:
+  double decay_ = 0.999;
+};
+
+/// The tensors of one update, each as a flat Eigen array, in the model's order. What a multi-tensor
+/// averaging function receives; `S` is `const T` for the model's side.
+template <class S>
+class TensorArrays {
+  using Mutable = std::remove_const_t<S>;
+
+ public:
+  using Array = Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen::Array<Mutable, Eigen::Dynamic, 1>,
+                                              Eigen::Array<Mutable, Eigen::Dynamic, 1>>>;
+
+  /// The entries `indices[0..count)` of `entries`.
+  TensorArrays(const NamedTensor<Mutable>* entries, const std::size_t* indices, std::size_t count) noexcept
+      : entries_(entries), indices_(indices), count_(count) {}
+
+  std::size_t size() const noexcept { return count_; }
+  Array operator[](std::size_t i) const {
+    const auto& entry = entries_[indices_[i]];
+    return Array(entry.data(), static_cast<Eigen::Index>(entry.numel()));
+  }
+
+ private:
+  const NamedTensor<Mutable>* entries_;
+  const std::size_t* indices_;
+  std::size_t count_;
+};
+
+namespace detail {
+
+template <class Fn, class = void>
+struct is_multi_tensor : std::false_type {};
+template <class Fn>
+struct is_multi_tensor<Fn, std::void_t<decltype(Fn::is_multi_tensor)>>
+    : std::bool_constant<Fn::is_multi_tensor> {};
+
+/// Calls a per-tensor function, assigning its result when it returns one (PyTorch's avg_fn shape).
+template <class Fn, class Averaged, class Current>
+void apply_avg_fn(Fn& fn, Averaged&& averaged, const Current& current, std::int64_t num_averaged) {
+  if constexpr (std::is_void_v<std::invoke_result_t<Fn&, Averaged&, const Current&, std::int64_t>>) {
+    fn(averaged, current, num_averaged);
+  } else {
+    averaged = fn(averaged, current, num_averaged);
+  }
+}
+
+}  // namespace detail
+
+/// True when `Fn` is called once per update with all tensors (TensorArrays) rather than per tensor.
+template <class Fn>
+inline constexpr bool is_multi_tensor_v = detail::is_multi_tensor<Fn>::value;
+
+/// A multi-tensor function that applies the per-tensor function `Fn` to each pair of tensors.
+template <class Fn>
+struct ForEachTensor {
+  static constexpr bool is_multi_tensor = true;
+  Fn fn;
+
+  template <class S, class C>
+  void operator()(const TensorArrays<S>& averaged, const TensorArrays<C>& current,
+                  std::int64_t num_averaged) {
+    for (std::size_t i = 0; i < averaged.size(); ++i) {
+      detail::apply_avg_fn(fn, averaged[i], current[i], num_averaged);
+    }
+  }
+};
+
+/// Marks a user's callable `fn(TensorArrays<Acc> averaged, TensorArrays<const T> current, n)` as a
+/// multi-tensor averaging function (PyTorch's multi_avg_fn).
+template <class Fn>
+struct MultiTensorFn {
+  static constexpr bool is_multi_tensor = true;
+  Fn fn;
+
+  template <class S, class C>
+  void operator()(const TensorArrays<S>& averaged, const TensorArrays<C>& current,
+                  std::int64_t num_averaged) {
+    fn(averaged, current, num_averaged);
+  }
+};
+
+template <class Fn>
+MultiTensorFn<Fn> multi_tensor(Fn fn) {
+  return MultiTensorFn<Fn>{std::move(fn)};
+}
+
+/// PyTorch: torch.optim.swa_utils.get_swa_avg_fn().
+inline SWA get_swa_avg_fn() { return SWA{}; }
+
+/// PyTorch: torch.optim.swa_utils.get_ema_avg_fn(decay).
+inline EMA get_ema_avg_fn(double decay = 0.999) { return EMA{decay}; }
+
+/// PyTorch: torch.optim.swa_utils.get_swa_multi_avg_fn().
+inline ForEachTensor<SWA> get_swa_multi_avg_fn() { return {SWA{}}; }
+
+/// PyTorch: torch.optim.swa_utils.get_ema_multi_avg_fn(decay).
+inline ForEachTensor<EMA> get_ema_multi_avg_fn(double decay = 0.999) { return {EMA{decay}}; }
+
+}  // namespace polyak

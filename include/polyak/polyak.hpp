@@ -1,0 +1,10 @@
+// SPDX-License-Identifier: MIT
+// polyak: weight averaging for C++ training code. This umbrella header includes everything that
+// needs no MPI; polyak/mpi.hpp adds the MPI communicator.
+#pragma once
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/averaging_functions.hpp"
+#include "polyak/scalar_type.hpp"
+#include "polyak/tensor_view.hpp"
+#include "polyak/version.hpp"

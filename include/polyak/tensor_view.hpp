@@ -1,0 +1,276 @@
+// SPDX-License-Identifier: MIT
+// Non-owning, named views onto the training code's own tensors.
+//
+// A TensorView is a pointer, a logical shape and a storage order. A ParameterList is the ordered,
+// named list of views that stands for a model: polyak never owns or copies the training code's
+// tensors, it reads and writes them through these views.
+#pragma once
+
+#include <cstddef>      // std::size_t
+#include <cstdint>      // std::int64_t
+#include <sstream>      // error messages
+#include <stdexcept>    // std::invalid_argument
+#include <string>
+#include <type_traits>
+#include <utility>      // std::move
+#include <vector>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>  // Eigen::Tensor, Eigen::TensorMap
+
+#include "polyak/scalar_type.hpp"
+
+namespace polyak {
+
+/// How a tensor's elements are laid out in memory. PyTorch, libtorch and safetensors are row-major;
+/// Eigen's Matrix and Tensor default to column-major. Averaging never cares (it is element-wise);
+/// checkpoints and structure checks do.
+enum class StorageOrder { RowMajor, ColMajor };
+
+/// A flat Eigen array over one tensor's storage, the form averaging functions receive.
+template <class S>
+using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
+template <class S>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
+
+/// A non-owning view of one contiguous tensor: pointer, logical shape, storage order.
+/// Mirrors what a libtorch tensor's `data_ptr()` and `sizes()` give (row-major by default).
+template <class T>
+class TensorView {
+  static_assert(is_supported_scalar_v<T>,
+                "polyak::TensorView: the scalar type must be float, double, Eigen::half or Eigen::bfloat16");
+
+ public:
+  using Scalar = T;
+  using Shape = std::vector<std::int64_t>;
+
+  TensorView() = default;
+
+  /// `data` must hold the product of `shape` elements, contiguous in `order`.
+  TensorView(T* data, Shape shape, StorageOrder order = StorageOrder::RowMajor)
+      : data_(data), shape_(std::move(shape)), order_(order) {
+    numel_ = 1;
+    for (const std::int64_t extent : shape_) {
+      if (extent < 0) {
+        throw std::invalid_argument("polyak::TensorView: negative extent " + std::to_string(extent) +
+                                    " in shape " + shape_string(shape_));
+      }
+      numel_ *= static_cast<std::size_t>(extent);
+    }
+    if (data_ == nullptr && numel_ != 0) {
+      throw std::invalid_argument("polyak::TensorView: null data for a tensor of shape " + shape_string(shape_));
+    }
+  }
+
+  T* data() const noexcept { return data_; }
+  std::size_t numel() const noexcept { return numel_; }
+  const Shape& shape() const noexcept { return shape_; }
+  StorageOrder storage_order() const noexcept { return order_; }
+
+  /// The storage as one flat array, in memory order.
+  ArrayMap<T> flat() const { return ArrayMap<T>(data_, static_cast<Eigen::Index>(numel_)); }
+
+  /// "[64, 3, 3, 3]": for error messages.
+  static std::string shape_string(const Shape& shape) {
+    std::ostringstream out;
+    out << '[';
+    for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+    out << ']';
+    return out.str();
+  }
+
+ private:
+  T* data_ = nullptr;
+  Shape shape_;
+  StorageOrder order_ = StorageOrder::RowMajor;
+  std::size_t numel_ = 0;
+};
+
+namespace detail {
+
+template <class>
+inline constexpr bool always_false_v = false;
+
+template <class X>
+using remove_cvref_t = std::remove_cv_t<std::remove_reference_t<X>>;
+
+template <class X>
+struct is_tensor_view : std::false_type {};
+template <class T>
+struct is_tensor_view<TensorView<T>> : std::true_type {};
+
+template <class X>
+inline constexpr bool is_eigen_dense_v = std::is_base_of_v<Eigen::DenseBase<remove_cvref_t<X>>, remove_cvref_t<X>>;
+
+template <class X>
+struct eigen_tensor_traits : std::false_type {};
+template <class S, int N, int Options, class Index>
+struct eigen_tensor_traits<Eigen::Tensor<S, N, Options, Index>> : std::true_type {
+  using Scalar = S;
+  static constexpr bool owns = true;
+  static constexpr bool row_major = (Options & Eigen::RowMajor) != 0;
+};
+template <class S, int N, int Options, class Index, int MapOptions, template <class> class MakePointer>
+struct eigen_tensor_traits<Eigen::TensorMap<Eigen::Tensor<S, N, Options, Index>, MapOptions, MakePointer>>
+    : std::true_type {
+  using Scalar = S;
+  static constexpr bool owns = false;
+  static constexpr bool row_major = (Options & Eigen::RowMajor) != 0;
+};
+
+/// A view of a contiguous, writable Eigen Matrix, Array, Map or Block.
+template <class X>
+TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& name, X&& x) {
+  using D = remove_cvref_t<X>;
+  static_assert((D::Flags & Eigen::DirectAccessBit) != 0,
+                "polyak: this Eigen expression is not stored in memory (a sum, a product, a cast...): "
+                "evaluate it into a Matrix or Array first, or view the storage it reads");
+  static_assert(!std::is_const_v<std::remove_reference_t<X>> && (D::Flags & Eigen::LvalueBit) != 0,
+                "polyak: views are written through (copy_to, swap): pass a non-const Matrix, Array or "
+                "Map, not a const one or a Map of const data");
+  static_assert(!(std::is_rvalue_reference_v<X&&> && std::is_base_of_v<Eigen::PlainObjectBase<D>, D>),
+                "polyak: a temporary Eigen Matrix or Array would dangle: pass the model's own object");
+  static_assert(D::InnerStrideAtCompileTime == Eigen::Dynamic || D::InnerStrideAtCompileTime == 1 ||
+                    D::InnerSizeAtCompileTime == 1,
+                "polyak: this Eigen object is strided (for instance a row of a column-major matrix): "
+                "views must be contiguous; copy it into its own Matrix, or view the whole matrix");
+
+  // Contiguous: consecutive inner elements adjacent, consecutive outer slices back to back.
+  const Eigen::Index inner_size = x.innerSize();
+  const Eigen::Index outer_size = x.outerSize();
+  const bool contiguous = (inner_size <= 1 || x.innerStride() == 1) &&
+                          (outer_size <= 1 || x.outerStride() == inner_size);
+  if (!contiguous) {
+    std::ostringstream message;
+    message << "polyak: tensor '" << name << "' is a strided " << x.rows() << "x" << x.cols()
+            << " view (inner stride " << x.innerStride() << ", outer stride " << x.outerStride()
+            << "); views must be contiguous: copy it into its own Matrix, or view the whole storage";
+    throw std::invalid_argument(message.str());
+  }
+
+  // Vectors get one dimension, as a PyTorch bias has; everything else is rows x cols.
+  typename TensorView<typename D::Scalar>::Shape shape;
+  if constexpr (D::ColsAtCompileTime == 1) {
+    shape = {static_cast<std::int64_t>(x.rows())};
+  } else if constexpr (D::RowsAtCompileTime == 1) {
+    shape = {static_cast<std::int64_t>(x.cols())};
+  } else {
+    shape = {static_cast<std::int64_t>(x.rows()), static_cast<std::int64_t>(x.cols())};
+  }
+  return {x.data(), std::move(shape), D::IsRowMajor ? StorageOrder::RowMajor : StorageOrder::ColMajor};
+}
+
+/// A view of an Eigen::Tensor or Eigen::TensorMap (always contiguous).
+template <class X>
+TensorView<typename eigen_tensor_traits<remove_cvref_t<X>>::Scalar> view_of_tensor(X&& x) {
+  using Traits = eigen_tensor_traits<remove_cvref_t<X>>;
+  static_assert(!std::is_const_v<std::remove_reference_t<X>> &&
+                    !std::is_const_v<typename Traits::Scalar>,
+                "polyak: views are written through (copy_to, swap): pass a non-const Tensor or TensorMap");
+  static_assert(!(std::is_rvalue_reference_v<X&&> && Traits::owns),
+                "polyak: a temporary Eigen::Tensor would dangle: pass the model's own object");
+  typename TensorView<typename Traits::Scalar>::Shape shape;
+  for (const auto extent : x.dimensions()) shape.push_back(static_cast<std::int64_t>(extent));
+  return {x.data(), std::move(shape), Traits::row_major ? StorageOrder::RowMajor : StorageOrder::ColMajor};
+}
+
+/// The view of anything ParameterList::add accepts.
+template <class X>
+auto view_of(const std::string& name, X&& x) {
+  using D = remove_cvref_t<X>;
+  if constexpr (is_tensor_view<D>::value) {
+    return D(x);
+  } else if constexpr (is_eigen_dense_v<D>) {
+    return view_of_dense(name, std::forward<X>(x));
+  } else if constexpr (eigen_tensor_traits<D>::value) {
+    return view_of_tensor(std::forward<X>(x));
+  } else {
+    static_assert(always_false_v<D>,
+                  "polyak: cannot view this type: pass a contiguous Eigen Matrix, Array or Map, an "
+                  "Eigen::Tensor or TensorMap, or a polyak::TensorView(pointer, shape)");
+  }
+}
+
+}  // namespace detail
+
+/// One named entry of a ParameterList: a view plus whether it is a parameter or a buffer.
+template <class T>
+class NamedTensor {
+ public:
+  NamedTensor(std::string name, TensorView<T> view, bool is_buffer)
+      : name_(std::move(name)), view_(std::move(view)), is_buffer_(is_buffer) {}
+
+  const std::string& name() const noexcept { return name_; }
+  const TensorView<T>& view() const noexcept { return view_; }
+  bool is_buffer() const noexcept { return is_buffer_; }
+
+  T* data() const noexcept { return view_.data(); }
+  std::size_t numel() const noexcept { return view_.numel(); }
+  const typename TensorView<T>::Shape& shape() const noexcept { return view_.shape(); }
+  StorageOrder storage_order() const noexcept { return view_.storage_order(); }
+  ArrayMap<T> flat() const { return view_.flat(); }
+
+ private:
+  std::string name_;
+  TensorView<T> view_;
+  bool is_buffer_;
+};
+
+/// The ordered, named, non-owning list of a model's tensors: its parameters, and its buffers (state
+/// that is not trained, such as batch-norm running statistics). Mirrors a torch.nn.Module's
+/// named_parameters() and named_buffers(); the order of add / add_buffer calls is the order kept.
+template <class T>
+class ParameterList {
+ public:
+  using Scalar = T;
+  using value_type = NamedTensor<T>;
+  using const_iterator = typename std::vector<NamedTensor<T>>::const_iterator;
+
+  /// Adds a parameter. `tensor` is a contiguous Eigen Matrix, Array, Map or Block, an Eigen::Tensor
+  /// or TensorMap, or a TensorView; its scalar type must be T.
+  template <class Tensor>
+  ParameterList& add(std::string name, Tensor&& tensor) {
+    return add_entry(std::move(name), std::forward<Tensor>(tensor), /*is_buffer=*/false);
+  }
+
+  /// Adds a buffer: averaged by AveragedModel only with use_buffers, copied otherwise.
+  template <class Tensor>
+  ParameterList& add_buffer(std::string name, Tensor&& tensor) {
+    return add_entry(std::move(name), std::forward<Tensor>(tensor), /*is_buffer=*/true);
+  }
+
+  /// The number of tensors, parameters and buffers together.
+  std::size_t size() const noexcept { return entries_.size(); }
+  bool empty() const noexcept { return entries_.empty(); }
+
+  /// The number of scalars over all tensors.
+  std::size_t numel() const noexcept {
+    std::size_t total = 0;
+    for (const auto& entry : entries_) total += entry.numel();
+    return total;
+  }
+
+  const NamedTensor<T>& operator[](std::size_t i) const { return entries_[i]; }
+  const_iterator begin() const noexcept { return entries_.begin(); }
+  const_iterator end() const noexcept { return entries_.end(); }
+
+ private:
+  template <class Tensor>
+  ParameterList& add_entry(std::string name, Tensor&& tensor, bool is_buffer) {
+    auto view = detail::view_of(name, std::forward<Tensor>(tensor));
+    static_assert(std::is_same_v<typename decltype(view)::Scalar, T>,
+                  "polyak::ParameterList<T>::add: the tensor's scalar type differs from T");
+    if (name.empty()) throw std::invalid_argument("polyak::ParameterList: a tensor needs a non-empty name");
+    for (const auto& entry : entries_) {
+      if (entry.name() == name) {
+        throw std::invalid_argument("polyak::ParameterList: the name '" + name + "' is already in the list");
+      }
+    }
+    entries_.emplace_back(std::move(name), std::move(view), is_buffer);
+    return *this;
+  }
+
+  std::vector<NamedTensor<T>> entries_;
+};
+
+}  // namespace polyak

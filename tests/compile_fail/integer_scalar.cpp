@@ -1,0 +1,6 @@
+// Integers are not averaged.
+#include <polyak/tensor_view.hpp>
+int main() {
+  int x[4] = {};
+  polyak::TensorView<int> view(x, {4});
+}
