@@ -26,7 +26,10 @@ struct Model {
 
   ParameterList<T> list() {
     ParameterList<T> out;
-    out.add("weight", weight).add("bias", bias).add("kernel", kernel).add_buffer("running_mean", running_mean);
+    out.add("weight", weight)
+        .add("bias", bias)
+        .add("kernel", kernel)
+        .add_buffer("running_mean", running_mean);
     return out;
   }
 
@@ -244,7 +247,8 @@ TEST_CASE("a model that differs is refused, naming the first differing tensor, a
   }
 }
 
-TEST_CASE("user averaging functions: in place, PyTorch-style returning, and multi-tensor", "[averaged_model]") {
+TEST_CASE("user averaging functions: in place, PyTorch-style returning, and multi-tensor",
+          "[averaged_model]") {
   std::mt19937 rng(13);
   Model<double> model;
   const auto list = model.list();
@@ -257,11 +261,13 @@ TEST_CASE("user averaging functions: in place, PyTorch-style returning, and mult
     return 0.25 * averaged + 0.75 * current;
   };
   std::int64_t multi_calls = 0;
-  auto multi = polyak::multi_tensor([&multi_calls](const auto& averaged, const auto& current, std::int64_t n) {
-    ++multi_calls;
-    CHECK(n == multi_calls);  // num_averaged counts the models already folded in
-    for (std::size_t i = 0; i < averaged.size(); ++i) averaged[i] = 0.25 * averaged[i] + 0.75 * current[i];
-  });
+  auto multi =
+      polyak::multi_tensor([&multi_calls](const auto& averaged, const auto& current, std::int64_t n) {
+        ++multi_calls;
+        CHECK(n == multi_calls);  // num_averaged counts the models already folded in
+        for (std::size_t i = 0; i < averaged.size(); ++i)
+          averaged[i] = 0.25 * averaged[i] + 0.75 * current[i];
+      });
   AveragedModel a(list, in_place);
   AveragedModel b(list, returning);
   AveragedModel c(list, multi);
@@ -283,8 +289,8 @@ TEST_CASE("user averaging functions: in place, PyTorch-style returning, and mult
     d.update_parameters(list);
   }
   CHECK(multi_calls == 4);
-  for (const auto& values : {values_of(a.tensors()), values_of(b.tensors()), values_of(c.tensors()),
-                             values_of(d.tensors())}) {
+  for (const auto& values :
+       {values_of(a.tensors()), values_of(b.tensors()), values_of(c.tensors()), values_of(d.tensors())}) {
     for (std::size_t i = 0; i < expected.size(); ++i) CHECK(close(values[i], expected[i], 1e-14));
   }
 }

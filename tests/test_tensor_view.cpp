@@ -79,7 +79,8 @@ TEST_CASE("contiguous sub-blocks are accepted, strided ones refused by name", "[
 
   CHECK_THROWS_WITH(list.add("corner", m.block(0, 0, 2, 2)),
                     Catch::Contains("'corner'") && Catch::Contains("strided"));
-  CHECK_THROWS_WITH(list.add("row", m.block(1, 0, 1, 6)), Catch::Contains("'row'") && Catch::Contains("strided"));
+  CHECK_THROWS_WITH(list.add("row", m.block(1, 0, 1, 6)),
+                    Catch::Contains("'row'") && Catch::Contains("strided"));
   std::vector<float> raw(10);
   Eigen::Map<Eigen::VectorXf, 0, Eigen::InnerStride<>> every_other(raw.data(), 5, Eigen::InnerStride<>(2));
   CHECK_THROWS_WITH(list.add("every_other", every_other), Catch::Contains("strided"));

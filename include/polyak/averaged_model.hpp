@@ -3,14 +3,14 @@
 // torch.optim.swa_utils.AveragedModel).
 #pragma once
 
-#include <algorithm>    // std::swap_ranges
-#include <cstddef>      // std::size_t
-#include <cstdint>      // std::int64_t
-#include <sstream>      // error messages
-#include <stdexcept>    // std::invalid_argument
+#include <algorithm>  // std::swap_ranges
+#include <cstddef>    // std::size_t
+#include <cstdint>    // std::int64_t
+#include <sstream>    // error messages
+#include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
-#include <utility>      // std::move
+#include <utility>  // std::move
 #include <vector>
 
 #include <Eigen/Core>  // Eigen::aligned_allocator
@@ -46,11 +46,12 @@ class AveragedModel {
   using Accumulator = accumulator_t<T>;
   using AveragingFunction = AvgFn;
 
-  static_assert(is_multi_tensor_v<AvgFn> ||
-                    std::is_invocable_v<AvgFn&, ArrayMap<Accumulator>&, const ConstArrayMap<T>&, std::int64_t>,
-                "polyak::AveragedModel: the averaging function must be callable as "
-                "fn(ArrayMap<accumulator_t<T>>& averaged, const ConstArrayMap<T>& current, std::int64_t "
-                "num_averaged), or be marked multi-tensor with polyak::multi_tensor(fn)");
+  static_assert(
+      is_multi_tensor_v<AvgFn> ||
+          std::is_invocable_v<AvgFn&, ArrayMap<Accumulator>&, const ConstArrayMap<T>&, std::int64_t>,
+      "polyak::AveragedModel: the averaging function must be callable as "
+      "fn(ArrayMap<accumulator_t<T>>& averaged, const ConstArrayMap<T>& current, std::int64_t "
+      "num_averaged), or be marked multi-tensor with polyak::multi_tensor(fn)");
 
   /// Copies `model` (parameters and buffers) into the averaged copy; n_averaged() is 0.
   explicit AveragedModel(const ParameterList<T>& model, AvgFn avg_fn = {}, bool use_buffers = false)
@@ -176,10 +177,11 @@ class AveragedModel {
         problem = "is named '" + theirs.name() + "' where the averaged copy has '" + ours.name() + "'";
       } else if (theirs.is_buffer() != ours.is_buffer()) {
         problem = std::string("is a ") + (theirs.is_buffer() ? "buffer" : "parameter") +
-                  " in the model and a " + (ours.is_buffer() ? "buffer" : "parameter") + " in the averaged copy";
+                  " in the model and a " + (ours.is_buffer() ? "buffer" : "parameter") +
+                  " in the averaged copy";
       } else if (theirs.shape() != ours.shape()) {
-        problem = "has shape " + TensorView<T>::shape_string(theirs.shape()) + " where the averaged copy has " +
-                  TensorView<T>::shape_string(ours.shape());
+        problem = "has shape " + TensorView<T>::shape_string(theirs.shape()) +
+                  " where the averaged copy has " + TensorView<T>::shape_string(ours.shape());
       } else if (theirs.storage_order() != ours.storage_order() && theirs.shape().size() > 1) {
         problem = "has another storage order (row- vs column-major) than the averaged copy";
       }
@@ -189,8 +191,8 @@ class AveragedModel {
     }
     if (model.size() > averaged_.size()) {
       fail(where, "the model has " + std::to_string(model.size()) + " tensors, the averaged copy " +
-                      std::to_string(averaged_.size()) + ": the first extra one is '" +
-                      model[common].name() + "'");
+                      std::to_string(averaged_.size()) + ": the first extra one is '" + model[common].name() +
+                      "'");
     }
     if (model.size() < averaged_.size()) {
       fail(where, "the model has " + std::to_string(model.size()) + " tensors, the averaged copy " +

@@ -13,13 +13,13 @@
 // get_*_multi_avg_fn.
 #pragma once
 
-#include <cmath>        // std::abs
-#include <cstddef>      // std::size_t
-#include <cstdint>      // std::int64_t
-#include <stdexcept>    // std::invalid_argument
+#include <cmath>      // std::abs
+#include <cstddef>    // std::size_t
+#include <cstdint>    // std::int64_t
+#include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
-#include <utility>      // std::forward
+#include <utility>  // std::forward
 
 #include "polyak/tensor_view.hpp"
 
@@ -48,8 +48,7 @@ class EMA {
   /// `decay` must lie in [0, 1]; anything else, NaN included, is refused.
   explicit EMA(double decay) : decay_(decay) {
     if (!(decay >= 0.0 && decay <= 1.0)) {
-      throw std::invalid_argument("polyak::EMA: decay " + std::to_string(decay) +
-                                  " is outside [0, 1]");
+      throw std::invalid_argument("polyak::EMA: decay " + std::to_string(decay) + " is outside [0, 1]");
     }
   }
 
@@ -77,8 +76,9 @@ class TensorArrays {
   using Mutable = std::remove_const_t<S>;
 
  public:
-  using Array = Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen::Array<Mutable, Eigen::Dynamic, 1>,
-                                              Eigen::Array<Mutable, Eigen::Dynamic, 1>>>;
+  using Array =
+      Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen::Array<Mutable, Eigen::Dynamic, 1>,
+                                    Eigen::Array<Mutable, Eigen::Dynamic, 1>>>;
 
   /// The entries `indices[0..count)` of `entries`.
   TensorArrays(const NamedTensor<Mutable>* entries, const std::size_t* indices, std::size_t count) noexcept

@@ -21,8 +21,8 @@ template <class T>
 struct accumulator {
   static_assert(is_supported_scalar_v<T>,
                 "polyak: parameters must be float, double, Eigen::half or Eigen::bfloat16");
-  using type = std::conditional_t<std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>,
-                                  float, T>;
+  using type =
+      std::conditional_t<std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>, float, T>;
 };
 
 template <class T>

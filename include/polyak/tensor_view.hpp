@@ -6,13 +6,13 @@
 // tensors, it reads and writes them through these views.
 #pragma once
 
-#include <cstddef>      // std::size_t
-#include <cstdint>      // std::int64_t
-#include <sstream>      // error messages
-#include <stdexcept>    // std::invalid_argument
+#include <cstddef>    // std::size_t
+#include <cstdint>    // std::int64_t
+#include <sstream>    // error messages
+#include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
-#include <utility>      // std::move
+#include <utility>  // std::move
 #include <vector>
 
 #include <Eigen/Core>
@@ -58,7 +58,8 @@ class TensorView {
       numel_ *= static_cast<std::size_t>(extent);
     }
     if (data_ == nullptr && numel_ != 0) {
-      throw std::invalid_argument("polyak::TensorView: null data for a tensor of shape " + shape_string(shape_));
+      throw std::invalid_argument("polyak::TensorView: null data for a tensor of shape " +
+                                  shape_string(shape_));
     }
   }
 
@@ -100,7 +101,8 @@ template <class T>
 struct is_tensor_view<TensorView<T>> : std::true_type {};
 
 template <class X>
-inline constexpr bool is_eigen_dense_v = std::is_base_of_v<Eigen::DenseBase<remove_cvref_t<X>>, remove_cvref_t<X>>;
+inline constexpr bool is_eigen_dense_v =
+    std::is_base_of_v<Eigen::DenseBase<remove_cvref_t<X>>, remove_cvref_t<X>>;
 
 template <class X>
 struct eigen_tensor_traits : std::false_type {};
@@ -138,8 +140,8 @@ TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& 
   // Contiguous: consecutive inner elements adjacent, consecutive outer slices back to back.
   const Eigen::Index inner_size = x.innerSize();
   const Eigen::Index outer_size = x.outerSize();
-  const bool contiguous = (inner_size <= 1 || x.innerStride() == 1) &&
-                          (outer_size <= 1 || x.outerStride() == inner_size);
+  const bool contiguous =
+      (inner_size <= 1 || x.innerStride() == 1) && (outer_size <= 1 || x.outerStride() == inner_size);
   if (!contiguous) {
     std::ostringstream message;
     message << "polyak: tensor '" << name << "' is a strided " << x.rows() << "x" << x.cols()
@@ -164,8 +166,7 @@ TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& 
 template <class X>
 TensorView<typename eigen_tensor_traits<remove_cvref_t<X>>::Scalar> view_of_tensor(X&& x) {
   using Traits = eigen_tensor_traits<remove_cvref_t<X>>;
-  static_assert(!std::is_const_v<std::remove_reference_t<X>> &&
-                    !std::is_const_v<typename Traits::Scalar>,
+  static_assert(!std::is_const_v<std::remove_reference_t<X>> && !std::is_const_v<typename Traits::Scalar>,
                 "polyak: views are written through (copy_to, swap): pass a non-const Tensor or TensorMap");
   static_assert(!(std::is_rvalue_reference_v<X&&> && Traits::owns),
                 "polyak: a temporary Eigen::Tensor would dangle: pass the model's own object");

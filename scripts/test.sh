@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds polyak's tests and runs them: the unit and reference tests, the compile-fail cases, the
+# header-alone build and the install / add_subdirectory consumers; then the whole suite again under
+# AddressSanitizer and UndefinedBehaviorSanitizer; then the format check.
+#   usage (as root on a fresh Debian machine): bash scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format
+
+jobs=$(nproc)
+run_suite() {  # build dir, extra cmake arguments...
+  local dir=$1; shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DPOLYAK_BUILD_EXAMPLES=ON "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure "${ctest_args[@]}"
+}
+
+echo "== tests"
+ctest_args=()
+run_suite build/test
+echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+# (the compile-fail and consumer cases compile only, and ran above)
+ctest_args=(-E "^(compile_fail|consumer)\\.")
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize -DPOLYAK_SANITIZE=ON
+
+echo "== clang-format"
+git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
+echo "polyak: all checks passed"
