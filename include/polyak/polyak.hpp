@@ -5,6 +5,8 @@
 
 #include "polyak/averaged_model.hpp"
 #include "polyak/averaging_functions.hpp"
+#include "polyak/batch_norm.hpp"
 #include "polyak/scalar_type.hpp"
+#include "polyak/swalr.hpp"
 #include "polyak/tensor_view.hpp"
 #include "polyak/version.hpp"

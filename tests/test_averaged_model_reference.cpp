@@ -4,15 +4,13 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "polyak/averaged_model.hpp"
+#include "reference_file.hpp"
 
 namespace {
 
@@ -34,46 +32,27 @@ struct ReferenceCase {
   std::vector<ReferenceStep> steps;
 };
 
-std::vector<double> read_values(std::istringstream& line) {
-  std::vector<double> values;
-  std::string token;
-  while (line >> token) values.push_back(std::strtod(token.c_str(), nullptr));  // exact hex floats
-  return values;
-}
-
-std::vector<ReferenceCase> read_reference(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path);
+std::vector<ReferenceCase> read_reference() {
   std::vector<ReferenceCase> cases;
-  std::string text;
-  while (std::getline(in, text)) {
-    std::istringstream line(text);
-    std::string kind;
-    line >> kind;
-    if (kind == "case") {
+  for (const auto& record : polyak_test::read_records("averaged_model.txt")) {
+    if (record.kind == "case") {
       ReferenceCase c;
-      std::string decay;
-      int use_buffers = 0;
-      line >> c.function >> c.dtype >> use_buffers >> decay;
-      c.use_buffers = use_buffers != 0;
-      c.decay = decay == "-" ? 0.0 : std::stod(decay);
+      c.function = record.words.at(0);
+      c.dtype = record.words.at(1);
+      c.use_buffers = record.words.at(2) == "1";
+      c.decay = record.words.at(3) == "-" ? 0.0 : record.number(3);
       cases.push_back(c);
-    } else if (kind == "tensor") {
+    } else if (record.kind == "tensor") {
       ReferenceTensor t;
-      std::string role;
-      int ndim = 0;
-      line >> t.name >> role >> ndim;
-      t.is_buffer = role == "buffer";
-      t.shape.resize(static_cast<std::size_t>(ndim));
-      for (auto& d : t.shape) line >> d;
+      t.name = record.words.at(0);
+      t.is_buffer = record.words.at(1) == "buffer";
+      for (std::size_t i = 3; i < record.words.size(); ++i) t.shape.push_back(record.integer(i));
       cases.back().tensors.push_back(t);
-    } else if (kind == "step") {
+    } else if (record.kind == "step") {
       cases.back().steps.emplace_back();
-    } else if (kind == "model" || kind == "averaged") {
-      std::string name;
-      line >> name;
+    } else if (record.kind == "model" || record.kind == "averaged") {
       auto& step = cases.back().steps.back();
-      (kind == "model" ? step.model : step.averaged)[name] = read_values(line);
+      (record.kind == "model" ? step.model : step.averaged)[record.words.at(0)] = record.numbers(1);
     }
   }
   return cases;
@@ -134,7 +113,7 @@ double run_case(const ReferenceCase& c) {
 }  // namespace
 
 TEST_CASE("AveragedModel agrees with PyTorch's AveragedModel", "[reference][averaged_model]") {
-  const auto cases = read_reference(POLYAK_REFERENCE_DIR "/averaged_model.txt");
+  const auto cases = read_reference();
   REQUIRE(cases.size() == 12);
   double worst_float = 0, worst_double = 0;
   for (const auto& c : cases) {
