@@ -10,7 +10,9 @@ bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format
 jobs=$(nproc)
 run_suite() {  # build dir, extra cmake arguments...
   local dir=$1; shift
-  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DPOLYAK_BUILD_EXAMPLES=ON "$@" >/dev/null
+  # Optimized (the examples run as tests) but with assertions on: no NDEBUG.
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g" \
+    -DPOLYAK_BUILD_EXAMPLES=ON "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
   ctest --test-dir "$dir" -j "$jobs" --output-on-failure "${ctest_args[@]}"
 }

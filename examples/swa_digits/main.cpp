@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: MIT
+// swa_digits: SWA and EMA of the weights of an MLP trained on real handwritten digits.
+//
+// The program a newcomer reads to see what polyak is for. It trains a small MLP with batch norm by
+// minibatch SGD with momentum and a cosine schedule; from epoch `swa_start` on, SWALR holds the
+// learning rate at swa_lr and an AveragedModel takes the SWA of one snapshot per epoch. An EMA of
+// the weights follows every step. At the end update_bn recomputes the batch-norm statistics of the
+// averaged weights, and the three are compared on the test set over several seeds.
+//
+//   usage: swa_digits [data/digits.csv] [output folder]
+// writes <output>/curves.csv (per-epoch curves) and, when gnuplot is installed, <output>/curves.png.
+#include <polyak/polyak.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "digits.hpp"
+#include "mlp.hpp"
+
+namespace {
+
+struct Settings {
+  int hidden = 128;
+  int epochs = 40;
+  int swa_start = 25;  // first epoch whose end snapshot SWA averages
+  int batch_size = 32;
+  double lr = 0.1, momentum = 0.9, weight_decay = 5e-4;
+  double swa_lr = 0.05;
+  int swa_anneal_epochs = 5;
+  double ema_decay = 0.998;
+  std::vector<unsigned> seeds{1, 2, 3};
+};
+
+struct Score {
+  double accuracy = 0, loss = 0;
+};
+
+/// The rows of `set` named by indices[begin, end) as one batch.
+RowMatrix rows_of(const Dataset& set, const std::vector<int>& indices, std::size_t begin, std::size_t end,
+                  std::vector<int>* labels) {
+  RowMatrix batch(static_cast<Eigen::Index>(end - begin), 64);
+  if (labels) labels->clear();
+  for (std::size_t i = begin; i < end; ++i) {
+    batch.row(static_cast<Eigen::Index>(i - begin)) = set.images.row(indices[i]);
+    if (labels) labels->push_back(set.labels[static_cast<std::size_t>(indices[i])]);
+  }
+  return batch;
+}
+
+Score evaluate(Mlp& model, const Dataset& test) {
+  const RowMatrix p = model.forward(test.images, /*training=*/false);
+  Score score;
+  for (Eigen::Index i = 0; i < p.rows(); ++i) {
+    Eigen::Index predicted;
+    p.row(i).maxCoeff(&predicted);
+    score.accuracy += predicted == test.labels[static_cast<std::size_t>(i)];
+  }
+  score.accuracy /= static_cast<double>(p.rows());
+  score.loss = cross_entropy(p, test.labels);
+  return score;
+}
+
+/// Evaluates an averaged model in place: swap its weights into `model`, recompute the batch-norm
+/// statistics for them with one pass over the training data, score, swap back. No third copy.
+template <class Averaged>
+Score evaluate_average(Averaged& averaged, Mlp& model, const std::vector<RowMatrix>& train_batches,
+                       const Dataset& test) {
+  const auto tensors = model.tensors();
+  averaged.swap(tensors);
+  polyak::update_bn(
+      train_batches, [&](const RowMatrix& batch) { model.forward(batch, /*training=*/true); }, {&model.bn});
+  const Score score = evaluate(model, test);
+  averaged.swap(tensors);  // the live weights and statistics are back
+  return score;
+}
+
+struct Result {
+  Score sgd, swa, ema;
+};
+
+Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream& curves) {
+  std::mt19937 rng(seed);
+  Mlp model(s.hidden, rng);
+  MlpGradients velocity(model);
+  const auto tensors = model.tensors();
+
+  // polyak: the two averages, each one owned copy of the model's tensors.
+  polyak::AveragedModel<float> swa(tensors);
+  polyak::AveragedModel<float, polyak::EMA> ema(tensors, polyak::EMA{s.ema_decay});
+
+  // The optimizer's learning rate (one parameter group); the schedules write it.
+  std::vector<double> lrs{s.lr};
+  std::optional<polyak::SWALR<>> swa_scheduler;
+
+  // The training data in fixed batches, for update_bn.
+  std::vector<int> order(data.train.labels.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<RowMatrix> train_batches;
+  for (std::size_t b = 0; b < order.size(); b += 64) {
+    train_batches.push_back(rows_of(data.train, order, b, std::min(order.size(), b + 64), nullptr));
+  }
+
+  Score swa_score{};
+  for (int epoch = 0; epoch < s.epochs; ++epoch) {
+    std::shuffle(order.begin(), order.end(), rng);
+    double train_loss = 0;
+    int batches = 0;
+    std::vector<int> labels;
+    for (std::size_t b = 0; b + s.batch_size <= order.size(); b += static_cast<std::size_t>(s.batch_size)) {
+      const RowMatrix x = rows_of(data.train, order, b, b + static_cast<std::size_t>(s.batch_size), &labels);
+      train_loss += sgd_step(model, velocity, x, labels, lrs[0], s.momentum, s.weight_decay);
+      ++batches;
+      ema.update_parameters(tensors);  // polyak: EMA after every optimizer step
+    }
+    const double epoch_lr = lrs[0];
+    if (epoch >= s.swa_start) {
+      swa.update_parameters(tensors);  // polyak: one SWA snapshot per epoch
+      if (!swa_scheduler) {
+        swa_scheduler.emplace(lrs, s.swa_lr, s.swa_anneal_epochs, polyak::AnnealStrategy::Cos);
+      }
+      swa_scheduler->step();  // polyak: anneal to swa_lr, then hold it
+    } else {
+      // Cosine annealing over all epochs (PyTorch's CosineAnnealingLR, eta_min 0).
+      lrs[0] = s.lr * (1 + std::cos(M_PI * (epoch + 1) / s.epochs)) / 2;
+    }
+
+    const Score sgd_score = evaluate(model, data.test);
+    const Score ema_score = evaluate_average(ema, model, train_batches, data.test);
+    if (swa.n_averaged() > 0) swa_score = evaluate_average(swa, model, train_batches, data.test);
+    std::printf("seed %u epoch %2d/%d  lr %.4f  train loss %.4f  test acc: SGD %5.2f%%  EMA %5.2f%%  SWA %s\n", seed,
+                epoch + 1, s.epochs, epoch_lr, train_loss / batches, 100 * sgd_score.accuracy, 100 * ema_score.accuracy,
+                swa.n_averaged() > 0 ? (std::to_string(100 * swa_score.accuracy).substr(0, 5) + "%").c_str() : "-");
+    curves << seed << ',' << epoch + 1 << ',' << epoch_lr << ',' << train_loss / batches << ',' << sgd_score.accuracy
+           << ',' << sgd_score.loss << ',' << ema_score.accuracy << ',' << ema_score.loss << ',';
+    if (swa.n_averaged() > 0) {
+      curves << swa_score.accuracy << ',' << swa_score.loss << '\n';
+    } else {
+      curves << ",\n";
+    }
+  }
+  return {evaluate(model, data.test), swa_score, evaluate_average(ema, model, train_batches, data.test)};
+}
+
+/// "97.11 ± 0.21": mean and sample standard deviation.
+std::string mean_spread(const std::vector<double>& values, double scale, int decimals) {
+  const double mean = std::accumulate(values.begin(), values.end(), 0.0) / static_cast<double>(values.size());
+  double squares = 0;
+  for (const double v : values) squares += (v - mean) * (v - mean);
+  const double spread = values.size() > 1 ? std::sqrt(squares / static_cast<double>(values.size() - 1)) : 0.0;
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f ± %.*f", decimals, scale * mean, decimals, scale * spread);
+  return text;
+}
+
+void plot(const std::filesystem::path& folder) {
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+    std::printf("note: gnuplot is not installed (Debian: gnuplot-nox), so no plot; the curves are in %s\n",
+                (folder / "curves.csv").c_str());
+    return;
+  }
+  const auto script = folder / "curves.gp";
+  std::ofstream gp(script);
+  const std::string csv = "'" + (folder / "curves.csv").string() + "'";
+  const std::string first_seed = " every ::1 using ($1==1?$2:1/0):";
+  gp << "set terminal pngcairo size 1000,420\nset output '" << (folder / "curves.png").string() << "'\n"
+     << "set datafile separator ','\nset xlabel 'epoch'\nset key top right\nset multiplot layout 1,2 "
+     << "title 'swa\\_digits, first seed: SGD, and SWA and EMA after update\\_bn'\n"
+     << "set ylabel 'test accuracy (%)'\nset yrange [95:100]\nset key bottom right\n"
+     << "plot " << csv << first_seed << "($5*100) with lines lw 2 title 'SGD', " << csv << first_seed
+     << "($7*100) with lines lw 2 title 'EMA', " << csv << first_seed << "($9*100) with lines lw 2 title 'SWA'\n"
+     << "set ylabel 'test loss'\nset yrange [0:0.2]\nset key top right\n"
+     << "plot " << csv << first_seed << "6 with lines lw 2 title 'SGD', " << csv << first_seed
+     << "8 with lines lw 2 title 'EMA', " << csv << first_seed << "10 with lines lw 2 title 'SWA'\n"
+     << "unset multiplot\n";
+  gp.close();
+  const std::string command = "gnuplot '" + script.string() + "'";
+  if (std::system(command.c_str()) == 0) {
+    std::printf("plot: %s\n", (folder / "curves.png").c_str());
+  } else {
+    std::printf("note: gnuplot failed; the curves are in %s\n", (folder / "curves.csv").c_str());
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string data_path = argc > 1 ? argv[1] : POLYAK_EXAMPLE_DATA "/digits.csv";
+  const std::filesystem::path folder = argc > 2 ? argv[2] : "swa_digits_out";
+  const Digits data = load_digits(data_path);
+  std::filesystem::create_directories(folder);
+  std::ofstream curves(folder / "curves.csv");
+  curves << "seed,epoch,lr,train_loss,sgd_accuracy,sgd_loss,ema_accuracy,ema_loss,swa_accuracy,swa_loss\n";
+
+  const Settings s;
+  std::printf("digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
+              data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
+  std::vector<double> accuracy[3], loss[3];
+  for (const unsigned seed : s.seeds) {
+    const Result r = train(s, seed, data, curves);
+    const Score scores[3] = {r.sgd, r.swa, r.ema};
+    for (int k = 0; k < 3; ++k) {
+      accuracy[k].push_back(scores[k].accuracy);
+      loss[k].push_back(scores[k].loss);
+    }
+  }
+  curves.close();
+
+  std::printf("\ntest set, %zu seeds (mean ± standard deviation)\n", s.seeds.size());
+  std::printf("%-34s %-18s %s\n", "weights", "accuracy (%)", "loss");
+  char swa_name[64], ema_name[64];
+  std::snprintf(swa_name, sizeof swa_name, "SWA (epochs %d-%d) + update_bn", s.swa_start + 1, s.epochs);
+  std::snprintf(ema_name, sizeof ema_name, "EMA (decay %g) + update_bn", s.ema_decay);
+  const char* names[3] = {"last SGD", swa_name, ema_name};
+  for (int k = 0; k < 3; ++k) {
+    std::printf("%-34s %-18s %s\n", names[k], mean_spread(accuracy[k], 100, 2).c_str(),
+                mean_spread(loss[k], 1, 4).c_str());
+  }
+  std::printf("curves: %s\n", (folder / "curves.csv").c_str());
+  plot(folder);
+  return 0;
+}
