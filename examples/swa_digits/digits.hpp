@@ -32,10 +32,12 @@ inline Digits load_digits(const std::string& path) {
     std::vector<float> pixels(64);
     std::string field;
     for (float& pixel : pixels) {
-      if (!std::getline(fields, field, ',')) throw std::runtime_error(path + ": short line " + std::to_string(i + 1));
+      if (!std::getline(fields, field, ','))
+        throw std::runtime_error(path + ": short line " + std::to_string(i + 1));
       pixel = std::stof(field) / 16.0f;
     }
-    if (!std::getline(fields, field, ',')) throw std::runtime_error(path + ": no label on line " + std::to_string(i + 1));
+    if (!std::getline(fields, field, ','))
+      throw std::runtime_error(path + ": no label on line " + std::to_string(i + 1));
     const int part = i % 4 == 3 ? 1 : 0;
     rows[part].push_back(std::move(pixels));
     labels[part].push_back(std::stoi(field));
@@ -45,7 +47,8 @@ inline Digits load_digits(const std::string& path) {
     Dataset& set = part == 0 ? digits.train : digits.test;
     set.images.resize(static_cast<Eigen::Index>(rows[part].size()), 64);
     for (std::size_t r = 0; r < rows[part].size(); ++r) {
-      set.images.row(static_cast<Eigen::Index>(r)) = Eigen::Map<const Eigen::RowVectorXf>(rows[part][r].data(), 64);
+      set.images.row(static_cast<Eigen::Index>(r)) =
+          Eigen::Map<const Eigen::RowVectorXf>(rows[part][r].data(), 64);
     }
     set.labels = labels[part];
   }

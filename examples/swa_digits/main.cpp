@@ -74,8 +74,8 @@ Score evaluate_average(Averaged& averaged, Mlp& model, const std::vector<RowMatr
                        const Dataset& test) {
   const auto tensors = model.tensors();
   averaged.swap(tensors);
-  polyak::update_bn(
-      train_batches, [&](const RowMatrix& batch) { model.forward(batch, /*training=*/true); }, {&model.bn});
+  polyak::update_bn(train_batches, [&](const RowMatrix& batch) { model.forward(batch, /*training=*/true); },
+                    {&model.bn});
   const Score score = evaluate(model, test);
   averaged.swap(tensors);  // the live weights and statistics are back
   return score;
@@ -134,11 +134,14 @@ Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream
     const Score sgd_score = evaluate(model, data.test);
     const Score ema_score = evaluate_average(ema, model, train_batches, data.test);
     if (swa.n_averaged() > 0) swa_score = evaluate_average(swa, model, train_batches, data.test);
-    std::printf("seed %u epoch %2d/%d  lr %.4f  train loss %.4f  test acc: SGD %5.2f%%  EMA %5.2f%%  SWA %s\n", seed,
-                epoch + 1, s.epochs, epoch_lr, train_loss / batches, 100 * sgd_score.accuracy, 100 * ema_score.accuracy,
-                swa.n_averaged() > 0 ? (std::to_string(100 * swa_score.accuracy).substr(0, 5) + "%").c_str() : "-");
-    curves << seed << ',' << epoch + 1 << ',' << epoch_lr << ',' << train_loss / batches << ',' << sgd_score.accuracy
-           << ',' << sgd_score.loss << ',' << ema_score.accuracy << ',' << ema_score.loss << ',';
+    std::printf(
+        "seed %u epoch %2d/%d  lr %.4f  train loss %.4f  test acc: SGD %5.2f%%  EMA %5.2f%%  SWA %s\n", seed,
+        epoch + 1, s.epochs, epoch_lr, train_loss / batches, 100 * sgd_score.accuracy,
+        100 * ema_score.accuracy,
+        swa.n_averaged() > 0 ? (std::to_string(100 * swa_score.accuracy).substr(0, 5) + "%").c_str() : "-");
+    curves << seed << ',' << epoch + 1 << ',' << epoch_lr << ',' << train_loss / batches << ','
+           << sgd_score.accuracy << ',' << sgd_score.loss << ',' << ema_score.accuracy << ','
+           << ema_score.loss << ',';
     if (swa.n_averaged() > 0) {
       curves << swa_score.accuracy << ',' << swa_score.loss << '\n';
     } else {
@@ -174,7 +177,8 @@ void plot(const std::filesystem::path& folder) {
      << "title 'swa\\_digits, first seed: SGD, and SWA and EMA after update\\_bn'\n"
      << "set ylabel 'test accuracy (%)'\nset yrange [95:100]\nset key bottom right\n"
      << "plot " << csv << first_seed << "($5*100) with lines lw 2 title 'SGD', " << csv << first_seed
-     << "($7*100) with lines lw 2 title 'EMA', " << csv << first_seed << "($9*100) with lines lw 2 title 'SWA'\n"
+     << "($7*100) with lines lw 2 title 'EMA', " << csv << first_seed
+     << "($9*100) with lines lw 2 title 'SWA'\n"
      << "set ylabel 'test loss'\nset yrange [0:0.2]\nset key top right\n"
      << "plot " << csv << first_seed << "6 with lines lw 2 title 'SGD', " << csv << first_seed
      << "8 with lines lw 2 title 'EMA', " << csv << first_seed << "10 with lines lw 2 title 'SWA'\n"
@@ -199,8 +203,9 @@ int main(int argc, char** argv) {
   curves << "seed,epoch,lr,train_loss,sgd_accuracy,sgd_loss,ema_accuracy,ema_loss,swa_accuracy,swa_loss\n";
 
   const Settings s;
-  std::printf("digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
-              data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
+  std::printf(
+      "digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
+      data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
   std::vector<double> accuracy[3], loss[3];
   for (const unsigned seed : s.seeds) {
     const Result r = train(s, seed, data, curves);

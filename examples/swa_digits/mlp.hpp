@@ -19,8 +19,13 @@ struct Mlp {
   polyak::BatchNormStats<float> bn;  // polyak: the layer's running statistics
 
   Mlp(int hidden, std::mt19937& rng)
-      : fc1_weight(hidden, 64), fc2_weight(10, hidden), fc1_bias(hidden), bn_weight(hidden), bn_bias(hidden),
-        fc2_bias(10), bn(hidden) {
+      : fc1_weight(hidden, 64),
+        fc2_weight(10, hidden),
+        fc1_bias(hidden),
+        bn_weight(hidden),
+        bn_bias(hidden),
+        fc2_bias(10),
+        bn(hidden) {
     // PyTorch's default Linear initialization: uniform in +-1/sqrt(fan_in).
     auto init = [&rng](auto& tensor, float fan_in) {
       std::uniform_real_distribution<float> uniform(-1.0f / std::sqrt(fan_in), 1.0f / std::sqrt(fan_in));
@@ -65,8 +70,9 @@ struct Mlp {
     }
     const Eigen::RowVectorXf inv_std = (var.array() + bn_eps).rsqrt().matrix();
     RowMatrix normalized = (z.rowwise() - mean).array().rowwise() * inv_std.array();
-    RowMatrix hidden =
-        ((normalized.array().rowwise() * bn_weight.array()).rowwise() + bn_bias.array()).cwiseMax(0.0f).matrix();
+    RowMatrix hidden = ((normalized.array().rowwise() * bn_weight.array()).rowwise() + bn_bias.array())
+                           .cwiseMax(0.0f)
+                           .matrix();
     RowMatrix logits = (hidden * fc2_weight.transpose()).rowwise() + fc2_bias;
     const Eigen::VectorXf row_max = logits.rowwise().maxCoeff();
     RowMatrix probabilities = (logits.colwise() - row_max).array().exp().matrix();
@@ -115,15 +121,17 @@ inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const
   MlpGradients g(m);
   g.fc2_weight = d_logits.transpose() * a.hidden;
   g.fc2_bias = d_logits.colwise().sum();
-  const RowMatrix d_hidden = ((d_logits * m.fc2_weight).array() * (a.hidden.array() > 0.0f).cast<float>()).matrix();
+  const RowMatrix d_hidden =
+      ((d_logits * m.fc2_weight).array() * (a.hidden.array() > 0.0f).cast<float>()).matrix();
   g.bn_weight = (d_hidden.array() * a.normalized.array()).colwise().sum().matrix();
   g.bn_bias = d_hidden.colwise().sum();
   const RowMatrix d_norm = (d_hidden.array().rowwise() * m.bn_weight.array()).matrix();
   const Eigen::RowVectorXf sum_d = d_norm.colwise().sum();
   const Eigen::RowVectorXf sum_d_norm = (d_norm.array() * a.normalized.array()).colwise().sum().matrix();
-  const RowMatrix d_z = (((d_norm * batch).rowwise() - sum_d).array() - a.normalized.array().rowwise() * sum_d_norm.array())
-                            .rowwise() *
-                        (a.inv_std.array() / batch);
+  const RowMatrix d_z =
+      (((d_norm * batch).rowwise() - sum_d).array() - a.normalized.array().rowwise() * sum_d_norm.array())
+          .rowwise() *
+      (a.inv_std.array() / batch);
   g.fc1_weight = d_z.transpose() * x;
   g.fc1_bias = d_z.colwise().sum();
 
