@@ -5,7 +5,7 @@
 #   usage (as root on a fresh Debian machine): bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format
+bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin
 
 jobs=$(nproc)
 run_suite() {  # build dir, extra cmake arguments...

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "digits.hpp"
-#include "mlp.hpp"
+#include "../common/digits.hpp"
+#include "../common/mlp.hpp"
 
 namespace {
 
@@ -37,35 +37,6 @@ struct Settings {
   double ema_decay = 0.998;
   std::vector<unsigned> seeds{1, 2, 3};
 };
-
-struct Score {
-  double accuracy = 0, loss = 0;
-};
-
-/// The rows of `set` named by indices[begin, end) as one batch.
-RowMatrix rows_of(const Dataset& set, const std::vector<int>& indices, std::size_t begin, std::size_t end,
-                  std::vector<int>* labels) {
-  RowMatrix batch(static_cast<Eigen::Index>(end - begin), 64);
-  if (labels) labels->clear();
-  for (std::size_t i = begin; i < end; ++i) {
-    batch.row(static_cast<Eigen::Index>(i - begin)) = set.images.row(indices[i]);
-    if (labels) labels->push_back(set.labels[static_cast<std::size_t>(indices[i])]);
-  }
-  return batch;
-}
-
-Score evaluate(Mlp& model, const Dataset& test) {
-  const RowMatrix p = model.forward(test.images, /*training=*/false);
-  Score score;
-  for (Eigen::Index i = 0; i < p.rows(); ++i) {
-    Eigen::Index predicted;
-    p.row(i).maxCoeff(&predicted);
-    score.accuracy += predicted == test.labels[static_cast<std::size_t>(i)];
-  }
-  score.accuracy /= static_cast<double>(p.rows());
-  score.loss = cross_entropy(p, test.labels);
-  return score;
-}
 
 /// Evaluates an averaged model in place: swap its weights into `model`, recompute the batch-norm
 /// statistics for them with one pass over the training data, score, swap back. No third copy.

@@ -6,6 +6,8 @@
 #include "polyak/averaged_model.hpp"
 #include "polyak/averaging_functions.hpp"
 #include "polyak/batch_norm.hpp"
+#include "polyak/communicator.hpp"
+#include "polyak/model_averaging.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/swalr.hpp"
 #include "polyak/tensor_view.hpp"

@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+/// A batch: one image a row, as PyTorch lays batches out.
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
 struct Dataset {
   Eigen::MatrixXf images;   // one 64-pixel image a row, scaled to [0, 1]
   std::vector<int> labels;  // the digit of each row
@@ -56,4 +59,16 @@ inline Digits load_digits(const std::string& path) {
     throw std::runtime_error(path + ": expected 1797 samples");
   }
   return digits;
+}
+
+/// The rows of `set` named by indices[begin, end) as one batch.
+inline RowMatrix rows_of(const Dataset& set, const std::vector<int>& indices, std::size_t begin,
+                         std::size_t end, std::vector<int>* labels) {
+  RowMatrix batch(static_cast<Eigen::Index>(end - begin), 64);
+  if (labels) labels->clear();
+  for (std::size_t i = begin; i < end; ++i) {
+    batch.row(static_cast<Eigen::Index>(i - begin)) = set.images.row(indices[i]);
+    if (labels) labels->push_back(set.labels[static_cast<std::size_t>(indices[i])]);
+  }
+  return batch;
 }

@@ -5,11 +5,11 @@
 
 #include <polyak/polyak.hpp>
 
+#include "digits.hpp"
+
 #include <cmath>
 #include <random>
 #include <vector>
-
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 struct Mlp {
   static constexpr float bn_eps = 1e-5f;
@@ -87,6 +87,15 @@ struct MlpGradients {
   Eigen::MatrixXf fc1_weight, fc2_weight;
   Eigen::RowVectorXf fc1_bias, bn_weight, bn_bias, fc2_bias;
 
+  /// polyak: views, so that gradients can be averaged across processes like parameters.
+  polyak::ParameterList<float> tensors() {
+    polyak::ParameterList<float> list;
+    list.add("fc1.weight", fc1_weight).add("fc1.bias", fc1_bias);
+    list.add("bn1.weight", bn_weight).add("bn1.bias", bn_bias);
+    list.add("fc2.weight", fc2_weight).add("fc2.bias", fc2_bias);
+    return list;
+  }
+
   explicit MlpGradients(const Mlp& m)
       : fc1_weight(Eigen::MatrixXf::Zero(m.fc1_weight.rows(), m.fc1_weight.cols())),
         fc2_weight(Eigen::MatrixXf::Zero(m.fc2_weight.rows(), m.fc2_weight.cols())),
@@ -105,13 +114,12 @@ inline double cross_entropy(const RowMatrix& probabilities, const std::vector<in
   return loss / static_cast<double>(probabilities.rows());
 }
 
-/// One step of SGD with momentum and weight decay (PyTorch's torch.optim.SGD rule) on a batch;
-/// returns the batch's loss.
-inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const std::vector<int>& labels,
-                       double lr, double momentum, double weight_decay) {
+/// Forward and backward on a batch in training mode: the gradients of the mean cross-entropy, whose
+/// value goes to *loss.
+inline MlpGradients gradients(Mlp& m, const RowMatrix& x, const std::vector<int>& labels, double* loss) {
   Mlp::Activations a;
   const RowMatrix p = m.forward(x, /*training=*/true, &a);
-  const double loss = cross_entropy(p, labels);
+  *loss = cross_entropy(p, labels);
   const float batch = static_cast<float>(x.rows());
 
   // Backward: softmax cross-entropy, Linear, ReLU, batch norm, Linear.
@@ -134,7 +142,13 @@ inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const
       (a.inv_std.array() / batch);
   g.fc1_weight = d_z.transpose() * x;
   g.fc1_bias = d_z.colwise().sum();
+  return g;
+}
 
+/// SGD with momentum and weight decay, PyTorch's torch.optim.SGD rule:
+///     g += weight_decay * p;  v = momentum * v + g;  p -= lr * v.
+inline void sgd_update(Mlp& m, MlpGradients& velocity, MlpGradients& g, double lr, double momentum,
+                       double weight_decay) {
   auto update = [&](auto& param, auto& grad, auto& buf) {
     grad += static_cast<float>(weight_decay) * param;
     buf = static_cast<float>(momentum) * buf + grad;
@@ -146,5 +160,31 @@ inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const
   update(m.bn_bias, g.bn_bias, velocity.bn_bias);
   update(m.fc2_weight, g.fc2_weight, velocity.fc2_weight);
   update(m.fc2_bias, g.fc2_bias, velocity.fc2_bias);
+}
+
+/// One SGD step on a batch; returns the batch's loss.
+inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const std::vector<int>& labels,
+                       double lr, double momentum, double weight_decay) {
+  double loss = 0;
+  MlpGradients g = gradients(m, x, labels, &loss);
+  sgd_update(m, velocity, g, lr, momentum, weight_decay);
   return loss;
+}
+
+struct Score {
+  double accuracy = 0, loss = 0;
+};
+
+/// Test accuracy and loss in evaluation mode (batch norm with the running statistics).
+inline Score evaluate(Mlp& model, const Dataset& test) {
+  const RowMatrix p = model.forward(test.images, /*training=*/false);
+  Score score;
+  for (Eigen::Index i = 0; i < p.rows(); ++i) {
+    Eigen::Index predicted;
+    p.row(i).maxCoeff(&predicted);
+    score.accuracy += predicted == test.labels[static_cast<std::size_t>(i)];
+  }
+  score.accuracy /= static_cast<double>(p.rows());
+  score.loss = cross_entropy(p, test.labels);
+  return score;
 }

@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: MIT
+// The communicator contract that model averaging runs on, and ThreadCommunicator, which serves the
+// threads of one process.
+//
+// A communicator is any type C with
+//     int rank() const;                          // this member's index, 0 <= rank < size
+//     int size() const;                          // how many members the group has
+//     void allreduce_sum(T* data, std::size_t n);   // for T = float and double: in place, every
+//                                                // member gets the element-wise sum of all members'
+//     C split(int color, int key) const;         // collective: a communicator of the members that
+//                                                // passed the same color, ranked by (key, rank)
+// (MPI_Comm_split's meaning). polyak::MpiCommunicator (polyak/mpi.hpp) wraps an MPI communicator;
+// ThreadCommunicator below connects threads. Every member must make the same collective calls in
+// the same order, as with MPI.
+#pragma once
+
+#include <algorithm>           // std::sort
+#include <condition_variable>  // the barrier
+#include <cstddef>             // std::size_t
+#include <cstdint>             // std::int64_t
+#include <map>
+#include <memory>  // std::shared_ptr
+#include <mutex>
+#include <stdexcept>  // std::invalid_argument
+#include <string>
+#include <type_traits>
+#include <utility>  // std::pair
+#include <vector>
+
+namespace polyak {
+
+namespace detail {
+
+template <class C, class = void>
+struct is_communicator : std::false_type {};
+template <class C>
+struct is_communicator<
+    C, std::void_t<decltype(std::declval<const C&>().rank()), decltype(std::declval<const C&>().size()),
+                   decltype(std::declval<C&>().allreduce_sum(std::declval<float*>(), std::size_t{})),
+                   decltype(std::declval<C&>().allreduce_sum(std::declval<double*>(), std::size_t{})),
+                   decltype(std::declval<const C&>().split(0, 0))>> : std::true_type {};
+
+}  // namespace detail
+
+/// True when C meets the communicator contract above.
+template <class C>
+inline constexpr bool is_communicator_v = detail::is_communicator<C>::value;
+
+/// A communicator between the threads of one process, with a real shared-memory allreduce: for
+/// local SGD on one machine and for testing distributed code without mpirun.
+///
+///     auto members = polyak::ThreadCommunicator::create(4);   // one per thread
+///     std::thread t([&] { polyak::average_parameters(params, members[1]); });
+///
+/// allreduce_sum: each member adds up one slice of the range over all members' buffers, in rank
+/// order, and writes the sum into every buffer; so all members get bit-identical results. Members
+/// that pass different lengths all get std::invalid_argument. A copy of a ThreadCommunicator is the
+/// same member.
+class ThreadCommunicator {
+ public:
+  /// `size` members of one group; hand member i to thread i.
+  static std::vector<ThreadCommunicator> create(int size) {
+    if (size < 1)
+      throw std::invalid_argument("polyak::ThreadCommunicator: size " + std::to_string(size) + " < 1");
+    auto group = std::make_shared<Group>(size);
+    std::vector<ThreadCommunicator> members;
+    for (int rank = 0; rank < size; ++rank) members.push_back(ThreadCommunicator(group, rank));
+    return members;
+  }
+
+  int rank() const noexcept { return rank_; }
+  int size() const noexcept { return group_->size; }
+
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::ThreadCommunicator::allreduce_sum: float or double");
+    Group& g = *group_;
+    g.posted[static_cast<std::size_t>(rank_)] = {data, n};
+    g.barrier();
+    for (const auto& other : g.posted) {
+      if (other.second != n) {
+        g.barrier();  // everyone has compared before anyone may post again
+        throw std::invalid_argument("polyak::ThreadCommunicator::allreduce_sum: members passed " +
+                                    std::to_string(n) + " and " + std::to_string(other.second) + " elements");
+      }
+    }
+    const std::size_t members = g.posted.size();
+    const std::size_t begin = n * static_cast<std::size_t>(rank_) / members;
+    const std::size_t end = n * (static_cast<std::size_t>(rank_) + 1) / members;
+    for (std::size_t i = begin; i < end; ++i) {
+      T sum = 0;
+      for (const auto& other : g.posted) sum += static_cast<const T*>(other.first)[i];
+      for (const auto& other : g.posted) static_cast<T*>(other.first)[i] = sum;
+    }
+    g.barrier();  // no member returns before every slice of its buffer is written
+  }
+
+  /// Collective: the members that pass the same `color`, ranked by (key, rank).
+  ThreadCommunicator split(int color, int key) const {
+    Group& g = *group_;
+    g.split_request[static_cast<std::size_t>(rank_)] = {color, key};
+    g.barrier();
+    if (rank_ == 0) {
+      std::map<int, std::vector<std::pair<std::pair<int, int>, int>>>
+          by_color;  // color -> ((key, rank), rank)
+      for (int r = 0; r < g.size; ++r) {
+        const auto [c, k] = g.split_request[static_cast<std::size_t>(r)];
+        by_color[c].push_back({{k, r}, r});
+      }
+      for (auto& [c, members] : by_color) {
+        std::sort(members.begin(), members.end());
+        auto group = std::make_shared<Group>(static_cast<int>(members.size()));
+        for (std::size_t i = 0; i < members.size(); ++i) {
+          g.split_result[static_cast<std::size_t>(members[i].second)] = {group, static_cast<int>(i)};
+        }
+      }
+    }
+    g.barrier();
+    const auto& [group, rank] = g.split_result[static_cast<std::size_t>(rank_)];
+    return ThreadCommunicator(group, rank);  // read before anyone can reach the next split's rebuild
+  }
+
+ private:
+  /// What the members of one group share.
+  struct Group {
+    explicit Group(int n)
+        : size(n),
+          posted(static_cast<std::size_t>(n)),
+          split_request(static_cast<std::size_t>(n)),
+          split_result(static_cast<std::size_t>(n)) {}
+
+    /// Blocks until every member has arrived; reusable.
+    void barrier() {
+      std::unique_lock<std::mutex> lock(mutex);
+      const std::int64_t generation = barrier_generation;
+      if (++arrived == size) {
+        arrived = 0;
+        ++barrier_generation;
+        all_arrived.notify_all();
+      } else {
+        all_arrived.wait(lock, [&] { return barrier_generation != generation; });
+      }
+    }
+
+    const int size;
+    std::vector<std::pair<void*, std::size_t>> posted;  // each member's allreduce buffer and length
+    std::vector<std::pair<int, int>> split_request;     // each member's (color, key)
+    std::vector<std::pair<std::shared_ptr<Group>, int>> split_result;  // per member: its new group and rank
+    std::mutex mutex;
+    std::condition_variable all_arrived;
+    int arrived = 0;
+    std::int64_t barrier_generation = 0;
+  };
+
+  ThreadCommunicator(std::shared_ptr<Group> group, int rank) : group_(std::move(group)), rank_(rank) {}
+
+  std::shared_ptr<Group> group_;
+  int rank_;
+};
+
+static_assert(is_communicator_v<ThreadCommunicator>);
+
+}  // namespace polyak

@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: MIT
+// MpiCommunicator: the communicator contract (polyak/communicator.hpp) over an MPI communicator.
+// The only polyak header that includes <mpi.h>; link polyak::mpi.
+#pragma once
+
+#include <mpi.h>
+
+#include <algorithm>  // std::min
+#include <climits>    // INT_MAX: MPI counts are int
+#include <cstddef>    // std::size_t
+#include <memory>     // std::shared_ptr: communicators from split are freed with their last copy
+#include <stdexcept>  // std::runtime_error
+#include <string>
+#include <type_traits>
+
+#include "polyak/communicator.hpp"
+
+namespace polyak {
+
+/// Wraps an MPI communicator. Constructed from a communicator the caller owns (MPI_COMM_WORLD, say),
+/// it only borrows it; the communicators split() makes are its own and freed (MPI_Comm_free) with the
+/// last copy. MPI must be initialized while it is used. MPI errors become std::runtime_error where
+/// the communicator's error handler returns them (MPI's default handler aborts the job instead).
+class MpiCommunicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(std::make_shared<MPI_Comm>(comm)) {
+    check(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
+    check(MPI_Comm_size(comm, &size_), "MPI_Comm_size");
+  }
+
+  int rank() const noexcept { return rank_; }
+  int size() const noexcept { return size_; }
+  MPI_Comm native() const noexcept { return *comm_; }
+
+  /// In place (MPI_IN_PLACE); lengths past INT_MAX go in several calls.
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::MpiCommunicator::allreduce_sum: float or double");
+    const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+    for (std::size_t done = 0; done < n;) {
+      const int count = static_cast<int>(std::min<std::size_t>(n - done, INT_MAX));
+      check(MPI_Allreduce(MPI_IN_PLACE, data + done, count, type, MPI_SUM, *comm_), "MPI_Allreduce");
+      done += static_cast<std::size_t>(count);
+    }
+  }
+
+  /// Collective: MPI_Comm_split(color, key). `color` must be >= 0.
+  MpiCommunicator split(int color, int key) const {
+    if (color < 0) throw std::invalid_argument("polyak::MpiCommunicator::split: color must be >= 0");
+    MPI_Comm part;
+    check(MPI_Comm_split(*comm_, color, key, &part), "MPI_Comm_split");
+    return MpiCommunicator(std::shared_ptr<MPI_Comm>(new MPI_Comm(part), [](MPI_Comm* c) {
+      MPI_Comm_free(c);
+      delete c;
+    }));
+  }
+
+ private:
+  explicit MpiCommunicator(std::shared_ptr<MPI_Comm> owned) : comm_(std::move(owned)) {
+    check(MPI_Comm_rank(*comm_, &rank_), "MPI_Comm_rank");
+    check(MPI_Comm_size(*comm_, &size_), "MPI_Comm_size");
+  }
+
+  static void check(int code, const char* what) {
+    if (code == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING];
+    int length = 0;
+    MPI_Error_string(code, text, &length);
+    throw std::runtime_error(std::string("polyak::MpiCommunicator: ") + what +
+                             " failed: " + std::string(text, length));
+  }
+
+  std::shared_ptr<MPI_Comm> comm_;
+  int rank_ = 0, size_ = 1;
+};
+
+static_assert(is_communicator_v<MpiCommunicator>);
+
+}  // namespace polyak
