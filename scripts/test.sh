@@ -5,7 +5,8 @@
 #   usage (as root on a fresh Debian machine): bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin
+bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
+  libbenchmark-dev nlohmann-json3-dev
 
 jobs=$(nproc)
 run_suite() {  # build dir, extra cmake arguments...
@@ -21,9 +22,10 @@ echo "== tests"
 ctest_args=()
 run_suite build/test
 echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-# (the compile-fail and consumer cases compile only, and ran above)
-ctest_args=(-E "^(compile_fail|consumer)\\.")
-ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize -DPOLYAK_SANITIZE=ON
+# (the compile-fail and consumer cases ran above and test no new code here; benchmarks are not built)
+ctest_args=(-E "^(compile_fail|consumer|benchmark)\\.")
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize -DPOLYAK_SANITIZE=ON \
+  -DPOLYAK_BUILD_BENCHMARKS=OFF
 
 echo "== clang-format"
 git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror

@@ -310,3 +310,48 @@ TEST_CASE("an AveragedModel can be moved and keeps working", "[averaged_model]")
   for (std::size_t i = 0; i < parameter_scalars; ++i) CHECK(close(after[i], (before[i] + x[i]) / 2, 1e-6));
   CHECK(moved.n_averaged() == 2);
 }
+
+TEMPLATE_TEST_CASE("a thread pool splits large updates and gives the same bits", "[averaged_model][threads]",
+                   float, Eigen::bfloat16) {
+  // Three tensors of odd sizes, past the threshold for three threads.
+  const std::size_t sizes[] = {300007, 5, 600011};
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal;
+  std::vector<Eigen::Matrix<TestType, Eigen::Dynamic, 1>> tensors;
+  ParameterList<TestType> list;
+  for (std::size_t k = 0; k < 3; ++k) tensors.emplace_back(static_cast<Eigen::Index>(sizes[k]));
+  for (std::size_t k = 0; k < 3; ++k) list.add("t" + std::to_string(k), tensors[k]);
+  auto randomize = [&] {
+    for (auto& t : tensors) {
+      for (Eigen::Index i = 0; i < t.size(); ++i) t[i] = TestType(normal(rng));
+    }
+  };
+
+  polyak::ThreadPool pool(3);
+  AveragedModel<TestType, polyak::EMA> threaded(list, polyak::EMA{0.9}), alone(list, polyak::EMA{0.9});
+  AveragedModel threaded_multi(list, polyak::get_swa_multi_avg_fn()),
+      alone_multi(list, polyak::get_swa_multi_avg_fn());
+  threaded.set_thread_pool(&pool);
+  threaded_multi.set_thread_pool(&pool);
+  REQUIRE(list.numel() >= AveragedModel<TestType>::min_scalars_per_thread * 3);
+
+  std::vector<double> sum(list.numel(), 0.0);
+  const int steps = 4;
+  for (int step = 0; step < steps; ++step) {
+    randomize();
+    const auto x = values_of(list);
+    for (std::size_t i = 0; i < x.size(); ++i) sum[i] += x[i];
+    for (auto* m : {&threaded, &alone}) m->update_parameters(list);
+    for (auto* m : {&threaded_multi, &alone_multi}) m->update_parameters(list);
+  }
+  CHECK(values_of(threaded.tensors()) == values_of(alone.tensors()));
+  const auto mean = values_of(threaded_multi.tensors());
+  CHECK(mean == values_of(alone_multi.tensors()));
+  std::size_t off = 0;
+  for (std::size_t i = 0; i < mean.size(); ++i, ++off) {
+    if (!close(mean[i], sum[i] / steps, 4 * tolerance_v<float>)) {
+      FAIL("scalar " << i << ": " << mean[i] << " vs " << sum[i] / steps);
+    }
+  }
+  CHECK(off == list.numel());
+}

@@ -3,7 +3,7 @@
 // torch.optim.swa_utils.AveragedModel).
 #pragma once
 
-#include <algorithm>  // std::swap_ranges
+#include <algorithm>  // std::swap_ranges, std::upper_bound
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t
 #include <sstream>    // error messages
@@ -18,6 +18,7 @@
 #include "polyak/averaging_functions.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/tensor_view.hpp"
+#include "polyak/thread_pool.hpp"
 
 namespace polyak {
 
@@ -38,6 +39,14 @@ namespace polyak {
 /// Values are not checked for NaN or infinity: like PyTorch, a non-finite weight propagates into the
 /// average. A functor that throws midway leaves the tensors before it updated.
 ///
+/// An elementwise function (is_elementwise_v) on a 16-bit model receives the current values already
+/// widened to float, a block of 1024 scalars at a time.
+///
+/// Threads are opt-in: set_thread_pool(&pool) spreads each update of an elementwise function (SWA,
+/// EMA, their multi-tensor forms, or a user's functor marked is_elementwise) over the pool, when
+/// every thread gets at least min_scalars_per_thread scalars; smaller models stay on the calling
+/// thread, where waking workers would cost more than it saves.
+///
 /// An AveragedModel is movable, not copyable (its views point into its own storage).
 template <class T, class AvgFn = SWA>
 class AveragedModel {
@@ -45,6 +54,9 @@ class AveragedModel {
   using Scalar = T;
   using Accumulator = accumulator_t<T>;
   using AveragingFunction = AvgFn;
+
+  /// Below this many scalars a thread, an update runs on the calling thread alone.
+  static constexpr std::size_t min_scalars_per_thread = std::size_t{1} << 18;
 
   static_assert(
       is_multi_tensor_v<AvgFn> ||
@@ -75,6 +87,9 @@ class AveragedModel {
       }
       (entry.is_buffer() && !use_buffers_ ? copied_ : updated_).push_back(i);
     }
+    updated_offsets_.push_back(0);
+    for (const std::size_t i : updated_)
+      updated_offsets_.push_back(updated_offsets_.back() + model[i].numel());
     copy_from(model, updated_);
     copy_from(model, copied_);
   }
@@ -90,18 +105,31 @@ class AveragedModel {
     check_matches(model, "update_parameters");
     if (n_averaged_ == 0) {
       copy_from(model, updated_);
+    } else if constexpr (is_elementwise_v<AvgFn>) {
+      if (use_threads()) {
+        update_split(model);
+      } else {
+        for (std::size_t k = 0; k < updated_.size(); ++k)
+          update_range(model, k, 0, model[updated_[k]].numel());
+      }
     } else if constexpr (is_multi_tensor_v<AvgFn>) {
-      if (updated_.empty()) return finish_update(model);
-      avg_fn_(TensorArrays<Accumulator>(&averaged_[0], updated_.data(), updated_.size()),
-              TensorArrays<const T>(&model[0], updated_.data(), updated_.size()), n_averaged_);
+      if (!updated_.empty()) {
+        avg_fn_(TensorArrays<Accumulator>(&averaged_[0], updated_.data(), updated_.size()),
+                TensorArrays<const T>(&model[0], updated_.data(), updated_.size()), n_averaged_);
+      }
     } else {
       for (const std::size_t i : updated_) {
         const ConstArrayMap<T> current(model[i].data(), static_cast<Eigen::Index>(model[i].numel()));
         detail::apply_avg_fn(avg_fn_, averaged_[i].flat(), current, n_averaged_);
       }
     }
-    finish_update(model);
+    copy_from(model, copied_);
+    ++n_averaged_;
   }
+
+  /// Spreads later updates over `pool` (nullptr: back to the calling thread alone). The pool must
+  /// outlive its use here.
+  void set_thread_pool(ThreadPool* pool) noexcept { pool_ = pool; }
 
   /// How many models have been folded in (PyTorch's n_averaged buffer).
   std::int64_t n_averaged() const noexcept { return n_averaged_; }
@@ -142,15 +170,67 @@ class AveragedModel {
   bool use_buffers() const noexcept { return use_buffers_; }
 
  private:
-  void finish_update(const ParameterList<T>& model) {
-    copy_from(model, copied_);
-    ++n_averaged_;
+  bool use_threads() const noexcept {
+    return is_elementwise_v<AvgFn> && pool_ != nullptr && pool_->size() > 1 &&
+           updated_offsets_.back() >= min_scalars_per_thread * static_cast<std::size_t>(pool_->size());
+  }
+
+  /// The update as one range of scalars over all updated tensors, cut into one slice a thread.
+  void update_split(const ParameterList<T>& model) {
+    const std::size_t total = updated_offsets_.back();
+    const auto parts = static_cast<std::size_t>(pool_->size());
+    pool_->run([&](int part) {
+      // Slice edges on whole cache lines (16 floats) where the tensors allow.
+      const auto p = static_cast<std::size_t>(part);
+      std::size_t begin = total * p / parts / 16 * 16;
+      const std::size_t end = p + 1 == parts ? total : total * (p + 1) / parts / 16 * 16;
+      auto k =
+          static_cast<std::size_t>(std::upper_bound(updated_offsets_.begin(), updated_offsets_.end(), begin) -
+                                   updated_offsets_.begin() - 1);
+      for (; begin < end; ++k) {
+        const std::size_t to = std::min(end, updated_offsets_[k + 1]) - updated_offsets_[k];
+        update_range(model, k, begin - updated_offsets_[k], to);
+        begin = updated_offsets_[k] + to;
+      }
+    });
+  }
+
+  /// Applies the elementwise function to scalars [from, to) of the k-th updated tensor. A 16-bit
+  /// model's values are widened to float a block at a time into a buffer that stays in L1, so the
+  /// function sees float arrays and memory is still crossed once.
+  void update_range(const ParameterList<T>& model, std::size_t k, std::size_t from, std::size_t to) {
+    const std::size_t i = updated_[k];
+    Accumulator* averaged = averaged_[i].data();
+    const T* current = model[i].data();
+    auto& fn = elementwise_fn();
+    if constexpr (std::is_same_v<T, Accumulator>) {
+      const auto length = static_cast<Eigen::Index>(to - from);
+      detail::apply_avg_fn(fn, ArrayMap<Accumulator>(averaged + from, length),
+                           ConstArrayMap<T>(current + from, length), n_averaged_);
+    } else {
+      constexpr std::size_t block = 1024;
+      alignas(64) Accumulator widened[block];
+      for (std::size_t b = from; b < to; b += block) {
+        const std::size_t length = std::min(block, to - b);
+        detail::widen(current + b, widened, length);
+        const auto n = static_cast<Eigen::Index>(length);
+        detail::apply_avg_fn(fn, ArrayMap<Accumulator>(averaged + b, n),
+                             ConstArrayMap<Accumulator>(widened, n), n_averaged_);
+      }
+    }
+  }
+
+  /// The per-tensor elementwise function: AvgFn itself, or the one a ForEachTensor applies.
+  auto& elementwise_fn() {
+    if constexpr (is_multi_tensor_v<AvgFn>) {
+      return avg_fn_.fn;
+    } else {
+      return avg_fn_;
+    }
   }
 
   void copy_from(const ParameterList<T>& model, const std::vector<std::size_t>& which) {
-    for (const std::size_t i : which) {
-      averaged_[i].flat() = model[i].flat().template cast<Accumulator>();
-    }
+    for (const std::size_t i : which) detail::widen(model[i].data(), averaged_[i].data(), model[i].numel());
   }
 
   ParameterList<Accumulator> select(bool buffers) const {
@@ -209,9 +289,11 @@ class AveragedModel {
   bool use_buffers_;
   std::int64_t n_averaged_ = 0;
   std::vector<Accumulator, Eigen::aligned_allocator<Accumulator>> storage_;
-  ParameterList<Accumulator> averaged_;  ///< views onto storage_, one per model tensor
-  std::vector<std::size_t> updated_;     ///< tensors the averaging function updates
-  std::vector<std::size_t> copied_;      ///< buffers copied from the model (use_buffers == false)
+  ParameterList<Accumulator> averaged_;       ///< views onto storage_, one per model tensor
+  std::vector<std::size_t> updated_;          ///< tensors the averaging function updates
+  std::vector<std::size_t> copied_;           ///< buffers copied from the model (use_buffers == false)
+  std::vector<std::size_t> updated_offsets_;  ///< where each updated tensor starts in their concatenation
+  ThreadPool* pool_ = nullptr;
 };
 
 }  // namespace polyak

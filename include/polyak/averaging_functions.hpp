@@ -29,6 +29,8 @@ namespace polyak {
 ///     averaged += (current - averaged) / (num_averaged + 1).
 /// PyTorch: get_swa_avg_fn(), the default of AveragedModel.
 struct SWA {
+  static constexpr bool is_elementwise = true;  // each scalar on its own: may be split across threads
+
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
     using S = typename std::remove_reference_t<Averaged>::Scalar;
@@ -42,6 +44,8 @@ struct SWA {
 /// is 0.5 or more), so that results round as PyTorch's do. PyTorch: get_ema_avg_fn(decay).
 class EMA {
  public:
+  static constexpr bool is_elementwise = true;  // each scalar on its own: may be split across threads
+
   /// PyTorch's default decay.
   EMA() = default;
 
@@ -99,6 +103,12 @@ class TensorArrays {
 namespace detail {
 
 template <class Fn, class = void>
+struct is_elementwise : std::false_type {};
+template <class Fn>
+struct is_elementwise<Fn, std::void_t<decltype(Fn::is_elementwise)>>
+    : std::bool_constant<Fn::is_elementwise> {};
+
+template <class Fn, class = void>
 struct is_multi_tensor : std::false_type {};
 template <class Fn>
 struct is_multi_tensor<Fn, std::void_t<decltype(Fn::is_multi_tensor)>>
@@ -116,6 +126,12 @@ void apply_avg_fn(Fn& fn, Averaged&& averaged, const Current& current, std::int6
 
 }  // namespace detail
 
+/// True when the per-tensor function `Fn` treats each scalar on its own (SWA, EMA; a user's functor
+/// says so with `static constexpr bool is_elementwise = true;` and must then be safe to call from
+/// several threads at once). AveragedModel splits such updates anywhere, across threads.
+template <class Fn>
+inline constexpr bool is_elementwise_v = detail::is_elementwise<Fn>::value;
+
 /// True when `Fn` is called once per update with all tensors (TensorArrays) rather than per tensor.
 template <class Fn>
 inline constexpr bool is_multi_tensor_v = detail::is_multi_tensor<Fn>::value;
@@ -124,6 +140,7 @@ inline constexpr bool is_multi_tensor_v = detail::is_multi_tensor<Fn>::value;
 template <class Fn>
 struct ForEachTensor {
   static constexpr bool is_multi_tensor = true;
+  static constexpr bool is_elementwise = is_elementwise_v<Fn>;
   Fn fn;
 
   template <class S, class C>

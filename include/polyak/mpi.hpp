@@ -6,7 +6,6 @@
 #include <mpi.h>
 
 #include <algorithm>  // std::min
-#include <climits>    // INT_MAX: MPI counts are int
 #include <cstddef>    // std::size_t
 #include <memory>     // std::shared_ptr: communicators from split are freed with their last copy
 #include <stdexcept>  // std::runtime_error
@@ -32,14 +31,18 @@ class MpiCommunicator {
   int size() const noexcept { return size_; }
   MPI_Comm native() const noexcept { return *comm_; }
 
-  /// In place (MPI_IN_PLACE); lengths past INT_MAX go in several calls.
+  /// Allreduce calls move at most this many bytes: Open MPI's allreduce of one 40 MB buffer was 9x
+  /// slower here than the same bytes in 4 MB pieces (its temporary pages fault on every large call).
+  static constexpr std::size_t max_bytes_per_call = std::size_t{4} << 20;
+
+  /// In place (MPI_IN_PLACE), in pieces of at most max_bytes_per_call.
   template <class T>
   void allreduce_sum(T* data, std::size_t n) {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                   "polyak::MpiCommunicator::allreduce_sum: float or double");
     const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
     for (std::size_t done = 0; done < n;) {
-      const int count = static_cast<int>(std::min<std::size_t>(n - done, INT_MAX));
+      const int count = static_cast<int>(std::min<std::size_t>(n - done, max_bytes_per_call / sizeof(T)));
       check(MPI_Allreduce(MPI_IN_PLACE, data + done, count, type, MPI_SUM, *comm_), "MPI_Allreduce");
       done += static_cast<std::size_t>(count);
     }

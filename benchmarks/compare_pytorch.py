@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""PyTorch doing polyak's benchmarked updates on the same shapes, and the table of the two.
+
+  /usr/bin/python3 benchmarks/compare_pytorch.py POLYAK_UPDATE.json POLYAK_MPI.json [--max-size 1e8]
+
+Reads Google Benchmark's JSON from bench_update and bench_mpi (benchmarks/run.sh makes both), times
+Debian's python3-torch (PyTorch 1.13) on the same layouts (benchmarks/layouts.json, scaled the same
+way) and thread counts, and prints a Markdown table of medians:
+- torch.optim.swa_utils.AveragedModel with an EMA avg_fn (what PyTorch 1.13 offers),
+- a per-tensor lerp_ loop (the fastest single-tensor EMA),
+- torch._foreach_mul_ + torch._foreach_add_ (the fused multi-tensor form),
+- for averaging across processes: torch.distributed with gloo on 2 processes, as PyTorch's
+  model_averaging.utils.average_parameters does it (cat, divide, all_reduce, copy back).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.optim.swa_utils import AveragedModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DECAY = 0.999
+
+
+def scaled_layout(layout, target):
+    with open(os.path.join(HERE, "layouts.json")) as f:
+        base = json.load(f)[layout]
+    total = sum(base)
+    return [max(1, int(round(s * target / total))) for s in base]  # as layouts.hpp rounds
+
+
+def median_seconds(fn, repetitions=5, min_time=0.2):
+    """The median over repetitions of the mean time of fn over enough calls to last min_time."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    calls = max(1, int(min_time / once))
+    samples = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def pytorch_updates(layout, size, threads):
+    torch.set_num_threads(threads)
+    sizes = scaled_layout(layout, size)
+    module = torch.nn.Module()
+    module.params = torch.nn.ParameterList([torch.nn.Parameter(torch.full((n,), 0.25)) for n in sizes])
+    averaged_model = AveragedModel(module, avg_fn=lambda avg, cur, n: DECAY * avg + (1 - DECAY) * cur)
+    averaged_model.update_parameters(module)
+    current = [p.detach() for p in module.parameters()]
+    averages = [torch.full((n,), 0.5) for n in sizes]
+    with torch.no_grad():
+        def lerp():
+            for a, c in zip(averages, current):
+                a.lerp_(c, 1 - DECAY)
+
+        def foreach():
+            torch._foreach_mul_(averages, DECAY)
+            torch._foreach_add_(averages, current, alpha=1 - DECAY)
+
+        return {
+            "AveragedModel": median_seconds(lambda: averaged_model.update_parameters(module)),
+            "lerp_": median_seconds(lerp),
+            "foreach": median_seconds(foreach),
+        }
+
+
+def gloo_worker(rank, path, sizes, result):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    params = [torch.full((n,), float(rank)) for n in sizes]
+
+    def average():  # torch.distributed.algorithms.model_averaging.utils.average_parameters
+        flat = torch.cat([p.reshape(-1) for p in params])
+        flat /= 2
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    seconds = []
+    for _ in range(5):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(10):
+            average()
+        seconds.append((time.perf_counter() - start) / 10)
+    if rank == 0:
+        result.put(statistics.median(seconds))
+    dist.destroy_process_group()
+
+
+def pytorch_gloo_average(layout, size):
+    with tempfile.TemporaryDirectory() as folder:
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(gloo_worker, args=(os.path.join(folder, "rendezvous"), scaled_layout(layout, size), queue), nprocs=2)
+        return queue.get()
+
+
+def polyak_medians(path):
+    """name -> median seconds a call (real time), from Google Benchmark's JSON."""
+    with open(path) as f:
+        runs = json.load(f)["benchmarks"]
+    out = {}
+    for run in runs:
+        if run.get("aggregate_name") == "median" or (run.get("run_type") == "iteration" and run["run_name"] not in out):
+            scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[run["time_unit"]]
+            out[run["run_name"].replace("/real_time", "").replace("/iterations:30", "")] = run["real_time"] * scale
+    return out
+
+
+def gbps(scalars, bytes_per_scalar, seconds):
+    return scalars * bytes_per_scalar / seconds / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("update_json")
+    parser.add_argument("mpi_json", nargs="?")
+    parser.add_argument("--max-size", type=float, default=1e8)
+    args = parser.parse_args()
+    polyak = polyak_medians(args.update_json)
+
+    print("### Update: EMA, float, one step (medians; GB/s count 12 bytes a scalar)\n")
+    print("| layout | scalars | threads | polyak ms | polyak GB/s | fused loop GB/s | polyak / fused loop "
+          "| PyTorch AveragedModel ms | lerp_ ms | foreach ms | polyak speed-up vs AveragedModel "
+          "| vs best of lerp_ and foreach |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in (1e5, 1e6, 1e7, 1e8):
+        if size > args.max_size:
+            continue
+        exponent = f"1e{round(__import__('math').log10(size))}"
+        for threads in (1, 2):
+            fused = polyak.get(f"limit/fused_loop/EMA/float/one/{exponent}/threads:{threads}")
+            for layout in ("resnet50", "transformer", "large4"):
+                mine = polyak.get(f"update/EMA/float/{layout}/{exponent}/threads:{threads}")
+                if mine is None:
+                    continue
+                scalars = sum(scaled_layout(layout, size))
+                torch_times = pytorch_updates(layout, size, threads)
+                best = min(torch_times["lerp_"], torch_times["foreach"])
+                print(f"| {layout} | {exponent} | {threads} | {mine * 1e3:.3f} | {gbps(scalars, 12, mine):.1f} "
+                      f"| {gbps(size, 12, fused):.1f} | {fused * scalars / size / mine:.2f} "
+                      f"| {torch_times['AveragedModel'] * 1e3:.3f} | {torch_times['lerp_'] * 1e3:.3f} "
+                      f"| {torch_times['foreach'] * 1e3:.3f} | {torch_times['AveragedModel'] / mine:.1f}x "
+                      f"| {best / mine:.1f}x |", flush=True)
+
+    print("\n### The machine's limit, same run\n")
+    print("| kernel | scalars | threads | GB/s |")
+    print("|---|---|---|---|")
+    for name, seconds in sorted(polyak.items()):
+        if name.startswith("limit/"):
+            parts = name.split("/")
+            size = float(parts[5])
+            print(f"| {parts[1]} {parts[3]} | {parts[5]} | {parts[6].split(':')[1]} "
+                  f"| {gbps(size, 12 if parts[3] == 'float' else 10, seconds):.1f} |")
+
+    if args.mpi_json:
+        mpi = polyak_medians(args.mpi_json)
+        print("\n### Averaging across 2 processes, resnet50 layout, 1e7 float scalars (medians)\n")
+        print("| schedule | ms |")
+        print("|---|---|")
+        for name, seconds in sorted(mpi.items()):
+            print(f"| {name.replace('mpi/', '')} | {seconds * 1e3:.2f} |")
+        gloo = pytorch_gloo_average("resnet50", 1e7)
+        print(f"| PyTorch average_parameters over gloo | {gloo * 1e3:.2f} |")
+        mine = mpi["mpi/average_parameters/float/resnet50/1e7"]
+        bare = min(v for k, v in mpi.items() if "bare_allreduce" in k)
+        print(f"\npolyak average_parameters / best bare MPI_Allreduce schedule: {mine / bare:.2f}; "
+              f"PyTorch with gloo / polyak: {gloo / mine:.1f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

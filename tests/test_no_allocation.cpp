@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: MIT
+// The per-step path allocates nothing: update_parameters, copy_to, swap and average_parameters, with
+// and without threads. This binary replaces the global operator new to count calls, so it stands
+// apart from the other tests.
+#define CATCH_CONFIG_MAIN
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/model_averaging.hpp"
+
+namespace {
+std::atomic<long> allocations{0};
+}
+
+void* operator new(std::size_t size) {
+  ++allocations;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+
+/// Allocations made while running `body`.
+template <class Body>
+long allocations_in(Body&& body) {
+  const long before = allocations.load();
+  body();
+  return allocations.load() - before;
+}
+
+struct Model {
+  Eigen::MatrixXf weight = Eigen::MatrixXf::Random(700, 900);
+  Eigen::VectorXf bias = Eigen::VectorXf::Random(700);
+  Eigen::VectorXf running_mean = Eigen::VectorXf::Random(700);
+  polyak::ParameterList<float> list() {
+    polyak::ParameterList<float> out;
+    out.add("weight", weight).add("bias", bias).add_buffer("running_mean", running_mean);
+    return out;
+  }
+};
+
+template <class Averaged>
+void check_steps_do_not_allocate(Averaged& averaged, const polyak::ParameterList<float>& list) {
+  averaged.update_parameters(list);  // the first update copies
+  CHECK(allocations_in([&] {
+          for (int step = 0; step < 5; ++step) averaged.update_parameters(list);
+        }) == 0);
+  CHECK(allocations_in([&] { averaged.copy_to(list); }) == 0);
+  CHECK(allocations_in([&] { averaged.swap(list); }) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("the counter sees allocations", "[allocation]") {
+  CHECK(allocations_in([] { std::vector<float> v(10); }) == 1);
+}
+
+TEST_CASE("update_parameters, copy_to and swap allocate nothing", "[allocation]") {
+  Model model;
+  const auto list = model.list();
+  polyak::ThreadPool pool(2);
+  SECTION("SWA") {
+    polyak::AveragedModel<float> averaged(list);
+    check_steps_do_not_allocate(averaged, list);
+  }
+  SECTION("EMA with buffers, on two threads") {
+    polyak::AveragedModel<float, polyak::EMA> averaged(list, polyak::EMA{0.99}, true);
+    averaged.set_thread_pool(&pool);
+    check_steps_do_not_allocate(averaged, list);
+  }
+  SECTION("multi-tensor EMA") {
+    polyak::AveragedModel averaged(list, polyak::get_ema_multi_avg_fn(0.9));
+    check_steps_do_not_allocate(averaged, list);
+  }
+}
+
+TEST_CASE("average_parameters reuses its buffer", "[allocation]") {
+  Model model;
+  const auto list = model.list();
+  auto members = polyak::ThreadCommunicator::create(1);
+  polyak::PeriodicModelAverager averager(1, 0, members[0]);
+  averager.average_parameters(list);  // the first call sizes the buffer
+  CHECK(allocations_in([&] {
+          for (int step = 0; step < 5; ++step) averager.average_parameters(list);
+        }) == 0);
+}
