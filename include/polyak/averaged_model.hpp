@@ -17,6 +17,7 @@
 
 #include "polyak/averaging_functions.hpp"
 #include "polyak/scalar_type.hpp"
+#include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
 #include "polyak/thread_pool.hpp"
 
@@ -164,6 +165,41 @@ class AveragedModel {
     for (std::size_t i = 0; i < model.size(); ++i) {
       std::swap_ranges(model[i].data(), model[i].data() + model[i].numel(), averaged_[i].data());
     }
+  }
+
+  /// The averaged copy as PyTorch's AveragedModel.state_dict() names it: "module.<name>" for each
+  /// tensor (in accumulator_t<T>), "n_averaged"; the averaging function's settings in the metadata
+  /// (EMA's decay), and use_buffers.
+  StateDict state_dict() const {
+    StateDict sd;
+    for (const auto& entry : averaged_) sd.insert("module." + entry.name(), entry.view());
+    sd.insert_scalar<std::int64_t>("n_averaged", n_averaged_);
+    sd.metadata["use_buffers"] = use_buffers_ ? "true" : "false";
+    detail::save_settings(avg_fn_, sd.metadata);
+    return sd;
+  }
+
+  /// Restores a state_dict(). One whose tensors differ from this model's in names, shapes or types,
+  /// whose use_buffers or settings do not fit, or whose n_averaged is negative, is refused with
+  /// FormatError naming the problem, and nothing changes.
+  void load_state_dict(const StateDict& sd) {
+    for (const auto& entry : averaged_) sd.expect<Accumulator>("module." + entry.name(), entry.shape());
+    if (sd.size() != averaged_.size() + 1) {
+      throw FormatError("polyak::AveragedModel::load_state_dict: the state holds " +
+                        std::to_string(sd.size()) + " entries, this model " +
+                        std::to_string(averaged_.size() + 1));
+    }
+    const auto n_averaged = sd.scalar<std::int64_t>("n_averaged");
+    if (n_averaged < 0) throw FormatError("polyak::AveragedModel::load_state_dict: negative n_averaged");
+    const auto use_buffers = sd.metadata.find("use_buffers");
+    if (use_buffers != sd.metadata.end() && use_buffers->second != (use_buffers_ ? "true" : "false")) {
+      throw FormatError("polyak::AveragedModel::load_state_dict: the state has use_buffers " +
+                        use_buffers->second);
+    }
+    AvgFn restored = detail::load_settings(avg_fn_, sd.metadata);  // validates before anything changes
+    for (const auto& entry : averaged_) sd.copy_to("module." + entry.name(), entry.view());
+    n_averaged_ = n_averaged;
+    avg_fn_ = std::move(restored);
   }
 
   const AvgFn& avg_fn() const noexcept { return avg_fn_; }

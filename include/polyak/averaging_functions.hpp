@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <utility>  // std::forward
 
+#include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {
@@ -30,6 +31,15 @@ namespace polyak {
 /// PyTorch: get_swa_avg_fn(), the default of AveragedModel.
 struct SWA {
   static constexpr bool is_elementwise = true;  // each scalar on its own: may be split across threads
+
+  void save_settings(std::map<std::string, std::string>& metadata) const { metadata["avg_fn"] = "swa"; }
+  static SWA load_settings(const std::map<std::string, std::string>& metadata) {
+    const auto fn = metadata.find("avg_fn");
+    if (fn != metadata.end() && fn->second != "swa") {
+      throw FormatError("polyak::SWA: the state was saved by the averaging function '" + fn->second + "'");
+    }
+    return {};
+  }
 
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
@@ -57,6 +67,26 @@ class EMA {
   }
 
   double decay() const noexcept { return decay_; }
+
+  /// Checkpoint settings: the decay, written so that it reads back to the same double.
+  void save_settings(std::map<std::string, std::string>& metadata) const {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.17g", decay_);
+    metadata["avg_fn"] = "ema";
+    metadata["decay"] = text;
+  }
+  static EMA load_settings(const std::map<std::string, std::string>& metadata) {
+    const auto fn = metadata.find("avg_fn");
+    const auto decay = metadata.find("decay");
+    if (fn == metadata.end() || fn->second != "ema" || decay == metadata.end()) {
+      throw FormatError("polyak::EMA: the state holds no EMA settings");
+    }
+    try {
+      return EMA{std::stod(decay->second)};
+    } catch (const std::invalid_argument& e) {  // std::stod's, or a decay outside [0, 1]
+      throw FormatError(std::string("polyak::EMA: bad decay in the state: ") + e.what());
+    }
+  }
 
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t /*num_averaged*/) const {
@@ -114,6 +144,27 @@ template <class Fn>
 struct is_multi_tensor<Fn, std::void_t<decltype(Fn::is_multi_tensor)>>
     : std::bool_constant<Fn::is_multi_tensor> {};
 
+template <class Fn, class = void>
+struct has_settings : std::false_type {};
+template <class Fn>
+struct has_settings<Fn, std::void_t<decltype(std::declval<const Fn&>().save_settings(
+                            std::declval<std::map<std::string, std::string>&>()))>> : std::true_type {};
+
+/// A function's checkpoint settings: saved where it has a save_settings (SWA, EMA, and the ones a
+/// ForEachTensor applies); a user's functor without one saves none and keeps its own on load.
+template <class Fn>
+void save_settings(const Fn& fn, std::map<std::string, std::string>& metadata) {
+  if constexpr (has_settings<Fn>::value) fn.save_settings(metadata);
+}
+template <class Fn>
+Fn load_settings(const Fn& current, const std::map<std::string, std::string>& metadata) {
+  if constexpr (has_settings<Fn>::value) {
+    return Fn::load_settings(metadata);
+  } else {
+    return current;
+  }
+}
+
 /// Calls a per-tensor function, assigning its result when it returns one (PyTorch's avg_fn shape).
 template <class Fn, class Averaged, class Current>
 void apply_avg_fn(Fn& fn, Averaged&& averaged, const Current& current, std::int64_t num_averaged) {
@@ -142,6 +193,13 @@ struct ForEachTensor {
   static constexpr bool is_multi_tensor = true;
   static constexpr bool is_elementwise = is_elementwise_v<Fn>;
   Fn fn;
+
+  void save_settings(std::map<std::string, std::string>& metadata) const {
+    detail::save_settings(fn, metadata);
+  }
+  static ForEachTensor load_settings(const std::map<std::string, std::string>& metadata) {
+    return {detail::load_settings(Fn{}, metadata)};
+  }
 
   template <class S, class C>
   void operator()(const TensorArrays<S>& averaged, const TensorArrays<C>& current,

@@ -20,6 +20,8 @@
 
 #include <Eigen/Core>
 
+#include "polyak/state_dict.hpp"
+
 namespace polyak {
 
 /// How update_bn combines the batches' moments.
@@ -59,6 +61,44 @@ class BatchNormStats {
   }
 
   Eigen::Index num_features() const noexcept { return running_mean.size(); }
+
+  /// PyTorch's names: "running_mean", "running_var", "num_batches_tracked"; the momentum in the
+  /// metadata ("none" when empty).
+  StateDict state_dict() const {
+    StateDict sd;
+    const std::vector<std::int64_t> shape{num_features()};
+    sd.insert("running_mean", TensorView<T>(const_cast<T*>(running_mean.data()), shape));
+    sd.insert("running_var", TensorView<T>(const_cast<T*>(running_var.data()), shape));
+    sd.insert_scalar<std::int64_t>("num_batches_tracked", num_batches_tracked);
+    char text[32] = "none";
+    if (momentum) std::snprintf(text, sizeof text, "%.17g", *momentum);
+    sd.metadata["momentum"] = text;
+    return sd;
+  }
+
+  /// Restores a state_dict(); one of another size or type, or with a bad momentum, is refused with
+  /// FormatError and changes nothing.
+  void load_state_dict(const StateDict& sd) {
+    const std::vector<std::int64_t> shape{num_features()};
+    sd.expect<T>("running_mean", shape);
+    sd.expect<T>("running_var", shape);
+    const auto tracked = sd.scalar<std::int64_t>("num_batches_tracked");
+    std::optional<double> restored;
+    const auto found = sd.metadata.find("momentum");
+    if (found == sd.metadata.end()) throw FormatError("polyak::BatchNormStats: no momentum in the state");
+    if (found->second != "none") {
+      try {
+        restored = std::stod(found->second);
+        check_momentum(restored);
+      } catch (const std::invalid_argument& e) {
+        throw FormatError(std::string("polyak::BatchNormStats: bad momentum in the state: ") + e.what());
+      }
+    }
+    sd.copy_to("running_mean", TensorView<T>(running_mean.data(), shape));
+    sd.copy_to("running_var", TensorView<T>(running_var.data(), shape));
+    num_batches_tracked = tracked;
+    momentum = restored;
+  }
 
   /// Mean 0, variance 1, no batches tracked (PyTorch's reset_running_stats()).
   void reset() {

@@ -10,6 +10,7 @@
 #include <algorithm>  // std::min, std::max
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t, std::uint64_t
+#include <cstring>    // std::memcpy
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
@@ -18,6 +19,7 @@
 
 #include "polyak/communicator.hpp"
 #include "polyak/scalar_type.hpp"
+#include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {
@@ -217,6 +219,28 @@ class PeriodicModelAverager : public ModelAverager<Comm> {
   std::int64_t period() const noexcept { return period_; }
   std::int64_t warmup_steps() const noexcept { return warmup_steps_; }
 
+  /// "step", "period", "warmup_steps" (I64).
+  StateDict state_dict() const {
+    StateDict sd;
+    sd.insert_scalar<std::int64_t>("step", this->step_);
+    sd.insert_scalar<std::int64_t>("period", period_);
+    sd.insert_scalar<std::int64_t>("warmup_steps", warmup_steps_);
+    return sd;
+  }
+
+  /// Restores the step count; a state of another period or warm-up, or a negative step, is refused
+  /// with FormatError and changes nothing.
+  void load_state_dict(const StateDict& sd) {
+    const auto step = sd.scalar<std::int64_t>("step");
+    if (sd.scalar<std::int64_t>("period") != period_ ||
+        sd.scalar<std::int64_t>("warmup_steps") != warmup_steps_) {
+      throw FormatError(
+          "polyak::PeriodicModelAverager::load_state_dict: the state is for another period or warm-up");
+    }
+    if (step < 0) throw FormatError("polyak::PeriodicModelAverager::load_state_dict: negative step");
+    this->step_ = step;
+  }
+
  private:
   std::int64_t period_, warmup_steps_;
 };
@@ -283,6 +307,42 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
   }
 
   std::int64_t warmup_steps() const noexcept { return warmup_steps_; }
+
+  /// "step", "warmup_steps" (I64) and "periods" (I64, one per level).
+  StateDict state_dict() const {
+    StateDict sd;
+    sd.insert_scalar<std::int64_t>("step", this->step_);
+    sd.insert_scalar<std::int64_t>("warmup_steps", warmup_steps_);
+    std::vector<std::int64_t> periods;
+    for (const auto& level : levels_) periods.push_back(level.first);
+    StoredTensor t;
+    t.dtype = DType::I64;
+    t.shape = {static_cast<std::int64_t>(periods.size())};
+    t.bytes.resize(periods.size() * sizeof(std::int64_t));
+    std::memcpy(t.bytes.data(), periods.data(), t.bytes.size());
+    sd.insert("periods", std::move(t));
+    return sd;
+  }
+
+  /// Restores the step count; a state of other periods or warm-up, or a negative step, is refused
+  /// with FormatError and changes nothing.
+  void load_state_dict(const StateDict& sd) {
+    const auto step = sd.scalar<std::int64_t>("step");
+    const StoredTensor& periods = sd.at("periods");
+    bool same = periods.dtype == DType::I64 && periods.numel() == levels_.size() &&
+                periods.bytes.size() == levels_.size() * sizeof(std::int64_t) &&
+                sd.scalar<std::int64_t>("warmup_steps") == warmup_steps_;
+    for (std::size_t i = 0; same && i < levels_.size(); ++i) {
+      std::int64_t period;
+      std::memcpy(&period, periods.bytes.data() + i * sizeof period, sizeof period);
+      same = period == levels_[i].first;
+    }
+    if (!same)
+      throw FormatError(
+          "polyak::HierarchicalModelAverager::load_state_dict: the state is for other periods or warm-up");
+    if (step < 0) throw FormatError("polyak::HierarchicalModelAverager::load_state_dict: negative step");
+    this->step_ = step;
+  }
 
  private:
   std::int64_t warmup_steps_;

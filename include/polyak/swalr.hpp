@@ -11,6 +11,8 @@
 #include <utility>  // std::move
 #include <vector>
 
+#include "polyak/state_dict.hpp"
+
 namespace polyak {
 
 /// How SWALR moves each group's learning rate to its swa_lr: PyTorch's "cos" and "linear".
@@ -46,16 +48,6 @@ class SWALR {
   using Access = learning_rates<Optimizer>;
 
  public:
-  /// The scheduler's whole state (PyTorch's state_dict() without the optimizer).
-  struct State {
-    std::vector<double> swa_lrs;
-    std::int64_t anneal_epochs = 10;
-    AnnealStrategy strategy = AnnealStrategy::Cos;
-    std::int64_t last_epoch = -1;
-    std::int64_t step_count = 0;
-    std::vector<double> last_lrs;
-  };
-
   /// One swa_lr per group. Refused: a count that differs from the groups', a negative or non-finite
   /// swa_lr, a negative anneal_epochs.
   SWALR(Optimizer& optimizer, std::vector<double> swa_lrs, std::int64_t anneal_epochs = 10,
@@ -121,21 +113,42 @@ class SWALR {
 
   std::int64_t last_epoch() const noexcept { return state_.last_epoch; }
 
-  const State& state_dict() const noexcept { return state_; }
+  /// PyTorch's state_dict() without the optimizer: "swa_lrs", "last_lrs" (F64, one per group),
+  /// "anneal_epochs", "last_epoch", "step_count" (I64), and the strategy in the metadata.
+  StateDict state_dict() const {
+    StateDict sd;
+    const auto groups = static_cast<std::int64_t>(state_.swa_lrs.size());
+    sd.insert("swa_lrs", TensorView<double>(const_cast<double*>(state_.swa_lrs.data()), {groups}));
+    sd.insert("last_lrs", TensorView<double>(const_cast<double*>(state_.last_lrs.data()),
+                                             {static_cast<std::int64_t>(state_.last_lrs.size())}));
+    sd.insert_scalar<std::int64_t>("anneal_epochs", state_.anneal_epochs);
+    sd.insert_scalar<std::int64_t>("last_epoch", state_.last_epoch);
+    sd.insert_scalar<std::int64_t>("step_count", state_.step_count);
+    sd.metadata["anneal_strategy"] = state_.strategy == AnnealStrategy::Cos ? "cos" : "linear";
+    return sd;
+  }
 
-  /// Restores a state from state_dict(); one for another number of groups, or with a negative
-  /// anneal_epochs or step count, is refused and changes nothing.
-  void load_state_dict(const State& state) {
-    const std::size_t groups = Access::size(optimizer_);
-    if (state.swa_lrs.size() != groups || (!state.last_lrs.empty() && state.last_lrs.size() != groups)) {
-      throw std::invalid_argument("polyak::SWALR::load_state_dict: the state is for " +
-                                  std::to_string(state.swa_lrs.size()) +
-                                  " parameter groups, the optimizer has " + std::to_string(groups));
+  /// Restores a state_dict(). One for another number of groups, with a negative anneal_epochs or
+  /// step count, or an unknown strategy, is refused with FormatError and changes nothing.
+  void load_state_dict(const StateDict& sd) {
+    const auto groups = static_cast<std::int64_t>(Access::size(optimizer_));
+    State state;
+    state.swa_lrs.resize(static_cast<std::size_t>(groups));
+    state.last_lrs.resize(static_cast<std::size_t>(groups));
+    sd.copy_to("swa_lrs", TensorView<double>(state.swa_lrs.data(), {groups}));
+    sd.copy_to("last_lrs", TensorView<double>(state.last_lrs.data(), {groups}));
+    state.anneal_epochs = sd.scalar<std::int64_t>("anneal_epochs");
+    state.last_epoch = sd.scalar<std::int64_t>("last_epoch");
+    state.step_count = sd.scalar<std::int64_t>("step_count");
+    const auto strategy = sd.metadata.find("anneal_strategy");
+    if (strategy == sd.metadata.end() || (strategy->second != "cos" && strategy->second != "linear")) {
+      throw FormatError("polyak::SWALR::load_state_dict: no anneal_strategy 'cos' or 'linear' in the state");
     }
+    state.strategy = strategy->second == "cos" ? AnnealStrategy::Cos : AnnealStrategy::Linear;
     if (state.anneal_epochs < 0 || state.step_count < 0) {
-      throw std::invalid_argument("polyak::SWALR::load_state_dict: negative anneal_epochs or step count");
+      throw FormatError("polyak::SWALR::load_state_dict: negative anneal_epochs or step count");
     }
-    state_ = state;
+    state_ = std::move(state);
   }
 
  private:
@@ -143,6 +156,15 @@ class SWALR {
     constexpr double pi = 3.14159265358979323846;
     return state_.strategy == AnnealStrategy::Cos ? (1.0 - std::cos(pi * t)) / 2.0 : t;
   }
+
+  struct State {
+    std::vector<double> swa_lrs;
+    std::int64_t anneal_epochs = 10;
+    AnnealStrategy strategy = AnnealStrategy::Cos;
+    std::int64_t last_epoch = -1;
+    std::int64_t step_count = 0;
+    std::vector<double> last_lrs;
+  };
 
   Optimizer& optimizer_;
   State state_;

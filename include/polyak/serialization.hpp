@@ -1,0 +1,227 @@
+// SPDX-License-Identifier: MIT
+// Checkpoints on disk: StateDict (polyak/state_dict.hpp) in the safetensors format.
+//
+// safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
+// N, N bytes of JSON ({"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]},
+// ..., "__metadata__": {"key": "value"}}), then the tensors' bytes, little-endian and row-major,
+// offsets counted from the end of the header. Python's safetensors and a plain json + numpy reader
+// both read what save_safetensors writes.
+#pragma once
+
+#include <algorithm>  // std::sort
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>   // std::rename
+#include <cstring>  // std::strerror
+#include <fstream>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>   // open: fsync needs a file descriptor
+#include <unistd.h>  // write, fsync, close, getpid
+
+#include <nlohmann/json.hpp>
+
+#include "polyak/state_dict.hpp"
+
+namespace polyak {
+
+namespace detail {
+
+[[noreturn]] inline void fail_io(const std::string& what, const std::string& path) {
+  throw std::runtime_error("polyak: " + what + " '" + path + "': " + std::strerror(errno));
+}
+
+inline void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t written = ::write(fd, p, size);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      fail_io("cannot write", path);
+    }
+    p += written;
+    size -= static_cast<std::size_t>(written);
+  }
+}
+
+/// Largest header load_safetensors accepts (as Python's safetensors: 100 MB).
+inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+
+}  // namespace detail
+
+/// Writes `sd` to `path` in the safetensors format, atomically: into a temporary file in the same
+/// folder, flushed and fsynced, renamed over `path`, the folder fsynced. A crash at any moment
+/// leaves either the previous file or the new one, whole.
+inline void save_safetensors(const std::string& path, const StateDict& sd) {
+  if (!detail::little_endian())
+    throw std::runtime_error("polyak::save_safetensors: big-endian hosts are not supported");
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!sd.metadata.empty()) header["__metadata__"] = sd.metadata;
+  std::uint64_t offset = 0;
+  for (const auto& [name, tensor] : sd) {
+    header[name] = {{"dtype", dtype_name(tensor.dtype)},
+                    {"shape", tensor.shape},
+                    {"data_offsets", {offset, offset + tensor.bytes.size()}}};
+    offset += tensor.bytes.size();
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  const std::uint64_t length = text.size();
+
+  const std::size_t slash = path.find_last_of('/');
+  const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+  const std::string temporary = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) detail::fail_io("cannot create", temporary);
+  try {
+    unsigned char length_bytes[8];
+    for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(length >> (8 * b));
+    detail::write_all(fd, length_bytes, 8, temporary);
+    detail::write_all(fd, text.data(), text.size(), temporary);
+    for (const auto& entry : sd)
+      detail::write_all(fd, entry.second.bytes.data(), entry.second.bytes.size(), temporary);
+    if (::fsync(fd) != 0) detail::fail_io("cannot fsync", temporary);
+  } catch (...) {
+    ::close(fd);
+    ::unlink(temporary.c_str());
+    throw;
+  }
+  if (::close(fd) != 0) {
+    ::unlink(temporary.c_str());
+    detail::fail_io("cannot close", temporary);
+  }
+  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+    ::unlink(temporary.c_str());
+    detail::fail_io("cannot rename onto", path);
+  }
+  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (folder_fd >= 0) {  // the rename itself must reach the disk
+    ::fsync(folder_fd);
+    ::close(folder_fd);
+  }
+}
+
+/// Parses safetensors bytes, trusting nothing: any problem is a FormatError naming it.
+inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
+  if (!detail::little_endian())
+    throw std::runtime_error("polyak::load_safetensors: big-endian hosts are not supported");
+  if (size < 8)
+    throw FormatError("polyak: not safetensors: " + std::to_string(size) +
+                      " bytes, fewer than the 8 of the header length");
+  std::uint64_t length = 0;
+  for (int b = 7; b >= 0; --b) length = (length << 8) | static_cast<unsigned char>(data[b]);
+  if (length > detail::max_header_bytes)
+    throw FormatError("polyak: safetensors header length " + std::to_string(length) +
+                      " exceeds the 100 MB limit");
+  if (length > size - 8)
+    throw FormatError("polyak: safetensors header length " + std::to_string(length) +
+                      " runs past the end of the " + std::to_string(size) + "-byte file");
+  const char* text = reinterpret_cast<const char*>(data + 8);
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(text, text + length);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(std::string("polyak: safetensors header is not JSON: ") + e.what());
+  }
+  if (!header.is_object()) throw FormatError("polyak: safetensors header is not a JSON object");
+  const std::uint64_t data_size = size - 8 - length;
+  const std::byte* payload = data + 8 + length;
+
+  StateDict sd;
+  struct Found {
+    std::uint64_t begin, end;
+    std::string name;
+    StoredTensor tensor;
+  };
+  std::vector<Found> found_tensors;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      if (!entry.is_object()) throw FormatError("polyak: safetensors __metadata__ is not an object");
+      for (const auto& [key, value] : entry.items()) {
+        if (!value.is_string())
+          throw FormatError("polyak: safetensors metadata '" + key + "' is not a string");
+        sd.metadata[key] = value.get<std::string>();
+      }
+      continue;
+    }
+    auto bad = [&](const std::string& why) {
+      throw FormatError("polyak: safetensors tensor '" + name + "': " + why);
+    };
+    if (!entry.is_object()) bad("not an object");
+    if (!entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
+        entry.size() != 3) {
+      bad("needs exactly dtype, shape and data_offsets");
+    }
+    const auto& dtype = entry["dtype"];
+    StoredTensor t;
+    if (!dtype.is_string()) bad("dtype is not a string");
+    const std::string dtype_text = dtype.get<std::string>();
+    const DType known[] = {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64};
+    bool found = false;
+    for (const DType d : known) {
+      if (dtype_text == dtype_name(d)) {
+        t.dtype = d;
+        found = true;
+      }
+    }
+    if (!found) bad("unsupported dtype '" + dtype_text + "'");
+    const auto& shape = entry["shape"];
+    if (!shape.is_array()) bad("shape is not an array");
+    std::uint64_t numel = 1;
+    for (const auto& extent : shape) {
+      if (!extent.is_number_unsigned()) bad("shape holds something other than a non-negative integer");
+      const std::uint64_t e = extent.get<std::uint64_t>();
+      if (e > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+        bad("an extent overflows");
+      if (e != 0 && numel > std::numeric_limits<std::uint64_t>::max() / e) bad("the element count overflows");
+      numel *= e;
+      t.shape.push_back(static_cast<std::int64_t>(e));
+    }
+    const auto& offsets = entry["data_offsets"];
+    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+        !offsets[1].is_number_unsigned()) {
+      bad("data_offsets is not two non-negative integers");
+    }
+    const std::uint64_t begin = offsets[0].get<std::uint64_t>(), end = offsets[1].get<std::uint64_t>();
+    if (begin > end || end > data_size)
+      bad("data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] lie outside the " +
+          std::to_string(data_size) + " data bytes");
+    if (numel > std::numeric_limits<std::uint64_t>::max() / dtype_size(t.dtype) ||
+        numel * dtype_size(t.dtype) != end - begin) {
+      bad("its shape and dtype need " + std::to_string(numel) + " elements, its data_offsets hold " +
+          std::to_string(end - begin) + " bytes");
+    }
+    t.bytes.assign(payload + begin, payload + end);
+    found_tensors.push_back({begin, end, name, std::move(t)});
+  }
+  // In data order (the order save_safetensors wrote them in), and no two may share a byte.
+  std::sort(found_tensors.begin(), found_tensors.end(),
+            [](const Found& x, const Found& y) { return x.begin < y.begin; });
+  for (std::size_t i = 0; i < found_tensors.size(); ++i) {
+    if (i > 0 && found_tensors[i].begin < found_tensors[i - 1].end) {
+      throw FormatError("polyak: safetensors tensors '" + found_tensors[i - 1].name + "' and '" +
+                        found_tensors[i].name + "' overlap");
+    }
+  }
+  for (auto& f : found_tensors) sd.insert(f.name, std::move(f.tensor));
+  return sd;
+}
+
+/// Reads a safetensors file. A truncated, oversized or malformed file is a FormatError.
+inline StateDict load_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
+  const std::streamoff size = in.tellg();
+  if (size < 0) throw FormatError("polyak: cannot read '" + path + "'");
+  std::vector<std::byte> bytes(static_cast<std::size_t>(size));
+  in.seekg(0);
+  if (!in.read(reinterpret_cast<char*>(bytes.data()), size))
+    throw FormatError("polyak: cannot read '" + path + "'");
+  return parse_safetensors(bytes.data(), bytes.size());
+}
+
+}  // namespace polyak

@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: MIT
+// StateDict: a checkpoint in memory, named owned tensors plus string metadata. What every polyak
+// type's state_dict() returns and load_state_dict() takes; polyak/serialization.hpp writes and reads
+// it as safetensors.
+#pragma once
+
+#include <algorithm>  // std::sort
+#include <cstddef>    // std::size_t, std::byte
+#include <cstdint>
+#include <cstring>  // std::memcpy
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "polyak/scalar_type.hpp"
+#include "polyak/tensor_view.hpp"
+
+namespace polyak {
+
+/// A checkpoint file that is not valid safetensors, or does not hold what was asked of it.
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The element types a checkpoint holds, by their safetensors names.
+enum class DType { F32, F64, F16, BF16, I64 };
+
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return "F32";
+    case DType::F64:
+      return "F64";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::I64:
+      return "I64";
+  }
+  return "?";
+}
+
+inline std::size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F64:
+    case DType::I64:
+      return 8;
+    case DType::F32:
+      return 4;
+    case DType::F16:
+    case DType::BF16:
+      return 2;
+  }
+  return 0;
+}
+
+/// The DType of a C++ scalar type.
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return DType::F32;
+  if constexpr (std::is_same_v<T, double>) return DType::F64;
+  if constexpr (std::is_same_v<T, Eigen::half>) return DType::F16;
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return DType::BF16;
+  if constexpr (std::is_same_v<T, std::int64_t>) return DType::I64;
+}
+
+/// One owned tensor of a checkpoint: element type, logical shape, and its elements in row-major
+/// order as little-endian bytes.
+struct StoredTensor {
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;
+
+  std::size_t numel() const {
+    std::size_t n = 1;
+    for (const auto extent : shape) n *= static_cast<std::size_t>(extent);
+    return n;
+  }
+};
+
+namespace detail {
+
+static_assert(sizeof(float) == 4 && sizeof(double) == 8 && std::numeric_limits<float>::is_iec559,
+              "polyak's checkpoints assume IEEE float and double");
+
+inline bool little_endian() {
+  const std::uint16_t probe = 1;
+  unsigned char first;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
+/// For each row-major index of `shape`, the offset of that element in `order` storage.
+template <class Visit>
+void for_each_row_major(const std::vector<std::int64_t>& shape, StorageOrder order, Visit&& visit) {
+  std::size_t numel = 1;
+  for (const auto extent : shape) numel *= static_cast<std::size_t>(extent);
+  if (order == StorageOrder::RowMajor || shape.size() <= 1) {
+    for (std::size_t i = 0; i < numel; ++i) visit(i, i);
+    return;
+  }
+  // Column-major strides; walk the row-major index like an odometer, last dimension fastest.
+  std::vector<std::size_t> stride(shape.size()), index(shape.size(), 0);
+  std::size_t s = 1;
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    stride[d] = s;
+    s *= static_cast<std::size_t>(shape[d]);
+  }
+  std::size_t offset = 0;
+  for (std::size_t i = 0; i < numel; ++i) {
+    visit(i, offset);
+    for (std::size_t d = shape.size(); d-- > 0;) {
+      if (++index[d] < static_cast<std::size_t>(shape[d])) {
+        offset += stride[d];
+        break;
+      }
+      offset -= stride[d] * (index[d] - 1);
+      index[d] = 0;
+    }
+  }
+}
+
+}  // namespace detail
+
+/// An ordered map of name to StoredTensor, plus string metadata: what state_dict() returns and
+/// save_safetensors writes. Names keep the order they were added in.
+class StateDict {
+ public:
+  using Entry = std::pair<std::string, StoredTensor>;
+
+  /// Adds a tensor; a name already present is refused.
+  void insert(std::string name, StoredTensor tensor) {
+    if (name.empty() || name == "__metadata__")
+      throw std::invalid_argument("polyak::StateDict: invalid name '" + name + "'");
+    if (index_.count(name)) throw std::invalid_argument("polyak::StateDict: '" + name + "' is already in it");
+    index_[name] = entries_.size();
+    entries_.emplace_back(std::move(name), std::move(tensor));
+  }
+
+  /// Copies a view's elements in, in row-major order whatever its storage order.
+  template <class T>
+  void insert(std::string name, const TensorView<T>& view) {
+    StoredTensor t;
+    t.dtype = dtype_of<T>();
+    t.shape = view.shape();
+    t.bytes.resize(view.numel() * sizeof(T));
+    detail::for_each_row_major(view.shape(), view.storage_order(), [&](std::size_t i, std::size_t from) {
+      std::memcpy(t.bytes.data() + i * sizeof(T), view.data() + from, sizeof(T));
+    });
+    insert(std::move(name), std::move(t));
+  }
+
+  /// A one-element tensor of shape [], for counters and settings.
+  template <class T>
+  void insert_scalar(std::string name, T value) {
+    StoredTensor t;
+    t.dtype = dtype_of<T>();
+    t.bytes.resize(sizeof(T));
+    std::memcpy(t.bytes.data(), &value, sizeof(T));
+    insert(std::move(name), std::move(t));
+  }
+
+  /// Adds every entry and metadata item of `other`, names prefixed.
+  void merge(const std::string& prefix, const StateDict& other) {
+    for (const auto& [name, tensor] : other) insert(prefix + name, tensor);
+    for (const auto& [key, value] : other.metadata) metadata[prefix + key] = value;
+  }
+
+  /// The entries and metadata whose names start with `prefix`, without it.
+  StateDict extract(const std::string& prefix) const {
+    StateDict out;
+    for (const auto& [name, tensor] : entries_) {
+      if (name.compare(0, prefix.size(), prefix) == 0) out.insert(name.substr(prefix.size()), tensor);
+    }
+    for (const auto& [key, value] : metadata) {
+      if (key.compare(0, prefix.size(), prefix) == 0) out.metadata[key.substr(prefix.size())] = value;
+    }
+    return out;
+  }
+
+  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  std::size_t size() const noexcept { return entries_.size(); }
+
+  const StoredTensor& at(const std::string& name) const {
+    const auto found = index_.find(name);
+    if (found == index_.end()) throw FormatError("polyak: the state has no tensor '" + name + "'");
+    return entries_[found->second].second;
+  }
+
+  /// Checks that `name` holds a tensor of T with `shape`, naming what differs.
+  template <class T>
+  const StoredTensor& expect(const std::string& name, const std::vector<std::int64_t>& shape) const {
+    const StoredTensor& t = at(name);
+    if (t.dtype != dtype_of<T>()) {
+      throw FormatError("polyak: '" + name + "' is " + dtype_name(t.dtype) + ", expected " +
+                        dtype_name(dtype_of<T>()));
+    }
+    if (t.shape != shape) {
+      throw FormatError("polyak: '" + name + "' has shape " + TensorView<float>::shape_string(t.shape) +
+                        ", expected " + TensorView<float>::shape_string(shape));
+    }
+    return t;
+  }
+
+  /// Copies `name` into a view of the same dtype and shape, in the view's storage order.
+  template <class T>
+  void copy_to(const std::string& name, const TensorView<T>& view) const {
+    const StoredTensor& t = expect<T>(name, view.shape());
+    detail::for_each_row_major(view.shape(), view.storage_order(), [&](std::size_t i, std::size_t to) {
+      std::memcpy(view.data() + to, t.bytes.data() + i * sizeof(T), sizeof(T));
+    });
+  }
+
+  /// The value of a one-element tensor of T.
+  template <class T>
+  T scalar(const std::string& name) const {
+    const StoredTensor& t = expect<T>(name, {});
+    T value;
+    std::memcpy(&value, t.bytes.data(), sizeof(T));
+    return value;
+  }
+
+  std::vector<Entry>::const_iterator begin() const noexcept { return entries_.begin(); }
+  std::vector<Entry>::const_iterator end() const noexcept { return entries_.end(); }
+
+  std::map<std::string, std::string> metadata;
+
+ private:
+  std::vector<Entry> entries_;
+  std::map<std::string, std::size_t> index_;
+};
+
+}  // namespace polyak
