@@ -132,8 +132,26 @@ def main():
     parser.add_argument("update_json")
     parser.add_argument("mpi_json", nargs="?")
     parser.add_argument("--max-size", type=float, default=1e8)
+    parser.add_argument("--no-pytorch", action="store_true", help="only the tables of polyak's own runs")
     args = parser.parse_args()
     polyak = polyak_medians(args.update_json)
+
+    print("### Every update against the fused loop (medians, one step; 12 bytes a float scalar, 10 a bf16 one)\n")
+    print("| function | scalar | layout | scalars | threads | ms | GB/s | / fused loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, seconds in polyak.items():
+        parts = name.split("/")
+        if parts[0] != "update" or float(parts[4]) < 1e7:
+            continue
+        fused = polyak[f"limit/fused_loop/EMA/{parts[2]}/one/{parts[4]}/{parts[5]}"]
+        scalars = sum(scaled_layout(parts[3], float(parts[4])))
+        size = float(parts[4])
+        width = 12 if parts[2] == "float" else 10
+        print(f"| {parts[1]} | {parts[2]} | {parts[3]} | {parts[4]} | {parts[5].split(':')[1]} | {seconds * 1e3:.2f} "
+              f"| {gbps(scalars, width, seconds):.1f} | {fused * scalars / size / seconds:.2f} |")
+    print()
+    if args.no_pytorch:
+        return 0
 
     print("### Update: EMA, float, one step (medians; GB/s count 12 bytes a scalar)\n")
     print("| layout | scalars | threads | polyak ms | polyak GB/s | fused loop GB/s | polyak / fused loop "

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds polyak's tests and runs them: the unit and reference tests, the compile-fail cases, the
-# header-alone build and the install / add_subdirectory consumers; then the whole suite again under
-# AddressSanitizer and UndefinedBehaviorSanitizer; then the format check.
+# Builds polyak's tests and runs them: the unit and reference tests, MPI tests through mpirun, the
+# examples, the checkpoint tests (resume, crash, Python interop), the compile-fail cases, the
+# header-alone build, the install / add_subdirectory consumers and the benchmarks' smoke runs; then
+# the suite again under AddressSanitizer and UndefinedBehaviorSanitizer; then a minute of fuzzing
+# the safetensors reader; then the format check.
 #   usage (as root on a fresh Debian machine): bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
-  libbenchmark-dev nlohmann-json3-dev
+  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev
 
 jobs=$(nproc)
 run_suite() {  # build dir, extra cmake arguments...
@@ -26,6 +28,9 @@ echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 ctest_args=(-E "^(compile_fail|consumer|benchmark)\\.")
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize -DPOLYAK_SANITIZE=ON \
   -DPOLYAK_BUILD_BENCHMARKS=OFF
+
+echo "== fuzzing load_safetensors (libFuzzer + ASan + UBSan, 60 s)"
+bash tests/fuzz/run.sh 60
 
 echo "== clang-format"
 git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror

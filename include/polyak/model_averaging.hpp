@@ -10,7 +10,6 @@
 #include <algorithm>  // std::min, std::max
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t, std::uint64_t
-#include <cstring>    // std::memcpy
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
@@ -315,12 +314,7 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
     sd.insert_scalar<std::int64_t>("warmup_steps", warmup_steps_);
     std::vector<std::int64_t> periods;
     for (const auto& level : levels_) periods.push_back(level.first);
-    StoredTensor t;
-    t.dtype = DType::I64;
-    t.shape = {static_cast<std::int64_t>(periods.size())};
-    t.bytes.resize(periods.size() * sizeof(std::int64_t));
-    std::memcpy(t.bytes.data(), periods.data(), t.bytes.size());
-    sd.insert("periods", std::move(t));
+    sd.insert("periods", periods.data(), {static_cast<std::int64_t>(periods.size())});
     return sd;
   }
 
@@ -328,15 +322,10 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
   /// with FormatError and changes nothing.
   void load_state_dict(const StateDict& sd) {
     const auto step = sd.scalar<std::int64_t>("step");
-    const StoredTensor& periods = sd.at("periods");
-    bool same = periods.dtype == DType::I64 && periods.numel() == levels_.size() &&
-                periods.bytes.size() == levels_.size() * sizeof(std::int64_t) &&
-                sd.scalar<std::int64_t>("warmup_steps") == warmup_steps_;
-    for (std::size_t i = 0; same && i < levels_.size(); ++i) {
-      std::int64_t period;
-      std::memcpy(&period, periods.bytes.data() + i * sizeof period, sizeof period);
-      same = period == levels_[i].first;
-    }
+    std::vector<std::int64_t> periods(levels_.size());
+    sd.copy_to("periods", periods.data(), {static_cast<std::int64_t>(levels_.size())});
+    bool same = sd.scalar<std::int64_t>("warmup_steps") == warmup_steps_;
+    for (std::size_t i = 0; i < levels_.size(); ++i) same = same && periods[i] == levels_[i].first;
     if (!same)
       throw FormatError(
           "polyak::HierarchicalModelAverager::load_state_dict: the state is for other periods or warm-up");

@@ -16,6 +16,7 @@
 #include <cstring>  // std::strerror
 #include <fstream>
 #include <limits>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -105,22 +106,43 @@ inline void save_safetensors(const std::string& path, const StateDict& sd) {
   }
 }
 
-/// Parses safetensors bytes, trusting nothing: any problem is a FormatError naming it.
-inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
-  if (!detail::little_endian())
-    throw std::runtime_error("polyak::load_safetensors: big-endian hosts are not supported");
-  if (size < 8)
+/// A safetensors file's header, checked, without its data: what the streaming readers use.
+struct SafetensorsIndex {
+  struct Entry {
+    std::string name;
+    DType dtype;
+    std::vector<std::int64_t> shape;
+    std::uint64_t begin, end;  // byte offsets in the data
+  };
+  std::vector<Entry> entries;  // in data order
+  std::map<std::string, std::string> metadata;
+  std::uint64_t data_start = 0;  // where the data begins in the file
+};
+
+namespace detail {
+
+/// Reads the 8-byte header length of a file of `size` bytes, checking it against the limit and the
+/// file's size.
+inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size) {
+  if (size < 8) {
     throw FormatError("polyak: not safetensors: " + std::to_string(size) +
                       " bytes, fewer than the 8 of the header length");
+  }
   std::uint64_t length = 0;
-  for (int b = 7; b >= 0; --b) length = (length << 8) | static_cast<unsigned char>(data[b]);
-  if (length > detail::max_header_bytes)
+  for (int b = 7; b >= 0; --b) length = (length << 8) | static_cast<unsigned char>(first8[b]);
+  if (length > max_header_bytes) {
     throw FormatError("polyak: safetensors header length " + std::to_string(length) +
                       " exceeds the 100 MB limit");
-  if (length > size - 8)
+  }
+  if (length > size - 8) {
     throw FormatError("polyak: safetensors header length " + std::to_string(length) +
                       " runs past the end of the " + std::to_string(size) + "-byte file");
-  const char* text = reinterpret_cast<const char*>(data + 8);
+  }
+  return length;
+}
+
+/// Parses and checks the JSON header, for `data_size` bytes of data after it.
+inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size) {
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(text, text + length);
@@ -128,23 +150,17 @@ inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
     throw FormatError(std::string("polyak: safetensors header is not JSON: ") + e.what());
   }
   if (!header.is_object()) throw FormatError("polyak: safetensors header is not a JSON object");
-  const std::uint64_t data_size = size - 8 - length;
-  const std::byte* payload = data + 8 + length;
-
-  StateDict sd;
-  struct Found {
-    std::uint64_t begin, end;
-    std::string name;
-    StoredTensor tensor;
-  };
-  std::vector<Found> found_tensors;
-  for (const auto& [name, entry] : header.items()) {
+  SafetensorsIndex index;
+  index.data_start = 8 + length;
+  for (const auto& item : header.items()) {
+    const std::string& name = item.key();  // (a named variable: lambdas cannot capture bindings)
+    const auto& entry = item.value();
     if (name == "__metadata__") {
       if (!entry.is_object()) throw FormatError("polyak: safetensors __metadata__ is not an object");
       for (const auto& [key, value] : entry.items()) {
         if (!value.is_string())
           throw FormatError("polyak: safetensors metadata '" + key + "' is not a string");
-        sd.metadata[key] = value.get<std::string>();
+        index.metadata[key] = value.get<std::string>();
       }
       continue;
     }
@@ -156,59 +172,110 @@ inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
         entry.size() != 3) {
       bad("needs exactly dtype, shape and data_offsets");
     }
+    SafetensorsIndex::Entry e{name, DType::F32, {}, 0, 0};
     const auto& dtype = entry["dtype"];
-    StoredTensor t;
     if (!dtype.is_string()) bad("dtype is not a string");
     const std::string dtype_text = dtype.get<std::string>();
-    const DType known[] = {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64};
-    bool found = false;
-    for (const DType d : known) {
+    bool known = false;
+    for (const DType d : {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64}) {
       if (dtype_text == dtype_name(d)) {
-        t.dtype = d;
-        found = true;
+        e.dtype = d;
+        known = true;
       }
     }
-    if (!found) bad("unsupported dtype '" + dtype_text + "'");
+    if (!known) bad("unsupported dtype '" + dtype_text + "'");
     const auto& shape = entry["shape"];
     if (!shape.is_array()) bad("shape is not an array");
     std::uint64_t numel = 1;
     for (const auto& extent : shape) {
       if (!extent.is_number_unsigned()) bad("shape holds something other than a non-negative integer");
-      const std::uint64_t e = extent.get<std::uint64_t>();
-      if (e > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      const std::uint64_t x = extent.get<std::uint64_t>();
+      if (x > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
         bad("an extent overflows");
-      if (e != 0 && numel > std::numeric_limits<std::uint64_t>::max() / e) bad("the element count overflows");
-      numel *= e;
-      t.shape.push_back(static_cast<std::int64_t>(e));
+      if (x != 0 && numel > std::numeric_limits<std::uint64_t>::max() / x) bad("the element count overflows");
+      numel *= x;
+      e.shape.push_back(static_cast<std::int64_t>(x));
     }
     const auto& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned()) {
       bad("data_offsets is not two non-negative integers");
     }
-    const std::uint64_t begin = offsets[0].get<std::uint64_t>(), end = offsets[1].get<std::uint64_t>();
-    if (begin > end || end > data_size)
-      bad("data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] lie outside the " +
+    e.begin = offsets[0].get<std::uint64_t>();
+    e.end = offsets[1].get<std::uint64_t>();
+    if (e.begin > e.end || e.end > data_size) {
+      bad("data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] lie outside the " +
           std::to_string(data_size) + " data bytes");
-    if (numel > std::numeric_limits<std::uint64_t>::max() / dtype_size(t.dtype) ||
-        numel * dtype_size(t.dtype) != end - begin) {
-      bad("its shape and dtype need " + std::to_string(numel) + " elements, its data_offsets hold " +
-          std::to_string(end - begin) + " bytes");
     }
-    t.bytes.assign(payload + begin, payload + end);
-    found_tensors.push_back({begin, end, name, std::move(t)});
+    if (numel > std::numeric_limits<std::uint64_t>::max() / dtype_size(e.dtype) ||
+        numel * dtype_size(e.dtype) != e.end - e.begin) {
+      bad("its shape and dtype need " + std::to_string(numel) + " elements, its data_offsets hold " +
+          std::to_string(e.end - e.begin) + " bytes");
+    }
+    index.entries.push_back(std::move(e));
   }
   // In data order (the order save_safetensors wrote them in), and no two may share a byte.
-  std::sort(found_tensors.begin(), found_tensors.end(),
-            [](const Found& x, const Found& y) { return x.begin < y.begin; });
-  for (std::size_t i = 0; i < found_tensors.size(); ++i) {
-    if (i > 0 && found_tensors[i].begin < found_tensors[i - 1].end) {
-      throw FormatError("polyak: safetensors tensors '" + found_tensors[i - 1].name + "' and '" +
-                        found_tensors[i].name + "' overlap");
+  std::sort(index.entries.begin(), index.entries.end(),
+            [](const auto& x, const auto& y) { return x.begin < y.begin; });
+  for (std::size_t i = 1; i < index.entries.size(); ++i) {
+    if (index.entries[i].begin < index.entries[i - 1].end) {
+      throw FormatError("polyak: safetensors tensors '" + index.entries[i - 1].name + "' and '" +
+                        index.entries[i].name + "' overlap");
     }
   }
-  for (auto& f : found_tensors) sd.insert(f.name, std::move(f.tensor));
+  return index;
+}
+
+}  // namespace detail
+
+/// Parses safetensors bytes, trusting nothing: any problem is a FormatError naming it.
+inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
+  if (!detail::little_endian())
+    throw std::runtime_error("polyak::load_safetensors: big-endian hosts are not supported");
+  const std::uint64_t length = detail::header_length(data, size);
+  const SafetensorsIndex index =
+      detail::parse_index(reinterpret_cast<const char*>(data + 8), length, size - 8 - length);
+  StateDict sd;
+  sd.metadata = index.metadata;
+  for (const auto& e : index.entries) {
+    StoredTensor t;
+    t.dtype = e.dtype;
+    t.shape = e.shape;
+    t.bytes.assign(data + index.data_start + e.begin, data + index.data_start + e.end);
+    sd.insert(e.name, std::move(t));
+  }
   return sd;
+}
+
+/// Reads only the header of a safetensors file, checked as load_safetensors checks it.
+inline SafetensorsIndex read_safetensors_index(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
+  const auto size = static_cast<std::uint64_t>(in.tellg());
+  std::byte first8[8] = {};
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(first8), static_cast<std::streamsize>(std::min<std::uint64_t>(8, size)));
+  const std::uint64_t length = detail::header_length(first8, size);
+  std::string text(length, '\0');
+  if (!in.read(text.data(), static_cast<std::streamsize>(length)))
+    throw FormatError("polyak: cannot read '" + path + "'");
+  return detail::parse_index(text.data(), length, size - 8 - length);
+}
+
+/// Reads one tensor of a file whose index read_safetensors_index gave.
+inline StoredTensor read_safetensors_tensor(const std::string& path, const SafetensorsIndex& index,
+                                            const SafetensorsIndex::Entry& entry) {
+  std::ifstream in(path, std::ios::binary);
+  StoredTensor t;
+  t.dtype = entry.dtype;
+  t.shape = entry.shape;
+  t.bytes.resize(entry.end - entry.begin);
+  in.seekg(static_cast<std::streamoff>(index.data_start + entry.begin));
+  if (!in ||
+      !in.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()))) {
+    throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path + "'");
+  }
+  return t;
 }
 
 /// Reads a safetensors file. A truncated, oversized or malformed file is a FormatError.

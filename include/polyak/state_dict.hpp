@@ -146,12 +146,20 @@ class StateDict {
   /// Copies a view's elements in, in row-major order whatever its storage order.
   template <class T>
   void insert(std::string name, const TensorView<T>& view) {
+    insert(std::move(name), view.data(), view.shape(), view.storage_order());
+  }
+
+  /// Copies `data` in: the elements of a tensor of `shape` stored in `order` (row-major by default),
+  /// of any type dtype_of knows (std::int64_t too).
+  template <class T>
+  void insert(std::string name, const T* data, std::vector<std::int64_t> shape,
+              StorageOrder order = StorageOrder::RowMajor) {
     StoredTensor t;
     t.dtype = dtype_of<T>();
-    t.shape = view.shape();
-    t.bytes.resize(view.numel() * sizeof(T));
-    detail::for_each_row_major(view.shape(), view.storage_order(), [&](std::size_t i, std::size_t from) {
-      std::memcpy(t.bytes.data() + i * sizeof(T), view.data() + from, sizeof(T));
+    t.shape = std::move(shape);
+    t.bytes.resize(t.numel() * sizeof(T));
+    detail::for_each_row_major(t.shape, order, [&](std::size_t i, std::size_t from) {
+      std::memcpy(t.bytes.data() + i * sizeof(T), data + from, sizeof(T));
     });
     insert(std::move(name), std::move(t));
   }
@@ -211,9 +219,16 @@ class StateDict {
   /// Copies `name` into a view of the same dtype and shape, in the view's storage order.
   template <class T>
   void copy_to(const std::string& name, const TensorView<T>& view) const {
-    const StoredTensor& t = expect<T>(name, view.shape());
-    detail::for_each_row_major(view.shape(), view.storage_order(), [&](std::size_t i, std::size_t to) {
-      std::memcpy(view.data() + to, t.bytes.data() + i * sizeof(T), sizeof(T));
+    copy_to(name, view.data(), view.shape(), view.storage_order());
+  }
+
+  /// Copies `name`, which must be of T and `shape`, into `data` stored in `order`.
+  template <class T>
+  void copy_to(const std::string& name, T* data, const std::vector<std::int64_t>& shape,
+               StorageOrder order = StorageOrder::RowMajor) const {
+    const StoredTensor& t = expect<T>(name, shape);
+    detail::for_each_row_major(shape, order, [&](std::size_t i, std::size_t to) {
+      std::memcpy(data + to, t.bytes.data() + i * sizeof(T), sizeof(T));
     });
   }
 

@@ -1,0 +1,76 @@
+// SPDX-License-Identifier: MIT
+// Runs average_checkpoints on checkpoints made here and checks its output against closed forms:
+// the uniform mean, a weighted mean, an EMA over the files in order; and that inputs that disagree
+// are refused with no output file.
+//   check_average_checkpoints PATH_TO_average_checkpoints WORK_FOLDER
+#include <polyak/serialization.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+void expect(bool ok, const std::string& what) {
+  std::printf("%s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  failures += !ok;
+}
+
+/// Checkpoint k: w = k + i / 8 (F32, 2 x 3), h = 2k (F16, 4), n_averaged = 10 k.
+std::string checkpoint(const std::string& folder, int k, bool other_shape = false) {
+  std::vector<float> w(6);
+  for (std::size_t i = 0; i < 6; ++i) w[i] = static_cast<float>(k) + static_cast<float>(i) / 8;
+  std::vector<Eigen::half> h(4, Eigen::half(static_cast<float>(2 * k)));
+  polyak::StateDict sd;
+  sd.insert("w", w.data(), other_shape ? std::vector<std::int64_t>{3, 2} : std::vector<std::int64_t>{2, 3});
+  sd.insert("h", h.data(), {4});
+  sd.insert_scalar<std::int64_t>("n_averaged", 10 * k);
+  const std::string path =
+      folder + "/ck" + std::to_string(k) + (other_shape ? "_other" : "") + ".safetensors";
+  polyak::save_safetensors(path, sd);
+  return path;
+}
+
+float w0(const std::string& path) {
+  const auto sd = polyak::load_safetensors(path);
+  float v;
+  std::memcpy(&v, sd.at("w").bytes.data(), 4);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  const std::string tool = argv[1], folder = argv[2];
+  std::filesystem::create_directories(folder);
+  const std::string a = checkpoint(folder, 1), b = checkpoint(folder, 2), c = checkpoint(folder, 6);
+  const std::string out = folder + "/out.safetensors";
+  auto run = [&](const std::string& args) { return std::system((tool + " " + args).c_str()); };
+
+  expect(run(out + " " + a + " " + b + " " + c) == 0, "uniform average runs");
+  auto sd = polyak::load_safetensors(out);
+  expect(w0(out) == 3.0f, "uniform: w[0] is (1 + 2 + 6) / 3 = 3");
+  float w5;
+  std::memcpy(&w5, sd.at("w").bytes.data() + 20, 4);
+  expect(w5 == 3.625f, "uniform: w[5] is 3 + 5/8");
+  expect(sd.at("h").dtype == polyak::DType::F16, "dtypes kept");
+  expect(sd.scalar<std::int64_t>("n_averaged") == 60, "integer tensors come from the last file");
+
+  expect(run("--weights 1,1,2 " + out + " " + a + " " + b + " " + c) == 0, "weighted average runs");
+  expect(w0(out) == 3.75f, "weighted: (1 + 2 + 2 * 6) / 4 = 3.75");
+
+  expect(run("--ema 0.5 " + out + " " + a + " " + b + " " + c) == 0, "EMA runs");
+  expect(w0(out) == 3.75f, "EMA 0.5: ((1 + 2) / 2 + 6) / 2 = 3.75");
+
+  std::filesystem::remove(out);
+  const std::string bad = checkpoint(folder, 3, /*other_shape=*/true);
+  expect(run(out + " " + a + " " + bad + " 2>/dev/null") != 0, "a checkpoint of another shape is refused");
+  expect(!std::filesystem::exists(out), "and no output is written");
+  std::filesystem::remove_all(folder);
+  return failures == 0 ? 0 : 1;
+}

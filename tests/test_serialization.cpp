@@ -1,0 +1,283 @@
+// SPDX-License-Identifier: MIT
+#include "polyak/serialization.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/batch_norm.hpp"
+#include "polyak/model_averaging.hpp"
+#include "polyak/swalr.hpp"
+
+using polyak::DType;
+using polyak::FormatError;
+using polyak::StateDict;
+using polyak::TensorView;
+
+namespace {
+
+std::string temporary_path(const std::string& name) {
+  const auto folder = std::filesystem::temp_directory_path() / "polyak_tests";
+  std::filesystem::create_directories(folder);
+  return (folder / name).string();
+}
+
+std::vector<char> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// A safetensors file from a header text and data bytes.
+std::string safetensors_bytes(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  for (int b = 0; b < 8; ++b)
+    out[static_cast<std::size_t>(b)] = static_cast<char>((header.size() >> (8 * b)) & 0xff);
+  return out + header + data;
+}
+
+template <class T>
+std::vector<T> values_of(const polyak::StoredTensor& t) {
+  std::vector<T> out(t.bytes.size() / sizeof(T));
+  std::memcpy(out.data(), t.bytes.data(), t.bytes.size());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a state dict round-trips through safetensors, every dtype and the metadata", "[serialization]") {
+  Eigen::Matrix<float, 2, 3, Eigen::RowMajor> f;
+  f << 1, 2, 3, 4, 5, 6;
+  Eigen::VectorXd d = Eigen::VectorXd::LinSpaced(5, -1.0, 1.0 / 3);
+  Eigen::Matrix<Eigen::half, Eigen::Dynamic, 1> h(3);
+  h << Eigen::half(0.5f), Eigen::half(-2.0f), Eigen::half(65504.0f);
+  Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, 1> b(2);
+  b << Eigen::bfloat16(3.0f), Eigen::bfloat16(-0.125f);
+  StateDict sd;
+  sd.insert("f", TensorView<float>(f.data(), {2, 3}));
+  sd.insert("d", TensorView<double>(d.data(), {5}));
+  sd.insert("h", TensorView<Eigen::half>(h.data(), {3}));
+  sd.insert("b", TensorView<Eigen::bfloat16>(b.data(), {2}));
+  sd.insert_scalar<std::int64_t>("count", -42);
+  sd.metadata["note"] = "résumé \"quoted\"";
+  const auto path = temporary_path("round_trip.safetensors");
+  polyak::save_safetensors(path, sd);
+
+  const StateDict back = polyak::load_safetensors(path);
+  CHECK(back.size() == 5);
+  std::vector<std::string> names;
+  for (const auto& [name, tensor] : back) names.push_back(name);
+  CHECK(names == std::vector<std::string>{"f", "d", "h", "b", "count"});  // the order kept
+  CHECK(values_of<float>(back.at("f")) == std::vector<float>{1, 2, 3, 4, 5, 6});
+  CHECK(back.at("f").shape == std::vector<std::int64_t>{2, 3});
+  CHECK(values_of<double>(back.at("d")) == std::vector<double>(d.data(), d.data() + 5));
+  CHECK(back.at("h").dtype == DType::F16);
+  CHECK(static_cast<float>(values_of<Eigen::half>(back.at("h"))[2]) == 65504.0f);
+  CHECK(static_cast<float>(values_of<Eigen::bfloat16>(back.at("b"))[1]) == -0.125f);
+  CHECK(back.scalar<std::int64_t>("count") == -42);
+  CHECK(back.at("count").shape.empty());
+  CHECK(back.metadata.at("note") == "résumé \"quoted\"");
+  // The data starts on an 8-byte boundary, as safetensors' writer aligns it.
+  const auto bytes = file_bytes(path);
+  std::uint64_t header = 0;
+  for (int i = 7; i >= 0; --i)
+    header = (header << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  CHECK(header % 8 == 0);
+}
+
+TEST_CASE("column-major tensors are written in row-major order, by logical index", "[serialization]") {
+  Eigen::MatrixXf m(2, 3);  // column-major
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) m(i, j) = static_cast<float>(10 * i + j);
+  }
+  Eigen::Tensor<float, 3> t(2, 3, 4);  // column-major
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      for (int k = 0; k < 4; ++k) t(i, j, k) = static_cast<float>(100 * i + 10 * j + k);
+    }
+  }
+  polyak::ParameterList<float> list;
+  list.add("m", m).add("t", t);
+  StateDict sd;
+  sd.insert("m", list[0].view());
+  sd.insert("t", list[1].view());
+  CHECK(values_of<float>(sd.at("m")) == std::vector<float>{0, 1, 2, 10, 11, 12});
+  const auto stored = values_of<float>(sd.at("t"));
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      for (int k = 0; k < 4; ++k) CHECK(stored[static_cast<std::size_t>((i * 3 + j) * 4 + k)] == t(i, j, k));
+    }
+  }
+  // and back into column-major storage
+  Eigen::MatrixXf m2 = Eigen::MatrixXf::Zero(2, 3);
+  polyak::ParameterList<float> list2;
+  list2.add("m", m2);
+  sd.copy_to("m", list2[0].view());
+  CHECK(m2 == m);
+}
+
+TEST_CASE("malformed files are FormatErrors that name the problem", "[serialization]") {
+  const auto path = temporary_path("bad.safetensors");
+  const std::string good_header = R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const std::string data(8, '\0');
+  auto refused = [&](const std::string& bytes, const std::string& fragment) {
+    write_bytes(path, bytes);
+    CHECK_THROWS_WITH(polyak::load_safetensors(path), Catch::Contains(fragment));
+    CHECK_THROWS_AS(polyak::load_safetensors(path), FormatError);
+  };
+  write_bytes(path, safetensors_bytes(good_header, data));
+  CHECK(polyak::load_safetensors(path).size() == 1);
+
+  refused("1234", "fewer than the 8");
+  refused(safetensors_bytes(good_header, data).substr(0, 20), "runs past the end");
+  refused(std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8) + "{}", "exceeds");
+  refused(safetensors_bytes("{\"x\":", ""), "not JSON");
+  refused(safetensors_bytes("[1,2]", ""), "not a JSON object");
+  refused(safetensors_bytes(R"({"x":{"dtype":"Q8","shape":[2],"data_offsets":[0,8]}})", data),
+          "unsupported dtype 'Q8'");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data),
+          "need 3 elements");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data),
+          "non-negative");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", data), "outside");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", data), "outside");
+  refused(
+      safetensors_bytes(
+          R"({"x":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,8]}})", data),
+      "overflows");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                            R"("y":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
+                            data),
+          "overlap");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[2]}})", data), "needs exactly");
+  refused(safetensors_bytes(R"({"__metadata__":{"k":1}})", ""), "not a string");
+  // Every truncation of a good file is refused, never read past its end.
+  const std::string whole = safetensors_bytes(good_header, data);
+  for (std::size_t n = 0; n < whole.size(); ++n) {
+    write_bytes(path, whole.substr(0, n));
+    CHECK_THROWS_AS(polyak::load_safetensors(path), FormatError);
+  }
+}
+
+TEST_CASE("saving replaces the file whole and leaves no temporary behind", "[serialization]") {
+  const auto path = temporary_path("replace.safetensors");
+  StateDict first, second;
+  first.insert_scalar<double>("v", 1.0);
+  second.insert_scalar<double>("v", 2.0);
+  polyak::save_safetensors(path, first);
+  polyak::save_safetensors(path, second);
+  CHECK(polyak::load_safetensors(path).scalar<double>("v") == 2.0);
+  for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::path(path).parent_path())) {
+    CHECK(entry.path().filename().string().find(".tmp.") == std::string::npos);
+  }
+  CHECK_THROWS(polyak::save_safetensors("/nonexistent-folder/x.safetensors", first));
+}
+
+TEST_CASE("AveragedModel's state round-trips and a state that does not fit changes nothing",
+          "[serialization]") {
+  Eigen::MatrixXf w = Eigen::MatrixXf::Random(3, 4);
+  Eigen::VectorXf running = Eigen::VectorXf::Random(4);
+  polyak::ParameterList<float> list;
+  list.add("w", w).add_buffer("running", running);
+  polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA{0.75});
+  for (int k = 0; k < 3; ++k) {
+    w.array() += 1.0f;
+    ema.update_parameters(list);
+  }
+  const auto path = temporary_path("ema.safetensors");
+  polyak::save_safetensors(path, ema.state_dict());
+  const StateDict sd = polyak::load_safetensors(path);
+  CHECK(sd.contains("module.w"));
+  CHECK(sd.metadata.at("decay") == "0.75");
+
+  polyak::AveragedModel<float, polyak::EMA> restored(list, polyak::EMA{0.5});
+  restored.load_state_dict(sd);
+  CHECK(restored.n_averaged() == 3);
+  CHECK(restored.avg_fn().decay() == 0.75);
+  for (std::size_t i = 0; i < 2; ++i) {
+    const auto& a = ema.tensors()[i];
+    const auto& b = restored.tensors()[i];
+    CHECK(std::equal(a.data(), a.data() + a.numel(), b.data()));
+  }
+
+  // Another model's state: refused, nothing changes.
+  Eigen::MatrixXf wide = Eigen::MatrixXf::Random(4, 3);
+  polyak::ParameterList<float> other;
+  other.add("w", wide).add_buffer("running", running);
+  polyak::AveragedModel<float, polyak::EMA> mismatched(other, polyak::EMA{0.5});
+  const float before = mismatched.tensors()[0].data()[0];
+  CHECK_THROWS_WITH(mismatched.load_state_dict(sd),
+                    Catch::Contains("'module.w' has shape [3, 4], expected [4, 3]"));
+  CHECK(mismatched.n_averaged() == 0);
+  CHECK(mismatched.tensors()[0].data()[0] == before);
+  CHECK(mismatched.avg_fn().decay() == 0.5);
+  polyak::AveragedModel<float> swa(list);
+  CHECK_THROWS_WITH(swa.load_state_dict(sd), Catch::Contains("'ema'"));
+  polyak::AveragedModel<double> doubles = [] {
+    static Eigen::MatrixXd wd(3, 4);
+    static Eigen::VectorXd rd(4);
+    polyak::ParameterList<double> l;
+    l.add("w", wd).add_buffer("running", rd);
+    return polyak::AveragedModel<double>(l);
+  }();
+  CHECK_THROWS_WITH(doubles.load_state_dict(sd), Catch::Contains("is F32, expected F64"));
+}
+
+TEST_CASE("the schedulers', averagers' and batch-norm states round-trip and are checked", "[serialization]") {
+  std::vector<double> lrs{0.1, 0.2};
+  polyak::SWALR scheduler(lrs, 0.05, 3, polyak::AnnealStrategy::Linear);
+  scheduler.step();
+  std::vector<double> lrs2 = lrs;
+  polyak::SWALR resumed(lrs2, 0.9, 7);
+  resumed.load_state_dict(polyak::load_safetensors([&] {
+    const auto path = temporary_path("swalr.safetensors");
+    polyak::save_safetensors(path, scheduler.state_dict());
+    return path;
+  }()));
+  scheduler.step();
+  resumed.step();
+  CHECK(lrs2 == lrs);
+
+  auto members = polyak::ThreadCommunicator::create(1);
+  polyak::PeriodicModelAverager averager(4, 2, members[0]);
+  Eigen::VectorXf v(3);
+  polyak::ParameterList<float> list;
+  list.add("v", v);
+  for (int k = 0; k < 5; ++k) averager.average_parameters(list);
+  polyak::PeriodicModelAverager again(4, 2, members[0]);
+  again.load_state_dict(averager.state_dict());
+  CHECK(again.step() == 5);
+  polyak::PeriodicModelAverager other(3, 2, members[0]);
+  CHECK_THROWS_WITH(other.load_state_dict(averager.state_dict()), Catch::Contains("another period"));
+  CHECK(other.step() == 0);
+
+  polyak::HierarchicalModelAverager h({{2, 1}}, 0, members[0]);
+  h.average_parameters(list);
+  polyak::HierarchicalModelAverager h2({{2, 1}}, 0, members[0]);
+  h2.load_state_dict(h.state_dict());
+  CHECK(h2.step() == 1);
+  polyak::HierarchicalModelAverager h3({{3, 1}}, 0, members[0]);
+  CHECK_THROWS_WITH(h3.load_state_dict(h.state_dict()), Catch::Contains("other periods"));
+
+  polyak::BatchNormStats<float> bn(3, std::nullopt);
+  bn.update(Eigen::ArrayXf::Constant(3, 2.0f), Eigen::ArrayXf::Constant(3, 4.0f), 5);
+  polyak::BatchNormStats<float> bn2(3);
+  bn2.load_state_dict(bn.state_dict());
+  CHECK((bn2.running_mean == bn.running_mean).all());
+  CHECK((bn2.running_var == bn.running_var).all());
+  CHECK(bn2.num_batches_tracked == 1);
+  CHECK_FALSE(bn2.momentum.has_value());
+  polyak::BatchNormStats<float> bn4(4);
+  CHECK_THROWS_AS(bn4.load_state_dict(bn.state_dict()), FormatError);
+  CHECK((bn4.running_var == 1.0f).all());
+}
