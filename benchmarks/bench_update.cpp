@@ -87,6 +87,19 @@ void update(benchmark::State& state, const std::string& layout, double size, int
   state.counters["tensors"] = static_cast<double>(model.list.size());
 }
 
+/// The timing loop of the limit kernels: `run(part)` on the pool's threads, or on this one.
+template <class Run>
+void run_loop(benchmark::State& state, int threads, Run& run) {
+  for (auto _ : state) {
+    if (threads > 1) {
+      pool().run(run);
+    } else {
+      run(0);
+    }
+    benchmark::ClobberMemory();
+  }
+}
+
 /// bfloat16 to float as a vectorizable shift (Eigen's conversion is not vectorized).
 float to_float(float x) { return x; }
 float to_float(Eigen::bfloat16 x) {
@@ -134,35 +147,28 @@ void triad(benchmark::State& state, double size, int threads) {
     const std::size_t end = n * (static_cast<std::size_t>(part) + 1) / static_cast<std::size_t>(threads);
     for (std::size_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
   };
-  for (auto _ : state) {
-    if (threads > 1) {
-      pool().run(run);
-    } else {
-      run(0);
-    }
-    benchmark::ClobberMemory();
-  }
+  run_loop(state, threads, run);
   state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 12.0));
 }
 
-void copy_to(benchmark::State& state, const std::string& layout, double size) {
+/// Runs `op(averaged, model)` (copy_to or swap) on a float EMA model; `bytes` a scalar.
+template <class Op>
+void whole_model(benchmark::State& state, const std::string& layout, double size, double bytes, Op op) {
   BenchModel<float>& model = model_for<float>(layout, size);
   auto& averaged = averaged_for<float, polyak::EMA>(layout, size);
   for (auto _ : state) {
-    averaged.copy_to(model.list);
+    op(averaged, model.list);
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 8.0));
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * bytes));
+}
+
+void copy_to(benchmark::State& state, const std::string& layout, double size) {
+  whole_model(state, layout, size, 8.0, [](auto& averaged, const auto& list) { averaged.copy_to(list); });
 }
 
 void swap(benchmark::State& state, const std::string& layout, double size) {
-  BenchModel<float>& model = model_for<float>(layout, size);
-  auto& averaged = averaged_for<float, polyak::EMA>(layout, size);
-  for (auto _ : state) {
-    averaged.swap(model.list);
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 16.0));
+  whole_model(state, layout, size, 16.0, [](auto& averaged, const auto& list) { averaged.swap(list); });
 }
 
 }  // namespace
