@@ -87,14 +87,19 @@ void update(benchmark::State& state, const std::string& layout, double size, int
   state.counters["tensors"] = static_cast<double>(model.list.size());
 }
 
-/// The timing loop of the limit kernels: `run(part)` on the pool's threads, or on this one.
-template <class Run>
-void run_loop(benchmark::State& state, int threads, Run& run) {
+/// The timing loop of the limit kernels: kernel(begin, end) over n scalars, cut into one slice a
+/// thread of the pool, or whole on this thread.
+template <class Kernel>
+void run_sliced(benchmark::State& state, int threads, std::size_t n, Kernel kernel) {
+  auto part = [&](int p) {
+    const auto parts = static_cast<std::size_t>(threads);
+    kernel(n * static_cast<std::size_t>(p) / parts, n * (static_cast<std::size_t>(p) + 1) / parts);
+  };
   for (auto _ : state) {
     if (threads > 1) {
-      pool().run(run);
+      pool().run(part);
     } else {
-      run(0);
+      part(0);
     }
     benchmark::ClobberMemory();
   }
@@ -118,22 +123,11 @@ void fused_loop(benchmark::State& state, double size, int threads) {
   std::vector<float> averaged(n, 0.5f);
   std::vector<T> current(n, T(0.25f));
   const float weight = 1.0f - 0.999f;
-  auto run = [&](int part) {
-    const int parts = threads;
-    const std::size_t begin = n * static_cast<std::size_t>(part) / static_cast<std::size_t>(parts);
-    const std::size_t end = n * (static_cast<std::size_t>(part) + 1) / static_cast<std::size_t>(parts);
+  run_sliced(state, threads, n, [&](std::size_t begin, std::size_t end) {
     float* a = averaged.data();
     const T* c = current.data();
     for (std::size_t i = begin; i < end; ++i) a[i] += weight * (to_float(c[i]) - a[i]);
-  };
-  for (auto _ : state) {
-    if (threads > 1) {
-      pool().run(run);
-    } else {
-      run(0);
-    }
-    benchmark::ClobberMemory();
-  }
+  });
   state.SetBytesProcessed(
       static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * update_bytes<T>()));
 }
@@ -142,12 +136,9 @@ void fused_loop(benchmark::State& state, double size, int threads) {
 void triad(benchmark::State& state, double size, int threads) {
   const auto n = static_cast<std::size_t>(size);
   std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
-  auto run = [&](int part) {
-    const std::size_t begin = n * static_cast<std::size_t>(part) / static_cast<std::size_t>(threads);
-    const std::size_t end = n * (static_cast<std::size_t>(part) + 1) / static_cast<std::size_t>(threads);
+  run_sliced(state, threads, n, [&](std::size_t begin, std::size_t end) {
     for (std::size_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
-  };
-  run_loop(state, threads, run);
+  });
   state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 12.0));
 }
 

@@ -150,9 +150,9 @@ int main(int argc, char** argv) {
         if (!match) throw std::invalid_argument(inputs[f] + " has no tensor '" + e.name + "'");
         if (match->dtype != e.dtype || match->shape != e.shape) {
           throw std::invalid_argument("tensor '" + e.name + "' is " + polyak::dtype_name(match->dtype) + " " +
-                                      polyak::TensorView<float>::shape_string(match->shape) + " in " +
-                                      inputs[f] + ", " + polyak::dtype_name(e.dtype) + " " +
-                                      polyak::TensorView<float>::shape_string(e.shape) + " in " + inputs[0]);
+                                      polyak::shape_string(match->shape) + " in " + inputs[f] + ", " +
+                                      polyak::dtype_name(e.dtype) + " " + polyak::shape_string(e.shape) +
+                                      " in " + inputs[0]);
         }
       }
     }

@@ -296,8 +296,8 @@ class AveragedModel {
                   " in the model and a " + (ours.is_buffer() ? "buffer" : "parameter") +
                   " in the averaged copy";
       } else if (theirs.shape() != ours.shape()) {
-        problem = "has shape " + TensorView<T>::shape_string(theirs.shape()) +
-                  " where the averaged copy has " + TensorView<T>::shape_string(ours.shape());
+        problem = "has shape " + shape_string(theirs.shape()) + " where the averaged copy has " +
+                  shape_string(ours.shape());
       } else if (theirs.storage_order() != ours.storage_order() && theirs.shape().size() > 1) {
         problem = "has another storage order (row- vs column-major) than the averaged copy";
       }

@@ -15,6 +15,7 @@
 #include <cstdio>   // std::rename
 #include <cstring>  // std::strerror
 #include <fstream>
+#include <istream>
 #include <limits>
 #include <map>
 #include <stdexcept>
@@ -124,6 +125,7 @@ namespace detail {
 /// Reads the 8-byte header length of a file of `size` bytes, checking it against the limit and the
 /// file's size.
 inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size) {
+  if (!little_endian()) throw std::runtime_error("polyak: safetensors on big-endian hosts is not supported");
   if (size < 8) {
     throw FormatError("polyak: not safetensors: " + std::to_string(size) +
                       " bytes, fewer than the 8 of the header length");
@@ -230,8 +232,6 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
 
 /// Parses safetensors bytes, trusting nothing: any problem is a FormatError naming it.
 inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
-  if (!detail::little_endian())
-    throw std::runtime_error("polyak::load_safetensors: big-endian hosts are not supported");
   const std::uint64_t length = detail::header_length(data, size);
   const SafetensorsIndex index =
       detail::parse_index(reinterpret_cast<const char*>(data + 8), length, size - 8 - length);
@@ -262,10 +262,9 @@ inline SafetensorsIndex read_safetensors_index(const std::string& path) {
   return detail::parse_index(text.data(), length, size - 8 - length);
 }
 
-/// Reads one tensor of a file whose index read_safetensors_index gave.
-inline StoredTensor read_safetensors_tensor(const std::string& path, const SafetensorsIndex& index,
+/// Reads one tensor, from a stream over the file whose index read_safetensors_index gave.
+inline StoredTensor read_safetensors_tensor(std::istream& in, const SafetensorsIndex& index,
                                             const SafetensorsIndex::Entry& entry) {
-  std::ifstream in(path, std::ios::binary);
   StoredTensor t;
   t.dtype = entry.dtype;
   t.shape = entry.shape;
@@ -273,22 +272,29 @@ inline StoredTensor read_safetensors_tensor(const std::string& path, const Safet
   in.seekg(static_cast<std::streamoff>(index.data_start + entry.begin));
   if (!in ||
       !in.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()))) {
-    throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path + "'");
+    throw FormatError("polyak: cannot read tensor '" + entry.name + "'");
   }
   return t;
 }
 
-/// Reads a safetensors file. A truncated, oversized or malformed file is a FormatError.
-inline StateDict load_safetensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
+/// Reads one tensor of the file at `path` whose index read_safetensors_index gave.
+inline StoredTensor read_safetensors_tensor(const std::string& path, const SafetensorsIndex& index,
+                                            const SafetensorsIndex::Entry& entry) {
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw FormatError("polyak: cannot open '" + path + "'");
-  const std::streamoff size = in.tellg();
-  if (size < 0) throw FormatError("polyak: cannot read '" + path + "'");
-  std::vector<std::byte> bytes(static_cast<std::size_t>(size));
-  in.seekg(0);
-  if (!in.read(reinterpret_cast<char*>(bytes.data()), size))
-    throw FormatError("polyak: cannot read '" + path + "'");
-  return parse_safetensors(bytes.data(), bytes.size());
+  return read_safetensors_tensor(in, index, entry);
+}
+
+/// Reads a safetensors file: its header checked as parse_safetensors checks it, then each tensor's
+/// bytes straight into its StoredTensor. A truncated, oversized or malformed file is a FormatError.
+inline StateDict load_safetensors(const std::string& path) {
+  const SafetensorsIndex index = read_safetensors_index(path);
+  StateDict sd;
+  sd.metadata = index.metadata;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
+  for (const auto& entry : index.entries) sd.insert(entry.name, read_safetensors_tensor(in, index, entry));
+  return sd;
 }
 
 }  // namespace polyak

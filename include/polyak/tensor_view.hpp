@@ -27,6 +27,15 @@ namespace polyak {
 /// checkpoints and structure checks do.
 enum class StorageOrder { RowMajor, ColMajor };
 
+/// "[64, 3, 3, 3]": a shape as error messages print it.
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
 /// A flat Eigen array over one tensor's storage, the form averaging functions receive.
 template <class S>
 using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
@@ -70,15 +79,6 @@ class TensorView {
 
   /// The storage as one flat array, in memory order.
   ArrayMap<T> flat() const { return ArrayMap<T>(data_, static_cast<Eigen::Index>(numel_)); }
-
-  /// "[64, 3, 3, 3]": for error messages.
-  static std::string shape_string(const Shape& shape) {
-    std::ostringstream out;
-    out << '[';
-    for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-    out << ']';
-    return out.str();
-  }
 
  private:
   T* data_ = nullptr;
