@@ -14,7 +14,6 @@
 #include <polyak/serialization.hpp>
 
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <set>
 #include <sstream>
@@ -22,75 +21,6 @@
 #include <vector>
 
 namespace {
-
-std::vector<double> to_double(const polyak::StoredTensor& t) {
-  std::vector<double> out(t.numel());
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const std::byte* p = t.bytes.data() + i * polyak::dtype_size(t.dtype);
-    switch (t.dtype) {
-      case polyak::DType::F32: {
-        float v;
-        std::memcpy(&v, p, 4);
-        out[i] = v;
-        break;
-      }
-      case polyak::DType::F64: {
-        double v;
-        std::memcpy(&v, p, 8);
-        out[i] = v;
-        break;
-      }
-      case polyak::DType::F16: {
-        Eigen::half v;
-        std::memcpy(&v, p, 2);
-        out[i] = static_cast<double>(v);
-        break;
-      }
-      case polyak::DType::BF16: {
-        Eigen::bfloat16 v;
-        std::memcpy(&v, p, 2);
-        out[i] = static_cast<double>(v);
-        break;
-      }
-      case polyak::DType::I64: {
-        std::int64_t v;
-        std::memcpy(&v, p, 8);
-        out[i] = static_cast<double>(v);
-        break;
-      }
-    }
-  }
-  return out;
-}
-
-/// Rounds `values` once to `t`'s dtype, into `t`.
-void store(const std::vector<double>& values, polyak::StoredTensor& t) {
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    std::byte* p = t.bytes.data() + i * polyak::dtype_size(t.dtype);
-    switch (t.dtype) {
-      case polyak::DType::F32: {
-        const float v = static_cast<float>(values[i]);
-        std::memcpy(p, &v, 4);
-        break;
-      }
-      case polyak::DType::F64:
-        std::memcpy(p, &values[i], 8);
-        break;
-      case polyak::DType::F16: {
-        const Eigen::half v(static_cast<float>(values[i]));
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case polyak::DType::BF16: {
-        const Eigen::bfloat16 v(static_cast<float>(values[i]));
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case polyak::DType::I64:
-        break;  // integer tensors are copied, not averaged
-    }
-  }
-}
 
 int usage() {
   std::fprintf(stderr, "usage: average_checkpoints [--weights W1,W2,...] [--ema DECAY] OUT IN1 IN2 ...\n");
@@ -169,19 +99,19 @@ int main(int argc, char** argv) {
         result.insert(e.name, std::move(averaged));
         continue;
       }
-      std::vector<double> sum = to_double(averaged);
+      std::vector<double> sum = polyak::to_doubles(averaged);
       for (double& v : sum) v *= ema >= 0 ? 1.0 : weights[0] / total;
       for (std::size_t f = 1; f < inputs.size(); ++f) {
         for (const auto& other : indexes[f].entries) {
           if (other.name != e.name) continue;
           const std::vector<double> x =
-              to_double(polyak::read_safetensors_tensor(inputs[f], indexes[f], other));
+              polyak::to_doubles(polyak::read_safetensors_tensor(inputs[f], indexes[f], other));
           for (std::size_t i = 0; i < x.size(); ++i) {
             sum[i] = ema >= 0 ? ema * sum[i] + (1 - ema) * x[i] : sum[i] + weights[f] / total * x[i];
           }
         }
       }
-      store(sum, averaged);
+      polyak::assign_doubles(averaged, sum);
       result.insert(e.name, std::move(averaged));
     }
     result.metadata["averaged_checkpoints"] = std::to_string(inputs.size());

@@ -7,8 +7,13 @@
 // the weights follows every step. At the end update_bn recomputes the batch-norm statistics of the
 // averaged weights, and the three are compared on the test set over several seeds.
 //
+// Post-hoc EMA (EDM2): two power-function EMA profiles (sigma_rel 0.10 and 0.25) are also kept and
+// snapshotted to disk every epoch; after training, EMAs of other widths are reconstructed from the
+// snapshots and scored too - the EMA length chosen after the run, at no extra training.
+//
 //   usage: swa_digits [data/digits.csv] [output folder]
-// writes <output>/curves.csv (per-epoch curves) and, when gnuplot is installed, <output>/curves.png.
+// writes <output>/curves.csv (per-epoch curves), <output>/post_hoc/seed<N>/ (the power-EMA
+// snapshots, for the post_hoc_ema tool) and, when gnuplot is installed, <output>/curves.png.
 #include <polyak/polyak.hpp>
 
 #include <cmath>
@@ -35,6 +40,8 @@ struct Settings {
   double swa_lr = 0.05;
   int swa_anneal_epochs = 5;
   double ema_decay = 0.998;
+  std::vector<double> post_hoc_profiles{0.10, 0.25};  // sigma_rel of the two power EMAs kept
+  std::vector<double> post_hoc_targets{0.15, 0.20};   // sigma_rel reconstructed after training
   std::vector<unsigned> seeds{1, 2, 3};
 };
 
@@ -53,10 +60,22 @@ Score evaluate_average(Averaged& averaged, Mlp& model, const std::vector<RowMatr
 }
 
 struct Result {
-  Score sgd, swa, ema;
+  std::vector<Score> scores;  // last SGD, SWA, EMA, then each post-hoc target
 };
 
-Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream& curves) {
+/// Reconstructs the power EMA of width `sigma_rel` from the snapshots in `folder` and scores it.
+Score evaluate_post_hoc(const std::string& folder, double sigma_rel, Mlp& model,
+                        const std::vector<RowMatrix>& train_batches, const Dataset& test) {
+  const auto snapshots = polyak::find_power_ema_snapshots(folder);
+  polyak::AveragedModel<float, polyak::PowerEMA> reconstructed(model.tensors(),
+                                                               polyak::PowerEMA::from_sigma_rel(sigma_rel));
+  reconstructed.load_state_dict(
+      polyak::reconstruct_power_ema(snapshots, polyak::sigma_rel_to_gamma(sigma_rel)));
+  return evaluate_average(reconstructed, model, train_batches, test);
+}
+
+Result train(const Settings& s, unsigned seed, const Digits& data, const std::filesystem::path& out,
+             std::ofstream& curves) {
   std::mt19937 rng(seed);
   Mlp model(s.hidden, rng);
   MlpGradients velocity(model);
@@ -65,6 +84,11 @@ Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream
   // polyak: the two averages, each one owned copy of the model's tensors.
   polyak::AveragedModel<float> swa(tensors);
   polyak::AveragedModel<float, polyak::EMA> ema(tensors, polyak::EMA{s.ema_decay});
+  // polyak: two power-EMA profiles, snapshotted to disk once an epoch, for post-hoc EMA.
+  const std::string snapshots = (out / "post_hoc" / ("seed" + std::to_string(seed))).string();
+  std::filesystem::remove_all(snapshots);
+  const auto steps_per_epoch = static_cast<std::int64_t>(data.train.labels.size()) / s.batch_size;
+  polyak::PostHocEMA<float> post_hoc(tensors, snapshots, steps_per_epoch, s.post_hoc_profiles);
 
   // The optimizer's learning rate (one parameter group); the schedules write it.
   std::vector<double> lrs{s.lr};
@@ -88,7 +112,8 @@ Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream
       const RowMatrix x = rows_of(data.train, order, b, b + static_cast<std::size_t>(s.batch_size), &labels);
       train_loss += sgd_step(model, velocity, x, labels, lrs[0], s.momentum, s.weight_decay);
       ++batches;
-      ema.update_parameters(tensors);  // polyak: EMA after every optimizer step
+      ema.update_parameters(tensors);       // polyak: EMA after every optimizer step
+      post_hoc.update_parameters(tensors);  // polyak: and the power-EMA profiles
     }
     const double epoch_lr = lrs[0];
     if (epoch >= s.swa_start) {
@@ -119,7 +144,11 @@ Result train(const Settings& s, unsigned seed, const Digits& data, std::ofstream
       curves << ",\n";
     }
   }
-  return {evaluate(model, data.test), swa_score, evaluate_average(ema, model, train_batches, data.test)};
+  Result result{
+      {evaluate(model, data.test), swa_score, evaluate_average(ema, model, train_batches, data.test)}};
+  for (const double sigma_rel : s.post_hoc_targets)
+    result.scores.push_back(evaluate_post_hoc(snapshots, sigma_rel, model, train_batches, data.test));
+  return result;
 }
 
 /// "97.11 ± 0.21": mean and sample standard deviation.
@@ -177,25 +206,31 @@ int main(int argc, char** argv) {
   std::printf(
       "digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
       data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
-  std::vector<double> accuracy[3], loss[3];
+  const std::size_t rows = 3 + s.post_hoc_targets.size();
+  std::vector<std::vector<double>> accuracy(rows), loss(rows);
   for (const unsigned seed : s.seeds) {
-    const Result r = train(s, seed, data, curves);
-    const Score scores[3] = {r.sgd, r.swa, r.ema};
-    for (int k = 0; k < 3; ++k) {
-      accuracy[k].push_back(scores[k].accuracy);
-      loss[k].push_back(scores[k].loss);
+    const Result r = train(s, seed, data, folder, curves);
+    for (std::size_t k = 0; k < rows; ++k) {
+      accuracy[k].push_back(r.scores[k].accuracy);
+      loss[k].push_back(r.scores[k].loss);
     }
   }
   curves.close();
 
   std::printf("\ntest set, %zu seeds (mean ± standard deviation)\n", s.seeds.size());
-  std::printf("%-34s %-18s %s\n", "weights", "accuracy (%)", "loss");
-  char swa_name[64], ema_name[64];
-  std::snprintf(swa_name, sizeof swa_name, "SWA (epochs %d-%d) + update_bn", s.swa_start + 1, s.epochs);
-  std::snprintf(ema_name, sizeof ema_name, "EMA (decay %g) + update_bn", s.ema_decay);
-  const char* names[3] = {"last SGD", swa_name, ema_name};
-  for (int k = 0; k < 3; ++k) {
-    std::printf("%-34s %-18s %s\n", names[k], mean_spread(accuracy[k], 100, 2).c_str(),
+  std::printf("%-42s %-18s %s\n", "weights", "accuracy (%)", "loss");
+  char name[64];
+  std::vector<std::string> names{"last SGD"};
+  std::snprintf(name, sizeof name, "SWA (epochs %d-%d) + update_bn", s.swa_start + 1, s.epochs);
+  names.push_back(name);
+  std::snprintf(name, sizeof name, "EMA (decay %g) + update_bn", s.ema_decay);
+  names.push_back(name);
+  for (const double sigma_rel : s.post_hoc_targets) {
+    std::snprintf(name, sizeof name, "post-hoc EMA (sigma_rel %.2f) + update_bn", sigma_rel);
+    names.push_back(name);
+  }
+  for (std::size_t k = 0; k < rows; ++k) {
+    std::printf("%-42s %-18s %s\n", names[k].c_str(), mean_spread(accuracy[k], 100, 2).c_str(),
                 mean_spread(loss[k], 1, 4).c_str());
   }
   std::printf("curves: %s\n", (folder / "curves.csv").c_str());

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cmath>      // std::abs
+#include <cstdio>     // std::snprintf
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t
 #include <stdexcept>  // std::invalid_argument
@@ -25,6 +26,55 @@
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {
+
+namespace detail {
+
+/// A setting written so that it reads back to the same double.
+inline std::string setting_text(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.17g", value);
+  return text;
+}
+
+/// The number saved under `key`; FormatError when it is missing or not a number.
+inline double setting_number(const std::map<std::string, std::string>& metadata, const std::string& key,
+                             const char* who) {
+  const auto it = metadata.find(key);
+  if (it == metadata.end()) throw FormatError(std::string(who) + ": the state has no setting '" + key + "'");
+  std::size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(it->second, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != it->second.size()) {
+    throw FormatError(std::string(who) + ": setting '" + key + "' is not a number: '" + it->second + "'");
+  }
+  return value;
+}
+
+/// Refuses a state saved by another averaging function.
+inline void expect_avg_fn(const std::map<std::string, std::string>& metadata, const std::string& name,
+                          const char* who) {
+  const auto fn = metadata.find("avg_fn");
+  if (fn == metadata.end() || fn->second != name) {
+    throw FormatError(std::string(who) + ": the state was saved by the averaging function '" +
+                      (fn == metadata.end() ? std::string("(none)") : fn->second) + "', not '" + name + "'");
+  }
+}
+
+/// Builds a function from saved settings; one its constructor refuses is a FormatError.
+template <class Fn, class Make>
+Fn make_from_settings(const char* who, Make&& make) {
+  try {
+    return make();
+  } catch (const std::invalid_argument& e) {
+    throw FormatError(std::string(who) + ": bad settings in the state: " + e.what());
+  }
+}
+
+}  // namespace detail
 
 /// Stochastic weight averaging: the equal-weight running mean of every model seen,
 ///     averaged += (current - averaged) / (num_averaged + 1).
@@ -70,22 +120,13 @@ class EMA {
 
   /// Checkpoint settings: the decay, written so that it reads back to the same double.
   void save_settings(std::map<std::string, std::string>& metadata) const {
-    char text[32];
-    std::snprintf(text, sizeof text, "%.17g", decay_);
     metadata["avg_fn"] = "ema";
-    metadata["decay"] = text;
+    metadata["decay"] = detail::setting_text(decay_);
   }
   static EMA load_settings(const std::map<std::string, std::string>& metadata) {
-    const auto fn = metadata.find("avg_fn");
-    const auto decay = metadata.find("decay");
-    if (fn == metadata.end() || fn->second != "ema" || decay == metadata.end()) {
-      throw FormatError("polyak::EMA: the state holds no EMA settings");
-    }
-    try {
-      return EMA{std::stod(decay->second)};
-    } catch (const std::invalid_argument& e) {  // std::stod's, or a decay outside [0, 1]
-      throw FormatError(std::string("polyak::EMA: bad decay in the state: ") + e.what());
-    }
+    detail::expect_avg_fn(metadata, "ema", "polyak::EMA");
+    return detail::make_from_settings<EMA>(
+        "polyak::EMA", [&] { return EMA{detail::setting_number(metadata, "decay", "polyak::EMA")}; });
   }
 
   template <class Averaged, class Current>
@@ -152,6 +193,8 @@ struct has_settings<Fn, std::void_t<decltype(std::declval<const Fn&>().save_sett
 
 /// A function's checkpoint settings: saved where it has a save_settings (SWA, EMA, and the ones a
 /// ForEachTensor applies); a user's functor without one saves none and keeps its own on load.
+/// load_settings may be static or a const member (called on the current function, so that a
+/// ScheduledEMA keeps a user's schedule that has no settings of its own).
 template <class Fn>
 void save_settings(const Fn& fn, std::map<std::string, std::string>& metadata) {
   if constexpr (has_settings<Fn>::value) fn.save_settings(metadata);
@@ -159,7 +202,7 @@ void save_settings(const Fn& fn, std::map<std::string, std::string>& metadata) {
 template <class Fn>
 Fn load_settings(const Fn& current, const std::map<std::string, std::string>& metadata) {
   if constexpr (has_settings<Fn>::value) {
-    return Fn::load_settings(metadata);
+    return current.load_settings(metadata);
   } else {
     return current;
   }
@@ -197,8 +240,8 @@ struct ForEachTensor {
   void save_settings(std::map<std::string, std::string>& metadata) const {
     detail::save_settings(fn, metadata);
   }
-  static ForEachTensor load_settings(const std::map<std::string, std::string>& metadata) {
-    return {detail::load_settings(Fn{}, metadata)};
+  ForEachTensor load_settings(const std::map<std::string, std::string>& metadata) const {
+    return {detail::load_settings(fn, metadata)};
   }
 
   template <class S, class C>

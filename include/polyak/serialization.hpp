@@ -15,6 +15,7 @@
 #include <cstdio>   // std::rename
 #include <cstring>  // std::strerror
 #include <fstream>
+#include <functional>  // std::function
 #include <istream>
 #include <limits>
 #include <map>
@@ -55,20 +56,31 @@ inline constexpr std::uint64_t max_header_bytes = 100'000'000;
 
 }  // namespace detail
 
-/// Writes `sd` to `path` in the safetensors format, atomically: into a temporary file in the same
-/// folder, flushed and fsynced, renamed over `path`, the folder fsynced. A crash at any moment
-/// leaves either the previous file or the new one, whole.
-inline void save_safetensors(const std::string& path, const StateDict& sd) {
-  if (!detail::little_endian())
+namespace detail {
+
+/// One tensor of a file being written: its header entry, and how to write its bytes.
+struct TensorWriter {
+  std::string name;
+  DType dtype;
+  std::vector<std::int64_t> shape;
+  std::uint64_t size;                                          // bytes
+  std::function<void(int fd, const std::string& path)> write;  // writes exactly `size` bytes
+};
+
+/// Writes a safetensors file atomically: into a temporary file in the same folder, flushed and
+/// fsynced, renamed over `path`, the folder fsynced.
+inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
+                              const std::vector<TensorWriter>& tensors) {
+  if (!little_endian())
     throw std::runtime_error("polyak::save_safetensors: big-endian hosts are not supported");
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!sd.metadata.empty()) header["__metadata__"] = sd.metadata;
+  if (!metadata.empty()) header["__metadata__"] = metadata;
   std::uint64_t offset = 0;
-  for (const auto& [name, tensor] : sd) {
-    header[name] = {{"dtype", dtype_name(tensor.dtype)},
-                    {"shape", tensor.shape},
-                    {"data_offsets", {offset, offset + tensor.bytes.size()}}};
-    offset += tensor.bytes.size();
+  for (const auto& tensor : tensors) {
+    header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)},
+                           {"shape", tensor.shape},
+                           {"data_offsets", {offset, offset + tensor.size}}};
+    offset += tensor.size;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
@@ -78,15 +90,14 @@ inline void save_safetensors(const std::string& path, const StateDict& sd) {
   const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
   const std::string temporary = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) detail::fail_io("cannot create", temporary);
+  if (fd < 0) fail_io("cannot create", temporary);
   try {
     unsigned char length_bytes[8];
     for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(length >> (8 * b));
-    detail::write_all(fd, length_bytes, 8, temporary);
-    detail::write_all(fd, text.data(), text.size(), temporary);
-    for (const auto& entry : sd)
-      detail::write_all(fd, entry.second.bytes.data(), entry.second.bytes.size(), temporary);
-    if (::fsync(fd) != 0) detail::fail_io("cannot fsync", temporary);
+    write_all(fd, length_bytes, 8, temporary);
+    write_all(fd, text.data(), text.size(), temporary);
+    for (const auto& tensor : tensors) tensor.write(fd, temporary);
+    if (::fsync(fd) != 0) fail_io("cannot fsync", temporary);
   } catch (...) {
     ::close(fd);
     ::unlink(temporary.c_str());
@@ -94,17 +105,64 @@ inline void save_safetensors(const std::string& path, const StateDict& sd) {
   }
   if (::close(fd) != 0) {
     ::unlink(temporary.c_str());
-    detail::fail_io("cannot close", temporary);
+    fail_io("cannot close", temporary);
   }
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
     ::unlink(temporary.c_str());
-    detail::fail_io("cannot rename onto", path);
+    fail_io("cannot rename onto", path);
   }
   const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (folder_fd >= 0) {  // the rename itself must reach the disk
     ::fsync(folder_fd);
     ::close(folder_fd);
   }
+}
+
+inline void add_writers(std::vector<TensorWriter>& writers, const StateDict& sd) {
+  for (const auto& [name, tensor] : sd) {
+    const StoredTensor* t = &tensor;
+    writers.push_back({name, t->dtype, t->shape, t->bytes.size(), [t](int fd, const std::string& path) {
+                         write_all(fd, t->bytes.data(), t->bytes.size(), path);
+                       }});
+  }
+}
+
+}  // namespace detail
+
+/// Writes `sd` to `path` in the safetensors format, atomically: into a temporary file in the same
+/// folder, flushed and fsynced, renamed over `path`, the folder fsynced. A crash at any moment
+/// leaves either the previous file or the new one, whole.
+inline void save_safetensors(const std::string& path, const StateDict& sd) {
+  std::vector<detail::TensorWriter> writers;
+  detail::add_writers(writers, sd);
+  detail::write_safetensors(path, sd.metadata, writers);
+}
+
+/// Writes the tensors `views` point at, named `prefix + name`, followed by the entries and metadata
+/// of `extra`, as save_safetensors(path, sd) would write the StateDict holding them all, without
+/// copying them into one: memory beyond the views' own is one tensor (for a column-major view,
+/// written row-major as safetensors wants) and `extra`. How AveragedModel's profiles stream to disk.
+template <class T>
+void save_safetensors(const std::string& path, const ParameterList<T>& views, const std::string& prefix,
+                      const StateDict& extra) {
+  std::vector<detail::TensorWriter> writers;
+  for (const auto& entry : views) {
+    const TensorView<T> view = entry.view();
+    writers.push_back({prefix + entry.name(), dtype_of<T>(), view.shape(), view.numel() * sizeof(T),
+                       [view](int fd, const std::string& file) {
+                         if (view.storage_order() == StorageOrder::RowMajor || view.shape().size() <= 1) {
+                           detail::write_all(fd, view.data(), view.numel() * sizeof(T), file);
+                           return;
+                         }
+                         std::vector<T> row_major(view.numel());
+                         detail::for_each_row_major(
+                             view.shape(), view.storage_order(),
+                             [&](std::size_t i, std::size_t from) { row_major[i] = view.data()[from]; });
+                         detail::write_all(fd, row_major.data(), row_major.size() * sizeof(T), file);
+                       }});
+  }
+  detail::add_writers(writers, extra);
+  detail::write_safetensors(path, extra.metadata, writers);
 }
 
 /// A safetensors file's header, checked, without its data: what the streaming readers use.

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>  // std::sort
+#include <cmath>      // std::llround
 #include <cstddef>    // std::size_t, std::byte
 #include <cstdint>
 #include <cstring>  // std::memcpy
@@ -83,6 +84,66 @@ struct StoredTensor {
     return n;
   }
 };
+
+namespace detail {
+
+/// Calls f(T{}) with the C++ type of `dtype`.
+template <class F>
+decltype(auto) with_scalar_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F64:
+      return f(double{});
+    case DType::F16:
+      return f(Eigen::half{});
+    case DType::BF16:
+      return f(Eigen::bfloat16{});
+    case DType::I64:
+      return f(std::int64_t{});
+    case DType::F32:
+    default:
+      return f(float{});
+  }
+}
+
+}  // namespace detail
+
+/// The elements of `t` as doubles, row-major; exact for every dtype (for I64 up to 2^53).
+inline std::vector<double> to_doubles(const StoredTensor& t) {
+  std::vector<double> out(t.numel());
+  detail::with_scalar_type(t.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      T v;
+      std::memcpy(&v, t.bytes.data() + i * sizeof(T), sizeof(T));
+      out[i] = static_cast<double>(v);
+    }
+  });
+  return out;
+}
+
+/// Stores `values` (row-major, t.numel() of them) into `t`, each rounded once to t's dtype.
+inline void assign_doubles(StoredTensor& t, const std::vector<double>& values) {
+  if (values.size() != t.numel())
+    throw std::invalid_argument("polyak::assign_doubles: " + std::to_string(values.size()) + " values for " +
+                                std::to_string(t.numel()) + " elements");
+  t.bytes.resize(values.size() * dtype_size(t.dtype));
+  detail::with_scalar_type(t.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      T v;
+      if constexpr (std::is_same_v<T, std::int64_t>) {
+        v = static_cast<std::int64_t>(std::llround(values[i]));
+      } else if constexpr (std::is_same_v<T, double>) {
+        v = values[i];
+      } else if constexpr (std::is_same_v<T, float>) {
+        v = static_cast<float>(values[i]);
+      } else {  // half, bfloat16: Eigen converts from float; double -> float -> 16 bits can double-round
+        v = static_cast<T>(values[i]);
+      }
+      std::memcpy(t.bytes.data() + i * sizeof(T), &v, sizeof(T));
+    }
+  });
+}
 
 namespace detail {
 

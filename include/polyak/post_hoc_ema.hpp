@@ -1,0 +1,288 @@
+// SPDX-License-Identifier: MIT
+// Post-hoc EMA (Karras et al., EDM2, CVPR 2024, section 3): choose the EMA length after training.
+//
+// During training, PostHocEMA keeps two power-function EMAs (power_ema.hpp) of different widths and
+// every `snapshot_every` steps writes each to a safetensors file. Afterwards any power-function EMA,
+// of any width sigma_rel and at any step up to the last snapshot, is approximated by a weighted sum
+// of the snapshots: the weights minimise the L2 distance between the target's weight profile and the
+// snapshots' combined profile,
+//     min_x || sum_i x_i p_i - p_target ||^2,    p_(t, gamma)(tau) = (gamma + 1) tau^gamma / t^(gamma+1)
+// on 0 <= tau <= t, a linear system in the profiles' inner products (closed form below), and are
+// then scaled to sum to 1 (as EDM2 does). The discrete power EMA's weights are exactly these profiles
+// integrated over unit steps, so the fit is close once steps number in the tens.
+//
+//     polyak::PostHocEMA<float> post_hoc(params, "snapshots", /*snapshot_every=*/1000);
+//     for (...) { optimizer_step(); post_hoc.update_parameters(params); }
+//     ...
+//     const auto snapshots = polyak::find_power_ema_snapshots("snapshots");
+//     polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, polyak::sigma_rel_to_gamma(0.08));
+//     // sd is an AveragedModel<float, PowerEMA> state: load_state_dict, then copy_to the model.
+#pragma once
+
+#include <algorithm>  // std::sort, std::max
+#include <cmath>      // std::pow
+#include <cstdint>    // std::int64_t
+#include <cstdio>     // std::snprintf
+#include <cstring>    // std::memcpy
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>  // std::invalid_argument
+#include <string>
+#include <utility>  // std::move
+#include <vector>
+
+#include <Eigen/QR>  // ColPivHouseholderQR
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/power_ema.hpp"
+#include "polyak/serialization.hpp"
+
+namespace polyak {
+
+/// A power-function EMA at one moment: the step it has reached (its n_averaged) and its exponent.
+struct PowerEmaProfile {
+  std::int64_t step;
+  double gamma;
+};
+
+namespace detail {
+
+/// The inner product of two continuous power-function profiles, integral over tau of p_a * p_b:
+///     (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) * min(t_a, t_b)^(gamma_a + gamma_b + 1)
+///       / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)),
+/// written with the ratio of the steps so that no power overflows.
+inline double profile_inner_product(const PowerEmaProfile& a, const PowerEmaProfile& b) {
+  const double ta = static_cast<double>(a.step), tb = static_cast<double>(b.step);
+  const double scale = (a.gamma + 1) * (b.gamma + 1) / (a.gamma + b.gamma + 1);
+  return ta <= tb ? scale * std::pow(ta / tb, b.gamma) / tb : scale * std::pow(tb / ta, a.gamma) / ta;
+}
+
+inline void check_profile(const PowerEmaProfile& p, const char* role) {
+  if (p.step < 1 || !(p.gamma > -0.5) || !std::isfinite(p.gamma)) {
+    throw std::invalid_argument(std::string("polyak::post_hoc_ema_weights: ") + role + " step " +
+                                std::to_string(p.step) + ", gamma " + std::to_string(p.gamma) +
+                                ": needs step >= 1 and a finite gamma > -1/2 (sigma_rel <= " +
+                                std::to_string(gamma_to_sigma_rel(-0.5)) + ")");
+  }
+}
+
+}  // namespace detail
+
+/// The weights x (summing to 1) of the `sources` profiles whose combination best approximates
+/// `target` in L2: the solution of A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>, by a
+/// column-pivoting QR, then scaled to sum 1. Every profile needs step >= 1 and gamma > -1/2 (where
+/// the inner products are finite).
+inline std::vector<double> post_hoc_ema_weights(const std::vector<PowerEmaProfile>& sources,
+                                                const PowerEmaProfile& target) {
+  if (sources.empty()) throw std::invalid_argument("polyak::post_hoc_ema_weights: no source profiles");
+  for (const auto& p : sources) detail::check_profile(p, "a source profile at");
+  detail::check_profile(target, "the target at");
+  const auto n = static_cast<Eigen::Index>(sources.size());
+  Eigen::MatrixXd gram(n, n);
+  Eigen::VectorXd toward(n);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const auto& pi = sources[static_cast<std::size_t>(i)];
+    for (Eigen::Index j = 0; j < n; ++j) {
+      gram(i, j) = detail::profile_inner_product(pi, sources[static_cast<std::size_t>(j)]);
+    }
+    toward(i) = detail::profile_inner_product(pi, target);
+  }
+  const Eigen::VectorXd x = gram.colPivHouseholderQr().solve(toward);
+  const double sum = x.sum();
+  if (!(std::abs(sum) > 0) || !x.allFinite()) {
+    throw std::invalid_argument("polyak::post_hoc_ema_weights: the snapshots cannot represent the target");
+  }
+  std::vector<double> weights(sources.size());
+  for (Eigen::Index i = 0; i < n; ++i) weights[static_cast<std::size_t>(i)] = x(i) / sum;
+  return weights;
+}
+
+/// One snapshot file: where it is, its checked header, and the profile it holds.
+struct PowerEmaSnapshot {
+  std::string path;
+  SafetensorsIndex index;
+  PowerEmaProfile profile;
+};
+
+/// Reads the header (and n_averaged) of every *.safetensors file in `folder` that holds a PowerEMA
+/// AveragedModel state, sorted by step, then gamma. Files of other kinds are skipped; a snapshot
+/// that cannot be read is a FormatError naming it.
+inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string& folder) {
+  std::vector<PowerEmaSnapshot> found;
+  for (const auto& item : std::filesystem::directory_iterator(folder)) {
+    if (!item.is_regular_file() || item.path().extension() != ".safetensors") continue;
+    const std::string path = item.path().string();
+    SafetensorsIndex index = read_safetensors_index(path);
+    const auto fn = index.metadata.find("avg_fn");
+    if (fn == index.metadata.end() || fn->second != "power_ema") continue;
+    const PowerEMA ema = PowerEMA::load_settings(index.metadata);
+    std::int64_t step = -1;
+    for (const auto& entry : index.entries) {
+      if (entry.name == "n_averaged" && entry.dtype == DType::I64 && entry.shape.empty()) {
+        const StoredTensor t = read_safetensors_tensor(path, index, entry);
+        std::memcpy(&step, t.bytes.data(), sizeof step);
+      }
+    }
+    if (step < 1) throw FormatError("polyak: power EMA snapshot '" + path + "' has no n_averaged >= 1");
+    found.push_back({path, std::move(index), {step, ema.gamma()}});
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) {
+    return a.profile.step != b.profile.step ? a.profile.step < b.profile.step
+                                            : a.profile.gamma < b.profile.gamma;
+  });
+  return found;
+}
+
+/// The power EMA with exponent `gamma` at `step` (by default the last snapshot's), reconstructed as
+/// post_hoc_ema_weights' combination of `snapshots`, computed in double and rounded once to each
+/// tensor's dtype. Returned as the state of an AveragedModel<T, PowerEMA{gamma}> at that step, for
+/// load_state_dict. It streams: one tensor of every snapshot at a time. Snapshots that differ in
+/// tensor names, dtypes or shapes are refused (FormatError naming the first difference).
+inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snapshots, double gamma,
+                                       std::int64_t step = 0) {
+  if (snapshots.empty()) throw std::invalid_argument("polyak::reconstruct_power_ema: no snapshots");
+  if (step == 0) {
+    for (const auto& s : snapshots) step = std::max(step, s.profile.step);
+  }
+  std::vector<PowerEmaProfile> sources;
+  for (const auto& s : snapshots) sources.push_back(s.profile);
+  const std::vector<double> weights = post_hoc_ema_weights(sources, {step, gamma});
+
+  const auto& first = snapshots.front();
+  for (const auto& s : snapshots) {
+    if (s.index.entries.size() != first.index.entries.size()) {
+      throw FormatError("polyak::reconstruct_power_ema: '" + s.path + "' holds " +
+                        std::to_string(s.index.entries.size()) + " tensors, '" + first.path + "' " +
+                        std::to_string(first.index.entries.size()));
+    }
+    for (std::size_t k = 0; k < first.index.entries.size(); ++k) {
+      const auto& ours = s.index.entries[k];
+      const auto& theirs = first.index.entries[k];
+      if (ours.name != theirs.name || ours.dtype != theirs.dtype || ours.shape != theirs.shape) {
+        throw FormatError("polyak::reconstruct_power_ema: tensor " + std::to_string(k) + " is '" + ours.name +
+                          "' " + dtype_name(ours.dtype) + " " + shape_string(ours.shape) + " in '" + s.path +
+                          "', '" + theirs.name + "' " + dtype_name(theirs.dtype) + " " +
+                          shape_string(theirs.shape) + " in '" + first.path + "'");
+      }
+    }
+  }
+
+  StateDict result;
+  result.metadata = first.index.metadata;
+  PowerEMA{gamma}.save_settings(result.metadata);
+  result.metadata["post_hoc_snapshots"] = std::to_string(snapshots.size());
+  // Tensors in the order the files name them (data order is the order they were written in).
+  for (std::size_t k = 0; k < first.index.entries.size(); ++k) {
+    const auto& entry = first.index.entries[k];
+    if (entry.name == "n_averaged") continue;
+    StoredTensor combined{entry.dtype, entry.shape, {}};
+    std::vector<double> sum(combined.numel(), 0.0);
+    for (std::size_t i = 0; i < snapshots.size(); ++i) {
+      const auto& s = snapshots[i];
+      const std::vector<double> values =
+          to_doubles(read_safetensors_tensor(s.path, s.index, s.index.entries[k]));
+      for (std::size_t e = 0; e < sum.size(); ++e) sum[e] += weights[i] * values[e];
+    }
+    assign_doubles(combined, sum);
+    result.insert(entry.name, std::move(combined));
+  }
+  result.insert_scalar<std::int64_t>("n_averaged", step);
+  return result;
+}
+
+/// Keeps power-function EMA profiles of a model during training (by default EDM2's two, sigma_rel
+/// 0.05 and 0.10) and writes each to `folder` every `snapshot_every` updates, as
+/// "<folder>/power_ema_sigma<sigma_rel>_step<n>.safetensors" holding that profile's AveragedModel
+/// state. Memory: one averaged copy a profile; snapshots stream from it to disk.
+template <class T>
+class PostHocEMA {
+ public:
+  using Profile = AveragedModel<T, PowerEMA>;
+
+  PostHocEMA(const ParameterList<T>& model, std::string folder, std::int64_t snapshot_every,
+             const std::vector<double>& sigma_rels = {0.05, 0.10})
+      : folder_(std::move(folder)), snapshot_every_(snapshot_every) {
+    if (snapshot_every < 1) throw std::invalid_argument("polyak::PostHocEMA: snapshot_every < 1");
+    if (sigma_rels.empty()) throw std::invalid_argument("polyak::PostHocEMA: no profiles");
+    for (const double sigma_rel : sigma_rels) {
+      detail::check_profile({1, sigma_rel_to_gamma(sigma_rel)}, "a profile at");
+      profiles_.emplace_back(model, PowerEMA::from_sigma_rel(sigma_rel));
+    }
+    std::filesystem::create_directories(folder_);
+  }
+
+  /// Folds `model` into every profile; after every snapshot_every-th update, writes the snapshots.
+  void update_parameters(const ParameterList<T>& model) {
+    for (auto& profile : profiles_) profile.update_parameters(model);
+    if (profiles_.front().n_averaged() % snapshot_every_ == 0) save_snapshots();
+  }
+
+  /// Writes every profile's snapshot now (at the end of training, say).
+  void save_snapshots() const {
+    for (std::size_t i = 0; i < profiles_.size(); ++i) {
+      const Profile& profile = profiles_[i];
+      StateDict extra;  // what AveragedModel::state_dict() holds besides the tensors
+      extra.insert_scalar<std::int64_t>("n_averaged", profile.n_averaged());
+      extra.metadata["use_buffers"] = "false";
+      profile.avg_fn().save_settings(extra.metadata);
+      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(), "module.", extra);
+    }
+  }
+
+  std::string snapshot_path(std::size_t profile, std::int64_t step) const {
+    char name[96];
+    std::snprintf(name, sizeof name, "power_ema_sigma%.4f_step%010lld.safetensors",
+                  profiles_.at(profile).avg_fn().sigma_rel(), static_cast<long long>(step));
+    return folder_ + "/" + name;
+  }
+
+  const std::vector<Profile>& profiles() const noexcept { return profiles_; }
+  const std::string& folder() const noexcept { return folder_; }
+
+  void set_thread_pool(ThreadPool* pool) noexcept {
+    for (auto& profile : profiles_) profile.set_thread_pool(pool);
+  }
+
+  /// Every profile's state, as "profile<i>.<name>", to resume training.
+  StateDict state_dict() const {
+    StateDict sd;
+    for (std::size_t i = 0; i < profiles_.size(); ++i)
+      sd.merge("profile" + std::to_string(i) + ".", profiles_[i].state_dict());
+    return sd;
+  }
+  /// Restores a state_dict(). A state any profile refuses (see AveragedModel::load_state_dict), or
+  /// whose profiles have other widths, changes nothing: profiles loaded before the refusal are put
+  /// back from a copy taken first.
+  void load_state_dict(const StateDict& sd) {
+    std::vector<StateDict> parts, before;
+    for (std::size_t i = 0; i < profiles_.size(); ++i) {
+      parts.push_back(sd.extract("profile" + std::to_string(i) + "."));
+      if (PowerEMA::load_settings(parts.back().metadata).gamma() != profiles_[i].avg_fn().gamma()) {
+        throw FormatError("polyak::PostHocEMA::load_state_dict: profile " + std::to_string(i) +
+                          " was saved with another sigma_rel");
+      }
+    }
+    if (sd.size() != [&] {
+          std::size_t n = 0;
+          for (const auto& part : parts) n += part.size();
+          return n;
+        }()) {
+      throw FormatError("polyak::PostHocEMA::load_state_dict: the state holds entries of no profile");
+    }
+    for (const auto& profile : profiles_) before.push_back(profile.state_dict());
+    std::size_t loaded = 0;
+    try {
+      for (; loaded < profiles_.size(); ++loaded) profiles_[loaded].load_state_dict(parts[loaded]);
+    } catch (...) {
+      for (std::size_t i = 0; i < loaded; ++i) profiles_[i].load_state_dict(before[i]);
+      throw;
+    }
+  }
+
+ private:
+  std::string folder_;
+  std::int64_t snapshot_every_;
+  std::vector<Profile> profiles_;
+};
+
+}  // namespace polyak

@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: MIT
+// Power-function EMA and post-hoc EMA (EDM2), checked against the closed-form weights of the
+// discrete power EMA, w_tau = (tau / t)^(gamma+1) - ((tau - 1) / t)^(gamma+1), applied directly to a
+// stored synthetic trajectory.
+#include "polyak/post_hoc_ema.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include "polyak/power_ema.hpp"
+
+namespace {
+
+constexpr int scalars = 24;
+
+/// A noisy, drifting trajectory theta_1..theta_steps of `scalars` values, kept whole so that any
+/// average of it can be computed directly.
+struct Trajectory {
+  std::vector<std::vector<double>> theta;  // theta[tau - 1][j]
+  explicit Trajectory(int steps) {
+    std::mt19937 rng(7);
+    std::normal_distribution<double> noise(0.0, 0.3);
+    for (int tau = 1; tau <= steps; ++tau) {
+      std::vector<double> row(scalars);
+      for (int j = 0; j < scalars; ++j) row[j] = std::sin(0.002 * tau * (j + 1)) + noise(rng);
+      theta.push_back(row);
+    }
+  }
+  /// The discrete power EMA weight of model tau at step t.
+  static double weight(std::int64_t tau, std::int64_t t, double gamma) {
+    const double td = static_cast<double>(t);
+    return std::pow(static_cast<double>(tau) / td, gamma + 1) -
+           std::pow(static_cast<double>(tau - 1) / td, gamma + 1);
+  }
+  /// sum_tau w_tau theta_tau for scalar j, computed directly.
+  double power_ema(std::int64_t t, double gamma, int j) const {
+    double sum = 0;
+    for (std::int64_t tau = 1; tau <= t; ++tau)
+      sum += weight(tau, t, gamma) * theta[static_cast<std::size_t>(tau - 1)][j];
+    return sum;
+  }
+  /// Half the spread of scalar j over the first t models.
+  double half_range(std::int64_t t, int j) const {
+    double low = theta[0][j], high = theta[0][j];
+    for (std::int64_t tau = 1; tau <= t; ++tau) {
+      low = std::min(low, theta[static_cast<std::size_t>(tau - 1)][j]);
+      high = std::max(high, theta[static_cast<std::size_t>(tau - 1)][j]);
+    }
+    return (high - low) / 2;
+  }
+};
+
+/// A model of two tensors (a column-major matrix and a vector) holding `scalars` values.
+struct Model {
+  Eigen::MatrixXd weight = Eigen::MatrixXd::Zero(4, 5);
+  Eigen::VectorXd bias = Eigen::VectorXd::Zero(scalars - 20);
+  polyak::ParameterList<double> params;
+  Model() {
+    params.add("weight", weight);
+    params.add("bias", bias);
+  }
+  void set(const std::vector<double>& values) {
+    for (int j = 0; j < 20; ++j) weight.data()[j] = values[static_cast<std::size_t>(j)];
+    for (int j = 20; j < scalars; ++j) bias[j - 20] = values[static_cast<std::size_t>(j)];
+  }
+  static double at(const polyak::ParameterList<double>& tensors, int j) {
+    return j < 20 ? tensors[0].data()[j] : tensors[1].data()[j - 20];
+  }
+};
+
+std::string fresh_folder(const std::string& name) {
+  const auto folder = std::filesystem::temp_directory_path() / ("polyak_test_" + name);
+  std::filesystem::remove_all(folder);
+  return folder.string();
+}
+
+}  // namespace
+
+TEST_CASE("sigma_rel and gamma convert both ways, as EDM2 tabulates", "[power_ema]") {
+  // EDM2, section 3.1: sigma_rel 0.05 is gamma 16.97, 0.10 is gamma 6.94.
+  CHECK(polyak::sigma_rel_to_gamma(0.05) == Approx(16.97).margin(0.005));
+  CHECK(polyak::sigma_rel_to_gamma(0.10) == Approx(6.94).margin(0.005));
+  for (const double sigma_rel : {0.01, 0.05, 0.08, 0.15, 0.25, 0.3}) {
+    const double gamma = polyak::sigma_rel_to_gamma(sigma_rel);
+    // A root of gamma^3 + 7 gamma^2 + (16 - 1/s^2) gamma + (12 - 1/s^2), the cubic the relation is.
+    const double c = 1 / (sigma_rel * sigma_rel);
+    const double cubic = ((gamma + 7) * gamma + 16 - c) * gamma + 12 - c;
+    CHECK(std::abs(cubic) < 1e-9 * c * std::max(1.0, gamma));
+    CHECK(polyak::gamma_to_sigma_rel(gamma) == Approx(sigma_rel).epsilon(1e-13));
+  }
+  CHECK(polyak::max_sigma_rel() == Approx(0.3003).margin(1e-4));
+  CHECK_THROWS_WITH(polyak::sigma_rel_to_gamma(0.31), Catch::Contains("sigma_rel 0.31"));
+  CHECK_THROWS_AS(polyak::sigma_rel_to_gamma(0.0), std::invalid_argument);
+  CHECK_THROWS_AS(polyak::sigma_rel_to_gamma(std::nan("")), std::invalid_argument);
+  CHECK_THROWS_WITH(polyak::PowerEMA(-1.0), Catch::Contains("greater than -1"));
+}
+
+TEST_CASE("PowerEMA equals the direct weighted sum of the trajectory at every step", "[power_ema]") {
+  const Trajectory path(300);
+  for (const double gamma : {0.0, 6.94, 16.97}) {
+    CAPTURE(gamma);
+    Model model;
+    model.set(path.theta[0]);
+    polyak::AveragedModel<double, polyak::PowerEMA> ema(model.params, polyak::PowerEMA{gamma});
+    double worst = 0;
+    for (std::int64_t t = 1; t <= 300; ++t) {
+      model.set(path.theta[static_cast<std::size_t>(t - 1)]);
+      ema.update_parameters(model.params);
+      for (int j = 0; j < scalars; j += 5) {
+        const double expected = path.power_ema(t, gamma, j);
+        worst = std::max(
+            worst, std::abs(Model::at(ema.tensors(), j) - expected) / std::max(1.0, std::abs(expected)));
+      }
+    }
+    CHECK(worst < 1e-12);
+  }
+  SECTION("gamma 0 is the running mean (SWA)") {
+    const polyak::PowerEMA uniform(0.0);
+    CHECK(uniform.decay(4) == Approx(0.75).epsilon(1e-15));
+    CHECK(uniform.decay(1) == 0.0);
+  }
+}
+
+TEST_CASE("post-hoc EMA reconstructs power EMAs from snapshots of two profiles", "[power_ema][post_hoc]") {
+  const std::int64_t steps = 2000, every = 100;
+  const Trajectory path(steps);
+  const std::string folder = fresh_folder("post_hoc");
+  Model model;
+  model.set(path.theta[0]);
+  polyak::PostHocEMA<double> recorder(model.params, folder, every);  // sigma_rel 0.05 and 0.10
+  for (std::int64_t t = 1; t <= steps; ++t) {
+    model.set(path.theta[static_cast<std::size_t>(t - 1)]);
+    recorder.update_parameters(model.params);
+  }
+  const auto snapshots = polyak::find_power_ema_snapshots(folder);
+  REQUIRE(snapshots.size() == 2 * steps / every);
+  CHECK(snapshots.front().profile.step == every);
+  CHECK(snapshots.back().profile.step == steps);
+
+  std::vector<polyak::PowerEmaProfile> sources;
+  for (const auto& s : snapshots) sources.push_back(s.profile);
+
+  SECTION("a target equal to a stored profile gives back that profile's last snapshot") {
+    const double gamma = polyak::sigma_rel_to_gamma(0.10);
+    const auto weights = polyak::post_hoc_ema_weights(sources, {steps, gamma});
+    const polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, gamma);
+    double worst_weight = 0, worst = 0;
+    for (std::size_t i = 0; i < sources.size(); ++i) {
+      const bool same = sources[i].step == steps && sources[i].gamma == gamma;
+      worst_weight = std::max(worst_weight, std::abs(weights[i] - (same ? 1.0 : 0.0)));
+    }
+    polyak::AveragedModel<double, polyak::PowerEMA> reconstructed(model.params, polyak::PowerEMA{gamma});
+    reconstructed.load_state_dict(sd);
+    CHECK(reconstructed.n_averaged() == steps);
+    const auto& profile = recorder.profiles()[1];
+    for (int j = 0; j < scalars; ++j)
+      worst =
+          std::max(worst, std::abs(Model::at(reconstructed.tensors(), j) - Model::at(profile.tensors(), j)));
+    std::printf(
+        "post-hoc, target = stored profile sigma_rel 0.10: largest weight error %.2e, value error %.2e\n",
+        worst_weight, worst);
+    // The solve is exact up to the Gram matrix's conditioning (40 profiles, some nearly parallel):
+    // measured 1e-14 on the weights.
+    CHECK(worst_weight < 1e-6);
+    CHECK(worst < 1e-6);
+  }
+
+  SECTION("intermediate and outside targets match the direct power EMA within the profile-fit bound") {
+    for (const double sigma_rel : {0.03, 0.07, 0.15}) {
+      for (const std::int64_t t : {steps, std::int64_t{1500}}) {
+        CAPTURE(sigma_rel, t);
+        const double gamma = polyak::sigma_rel_to_gamma(sigma_rel);
+        const auto weights = polyak::post_hoc_ema_weights(sources, {t, gamma});
+        // The reconstruction's weight on each model tau, from the snapshots' exact discrete weights.
+        double l1 = 0;
+        for (std::int64_t tau = 1; tau <= t; ++tau) {
+          double combined = 0;
+          for (std::size_t i = 0; i < sources.size(); ++i) {
+            if (tau <= sources[i].step)
+              combined += weights[i] * Trajectory::weight(tau, sources[i].step, sources[i].gamma);
+          }
+          l1 += std::abs(combined - Trajectory::weight(tau, t, gamma));
+        }
+        for (std::size_t i = 0; i < sources.size(); ++i) {
+          if (sources[i].step > t) CHECK(std::abs(weights[i]) < 1e-8);  // a later snapshot saw later models
+        }
+        const polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, gamma, t);
+        polyak::AveragedModel<double, polyak::PowerEMA> reconstructed(model.params, polyak::PowerEMA{gamma});
+        reconstructed.load_state_dict(sd);
+        // Both weight vectors sum to 1, so their difference applied to theta is at most
+        // ||dw||_1 * (half the spread of theta): a bound that holds for any trajectory.
+        double worst = 0, worst_ratio = 0;
+        for (int j = 0; j < scalars; ++j) {
+          const double error = std::abs(Model::at(reconstructed.tensors(), j) - path.power_ema(t, gamma, j));
+          const double bound = l1 * path.half_range(t, j) + 1e-12;
+          CHECK(error <= bound);
+          worst = std::max(worst, error);
+          worst_ratio = std::max(worst_ratio, error / bound);
+        }
+        std::printf(
+            "post-hoc, sigma_rel %.2f at step %lld: ||dw||_1 %.2e, largest error %.2e (%.0f%% of its "
+            "bound)\n",
+            sigma_rel, static_cast<long long>(t), l1, worst, 100 * worst_ratio);
+        // Between and near the stored widths the profiles fit closely; 0.03, outside them, less so.
+        CHECK(l1 < (sigma_rel < 0.05 ? 0.1 : 0.03));  // measured 0.044 and 0.011 at most
+      }
+    }
+  }
+  std::filesystem::remove_all(folder);
+}
+
+TEST_CASE("post-hoc EMA refuses what it cannot use", "[power_ema][post_hoc]") {
+  CHECK_THROWS_WITH(polyak::post_hoc_ema_weights({}, {10, 1.0}), Catch::Contains("no source"));
+  CHECK_THROWS_WITH(polyak::post_hoc_ema_weights({{10, 1.0}}, {0, 1.0}), Catch::Contains("step 0"));
+  CHECK_THROWS_WITH(polyak::post_hoc_ema_weights({{10, -0.7}}, {10, 1.0}), Catch::Contains("gamma"));
+
+  const std::string folder = fresh_folder("post_hoc_bad");
+  Model model;
+  polyak::PostHocEMA<double> recorder(model.params, folder, 2, {0.1});
+  for (int i = 0; i < 4; ++i) recorder.update_parameters(model.params);
+  // A snapshot of another model among them: refused, naming the tensor.
+  Eigen::MatrixXd other = Eigen::MatrixXd::Zero(5, 4);
+  Eigen::VectorXd bias = Eigen::VectorXd::Zero(scalars - 20);
+  polyak::ParameterList<double> other_params;
+  other_params.add("weight", other);
+  other_params.add("bias", bias);
+  polyak::PostHocEMA<double> stranger(other_params, folder + "/other", 1, {0.05});
+  stranger.update_parameters(other_params);
+  std::filesystem::copy_file(stranger.snapshot_path(0, 1), folder + "/zz.safetensors");
+  auto snapshots = polyak::find_power_ema_snapshots(folder);
+  REQUIRE(snapshots.size() == 3);
+  CHECK_THROWS_WITH(polyak::reconstruct_power_ema(snapshots, 5.0),
+                    Catch::Contains("'module.weight'") && Catch::Contains("[5, 4]"));
+  // A truncated snapshot: FormatError naming the problem.
+  std::filesystem::resize_file(folder + "/zz.safetensors", 20);
+  CHECK_THROWS_AS(polyak::find_power_ema_snapshots(folder), polyak::FormatError);
+  std::filesystem::remove_all(folder);
+}
+
+TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates", "[power_ema][post_hoc]") {
+  const std::string folder = fresh_folder("post_hoc_recorder");
+  const Trajectory path(30);
+  Model model;
+  model.set(path.theta[0]);
+  polyak::PostHocEMA<double> recorder(model.params, folder, 10);
+  polyak::AveragedModel<double, polyak::PowerEMA> alone(model.params, polyak::PowerEMA::from_sigma_rel(0.10));
+  polyak::StateDict at_20;
+  for (std::int64_t t = 1; t <= 30; ++t) {
+    model.set(path.theta[static_cast<std::size_t>(t - 1)]);
+    recorder.update_parameters(model.params);
+    alone.update_parameters(model.params);
+    if (t == 20) at_20 = alone.state_dict();
+  }
+  std::size_t files = 0;
+  for (const auto& item : std::filesystem::directory_iterator(folder)) files += item.is_regular_file();
+  CHECK(files == 6);
+  // A snapshot is exactly the profile's AveragedModel state at that step, column-major matrix included.
+  const polyak::StateDict loaded = polyak::load_safetensors(recorder.snapshot_path(1, 20));
+  REQUIRE(loaded.size() == at_20.size());
+  for (const auto& [name, tensor] : at_20) {
+    CAPTURE(name);
+    CHECK(loaded.at(name).shape == tensor.shape);
+    CHECK(loaded.at(name).bytes == tensor.bytes);
+  }
+  CHECK(loaded.metadata.at("avg_fn") == "power_ema");
+
+  SECTION("its state round-trips, and a state of other widths changes nothing") {
+    polyak::PostHocEMA<double> resumed(model.params, folder + "/resumed", 10);
+    resumed.load_state_dict(recorder.state_dict());
+    CHECK(resumed.profiles()[0].n_averaged() == 30);
+    polyak::PostHocEMA<double> narrow(model.params, folder + "/narrow", 10, {0.02, 0.10});
+    CHECK_THROWS_WITH(narrow.load_state_dict(recorder.state_dict()), Catch::Contains("profile 0"));
+    CHECK(narrow.profiles()[0].n_averaged() == 0);
+  }
+  std::filesystem::remove_all(folder);
+}
