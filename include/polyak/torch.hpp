@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: MIT
+// polyak for libtorch, PyTorch's C++ frontend: views onto a torch::nn::Module's tensors, SWALR over
+// a torch::optim optimizer, and update_bn over a module tree's batch-norm layers, so that a libtorch
+// training loop reads as the Python one does.
+//
+//     auto params = polyak::libtorch::parameters<float>(*model);      // named as in Python
+//     polyak::AveragedModel<float> swa_model(params);
+//     polyak::SWALR swa_scheduler(optimizer, /*swa_lr=*/0.05);          // any torch::optim optimizer
+//     ... swa_model.update_parameters(params); swa_scheduler.step(); ...
+//     swa_model.copy_to(params);
+//     polyak::libtorch::update_bn(loader, [&](const torch::Tensor& x) { model->forward(x); }, *model);
+//
+// Optional: needs libtorch (CMake: find_package(Torch), then link polyak::torch); nothing else in
+// polyak includes it.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "polyak/scalar_type.hpp"
+#include "polyak/swalr.hpp"
+#include "polyak/tensor_view.hpp"
+
+namespace polyak {
+namespace libtorch {
+
+/// Whether parameters() also views the module's floating-point buffers (batch norm's running
+/// statistics).
+enum class Buffers { Include, Exclude };
+
+namespace detail {
+
+template <class T>
+constexpr c10::ScalarType torch_scalar_type() {
+  if constexpr (std::is_same_v<T, float>) return c10::ScalarType::Float;
+  if constexpr (std::is_same_v<T, double>) return c10::ScalarType::Double;
+  if constexpr (std::is_same_v<T, Eigen::half>) return c10::ScalarType::Half;  // both IEEE binary16
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return c10::ScalarType::BFloat16;
+}
+
+/// A view of `tensor`, or std::invalid_argument naming it and what makes it unviewable.
+template <class T>
+TensorView<T> view_of(const std::string& name, const torch::Tensor& tensor) {
+  const auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument("polyak::libtorch::parameters: tensor '" + name + "' " + why);
+  };
+  if (!tensor.defined()) refuse("is undefined");
+  if (tensor.layout() != c10::kStrided) refuse("is sparse");
+  if (!tensor.device().is_cpu()) refuse("is on " + tensor.device().str() + ", not the CPU");
+  if (tensor.scalar_type() != torch_scalar_type<T>()) {
+    refuse(std::string("holds ") + c10::toString(tensor.scalar_type()) + ", not " +
+           c10::toString(torch_scalar_type<T>()));
+  }
+  if (!tensor.is_contiguous()) refuse("is not contiguous (call .contiguous() on it in the module)");
+  const auto sizes = tensor.sizes();
+  return TensorView<T>(static_cast<T*>(tensor.data_ptr()),
+                       std::vector<std::int64_t>(sizes.begin(), sizes.end()));
+}
+
+}  // namespace detail
+
+/// Views onto `module`'s parameters, then (with Buffers::Include) its floating-point buffers, under
+/// the names of PyTorch's state_dict ("0.weight", "bn1.running_mean", ...), recursively.
+///
+/// Every tensor must be a contiguous CPU tensor of T (float, double, half, bfloat16); anything else
+/// is refused with std::invalid_argument naming the tensor. Integer buffers (batch norm's
+/// num_batches_tracked) are counters, not weights: they are left out (update_bn resets them).
+/// The views point into the tensors' storage: they stay valid while the module keeps it, so build
+/// them after moving the module to its dtype and device (module->to(...)) and not before.
+template <class T>
+ParameterList<T> parameters(const torch::nn::Module& module, Buffers buffers = Buffers::Include) {
+  static_assert(is_supported_scalar_v<T>,
+                "polyak::libtorch::parameters: T must be float, double, Eigen::half or Eigen::bfloat16");
+  ParameterList<T> list;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    list.add(item.key(), detail::view_of<T>(item.key(), item.value()));
+  }
+  if (buffers == Buffers::Include) {
+    for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+      if (!item.value().is_floating_point()) continue;
+      list.add_buffer(item.key(), detail::view_of<T>(item.key(), item.value()));
+    }
+  }
+  return list;
+}
+
+namespace detail {
+
+/// One batch-norm layer of a module tree, and the momentum update_bn restores.
+struct BatchNormLayer {
+  torch::nn::Module* module;
+  c10::optional<double>* momentum;  // the layer's options.momentum()
+  c10::optional<double> saved;
+};
+
+template <class Impl>
+bool collect(torch::nn::Module& module, std::vector<BatchNormLayer>& layers) {
+  auto* layer = dynamic_cast<Impl*>(&module);
+  if (layer == nullptr) return false;
+  layers.push_back({&module, &layer->options.momentum(), layer->options.momentum()});
+  return true;
+}
+
+inline void collect_batch_norms(torch::nn::Module& module, std::vector<BatchNormLayer>& layers) {
+  collect<torch::nn::BatchNorm1dImpl>(module, layers) ||
+      collect<torch::nn::BatchNorm2dImpl>(module, layers) ||
+      collect<torch::nn::BatchNorm3dImpl>(module, layers);
+}
+
+}  // namespace detail
+
+/// PyTorch's torch.optim.swa_utils.update_bn for a libtorch module tree: one pass over `batches` to
+/// recompute the running statistics of every BatchNorm1d/2d/3d in `model` (itself included) for the
+/// weights it holds now, typically the averaged ones after AveragedModel::copy_to.
+///
+/// As PyTorch's: resets each layer's statistics, sets its momentum to none (a cumulative average),
+/// puts the model in training mode, calls `forward(batch)` for each batch without autograd, then
+/// restores each momentum and the model's mode, also when `forward` throws. With no batch-norm layer
+/// it returns at once. `forward` runs the model on one batch, so that any input type works (PyTorch
+/// calls model(batch[0])).
+template <class Batches, class Forward>
+void update_bn(Batches&& batches, Forward&& forward, torch::nn::Module& model) {
+  std::vector<detail::BatchNormLayer> layers;
+  detail::collect_batch_norms(model, layers);
+  for (const auto& child : model.modules(/*include_self=*/false)) detail::collect_batch_norms(*child, layers);
+  if (layers.empty()) return;
+
+  struct Restore {  // momenta and mode come back however the pass ends
+    std::vector<detail::BatchNormLayer>& layers;
+    torch::nn::Module& model;
+    bool was_training;
+    ~Restore() {
+      for (auto& layer : layers) *layer.momentum = layer.saved;
+      model.train(was_training);
+    }
+  } restore{layers, model, model.is_training()};
+
+  for (auto& layer : layers) {
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(layer.module)) bn->reset_running_stats();
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(layer.module)) bn->reset_running_stats();
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm3dImpl*>(layer.module)) bn->reset_running_stats();
+    *layer.momentum = c10::nullopt;
+  }
+  model.train(true);
+  torch::NoGradGuard no_grad;
+  for (auto&& batch : batches) forward(batch);
+}
+
+}  // namespace libtorch
+
+/// SWALR over a libtorch optimizer's parameter groups: each group's options().get_lr()/set_lr().
+template <>
+struct learning_rates<torch::optim::Optimizer> {
+  static std::size_t size(const torch::optim::Optimizer& optimizer) {
+    return optimizer.param_groups().size();
+  }
+  static double get(const torch::optim::Optimizer& optimizer, std::size_t group) {
+    return optimizer.param_groups()[group].options().get_lr();
+  }
+  static void set(torch::optim::Optimizer& optimizer, std::size_t group, double lr) {
+    optimizer.param_groups()[group].options().set_lr(lr);
+  }
+};
+
+// libtorch's own optimizers, so that SWALR's class template argument deduction works on them.
+template <>
+struct learning_rates<torch::optim::SGD> : learning_rates<torch::optim::Optimizer> {};
+template <>
+struct learning_rates<torch::optim::Adam> : learning_rates<torch::optim::Optimizer> {};
+template <>
+struct learning_rates<torch::optim::AdamW> : learning_rates<torch::optim::Optimizer> {};
+template <>
+struct learning_rates<torch::optim::Adagrad> : learning_rates<torch::optim::Optimizer> {};
+template <>
+struct learning_rates<torch::optim::RMSprop> : learning_rates<torch::optim::Optimizer> {};
+template <>
+struct learning_rates<torch::optim::LBFGS> : learning_rates<torch::optim::Optimizer> {};
+
+}  // namespace polyak
