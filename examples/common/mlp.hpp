@@ -6,6 +6,7 @@
 #include <polyak/polyak.hpp>
 
 #include "digits.hpp"
+#include "report.hpp"
 
 #include <cmath>
 #include <random>
@@ -170,10 +171,6 @@ inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const
   sgd_update(m, velocity, g, lr, momentum, weight_decay);
   return loss;
 }
-
-struct Score {
-  double accuracy = 0, loss = 0;
-};
 
 /// Test accuracy and loss in evaluation mode (batch norm with the running statistics).
 inline Score evaluate(Mlp& model, const Dataset& test) {

@@ -151,17 +151,6 @@ Result train(const Settings& s, unsigned seed, const Digits& data, const std::fi
   return result;
 }
 
-/// "97.11 ± 0.21": mean and sample standard deviation.
-std::string mean_spread(const std::vector<double>& values, double scale, int decimals) {
-  const double mean = std::accumulate(values.begin(), values.end(), 0.0) / static_cast<double>(values.size());
-  double squares = 0;
-  for (const double v : values) squares += (v - mean) * (v - mean);
-  const double spread = values.size() > 1 ? std::sqrt(squares / static_cast<double>(values.size() - 1)) : 0.0;
-  char text[64];
-  std::snprintf(text, sizeof text, "%.*f ± %.*f", decimals, scale * mean, decimals, scale * spread);
-  return text;
-}
-
 void plot(const std::filesystem::path& folder) {
   if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
     std::printf("note: gnuplot is not installed (Debian: gnuplot-nox), so no plot; the curves are in %s\n",
@@ -206,19 +195,13 @@ int main(int argc, char** argv) {
   std::printf(
       "digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
       data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
-  const std::size_t rows = 3 + s.post_hoc_targets.size();
-  std::vector<std::vector<double>> accuracy(rows), loss(rows);
+  std::vector<std::vector<Score>> scores(3 + s.post_hoc_targets.size());
   for (const unsigned seed : s.seeds) {
     const Result r = train(s, seed, data, folder, curves);
-    for (std::size_t k = 0; k < rows; ++k) {
-      accuracy[k].push_back(r.scores[k].accuracy);
-      loss[k].push_back(r.scores[k].loss);
-    }
+    for (std::size_t k = 0; k < scores.size(); ++k) scores[k].push_back(r.scores[k]);
   }
   curves.close();
 
-  std::printf("\ntest set, %zu seeds (mean ± standard deviation)\n", s.seeds.size());
-  std::printf("%-42s %-18s %s\n", "weights", "accuracy (%)", "loss");
   char name[64];
   std::vector<std::string> names{"last SGD"};
   std::snprintf(name, sizeof name, "SWA (epochs %d-%d) + update_bn", s.swa_start + 1, s.epochs);
@@ -229,10 +212,7 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "post-hoc EMA (sigma_rel %.2f) + update_bn", sigma_rel);
     names.push_back(name);
   }
-  for (std::size_t k = 0; k < rows; ++k) {
-    std::printf("%-42s %-18s %s\n", names[k].c_str(), mean_spread(accuracy[k], 100, 2).c_str(),
-                mean_spread(loss[k], 1, 4).c_str());
-  }
+  print_scores(names, scores, s.seeds.size());
   std::printf("curves: %s\n", (folder / "curves.csv").c_str());
   plot(folder);
   return 0;

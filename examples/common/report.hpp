@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: MIT
+// The examples' result tables: test scores over several seeds, as mean ± standard deviation.
+#pragma once
+
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <string>
+#include <vector>
+
+/// Test-set accuracy (a fraction) and mean cross-entropy loss.
+struct Score {
+  double accuracy = 0, loss = 0;
+};
+
+/// "97.11 ± 0.21": mean and sample standard deviation of `values` times `scale`.
+inline std::string mean_spread(const std::vector<double>& values, double scale, int decimals) {
+  const double mean = std::accumulate(values.begin(), values.end(), 0.0) / static_cast<double>(values.size());
+  double squares = 0;
+  for (const double v : values) squares += (v - mean) * (v - mean);
+  const double spread = values.size() > 1 ? std::sqrt(squares / static_cast<double>(values.size() - 1)) : 0.0;
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f ± %.*f", decimals, scale * mean, decimals, scale * spread);
+  return text;
+}
+
+/// Prints the table: one row a kind of weights, its scores over the seeds.
+inline void print_scores(const std::vector<std::string>& names, const std::vector<std::vector<Score>>& scores,
+                         std::size_t seeds) {
+  std::printf("\ntest set, %zu seeds (mean ± standard deviation)\n", seeds);
+  std::printf("%-42s %-18s %s\n", "weights", "accuracy (%)", "loss");
+  for (std::size_t k = 0; k < names.size(); ++k) {
+    std::vector<double> accuracy, loss;
+    for (const Score& s : scores[k]) {
+      accuracy.push_back(s.accuracy);
+      loss.push_back(s.loss);
+    }
+    std::printf("%-42s %-18s %s\n", names[k].c_str(), mean_spread(accuracy, 100, 2).c_str(),
+                mean_spread(loss, 1, 4).c_str());
+  }
+}
