@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
-  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev
+  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev libtorch-dev
 
 jobs=$(nproc)
 run_suite() {  # build dir, extra cmake arguments...

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The per-step path allocates nothing: update_parameters, copy_to, swap and average_parameters, with
-// and without threads. This binary replaces the global operator new to count calls, so it stands
+// and without threads, for every averaging function; and a post-hoc EMA snapshot streams its profile
+// to disk without copying it. This binary replaces the global operator new to count calls, so it stands
 // apart from the other tests.
 #define CATCH_CONFIG_MAIN
 #include <catch2/catch.hpp>
@@ -11,14 +12,18 @@
 #include <vector>
 
 #include "polyak/averaged_model.hpp"
+#include "polyak/ema_schedules.hpp"
 #include "polyak/model_averaging.hpp"
+#include "polyak/post_hoc_ema.hpp"
 
 namespace {
 std::atomic<long> allocations{0};
-}
+std::atomic<std::size_t> allocated_bytes{0};
+}  // namespace
 
 void* operator new(std::size_t size) {
   ++allocations;
+  allocated_bytes += size;
   if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
   throw std::bad_alloc();
 }
@@ -79,6 +84,32 @@ TEST_CASE("update_parameters, copy_to and swap allocate nothing", "[allocation]"
     polyak::AveragedModel averaged(list, polyak::get_ema_multi_avg_fn(0.9));
     check_steps_do_not_allocate(averaged, list);
   }
+  SECTION("scheduled EMA, compounded over update_every") {
+    polyak::AveragedModel averaged(list, polyak::ScheduledEMA{polyak::InverseGammaDecay{}, {2, 3}});
+    check_steps_do_not_allocate(averaged, list);
+  }
+  SECTION("power EMA") {
+    polyak::AveragedModel averaged(list, polyak::PowerEMA::from_sigma_rel(0.1));
+    check_steps_do_not_allocate(averaged, list);
+  }
+}
+
+TEST_CASE("a post-hoc EMA snapshot streams its profiles to disk without copying them", "[allocation]") {
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  RowMatrix weight = RowMatrix::Random(700, 900);
+  Eigen::VectorXf bias = Eigen::VectorXf::Random(700);
+  polyak::ParameterList<float> list;
+  list.add("weight", weight).add("bias", bias);
+  const std::string folder = "polyak_no_allocation_snapshots";
+  polyak::PostHocEMA<float> post_hoc(list, folder, 1000);
+  post_hoc.update_parameters(list);
+  CHECK(allocations_in([&] { post_hoc.update_parameters(list); }) == 0);  // not a snapshot step
+  const std::size_t before = allocated_bytes.load();
+  post_hoc.save_snapshots();
+  const std::size_t bytes = allocated_bytes.load() - before;
+  // Two profiles of 2.5 MB each: what a snapshot allocates is the header and file names.
+  CHECK(bytes < 64 * 1024);
+  std::filesystem::remove_all(folder);
 }
 
 TEST_CASE("average_parameters reuses its buffer", "[allocation]") {
