@@ -161,6 +161,9 @@ TEST_CASE("malformed files are FormatErrors that name the problem", "[serializat
           "overlap");
   refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[2]}})", data), "needs exactly");
   refused(safetensors_bytes(R"({"__metadata__":{"k":1}})", ""), "not a string");
+  // found by the fuzzer: an empty name was std::invalid_argument from StateDict, not a FormatError
+  refused(safetensors_bytes(R"({"":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", data),
+          "empty string");
   // Every truncation of a good file is refused, never read past its end.
   const std::string whole = safetensors_bytes(good_header, data);
   for (std::size_t n = 0; n < whole.size(); ++n) {

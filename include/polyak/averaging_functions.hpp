@@ -54,13 +54,14 @@ inline double setting_number(const std::map<std::string, std::string>& metadata,
   return value;
 }
 
-/// Refuses a state saved by another averaging function.
-inline void expect_avg_fn(const std::map<std::string, std::string>& metadata, const std::string& name,
-                          const char* who) {
-  const auto fn = metadata.find("avg_fn");
-  if (fn == metadata.end() || fn->second != name) {
-    throw FormatError(std::string(who) + ": the state was saved by the averaging function '" +
-                      (fn == metadata.end() ? std::string("(none)") : fn->second) + "', not '" + name + "'");
+/// Refuses a state whose setting `key` is missing or other than `value` (saved by another averaging
+/// function, or with another schedule).
+inline void expect_setting(const std::map<std::string, std::string>& metadata, const std::string& key,
+                           const std::string& value, const char* who) {
+  const auto it = metadata.find(key);
+  if (it == metadata.end() || it->second != value) {
+    throw FormatError(std::string(who) + ": the state's " + key + " is '" +
+                      (it == metadata.end() ? std::string("(none)") : it->second) + "', not '" + value + "'");
   }
 }
 
@@ -124,7 +125,7 @@ class EMA {
     metadata["decay"] = detail::setting_text(decay_);
   }
   static EMA load_settings(const std::map<std::string, std::string>& metadata) {
-    detail::expect_avg_fn(metadata, "ema", "polyak::EMA");
+    detail::expect_setting(metadata, "avg_fn", "ema", "polyak::EMA");
     return detail::make_from_settings<EMA>(
         "polyak::EMA", [&] { return EMA{detail::setting_number(metadata, "decay", "polyak::EMA")}; });
   }

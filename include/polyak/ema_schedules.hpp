@@ -51,20 +51,13 @@ class WarmupDecay {
     metadata["decay"] = detail::setting_text(decay_);
   }
   static WarmupDecay load_settings(const std::map<std::string, std::string>& metadata) {
-    expect_schedule(metadata, "warmup");
+    detail::expect_setting(metadata, "schedule", "warmup", "polyak::WarmupDecay");
     return detail::make_from_settings<WarmupDecay>("polyak::WarmupDecay", [&] {
       return WarmupDecay{detail::setting_number(metadata, "decay", "polyak::WarmupDecay")};
     });
   }
 
  private:
-  static void expect_schedule(const std::map<std::string, std::string>& metadata, const std::string& name) {
-    const auto it = metadata.find("schedule");
-    if (it == metadata.end() || it->second != name)
-      throw FormatError("polyak: the state was saved with another EMA decay schedule than '" + name + "'");
-  }
-  friend class InverseGammaDecay;
-
   double decay_;
 };
 
@@ -107,8 +100,8 @@ class InverseGammaDecay {
     metadata["min_decay"] = detail::setting_text(min_decay_);
   }
   static InverseGammaDecay load_settings(const std::map<std::string, std::string>& metadata) {
-    WarmupDecay::expect_schedule(metadata, "inverse_gamma");
     const char* who = "polyak::InverseGammaDecay";
+    detail::expect_setting(metadata, "schedule", "inverse_gamma", who);
     return detail::make_from_settings<InverseGammaDecay>(who, [&] {
       return InverseGammaDecay{
           detail::setting_number(metadata, "decay", who), detail::setting_number(metadata, "inv_gamma", who),
@@ -193,7 +186,7 @@ class ScheduledEMA {
   }
   ScheduledEMA load_settings(const std::map<std::string, std::string>& metadata) const {
     const char* who = "polyak::ScheduledEMA";
-    detail::expect_avg_fn(metadata, "scheduled_ema", who);
+    detail::expect_setting(metadata, "avg_fn", "scheduled_ema", who);
     EmaCadence cadence;
     const double after = detail::setting_number(metadata, "update_after_step", who);
     const double every = detail::setting_number(metadata, "update_every", who);

@@ -87,7 +87,7 @@ class PowerEMA {
     metadata["sigma_rel"] = detail::setting_text(sigma_rel());  // for people reading the file
   }
   static PowerEMA load_settings(const std::map<std::string, std::string>& metadata) {
-    detail::expect_avg_fn(metadata, "power_ema", "polyak::PowerEMA");
+    detail::expect_setting(metadata, "avg_fn", "power_ema", "polyak::PowerEMA");
     return detail::make_from_settings<PowerEMA>("polyak::PowerEMA", [&] {
       return PowerEMA{detail::setting_number(metadata, "gamma", "polyak::PowerEMA")};
     });

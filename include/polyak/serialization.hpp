@@ -227,6 +227,7 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
     auto bad = [&](const std::string& why) {
       throw FormatError("polyak: safetensors tensor '" + name + "': " + why);
     };
+    if (name.empty()) throw FormatError("polyak: safetensors header names a tensor with the empty string");
     if (!entry.is_object()) bad("not an object");
     if (!entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
         entry.size() != 3) {
