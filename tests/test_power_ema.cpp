@@ -269,6 +269,10 @@ TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates",
     CHECK(loaded.at(name).bytes == tensor.bytes);
   }
   CHECK(loaded.metadata.at("avg_fn") == "power_ema");
+  // A reconstruction saved among the snapshots is not taken for one.
+  polyak::save_safetensors(folder + "/reconstructed.safetensors",
+                           polyak::reconstruct_power_ema(polyak::find_power_ema_snapshots(folder), 5.0));
+  CHECK(polyak::find_power_ema_snapshots(folder).size() == 6);
 
   SECTION("its state round-trips, and a state of other widths changes nothing") {
     polyak::PostHocEMA<double> resumed(model.params, folder + "/resumed", 10);

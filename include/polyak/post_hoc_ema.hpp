@@ -104,8 +104,8 @@ struct PowerEmaSnapshot {
 };
 
 /// Reads the header (and n_averaged) of every *.safetensors file in `folder` that holds a PowerEMA
-/// AveragedModel state, sorted by step, then gamma. Files of other kinds are skipped; a snapshot
-/// that cannot be read is a FormatError naming it.
+/// AveragedModel state, sorted by step, then gamma. Files of other kinds, and reconstructions
+/// (reconstruct_power_ema's output) are skipped; a snapshot that cannot be read is a FormatError.
 inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string& folder) {
   std::vector<PowerEmaSnapshot> found;
   for (const auto& item : std::filesystem::directory_iterator(folder)) {
@@ -114,6 +114,7 @@ inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string&
     SafetensorsIndex index = read_safetensors_index(path);
     const auto fn = index.metadata.find("avg_fn");
     if (fn == index.metadata.end() || fn->second != "power_ema") continue;
+    if (index.metadata.count("post_hoc_snapshots") != 0) continue;  // a reconstruction written there
     const PowerEMA ema = PowerEMA::load_settings(index.metadata);
     std::int64_t step = -1;
     for (const auto& entry : index.entries) {
