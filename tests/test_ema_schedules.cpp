@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "polyak/averaged_model.hpp"
+#include "test_types.hpp"
 
 using polyak::EmaCadence;
 using polyak::InverseGammaDecay;
@@ -237,4 +238,16 @@ TEST_CASE("ScheduledEMA's settings travel with the checkpoint", "[ema_schedules]
   corrupt.metadata["update_every"] = "2x";
   CHECK_THROWS_WITH(loaded.load_state_dict(corrupt), Catch::Contains("update_every"));
   CHECK(loaded.avg_fn().cadence().update_every == 2);
+}
+
+TEMPLATE_TEST_CASE("ScheduledEMA of a constant is that constant, in every scalar type", "[ema_schedules]",
+                   POLYAK_SCALAR_TYPES) {
+  using Acc = polyak::accumulator_t<TestType>;
+  using Vector = Eigen::Matrix<TestType, Eigen::Dynamic, 1>;
+  Vector c = Vector::Constant(5, TestType(-1.7f));
+  polyak::ParameterList<TestType> list;
+  list.add("c", c);
+  polyak::AveragedModel ema(list, polyak::ScheduledEMA{polyak::InverseGammaDecay{0.999}, {3, 2}});
+  for (int step = 0; step < 40; ++step) ema.update_parameters(list);
+  for (Eigen::Index j = 0; j < 5; ++j) CHECK(ema.tensors()[0].data()[j] == static_cast<Acc>(c[j]));
 }

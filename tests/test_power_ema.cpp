@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "polyak/power_ema.hpp"
+#include "test_types.hpp"
 
 namespace {
 
@@ -283,4 +284,36 @@ TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates",
     CHECK(narrow.profiles()[0].n_averaged() == 0);
   }
   std::filesystem::remove_all(folder);
+}
+
+TEMPLATE_TEST_CASE("PowerEMA in every scalar type: the direct weighted sum, and a constant stays constant",
+                   "[power_ema]", POLYAK_SCALAR_TYPES) {
+  using Acc = polyak::accumulator_t<TestType>;
+  using Vector = Eigen::Matrix<TestType, Eigen::Dynamic, 1>;
+  const double gamma = polyak::sigma_rel_to_gamma(0.1);
+  Vector w = Vector::Zero(8), c = Vector::Constant(8, TestType(0.3f));
+  polyak::ParameterList<TestType> list;
+  list.add("w", w).add("c", c);
+  polyak::AveragedModel<TestType, polyak::PowerEMA> ema(list, polyak::PowerEMA{gamma});
+  std::vector<std::vector<double>> seen;  // the values as the model held them, after rounding to T
+  const std::int64_t steps = 60;
+  for (std::int64_t t = 1; t <= steps; ++t) {
+    std::vector<double> row;
+    for (Eigen::Index j = 0; j < 8; ++j) {
+      w[j] = TestType(static_cast<float>(std::cos(0.1 * static_cast<double>(t) + static_cast<double>(j))));
+      row.push_back(static_cast<double>(w[j]));
+    }
+    seen.push_back(row);
+    ema.update_parameters(list);
+  }
+  for (Eigen::Index j = 0; j < 8; ++j) {
+    double expected = 0;
+    for (std::int64_t tau = 1; tau <= steps; ++tau)
+      expected += Trajectory::weight(tau, steps, gamma) *
+                  seen[static_cast<std::size_t>(tau - 1)][static_cast<std::size_t>(j)];
+    CHECK(polyak_test::close(static_cast<double>(ema.tensors()[0].data()[j]), expected,
+                             64 * polyak_test::tolerance_v<Acc>));
+    CHECK(ema.tensors()[1].data()[j] ==
+          static_cast<Acc>(c[j]));  // exactly: each step is a lerp between equals
+  }
 }
