@@ -25,7 +25,8 @@ echo "== tests"
 ctest_args=()
 run_suite build/test "-O2 -g1"
 echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-# (the compile-fail and consumer cases ran above and test no new code here; benchmarks are not built)
+# (the compile-fail, consumer and header-alone checks ran above and test no new code here; benchmarks
+# are not built)
 ctest_args=(-E "^(compile_fail|consumer|benchmark)\\.")
 # -O1, as the sanitizers' manuals advise: instrumented -O2 takes twice as long to build.
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize "-O1 -g1" \
