@@ -173,6 +173,15 @@ class AveragedModel {
   StateDict state_dict() const {
     StateDict sd;
     for (const auto& entry : averaged_) sd.insert("module." + entry.name(), entry.view());
+    sd.merge("", state_dict_scalars());
+    return sd;
+  }
+
+  /// state_dict() without its tensors: n_averaged and the metadata. With tensors() named
+  /// "module.<name>" in front, it is the whole state; what a writer that streams the tensors from
+  /// the averaged copy needs (PostHocEMA's snapshots), instead of a second copy of them.
+  StateDict state_dict_scalars() const {
+    StateDict sd;
     sd.insert_scalar<std::int64_t>("n_averaged", n_averaged_);
     sd.metadata["use_buffers"] = use_buffers_ ? "true" : "false";
     detail::save_settings(avg_fn_, sd.metadata);

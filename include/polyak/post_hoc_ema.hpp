@@ -179,9 +179,8 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
     std::vector<double> sum(combined.numel(), 0.0);
     for (std::size_t i = 0; i < snapshots.size(); ++i) {
       const auto& s = snapshots[i];
-      const std::vector<double> values =
-          to_doubles(read_safetensors_tensor(s.path, s.index, s.index.entries[k]));
-      for (std::size_t e = 0; e < sum.size(); ++e) sum[e] += weights[i] * values[e];
+      detail::for_each_double(read_safetensors_tensor(s.path, s.index, s.index.entries[k]),
+                              [&](std::size_t e, double value) { sum[e] += weights[i] * value; });
     }
     assign_doubles(combined, sum);
     result.insert(entry.name, std::move(combined));
@@ -219,11 +218,8 @@ class PostHocEMA {
   void save_snapshots() const {
     for (std::size_t i = 0; i < profiles_.size(); ++i) {
       const Profile& profile = profiles_[i];
-      StateDict extra;  // what AveragedModel::state_dict() holds besides the tensors
-      extra.insert_scalar<std::int64_t>("n_averaged", profile.n_averaged());
-      extra.metadata["use_buffers"] = "false";
-      profile.avg_fn().save_settings(extra.metadata);
-      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(), "module.", extra);
+      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(), "module.",
+                       profile.state_dict_scalars());
     }
   }
 

@@ -107,17 +107,28 @@ decltype(auto) with_scalar_type(DType dtype, F&& f) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Calls visit(i, value) with each element of `t` as a double, row-major.
+template <class Visit>
+void for_each_double(const StoredTensor& t, Visit&& visit) {
+  with_scalar_type(t.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const std::size_t n = t.numel();
+    for (std::size_t i = 0; i < n; ++i) {
+      T v;
+      std::memcpy(&v, t.bytes.data() + i * sizeof(T), sizeof(T));
+      visit(i, static_cast<double>(v));
+    }
+  });
+}
+
+}  // namespace detail
+
 /// The elements of `t` as doubles, row-major; exact for every dtype (for I64 up to 2^53).
 inline std::vector<double> to_doubles(const StoredTensor& t) {
   std::vector<double> out(t.numel());
-  detail::with_scalar_type(t.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      T v;
-      std::memcpy(&v, t.bytes.data() + i * sizeof(T), sizeof(T));
-      out[i] = static_cast<double>(v);
-    }
-  });
+  detail::for_each_double(t, [&](std::size_t i, double v) { out[i] = v; });
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>  // std::function
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -95,7 +96,7 @@ namespace detail {
 
 /// One batch-norm layer of a module tree, and the momentum update_bn restores.
 struct BatchNormLayer {
-  torch::nn::Module* module;
+  std::function<void()> reset;      // the layer's reset_running_stats()
   c10::optional<double>* momentum;  // the layer's options.momentum()
   c10::optional<double> saved;
 };
@@ -104,7 +105,8 @@ template <class Impl>
 bool collect(torch::nn::Module& module, std::vector<BatchNormLayer>& layers) {
   auto* layer = dynamic_cast<Impl*>(&module);
   if (layer == nullptr) return false;
-  layers.push_back({&module, &layer->options.momentum(), layer->options.momentum()});
+  layers.push_back(
+      {[layer] { layer->reset_running_stats(); }, &layer->options.momentum(), layer->options.momentum()});
   return true;
 }
 
@@ -143,9 +145,7 @@ void update_bn(Batches&& batches, Forward&& forward, torch::nn::Module& model) {
   } restore{layers, model, model.is_training()};
 
   for (auto& layer : layers) {
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(layer.module)) bn->reset_running_stats();
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(layer.module)) bn->reset_running_stats();
-    if (auto* bn = dynamic_cast<torch::nn::BatchNorm3dImpl*>(layer.module)) bn->reset_running_stats();
+    layer.reset();
     *layer.momentum = c10::nullopt;
   }
   model.train(true);
