@@ -3,10 +3,13 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -283,4 +286,111 @@ TEST_CASE("the schedulers', averagers' and batch-norm states round-trip and are 
   polyak::BatchNormStats<float> bn4(4);
   CHECK_THROWS_AS(bn4.load_state_dict(bn.state_dict()), FormatError);
   CHECK((bn4.running_var == 1.0f).all());
+}
+
+// Issue 12, item 1: a load that ran while another process or thread replaced the file read the old
+// header with the new data (6 of 1,500 loads, wrong values and no error).
+TEST_CASE("a load while another thread saves returns one whole state and never a mix", "[serialization]") {
+  const auto path = temporary_path("concurrent.safetensors");
+  // Two states whose headers differ in length (metadata of different lengths), so a torn read
+  // would find its tensors at the wrong offsets.
+  auto state = [](float value, std::size_t metadata_length) {
+    StateDict sd;
+    std::vector<float> values(4096, value);
+    sd.insert("values", values.data(), {4096});
+    sd.metadata["padding"] = std::string(metadata_length, 'x');
+    sd.metadata["value"] = std::to_string(value);
+    return sd;
+  };
+  const StateDict a = state(1.0f, 3), b = state(2.0f, 517);
+  polyak::save_safetensors(path, a);
+  std::atomic<bool> done{false};
+  std::thread saver([&] {
+    for (int k = 0; !done; ++k) polyak::save_safetensors(path, k % 2 ? a : b);
+  });
+  int loads = 0, mixed = 0, refused = 0;
+  for (; loads < 1500; ++loads) {
+    try {
+      const StateDict sd = polyak::load_safetensors(path);
+      const float expected = sd.metadata.at("value") == std::to_string(1.0f) ? 1.0f : 2.0f;
+      const auto values = values_of<float>(sd.at("values"));
+      mixed += !std::all_of(values.begin(), values.end(), [&](float v) { return v == expected; });
+    } catch (const FormatError&) {
+      ++refused;
+    }
+  }
+  done = true;
+  saver.join();
+  CHECK(mixed == 0);
+  CHECK(refused == 0);  // each load sees one whole file: nothing to refuse either
+}
+
+// Issue 12, item 2: entries were sorted by start offset alone, so an empty tensor tied with the
+// next one and polyak refused its own file.
+TEST_CASE("a file with empty tensors round-trips", "[serialization]") {
+  const auto path = temporary_path("empty_tensor.safetensors");
+  StateDict sd;
+  float one = 5.0f;
+  sd.insert("b", TensorView<float>(nullptr, {0}));
+  sd.insert("a", TensorView<float>(&one, {1}));
+  sd.insert("c", TensorView<double>(nullptr, {3, 0}));
+  polyak::save_safetensors(path, sd);
+  const StateDict back = polyak::load_safetensors(path);
+  REQUIRE(back.size() == 3);
+  CHECK(back.at("b").shape == std::vector<std::int64_t>{0});
+  CHECK(back.at("c").shape == std::vector<std::int64_t>{3, 0});
+  CHECK(values_of<float>(back.at("a")) == std::vector<float>{5.0f});
+}
+
+// Issue 12, "promises": Python's safetensors refuses duplicate names, gaps between tensors and
+// bytes after the last one; polyak accepted all three (the last duplicate won).
+TEST_CASE("what Python's safetensors refuses, polyak refuses", "[serialization]") {
+  const auto path = temporary_path("strict.safetensors");
+  auto refused = [&](const std::string& header, const std::string& data, const std::string& fragment) {
+    write_bytes(path, safetensors_bytes(header, data));
+    CHECK_THROWS_AS(polyak::load_safetensors(path), FormatError);
+    CHECK_THROWS_WITH(polyak::load_safetensors(path), Catch::Contains(fragment));
+  };
+  const std::string eight(8, '\0'), twelve(12, '\0');
+  refused(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+          R"("x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+          eight, "'x' appears twice");
+  refused(R"({"__metadata__":{"k":"1","k":"2"}})", "", "'k' appears twice");
+  refused(R"({"x":{"dtype":"F32","dtype":"F64","shape":[1],"data_offsets":[0,4]}})", eight,
+          "'dtype' appears twice");
+  refused(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+          R"("y":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+          twelve, "gap");
+  refused(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", eight, "gap");
+  refused(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", eight, "4 bytes after the last tensor");
+  // the reading side of the same file, for the streaming readers
+  write_bytes(path, safetensors_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", eight));
+  CHECK_THROWS_AS(polyak::read_safetensors_index(path), FormatError);
+}
+
+// Issue 12, item 11: two threads saving the same path shared one temporary name, so one save failed
+// every round.
+TEST_CASE("threads saving the same path at once all succeed", "[serialization]") {
+  const auto path = temporary_path("two_savers.safetensors");
+  std::atomic<int> failures{0};
+  auto saver = [&](double value) {
+    StateDict sd;
+    sd.insert_scalar<double>("v", value);
+    for (int k = 0; k < 200; ++k) {
+      try {
+        polyak::save_safetensors(path, sd);
+      } catch (const std::exception&) {
+        ++failures;
+      }
+    }
+  };
+  std::thread first(saver, 1.0), second(saver, 2.0);
+  first.join();
+  second.join();
+  CHECK(failures == 0);
+  const double v = polyak::load_safetensors(path).scalar<double>("v");
+  CHECK((v == 1.0 || v == 2.0));
+  for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::path(path).parent_path())) {
+    CHECK(entry.path().filename().string().find("two_savers.safetensors.tmp") == std::string::npos);
+  }
 }

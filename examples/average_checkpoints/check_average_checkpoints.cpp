@@ -1,16 +1,21 @@
 // SPDX-License-Identifier: MIT
 // Runs average_checkpoints on checkpoints made here and checks its output against closed forms:
-// the uniform mean, a weighted mean, an EMA over the files in order; and that inputs that disagree
-// are refused with no output file.
+// the uniform mean, a weighted mean, an EMA over the files in order; that inputs that disagree are
+// refused with no output file; and that every bad argument gets a message, a non-zero exit (never a
+// crash) and no file written.
 //   check_average_checkpoints PATH_TO_average_checkpoints WORK_FOLDER
 #include <polyak/serialization.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <filesystem>
 #include <string>
 #include <vector>
+
+#include <sys/wait.h>  // WIFEXITED: std::system's status
 
 namespace {
 
@@ -71,6 +76,49 @@ int main(int argc, char** argv) {
   const std::string bad = checkpoint(folder, 3, /*other_shape=*/true);
   expect(run(out + " " + a + " " + bad + " 2>/dev/null") != 0, "a checkpoint of another shape is refused");
   expect(!std::filesystem::exists(out), "and no output is written");
+  // Issue 12, item 7: bad arguments. Each one: exit 2 with a usage message, nothing written (the
+  // folder holds only the inputs afterwards). Before the fix some aborted (exit 134), some wrote a
+  // wrong average with exit 0, and "--help a b" wrote a file named "--help".
+  const std::string log = folder + "/stderr.txt";
+  auto refused = [&](const std::string& args, const std::string& why) {
+    const int status = std::system(("cd " + folder + " && " + tool + " " + args + " 2>" + log).c_str());
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::ifstream in(log);
+    const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::size_t files = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(folder)) files += entry.path() != log;
+    expect(code == 2 && message.find("usage:") != std::string::npos && files == 4,
+           "refused with usage, exit 2, nothing written: " + why + " (exit " + std::to_string(code) + ")");
+  };
+  const std::string inputs = " out.safetensors " + a + " " + b;
+  refused("--ema -0.5" + inputs, "--ema -0.5");
+  refused("--ema nan" + inputs, "--ema nan");
+  refused("--ema abc" + inputs, "--ema abc");
+  refused("--ema 0.5x" + inputs, "--ema 0.5x");
+  refused("--ema" , "--ema without a value");
+  refused("--weights inf,1" + inputs, "--weights inf,1");
+  refused("--weights abc,1" + inputs, "--weights abc");
+  refused("--weights 1,,1" + inputs, "--weights 1,,1");
+  refused("--weights 1, " + inputs, "--weights with an empty item");
+  refused("--weights 1e999,1" + inputs, "--weights 1e999");
+  refused("--weights 1x,2" + inputs, "--weights 1x,2");
+  refused("--weights -1,2" + inputs, "--weights -1,2");
+  refused("--weights 0,0" + inputs, "--weights 0,0");
+  refused("--weights 1,2,3" + inputs, "three weights for two inputs");
+  refused("--weights 1,1 --ema 0.5" + inputs, "--weights with --ema");
+  refused("--ema 0.5 --ema 0.6" + inputs, "--ema twice");
+  refused("--bogus" + inputs, "an unknown option");
+  refused("out.safetensors", "no input");
+  refused(a + " " + a + " " + b, "OUT is an input");
+  // --help: the usage on stdout, exit 0, and no file named "--help" or anything else
+  const int help = std::system(("cd " + folder + " && " + tool + " --help a b >/dev/null").c_str());
+  std::size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) files += entry.path() != log;
+  expect(WIFEXITED(help) && WEXITSTATUS(help) == 0 && files == 4, "--help a b prints the usage and writes nothing");
+  // Huge but finite weights are normalized without overflow: 1e308,1e308 is the uniform mean.
+  expect(run("--weights 1e308,1e308 " + out + " " + a + " " + b) == 0 && w0(out) == 1.5f,
+         "--weights 1e308,1e308 is the uniform mean (1 + 2) / 2");
+
   std::filesystem::remove_all(folder);
   return failures == 0 ? 0 : 1;
 }

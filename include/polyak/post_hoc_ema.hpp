@@ -65,6 +65,20 @@ inline void check_profile(const PowerEmaProfile& p, const char* role) {
   }
 }
 
+/// The n_averaged a power EMA snapshot holds; FormatError when it holds none >= 1.
+inline std::int64_t snapshot_step(SafetensorsReader& reader) {
+  std::int64_t step = -1;
+  for (const auto& entry : reader.index().entries) {
+    if (entry.name == "n_averaged" && entry.dtype == DType::I64 && entry.shape.empty()) {
+      const StoredTensor t = reader.read(entry);
+      std::memcpy(&step, t.bytes.data(), sizeof step);
+    }
+  }
+  if (step < 1)
+    throw FormatError("polyak: power EMA snapshot '" + reader.path() + "' has no n_averaged >= 1");
+  return step;
+}
+
 }  // namespace detail
 
 /// The weights x (summing to 1) of the `sources` profiles whose combination best approximates
@@ -111,19 +125,13 @@ inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string&
   for (const auto& item : std::filesystem::directory_iterator(folder)) {
     if (!item.is_regular_file() || item.path().extension() != ".safetensors") continue;
     const std::string path = item.path().string();
-    SafetensorsIndex index = read_safetensors_index(path);
-    const auto fn = index.metadata.find("avg_fn");
-    if (fn == index.metadata.end() || fn->second != "power_ema") continue;
-    if (index.metadata.count("post_hoc_snapshots") != 0) continue;  // a reconstruction written there
-    const PowerEMA ema = PowerEMA::load_settings(index.metadata);
-    std::int64_t step = -1;
-    for (const auto& entry : index.entries) {
-      if (entry.name == "n_averaged" && entry.dtype == DType::I64 && entry.shape.empty()) {
-        const StoredTensor t = read_safetensors_tensor(path, index, entry);
-        std::memcpy(&step, t.bytes.data(), sizeof step);
-      }
-    }
-    if (step < 1) throw FormatError("polyak: power EMA snapshot '" + path + "' has no n_averaged >= 1");
+    SafetensorsReader reader(path);
+    const auto fn = reader.index().metadata.find("avg_fn");
+    if (fn == reader.index().metadata.end() || fn->second != "power_ema") continue;
+    if (reader.index().metadata.count("post_hoc_snapshots") != 0) continue;  // a reconstruction written there
+    const PowerEMA ema = PowerEMA::load_settings(reader.index().metadata);
+    const std::int64_t step = detail::snapshot_step(reader);
+    SafetensorsIndex index = reader.index();
     found.push_back({path, std::move(index), {step, ema.gamma()}});
   }
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) {
@@ -167,6 +175,16 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
     }
   }
 
+  // Every snapshot stays open while it streams: each is read from the file found above, never from
+  // one a later save put in its place (refused: it changed since it was found).
+  std::vector<SafetensorsReader> readers;
+  for (const auto& s : snapshots) {
+    readers.emplace_back(s.path);
+    if (readers.back().index() != s.index || detail::snapshot_step(readers.back()) != s.profile.step) {
+      throw FormatError("polyak::reconstruct_power_ema: '" + s.path + "' changed since it was found");
+    }
+  }
+
   StateDict result;
   result.metadata = first.index.metadata;
   PowerEMA{gamma}.save_settings(result.metadata);
@@ -178,8 +196,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
     StoredTensor combined{entry.dtype, entry.shape, {}};
     std::vector<double> sum(combined.numel(), 0.0);
     for (std::size_t i = 0; i < snapshots.size(); ++i) {
-      const auto& s = snapshots[i];
-      detail::for_each_double(read_safetensors_tensor(s.path, s.index, s.index.entries[k]),
+      detail::for_each_double(readers[i].read(readers[i].index().entries[k]),
                               [&](std::size_t e, double value) { sum[e] += weights[i] * value; });
     }
     assign_doubles(combined, sum);

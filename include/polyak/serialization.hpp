@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>  // std::sort
+#include <atomic>     // the counter that makes each temporary's name unique
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -88,8 +89,12 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
 
   const std::size_t slash = path.find_last_of('/');
   const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-  const std::string temporary = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // "<path>.tmp.<pid>.<n>": unique to this call, so that threads and processes saving the same path
+  // at once never share one (O_EXCL makes sure). A crash mid-save leaves it behind (see
+  // save_safetensors).
+  static std::atomic<unsigned long long> saves{0};
+  const std::string temporary = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(++saves);
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) fail_io("cannot create", temporary);
   try {
     unsigned char length_bytes[8];
@@ -131,7 +136,16 @@ inline void add_writers(std::vector<TensorWriter>& writers, const StateDict& sd)
 
 /// Writes `sd` to `path` in the safetensors format, atomically: into a temporary file in the same
 /// folder, flushed and fsynced, renamed over `path`, the folder fsynced. A crash at any moment
-/// leaves either the previous file or the new one, whole.
+/// leaves either the previous file or the new one, whole; a reader that opened the file before the
+/// rename keeps reading the old one whole (SafetensorsReader, load_safetensors).
+///
+/// Temporaries are named "<path>.tmp.<pid>.<n>", unique to each call, so threads and processes
+/// saving the same path at once all succeed (the last rename wins). A save that fails removes its
+/// temporary; a process killed mid-save cannot, and leaves it behind: nothing ever reads these
+/// files, and they may be deleted whenever no save to `path` is running (`rm <path>.tmp.*`).
+///
+/// A `path` that is a symbolic link is replaced by a regular file (rename replaces the link, not
+/// the file it points to); save to the link's target to keep the link.
 inline void save_safetensors(const std::string& path, const StateDict& sd) {
   std::vector<detail::TensorWriter> writers;
   detail::add_writers(writers, sd);
@@ -172,10 +186,20 @@ struct SafetensorsIndex {
     DType dtype;
     std::vector<std::int64_t> shape;
     std::uint64_t begin, end;  // byte offsets in the data
+
+    bool operator==(const Entry& other) const {
+      return name == other.name && dtype == other.dtype && shape == other.shape && begin == other.begin &&
+             end == other.end;
+    }
   };
   std::vector<Entry> entries;  // in data order
   std::map<std::string, std::string> metadata;
   std::uint64_t data_start = 0;  // where the data begins in the file
+
+  bool operator==(const SafetensorsIndex& other) const {
+    return entries == other.entries && metadata == other.metadata && data_start == other.data_start;
+  }
+  bool operator!=(const SafetensorsIndex& other) const { return !(*this == other); }
 };
 
 namespace detail {
@@ -201,14 +225,32 @@ inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size) 
   return length;
 }
 
-/// Parses and checks the JSON header, for `data_size` bytes of data after it.
-inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size) {
-  nlohmann::json header;
+/// Parses the header as JSON, refusing a key that appears twice in one object (nlohmann::json
+/// would keep the last; Python's safetensors refuses such a file).
+inline nlohmann::json parse_header_json(const char* text, std::uint64_t length) {
+  std::vector<std::vector<std::string>> keys;  // the keys seen so far in each open object
+  const auto check_key = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::object_start) keys.emplace_back();
+    if (event == nlohmann::json::parse_event_t::object_end) keys.pop_back();
+    if (event == nlohmann::json::parse_event_t::key) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      auto& seen = keys.back();
+      if (std::find(seen.begin(), seen.end(), key) != seen.end())
+        throw FormatError("polyak: safetensors header: the key '" + key + "' appears twice in one object");
+      seen.push_back(key);
+    }
+    return true;
+  };
   try {
-    header = nlohmann::json::parse(text, text + length);
+    return nlohmann::json::parse(text, text + length, check_key);
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(std::string("polyak: safetensors header is not JSON: ") + e.what());
   }
+}
+
+/// Parses and checks the JSON header, for `data_size` bytes of data after it.
+inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size) {
+  const nlohmann::json header = parse_header_json(text, length);
   if (!header.is_object()) throw FormatError("polyak: safetensors header is not a JSON object");
   SafetensorsIndex index;
   index.data_start = 8 + length;
@@ -275,14 +317,28 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
     }
     index.entries.push_back(std::move(e));
   }
-  // In data order (the order save_safetensors wrote them in), and no two may share a byte.
-  std::sort(index.entries.begin(), index.entries.end(),
-            [](const auto& x, const auto& y) { return x.begin < y.begin; });
-  for (std::size_t i = 1; i < index.entries.size(); ++i) {
-    if (index.entries[i].begin < index.entries[i - 1].end) {
-      throw FormatError("polyak: safetensors tensors '" + index.entries[i - 1].name + "' and '" +
-                        index.entries[i].name + "' overlap");
+  // In data order (the order save_safetensors wrote them in; an empty tensor before the one it
+  // shares its offset with). As Python's safetensors requires, the tensors cover the data exactly:
+  // the first starts at 0, each where the previous ends, and the last ends with the file.
+  std::sort(index.entries.begin(), index.entries.end(), [](const auto& x, const auto& y) {
+    return x.begin != y.begin ? x.begin < y.begin : x.end < y.end;
+  });
+  std::uint64_t covered = 0;
+  for (std::size_t i = 0; i < index.entries.size(); ++i) {
+    const auto& e = index.entries[i];
+    if (e.begin < covered) {
+      throw FormatError("polyak: safetensors tensors '" + index.entries[i - 1].name + "' and '" + e.name +
+                        "' overlap");
     }
+    if (e.begin > covered) {
+      throw FormatError("polyak: safetensors tensor '" + e.name + "' starts at data byte " +
+                        std::to_string(e.begin) + ", leaving a gap after byte " + std::to_string(covered));
+    }
+    covered = e.end;
+  }
+  if (covered != data_size) {
+    throw FormatError("polyak: safetensors file has " + std::to_string(data_size - covered) +
+                      " bytes after the last tensor");
   }
   return index;
 }
@@ -306,53 +362,71 @@ inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
   return sd;
 }
 
+/// One safetensors file, opened once: its header read and checked at construction, its tensors read
+/// on request from the same open file. A save that replaces the path meanwhile (save_safetensors
+/// renames a new file over it) cannot mix two files: this reader keeps reading the one it opened.
+class SafetensorsReader {
+ public:
+  /// Opens `path` and reads its header; a missing, truncated, oversized or malformed file is a
+  /// FormatError naming the problem.
+  explicit SafetensorsReader(std::string path) : path_(std::move(path)), in_(path_, std::ios::binary) {
+    if (!in_) throw FormatError("polyak: cannot open '" + path_ + "'");
+    in_.seekg(0, std::ios::end);
+    const auto size = static_cast<std::uint64_t>(in_.tellg());
+    std::byte first8[8] = {};
+    in_.seekg(0);
+    in_.read(reinterpret_cast<char*>(first8), static_cast<std::streamsize>(std::min<std::uint64_t>(8, size)));
+    const std::uint64_t length = detail::header_length(first8, size);
+    std::string text(length, '\0');
+    if (!in_.read(text.data(), static_cast<std::streamsize>(length)))
+      throw FormatError("polyak: cannot read '" + path_ + "'");
+    index_ = detail::parse_index(text.data(), length, size - 8 - length);
+  }
+
+  const std::string& path() const noexcept { return path_; }
+  const SafetensorsIndex& index() const noexcept { return index_; }
+
+  /// Reads one tensor of index().
+  StoredTensor read(const SafetensorsIndex::Entry& entry) {
+    StoredTensor t;
+    t.dtype = entry.dtype;
+    t.shape = entry.shape;
+    t.bytes.resize(entry.end - entry.begin);
+    in_.seekg(static_cast<std::streamoff>(index_.data_start + entry.begin));
+    if (!in_ ||
+        !in_.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()))) {
+      throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path_ + "'");
+    }
+    return t;
+  }
+
+  /// Reads the tensor named `name`; FormatError when the file has none.
+  StoredTensor read(const std::string& name) {
+    for (const auto& entry : index_.entries) {
+      if (entry.name == name) return read(entry);
+    }
+    throw FormatError("polyak: '" + path_ + "' has no tensor '" + name + "'");
+  }
+
+ private:
+  std::string path_;
+  std::ifstream in_;
+  SafetensorsIndex index_;
+};
+
 /// Reads only the header of a safetensors file, checked as load_safetensors checks it.
 inline SafetensorsIndex read_safetensors_index(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
-  const auto size = static_cast<std::uint64_t>(in.tellg());
-  std::byte first8[8] = {};
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(first8), static_cast<std::streamsize>(std::min<std::uint64_t>(8, size)));
-  const std::uint64_t length = detail::header_length(first8, size);
-  std::string text(length, '\0');
-  if (!in.read(text.data(), static_cast<std::streamsize>(length)))
-    throw FormatError("polyak: cannot read '" + path + "'");
-  return detail::parse_index(text.data(), length, size - 8 - length);
-}
-
-/// Reads one tensor, from a stream over the file whose index read_safetensors_index gave.
-inline StoredTensor read_safetensors_tensor(std::istream& in, const SafetensorsIndex& index,
-                                            const SafetensorsIndex::Entry& entry) {
-  StoredTensor t;
-  t.dtype = entry.dtype;
-  t.shape = entry.shape;
-  t.bytes.resize(entry.end - entry.begin);
-  in.seekg(static_cast<std::streamoff>(index.data_start + entry.begin));
-  if (!in ||
-      !in.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()))) {
-    throw FormatError("polyak: cannot read tensor '" + entry.name + "'");
-  }
-  return t;
-}
-
-/// Reads one tensor of the file at `path` whose index read_safetensors_index gave.
-inline StoredTensor read_safetensors_tensor(const std::string& path, const SafetensorsIndex& index,
-                                            const SafetensorsIndex::Entry& entry) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
-  return read_safetensors_tensor(in, index, entry);
+  return SafetensorsReader(path).index();
 }
 
 /// Reads a safetensors file: its header checked as parse_safetensors checks it, then each tensor's
-/// bytes straight into its StoredTensor. A truncated, oversized or malformed file is a FormatError.
+/// bytes straight into its StoredTensor, all from one open file. A truncated, oversized or
+/// malformed file is a FormatError.
 inline StateDict load_safetensors(const std::string& path) {
-  const SafetensorsIndex index = read_safetensors_index(path);
+  SafetensorsReader reader(path);
   StateDict sd;
-  sd.metadata = index.metadata;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FormatError("polyak: cannot open '" + path + "'");
-  for (const auto& entry : index.entries) sd.insert(entry.name, read_safetensors_tensor(in, index, entry));
+  sd.metadata = reader.index().metadata;
+  for (const auto& entry : reader.index().entries) sd.insert(entry.name, reader.read(entry));
   return sd;
 }
 
