@@ -355,3 +355,20 @@ TEMPLATE_TEST_CASE("a thread pool splits large updates and gives the same bits",
   }
   CHECK(off == list.numel());
 }
+
+// Issue 12, item 12: the update that read the freed storage of a resized Eigen vector is refused.
+TEST_CASE("an update through a stale view is refused and changes nothing", "[averaged_model]") {
+  Eigen::VectorXf w = Eigen::VectorXf::Constant(4, 1.0f);
+  ParameterList<float> list;
+  list.add("w", w);
+  AveragedModel<float> swa(list);
+  swa.update_parameters(list);
+  w.resize(4096);  // another allocation: the view's pointer is freed
+  w.setConstant(5.0f);
+  CHECK_THROWS_WITH(swa.update_parameters(list),
+                    Catch::Contains("update_parameters: tensor 'w' was resized, moved or replaced"));
+  CHECK(swa.n_averaged() == 1);
+  CHECK(swa.tensors()[0].data()[0] == 1.0f);
+  CHECK_THROWS_AS(swa.copy_to(list), std::invalid_argument);
+  CHECK_THROWS_AS(swa.swap(list), std::invalid_argument);
+}

@@ -291,8 +291,10 @@ class AveragedModel {
     return out;
   }
 
-  /// Throws std::invalid_argument naming the first tensor of `model` that differs from the copy.
+  /// Throws std::invalid_argument naming the first tensor of `model` that differs from the copy, or
+  /// whose storage has moved since its view was made.
   void check_matches(const ParameterList<T>& model, const char* where) const {
+    model.check_storage("polyak::AveragedModel::", where);
     const std::size_t common = std::min(model.size(), averaged_.size());
     for (std::size_t i = 0; i < common; ++i) {
       const auto& ours = averaged_[i];

@@ -6,8 +6,12 @@
 // tensors, it reads and writes them through these views.
 #pragma once
 
-#include <cstddef>    // std::size_t
-#include <cstdint>    // std::int64_t
+#include <cstddef>    // std::size_t, std::ptrdiff_t
+#include <cstdint>    // std::int64_t, std::uintptr_t
+#include <iterator>   // std::prev
+#include <limits>
+#include <map>        // ParameterList's memory ranges, to refuse tensors that share memory
+#include <memory>     // std::shared_ptr: a ViewSource's keep_alive
 #include <sstream>    // error messages
 #include <stdexcept>  // std::invalid_argument
 #include <string>
@@ -42,6 +46,26 @@ using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
 template <class S>
 using ConstArrayMap = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
 
+/// Where a view's storage came from, when polyak can ask it, before each use, whether the storage is
+/// still where the view was made. A view holds a pointer: if the object it was made from reallocates
+/// (an Eigen Matrix resized, a libtorch tensor replaced by torch::load or cast by module->to()), the
+/// pointer dangles, and using it would read freed memory. AveragedModel and the model averagers ask
+/// every view's source first and refuse a stale one by name (ParameterList::check_storage).
+///
+/// ParameterList::add fills it in for an Eigen Matrix, Array or Tensor (which own their storage;
+/// a Map or a raw pointer has no object to ask), and polyak::libtorch::parameters for each tensor.
+/// What it cannot catch: an object destroyed after its view was made (asking it would itself read
+/// freed memory). Keep the model's objects alive, and their sizes fixed, while views of them are used.
+struct ViewSource {
+  /// The object the storage belongs to (an Eigen object, or what keep_alive holds).
+  const void* object = nullptr;
+  /// True while `object` still keeps its elements at `data`, `numel` of them.
+  bool (*is_current)(const void* object, const void* data, std::size_t numel) = nullptr;
+  /// Keeps `object` alive as long as the view (libtorch: a handle on the tensor); empty for Eigen
+  /// objects, which the training code owns.
+  std::shared_ptr<const void> keep_alive;
+};
+
 /// A non-owning view of one contiguous tensor: pointer, logical shape, storage order.
 /// Mirrors what a libtorch tensor's `data_ptr()` and `sizes()` give (row-major by default).
 template <class T>
@@ -55,16 +79,25 @@ class TensorView {
 
   TensorView() = default;
 
-  /// `data` must hold the product of `shape` elements, contiguous in `order`.
-  TensorView(T* data, Shape shape, StorageOrder order = StorageOrder::RowMajor)
-      : data_(data), shape_(std::move(shape)), order_(order) {
+  /// `data` must hold the product of `shape` elements, contiguous in `order`. A negative extent, or
+  /// a shape whose element count (multiplied left to right, as safetensors counts it) or byte count
+  /// overflows, is refused. `source`, where given, lets polyak check before each use that the
+  /// storage has not moved (see ViewSource).
+  TensorView(T* data, Shape shape, StorageOrder order = StorageOrder::RowMajor, ViewSource source = {})
+      : data_(data), shape_(std::move(shape)), order_(order), source_(std::move(source)) {
+    constexpr auto max_elements = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) / sizeof(T);
     numel_ = 1;
     for (const std::int64_t extent : shape_) {
       if (extent < 0) {
         throw std::invalid_argument("polyak::TensorView: negative extent " + std::to_string(extent) +
                                     " in shape " + shape_string(shape_));
       }
-      numel_ *= static_cast<std::size_t>(extent);
+      const auto x = static_cast<std::size_t>(extent);
+      if (x != 0 && numel_ > max_elements / x) {
+        throw std::invalid_argument("polyak::TensorView: the element count of shape " + shape_string(shape_) +
+                                    " overflows");
+      }
+      numel_ *= x;
     }
     if (data_ == nullptr && numel_ != 0) {
       throw std::invalid_argument("polyak::TensorView: null data for a tensor of shape " +
@@ -80,11 +113,18 @@ class TensorView {
   /// The storage as one flat array, in memory order.
   ArrayMap<T> flat() const { return ArrayMap<T>(data_, static_cast<Eigen::Index>(numel_)); }
 
+  /// False when the view's source says its storage has moved since the view was made; true when it
+  /// has not, or when the view has no source to ask.
+  bool storage_is_current() const {
+    return source_.is_current == nullptr || source_.is_current(source_.object, data_, numel_);
+  }
+
  private:
   T* data_ = nullptr;
   Shape shape_;
   StorageOrder order_ = StorageOrder::RowMajor;
   std::size_t numel_ = 0;
+  ViewSource source_;
 };
 
 namespace detail {
@@ -105,7 +145,9 @@ inline constexpr bool is_eigen_dense_v =
     std::is_base_of_v<Eigen::DenseBase<remove_cvref_t<X>>, remove_cvref_t<X>>;
 
 template <class X>
-struct eigen_tensor_traits : std::false_type {};
+struct eigen_tensor_traits : std::false_type {
+  static constexpr bool owns = false;
+};
 template <class S, int N, int Options, class Index>
 struct eigen_tensor_traits<Eigen::Tensor<S, N, Options, Index>> : std::true_type {
   using Scalar = S;
@@ -119,6 +161,22 @@ struct eigen_tensor_traits<Eigen::TensorMap<Eigen::Tensor<S, N, Options, Index>,
   static constexpr bool owns = false;
   static constexpr bool row_major = (Options & Eigen::RowMajor) != 0;
 };
+
+/// The ViewSource of an Eigen object that owns its storage (Matrix, Array, Tensor: it may be resized);
+/// none for a Map, a Block or a TensorMap, which are often temporaries and cannot reallocate.
+template <class D>
+ViewSource source_of(D& object) {
+  if constexpr (std::is_base_of_v<Eigen::PlainObjectBase<D>, D> || eigen_tensor_traits<D>::owns) {
+    return {&object,
+            [](const void* o, const void* data, std::size_t numel) {
+              const D& x = *static_cast<const D*>(o);
+              return static_cast<const void*>(x.data()) == data && static_cast<std::size_t>(x.size()) == numel;
+            },
+            {}};
+  } else {
+    return {};
+  }
+}
 
 /// A view of a contiguous, writable Eigen Matrix, Array, Map or Block.
 template <class X>
@@ -159,7 +217,8 @@ TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& 
   } else {
     shape = {static_cast<std::int64_t>(x.rows()), static_cast<std::int64_t>(x.cols())};
   }
-  return {x.data(), std::move(shape), D::IsRowMajor ? StorageOrder::RowMajor : StorageOrder::ColMajor};
+  return {x.data(), std::move(shape), D::IsRowMajor ? StorageOrder::RowMajor : StorageOrder::ColMajor,
+          source_of(x)};
 }
 
 /// A view of an Eigen::Tensor or Eigen::TensorMap (always contiguous).
@@ -172,7 +231,8 @@ TensorView<typename eigen_tensor_traits<remove_cvref_t<X>>::Scalar> view_of_tens
                 "polyak: a temporary Eigen::Tensor would dangle: pass the model's own object");
   typename TensorView<typename Traits::Scalar>::Shape shape;
   for (const auto extent : x.dimensions()) shape.push_back(static_cast<std::int64_t>(extent));
-  return {x.data(), std::move(shape), Traits::row_major ? StorageOrder::RowMajor : StorageOrder::ColMajor};
+  return {x.data(), std::move(shape), Traits::row_major ? StorageOrder::RowMajor : StorageOrder::ColMajor,
+          source_of(x)};
 }
 
 /// The view of anything ParameterList::add accepts.
@@ -255,6 +315,20 @@ class ParameterList {
   const_iterator begin() const noexcept { return entries_.begin(); }
   const_iterator end() const noexcept { return entries_.end(); }
 
+  /// Throws std::invalid_argument naming the first tensor whose storage has moved since its view was
+  /// made (see ViewSource), with `who` and `where` in front; what every polyak call that reads or
+  /// writes through the views asks first. Allocates nothing unless it throws.
+  void check_storage(const char* who, const char* where = "") const {
+    for (const auto& entry : entries_) {
+      if (!entry.view().storage_is_current()) {
+        throw std::invalid_argument(std::string(who) + where + ": tensor '" + entry.name() +
+                                    "' was resized, moved or replaced after its view was made, so the view "
+                                    "points at memory the tensor no longer uses: make the ParameterList "
+                                    "again from the model as it is now");
+      }
+    }
+  }
+
  private:
   template <class Tensor>
   ParameterList& add_entry(std::string name, Tensor&& tensor, bool is_buffer) {
@@ -267,11 +341,28 @@ class ParameterList {
         throw std::invalid_argument("polyak::ParameterList: the name '" + name + "' is already in the list");
       }
     }
+    // A tensor listed twice (tied weights) would be averaged twice, and swap() would undo itself on
+    // it: refused, as PyTorch's parameters() lists a shared tensor once.
+    const auto begin = reinterpret_cast<std::uintptr_t>(view.data());
+    const auto end = begin + view.numel() * sizeof(T);
+    if (begin != end) {
+      auto next = ranges_.upper_bound(begin);
+      const auto shared = [&](std::size_t other) {
+        throw std::invalid_argument("polyak::ParameterList: tensor '" + name + "' shares memory with '" +
+                                    entries_[other].name() +
+                                    "' (tied weights?): list a shared tensor once, as PyTorch's "
+                                    "parameters() does");
+      };
+      if (next != ranges_.end() && next->first < end) shared(next->second.second);
+      if (next != ranges_.begin() && std::prev(next)->second.first > begin) shared(std::prev(next)->second.second);
+      ranges_.emplace(begin, std::make_pair(end, entries_.size()));
+    }
     entries_.emplace_back(std::move(name), std::move(view), is_buffer);
     return *this;
   }
 
   std::vector<NamedTensor<T>> entries_;
+  std::map<std::uintptr_t, std::pair<std::uintptr_t, std::size_t>> ranges_;  ///< begin -> (end, index), bytes
 };
 
 }  // namespace polyak

@@ -61,8 +61,28 @@ TensorView<T> view_of(const std::string& name, const torch::Tensor& tensor) {
   }
   if (!tensor.is_contiguous()) refuse("is not contiguous (call .contiguous() on it in the module)");
   const auto sizes = tensor.sizes();
-  return TensorView<T>(static_cast<T*>(tensor.data_ptr()),
-                       std::vector<std::int64_t>(sizes.begin(), sizes.end()));
+  // The view keeps a handle on the tensor and asks it before each use whether its storage is still
+  // where the view points: torch::load and module->to() give a module's tensors new storage.
+  auto handle = std::make_shared<const torch::Tensor>(tensor);
+  ViewSource source{handle.get(),
+                    [](const void* object, const void* data, std::size_t numel) {
+                      const auto& t = *static_cast<const torch::Tensor*>(object);
+                      return t.defined() && t.device().is_cpu() && t.scalar_type() == torch_scalar_type<T>() &&
+                             t.is_contiguous() && t.data_ptr() == data &&
+                             static_cast<std::size_t>(t.numel()) == numel;
+                    },
+                    handle};
+  return TensorView<T>(static_cast<T*>(tensor.data_ptr()), std::vector<std::int64_t>(sizes.begin(), sizes.end()),
+                       StorageOrder::RowMajor, std::move(source));
+}
+
+/// True for a module's step counters: integer buffers, and batch norm's num_batches_tracked whatever
+/// its dtype (libtorch's Module::to casts every buffer, counters too, where Python's .double() does not).
+inline bool is_counter(const std::string& name, const torch::Tensor& buffer) {
+  const std::string leaf = "num_batches_tracked";
+  const bool named_so = name.size() >= leaf.size() && name.compare(name.size() - leaf.size(), leaf.size(), leaf) == 0 &&
+                        (name.size() == leaf.size() || name[name.size() - leaf.size() - 1] == '.');
+  return named_so || !buffer.is_floating_point();
 }
 
 }  // namespace detail
@@ -71,21 +91,34 @@ TensorView<T> view_of(const std::string& name, const torch::Tensor& tensor) {
 /// the names of PyTorch's state_dict ("0.weight", "bn1.running_mean", ...), recursively.
 ///
 /// Every tensor must be a contiguous CPU tensor of T (float, double, half, bfloat16); anything else
-/// is refused with std::invalid_argument naming the tensor. Integer buffers (batch norm's
-/// num_batches_tracked) are counters, not weights: they are left out (update_bn resets them).
-/// The views point into the tensors' storage: they stay valid while the module keeps it, so build
-/// them after moving the module to its dtype and device (module->to(...)) and not before.
+/// is refused with std::invalid_argument naming the tensor. Step counters are not weights and are
+/// left out: integer buffers, and batch norm's num_batches_tracked whatever its dtype (module->to()
+/// casts it too); update_bn resets them. A tensor registered under two names (tied weights) is
+/// viewed once, under its first name, as Python's named_parameters() lists it.
+///
+/// The views point into the tensors' storage. torch::load(module, path) and module->to(...) give
+/// the tensors new storage: a call through views made before (update_parameters, copy_to, swap,
+/// average_parameters) is then refused with std::invalid_argument naming the tensor; call
+/// parameters() again after loading or moving the module.
 template <class T>
 ParameterList<T> parameters(const torch::nn::Module& module, Buffers buffers = Buffers::Include) {
   static_assert(is_supported_scalar_v<T>,
                 "polyak::libtorch::parameters: T must be float, double, Eigen::half or Eigen::bfloat16");
   ParameterList<T> list;
+  std::vector<torch::Tensor> listed;
+  const auto seen = [&](const torch::Tensor& tensor) {
+    for (const auto& other : listed) {
+      if (other.is_same(tensor)) return true;
+    }
+    listed.push_back(tensor);
+    return false;
+  };
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    list.add(item.key(), detail::view_of<T>(item.key(), item.value()));
+    if (!seen(item.value())) list.add(item.key(), detail::view_of<T>(item.key(), item.value()));
   }
   if (buffers == Buffers::Include) {
     for (const auto& item : module.named_buffers(/*recurse=*/true)) {
-      if (!item.value().is_floating_point()) continue;
+      if (detail::is_counter(item.key(), item.value()) || seen(item.value())) continue;
       list.add_buffer(item.key(), detail::view_of<T>(item.key(), item.value()));
     }
   }

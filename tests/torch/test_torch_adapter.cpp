@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <filesystem>
 #include <stdexcept>
 
 #include "polyak/averaged_model.hpp"
@@ -180,4 +181,79 @@ TEST_CASE("SWALR anneals a torch::optim optimizer's groups to swa_lr", "[torch]"
   CHECK(lr(1) == Approx(0.3).epsilon(1e-12));
   CHECK_THROWS_WITH(polyak::SWALR(optimizer, std::vector<double>{0.1}),
                     Catch::Contains("2 parameter groups"));
+}
+
+// Issue 12, item 3: a tied weight (one tensor registered in two modules) was listed twice, so two
+// updates, then swap and swap back, destroyed the live weight. Listed once, as Python's
+// named_parameters() lists it.
+TEST_CASE("a tied weight is viewed once, and swap keeps the live values", "[torch]") {
+  struct Embedding : nn::Module {
+    torch::Tensor weight = register_parameter("weight", torch::zeros({4, 4}));
+  };
+  struct Head : nn::Module {
+    explicit Head(const torch::Tensor& tied) : weight(register_parameter("weight", tied)) {}
+    torch::Tensor weight;
+    torch::Tensor bias = register_parameter("bias", torch::zeros({4}));
+  };
+  struct LanguageModel : nn::Module {  // the output layer reuses the embedding's weight
+    std::shared_ptr<Embedding> embed = register_module("embed", std::make_shared<Embedding>());
+    std::shared_ptr<Head> head = register_module("head", std::make_shared<Head>(embed->weight));
+  };
+  LanguageModel model;
+  torch::Tensor& live = model.embed->weight;
+  const auto params = polyak::libtorch::parameters<float>(model);
+  REQUIRE(params.size() == 2);  // embed.weight and head.bias: the tied weight once, first name kept
+  CHECK(params[0].name() == "embed.weight");
+  CHECK(params[1].name() == "head.bias");
+  polyak::AveragedModel<float> swa(params);
+  torch::NoGradGuard no_grad;
+  live.fill_(2.0f);
+  swa.update_parameters(params);
+  live.fill_(6.0f);
+  swa.update_parameters(params);  // the average is 4
+  live.fill_(9.0f);
+  swa.swap(params);
+  CHECK(model.head->weight.eq(4.0f).all().item<bool>());
+  swa.swap(params);
+  CHECK(live.eq(9.0f).all().item<bool>());
+  CHECK(model.head->weight.eq(9.0f).all().item<bool>());
+}
+
+// Issue 12, item 13: module->to(kFloat64) casts batch norm's int64 num_batches_tracked to double, and
+// parameters<double> took them for weights (14 views instead of 12).
+TEST_CASE("batch-norm counters are left out whatever their dtype", "[torch]") {
+  nn::Sequential model(nn::Linear(3, 4), nn::BatchNorm1d(4), nn::ReLU(), nn::Linear(4, 2), nn::BatchNorm1d(2));
+  const auto in_float = polyak::libtorch::parameters<float>(*model);
+  model->to(torch::kFloat64);
+  const auto in_double = polyak::libtorch::parameters<double>(*model);
+  CHECK(in_float.size() == 12);
+  REQUIRE(in_double.size() == 12);
+  for (std::size_t i = 0; i < 12; ++i) {
+    CHECK(in_double[i].name() == in_float[i].name());
+    CHECK(in_double[i].name().find("num_batches_tracked") == std::string::npos);
+  }
+}
+
+// Issue 12, item 14: torch::load (how a libtorch trainer resumes) and module->to() replace the
+// tensors' storage; views made before pointed at freed memory and the next update read it silently.
+TEST_CASE("views made before torch::load or module->to() are refused at the next call", "[torch]") {
+  const std::string path = (std::filesystem::temp_directory_path() / "polyak_torch_stale.pt").string();
+  nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
+  torch::save(model, path);
+  const auto params = polyak::libtorch::parameters<float>(*model);
+  polyak::AveragedModel<float, polyak::EMA> ema(params, polyak::EMA{0.5});
+  ema.update_parameters(params);
+  const float before = ema.tensors()[0].data()[0];
+
+  torch::load(model, path);  // the resume: every parameter gets new storage
+  CHECK_THROWS_WITH(ema.update_parameters(params),
+                    Catch::Contains("tensor '0.weight' was resized, moved or replaced"));
+  CHECK(ema.n_averaged() == 1);
+  CHECK(ema.tensors()[0].data()[0] == before);
+  const auto fresh = polyak::libtorch::parameters<float>(*model);  // what the message asks for
+  CHECK_NOTHROW(ema.update_parameters(fresh));
+
+  model->to(torch::kFloat64);
+  CHECK_THROWS_WITH(ema.copy_to(fresh), Catch::Contains("'0.weight' was resized, moved or replaced"));
+  std::filesystem::remove(path);
 }
