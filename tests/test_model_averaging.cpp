@@ -141,7 +141,8 @@ TEST_CASE("members whose parameter lists differ all get an error, and nothing ch
       polyak::average_parameters(list, comm);
     });
     for (const auto& e : errors)
-      CHECK_THAT(e, Catch::Contains("tensor counts") && Catch::Contains("nothing"));
+      CHECK_THAT(e, Catch::Contains("list of rank 2 differs") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[2], Catch::Contains("rank 2 has 3 tensors, rank 0 2: the first extra one is 'extra'"));
   }
   SECTION("a tensor of another size on one rank") {
     const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
@@ -222,4 +223,78 @@ TEST_CASE("the averagers refuse settings PyTorch refuses, and ones that make no 
   CHECK_THROWS_WITH(H({{2, 1}, {4, 2}}, 0, comm), Catch::Contains("must be the whole group's size, 4"));
   CHECK_THROWS_WITH(H({{2, 2}, {4, 4}}, -3, comm), Catch::Contains("warmup_steps"));
   CHECK_THROWS_WITH(ThreadCommunicator::create(0), Catch::Contains("size 0"));
+}
+
+// Issue 12, item 4: the cross-member check compared only element counts and scalar types, so lists in
+// another order, or a matrix stored column-major on one member and row-major on another, were
+// averaged element by element: wrong values, no error.
+TEST_CASE("members whose lists differ in names or order or storage order all get an error naming it",
+          "[model_averaging]") {
+  std::vector<Eigen::VectorXf> w(4, Eigen::VectorXf::Zero(3)), b(4, Eigen::VectorXf::Zero(3));
+  std::vector<Eigen::Matrix<float, 2, 3>> col(4);
+  std::vector<Eigen::Matrix<float, 2, 3, Eigen::RowMajor>> row(4);
+  auto run = [&](const std::function<ParameterList<float>(std::size_t)>& list_of) {
+    for (std::size_t r = 0; r < 4; ++r) {
+      w[r].setConstant(static_cast<float>(r));
+      b[r].setConstant(static_cast<float>(10 * r));
+      col[r].setConstant(static_cast<float>(r));
+      row[r].setConstant(static_cast<float>(r));
+    }
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      polyak::average_parameters(list_of(static_cast<std::size_t>(comm.rank())), comm);
+    });
+    for (std::size_t r = 0; r < 4; ++r) {  // nothing moved
+      CHECK((w[r].array() == static_cast<float>(r)).all());
+      CHECK((b[r].array() == static_cast<float>(10 * r)).all());
+      CHECK((col[r].array() == static_cast<float>(r)).all());
+    }
+    return errors;
+  };
+  SECTION("another order on one member") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      if (r == 1) {
+        list.add("b", b[r]).add("w", w[r]);
+      } else {
+        list.add("w", w[r]).add("b", b[r]);
+      }
+      return list;
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("rank 1") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[1], Catch::Contains("tensor 0 'w' is named 'b' where rank 0 has 'w'"));
+  }
+  SECTION("another storage order on one member") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      if (r == 2) {
+        list.add("m", row[r]);
+      } else {
+        list.add("m", col[r]);
+      }
+      return list;
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("rank 2") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[2], Catch::Contains("'m' has another storage order"));
+  }
+  SECTION("another name on two members") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      list.add(r >= 2 ? "weight" : "w", w[r]);
+      return list;
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("ranks 2, 3"));
+    CHECK_THAT(errors[3], Catch::Contains("is named 'weight' where rank 0 has 'w'"));
+  }
+  SECTION("a stale view on one member") {
+    std::vector<Eigen::VectorXf> grown(4, Eigen::VectorXf::Zero(3));
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      ParameterList<float> list;
+      list.add("g", grown[r]);
+      if (r == 3) grown[r].resize(100);  // the view now points at freed memory
+      polyak::average_parameters(list, comm);
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[3], Catch::Contains("tensor 'g' was resized, moved or replaced"));
+  }
 }

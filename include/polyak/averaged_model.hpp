@@ -16,6 +16,7 @@
 #include <Eigen/Core>  // Eigen::aligned_allocator
 
 #include "polyak/averaging_functions.hpp"
+#include "polyak/detail/tensor_spec.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
@@ -295,37 +296,10 @@ class AveragedModel {
   /// whose storage has moved since its view was made.
   void check_matches(const ParameterList<T>& model, const char* where) const {
     model.check_storage("polyak::AveragedModel::", where);
-    const std::size_t common = std::min(model.size(), averaged_.size());
-    for (std::size_t i = 0; i < common; ++i) {
-      const auto& ours = averaged_[i];
-      const auto& theirs = model[i];
-      std::string problem;
-      if (theirs.name() != ours.name()) {
-        problem = "is named '" + theirs.name() + "' where the averaged copy has '" + ours.name() + "'";
-      } else if (theirs.is_buffer() != ours.is_buffer()) {
-        problem = std::string("is a ") + (theirs.is_buffer() ? "buffer" : "parameter") +
-                  " in the model and a " + (ours.is_buffer() ? "buffer" : "parameter") +
-                  " in the averaged copy";
-      } else if (theirs.shape() != ours.shape()) {
-        problem = "has shape " + shape_string(theirs.shape()) + " where the averaged copy has " +
-                  shape_string(ours.shape());
-      } else if (theirs.storage_order() != ours.storage_order() && theirs.shape().size() > 1) {
-        problem = "has another storage order (row- vs column-major) than the averaged copy";
-      }
-      if (!problem.empty()) {
-        fail(where, "tensor " + std::to_string(i) + " '" + ours.name() + "' " + problem);
-      }
-    }
-    if (model.size() > averaged_.size()) {
-      fail(where, "the model has " + std::to_string(model.size()) + " tensors, the averaged copy " +
-                      std::to_string(averaged_.size()) + ": the first extra one is '" + model[common].name() +
-                      "'");
-    }
-    if (model.size() < averaged_.size()) {
-      fail(where, "the model has " + std::to_string(model.size()) + " tensors, the averaged copy " +
-                      std::to_string(averaged_.size()) + ": the first missing one is '" +
-                      averaged_[common].name() + "'");
-    }
+    const std::string problem = detail::first_mismatch(
+        model.size(), [&](std::size_t i) { return detail::spec_of(model[i]); }, "the model", averaged_.size(),
+        [&](std::size_t i) { return detail::spec_of(averaged_[i]); }, "the averaged copy");
+    if (!problem.empty()) fail(where, problem);
   }
 
   [[noreturn]] static void fail(const char* where, const std::string& what) {

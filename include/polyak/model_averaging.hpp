@@ -11,12 +11,13 @@
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t, std::uint64_t
 #include <stdexcept>  // std::invalid_argument
-#include <string>
+#include <string>  // std::char_traits: lengths of scalar type names
 #include <type_traits>
 #include <utility>  // std::pair
 #include <vector>
 
 #include "polyak/communicator.hpp"
+#include "polyak/detail/tensor_spec.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
@@ -30,65 +31,183 @@ namespace detail {
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
-template <class T>
-constexpr std::uint64_t scalar_code() {
-  if constexpr (std::is_same_v<T, float>) return 1;
-  if constexpr (std::is_same_v<T, double>) return 2;
-  if constexpr (std::is_same_v<T, Eigen::half>) return 3;
-  return 4;  // Eigen::bfloat16
+/// Writes what members must agree on before their values may be summed, tensor by tensor: name,
+/// scalar type, storage order (of tensors of two or more dimensions) and shape, as bytes into `sink`
+/// (sink.put(pointer, length)). The same bytes feed the layout hash and, when members disagree, the
+/// description of rank 0's list that every member compares its own with.
+template <class Sink, class T>
+void describe(Sink& sink, const ParameterList<T>& list) {
+  const auto put_u64 = [&](std::uint64_t value) {
+    unsigned char bytes[8];
+    for (int b = 0; b < 8; ++b) bytes[b] = static_cast<unsigned char>(value >> (8 * b));
+    sink.put(bytes, 8);
+  };
+  const char* scalar = scalar_dtype_name<T>();
+  for (const auto& tensor : list) {
+    put_u64(tensor.name().size());
+    sink.put(tensor.name().data(), tensor.name().size());
+    put_u64(std::char_traits<char>::length(scalar));
+    sink.put(scalar, std::char_traits<char>::length(scalar));
+    put_u64(tensor.shape().size() > 1 && tensor.storage_order() == StorageOrder::ColMajor ? 1 : 0);
+    put_u64(tensor.shape().size());
+    for (const std::int64_t extent : tensor.shape()) put_u64(static_cast<std::uint64_t>(extent));
+  }
 }
 
-/// What members must agree on before their values may be summed: how many tensors, how many
-/// scalars, and each tensor's size and scalar type (an FNV-1a hash of them, in order).
-struct Layout {
-  std::uint64_t tensors = 0, scalars = 0, hash = 14695981039346656037ull;
-
-  void add(std::uint64_t value) {
-    for (int byte = 0; byte < 8; ++byte) {
-      hash ^= (value >> (8 * byte)) & 0xff;
-      hash *= 1099511628211ull;
-    }
-  }
-  template <class T>
-  void add(const ParameterList<T>& list) {
-    for (const auto& tensor : list) {
-      ++tensors;
-      scalars += tensor.numel();
-      add(tensor.numel());
-      add(scalar_code<T>());
+/// FNV-1a over what describe() writes; allocates nothing.
+struct LayoutHash {
+  std::uint64_t value = 14695981039346656037ull;
+  void put(const void* data, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+      value ^= static_cast<const unsigned char*>(data)[i];
+      value *= 1099511628211ull;
     }
   }
 };
 
-/// Collective: throws std::invalid_argument on every member when the members' layouts differ, before
-/// any value moves. It sums, over the members, each byte f of the layout and f^2: all members agree
-/// on f exactly when size * sum(f^2) == sum(f)^2 (Cauchy-Schwarz); bytes keep those sums exact.
-template <class Comm>
-void check_same_layout(Comm& comm, const Layout& layout, const char* where) {
-  const std::uint64_t fields[3] = {layout.tensors, layout.scalars, layout.hash};
-  double sums[2 * 24] = {};
-  for (int f = 0; f < 3; ++f) {
-    for (int byte = 0; byte < 8; ++byte) {
-      const double value = static_cast<double>((fields[f] >> (8 * byte)) & 0xff);
-      sums[f * 8 + byte] = value;
-      sums[24 + f * 8 + byte] = value * value;
+/// What describe() writes, kept (only when members disagree).
+struct LayoutBytes {
+  std::string bytes;
+  void put(const void* data, std::size_t n) { bytes.append(static_cast<const char*>(data), n); }
+};
+
+/// One tensor of a description read back from its bytes.
+struct DescribedTensor {
+  std::string name, scalar;
+  StorageOrder order = StorageOrder::RowMajor;
+  std::vector<std::int64_t> shape;
+  TensorSpec spec() const { return {name, shape.data(), shape.size(), order, scalar, {}}; }
+};
+
+/// Reads describe()'s bytes back; a description that does not parse (another polyak on that rank?)
+/// gives what it could read and `complete` false.
+inline std::vector<DescribedTensor> read_description(const std::string& bytes, bool& complete) {
+  std::vector<DescribedTensor> tensors;
+  std::size_t at = 0;
+  const auto get_u64 = [&](std::uint64_t& value) {
+    if (bytes.size() - at < 8) return false;
+    value = 0;
+    for (int b = 7; b >= 0; --b) value = (value << 8) | static_cast<unsigned char>(bytes[at + static_cast<std::size_t>(b)]);
+    at += 8;
+    return true;
+  };
+  const auto get_text = [&](std::string& text) {
+    std::uint64_t length = 0;
+    if (!get_u64(length) || bytes.size() - at < length) return false;
+    text.assign(bytes, at, static_cast<std::size_t>(length));
+    at += static_cast<std::size_t>(length);
+    return true;
+  };
+  complete = false;
+  while (at < bytes.size()) {
+    DescribedTensor t;
+    std::uint64_t order = 0, rank = 0;
+    if (!get_text(t.name) || !get_text(t.scalar) || !get_u64(order) || !get_u64(rank) || rank > bytes.size())
+      return tensors;
+    t.order = order == 1 ? StorageOrder::ColMajor : StorageOrder::RowMajor;
+    for (std::uint64_t d = 0; d < rank; ++d) {
+      std::uint64_t extent = 0;
+      if (!get_u64(extent)) return tensors;
+      t.shape.push_back(static_cast<std::int64_t>(extent));
     }
+    tensors.push_back(std::move(t));
   }
-  comm.allreduce_sum(sums, 2 * 24);
+  complete = true;
+  return tensors;
+}
+
+/// "1, 3" for the ranks whose flag is set.
+inline std::string rank_list(const std::vector<double>& flags) {
+  std::string out;
+  for (std::size_t r = 0; r < flags.size(); ++r) {
+    if (flags[r] != 0) out += (out.empty() ? "" : ", ") + std::to_string(r);
+  }
+  return out;
+}
+
+/// Collective: returns when every member passed lists of the same layout (names, scalar types,
+/// storage orders, shapes, in order) and views whose storage has not moved; otherwise throws
+/// std::invalid_argument on every member, before any value moves, naming the ranks that differ from
+/// rank 0 and, on each of them, its first difference.
+///
+/// The common case costs one allreduce of 17 doubles and allocates nothing: each member's layout hash,
+/// byte by byte, and the squares of those bytes (all members agree on a byte b exactly when
+/// size * sum(b^2) == sum(b)^2, by Cauchy-Schwarz; bytes keep those sums exact), and a flag for a stale
+/// view. Only when they disagree, rank 0's description is broadcast (through allreduce_sum: the other
+/// members add zeros) so that each member can find its own first difference.
+template <class Comm, class... Ts>
+void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
+  LayoutHash hash;
+  (describe(hash, lists), ...);
+  std::string stale;
+  const auto check_storage = [&](const auto& list) {
+    try {
+      if (stale.empty()) list.check_storage("");
+    } catch (const std::invalid_argument& e) {
+      stale = std::string(e.what()).substr(2);  // without check_storage's ": "
+    }
+  };
+  (check_storage(lists), ...);
+
+  double sums[17] = {};
+  for (int byte = 0; byte < 8; ++byte) {
+    const double value = static_cast<double>((hash.value >> (8 * byte)) & 0xff);
+    sums[byte] = value;
+    sums[8 + byte] = value * value;
+  }
+  sums[16] = stale.empty() ? 0.0 : 1.0;
+  comm.allreduce_sum(sums, 17);
   const double members = static_cast<double>(comm.size());
-  const char* what[3] = {"tensor counts", "scalar counts", "tensor sizes or scalar types"};
-  for (int f = 0; f < 3; ++f) {
-    for (int byte = 0; byte < 8; ++byte) {
-      const double sum = sums[f * 8 + byte], squares = sums[24 + f * 8 + byte];
-      if (members * squares != sum * sum) {
-        throw std::invalid_argument(
-            std::string("polyak::") + where + ": the members' parameter lists differ in " + what[f] +
-            " (this member, rank " + std::to_string(comm.rank()) + " of " + std::to_string(comm.size()) +
-            ", has " + std::to_string(layout.tensors) + " tensors of " + std::to_string(layout.scalars) +
-            " scalars); nothing was averaged");
-      }
-    }
+  bool same = sums[16] == 0;
+  for (int byte = 0; byte < 8; ++byte) same = same && members * sums[8 + byte] == sums[byte] * sums[byte];
+  if (same) return;
+
+  // Every member is here (all saw the same sums). Rank 0's description, to every member.
+  LayoutBytes mine;
+  (describe(mine, lists), ...);
+  double length = comm.rank() == 0 ? static_cast<double>(mine.bytes.size()) : 0.0;
+  comm.allreduce_sum(&length, 1);
+  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
+  if (comm.rank() == 0) {
+    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(mine.bytes[i]);
   }
+  comm.allreduce_sum(wire.data(), wire.size());
+  std::string reference_bytes(wire.size(), '\0');
+  for (std::size_t i = 0; i < wire.size(); ++i) reference_bytes[i] = static_cast<char>(static_cast<int>(wire[i]));
+  bool complete = false;
+  const std::vector<DescribedTensor> reference = read_description(reference_bytes, complete);
+  bool own_complete = false;
+  const std::vector<DescribedTensor> own = read_description(mine.bytes, own_complete);
+
+  // This member's first difference from rank 0, and which members have one (or a stale view).
+  const std::string label = "rank " + std::to_string(comm.rank());
+  std::string problem = stale;
+  if (problem.empty()) {
+    problem = first_mismatch(
+        own.size(), [&](std::size_t i) { return own[i].spec(); }, label, reference.size(),
+        [&](std::size_t i) { return reference[i].spec(); }, "rank 0");
+    if (problem.empty() && !complete) problem = "rank 0's description of its list could not be read";
+  }
+  std::vector<double> differs(static_cast<std::size_t>(comm.size()) * 2, 0.0);
+  differs[static_cast<std::size_t>(comm.rank())] = !problem.empty() && stale.empty() ? 1.0 : 0.0;
+  differs[static_cast<std::size_t>(comm.size() + comm.rank())] = stale.empty() ? 0.0 : 1.0;
+  comm.allreduce_sum(differs.data(), differs.size());
+  const std::vector<double> listed(differs.begin(), differs.begin() + comm.size());
+  const std::vector<double> moved(differs.begin() + comm.size(), differs.end());
+
+  std::string message = std::string("polyak::") + where + ": the members' parameter lists differ, so nothing was averaged:";
+  const std::string ranks = rank_list(listed), stale_ranks = rank_list(moved);
+  if (!ranks.empty()) {
+    message += std::string(" the list") + (ranks.find(',') == std::string::npos ? " of rank " : "s of ranks ") +
+               ranks + " differ" + (ranks.find(',') == std::string::npos ? "s" : "") + " from rank 0's";
+  }
+  if (!stale_ranks.empty()) {
+    message += std::string(ranks.empty() ? "" : ";") + " views on rank" +
+               (stale_ranks.find(',') == std::string::npos ? " " : "s ") + stale_ranks +
+               " point at storage that moved";
+  }
+  if (!problem.empty()) message += "; here, on " + label + ": " + problem;
+  throw std::invalid_argument(message);
 }
 
 /// The buffer parameters are packed into: one per thread and wire type, reused across calls.
@@ -113,17 +232,16 @@ void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... li
   static_assert(is_communicator_v<Comm>,
                 "polyak: the communicator needs rank(), size(), allreduce_sum(T*, n) and split(color, key)");
   using W = wire_t<Ts...>;
-  Layout layout;
-  (layout.add(lists), ...);
-  check_same_layout(comm, layout, where);
+  check_same_layout(comm, where, lists...);
+  const std::size_t scalars = (std::size_t{0} + ... + lists.numel());
 
   std::vector<W>& buffer = pack_buffer<W>();
-  buffer.resize(std::min(layout.scalars, average_chunk_scalars));
+  buffer.resize(std::min(scalars, average_chunk_scalars));
   const W members = static_cast<W>(comm.size());
 
   // Walks the tensors of all lists as one range of scalars, a chunk at a time: pack, reduce, unpack.
-  for (std::size_t chunk = 0; chunk < layout.scalars; chunk += buffer.size()) {
-    const std::size_t chunk_end = std::min(layout.scalars, chunk + buffer.size());
+  for (std::size_t chunk = 0; chunk < scalars; chunk += buffer.size()) {
+    const std::size_t chunk_end = std::min(scalars, chunk + buffer.size());
     auto for_each_piece = [&](auto&& piece) {  // piece(tensor, from, to, buffer offset)
       std::size_t start = 0;
       auto visit = [&](const auto& list) {

@@ -34,6 +34,7 @@
 #include <Eigen/QR>  // ColPivHouseholderQR
 
 #include "polyak/averaged_model.hpp"
+#include "polyak/detail/tensor_spec.hpp"
 #include "polyak/power_ema.hpp"
 #include "polyak/serialization.hpp"
 
@@ -157,22 +158,17 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   const std::vector<double> weights = post_hoc_ema_weights(sources, {step, gamma});
 
   const auto& first = snapshots.front();
+  const auto spec = [](const SafetensorsIndex& index) {
+    return [&index](std::size_t i) {
+      const auto& e = index.entries[i];
+      return detail::TensorSpec{e.name, e.shape.data(), e.shape.size(), StorageOrder::RowMajor, dtype_name(e.dtype), {}};
+    };
+  };
   for (const auto& s : snapshots) {
-    if (s.index.entries.size() != first.index.entries.size()) {
-      throw FormatError("polyak::reconstruct_power_ema: '" + s.path + "' holds " +
-                        std::to_string(s.index.entries.size()) + " tensors, '" + first.path + "' " +
-                        std::to_string(first.index.entries.size()));
-    }
-    for (std::size_t k = 0; k < first.index.entries.size(); ++k) {
-      const auto& ours = s.index.entries[k];
-      const auto& theirs = first.index.entries[k];
-      if (ours.name != theirs.name || ours.dtype != theirs.dtype || ours.shape != theirs.shape) {
-        throw FormatError("polyak::reconstruct_power_ema: tensor " + std::to_string(k) + " is '" + ours.name +
-                          "' " + dtype_name(ours.dtype) + " " + shape_string(ours.shape) + " in '" + s.path +
-                          "', '" + theirs.name + "' " + dtype_name(theirs.dtype) + " " +
-                          shape_string(theirs.shape) + " in '" + first.path + "'");
-      }
-    }
+    const std::string problem = detail::first_mismatch(s.index.entries.size(), spec(s.index), "'" + s.path + "'",
+                                                       first.index.entries.size(), spec(first.index),
+                                                       "'" + first.path + "'");
+    if (!problem.empty()) throw FormatError("polyak::reconstruct_power_ema: " + problem);
   }
 
   // Every snapshot stays open while it streams: each is read from the file found above, never from

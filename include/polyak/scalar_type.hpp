@@ -3,7 +3,7 @@
 #pragma once
 
 #include <cstddef>  // std::size_t
-#include <cstdint>  // std::uint16_t, std::uint32_t
+#include <cstdint>  // std::int64_t, std::uint16_t, std::uint32_t
 #include <cstring>  // std::memcpy: bit casts
 #include <type_traits>
 
@@ -32,6 +32,17 @@ template <class T>
 using accumulator_t = typename accumulator<T>::type;
 
 namespace detail {
+
+/// A scalar type's name as safetensors (and polyak's checkpoints) spell it: "F32", "F64", "F16",
+/// "BF16", "I64".
+template <class T>
+constexpr const char* scalar_dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "F32";
+  if constexpr (std::is_same_v<T, double>) return "F64";
+  if constexpr (std::is_same_v<T, Eigen::half>) return "F16";
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return "BF16";
+  if constexpr (std::is_same_v<T, std::int64_t>) return "I64";
+}
 
 /// Converts n scalars to their accumulator type. bfloat16 is the upper half of a float, so the
 /// conversion is a shift, written so that compilers vectorize it (Eigen's cast converts one by one,

@@ -108,10 +108,10 @@ TEST_CASE("ranks whose parameter lists differ all get an error, and nothing chan
   list.add("a", a);
   if (comm.rank() == 1) list.add("extra", extra);
   CHECK_THROWS_WITH(polyak::average_parameters(list, comm),
-                    Catch::Contains("differ in tensor counts") && Catch::Contains("nothing was averaged"));
+                    Catch::Contains("list of rank 1 differs") && Catch::Contains("nothing was averaged"));
   CHECK((a.array() == static_cast<float>(comm.rank())).all());
 
-  // Same counts, another scalar type on one rank: the layout hash tells.
+  // Same counts, another scalar type on one rank: the layout tells, naming it.
   Eigen::VectorXd d = Eigen::VectorXd::Zero(4);
   ParameterList<double> doubles;
   doubles.add("a", d);
@@ -120,8 +120,44 @@ TEST_CASE("ranks whose parameter lists differ all get an error, and nothing chan
   } else {
     ParameterList<float> floats;
     floats.add("a", a);
-    CHECK_THROWS_WITH(polyak::average_parameters(floats, comm), Catch::Contains("differ"));
+    CHECK_THROWS_WITH(polyak::average_parameters(floats, comm),
+                      Catch::Contains("differ") && Catch::Contains("'a' is F32 where rank 0 has F64"));
   }
+}
+
+// Issue 12, item 4: rank 0 listing (w, b) and rank 1 (b, w) both ended with w = b = 50, and a matrix
+// column-major on one rank and row-major on another was averaged element by element.
+TEST_CASE("ranks whose lists differ in order or storage order all get an error naming it", "[mpi]") {
+  MpiCommunicator comm = world();
+  Eigen::VectorXf w = Eigen::VectorXf::Constant(3, 0.0f), b = Eigen::VectorXf::Constant(3, 100.0f);
+  ParameterList<float> list;
+  if (comm.rank() == 1) {
+    list.add("b", b).add("w", w);
+  } else {
+    list.add("w", w).add("b", b);
+  }
+  CHECK_THROWS_WITH(polyak::average_parameters(list, comm),
+                    Catch::Contains("rank 1") && Catch::Contains("nothing was averaged"));
+  CHECK((w.array() == 0.0f).all());
+  CHECK((b.array() == 100.0f).all());
+
+  Eigen::Matrix<float, 2, 3> col = Eigen::Matrix<float, 2, 3>::Constant(static_cast<float>(comm.rank()));
+  Eigen::Matrix<float, 2, 3, Eigen::RowMajor> row = col;
+  ParameterList<float> matrices;
+  if (comm.rank() == 0) {
+    matrices.add("m", row);
+  } else {
+    matrices.add("m", col);
+  }
+  if (comm.rank() == 0) {
+    CHECK_THROWS_WITH(polyak::average_parameters(matrices, comm),
+                      Catch::Contains("from rank 0's") && Catch::Contains("nothing was averaged"));
+  } else {
+    CHECK_THROWS_WITH(polyak::average_parameters(matrices, comm),
+                      Catch::Contains("tensor 0 'm' has another storage order (row- vs column-major) than rank 0"));
+  }
+  CHECK((col.array() == static_cast<float>(comm.rank())).all());
+  CHECK((row.array() == static_cast<float>(comm.rank())).all());
 }
 
 int main(int argc, char** argv) {
