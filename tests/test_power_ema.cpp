@@ -317,3 +317,56 @@ TEMPLATE_TEST_CASE("PowerEMA in every scalar type: the direct weighted sum, and 
           static_cast<Acc>(c[j]));  // exactly: each step is a lerp between equals
   }
 }
+
+// Issue 12, item 5: a STEP past the last snapshot gave the last snapshot's values labelled with that
+// step; a STEP before the first, or a sigma_rel far outside the stored widths, gave values the fit
+// cannot stand behind (8.48 where the truth is about 1; 102.9, above every value seen).
+TEST_CASE("reconstruct_power_ema refuses a step outside the snapshots and a fit it cannot make",
+          "[power_ema][post_hoc]") {
+  const std::string folder = fresh_folder("post_hoc_refusals");
+  const Trajectory path(200);
+  Model model;
+  polyak::PostHocEMA<double> recorder(model.params, folder, 20);  // sigma_rel 0.05, 0.10; steps 20..200
+  for (std::int64_t t = 1; t <= 200; ++t) {
+    model.set(path.theta[static_cast<std::size_t>(t - 1)]);
+    recorder.update_parameters(model.params);
+  }
+  const auto snapshots = polyak::find_power_ema_snapshots(folder);
+  REQUIRE(snapshots.size() == 20);
+  const double gamma = polyak::sigma_rel_to_gamma(0.10);
+  CHECK_THROWS_WITH(polyak::reconstruct_power_ema(snapshots, gamma, 1000),
+                    Catch::Contains("step 1000 is past the last snapshot, at step 200"));
+  CHECK_THROWS_WITH(polyak::reconstruct_power_ema(snapshots, gamma, 1),
+                    Catch::Contains("step 1 is before the first snapshot, at step 20"));
+  CHECK_THROWS_WITH(polyak::reconstruct_power_ema(snapshots, polyak::sigma_rel_to_gamma(1e-9)),
+                    Catch::Contains("cannot represent") && Catch::Contains("relative error 100"));
+  CHECK_THROWS_WITH(polyak::reconstruct_power_ema(snapshots, gamma, 150),  // between snapshots 140 and 160
+                    Catch::Contains("cannot represent"));
+
+  // What it accepts, it reports with the fit's error (the relative L2 distance of the profiles).
+  const polyak::StateDict inside = polyak::reconstruct_power_ema(snapshots, polyak::sigma_rel_to_gamma(0.07));
+  double error = -1;
+  REQUIRE(polyak::detail::parse_number(inside.metadata.at("post_hoc_fit_error"), error));
+  CHECK(error > 0);
+  CHECK(error < 0.01);  // measured 2.5e-3 with snapshots every 100 steps to 2,000
+  const auto stored = polyak::post_hoc_ema_fit(
+      {{200, polyak::sigma_rel_to_gamma(0.05)}, {200, gamma}}, {200, gamma});
+  CHECK(stored.relative_error < 1e-6);  // a target that is a stored profile is represented exactly
+  CHECK(std::abs(stored.weights[1] - 1.0) < 1e-6);
+  std::filesystem::remove_all(folder);
+}
+
+// Issue 12, item 6: snapshot names were written with %.4f, so sigma_rels 0.10001 and 0.10002 shared
+// one name and one profile overwrote the other.
+TEST_CASE("PostHocEMA names each width's snapshots apart and refuses the same width twice",
+          "[power_ema][post_hoc]") {
+  const std::string folder = fresh_folder("post_hoc_names");
+  Model model;
+  polyak::PostHocEMA<double> recorder(model.params, folder, 5, {0.10001, 0.10002});
+  for (int t = 0; t < 10; ++t) recorder.update_parameters(model.params);
+  CHECK(recorder.snapshot_path(0, 5) != recorder.snapshot_path(1, 5));
+  CHECK(polyak::find_power_ema_snapshots(folder).size() == 4);
+  CHECK_THROWS_WITH(polyak::PostHocEMA<double>(model.params, folder + "/twice", 5, {0.1, 0.05, 0.1}),
+                    Catch::Contains("sigma_rel 0.1 is given twice"));
+  std::filesystem::remove_all(folder);
+}

@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <string>
 
+#include <sys/wait.h>  // WIFEXITED: std::system's status
+
 namespace {
 
 int failures = 0;
@@ -70,11 +72,42 @@ int main(int argc, char** argv) {
          "an intermediate width, within the fit's bound");
   expect(std::abs(first("flat") - 3.0) < 1e-5, "a constant stays that constant");
 
+  // Issue 12, item 5, and bad arguments: each refused with a message and a non-zero exit (2 for an
+  // argument it cannot read, 1 for one it can but must refuse), nothing written. Before the fix, STEP
+  // 1000 wrote the step-400 values labelled n_averaged 1000 (exit 0), STEP 1 and sigma_rel 1e-9 wrote
+  // values the fit cannot stand behind, and OUT could overwrite a snapshot.
   std::filesystem::remove(out);
-  expect(run(snapshots + " 0.5 " + out + " 2>/dev/null") != 0,
-         "sigma_rel 0.5 (no power profile is that wide) is refused");
-  expect(run(work + "/nothing_here 0.1 " + out + " 2>/dev/null") != 0, "a missing folder is refused");
-  expect(!std::filesystem::exists(out), "and no output is written");
+  const std::string snapshot = snapshots + "/power_ema_sigma0.1_step0000000400.safetensors";
+  expect(std::filesystem::exists(snapshot), "the snapshot the next checks aim at exists");
+  const auto snapshot_bytes = std::filesystem::file_size(snapshot);
+  const auto snapshot_time = std::filesystem::last_write_time(snapshot);
+  auto refused = [&](const std::string& args, int code, const std::string& why) {
+    const int status = std::system((tool + " " + args + " 2>/dev/null >/dev/null").c_str());
+    const int exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    expect(exit_code == code && !std::filesystem::exists(out),
+           "refused, exit " + std::to_string(code) + ", nothing written: " + why + " (exit " +
+               std::to_string(exit_code) + ")");
+  };
+  refused(snapshots + " 0.1 " + out + " 1000", 1, "STEP 1000, past the last snapshot (400)");
+  refused(snapshots + " 0.1 " + out + " 1", 1, "STEP 1, before the first snapshot (50)");
+  refused(snapshots + " 1e-9 " + out, 1, "sigma_rel 1e-9, which no fit of 0.05 and 0.10 represents");
+  refused(snapshots + " 0.5 " + out, 1, "sigma_rel 0.5 (no power profile is that wide)");
+  refused(work + "/nothing_here 0.1 " + out, 1, "a missing folder");
+  refused(snapshots + " 0.1 " + snapshot, 1, "OUT is one of the snapshots");
+  expect(std::filesystem::file_size(snapshot) == snapshot_bytes &&
+             std::filesystem::last_write_time(snapshot) == snapshot_time,
+         "and that snapshot is untouched");
+  refused(snapshots + " abc " + out, 2, "sigma_rel abc");
+  refused(snapshots + " 0.1x " + out, 2, "sigma_rel 0.1x");
+  refused(snapshots + " '' " + out, 2, "an empty sigma_rel");
+  refused(snapshots + " 0.1 " + out + " 1.7", 2, "STEP 1.7");
+  refused(snapshots + " 0.1 " + out + " 0", 2, "STEP 0");
+  refused(snapshots + " 0.1 " + out + " -5", 2, "STEP -5");
+  refused(snapshots + " 0.1 " + out + " 12x", 2, "STEP 12x");
+  refused(snapshots + " 0.1 " + out + " 300 extra", 2, "one argument too many");
+  refused(snapshots + " 0.1", 2, "no OUT");
+  expect(std::system((tool + " --help >/dev/null").c_str()) == 0 && !std::filesystem::exists(out),
+         "--help prints the usage and writes nothing");
   std::filesystem::remove_all(work);
   return failures == 0 ? 0 : 1;
 }

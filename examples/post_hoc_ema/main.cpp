@@ -7,35 +7,65 @@
 // power-function EMA of relative width SIGMA_REL at STEP (by default the last snapshot's) by the
 // least-squares fit of polyak/post_hoc_ema.hpp, and writes it to OUT as the state of an
 // AveragedModel<T, PowerEMA>: load it with load_state_dict, then copy_to the model. It streams, one
-// tensor of every snapshot at a time. Snapshots that disagree, a width outside (0, 0.30], or a
-// folder with no snapshots are refused, and nothing is written.
+// tensor of every snapshot at a time, and prints the fit's relative error. Refused, with nothing
+// written: an argument it cannot read, a width outside (0, 0.30], a STEP outside the snapshots'
+// steps, a fit worse than 25% (a width far from the stored ones, or a step between snapshots too far
+// apart), OUT naming one of the snapshots, snapshots that disagree, a folder with none.
+#include <polyak/detail/number_text.hpp>
 #include <polyak/post_hoc_ema.hpp>
 
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <string>
 
+namespace {
+
+const char* const usage_text =
+    "usage: post_hoc_ema SNAPSHOT_FOLDER SIGMA_REL OUT [STEP]\n"
+    "  reconstructs the power EMA of width SIGMA_REL (0 < SIGMA_REL <= 0.30) at STEP (default: the\n"
+    "  last snapshot's) from the snapshots polyak::PostHocEMA wrote, into OUT\n";
+
+int usage(const std::string& problem) {
+  std::fprintf(stderr, "post_hoc_ema: %s; no output written\n%s", problem.c_str(), usage_text);
+  return 2;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  if (argc < 4 || argc > 5) {
-    std::fprintf(stderr, "usage: post_hoc_ema SNAPSHOT_FOLDER SIGMA_REL OUT [STEP]\n");
-    return 2;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(usage_text, stdout);
+      return 0;
+    }
+  }
+  if (argc < 4 || argc > 5) return usage("needs 3 or 4 arguments");
+  const std::string folder = argv[1], out = argv[3];
+  double sigma_rel = 0;
+  if (!polyak::detail::parse_number(argv[2], sigma_rel)) return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number");
+  std::int64_t step = 0;
+  if (argc == 5 && (!polyak::detail::parse_number(argv[4], step) || step < 1)) {
+    return usage(std::string("STEP '") + argv[4] + "' is not a whole number >= 1");
   }
   try {
-    const std::string folder = argv[1], out = argv[3];
-    std::size_t used = 0;
-    const double sigma_rel = std::stod(argv[2], &used);
-    if (used != std::string(argv[2]).size()) throw std::invalid_argument("SIGMA_REL is not a number");
-    const long long step = argc == 5 ? std::stoll(argv[4]) : 0;
-    if (argc == 5 && step < 1) throw std::invalid_argument("STEP must be at least 1");
     const double gamma = polyak::sigma_rel_to_gamma(sigma_rel);
-
     const auto snapshots = polyak::find_power_ema_snapshots(folder);
     if (snapshots.empty()) throw std::invalid_argument("no power EMA snapshots in '" + folder + "'");
+    for (const auto& snapshot : snapshots) {
+      std::error_code error;
+      if (std::filesystem::equivalent(snapshot.path, out, error)) {
+        throw std::invalid_argument("OUT '" + out + "' is one of the snapshots");
+      }
+    }
     const polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, gamma, step);
     polyak::save_safetensors(out, sd);
-    std::printf("post_hoc_ema: sigma_rel %g (gamma %.3f) at step %lld from %zu snapshots into %s\n",
-                sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")),
-                snapshots.size(), out.c_str());
+    double fit_error = 0;
+    polyak::detail::parse_number(sd.metadata.at("post_hoc_fit_error"), fit_error);
+    std::printf("post_hoc_ema: sigma_rel %g (gamma %.3f) at step %lld from %zu snapshots into %s (fit error %.2g%%)\n",
+                sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
+                out.c_str(), 100 * fit_error);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "post_hoc_ema: %s; no output written\n", e.what());

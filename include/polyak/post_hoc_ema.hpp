@@ -34,6 +34,7 @@
 #include <Eigen/QR>  // ColPivHouseholderQR
 
 #include "polyak/averaged_model.hpp"
+#include "polyak/detail/number_text.hpp"
 #include "polyak/detail/tensor_spec.hpp"
 #include "polyak/power_ema.hpp"
 #include "polyak/serialization.hpp"
@@ -82,12 +83,19 @@ inline std::int64_t snapshot_step(SafetensorsReader& reader) {
 
 }  // namespace detail
 
-/// The weights x (summing to 1) of the `sources` profiles whose combination best approximates
-/// `target` in L2: the solution of A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>, by a
-/// column-pivoting QR, then scaled to sum 1. Every profile needs step >= 1 and gamma > -1/2 (where
-/// the inner products are finite).
-inline std::vector<double> post_hoc_ema_weights(const std::vector<PowerEmaProfile>& sources,
-                                                const PowerEmaProfile& target) {
+/// A fit of one power-EMA profile by others: the weights (summing to 1) and how far the combined
+/// profile is from the target, as the relative L2 distance ||sum_i x_i p_i - p_target|| / ||p_target||
+/// (0: exact; 1: no better than nothing).
+struct PostHocFit {
+  std::vector<double> weights;
+  double relative_error = 0;
+};
+
+/// The weights x of the `sources` profiles whose combination best approximates `target` in L2: the
+/// solution of A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>, by a column-pivoting QR, then scaled
+/// to sum 1 (as EDM2 does), with the fit's relative error computed from the same inner products.
+/// Every profile needs step >= 1 and gamma > -1/2 (where the inner products are finite).
+inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources, const PowerEmaProfile& target) {
   if (sources.empty()) throw std::invalid_argument("polyak::post_hoc_ema_weights: no source profiles");
   for (const auto& p : sources) detail::check_profile(p, "a source profile at");
   detail::check_profile(target, "the target at");
@@ -101,14 +109,25 @@ inline std::vector<double> post_hoc_ema_weights(const std::vector<PowerEmaProfil
     }
     toward(i) = detail::profile_inner_product(pi, target);
   }
-  const Eigen::VectorXd x = gram.colPivHouseholderQr().solve(toward);
+  Eigen::VectorXd x = gram.colPivHouseholderQr().solve(toward);
   const double sum = x.sum();
   if (!(std::abs(sum) > 0) || !x.allFinite()) {
     throw std::invalid_argument("polyak::post_hoc_ema_weights: the snapshots cannot represent the target");
   }
-  std::vector<double> weights(sources.size());
-  for (Eigen::Index i = 0; i < n; ++i) weights[static_cast<std::size_t>(i)] = x(i) / sum;
-  return weights;
+  x /= sum;
+  // ||sum x_i p_i - p_t||^2 = x'Ax - 2 x'b + <p_t, p_t>
+  const double norm2 = detail::profile_inner_product(target, target);
+  const double distance2 = x.dot(gram * x) - 2 * x.dot(toward) + norm2;
+  PostHocFit fit;
+  fit.weights.assign(x.data(), x.data() + n);
+  fit.relative_error = std::sqrt(std::max(0.0, distance2) / norm2);
+  return fit;
+}
+
+/// post_hoc_ema_fit's weights alone.
+inline std::vector<double> post_hoc_ema_weights(const std::vector<PowerEmaProfile>& sources,
+                                                const PowerEmaProfile& target) {
+  return post_hoc_ema_fit(sources, target).weights;
 }
 
 /// One snapshot file: where it is, its checked header, and the profile it holds.
@@ -143,19 +162,52 @@ inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string&
 }
 
 /// The power EMA with exponent `gamma` at `step` (by default the last snapshot's), reconstructed as
-/// post_hoc_ema_weights' combination of `snapshots`, computed in double and rounded once to each
+/// post_hoc_ema_fit's combination of `snapshots`, computed in double and rounded once to each
 /// tensor's dtype. Returned as the state of an AveragedModel<T, PowerEMA{gamma}> at that step, for
-/// load_state_dict. It streams: one tensor of every snapshot at a time. Snapshots that differ in
-/// tensor names, dtypes or shapes are refused (FormatError naming the first difference).
+/// load_state_dict, with the fit's relative error in the metadata ("post_hoc_fit_error"). It streams:
+/// one tensor of every snapshot at a time, each snapshot read from the file it opened (one open file
+/// a snapshot; a snapshot that changed since find_power_ema_snapshots read it is refused).
+///
+/// Refused (std::invalid_argument), since the snapshots cannot stand behind the result: a step past
+/// the last snapshot (what came after it is unknown) or before the first, and a fit whose relative
+/// error exceeds `max_fit_error` (a width far outside the stored ones, or a step between snapshots
+/// too far apart for the width). With snapshots every 100 steps of widths 0.05 and 0.10, widths 0.03
+/// to 0.28 at a snapshot's step fit within 0.2; a width of 0.01, or a step half-way between two
+/// snapshots, does not. Snapshots that differ in tensor names, dtypes or shapes are a FormatError
+/// naming the first difference.
 inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snapshots, double gamma,
-                                       std::int64_t step = 0) {
+                                       std::int64_t step = 0, double max_fit_error = 0.25) {
   if (snapshots.empty()) throw std::invalid_argument("polyak::reconstruct_power_ema: no snapshots");
-  if (step == 0) {
-    for (const auto& s : snapshots) step = std::max(step, s.profile.step);
+  std::int64_t first_step = snapshots.front().profile.step, last_step = first_step;
+  for (const auto& s : snapshots) {
+    first_step = std::min(first_step, s.profile.step);
+    last_step = std::max(last_step, s.profile.step);
+  }
+  if (step == 0) step = last_step;
+  if (step > last_step) {
+    throw std::invalid_argument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
+                                " is past the last snapshot, at step " + std::to_string(last_step) +
+                                ": the models after it were never seen");
+  }
+  if (step < first_step) {
+    throw std::invalid_argument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
+                                " is before the first snapshot, at step " + std::to_string(first_step));
   }
   std::vector<PowerEmaProfile> sources;
   for (const auto& s : snapshots) sources.push_back(s.profile);
-  const std::vector<double> weights = post_hoc_ema_weights(sources, {step, gamma});
+  const PostHocFit fit = post_hoc_ema_fit(sources, {step, gamma});
+  if (!(fit.relative_error <= max_fit_error)) {
+    char text[320];
+    std::snprintf(text, sizeof text,
+                  "polyak::reconstruct_power_ema: the snapshots cannot represent the power EMA of sigma_rel "
+                  "%.4g (gamma %.4g) at step %lld: the fitted weight profile has a relative error %.0f%% "
+                  "(L2), above the %.0f%% allowed; ask for a width near the stored ones, or a step at a "
+                  "snapshot",
+                  gamma_to_sigma_rel(gamma), gamma, static_cast<long long>(step), 100 * fit.relative_error,
+                  100 * max_fit_error);
+    throw std::invalid_argument(text);
+  }
+  const std::vector<double>& weights = fit.weights;
 
   const auto& first = snapshots.front();
   const auto spec = [](const SafetensorsIndex& index) {
@@ -185,6 +237,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   result.metadata = first.index.metadata;
   PowerEMA{gamma}.save_settings(result.metadata);
   result.metadata["post_hoc_snapshots"] = std::to_string(snapshots.size());
+  result.metadata["post_hoc_fit_error"] = detail::number_text(fit.relative_error);
   // Tensors in the order the files name them (data order is the order they were written in).
   for (std::size_t k = 0; k < first.index.entries.size(); ++k) {
     const auto& entry = first.index.entries[k];
@@ -205,7 +258,9 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
 /// Keeps power-function EMA profiles of a model during training (by default EDM2's two, sigma_rel
 /// 0.05 and 0.10) and writes each to `folder` every `snapshot_every` updates, as
 /// "<folder>/power_ema_sigma<sigma_rel>_step<n>.safetensors" holding that profile's AveragedModel
-/// state. Memory: one averaged copy a profile; snapshots stream from it to disk.
+/// state, <sigma_rel> written as the shortest text that reads back to the width given (so distinct
+/// widths never share a name). A width given twice, or two that give the same profile, are refused.
+/// Memory: one averaged copy a profile; snapshots stream from it to disk.
 template <class T>
 class PostHocEMA {
  public:
@@ -213,11 +268,21 @@ class PostHocEMA {
 
   PostHocEMA(const ParameterList<T>& model, std::string folder, std::int64_t snapshot_every,
              const std::vector<double>& sigma_rels = {0.05, 0.10})
-      : folder_(std::move(folder)), snapshot_every_(snapshot_every) {
+      : folder_(std::move(folder)), snapshot_every_(snapshot_every), sigma_rels_(sigma_rels) {
     if (snapshot_every < 1) throw std::invalid_argument("polyak::PostHocEMA: snapshot_every < 1");
     if (sigma_rels.empty()) throw std::invalid_argument("polyak::PostHocEMA: no profiles");
-    for (const double sigma_rel : sigma_rels)
-      profiles_.emplace_back(model, PowerEMA::from_sigma_rel(sigma_rel));
+    for (std::size_t i = 0; i < sigma_rels.size(); ++i) {
+      const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
+      for (std::size_t j = 0; j < i; ++j) {
+        if (profiles_[j].avg_fn().gamma() == profile.gamma()) {
+          throw std::invalid_argument("polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
+                                      (sigma_rels[j] == sigma_rels[i]
+                                           ? std::string(" is given twice")
+                                           : " gives the same profile as " + detail::number_text(sigma_rels[j])));
+        }
+      }
+      profiles_.emplace_back(model, profile);
+    }
     std::filesystem::create_directories(folder_);
   }
 
@@ -237,10 +302,10 @@ class PostHocEMA {
   }
 
   std::string snapshot_path(std::size_t profile, std::int64_t step) const {
-    char name[96];
-    std::snprintf(name, sizeof name, "power_ema_sigma%.4f_step%010lld.safetensors",
-                  profiles_.at(profile).avg_fn().sigma_rel(), static_cast<long long>(step));
-    return folder_ + "/" + name;
+    char number[24];
+    std::snprintf(number, sizeof number, "%010lld", static_cast<long long>(step));
+    return folder_ + "/power_ema_sigma" + detail::number_text(sigma_rels_.at(profile)) + "_step" + number +
+           ".safetensors";
   }
 
   const std::vector<Profile>& profiles() const noexcept { return profiles_; }
@@ -289,6 +354,7 @@ class PostHocEMA {
  private:
   std::string folder_;
   std::int64_t snapshot_every_;
+  std::vector<double> sigma_rels_;  ///< as given: the snapshots' names
   std::vector<Profile> profiles_;
 };
 
