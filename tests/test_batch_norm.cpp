@@ -236,3 +236,90 @@ TEST_CASE("BatchNormStats refuses bad input and changes nothing", "[batch_norm]"
   CHECK((stats.running_mean == 0).all());
   CHECK((stats.running_var == 1).all());
 }
+
+// Issue 12, item 9: the same layer listed twice had its momentum restored from the second (already
+// emptied) copy, so it came out with none.
+TEST_CASE("update_bn takes a layer listed twice once and restores its momentum", "[batch_norm]") {
+  BatchNormStats<float> bn(2, 0.3);
+  std::vector<int> batches{1, 2};
+  int calls = 0;
+  update_bn(
+      batches,
+      [&](int) {
+        ++calls;
+        bn.update(array_of({1, 1}), array_of({1, 1}), 4);
+      },
+      {&bn, &bn});
+  CHECK(calls == 2);
+  REQUIRE(bn.momentum.has_value());
+  CHECK(*bn.momentum == 0.3);
+  CHECK(bn.num_batches_tracked == 2);  // reset once, then two batches
+}
+
+// Issue 12, item 10: the momentum saved in a state was re-read with a bare std::stod: "1e999" escaped
+// as std::out_of_range, "0.1abc" loaded as 0.1; a negative num_batches_tracked was accepted; and
+// BatchNormStats(-1) aborted on an Eigen assertion.
+TEST_CASE("BatchNormStats refuses a state with a bad momentum or count, and changes nothing", "[batch_norm]") {
+  BatchNormStats<double> saved(3, 0.25);
+  saved.update(Eigen::Array3d(1, 2, 3), Eigen::Array3d(4, 5, 6), 8);
+  const polyak::StateDict good = saved.state_dict();
+  BatchNormStats<double> target(3, 0.1);
+  for (const std::string momentum : {"1e999", "0.1abc", "0.5abc", "nan", "", "1.5", "-0.1", " 0.5"}) {
+    CAPTURE(momentum);
+    polyak::StateDict bad = good;
+    bad.metadata["momentum"] = momentum;
+    CHECK_THROWS_AS(target.load_state_dict(bad), polyak::FormatError);
+    CHECK_THROWS_WITH(target.load_state_dict(bad), Catch::Contains("momentum"));
+    CHECK(target.momentum == 0.1);
+    CHECK(target.num_batches_tracked == 0);
+    CHECK((target.running_mean == 0).all());
+  }
+  polyak::StateDict negative;
+  negative.metadata = good.metadata;
+  for (const auto& [name, tensor] : good) {
+    if (name != "num_batches_tracked") negative.insert(name, tensor);
+  }
+  negative.insert_scalar<std::int64_t>("num_batches_tracked", -7);
+  CHECK_THROWS_WITH(target.load_state_dict(negative), Catch::Contains("num_batches_tracked -7"));
+  CHECK(target.num_batches_tracked == 0);
+  polyak::StateDict none = good;
+  none.metadata["momentum"] = "none";
+  target.load_state_dict(none);
+  CHECK_FALSE(target.momentum.has_value());
+  CHECK(target.num_batches_tracked == 1);
+  CHECK_THROWS_WITH(BatchNormStats<float>(-1), Catch::Contains("num_features -1"));
+}
+
+// Issue 12, "promises": update_bn left the batch moments to the user, and a hand-written loop that
+// passed an unbiased variance was Bessel-corrected twice. record_batch computes them from the batch.
+TEST_CASE("record_batch takes a batch's moments itself: N x C and N x C x spatial", "[batch_norm]") {
+  // N x C: 4 samples of 2 channels. Channel 0: 1, 2, 3, 6 (mean 3, biased var 3.5, unbiased 14/3);
+  // channel 1: all 5.
+  Eigen::MatrixXd batch(4, 2);
+  batch << 1, 5, 2, 5, 3, 5, 6, 5;
+  BatchNormStats<double> stats(2, 1.0);  // momentum 1: running statistics are this batch's
+  const auto moments = stats.record_batch(batch);
+  CHECK(moments.count == 4);
+  CHECK(moments.mean[0] == 3.0);
+  CHECK(moments.var[0] == 3.5);  // biased: what the layer normalizes with
+  CHECK(moments.var[1] == 0.0);
+  CHECK(stats.running_mean[0] == 3.0);
+  CHECK(stats.running_var[0] == Approx(14.0 / 3).epsilon(1e-15));  // unbiased, corrected once
+  CHECK(stats.num_batches_tracked == 1);
+
+  // N x C x spatial, row-major (PyTorch's NCHW): 2 samples, 2 channels, 3 positions. Channel 0 holds
+  // 0..2 and 6..8 (mean 4; squared deviations 16+9+4+4+9+16 = 58, biased var 58/6 = 29/3),
+  // channel 1 holds 3..5 and 9..11 (mean 7).
+  std::vector<float> nchw(12);
+  for (std::size_t i = 0; i < 12; ++i) nchw[i] = static_cast<float>(i);
+  BatchNormStats<float> spatial(2, 1.0);
+  const auto m = spatial.record_batch(nchw.data(), 2, 2, 3);
+  CHECK(m.count == 6);
+  CHECK(m.mean[0] == 4.0f);
+  CHECK(m.mean[1] == 7.0f);
+  CHECK(m.var[0] == Approx(29.0 / 3));
+  CHECK(spatial.running_var[0] == Approx(29.0 / 3 * 6 / 5));  // unbiased: 58 / 5
+  CHECK_THROWS_WITH(spatial.record_batch(nchw.data(), 1, 2, 1), Catch::Contains("at least 2"));
+  CHECK_THROWS_WITH(stats.record_batch(Eigen::MatrixXd(4, 3)), Catch::Contains("3 channels for 2 features"));
+  CHECK(spatial.num_batches_tracked == 1);
+}

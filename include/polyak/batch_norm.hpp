@@ -7,6 +7,7 @@
 // pass over data with the averaged weights and recomputes them.
 #pragma once
 
+#include <algorithm>   // std::max
 #include <cstddef>     // std::size_t
 #include <cstdint>     // std::int64_t
 #include <functional>  // std::reference_wrapper
@@ -20,6 +21,7 @@
 
 #include <Eigen/Core>
 
+#include "polyak/detail/number_text.hpp"
 #include "polyak/state_dict.hpp"
 
 namespace polyak {
@@ -54,45 +56,50 @@ class BatchNormStats {
   std::int64_t num_batches_tracked = 0;  ///< batches seen since the last reset
   std::optional<double> momentum;        ///< weight of a new batch; empty: 1 / num_batches_tracked
 
-  /// `num_features` channels; `momentum` in [0, 1] or empty (PyTorch's momentum=None).
+  /// `num_features` >= 0 channels; `momentum` in [0, 1] or empty (PyTorch's momentum=None).
   explicit BatchNormStats(Eigen::Index num_features, std::optional<double> momentum = 0.1)
-      : running_mean(Array::Zero(num_features)), running_var(Array::Ones(num_features)), momentum(momentum) {
+      : running_mean(Array::Zero(checked_features(num_features))),
+        running_var(Array::Ones(num_features)),
+        momentum(momentum) {
     check_momentum(momentum);
   }
 
   Eigen::Index num_features() const noexcept { return running_mean.size(); }
 
   /// PyTorch's names: "running_mean", "running_var", "num_batches_tracked"; the momentum in the
-  /// metadata ("none" when empty).
+  /// metadata ("none" when empty), written so that it reads back to the same double.
   StateDict state_dict() const {
     StateDict sd;
     const std::vector<std::int64_t> shape{num_features()};
     sd.insert("running_mean", TensorView<T>(const_cast<T*>(running_mean.data()), shape));
     sd.insert("running_var", TensorView<T>(const_cast<T*>(running_var.data()), shape));
     sd.insert_scalar<std::int64_t>("num_batches_tracked", num_batches_tracked);
-    char text[32] = "none";
-    if (momentum) std::snprintf(text, sizeof text, "%.17g", *momentum);
-    sd.metadata["momentum"] = text;
+    sd.metadata["momentum"] = momentum ? detail::number_text(*momentum) : "none";
     return sd;
   }
 
-  /// Restores a state_dict(); one of another size or type, or with a bad momentum, is refused with
-  /// FormatError and changes nothing.
+  /// Restores a state_dict(); one of another size or type, with a negative num_batches_tracked, or
+  /// with a momentum that is not "none" or a number in [0, 1] written whole ("0.5abc", "1e999",
+  /// "nan" and "" are not), is refused with FormatError and changes nothing.
   void load_state_dict(const StateDict& sd) {
     const std::vector<std::int64_t> shape{num_features()};
     sd.expect<T>("running_mean", shape);
     sd.expect<T>("running_var", shape);
     const auto tracked = sd.scalar<std::int64_t>("num_batches_tracked");
+    if (tracked < 0) {
+      throw FormatError("polyak::BatchNormStats: num_batches_tracked " + std::to_string(tracked) +
+                        " in the state is negative");
+    }
     std::optional<double> restored;
     const auto found = sd.metadata.find("momentum");
     if (found == sd.metadata.end()) throw FormatError("polyak::BatchNormStats: no momentum in the state");
     if (found->second != "none") {
-      try {
-        restored = std::stod(found->second);
-        check_momentum(restored);
-      } catch (const std::invalid_argument& e) {
-        throw FormatError(std::string("polyak::BatchNormStats: bad momentum in the state: ") + e.what());
+      double value = 0;
+      if (!detail::parse_number(found->second, value) || !(value >= 0.0 && value <= 1.0)) {
+        throw FormatError("polyak::BatchNormStats: the state's momentum '" + found->second +
+                          "' is not 'none' or a number in [0, 1]");
       }
+      restored = value;
     }
     sd.copy_to("running_mean", TensorView<T>(running_mean.data(), shape));
     sd.copy_to("running_var", TensorView<T>(running_var.data(), shape));
@@ -143,9 +150,68 @@ class BatchNormStats {
     running_var = f * var * bessel + (T(1) - f) * running_var;
   }
 
+  /// One batch's per-channel moments: what a batch-norm layer normalizes with.
+  struct Moments {
+    Array mean;               ///< per channel
+    Array var;                ///< per channel, biased (divided by count), as the layer normalizes
+    std::int64_t count = 0;   ///< values per channel
+  };
+
+  /// Computes the per-channel mean and biased variance of `batch` (N x C, one row a sample), folds
+  /// them in with update() (which applies Bessel's correction once) and returns them for the layer to
+  /// normalize with. The moments are taken in two passes (mean, then squared deviations) in T.
+  template <class Batch>
+  Moments record_batch(const Eigen::DenseBase<Batch>& batch) {
+    if (batch.cols() != num_features()) {
+      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(batch.cols()) +
+                                  " channels for " + std::to_string(num_features()) + " features");
+    }
+    const auto x = batch.derived().template cast<T>().array();
+    Moments m;
+    m.count = static_cast<std::int64_t>(batch.rows());
+    m.mean = x.colwise().mean().transpose();
+    m.var = (x.rowwise() - m.mean.transpose()).square().colwise().sum().transpose() /
+            static_cast<T>(std::max<Eigen::Index>(batch.rows(), 1));
+    update(m.mean, m.var, m.count);
+    return m;
+  }
+
+  /// The same for `n` samples of `channels` x `spatial` values stored contiguously in that order
+  /// (PyTorch's NCHW, with H*W = spatial): each channel's moments over its n * spatial values.
+  Moments record_batch(const T* data, Eigen::Index n, Eigen::Index channels, Eigen::Index spatial) {
+    if (channels != num_features() || n < 0 || spatial < 0) {
+      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(n) + " x " +
+                                  std::to_string(channels) + " x " + std::to_string(spatial) + " for " +
+                                  std::to_string(num_features()) + " features");
+    }
+    // Sample i, channel c: a contiguous run of `spatial` values at (i * channels + c) * spatial.
+    const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic>> runs(data, spatial, n * channels);
+    Moments m;
+    m.count = static_cast<std::int64_t>(n * spatial);
+    m.mean = Array::Zero(channels);
+    m.var = Array::Zero(channels);
+    const T count = static_cast<T>(std::max<std::int64_t>(m.count, 1));
+    for (Eigen::Index i = 0; i < n; ++i) m.mean += runs.middleCols(i * channels, channels).colwise().sum().transpose();
+    m.mean /= count;
+    for (Eigen::Index i = 0; i < n; ++i) {
+      m.var += (runs.middleCols(i * channels, channels).rowwise() - m.mean.transpose()).square().colwise().sum().transpose();
+    }
+    m.var /= count;
+    update(m.mean, m.var, m.count);
+    return m;
+  }
+
  private:
   template <class Batches, class Forward, class StatsRange>
   friend void update_bn(Batches&& batches, Forward&& forward, StatsRange&& stats, BatchNormUpdate mode);
+
+  static Eigen::Index checked_features(Eigen::Index num_features) {
+    if (num_features < 0) {
+      throw std::invalid_argument("polyak::BatchNormStats: num_features " + std::to_string(num_features) +
+                                  " is negative");
+    }
+    return num_features;
+  }
 
   static void check_momentum(const std::optional<double>& momentum) {
     if (momentum && !(*momentum >= 0.0 && *momentum <= 1.0)) {
@@ -217,6 +283,7 @@ void update_bn(Batches&& batches, Forward&& forward, StatsRange&& stats, BatchNo
     ~Restore() {
       std::size_t i = 0;
       for (auto&& entry : stats) {
+        if (i == momenta.size()) break;  // forward never ran: the layers after it were not touched
         auto& layer = detail::stats_of(entry);
         layer.momentum = momenta[i++];
         layer.pooled_count_ = -1;
@@ -226,7 +293,14 @@ void update_bn(Batches&& batches, Forward&& forward, StatsRange&& stats, BatchNo
 
   for (auto&& entry : stats) {
     auto& layer = detail::stats_of(entry);
-    restore.momenta.push_back(layer.momentum);
+    // A layer listed twice keeps the momentum saved the first time (it is reset to none below).
+    std::optional<double> saved = layer.momentum;
+    std::size_t i = 0;
+    for (auto&& earlier : stats) {
+      if (i++ == restore.momenta.size()) break;
+      if (&detail::stats_of(earlier) == &layer) saved = restore.momenta[i - 1];
+    }
+    restore.momenta.push_back(saved);
     layer.pooled_count_ = mode == BatchNormUpdate::Exact ? 0 : -1;
     layer.reset();
     layer.momentum.reset();

@@ -6,8 +6,10 @@
 #include <cmath>      // std::cos, std::isfinite
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t
+#include <limits>     // the largest step count
 #include <stdexcept>  // std::invalid_argument
 #include <string>
+#include <type_traits>
 #include <utility>  // std::move
 #include <vector>
 
@@ -49,34 +51,29 @@ class SWALR {
 
  public:
   /// One swa_lr per group. Refused: a count that differs from the groups', a negative or non-finite
-  /// swa_lr, a negative anneal_epochs.
-  SWALR(Optimizer& optimizer, std::vector<double> swa_lrs, std::int64_t anneal_epochs = 10,
+  /// swa_lr, a negative anneal_epochs, a last_epoch below -1. `anneal_epochs` is a whole number of
+  /// epochs: a fractional one (1.7) does not compile, where PyTorch raises.
+  template <class Epochs = std::int64_t>
+  SWALR(Optimizer& optimizer, std::vector<double> swa_lrs, Epochs anneal_epochs = 10,
         AnnealStrategy strategy = AnnealStrategy::Cos, std::int64_t last_epoch = -1)
       : optimizer_(optimizer) {
-    const std::size_t groups = Access::size(optimizer);
-    if (swa_lrs.size() != groups) {
-      throw std::invalid_argument("polyak::SWALR: swa_lr has " + std::to_string(swa_lrs.size()) +
-                                  " values for " + std::to_string(groups) + " parameter groups");
-    }
-    for (std::size_t g = 0; g < groups; ++g) {
-      if (!(std::isfinite(swa_lrs[g]) && swa_lrs[g] >= 0)) {
-        throw std::invalid_argument("polyak::SWALR: swa_lr " + std::to_string(swa_lrs[g]) + " of group " +
-                                    std::to_string(g) + " is not a finite rate >= 0");
-      }
-    }
-    if (anneal_epochs < 0) {
-      throw std::invalid_argument("polyak::SWALR: anneal_epochs must be >= 0, got " +
-                                  std::to_string(anneal_epochs));
-    }
-    state_.swa_lrs = std::move(swa_lrs);
-    state_.anneal_epochs = anneal_epochs;
-    state_.strategy = strategy;
-    state_.last_epoch = last_epoch;
+    static_assert(std::is_integral_v<Epochs> && !std::is_same_v<Epochs, bool>,
+                  "polyak::SWALR: anneal_epochs is a whole number of epochs (PyTorch raises on 1.7): pass an "
+                  "integer");
+    State state;
+    state.swa_lrs = std::move(swa_lrs);
+    state.anneal_epochs = static_cast<std::int64_t>(anneal_epochs);
+    state.strategy = strategy;
+    state.last_epoch = last_epoch;
+    const std::string problem = invalid(state, Access::size(optimizer));
+    if (!problem.empty()) throw std::invalid_argument("polyak::SWALR: " + problem);
+    state_ = std::move(state);
     step();
   }
 
   /// One swa_lr for every group.
-  SWALR(Optimizer& optimizer, double swa_lr, std::int64_t anneal_epochs = 10,
+  template <class Epochs = std::int64_t>
+  SWALR(Optimizer& optimizer, double swa_lr, Epochs anneal_epochs = 10,
         AnnealStrategy strategy = AnnealStrategy::Cos, std::int64_t last_epoch = -1)
       : SWALR(optimizer, std::vector<double>(Access::size(optimizer), swa_lr), anneal_epochs, strategy,
               last_epoch) {}
@@ -128,8 +125,10 @@ class SWALR {
     return sd;
   }
 
-  /// Restores a state_dict(). One for another number of groups, with a negative anneal_epochs or
-  /// step count, or an unknown strategy, is refused with FormatError and changes nothing.
+  /// Restores a state_dict(). One the constructor would refuse (another number of groups, a
+  /// negative or non-finite swa_lr, a negative anneal_epochs), with a non-finite last rate, a step
+  /// count or epoch out of range (negative, or at the largest value, where the next step would
+  /// overflow), or an unknown strategy, is refused with FormatError and changes nothing.
   void load_state_dict(const StateDict& sd) {
     const auto groups = static_cast<std::int64_t>(Access::size(optimizer_));
     State state;
@@ -145,9 +144,18 @@ class SWALR {
       throw FormatError("polyak::SWALR::load_state_dict: no anneal_strategy 'cos' or 'linear' in the state");
     }
     state.strategy = strategy->second == "cos" ? AnnealStrategy::Cos : AnnealStrategy::Linear;
-    if (state.anneal_epochs < 0 || state.step_count < 0) {
-      throw FormatError("polyak::SWALR::load_state_dict: negative anneal_epochs or step count");
+    std::string problem = invalid(state, static_cast<std::size_t>(groups));
+    constexpr auto largest = std::numeric_limits<std::int64_t>::max();
+    for (std::size_t g = 0; g < state.last_lrs.size() && problem.empty(); ++g) {
+      if (!std::isfinite(state.last_lrs[g])) problem = "last_lr of group " + std::to_string(g) + " is not finite";
     }
+    if (problem.empty() && (state.step_count < 0 || state.step_count == largest)) {
+      problem = "step_count " + std::to_string(state.step_count) + " is out of range";
+    }
+    if (problem.empty() && state.last_epoch == largest) {
+      problem = "last_epoch " + std::to_string(state.last_epoch) + " is out of range";
+    }
+    if (!problem.empty()) throw FormatError("polyak::SWALR::load_state_dict: " + problem);
     state_ = std::move(state);
   }
 
@@ -155,6 +163,25 @@ class SWALR {
   double anneal(double t) const {
     constexpr double pi = 3.14159265358979323846;
     return state_.strategy == AnnealStrategy::Cos ? (1.0 - std::cos(pi * t)) / 2.0 : t;
+  }
+
+  struct State;
+
+  /// What makes `state` one the constructor refuses, for `groups` parameter groups; "" if nothing.
+  static std::string invalid(const State& state, std::size_t groups) {
+    if (state.swa_lrs.size() != groups) {
+      return "swa_lr has " + std::to_string(state.swa_lrs.size()) + " values for " + std::to_string(groups) +
+             " parameter groups";
+    }
+    for (std::size_t g = 0; g < groups; ++g) {
+      if (!(std::isfinite(state.swa_lrs[g]) && state.swa_lrs[g] >= 0)) {
+        return "swa_lr " + std::to_string(state.swa_lrs[g]) + " of group " + std::to_string(g) +
+               " is not a finite rate >= 0";
+      }
+    }
+    if (state.anneal_epochs < 0) return "anneal_epochs must be >= 0, got " + std::to_string(state.anneal_epochs);
+    if (state.last_epoch < -1) return "last_epoch must be >= -1, got " + std::to_string(state.last_epoch);
+    return {};
   }
 
   struct State {
