@@ -216,20 +216,25 @@ TEST_CASE("ScheduledEMA refuses bad settings and a schedule's bad decay, changin
   CHECK(ema.n_averaged() == 3);
 }
 
-TEST_CASE("ScheduledEMA's settings travel with the checkpoint", "[ema_schedules]") {
+TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[ema_schedules]") {
   Trajectory model;
-  polyak::AveragedModel saved(model.params,
-                              ScheduledEMA{InverseGammaDecay{0.99, 2.0, 0.5, 0.1}, {4, 2, false}});
+  const ScheduledEMA<InverseGammaDecay> settings{InverseGammaDecay{0.99, 2.0, 0.5, 0.1}, {4, 2, false}};
+  polyak::AveragedModel saved(model.params, settings);
+  saved.update_parameters(model.params);
   const polyak::StateDict sd = saved.state_dict();
-  polyak::AveragedModel loaded(model.params, ScheduledEMA{InverseGammaDecay{}, {}});
+  CHECK(sd.metadata.at("inv_gamma") == "2");
+  CHECK(sd.metadata.at("update_after_step") == "4");
+  CHECK(sd.metadata.at("compound") == "false");
+  polyak::AveragedModel loaded(model.params, settings);
   loaded.load_state_dict(sd);
-  CHECK(loaded.avg_fn().schedule().inv_gamma() == 2.0);
-  CHECK(loaded.avg_fn().schedule().power() == 0.5);
-  CHECK(loaded.avg_fn().schedule().min_decay() == 0.1);
-  CHECK(loaded.avg_fn().cadence().update_after_step == 4);
-  CHECK(loaded.avg_fn().cadence().update_every == 2);
-  CHECK_FALSE(loaded.avg_fn().cadence().compound);
+  CHECK(loaded.n_averaged() == 1);
 
+  // Other settings are refused, naming the first that differs, and nothing changes.
+  polyak::AveragedModel defaults(model.params, ScheduledEMA{InverseGammaDecay{}, {}});
+  CHECK_THROWS_WITH(defaults.load_state_dict(sd), Catch::Contains("compound 'false' where this model's has 'true'"));
+  CHECK(defaults.n_averaged() == 0);
+  polyak::AveragedModel other_power(model.params, ScheduledEMA{InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
+  CHECK_THROWS_WITH(other_power.load_state_dict(sd), Catch::Contains("power '0.5'"));
   polyak::AveragedModel warmup(model.params, ScheduledEMA{WarmupDecay{}});
   CHECK_THROWS_AS(warmup.load_state_dict(sd), polyak::FormatError);  // another schedule
   polyak::AveragedModel<double, polyak::EMA> plain(model.params);

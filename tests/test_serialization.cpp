@@ -206,10 +206,21 @@ TEST_CASE("AveragedModel's state round-trips and a state that does not fit chang
   CHECK(sd.contains("module.w"));
   CHECK(sd.metadata.at("decay") == "0.75");
 
-  polyak::AveragedModel<float, polyak::EMA> restored(list, polyak::EMA{0.5});
+  // Issue 12, "promises": the README says a state whose settings do not fit is refused, but an EMA of
+  // decay 0.5 loaded this decay-0.75 state and became 0.75 (and this test expected it). Settings are
+  // checked as shapes are: the model is constructed with the settings it resumes.
+  polyak::AveragedModel<float, polyak::EMA> other_decay(list, polyak::EMA{0.5});
+  CHECK_THROWS_WITH(other_decay.load_state_dict(sd),
+                    Catch::Contains("decay '0.75'") && Catch::Contains("this model's has '0.5'"));
+  CHECK(other_decay.n_averaged() == 0);
+  CHECK(other_decay.avg_fn().decay() == 0.5);
+  polyak::AveragedModel<float, polyak::EMA> restored(list, polyak::EMA{0.75});
   restored.load_state_dict(sd);
   CHECK(restored.n_averaged() == 3);
   CHECK(restored.avg_fn().decay() == 0.75);
+  polyak::StateDict older = sd;  // written before the shortest round-trip text: the same double
+  older.metadata["decay"] = "0.75000000000000000";
+  CHECK_NOTHROW(restored.load_state_dict(older));
   for (std::size_t i = 0; i < 2; ++i) {
     const auto& a = ema.tensors()[i];
     const auto& b = restored.tensors()[i];
@@ -393,4 +404,21 @@ TEST_CASE("threads saving the same path at once all succeed", "[serialization]")
   for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::path(path).parent_path())) {
     CHECK(entry.path().filename().string().find("two_savers.safetensors.tmp") == std::string::npos);
   }
+}
+
+// Issue 12, "promises": a lambda is promised as avg_fn ("any callable"), but load_state_dict did not
+// compile with one (it assigned the restored function, and lambdas are not copy-assignable).
+TEST_CASE("an AveragedModel with a lambda as its averaging function saves and loads", "[serialization]") {
+  Eigen::VectorXd w = Eigen::VectorXd::Constant(3, 1.0);
+  polyak::ParameterList<double> list;
+  list.add("w", w);
+  const auto halfway = [](auto& averaged, const auto& current, std::int64_t) { averaged = (averaged + current) / 2; };
+  polyak::AveragedModel<double, decltype(halfway)> model(list, halfway);
+  model.update_parameters(list);
+  w.setConstant(3.0);
+  model.update_parameters(list);  // (1 + 3) / 2
+  polyak::AveragedModel<double, decltype(halfway)> resumed(list, halfway);
+  resumed.load_state_dict(model.state_dict());
+  CHECK(resumed.n_averaged() == 2);
+  CHECK(resumed.tensors()[0].data()[0] == 2.0);
 }

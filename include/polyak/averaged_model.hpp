@@ -189,9 +189,12 @@ class AveragedModel {
     return sd;
   }
 
-  /// Restores a state_dict(). One whose tensors differ from this model's in names, shapes or types,
-  /// whose use_buffers or settings do not fit, or whose n_averaged is negative, is refused with
-  /// FormatError naming the problem, and nothing changes.
+  /// Restores a state_dict(): the averaged tensors and n_averaged. One whose tensors differ from
+  /// this model's in names, shapes or types, whose n_averaged is negative, whose use_buffers differs,
+  /// or whose averaging function's settings (EMA's decay, a schedule's, PowerEMA's gamma) differ from
+  /// this model's, is refused with FormatError naming the first difference, and nothing changes: as
+  /// in PyTorch, the averaging function is the one the model was constructed with, so construct it
+  /// with the settings of the run it resumes. A user's function with no save_settings is not checked.
   void load_state_dict(const StateDict& sd) {
     for (const auto& entry : averaged_) sd.expect<Accumulator>("module." + entry.name(), entry.shape());
     if (sd.size() != averaged_.size() + 1) {
@@ -206,10 +209,18 @@ class AveragedModel {
       throw FormatError("polyak::AveragedModel::load_state_dict: the state has use_buffers " +
                         use_buffers->second);
     }
-    AvgFn restored = detail::load_settings(avg_fn_, sd.metadata);  // validates before anything changes
+    std::map<std::string, std::string> settings;
+    detail::save_settings(avg_fn_, settings);
+    for (const auto& [key, value] : settings) {
+      const auto saved = sd.metadata.find(key);
+      if (saved == sd.metadata.end() || !detail::same_setting(saved->second, value)) {
+        throw FormatError("polyak::AveragedModel::load_state_dict: the state's averaging function has " + key +
+                          " '" + (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
+                          "' where this model's has '" + value + "'");
+      }
+    }
     for (const auto& entry : averaged_) sd.copy_to("module." + entry.name(), entry.view());
     n_averaged_ = n_averaged;
-    avg_fn_ = std::move(restored);
   }
 
   const AvgFn& avg_fn() const noexcept { return avg_fn_; }

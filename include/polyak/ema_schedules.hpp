@@ -131,7 +131,7 @@ struct EmaCadence {
 };
 
 /// An EMA whose decay follows `Schedule` (any callable double(std::int64_t t)), with EmaCadence's
-/// delayed start and sparse updates. Each update computes the decay and then rounds exactly as EMA
+/// delayed start and sparse updates. Each update computes the decay and then rounds as EMA
 /// (PyTorch's lerp) does. A schedule with save_settings/load_settings (both of polyak's) is saved
 /// with checkpoints; a user's without them is kept as constructed when a state is loaded.
 template <class Schedule>

@@ -56,7 +56,7 @@ inline double sigma_rel_to_gamma(double sigma_rel) {
 }
 
 /// The power-function EMA as an averaging function for AveragedModel: the call with num_averaged
-/// = n folds in model t = n + 1 with decay beta_t, rounding as EMA (PyTorch's lerp) does. The first
+/// = n folds in model t = n + 1 with decay beta_t, rounding as EMA does. The first
 /// update_parameters copies the model, which is beta_1 = 0.
 class PowerEMA {
  public:
