@@ -243,13 +243,12 @@ TEST_CASE("update_bn takes a layer listed twice once and restores its momentum",
   BatchNormStats<float> bn(2, 0.3);
   std::vector<int> batches{1, 2};
   int calls = 0;
-  update_bn(
-      batches,
-      [&](int) {
-        ++calls;
-        bn.update(array_of({1, 1}), array_of({1, 1}), 4);
-      },
-      {&bn, &bn});
+  update_bn(batches,
+            [&](int) {
+              ++calls;
+              bn.update(array_of({1, 1}), array_of({1, 1}), 4);
+            },
+            {&bn, &bn});
   CHECK(calls == 2);
   REQUIRE(bn.momentum.has_value());
   CHECK(*bn.momentum == 0.3);
@@ -259,7 +258,8 @@ TEST_CASE("update_bn takes a layer listed twice once and restores its momentum",
 // Issue 12, item 10: the momentum saved in a state was re-read with a bare std::stod: "1e999" escaped
 // as std::out_of_range, "0.1abc" loaded as 0.1; a negative num_batches_tracked was accepted; and
 // BatchNormStats(-1) aborted on an Eigen assertion.
-TEST_CASE("BatchNormStats refuses a state with a bad momentum or count, and changes nothing", "[batch_norm]") {
+TEST_CASE("BatchNormStats refuses a state with a bad momentum or count, and changes nothing",
+          "[batch_norm]") {
   BatchNormStats<double> saved(3, 0.25);
   saved.update(Eigen::Array3d(1, 2, 3), Eigen::Array3d(4, 5, 6), 8);
   const polyak::StateDict good = saved.state_dict();

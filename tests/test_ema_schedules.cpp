@@ -231,9 +231,11 @@ TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[e
 
   // Other settings are refused, naming the first that differs, and nothing changes.
   polyak::AveragedModel defaults(model.params, ScheduledEMA{InverseGammaDecay{}, {}});
-  CHECK_THROWS_WITH(defaults.load_state_dict(sd), Catch::Contains("compound 'false' where this model's has 'true'"));
+  CHECK_THROWS_WITH(defaults.load_state_dict(sd),
+                    Catch::Contains("compound 'false' where this model's has 'true'"));
   CHECK(defaults.n_averaged() == 0);
-  polyak::AveragedModel other_power(model.params, ScheduledEMA{InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
+  polyak::AveragedModel other_power(model.params,
+                                    ScheduledEMA{InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
   CHECK_THROWS_WITH(other_power.load_state_dict(sd), Catch::Contains("power '0.5'"));
   polyak::AveragedModel warmup(model.params, ScheduledEMA{WarmupDecay{}});
   CHECK_THROWS_AS(warmup.load_state_dict(sd), polyak::FormatError);  // another schedule

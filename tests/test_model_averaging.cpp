@@ -260,7 +260,8 @@ TEST_CASE("members whose lists differ in names or order or storage order all get
       }
       return list;
     });
-    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("rank 1") && Catch::Contains("nothing was averaged"));
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("rank 1") && Catch::Contains("nothing was averaged"));
     CHECK_THAT(errors[1], Catch::Contains("tensor 0 'w' is named 'b' where rank 0 has 'w'"));
   }
   SECTION("another storage order on one member") {
@@ -273,7 +274,8 @@ TEST_CASE("members whose lists differ in names or order or storage order all get
       }
       return list;
     });
-    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("rank 2") && Catch::Contains("nothing was averaged"));
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("rank 2") && Catch::Contains("nothing was averaged"));
     CHECK_THAT(errors[2], Catch::Contains("'m' has another storage order"));
   }
   SECTION("another name on two members") {

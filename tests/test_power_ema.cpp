@@ -349,8 +349,8 @@ TEST_CASE("reconstruct_power_ema refuses a step outside the snapshots and a fit 
   REQUIRE(polyak::detail::parse_number(inside.metadata.at("post_hoc_fit_error"), error));
   CHECK(error > 0);
   CHECK(error < 0.01);  // measured 2.5e-3 with snapshots every 100 steps to 2,000
-  const auto stored = polyak::post_hoc_ema_fit(
-      {{200, polyak::sigma_rel_to_gamma(0.05)}, {200, gamma}}, {200, gamma});
+  const auto stored =
+      polyak::post_hoc_ema_fit({{200, polyak::sigma_rel_to_gamma(0.05)}, {200, gamma}}, {200, gamma});
   CHECK(stored.relative_error < 1e-6);  // a target that is a stored profile is represented exactly
   CHECK(std::abs(stored.weights[1] - 1.0) < 1e-6);
   std::filesystem::remove_all(folder);

@@ -131,7 +131,8 @@ TEST_CASE("SWALR drives any optimizer type through learning_rates", "[swalr]") {
 namespace {
 
 /// `sd` with the entry `name` replaced by `tensor` (a hostile checkpoint, built from a real one).
-polyak::StateDict with_entry(const polyak::StateDict& sd, const std::string& name, polyak::StoredTensor tensor) {
+polyak::StateDict with_entry(const polyak::StateDict& sd, const std::string& name,
+                             polyak::StoredTensor tensor) {
   polyak::StateDict out;
   out.metadata = sd.metadata;
   for (const auto& [key, value] : sd) out.insert(key, key == name ? tensor : value);

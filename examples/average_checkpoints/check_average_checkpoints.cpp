@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   refused("--ema nan" + inputs, "--ema nan");
   refused("--ema abc" + inputs, "--ema abc");
   refused("--ema 0.5x" + inputs, "--ema 0.5x");
-  refused("--ema" , "--ema without a value");
+  refused("--ema", "--ema without a value");
   refused("--weights inf,1" + inputs, "--weights inf,1");
   refused("--weights abc,1" + inputs, "--weights abc");
   refused("--weights 1,,1" + inputs, "--weights 1,,1");
@@ -114,7 +114,8 @@ int main(int argc, char** argv) {
   const int help = std::system(("cd " + folder + " && " + tool + " --help a b >/dev/null").c_str());
   std::size_t files = 0;
   for (const auto& entry : std::filesystem::directory_iterator(folder)) files += entry.path() != log;
-  expect(WIFEXITED(help) && WEXITSTATUS(help) == 0 && files == 4, "--help a b prints the usage and writes nothing");
+  expect(WIFEXITED(help) && WEXITSTATUS(help) == 0 && files == 4,
+         "--help a b prints the usage and writes nothing");
   // Huge but finite weights are normalized without overflow: 1e308,1e308 is the uniform mean.
   expect(run("--weights 1e308,1e308 " + out + " " + a + " " + b) == 0 && w0(out) == 1.5f,
          "--weights 1e308,1e308 is the uniform mean (1 + 2) / 2");

@@ -86,7 +86,8 @@ Arguments parse(int argc, char** argv) {
         if (ema_given) throw UsageError("--ema is given twice");
         ema_given = true;
         args.ema = finite_number(value, "--ema decay");
-        if (!(args.ema >= 0 && args.ema <= 1)) throw UsageError("--ema decay " + value + " is outside [0, 1]");
+        if (!(args.ema >= 0 && args.ema <= 1))
+          throw UsageError("--ema decay " + value + " is outside [0, 1]");
       }
     } else {
       throw UsageError("unknown option '" + arg + "' (a file named so goes after --)");
@@ -98,8 +99,8 @@ Arguments parse(int argc, char** argv) {
   args.out = files.front();
   args.inputs.assign(files.begin() + 1, files.end());
   if (weights_given && args.weights.size() != args.inputs.size()) {
-    throw UsageError(std::to_string(args.weights.size()) + " weights for " + std::to_string(args.inputs.size()) +
-                     " inputs");
+    throw UsageError(std::to_string(args.weights.size()) + " weights for " +
+                     std::to_string(args.inputs.size()) + " inputs");
   }
   for (const auto& input : args.inputs) {
     std::error_code error;
@@ -139,12 +140,13 @@ int run(const Arguments& args) {
     for (const auto& e : first.entries) {
       const auto match = std::find_if(other.entries.begin(), other.entries.end(),
                                       [&](const auto& candidate) { return candidate.name == e.name; });
-      if (match == other.entries.end()) throw std::invalid_argument(args.inputs[f] + " has no tensor '" + e.name + "'");
+      if (match == other.entries.end())
+        throw std::invalid_argument(args.inputs[f] + " has no tensor '" + e.name + "'");
       if (match->dtype != e.dtype || match->shape != e.shape) {
         throw std::invalid_argument("tensor '" + e.name + "' is " + polyak::dtype_name(match->dtype) + " " +
                                     polyak::shape_string(match->shape) + " in " + args.inputs[f] + ", " +
-                                    polyak::dtype_name(e.dtype) + " " + polyak::shape_string(e.shape) + " in " +
-                                    args.inputs[0]);
+                                    polyak::dtype_name(e.dtype) + " " + polyak::shape_string(e.shape) +
+                                    " in " + args.inputs[0]);
       }
     }
   }

@@ -84,9 +84,9 @@ int main(int argc, char** argv) {
   auto refused = [&](const std::string& args, int code, const std::string& why) {
     const int status = std::system((tool + " " + args + " 2>/dev/null >/dev/null").c_str());
     const int exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    expect(exit_code == code && !std::filesystem::exists(out),
-           "refused, exit " + std::to_string(code) + ", nothing written: " + why + " (exit " +
-               std::to_string(exit_code) + ")");
+    expect(exit_code == code && !std::filesystem::exists(out), "refused, exit " + std::to_string(code) +
+                                                                   ", nothing written: " + why + " (exit " +
+                                                                   std::to_string(exit_code) + ")");
   };
   refused(snapshots + " 0.1 " + out + " 1000", 1, "STEP 1000, past the last snapshot (400)");
   refused(snapshots + " 0.1 " + out + " 1", 1, "STEP 1, before the first snapshot (50)");

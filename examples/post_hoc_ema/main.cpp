@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
   if (argc < 4 || argc > 5) return usage("needs 3 or 4 arguments");
   const std::string folder = argv[1], out = argv[3];
   double sigma_rel = 0;
-  if (!polyak::detail::parse_number(argv[2], sigma_rel)) return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number");
+  if (!polyak::detail::parse_number(argv[2], sigma_rel))
+    return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number");
   std::int64_t step = 0;
   if (argc == 5 && (!polyak::detail::parse_number(argv[4], step) || step < 1)) {
     return usage(std::string("STEP '") + argv[4] + "' is not a whole number >= 1");
@@ -63,9 +64,11 @@ int main(int argc, char** argv) {
     polyak::save_safetensors(out, sd);
     double fit_error = 0;
     polyak::detail::parse_number(sd.metadata.at("post_hoc_fit_error"), fit_error);
-    std::printf("post_hoc_ema: sigma_rel %g (gamma %.3f) at step %lld from %zu snapshots into %s (fit error %.2g%%)\n",
-                sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
-                out.c_str(), 100 * fit_error);
+    std::printf(
+        "post_hoc_ema: sigma_rel %g (gamma %.3f) at step %lld from %zu snapshots into %s (fit error "
+        "%.2g%%)\n",
+        sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
+        out.c_str(), 100 * fit_error);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "post_hoc_ema: %s; no output written\n", e.what());

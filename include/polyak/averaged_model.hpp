@@ -214,8 +214,8 @@ class AveragedModel {
     for (const auto& [key, value] : settings) {
       const auto saved = sd.metadata.find(key);
       if (saved == sd.metadata.end() || !detail::same_setting(saved->second, value)) {
-        throw FormatError("polyak::AveragedModel::load_state_dict: the state's averaging function has " + key +
-                          " '" + (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
+        throw FormatError("polyak::AveragedModel::load_state_dict: the state's averaging function has " +
+                          key + " '" + (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
                           "' where this model's has '" + value + "'");
       }
     }

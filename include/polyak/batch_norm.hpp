@@ -152,9 +152,9 @@ class BatchNormStats {
 
   /// One batch's per-channel moments: what a batch-norm layer normalizes with.
   struct Moments {
-    Array mean;               ///< per channel
-    Array var;                ///< per channel, biased (divided by count), as the layer normalizes
-    std::int64_t count = 0;   ///< values per channel
+    Array mean;              ///< per channel
+    Array var;               ///< per channel, biased (divided by count), as the layer normalizes
+    std::int64_t count = 0;  ///< values per channel
   };
 
   /// Computes the per-channel mean and biased variance of `batch` (N x C, one row a sample), folds
@@ -163,8 +163,9 @@ class BatchNormStats {
   template <class Batch>
   Moments record_batch(const Eigen::DenseBase<Batch>& batch) {
     if (batch.cols() != num_features()) {
-      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(batch.cols()) +
-                                  " channels for " + std::to_string(num_features()) + " features");
+      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " +
+                                  std::to_string(batch.cols()) + " channels for " +
+                                  std::to_string(num_features()) + " features");
     }
     const auto x = batch.derived().template cast<T>().array();
     Moments m;
@@ -180,9 +181,9 @@ class BatchNormStats {
   /// (PyTorch's NCHW, with H*W = spatial): each channel's moments over its n * spatial values.
   Moments record_batch(const T* data, Eigen::Index n, Eigen::Index channels, Eigen::Index spatial) {
     if (channels != num_features() || n < 0 || spatial < 0) {
-      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(n) + " x " +
-                                  std::to_string(channels) + " x " + std::to_string(spatial) + " for " +
-                                  std::to_string(num_features()) + " features");
+      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(n) +
+                                  " x " + std::to_string(channels) + " x " + std::to_string(spatial) +
+                                  " for " + std::to_string(num_features()) + " features");
     }
     // Sample i, channel c: a contiguous run of `spatial` values at (i * channels + c) * spatial.
     const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic>> runs(data, spatial, n * channels);
@@ -191,10 +192,15 @@ class BatchNormStats {
     m.mean = Array::Zero(channels);
     m.var = Array::Zero(channels);
     const T count = static_cast<T>(std::max<std::int64_t>(m.count, 1));
-    for (Eigen::Index i = 0; i < n; ++i) m.mean += runs.middleCols(i * channels, channels).colwise().sum().transpose();
+    for (Eigen::Index i = 0; i < n; ++i)
+      m.mean += runs.middleCols(i * channels, channels).colwise().sum().transpose();
     m.mean /= count;
     for (Eigen::Index i = 0; i < n; ++i) {
-      m.var += (runs.middleCols(i * channels, channels).rowwise() - m.mean.transpose()).square().colwise().sum().transpose();
+      m.var += (runs.middleCols(i * channels, channels).rowwise() - m.mean.transpose())
+                   .square()
+                   .colwise()
+                   .sum()
+                   .transpose();
     }
     m.var /= count;
     update(m.mean, m.var, m.count);

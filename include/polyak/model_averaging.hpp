@@ -11,7 +11,7 @@
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t, std::uint64_t
 #include <stdexcept>  // std::invalid_argument
-#include <string>  // std::char_traits: lengths of scalar type names
+#include <string>     // std::char_traits: lengths of scalar type names
 #include <type_traits>
 #include <utility>  // std::pair
 #include <vector>
@@ -87,7 +87,8 @@ inline std::vector<DescribedTensor> read_description(const std::string& bytes, b
   const auto get_u64 = [&](std::uint64_t& value) {
     if (bytes.size() - at < 8) return false;
     value = 0;
-    for (int b = 7; b >= 0; --b) value = (value << 8) | static_cast<unsigned char>(bytes[at + static_cast<std::size_t>(b)]);
+    for (int b = 7; b >= 0; --b)
+      value = (value << 8) | static_cast<unsigned char>(bytes[at + static_cast<std::size_t>(b)]);
     at += 8;
     return true;
   };
@@ -173,7 +174,8 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
   }
   comm.allreduce_sum(wire.data(), wire.size());
   std::string reference_bytes(wire.size(), '\0');
-  for (std::size_t i = 0; i < wire.size(); ++i) reference_bytes[i] = static_cast<char>(static_cast<int>(wire[i]));
+  for (std::size_t i = 0; i < wire.size(); ++i)
+    reference_bytes[i] = static_cast<char>(static_cast<int>(wire[i]));
   bool complete = false;
   const std::vector<DescribedTensor> reference = read_description(reference_bytes, complete);
   bool own_complete = false;
@@ -195,11 +197,13 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
   const std::vector<double> listed(differs.begin(), differs.begin() + comm.size());
   const std::vector<double> moved(differs.begin() + comm.size(), differs.end());
 
-  std::string message = std::string("polyak::") + where + ": the members' parameter lists differ, so nothing was averaged:";
+  std::string message =
+      std::string("polyak::") + where + ": the members' parameter lists differ, so nothing was averaged:";
   const std::string ranks = rank_list(listed), stale_ranks = rank_list(moved);
   if (!ranks.empty()) {
-    message += std::string(" the list") + (ranks.find(',') == std::string::npos ? " of rank " : "s of ranks ") +
-               ranks + " differ" + (ranks.find(',') == std::string::npos ? "s" : "") + " from rank 0's";
+    message += std::string(" the list") +
+               (ranks.find(',') == std::string::npos ? " of rank " : "s of ranks ") + ranks + " differ" +
+               (ranks.find(',') == std::string::npos ? "s" : "") + " from rank 0's";
   }
   if (!stale_ranks.empty()) {
     message += std::string(ranks.empty() ? "" : ";") + " views on rank" +

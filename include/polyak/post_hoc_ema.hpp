@@ -95,7 +95,8 @@ struct PostHocFit {
 /// solution of A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>, by a column-pivoting QR, then scaled
 /// to sum 1 (as EDM2 does), with the fit's relative error computed from the same inner products.
 /// Every profile needs step >= 1 and gamma > -1/2 (where the inner products are finite).
-inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources, const PowerEmaProfile& target) {
+inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources,
+                                   const PowerEmaProfile& target) {
   if (sources.empty()) throw std::invalid_argument("polyak::post_hoc_ema_weights: no source profiles");
   for (const auto& p : sources) detail::check_profile(p, "a source profile at");
   detail::check_profile(target, "the target at");
@@ -213,13 +214,14 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   const auto spec = [](const SafetensorsIndex& index) {
     return [&index](std::size_t i) {
       const auto& e = index.entries[i];
-      return detail::TensorSpec{e.name, e.shape.data(), e.shape.size(), StorageOrder::RowMajor, dtype_name(e.dtype), {}};
+      return detail::TensorSpec{
+          e.name, e.shape.data(), e.shape.size(), StorageOrder::RowMajor, dtype_name(e.dtype), {}};
     };
   };
   for (const auto& s : snapshots) {
-    const std::string problem = detail::first_mismatch(s.index.entries.size(), spec(s.index), "'" + s.path + "'",
-                                                       first.index.entries.size(), spec(first.index),
-                                                       "'" + first.path + "'");
+    const std::string problem =
+        detail::first_mismatch(s.index.entries.size(), spec(s.index), "'" + s.path + "'",
+                               first.index.entries.size(), spec(first.index), "'" + first.path + "'");
     if (!problem.empty()) throw FormatError("polyak::reconstruct_power_ema: " + problem);
   }
 
@@ -275,10 +277,11 @@ class PostHocEMA {
       const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
       for (std::size_t j = 0; j < i; ++j) {
         if (profiles_[j].avg_fn().gamma() == profile.gamma()) {
-          throw std::invalid_argument("polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
-                                      (sigma_rels[j] == sigma_rels[i]
-                                           ? std::string(" is given twice")
-                                           : " gives the same profile as " + detail::number_text(sigma_rels[j])));
+          throw std::invalid_argument(
+              "polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
+              (sigma_rels[j] == sigma_rels[i]
+                   ? std::string(" is given twice")
+                   : " gives the same profile as " + detail::number_text(sigma_rels[j])));
         }
       }
       profiles_.emplace_back(model, profile);

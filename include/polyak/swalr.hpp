@@ -147,7 +147,8 @@ class SWALR {
     std::string problem = invalid(state, static_cast<std::size_t>(groups));
     constexpr auto largest = std::numeric_limits<std::int64_t>::max();
     for (std::size_t g = 0; g < state.last_lrs.size() && problem.empty(); ++g) {
-      if (!std::isfinite(state.last_lrs[g])) problem = "last_lr of group " + std::to_string(g) + " is not finite";
+      if (!std::isfinite(state.last_lrs[g]))
+        problem = "last_lr of group " + std::to_string(g) + " is not finite";
     }
     if (problem.empty() && (state.step_count < 0 || state.step_count == largest)) {
       problem = "step_count " + std::to_string(state.step_count) + " is out of range";
@@ -179,7 +180,8 @@ class SWALR {
                " is not a finite rate >= 0";
       }
     }
-    if (state.anneal_epochs < 0) return "anneal_epochs must be >= 0, got " + std::to_string(state.anneal_epochs);
+    if (state.anneal_epochs < 0)
+      return "anneal_epochs must be >= 0, got " + std::to_string(state.anneal_epochs);
     if (state.last_epoch < -1) return "last_epoch must be >= -1, got " + std::to_string(state.last_epoch);
     return {};
   }

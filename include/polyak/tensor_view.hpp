@@ -6,9 +6,9 @@
 // tensors, it reads and writes them through these views.
 #pragma once
 
-#include <cstddef>    // std::size_t, std::ptrdiff_t
-#include <cstdint>    // std::int64_t, std::uintptr_t
-#include <iterator>   // std::prev
+#include <cstddef>   // std::size_t, std::ptrdiff_t
+#include <cstdint>   // std::int64_t, std::uintptr_t
+#include <iterator>  // std::prev
 #include <limits>
 #include <map>        // ParameterList's memory ranges, to refuse tensors that share memory
 #include <memory>     // std::shared_ptr: a ViewSource's keep_alive
@@ -85,7 +85,8 @@ class TensorView {
   /// storage has not moved (see ViewSource).
   TensorView(T* data, Shape shape, StorageOrder order = StorageOrder::RowMajor, ViewSource source = {})
       : data_(data), shape_(std::move(shape)), order_(order), source_(std::move(source)) {
-    constexpr auto max_elements = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) / sizeof(T);
+    constexpr auto max_elements =
+        static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) / sizeof(T);
     numel_ = 1;
     for (const std::int64_t extent : shape_) {
       if (extent < 0) {
@@ -170,7 +171,8 @@ ViewSource source_of(D& object) {
     return {&object,
             [](const void* o, const void* data, std::size_t numel) {
               const D& x = *static_cast<const D*>(o);
-              return static_cast<const void*>(x.data()) == data && static_cast<std::size_t>(x.size()) == numel;
+              return static_cast<const void*>(x.data()) == data &&
+                     static_cast<std::size_t>(x.size()) == numel;
             },
             {}};
   } else {
@@ -354,7 +356,8 @@ class ParameterList {
                                     "parameters() does");
       };
       if (next != ranges_.end() && next->first < end) shared(next->second.second);
-      if (next != ranges_.begin() && std::prev(next)->second.first > begin) shared(std::prev(next)->second.second);
+      if (next != ranges_.begin() && std::prev(next)->second.first > begin)
+        shared(std::prev(next)->second.second);
       ranges_.emplace(begin, std::make_pair(end, entries_.size()));
     }
     entries_.emplace_back(std::move(name), std::move(view), is_buffer);

@@ -67,20 +67,22 @@ TensorView<T> view_of(const std::string& name, const torch::Tensor& tensor) {
   ViewSource source{handle.get(),
                     [](const void* object, const void* data, std::size_t numel) {
                       const auto& t = *static_cast<const torch::Tensor*>(object);
-                      return t.defined() && t.device().is_cpu() && t.scalar_type() == torch_scalar_type<T>() &&
-                             t.is_contiguous() && t.data_ptr() == data &&
-                             static_cast<std::size_t>(t.numel()) == numel;
+                      return t.defined() && t.device().is_cpu() &&
+                             t.scalar_type() == torch_scalar_type<T>() && t.is_contiguous() &&
+                             t.data_ptr() == data && static_cast<std::size_t>(t.numel()) == numel;
                     },
                     handle};
-  return TensorView<T>(static_cast<T*>(tensor.data_ptr()), std::vector<std::int64_t>(sizes.begin(), sizes.end()),
-                       StorageOrder::RowMajor, std::move(source));
+  return TensorView<T>(static_cast<T*>(tensor.data_ptr()),
+                       std::vector<std::int64_t>(sizes.begin(), sizes.end()), StorageOrder::RowMajor,
+                       std::move(source));
 }
 
 /// True for a module's step counters: integer buffers, and batch norm's num_batches_tracked whatever
 /// its dtype (libtorch's Module::to casts every buffer, counters too, where Python's .double() does not).
 inline bool is_counter(const std::string& name, const torch::Tensor& buffer) {
   const std::string leaf = "num_batches_tracked";
-  const bool named_so = name.size() >= leaf.size() && name.compare(name.size() - leaf.size(), leaf.size(), leaf) == 0 &&
+  const bool named_so = name.size() >= leaf.size() &&
+                        name.compare(name.size() - leaf.size(), leaf.size(), leaf) == 0 &&
                         (name.size() == leaf.size() || name[name.size() - leaf.size() - 1] == '.');
   return named_so || !buffer.is_floating_point();
 }

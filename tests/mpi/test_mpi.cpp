@@ -153,8 +153,9 @@ TEST_CASE("ranks whose lists differ in order or storage order all get an error n
     CHECK_THROWS_WITH(polyak::average_parameters(matrices, comm),
                       Catch::Contains("from rank 0's") && Catch::Contains("nothing was averaged"));
   } else {
-    CHECK_THROWS_WITH(polyak::average_parameters(matrices, comm),
-                      Catch::Contains("tensor 0 'm' has another storage order (row- vs column-major) than rank 0"));
+    CHECK_THROWS_WITH(
+        polyak::average_parameters(matrices, comm),
+        Catch::Contains("tensor 0 'm' has another storage order (row- vs column-major) than rank 0"));
   }
   CHECK((col.array() == static_cast<float>(comm.rank())).all());
   CHECK((row.array() == static_cast<float>(comm.rank())).all());

@@ -222,7 +222,8 @@ TEST_CASE("a tied weight is viewed once, and swap keeps the live values", "[torc
 // Issue 12, item 13: module->to(kFloat64) casts batch norm's int64 num_batches_tracked to double, and
 // parameters<double> took them for weights (14 views instead of 12).
 TEST_CASE("batch-norm counters are left out whatever their dtype", "[torch]") {
-  nn::Sequential model(nn::Linear(3, 4), nn::BatchNorm1d(4), nn::ReLU(), nn::Linear(4, 2), nn::BatchNorm1d(2));
+  nn::Sequential model(nn::Linear(3, 4), nn::BatchNorm1d(4), nn::ReLU(), nn::Linear(4, 2),
+                       nn::BatchNorm1d(2));
   const auto in_float = polyak::libtorch::parameters<float>(*model);
   model->to(torch::kFloat64);
   const auto in_double = polyak::libtorch::parameters<double>(*model);

@@ -4,8 +4,8 @@
 // text and back (checkpoint settings, command-line arguments).
 #pragma once
 
-#include <charconv>      // std::to_chars, std::from_chars: locale-free, exact round trip
-#include <cstdint>       // std::int64_t
+#include <charconv>  // std::to_chars, std::from_chars: locale-free, exact round trip
+#include <cstdint>   // std::int64_t
 #include <string>
 #include <string_view>
 #include <system_error>  // std::errc

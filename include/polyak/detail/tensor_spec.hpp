@@ -6,7 +6,7 @@
 
 #include <algorithm>  // std::equal
 #include <cstddef>    // std::size_t
-#include <cstdint>  // std::int64_t
+#include <cstdint>    // std::int64_t
 #include <string>
 #include <string_view>
 #include <vector>
@@ -30,7 +30,11 @@ struct TensorSpec {
 /// The spec of a ParameterList entry (its kind; its scalar type is the list's, not compared).
 template <class T>
 TensorSpec spec_of(const NamedTensor<T>& entry) {
-  return {entry.name(), entry.shape().data(), entry.shape().size(), entry.storage_order(), {},
+  return {entry.name(),
+          entry.shape().data(),
+          entry.shape().size(),
+          entry.storage_order(),
+          {},
           entry.is_buffer() ? "buffer" : "parameter"};
 }
 
@@ -45,8 +49,8 @@ inline std::string shape_string(const TensorSpec& spec) {
 ///     tensor 0 'weight' has shape [4, 3] where <label_b> has [3, 4]
 ///     <label_a> has 5 tensors, <label_b> 4: the first extra one is 'extra'
 template <class SpecA, class SpecB>
-std::string first_mismatch(std::size_t count_a, const SpecA& spec_a, std::string_view label_a, std::size_t count_b,
-                           const SpecB& spec_b, std::string_view label_b) {
+std::string first_mismatch(std::size_t count_a, const SpecA& spec_a, std::string_view label_a,
+                           std::size_t count_b, const SpecB& spec_b, std::string_view label_b) {
   const auto text = [](std::string_view s) { return std::string(s); };
   const std::size_t common = count_a < count_b ? count_a : count_b;
   for (std::size_t i = 0; i < common; ++i) {
@@ -55,7 +59,8 @@ std::string first_mismatch(std::size_t count_a, const SpecA& spec_a, std::string
     if (a.name != b.name) {
       problem = "is named '" + text(a.name) + "' where " + text(label_b) + " has '" + text(b.name) + "'";
     } else if (!a.kind.empty() && !b.kind.empty() && a.kind != b.kind) {
-      problem = "is a " + text(a.kind) + " in " + text(label_a) + " and a " + text(b.kind) + " in " + text(label_b);
+      problem =
+          "is a " + text(a.kind) + " in " + text(label_a) + " and a " + text(b.kind) + " in " + text(label_b);
     } else if (a.rank != b.rank || !std::equal(a.shape, a.shape + a.rank, b.shape)) {
       problem = "has shape " + shape_string(a) + " where " + text(label_b) + " has " + shape_string(b);
     } else if (a.rank > 1 && a.order != b.order) {

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <iostream>
 #include <random>
+#include <regex>
 #include <thread>
 #include <vector>
 
@@ -45,8 +46,9 @@ int check_whole(const std::string& path) {
 
 }  // namespace
 
-TEST_CASE("a save killed at any moment leaves a whole earlier state", "[serialization][crash]") {
-  const auto folder = std::filesystem::temp_directory_path() / "polyak_crash_test";
+TEST_CASE("a save killed at any moment leaves a whole earlier state", "[adversarial]") {
+  const auto folder =
+      std::filesystem::temp_directory_path() / ("polyak_crash_test_" + std::to_string(::getpid()));
   std::filesystem::remove_all(folder);
   std::filesystem::create_directories(folder);
   const std::string path = (folder / "checkpoint.safetensors").string();
@@ -75,5 +77,16 @@ TEST_CASE("a save killed at any moment leaves a whole earlier state", "[serializ
   std::cout << "crash test: " << kills << " SIGKILLs while saving; the file always loaded whole; " << advanced
             << " kills came after a newer save had landed (last state " << latest << ")\n";
   CHECK(advanced > 0);
+  // What the kills left behind is what save_safetensors documents: its own temporaries, named
+  // "<path>.tmp.<pid>.<n>", and nothing else.
+  int temporaries = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) {
+    const std::string name = entry.path().filename().string();
+    if (name == "checkpoint.safetensors") continue;
+    CAPTURE(name);
+    CHECK(std::regex_match(name, std::regex(R"(checkpoint\.safetensors\.tmp\.[0-9]+\.[0-9]+)")));
+    ++temporaries;
+  }
+  std::cout << "crash test: " << temporaries << " temporaries left by the killed saves\n";
   std::filesystem::remove_all(folder);  // the killed children's temporaries too
 }
