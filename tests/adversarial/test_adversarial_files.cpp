@@ -53,6 +53,21 @@ std::vector<T> values_of(const polyak::StoredTensor& t) {
   return out;
 }
 
+/// A small model: a column-major matrix and a buffer, and its EMA after one update.
+struct SmallModel {
+  Eigen::MatrixXf w = Eigen::MatrixXf::Random(3, 4);
+  Eigen::VectorXf running = Eigen::VectorXf::Random(4);
+  polyak::ParameterList<float> list;
+  polyak::AveragedModel<float, polyak::EMA> ema;
+
+  SmallModel() : list(make_list()), ema(list, polyak::EMA{0.9}) { ema.update_parameters(list); }
+  polyak::ParameterList<float> make_list() {
+    polyak::ParameterList<float> out;
+    out.add("w", w).add_buffer("running", running);
+    return out;
+  }
+};
+
 /// Valid checkpoints of several kinds: every dtype, an empty tensor, a scalar, metadata, a
 /// column-major matrix, an AveragedModel's state.
 std::vector<std::string> valid_files() {
@@ -75,14 +90,9 @@ std::vector<std::string> valid_files() {
     polyak::save_safetensors(paths.back(), sd);
   }
   {
-    Eigen::MatrixXf w = Eigen::MatrixXf::Random(3, 4);
-    Eigen::VectorXf running = Eigen::VectorXf::Random(4);
-    polyak::ParameterList<float> list;
-    list.add("w", w).add_buffer("running", running);
-    polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA{0.9});
-    ema.update_parameters(list);
+    const SmallModel model;
     paths.push_back(temporary_path("averaged_model.safetensors"));
-    polyak::save_safetensors(paths.back(), ema.state_dict());
+    polyak::save_safetensors(paths.back(), model.ema.state_dict());
   }
   {
     paths.push_back(temporary_path("nothing.safetensors"));
@@ -230,14 +240,10 @@ TEST_CASE("mutated headers and data are refused or load self-consistent", "[adve
 }
 
 TEST_CASE("a model offered a mutated state loads it or changes nothing", "[adversarial]") {
-  Eigen::MatrixXf w = Eigen::MatrixXf::Random(3, 4);
-  Eigen::VectorXf running = Eigen::VectorXf::Random(4);
-  polyak::ParameterList<float> list;
-  list.add("w", w).add_buffer("running", running);
-  polyak::AveragedModel<float, polyak::EMA> source(list, polyak::EMA{0.9});
-  source.update_parameters(list);
+  SmallModel model;
+  const auto& list = model.list;
   const auto path = temporary_path("model_state.safetensors");
-  polyak::save_safetensors(path, source.state_dict());
+  polyak::save_safetensors(path, model.ema.state_dict());
   const std::string whole = read_all(path);
   std::mt19937_64 rng(7);
   int refused = 0;
