@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 max_size=${1:-1e8}
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev libbenchmark-dev nlohmann-json3-dev libopenmpi-dev \
   openmpi-bin python3-torch
-cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DPOLYAK_BUILD_TESTS=OFF -DPOLYAK_BUILD_EXAMPLES=OFF >/dev/null
+cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DPOLYAK_BUILD_TESTS=OFF -DPOLYAK_BUILD_EXAMPLES=OFF \
+  -DPOLYAK_BUILD_BENCHMARKS=ON >/dev/null
 cmake --build build/bench -j "$(nproc)" --target bench_update bench_mpi
 out=build/bench/results
 mkdir -p "$out"

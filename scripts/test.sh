@@ -16,14 +16,14 @@ run_suite() {  # build dir, compiler flags, extra cmake arguments...
   # Optimized (the examples run as tests) but with assertions on: no NDEBUG. Line tables only (-g1):
   # enough for the sanitizers' stack traces, and full debug info doubles the build (libtorch's most).
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="$flags" \
-    -DPOLYAK_BUILD_EXAMPLES=ON "$@" >/dev/null
+    -DPOLYAK_BUILD_EXAMPLES=ON -DPOLYAK_WERROR=ON "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
   ctest --test-dir "$dir" -j "$jobs" --output-on-failure "${ctest_args[@]}"
 }
 
 echo "== tests"
 ctest_args=()
-run_suite build/test "-O2 -g1"
+run_suite build/test "-O2 -g1" -DPOLYAK_BUILD_BENCHMARKS=ON
 echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 # (the compile-fail, consumer and header-alone checks ran above and test no new code here; benchmarks
 # are not built)
