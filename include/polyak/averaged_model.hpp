@@ -108,11 +108,18 @@ class AveragedModel {
     if (n_averaged_ == 0) {
       copy_from(model, updated_);
     } else if constexpr (is_elementwise_v<AvgFn>) {
-      if (use_threads()) {
-        update_split(model);
+      auto& fn = elementwise_fn();
+      using Fn = std::remove_reference_t<decltype(fn)>;
+      if constexpr (detail::has_kernel<Fn>::value) {
+        // A built-in rule: its step computed once, the same kernel for every block and thread.
+        const StepKernel kernel = fn.kernel(n_averaged_);
+        update_elementwise(
+            model, [kernel](auto&& averaged, const auto& current) { kernel.apply(averaged, current); });
       } else {
-        for (std::size_t k = 0; k < updated_.size(); ++k)
-          update_range(model, k, 0, model[updated_[k]].numel());
+        const std::int64_t n = n_averaged_;
+        update_elementwise(model, [&fn, n](auto&& averaged, const auto& current) {
+          detail::apply_avg_fn(fn, averaged, current, n);
+        });
       }
     } else if constexpr (is_multi_tensor_v<AvgFn>) {
       if (!updated_.empty()) {
@@ -232,8 +239,16 @@ class AveragedModel {
            updated_offsets_.back() >= min_scalars_per_thread * static_cast<std::size_t>(pool_->size());
   }
 
-  /// The update as one range of scalars over all updated tensors, cut into one slice a thread.
-  void update_split(const ParameterList<T>& model) {
+  /// Applies `apply(averaged, current)` (flat arrays) to every updated tensor: on the calling thread,
+  /// or cut into one slice a thread of the pool.
+  template <class Apply>
+  void update_elementwise(const ParameterList<T>& model, const Apply& apply) {
+    if (!use_threads()) {
+      for (std::size_t k = 0; k < updated_.size(); ++k)
+        update_range(model, k, 0, model[updated_[k]].numel(), apply);
+      return;
+    }
+    // The update as one range of scalars over all updated tensors, one slice a thread.
     const std::size_t total = updated_offsets_.back();
     const auto parts = static_cast<std::size_t>(pool_->size());
     pool_->run([&](int part) {
@@ -246,24 +261,24 @@ class AveragedModel {
                                    updated_offsets_.begin() - 1);
       for (; begin < end; ++k) {
         const std::size_t to = std::min(end, updated_offsets_[k + 1]) - updated_offsets_[k];
-        update_range(model, k, begin - updated_offsets_[k], to);
+        update_range(model, k, begin - updated_offsets_[k], to, apply);
         begin = updated_offsets_[k] + to;
       }
     });
   }
 
-  /// Applies the elementwise function to scalars [from, to) of the k-th updated tensor. A 16-bit
-  /// model's values are widened to float a block at a time into a buffer that stays in L1, so the
-  /// function sees float arrays and memory is still crossed once.
-  void update_range(const ParameterList<T>& model, std::size_t k, std::size_t from, std::size_t to) {
+  /// Applies `apply` to scalars [from, to) of the k-th updated tensor. A 16-bit model's values are
+  /// widened to float a block at a time into a buffer that stays in L1, so `apply` sees float arrays
+  /// and memory is still crossed once.
+  template <class Apply>
+  void update_range(const ParameterList<T>& model, std::size_t k, std::size_t from, std::size_t to,
+                    const Apply& apply) {
     const std::size_t i = updated_[k];
     Accumulator* averaged = averaged_[i].data();
     const T* current = model[i].data();
-    auto& fn = elementwise_fn();
     if constexpr (std::is_same_v<T, Accumulator>) {
       const auto length = static_cast<Eigen::Index>(to - from);
-      detail::apply_avg_fn(fn, ArrayMap<Accumulator>(averaged + from, length),
-                           ConstArrayMap<T>(current + from, length), n_averaged_);
+      apply(ArrayMap<Accumulator>(averaged + from, length), ConstArrayMap<T>(current + from, length));
     } else {
       constexpr std::size_t block = 1024;
       alignas(64) Accumulator widened[block];
@@ -271,8 +286,7 @@ class AveragedModel {
         const std::size_t length = std::min(block, to - b);
         detail::widen(current + b, widened, length);
         const auto n = static_cast<Eigen::Index>(length);
-        detail::apply_avg_fn(fn, ArrayMap<Accumulator>(averaged + b, n),
-                             ConstArrayMap<Accumulator>(widened, n), n_averaged_);
+        apply(ArrayMap<Accumulator>(averaged + b, n), ConstArrayMap<Accumulator>(widened, n));
       }
     }
   }

@@ -75,6 +75,48 @@ Fn make_from_settings(const char* who, Make&& make) {
 
 }  // namespace detail
 
+/// One update's arithmetic for a built-in rule. Every built-in rule (SWA, EMA, ScheduledEMA,
+/// PowerEMA, their multi-tensor forms) is, at a given step, "average += w (current - average)" with
+/// one weight for every scalar, or a copy, or nothing. A rule's kernel(num_averaged) computes that
+/// once per update_parameters; AveragedModel hands the same small value to every block of a 16-bit
+/// model and every thread (and a backend that averages elsewhere can apply the same value). A
+/// rule without kernel() (a user's functor) is called as before.
+struct StepKernel {
+  enum class Kind {
+    Skip,    ///< the average stays as it is (ScheduledEMA between its update_every steps)
+    Copy,    ///< average = current
+    Lerp,    ///< average += weight (current - average), rounded as torch.lerp (see EMA)
+    Divide,  ///< average += (current - average) / weight: PyTorch's SWA, weight = n + 1
+  };
+  Kind kind = Kind::Skip;
+  double weight = 0;
+
+  /// Applies the kernel to flat arrays: `averaged` of the accumulator type, `current` of any type.
+  template <class Averaged, class Current>
+  void apply(Averaged&& averaged, const Current& current) const {
+    using S = typename std::remove_reference_t<Averaged>::Scalar;
+    switch (kind) {
+      case Kind::Skip:
+        return;
+      case Kind::Copy:
+        averaged = current.template cast<S>();
+        return;
+      case Kind::Divide:
+        averaged += (current.template cast<S>() - averaged) / static_cast<S>(weight);
+        return;
+      case Kind::Lerp: {
+        const S w = static_cast<S>(weight);
+        if (std::abs(w) < S(0.5)) {
+          averaged += w * (current.template cast<S>() - averaged);
+        } else {
+          averaged = current.template cast<S>() - (current.template cast<S>() - averaged) * (S(1) - w);
+        }
+        return;
+      }
+    }
+  }
+};
+
 /// Stochastic weight averaging: the equal-weight running mean of every model seen,
 ///     averaged += (current - averaged) / (num_averaged + 1).
 /// PyTorch: get_swa_avg_fn(), the default of AveragedModel.
@@ -90,10 +132,14 @@ struct SWA {
     return {};
   }
 
+  /// The step that folds in model num_averaged + 1: a division by num_averaged + 1.
+  static StepKernel kernel(std::int64_t num_averaged) noexcept {
+    return {StepKernel::Kind::Divide, static_cast<double>(num_averaged + 1)};
+  }
+
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
-    using S = typename std::remove_reference_t<Averaged>::Scalar;
-    averaged += (current.template cast<S>() - averaged) / static_cast<S>(num_averaged + 1);
+    kernel(num_averaged).apply(averaged, current);
   }
 };
 
@@ -135,15 +181,14 @@ class EMA {
         "polyak::EMA", [&] { return EMA{detail::setting_number(metadata, "decay", "polyak::EMA")}; });
   }
 
+  /// Every step: a lerp by 1 - decay.
+  StepKernel kernel(std::int64_t /*num_averaged*/) const noexcept {
+    return {StepKernel::Kind::Lerp, 1.0 - decay_};
+  }
+
   template <class Averaged, class Current>
-  void operator()(Averaged&& averaged, const Current& current, std::int64_t /*num_averaged*/) const {
-    using S = typename std::remove_reference_t<Averaged>::Scalar;
-    const S weight = static_cast<S>(1.0 - decay_);
-    if (std::abs(weight) < S(0.5)) {
-      averaged += weight * (current.template cast<S>() - averaged);
-    } else {
-      averaged = current.template cast<S>() - (current.template cast<S>() - averaged) * (S(1) - weight);
-    }
+  void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
+    kernel(num_averaged).apply(averaged, current);
   }
 
  private:
@@ -190,6 +235,12 @@ struct is_multi_tensor : std::false_type {};
 template <class Fn>
 struct is_multi_tensor<Fn, std::void_t<decltype(Fn::is_multi_tensor)>>
     : std::bool_constant<Fn::is_multi_tensor> {};
+
+template <class Fn, class = void>
+struct has_kernel : std::false_type {};
+template <class Fn>
+struct has_kernel<Fn, std::void_t<decltype(std::declval<const Fn&>().kernel(std::int64_t{}))>>
+    : std::is_same<decltype(std::declval<const Fn&>().kernel(std::int64_t{})), StepKernel> {};
 
 template <class Fn, class = void>
 struct has_settings : std::false_type {};

@@ -171,10 +171,16 @@ class ScheduledEMA {
     return product;
   }
 
+  /// The step of the call with `num_averaged`: nothing between update_every steps, else a lerp by
+  /// 1 - decay_at (the schedule runs here, once an update).
+  StepKernel kernel(std::int64_t num_averaged) const {
+    if (!updates_at(num_averaged)) return {StepKernel::Kind::Skip, 0.0};
+    return {StepKernel::Kind::Lerp, 1.0 - decay_at(num_averaged)};
+  }
+
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
-    if (!updates_at(num_averaged)) return;
-    EMA{decay_at(num_averaged)}(averaged, current, num_averaged);
+    kernel(num_averaged).apply(averaged, current);
   }
 
   void save_settings(std::map<std::string, std::string>& metadata) const {

@@ -76,9 +76,14 @@ class PowerEMA {
     return std::exp((gamma_ + 1) * std::log1p(-1.0 / static_cast<double>(t)));
   }
 
+  /// The step that folds in model t = num_averaged + 1: a lerp by 1 - beta_t.
+  StepKernel kernel(std::int64_t num_averaged) const {
+    return {StepKernel::Kind::Lerp, 1.0 - decay(num_averaged + 1)};
+  }
+
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
-    EMA{decay(num_averaged + 1)}(averaged, current, num_averaged);
+    kernel(num_averaged).apply(averaged, current);
   }
 
   void save_settings(std::map<std::string, std::string>& metadata) const {
