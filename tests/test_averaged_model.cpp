@@ -21,10 +21,12 @@ namespace {
 /// A small model: a column-major matrix, a vector, a 3-D tensor and a buffer, all of scalar T.
 template <class T>
 struct Model {
-  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> weight{3, 4};
-  Eigen::Matrix<T, Eigen::Dynamic, 1> bias{3};
-  Eigen::Tensor<T, 3, Eigen::RowMajor> kernel{2, 2, 3};
-  Eigen::Matrix<T, Eigen::Dynamic, 1> running_mean{5};
+  // Zero first: Eigen leaves new storage uninitialized.
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> weight =
+      Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>::Zero(3, 4);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> bias = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(3);
+  Eigen::Tensor<T, 3, Eigen::RowMajor> kernel = Eigen::Tensor<T, 3, Eigen::RowMajor>(2, 2, 3).setZero();
+  Eigen::Matrix<T, Eigen::Dynamic, 1> running_mean = Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(5);
 
   ParameterList<T> list() {
     ParameterList<T> out;
@@ -300,6 +302,7 @@ TEST_CASE("user averaging functions: in place, PyTorch-style returning, and mult
 TEST_CASE("an AveragedModel can be moved and keeps working", "[averaged_model]") {
   std::mt19937 rng(17);
   Model<float> model;
+  model.randomize(rng);
   const auto list = model.list();
   AveragedModel<float> first(list);
   first.update_parameters(list);
