@@ -2,6 +2,7 @@
 #include "polyak/averaged_model.hpp"
 
 #include <catch2/catch.hpp>
+#include <unsupported/Eigen/CXX11/Tensor>  // the tensors viewed below (polyak does not include it)
 
 #include <atomic>
 #include <cmath>

@@ -1,4 +1,8 @@
 // SPDX-License-Identifier: MIT
+// Eigen's Tensor module first, polyak after: its forward declarations of Tensor and TensorMap must
+// agree with Eigen's in either order (test_tensor_view.cpp includes them the other way round).
+#include <unsupported/Eigen/CXX11/Tensor>
+
 #include "polyak/serialization.hpp"
 
 #include <catch2/catch.hpp>

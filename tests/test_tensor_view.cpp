@@ -2,6 +2,7 @@
 #include "polyak/tensor_view.hpp"
 
 #include <catch2/catch.hpp>
+#include <unsupported/Eigen/CXX11/Tensor>  // the tensors viewed below (polyak does not include it)
 
 #include <vector>
 
@@ -144,7 +145,10 @@ TEST_CASE("a viewed Eigen object that was resized is detected by name", "[tensor
   CHECK_NOTHROW(list.check_storage("test"));
   w.resize(1000);
   CHECK_THROWS_WITH(list.check_storage("test"), Catch::Contains("tensor 'w' was resized, moved or replaced"));
-  w.resize(4);
+  // (A list of its own: resizing w back need not give it its old address, and under ASan it does not.)
+  ParameterList<float> tensors;
+  tensors.add("t", t);
+  CHECK_NOTHROW(tensors.check_storage("test"));
   t.resize(3, 3);
-  CHECK_THROWS_WITH(list.check_storage("test"), Catch::Contains("tensor 't'"));
+  CHECK_THROWS_WITH(tensors.check_storage("test"), Catch::Contains("tensor 't' was resized"));
 }

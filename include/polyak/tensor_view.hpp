@@ -12,7 +12,6 @@
 #include <limits>
 #include <map>        // ParameterList's memory ranges, to refuse tensors that share memory
 #include <memory>     // std::shared_ptr: a ViewSource's keep_alive
-#include <sstream>    // error messages
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
@@ -20,8 +19,8 @@
 #include <vector>
 
 #include <Eigen/Core>
-#include <unsupported/Eigen/CXX11/Tensor>  // Eigen::Tensor, Eigen::TensorMap
 
+#include "polyak/detail/eigen_tensor_fwd.hpp"  // Eigen::Tensor, Eigen::TensorMap, without their module
 #include "polyak/scalar_type.hpp"
 
 namespace polyak {
@@ -33,11 +32,9 @@ enum class StorageOrder { RowMajor, ColMajor };
 
 /// "[64, 3, 3, 3]": a shape as error messages print it.
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
-  std::ostringstream out;
-  out << '[';
-  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << ']';
-  return out.str();
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
 }
 
 /// A flat Eigen array over one tensor's storage, the form averaging functions receive.
@@ -203,11 +200,12 @@ TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& 
   const bool contiguous =
       (inner_size <= 1 || x.innerStride() == 1) && (outer_size <= 1 || x.outerStride() == inner_size);
   if (!contiguous) {
-    std::ostringstream message;
-    message << "polyak: tensor '" << name << "' is a strided " << x.rows() << "x" << x.cols()
-            << " view (inner stride " << x.innerStride() << ", outer stride " << x.outerStride()
-            << "); views must be contiguous: copy it into its own Matrix, or view the whole storage";
-    throw std::invalid_argument(message.str());
+    throw std::invalid_argument("polyak: tensor '" + name + "' is a strided " + std::to_string(x.rows()) +
+                                "x" + std::to_string(x.cols()) + " view (inner stride " +
+                                std::to_string(x.innerStride()) + ", outer stride " +
+                                std::to_string(x.outerStride()) +
+                                "); views must be contiguous: copy it into its own Matrix, or view the whole "
+                                "storage");
   }
 
   // Vectors get one dimension, as a PyTorch bias has; everything else is rows x cols.
