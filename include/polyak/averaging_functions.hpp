@@ -36,7 +36,7 @@ inline std::string setting_text(double value) { return number_text(value); }
 /// "0.75000000000000000" are one double), or else equal texts.
 inline bool same_setting(const std::string& a, const std::string& b) {
   double x = 0, y = 0;
-  if (parse_number(a, x) && parse_number(b, y)) return x == y;
+  if (parse_number(a, x) && parse_number(b, y)) return exactly_equal(x, y);
   return a == b;
 }
 

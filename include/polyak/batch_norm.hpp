@@ -56,11 +56,11 @@ class BatchNormStats {
   std::int64_t num_batches_tracked = 0;  ///< batches seen since the last reset
   std::optional<double> momentum;        ///< weight of a new batch; empty: 1 / num_batches_tracked
 
-  /// `num_features` >= 0 channels; `momentum` in [0, 1] or empty (PyTorch's momentum=None).
-  explicit BatchNormStats(Eigen::Index num_features, std::optional<double> momentum = 0.1)
+  /// `num_features` >= 0 channels; `initial_momentum` in [0, 1] or empty (PyTorch's momentum=None).
+  explicit BatchNormStats(Eigen::Index num_features, std::optional<double> initial_momentum = 0.1)
       : running_mean(Array::Zero(checked_features(num_features))),
         running_var(Array::Ones(num_features)),
-        momentum(momentum) {
+        momentum(initial_momentum) {
     check_momentum(momentum);
   }
 

@@ -61,7 +61,7 @@ class WarmupDecay {
   double decay_;
 };
 
-/// decay_t = clamp(1 - (1 + t / inv_gamma)^(-power), min_decay, decay): @crowsonkb's EMA warm-up.
+/// decay_t = clamp(1 - (1 + t / inv_gamma)^(-power), min_decay, decay): Katherine Crowson's EMA warm-up.
 /// diffusers' EMAModel with use_ema_warmup=True, timm's ModelEmaV3 with use_warmup=True (warmup_gamma,
 /// warmup_power), ema-pytorch's EMA (inv_gamma, power, min_value; beta is `decay`). Their defaults
 /// are these: power 2/3 reaches decay 0.999 near step 31.6k and 0.9999 near 1M; power 3/4 suits
@@ -199,9 +199,9 @@ class ScheduledEMA {
     cadence.update_after_step = static_cast<std::int64_t>(after);
     cadence.update_every = static_cast<std::int64_t>(every);
     const auto compound = metadata.find("compound");
-    if (static_cast<double>(cadence.update_after_step) != after ||
-        static_cast<double>(cadence.update_every) != every || compound == metadata.end() ||
-        (compound->second != "true" && compound->second != "false")) {
+    if (!detail::exactly_equal(static_cast<double>(cadence.update_after_step), after) ||
+        !detail::exactly_equal(static_cast<double>(cadence.update_every), every) ||
+        compound == metadata.end() || (compound->second != "true" && compound->second != "false")) {
       throw FormatError("polyak::ScheduledEMA: bad cadence settings in the state");
     }
     cadence.compound = compound->second == "true";

@@ -21,6 +21,7 @@
 #include "polyak/scalar_type.hpp"
 #include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
+#include "polyak/detail/number_text.hpp"
 
 namespace polyak {
 
@@ -121,7 +122,7 @@ inline std::vector<DescribedTensor> read_description(const std::string& bytes, b
 inline std::string rank_list(const std::vector<double>& flags) {
   std::string out;
   for (std::size_t r = 0; r < flags.size(); ++r) {
-    if (flags[r] != 0) out += (out.empty() ? "" : ", ") + std::to_string(r);
+    if (flags[r] > 0) out += (out.empty() ? "" : ", ") + std::to_string(r);
   }
   return out;
 }
@@ -159,8 +160,10 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
   sums[16] = stale.empty() ? 0.0 : 1.0;
   comm.allreduce_sum(sums, 17);
   const double members = static_cast<double>(comm.size());
-  bool same = sums[16] == 0;
-  for (int byte = 0; byte < 8; ++byte) same = same && members * sums[8 + byte] == sums[byte] * sums[byte];
+  bool same = sums[16] < 0.5;  // no member flagged a stale view
+  for (int byte = 0; byte < 8; ++byte) {
+    same = same && detail::exactly_equal(members * sums[8 + byte], sums[byte] * sums[byte]);
+  }
   if (same) return;
 
   // Every member is here (all saw the same sums). Rank 0's description, to every member.

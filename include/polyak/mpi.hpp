@@ -71,7 +71,7 @@ class MpiCommunicator {
     int length = 0;
     MPI_Error_string(code, text, &length);
     throw std::runtime_error(std::string("polyak::MpiCommunicator: ") + what +
-                             " failed: " + std::string(text, length));
+                             " failed: " + std::string(text, static_cast<std::size_t>(length)));
   }
 
   std::shared_ptr<MPI_Comm> comm_;

@@ -92,7 +92,7 @@ struct PostHocFit {
 };
 
 /// The weights x of the `sources` profiles whose combination best approximates `target` in L2: the
-/// solution of A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>, by a column-pivoting QR, then scaled
+/// solution of A x = b, A_ij = (p_i . p_j), b_i = (p_i . p_target), by a column-pivoting QR, then scaled
 /// to sum 1 (as EDM2 does), with the fit's relative error computed from the same inner products.
 /// Every profile needs step >= 1 and gamma > -1/2 (where the inner products are finite).
 inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources,
@@ -276,10 +276,10 @@ class PostHocEMA {
     for (std::size_t i = 0; i < sigma_rels.size(); ++i) {
       const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
       for (std::size_t j = 0; j < i; ++j) {
-        if (profiles_[j].avg_fn().gamma() == profile.gamma()) {
+        if (detail::exactly_equal(profiles_[j].avg_fn().gamma(), profile.gamma())) {
           throw std::invalid_argument(
               "polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
-              (sigma_rels[j] == sigma_rels[i]
+              (detail::exactly_equal(sigma_rels[j], sigma_rels[i])
                    ? std::string(" is given twice")
                    : " gives the same profile as " + detail::number_text(sigma_rels[j])));
         }

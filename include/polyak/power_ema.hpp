@@ -20,6 +20,7 @@
 #include <string>
 
 #include "polyak/averaging_functions.hpp"
+#include "polyak/detail/number_text.hpp"
 
 namespace polyak {
 
@@ -49,7 +50,7 @@ inline double sigma_rel_to_gamma(double sigma_rel) {
   double low = peak, high = 1.0 / sigma_rel;
   for (int i = 0; i < 200 && low < high; ++i) {
     const double middle = low + (high - low) / 2;
-    if (middle == low || middle == high) break;
+    if (detail::exactly_equal(middle, low) || detail::exactly_equal(middle, high)) break;
     (gamma_to_sigma_rel(middle) > sigma_rel ? low : high) = middle;
   }
   return low + (high - low) / 2;

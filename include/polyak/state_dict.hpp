@@ -100,9 +100,9 @@ decltype(auto) with_scalar_type(DType dtype, F&& f) {
     case DType::I64:
       return f(std::int64_t{});
     case DType::F32:
-    default:
-      return f(float{});
+      break;
   }
+  return f(float{});
 }
 
 }  // namespace detail

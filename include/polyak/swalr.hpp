@@ -99,7 +99,7 @@ class SWALR {
       const double swa_lr = state_.swa_lrs[g];
       const double lr = Access::get(optimizer_, g);
       // The rate this anneal started from, recovered from the current one (PyTorch's _get_initial_lr).
-      const double initial = prev_alpha == 1.0 ? swa_lr : (lr - prev_alpha * swa_lr) / (1.0 - prev_alpha);
+      const double initial = prev_alpha >= 1.0 ? swa_lr : (lr - prev_alpha * swa_lr) / (1.0 - prev_alpha);
       state_.last_lrs[g] = swa_lr * alpha + initial * (1.0 - alpha);
       Access::set(optimizer_, g, state_.last_lrs[g]);
     }

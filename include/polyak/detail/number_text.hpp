@@ -27,6 +27,11 @@ inline std::string number_text(std::int64_t value) {
   return std::string(text, end);
 }
 
+/// a == b, exactly, where exact equality is meant (a saved setting against the model's, a bisection
+/// that has run out of digits), written without == so that clang's -Wfloat-equal stays quiet in
+/// users' builds. NaN equals nothing, as with ==.
+constexpr bool exactly_equal(double a, double b) noexcept { return a <= b && a >= b; }
+
 /// Reads `text` whole as a double: false for an empty text, one with anything before or after the
 /// number ("0.5abc", " 1", "1,"), or one out of double's range ("1e999"). "nan" and "inf" parse; a
 /// caller that wants finite values checks.
