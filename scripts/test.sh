@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Builds polyak's tests and runs them: the unit and reference tests, MPI tests through mpirun, the
-# examples, the checkpoint tests (resume, crash, Python interop), the compile-fail cases, the
-# header-alone build, the install / add_subdirectory consumers and the benchmarks' smoke runs; then
-# the suite again under AddressSanitizer and UndefinedBehaviorSanitizer; then a minute of fuzzing
-# the safetensors reader; then the format check.
-#   usage (as root on a fresh Debian machine): bash scripts/test.sh
+# Builds polyak's tests and runs them, one check after another; each check can also run alone.
+#   usage (as root on a fresh Debian machine): bash scripts/test.sh [CHECK...]   (default: all)
+# The checks:
+#   tests     GCC, C++17: the unit and reference tests, MPI tests through mpirun, the examples, the
+#             checkpoint tests (resume, crash, Python interop), the compile-fail cases, the layers,
+#             every public header alone (and the core's for Windows with MinGW-w64), the headers'
+#             warnings under GCC's and clang's strictest sets, the consumers, the benchmarks' smoke runs
+#   sanitize  the same suite under AddressSanitizer and UndefinedBehaviorSanitizer
+#   matrix    the unit tests built and run with Clang at C++17, and with GCC and Clang at C++20
+#   fuzz      a minute of libFuzzer on the safetensors reader
+#   format    clang-format
 set -euo pipefail
 cd "$(dirname "$0")/.."
+all_checks=(tests sanitize matrix fuzz format)
+checks=("$@")
+((${#checks[@]})) || checks=("${all_checks[@]}")
+for check in "${checks[@]}"; do
+  [[ " ${all_checks[*]} " == *" $check "* ]] || { echo "polyak: unknown check '$check' (${all_checks[*]})" >&2; exit 2; }
+done
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
-  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev libtorch-dev
+  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev libtorch-dev \
+  g++-mingw-w64-x86-64-posix
 
 jobs=$(nproc)
+ctest_args=()
 run_suite() {  # build dir, compiler flags, extra cmake arguments...
   local dir=$1 flags=$2; shift 2
   # Optimized (the examples run as tests) but with assertions on: no NDEBUG. Line tables only (-g1):
@@ -21,20 +34,45 @@ run_suite() {  # build dir, compiler flags, extra cmake arguments...
   ctest --test-dir "$dir" -j "$jobs" --output-on-failure "${ctest_args[@]}"
 }
 
-echo "== tests"
-ctest_args=()
-run_suite build/test "-O2 -g1" -DPOLYAK_BUILD_BENCHMARKS=ON
-echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-# (the compile-fail, consumer and header-alone checks ran above and test no new code here; benchmarks
-# are not built)
-ctest_args=(-E "^(compile_fail|consumer|benchmark)\\.")
-# -O1, as the sanitizers' manuals advise: instrumented -O2 takes twice as long to build.
-ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize "-O1 -g1" \
-  -DPOLYAK_SANITIZE=ON -DPOLYAK_BUILD_BENCHMARKS=OFF
+check_tests() {
+  ctest_args=()
+  run_suite build/test "-O2 -g1" -DPOLYAK_BUILD_BENCHMARKS=ON
+}
 
-echo "== fuzzing load_safetensors (libFuzzer + ASan + UBSan, 60 s)"
-bash tests/fuzz/run.sh 60
+check_sanitize() {
+  # (the compile-fail, consumer and header checks test no new code here; benchmarks are not built)
+  ctest_args=(-E "^(compile_fail|consumer|benchmark|header_warnings|header_alone|layers)\\.")
+  # -O1, as the sanitizers' manuals advise: instrumented -O2 takes twice as long to build.
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 run_suite build/sanitize "-O1 -g1" \
+    -DPOLYAK_SANITIZE=ON -DPOLYAK_BUILD_BENCHMARKS=OFF
+}
 
-echo "== clang-format"
-git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
-echo "polyak: all checks passed"
+check_matrix() {
+  # The unit tests (core and checkpoints; libtorch's and MPI's ran in "tests") in the other cells of
+  # {GCC, Clang} x {C++17, C++20}, unoptimized: what differs between them is the compiling.
+  local cell compiler standard
+  for cell in clang++:17 g++:20 clang++:20; do
+    compiler=${cell%%:*} standard=${cell##*:}
+    echo "-- $compiler, C++$standard"
+    local dir="build/matrix-$compiler-$standard"
+    cmake -S . -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
+      -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1" -DPOLYAK_WERROR=ON -DPOLYAK_WITH_TORCH=OFF \
+      -DPOLYAK_BUILD_EXAMPLES=OFF >/dev/null
+    cmake --build "$dir" -j "$jobs" --target polyak_tests
+    "$dir/tests/polyak_tests" --order rand
+  done
+}
+
+check_fuzz() {
+  bash tests/fuzz/run.sh 60
+}
+
+check_format() {
+  git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
+}
+
+for check in "${checks[@]}"; do
+  echo "== $check"
+  "check_$check"
+done
+echo "polyak: checks passed: ${checks[*]}"

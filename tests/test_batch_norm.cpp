@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: MIT
+#include "polyak/checkpoint.hpp"
 #include "polyak/batch_norm.hpp"
 
 #include <catch2/catch.hpp>

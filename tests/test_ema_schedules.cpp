@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // EMA decay schedules, checked against closed forms and against the update loops of diffusers'
 // EMAModel and ema-pytorch's EMA, re-enacted here step by step in plain double arithmetic.
+#include "polyak/checkpoint.hpp"
 #include "polyak/ema_schedules.hpp"
 
 #include <catch2/catch.hpp>

@@ -11,6 +11,7 @@
 #include <new>
 #include <vector>
 
+#include "polyak/checkpoint.hpp"
 #include "polyak/averaged_model.hpp"
 #include "polyak/ema_schedules.hpp"
 #include "polyak/model_averaging.hpp"

@@ -2,6 +2,7 @@
 // Power-function EMA and post-hoc EMA (EDM2), checked against the closed-form weights of the
 // discrete power EMA, w_tau = (tau / t)^(gamma+1) - ((tau - 1) / t)^(gamma+1), applied directly to a
 // stored synthetic trajectory.
+#include "polyak/checkpoint.hpp"
 #include "polyak/post_hoc_ema.hpp"
 
 #include <catch2/catch.hpp>

@@ -10,6 +10,7 @@
 
 #include "../examples/common/digits.hpp"
 #include "../examples/common/mlp.hpp"
+#include "polyak/checkpoint.hpp"
 #include "polyak/polyak.hpp"
 
 namespace {

@@ -3,6 +3,7 @@
 // agree with Eigen's in either order (test_tensor_view.cpp includes them the other way round).
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "polyak/checkpoint.hpp"
 #include "polyak/serialization.hpp"
 
 #include <catch2/catch.hpp>
@@ -14,6 +15,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>  // getpid: a file name of this process
 
 #include "polyak/averaged_model.hpp"
 #include "polyak/batch_norm.hpp"
@@ -362,4 +365,53 @@ TEST_CASE("an AveragedModel with a lambda as its averaging function saves and lo
   resumed.load_state_dict(model.state_dict());
   CHECK(resumed.n_averaged() == 2);
   CHECK(resumed.tensors()[0].data()[0] == 2.0);
+}
+
+TEST_CASE("every error polyak throws is a polyak::Error and the standard exception callers catch",
+          "[serialization][errors]") {
+  // An argument refused (a decay outside [0, 1]): std::invalid_argument, as before.
+  REQUIRE_THROWS_AS(polyak::EMA{1.5}, polyak::Error);
+  REQUIRE_THROWS_AS(polyak::EMA{1.5}, std::invalid_argument);
+  REQUIRE_THROWS_AS(polyak::EMA{1.5}, polyak::InvalidArgument);
+  // A file that is not safetensors: FormatError, a std::runtime_error.
+  const std::string path = temporary_path("errors_" + std::to_string(::getpid()) + ".safetensors");
+  write_bytes(path, "not a safetensors file");
+  REQUIRE_THROWS_AS(polyak::load_safetensors(path), polyak::FormatError);
+  REQUIRE_THROWS_AS(polyak::load_safetensors(path), polyak::Error);
+  REQUIRE_THROWS_AS(polyak::load_safetensors(path), std::runtime_error);
+  // A file that cannot be created (its folder is missing): RuntimeError, with what() naming the path
+  // through either base.
+  const std::string missing = path + ".missing/state.safetensors";
+  try {
+    polyak::save_safetensors(missing, StateDict{});
+    FAIL("saving into a missing folder did not throw");
+  } catch (const polyak::Error& e) {
+    REQUIRE(dynamic_cast<const polyak::RuntimeError*>(&e) != nullptr);
+    REQUIRE(std::string(e.what()).find(missing) != std::string::npos);
+  }
+  std::remove(path.c_str());
+}
+
+TEST_CASE("the settings codec round-trips every built-in rule exactly and refuses malformed numbers",
+          "[serialization][settings]") {
+  polyak::Metadata m;
+  const polyak::ScheduledEMA<polyak::InverseGammaDecay> fn{
+      polyak::InverseGammaDecay{0.9999, 1.0, 0.1 + 0.2, 0.0}, polyak::EmaCadence{7, 3, false}};
+  polyak::save_settings(fn, m);
+  const auto back =
+      polyak::load_settings(polyak::ScheduledEMA<polyak::InverseGammaDecay>{polyak::InverseGammaDecay{}}, m);
+  REQUIRE(back.schedule().power() == 0.1 + 0.2);  // 0.30000000000000004, not 0.3
+  REQUIRE(back.cadence().update_after_step == 7);
+  REQUIRE(back.cadence().update_every == 3);
+  REQUIRE_FALSE(back.cadence().compound);
+  for (const std::string bad : {"0.5abc", "1e999", "", " 0.5", "0x1p-1"}) {
+    polyak::Metadata broken = m;
+    broken["power"] = bad;
+    REQUIRE_THROWS_AS(polyak::load_settings(fn, broken), polyak::FormatError);
+  }
+  polyak::Metadata broken = m;
+  broken["update_every"] = "2.5";  // a cadence is a whole number of steps
+  REQUIRE_THROWS_AS(polyak::load_settings(fn, broken), polyak::FormatError);
+  broken["update_every"] = "0";  // one the constructor refuses
+  REQUIRE_THROWS_AS(polyak::load_settings(fn, broken), polyak::FormatError);
 }

@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: MIT
+#include "polyak/checkpoint.hpp"
 #include "polyak/swalr.hpp"
 #include "polyak/state_dict.hpp"
 

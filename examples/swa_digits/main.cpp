@@ -14,6 +14,7 @@
 //   usage: swa_digits [data/digits.csv] [output folder]
 // writes <output>/curves.csv (per-epoch curves), <output>/post_hoc/seed<N>/ (the power-EMA
 // snapshots, for the post_hoc_ema tool) and, when gnuplot is installed, <output>/curves.png.
+#include <polyak/checkpoint.hpp>
 #include <polyak/polyak.hpp>
 
 #include <cmath>

@@ -15,10 +15,11 @@
 
 #include <Eigen/Core>  // Eigen::aligned_allocator
 
+#include "polyak/detail/state_io_fwd.hpp"
+#include "polyak/error.hpp"
 #include "polyak/averaging_functions.hpp"
 #include "polyak/detail/tensor_spec.hpp"
 #include "polyak/scalar_type.hpp"
-#include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
 #include "polyak/thread_pool.hpp"
 
@@ -175,60 +176,9 @@ class AveragedModel {
     }
   }
 
-  /// The averaged copy as PyTorch's AveragedModel.state_dict() names it: "module.<name>" for each
-  /// tensor (in accumulator_t<T>), "n_averaged"; the averaging function's settings in the metadata
-  /// (EMA's decay), and use_buffers.
-  StateDict state_dict() const {
-    StateDict sd;
-    for (const auto& entry : averaged_) sd.insert("module." + entry.name(), entry.view());
-    sd.merge("", state_dict_scalars());
-    return sd;
-  }
-
-  /// state_dict() without its tensors: n_averaged and the metadata. With tensors() named
-  /// "module.<name>" in front, it is the whole state; what a writer that streams the tensors from
-  /// the averaged copy needs (PostHocEMA's snapshots), instead of a second copy of them.
-  StateDict state_dict_scalars() const {
-    StateDict sd;
-    sd.insert_scalar<std::int64_t>("n_averaged", n_averaged_);
-    sd.metadata["use_buffers"] = use_buffers_ ? "true" : "false";
-    detail::save_settings(avg_fn_, sd.metadata);
-    return sd;
-  }
-
-  /// Restores a state_dict(): the averaged tensors and n_averaged. One whose tensors differ from
-  /// this model's in names, shapes or types, whose n_averaged is negative, whose use_buffers differs,
-  /// or whose averaging function's settings (EMA's decay, a schedule's, PowerEMA's gamma) differ from
-  /// this model's, is refused with FormatError naming the first difference, and nothing changes: as
-  /// in PyTorch, the averaging function is the one the model was constructed with, so construct it
-  /// with the settings of the run it resumes. A user's function with no save_settings is not checked.
-  void load_state_dict(const StateDict& sd) {
-    for (const auto& entry : averaged_) sd.expect<Accumulator>("module." + entry.name(), entry.shape());
-    if (sd.size() != averaged_.size() + 1) {
-      throw FormatError("polyak::AveragedModel::load_state_dict: the state holds " +
-                        std::to_string(sd.size()) + " entries, this model " +
-                        std::to_string(averaged_.size() + 1));
-    }
-    const auto n_averaged = sd.scalar<std::int64_t>("n_averaged");
-    if (n_averaged < 0) throw FormatError("polyak::AveragedModel::load_state_dict: negative n_averaged");
-    const auto use_buffers = sd.metadata.find("use_buffers");
-    if (use_buffers != sd.metadata.end() && use_buffers->second != (use_buffers_ ? "true" : "false")) {
-      throw FormatError("polyak::AveragedModel::load_state_dict: the state has use_buffers " +
-                        use_buffers->second);
-    }
-    std::map<std::string, std::string> settings;
-    detail::save_settings(avg_fn_, settings);
-    for (const auto& [key, value] : settings) {
-      const auto saved = sd.metadata.find(key);
-      if (saved == sd.metadata.end() || !detail::same_setting(saved->second, value)) {
-        throw FormatError("polyak::AveragedModel::load_state_dict: the state's averaging function has " +
-                          key + " '" + (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
-                          "' where this model's has '" + value + "'");
-      }
-    }
-    for (const auto& entry : averaged_) sd.copy_to("module." + entry.name(), entry.view());
-    n_averaged_ = n_averaged;
-  }
+  /// Checkpoints, as PyTorch's AveragedModel.state_dict() names them ("module.<name>", "n_averaged");
+  /// defined by the checkpoint layer: see StateIO<AveragedModel> in polyak/state_io.hpp.
+  POLYAK_DETAIL_STATE_MEMBERS(AveragedModel);
 
   const AvgFn& avg_fn() const noexcept { return avg_fn_; }
   bool use_buffers() const noexcept { return use_buffers_; }
@@ -328,7 +278,7 @@ class AveragedModel {
   }
 
   [[noreturn]] static void fail(const char* where, const std::string& what) {
-    throw std::invalid_argument(std::string("polyak::AveragedModel::") + where + ": " + what);
+    throw InvalidArgument(std::string("polyak::AveragedModel::") + where + ": " + what);
   }
 
   AvgFn avg_fn_;

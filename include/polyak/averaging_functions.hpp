@@ -21,59 +21,10 @@
 #include <type_traits>
 #include <utility>  // std::forward
 
-#include "polyak/detail/number_text.hpp"
-#include "polyak/state_dict.hpp"
+#include "polyak/error.hpp"
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {
-
-namespace detail {
-
-/// A setting written so that it reads back to the same double (its shortest such text).
-inline std::string setting_text(double value) { return number_text(value); }
-
-/// Whether two saved settings say the same: equal numbers (however written: "0.75" and
-/// "0.75000000000000000" are one double), or else equal texts.
-inline bool same_setting(const std::string& a, const std::string& b) {
-  double x = 0, y = 0;
-  if (parse_number(a, x) && parse_number(b, y)) return exactly_equal(x, y);
-  return a == b;
-}
-
-/// The number saved under `key`; FormatError when it is missing or not a number written whole.
-inline double setting_number(const std::map<std::string, std::string>& metadata, const std::string& key,
-                             const char* who) {
-  const auto it = metadata.find(key);
-  if (it == metadata.end()) throw FormatError(std::string(who) + ": the state has no setting '" + key + "'");
-  double value = 0;
-  if (!parse_number(it->second, value)) {
-    throw FormatError(std::string(who) + ": setting '" + key + "' is not a number: '" + it->second + "'");
-  }
-  return value;
-}
-
-/// Refuses a state whose setting `key` is missing or other than `value` (saved by another averaging
-/// function, or with another schedule).
-inline void expect_setting(const std::map<std::string, std::string>& metadata, const std::string& key,
-                           const std::string& value, const char* who) {
-  const auto it = metadata.find(key);
-  if (it == metadata.end() || it->second != value) {
-    throw FormatError(std::string(who) + ": the state's " + key + " is '" +
-                      (it == metadata.end() ? std::string("(none)") : it->second) + "', not '" + value + "'");
-  }
-}
-
-/// Builds a function from saved settings; one its constructor refuses is a FormatError.
-template <class Fn, class Make>
-Fn make_from_settings(const char* who, Make&& make) {
-  try {
-    return make();
-  } catch (const std::invalid_argument& e) {
-    throw FormatError(std::string(who) + ": bad settings in the state: " + e.what());
-  }
-}
-
-}  // namespace detail
 
 /// One update's arithmetic for a built-in rule. Every built-in rule (SWA, EMA, ScheduledEMA,
 /// PowerEMA, their multi-tensor forms) is, at a given step, "average += w (current - average)" with
@@ -123,15 +74,6 @@ struct StepKernel {
 struct SWA {
   static constexpr bool is_elementwise = true;  // each scalar on its own: may be split across threads
 
-  void save_settings(std::map<std::string, std::string>& metadata) const { metadata["avg_fn"] = "swa"; }
-  static SWA load_settings(const std::map<std::string, std::string>& metadata) {
-    const auto fn = metadata.find("avg_fn");
-    if (fn != metadata.end() && fn->second != "swa") {
-      throw FormatError("polyak::SWA: the state was saved by the averaging function '" + fn->second + "'");
-    }
-    return {};
-  }
-
   /// The step that folds in model num_averaged + 1: a division by num_averaged + 1.
   static StepKernel kernel(std::int64_t num_averaged) noexcept {
     return {StepKernel::Kind::Divide, static_cast<double>(num_averaged + 1)};
@@ -164,22 +106,11 @@ class EMA {
   /// `decay` must lie in [0, 1]; anything else, NaN included, is refused.
   explicit EMA(double decay) : decay_(decay) {
     if (!(decay >= 0.0 && decay <= 1.0)) {
-      throw std::invalid_argument("polyak::EMA: decay " + std::to_string(decay) + " is outside [0, 1]");
+      throw InvalidArgument("polyak::EMA: decay " + std::to_string(decay) + " is outside [0, 1]");
     }
   }
 
   double decay() const noexcept { return decay_; }
-
-  /// Checkpoint settings: the decay, written so that it reads back to the same double.
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    metadata["avg_fn"] = "ema";
-    metadata["decay"] = detail::setting_text(decay_);
-  }
-  static EMA load_settings(const std::map<std::string, std::string>& metadata) {
-    detail::expect_setting(metadata, "avg_fn", "ema", "polyak::EMA");
-    return detail::make_from_settings<EMA>(
-        "polyak::EMA", [&] { return EMA{detail::setting_number(metadata, "decay", "polyak::EMA")}; });
-  }
 
   /// Every step: a lerp by 1 - decay.
   StepKernel kernel(std::int64_t /*num_averaged*/) const noexcept {
@@ -242,29 +173,6 @@ template <class Fn>
 struct has_kernel<Fn, std::void_t<decltype(std::declval<const Fn&>().kernel(std::int64_t{}))>>
     : std::is_same<decltype(std::declval<const Fn&>().kernel(std::int64_t{})), StepKernel> {};
 
-template <class Fn, class = void>
-struct has_settings : std::false_type {};
-template <class Fn>
-struct has_settings<Fn, std::void_t<decltype(std::declval<const Fn&>().save_settings(
-                            std::declval<std::map<std::string, std::string>&>()))>> : std::true_type {};
-
-/// A function's checkpoint settings: saved where it has a save_settings (SWA, EMA, and the ones a
-/// ForEachTensor applies); a user's functor without one saves none and keeps its own on load.
-/// load_settings may be static or a const member (called on the current function, so that a
-/// ScheduledEMA keeps a user's schedule that has no settings of its own).
-template <class Fn>
-void save_settings(const Fn& fn, std::map<std::string, std::string>& metadata) {
-  if constexpr (has_settings<Fn>::value) fn.save_settings(metadata);
-}
-template <class Fn>
-Fn load_settings(const Fn& current, const std::map<std::string, std::string>& metadata) {
-  if constexpr (has_settings<Fn>::value) {
-    return current.load_settings(metadata);
-  } else {
-    return current;
-  }
-}
-
 /// Calls a per-tensor function, assigning its result when it returns one (PyTorch's avg_fn shape).
 template <class Fn, class Averaged, class Current>
 void apply_avg_fn(Fn& fn, Averaged&& averaged, const Current& current, std::int64_t num_averaged) {
@@ -293,13 +201,6 @@ struct ForEachTensor {
   static constexpr bool is_multi_tensor = true;
   static constexpr bool is_elementwise = is_elementwise_v<Fn>;
   Fn fn;
-
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    detail::save_settings(fn, metadata);
-  }
-  ForEachTensor load_settings(const std::map<std::string, std::string>& metadata) const {
-    return {detail::load_settings(fn, metadata)};
-  }
 
   template <class S, class C>
   void operator()(const TensorArrays<S>& averaged, const TensorArrays<C>& current,

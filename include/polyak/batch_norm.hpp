@@ -21,8 +21,9 @@
 
 #include <Eigen/Core>
 
+#include "polyak/detail/state_io_fwd.hpp"
+#include "polyak/error.hpp"
 #include "polyak/detail/number_text.hpp"
-#include "polyak/state_dict.hpp"
 
 namespace polyak {
 
@@ -66,46 +67,9 @@ class BatchNormStats {
 
   Eigen::Index num_features() const noexcept { return running_mean.size(); }
 
-  /// PyTorch's names: "running_mean", "running_var", "num_batches_tracked"; the momentum in the
-  /// metadata ("none" when empty), written so that it reads back to the same double.
-  StateDict state_dict() const {
-    StateDict sd;
-    const std::vector<std::int64_t> shape{num_features()};
-    sd.insert("running_mean", TensorView<T>(const_cast<T*>(running_mean.data()), shape));
-    sd.insert("running_var", TensorView<T>(const_cast<T*>(running_var.data()), shape));
-    sd.insert_scalar<std::int64_t>("num_batches_tracked", num_batches_tracked);
-    sd.metadata["momentum"] = momentum ? detail::number_text(*momentum) : "none";
-    return sd;
-  }
-
-  /// Restores a state_dict(); one of another size or type, with a negative num_batches_tracked, or
-  /// with a momentum that is not "none" or a number in [0, 1] written whole ("0.5abc", "1e999",
-  /// "nan" and "" are not), is refused with FormatError and changes nothing.
-  void load_state_dict(const StateDict& sd) {
-    const std::vector<std::int64_t> shape{num_features()};
-    sd.expect<T>("running_mean", shape);
-    sd.expect<T>("running_var", shape);
-    const auto tracked = sd.scalar<std::int64_t>("num_batches_tracked");
-    if (tracked < 0) {
-      throw FormatError("polyak::BatchNormStats: num_batches_tracked " + std::to_string(tracked) +
-                        " in the state is negative");
-    }
-    std::optional<double> restored;
-    const auto found = sd.metadata.find("momentum");
-    if (found == sd.metadata.end()) throw FormatError("polyak::BatchNormStats: no momentum in the state");
-    if (found->second != "none") {
-      double value = 0;
-      if (!detail::parse_number(found->second, value) || !(value >= 0.0 && value <= 1.0)) {
-        throw FormatError("polyak::BatchNormStats: the state's momentum '" + found->second +
-                          "' is not 'none' or a number in [0, 1]");
-      }
-      restored = value;
-    }
-    sd.copy_to("running_mean", TensorView<T>(running_mean.data(), shape));
-    sd.copy_to("running_var", TensorView<T>(running_var.data(), shape));
-    num_batches_tracked = tracked;
-    momentum = restored;
-  }
+  /// Checkpoints, with PyTorch's names; defined by the checkpoint layer: see StateIO<BatchNormStats>
+  /// in polyak/state_io.hpp.
+  POLYAK_DETAIL_STATE_MEMBERS(BatchNormStats);
 
   /// Mean 0, variance 1, no batches tracked (PyTorch's reset_running_stats()).
   void reset() {
@@ -127,14 +91,13 @@ class BatchNormStats {
   void update(const Eigen::DenseBase<Mean>& batch_mean, const Eigen::DenseBase<Var>& batch_var,
               std::int64_t batch_count) {
     if (batch_mean.size() != num_features() || batch_var.size() != num_features()) {
-      throw std::invalid_argument("polyak::BatchNormStats::update: batch moments of sizes " +
-                                  std::to_string(batch_mean.size()) + " and " +
-                                  std::to_string(batch_var.size()) + " for " +
-                                  std::to_string(num_features()) + " features");
+      throw InvalidArgument("polyak::BatchNormStats::update: batch moments of sizes " +
+                            std::to_string(batch_mean.size()) + " and " + std::to_string(batch_var.size()) +
+                            " for " + std::to_string(num_features()) + " features");
     }
     if (batch_count < 2) {
-      throw std::invalid_argument("polyak::BatchNormStats::update: " + std::to_string(batch_count) +
-                                  " values per channel; the unbiased variance needs at least 2");
+      throw InvalidArgument("polyak::BatchNormStats::update: " + std::to_string(batch_count) +
+                            " values per channel; the unbiased variance needs at least 2");
     }
     check_momentum(momentum);
     const auto mean = batch_mean.derived().array().template cast<T>();
@@ -163,9 +126,9 @@ class BatchNormStats {
   template <class Batch>
   Moments record_batch(const Eigen::DenseBase<Batch>& batch) {
     if (batch.cols() != num_features()) {
-      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " +
-                                  std::to_string(batch.cols()) + " channels for " +
-                                  std::to_string(num_features()) + " features");
+      throw InvalidArgument("polyak::BatchNormStats::record_batch: a batch of " +
+                            std::to_string(batch.cols()) + " channels for " + std::to_string(num_features()) +
+                            " features");
     }
     const auto x = batch.derived().template cast<T>().array();
     Moments m;
@@ -181,9 +144,9 @@ class BatchNormStats {
   /// (PyTorch's NCHW, with H*W = spatial): each channel's moments over its n * spatial values.
   Moments record_batch(const T* data, Eigen::Index n, Eigen::Index channels, Eigen::Index spatial) {
     if (channels != num_features() || n < 0 || spatial < 0) {
-      throw std::invalid_argument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(n) +
-                                  " x " + std::to_string(channels) + " x " + std::to_string(spatial) +
-                                  " for " + std::to_string(num_features()) + " features");
+      throw InvalidArgument("polyak::BatchNormStats::record_batch: a batch of " + std::to_string(n) + " x " +
+                            std::to_string(channels) + " x " + std::to_string(spatial) + " for " +
+                            std::to_string(num_features()) + " features");
     }
     // Sample i, channel c: a contiguous run of `spatial` values at (i * channels + c) * spatial.
     const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic>> runs(data, spatial, n * channels);
@@ -213,16 +176,16 @@ class BatchNormStats {
 
   static Eigen::Index checked_features(Eigen::Index num_features) {
     if (num_features < 0) {
-      throw std::invalid_argument("polyak::BatchNormStats: num_features " + std::to_string(num_features) +
-                                  " is negative");
+      throw InvalidArgument("polyak::BatchNormStats: num_features " + std::to_string(num_features) +
+                            " is negative");
     }
     return num_features;
   }
 
   static void check_momentum(const std::optional<double>& momentum) {
     if (momentum && !(*momentum >= 0.0 && *momentum <= 1.0)) {
-      throw std::invalid_argument("polyak::BatchNormStats: momentum " + std::to_string(*momentum) +
-                                  " is outside [0, 1]");
+      throw InvalidArgument("polyak::BatchNormStats: momentum " + std::to_string(*momentum) +
+                            " is outside [0, 1]");
     }
   }
 

@@ -27,6 +27,8 @@
 #include <utility>  // std::pair
 #include <vector>
 
+#include "polyak/error.hpp"
+
 namespace polyak {
 
 namespace detail {
@@ -60,8 +62,7 @@ class ThreadCommunicator {
  public:
   /// `size` members of one group; hand member i to thread i.
   static std::vector<ThreadCommunicator> create(int size) {
-    if (size < 1)
-      throw std::invalid_argument("polyak::ThreadCommunicator: size " + std::to_string(size) + " < 1");
+    if (size < 1) throw InvalidArgument("polyak::ThreadCommunicator: size " + std::to_string(size) + " < 1");
     auto group = std::make_shared<Group>(size);
     std::vector<ThreadCommunicator> members;
     for (int rank = 0; rank < size; ++rank) members.push_back(ThreadCommunicator(group, rank));
@@ -81,8 +82,8 @@ class ThreadCommunicator {
     for (const auto& other : g.posted) {
       if (other.second != n) {
         g.barrier();  // everyone has compared before anyone may post again
-        throw std::invalid_argument("polyak::ThreadCommunicator::allreduce_sum: members passed " +
-                                    std::to_string(n) + " and " + std::to_string(other.second) + " elements");
+        throw InvalidArgument("polyak::ThreadCommunicator::allreduce_sum: members passed " +
+                              std::to_string(n) + " and " + std::to_string(other.second) + " elements");
       }
     }
     const std::size_t members = g.posted.size();

@@ -17,12 +17,12 @@
 #include <algorithm>  // std::clamp, std::min
 #include <cmath>      // std::pow
 #include <cstdint>    // std::int64_t
-#include <map>
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
 #include <utility>  // std::move
 
+#include "polyak/error.hpp"
 #include "polyak/averaging_functions.hpp"
 
 namespace polyak {
@@ -34,8 +34,7 @@ class WarmupDecay {
   /// `decay` must lie in [0, 1].
   explicit WarmupDecay(double decay = 0.9999) : decay_(decay) {
     if (!(decay >= 0.0 && decay <= 1.0)) {
-      throw std::invalid_argument("polyak::WarmupDecay: decay " + std::to_string(decay) +
-                                  " is outside [0, 1]");
+      throw InvalidArgument("polyak::WarmupDecay: decay " + std::to_string(decay) + " is outside [0, 1]");
     }
   }
 
@@ -45,17 +44,6 @@ class WarmupDecay {
   }
 
   double decay() const noexcept { return decay_; }
-
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    metadata["schedule"] = "warmup";
-    metadata["decay"] = detail::setting_text(decay_);
-  }
-  static WarmupDecay load_settings(const std::map<std::string, std::string>& metadata) {
-    detail::expect_setting(metadata, "schedule", "warmup", "polyak::WarmupDecay");
-    return detail::make_from_settings<WarmupDecay>("polyak::WarmupDecay", [&] {
-      return WarmupDecay{detail::setting_number(metadata, "decay", "polyak::WarmupDecay")};
-    });
-  }
 
  private:
   double decay_;
@@ -73,7 +61,7 @@ class InverseGammaDecay {
                              double min_decay = 0.0)
       : decay_(decay), inv_gamma_(inv_gamma), power_(power), min_decay_(min_decay) {
     const auto bad = [](const std::string& what) {
-      throw std::invalid_argument("polyak::InverseGammaDecay: " + what);
+      throw InvalidArgument("polyak::InverseGammaDecay: " + what);
     };
     if (!(decay >= 0.0 && decay <= 1.0)) bad("decay " + std::to_string(decay) + " is outside [0, 1]");
     if (!(min_decay >= 0.0 && min_decay <= decay))
@@ -91,23 +79,6 @@ class InverseGammaDecay {
   double inv_gamma() const noexcept { return inv_gamma_; }
   double power() const noexcept { return power_; }
   double min_decay() const noexcept { return min_decay_; }
-
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    metadata["schedule"] = "inverse_gamma";
-    metadata["decay"] = detail::setting_text(decay_);
-    metadata["inv_gamma"] = detail::setting_text(inv_gamma_);
-    metadata["power"] = detail::setting_text(power_);
-    metadata["min_decay"] = detail::setting_text(min_decay_);
-  }
-  static InverseGammaDecay load_settings(const std::map<std::string, std::string>& metadata) {
-    const char* who = "polyak::InverseGammaDecay";
-    detail::expect_setting(metadata, "schedule", "inverse_gamma", who);
-    return detail::make_from_settings<InverseGammaDecay>(who, [&] {
-      return InverseGammaDecay{
-          detail::setting_number(metadata, "decay", who), detail::setting_number(metadata, "inv_gamma", who),
-          detail::setting_number(metadata, "power", who), detail::setting_number(metadata, "min_decay", who)};
-    });
-  }
 
  private:
   double decay_, inv_gamma_, power_, min_decay_;
@@ -132,8 +103,8 @@ struct EmaCadence {
 
 /// An EMA whose decay follows `Schedule` (any callable double(std::int64_t t)), with EmaCadence's
 /// delayed start and sparse updates. Each update computes the decay and then rounds as EMA
-/// (PyTorch's lerp) does. A schedule with save_settings/load_settings (both of polyak's) is saved
-/// with checkpoints; a user's without them is kept as constructed when a state is loaded.
+/// (PyTorch's lerp) does. Checkpoints save the cadence and the settings of polyak's schedules
+/// (see polyak/rule_settings.hpp); a user's schedule is kept as constructed when a state is loaded.
 template <class Schedule>
 class ScheduledEMA {
   static_assert(std::is_invocable_r_v<double, const Schedule&, std::int64_t>,
@@ -144,9 +115,8 @@ class ScheduledEMA {
 
   explicit ScheduledEMA(Schedule schedule, EmaCadence cadence = {})
       : schedule_(std::move(schedule)), cadence_(cadence) {
-    if (cadence.update_after_step < 0)
-      throw std::invalid_argument("polyak::ScheduledEMA: update_after_step < 0");
-    if (cadence.update_every < 1) throw std::invalid_argument("polyak::ScheduledEMA: update_every < 1");
+    if (cadence.update_after_step < 0) throw InvalidArgument("polyak::ScheduledEMA: update_after_step < 0");
+    if (cadence.update_every < 1) throw InvalidArgument("polyak::ScheduledEMA: update_every < 1");
   }
 
   const Schedule& schedule() const noexcept { return schedule_; }
@@ -183,39 +153,12 @@ class ScheduledEMA {
     kernel(num_averaged).apply(averaged, current);
   }
 
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    metadata["avg_fn"] = "scheduled_ema";
-    metadata["update_after_step"] = std::to_string(cadence_.update_after_step);
-    metadata["update_every"] = std::to_string(cadence_.update_every);
-    metadata["compound"] = cadence_.compound ? "true" : "false";
-    detail::save_settings(schedule_, metadata);
-  }
-  ScheduledEMA load_settings(const std::map<std::string, std::string>& metadata) const {
-    const char* who = "polyak::ScheduledEMA";
-    detail::expect_setting(metadata, "avg_fn", "scheduled_ema", who);
-    EmaCadence cadence;
-    const double after = detail::setting_number(metadata, "update_after_step", who);
-    const double every = detail::setting_number(metadata, "update_every", who);
-    cadence.update_after_step = static_cast<std::int64_t>(after);
-    cadence.update_every = static_cast<std::int64_t>(every);
-    const auto compound = metadata.find("compound");
-    if (!detail::exactly_equal(static_cast<double>(cadence.update_after_step), after) ||
-        !detail::exactly_equal(static_cast<double>(cadence.update_every), every) ||
-        compound == metadata.end() || (compound->second != "true" && compound->second != "false")) {
-      throw FormatError("polyak::ScheduledEMA: bad cadence settings in the state");
-    }
-    cadence.compound = compound->second == "true";
-    return detail::make_from_settings<ScheduledEMA>(who, [&] {
-      return ScheduledEMA{detail::load_settings(schedule_, metadata), cadence};
-    });
-  }
-
  private:
   double checked(std::int64_t t) const {
     const double d = schedule_(t);
     if (!(d >= 0.0 && d <= 1.0)) {
-      throw std::invalid_argument("polyak::ScheduledEMA: the schedule gave decay " + std::to_string(d) +
-                                  " at step " + std::to_string(t) + ", outside [0, 1]");
+      throw InvalidArgument("polyak::ScheduledEMA: the schedule gave decay " + std::to_string(d) +
+                            " at step " + std::to_string(t) + ", outside [0, 1]");
     }
     return d;
   }

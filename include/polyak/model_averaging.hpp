@@ -16,10 +16,11 @@
 #include <utility>  // std::pair
 #include <vector>
 
+#include "polyak/detail/state_io_fwd.hpp"
+#include "polyak/error.hpp"
 #include "polyak/communicator.hpp"
 #include "polyak/detail/tensor_spec.hpp"
 #include "polyak/scalar_type.hpp"
-#include "polyak/state_dict.hpp"
 #include "polyak/tensor_view.hpp"
 #include "polyak/detail/number_text.hpp"
 
@@ -43,7 +44,7 @@ void describe(Sink& sink, const ParameterList<T>& list) {
     for (int b = 0; b < 8; ++b) bytes[b] = static_cast<unsigned char>(value >> (8 * b));
     sink.put(bytes, 8);
   };
-  const char* scalar = scalar_dtype_name<T>();
+  const char* scalar = dtype_name(dtype_of<T>());
   for (const auto& tensor : list) {
     put_u64(tensor.name().size());
     sink.put(tensor.name().data(), tensor.name().size());
@@ -214,7 +215,7 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
                " point at storage that moved";
   }
   if (!problem.empty()) message += "; here, on " + label + ": " + problem;
-  throw std::invalid_argument(message);
+  throw InvalidArgument(message);
 }
 
 /// The buffer parameters are packed into: one per thread and wire type, reused across calls.
@@ -321,12 +322,12 @@ class PeriodicModelAverager : public ModelAverager<Comm> {
   PeriodicModelAverager(std::int64_t period, std::int64_t warmup_steps, Comm comm)
       : ModelAverager<Comm>(std::move(comm)), period_(period), warmup_steps_(warmup_steps) {
     if (period < 1) {
-      throw std::invalid_argument("polyak::PeriodicModelAverager: period must be >= 1, got " +
-                                  std::to_string(period));
+      throw InvalidArgument("polyak::PeriodicModelAverager: period must be >= 1, got " +
+                            std::to_string(period));
     }
     if (warmup_steps < 0) {
-      throw std::invalid_argument("polyak::PeriodicModelAverager: warmup_steps must be >= 0, got " +
-                                  std::to_string(warmup_steps));
+      throw InvalidArgument("polyak::PeriodicModelAverager: warmup_steps must be >= 0, got " +
+                            std::to_string(warmup_steps));
     }
   }
 
@@ -343,27 +344,9 @@ class PeriodicModelAverager : public ModelAverager<Comm> {
   std::int64_t period() const noexcept { return period_; }
   std::int64_t warmup_steps() const noexcept { return warmup_steps_; }
 
-  /// "step", "period", "warmup_steps" (I64).
-  StateDict state_dict() const {
-    StateDict sd;
-    sd.insert_scalar<std::int64_t>("step", this->step_);
-    sd.insert_scalar<std::int64_t>("period", period_);
-    sd.insert_scalar<std::int64_t>("warmup_steps", warmup_steps_);
-    return sd;
-  }
-
-  /// Restores the step count; a state of another period or warm-up, or a negative step, is refused
-  /// with FormatError and changes nothing.
-  void load_state_dict(const StateDict& sd) {
-    const auto step = sd.scalar<std::int64_t>("step");
-    if (sd.scalar<std::int64_t>("period") != period_ ||
-        sd.scalar<std::int64_t>("warmup_steps") != warmup_steps_) {
-      throw FormatError(
-          "polyak::PeriodicModelAverager::load_state_dict: the state is for another period or warm-up");
-    }
-    if (step < 0) throw FormatError("polyak::PeriodicModelAverager::load_state_dict: negative step");
-    this->step_ = step;
-  }
+  /// Checkpoints: the step count and settings; defined by the checkpoint layer: see
+  /// StateIO<PeriodicModelAverager> in polyak/state_io.hpp.
+  POLYAK_DETAIL_STATE_MEMBERS(PeriodicModelAverager);
 
  private:
   std::int64_t period_, warmup_steps_;
@@ -385,7 +368,7 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
       : ModelAverager<Comm>(std::move(comm)), warmup_steps_(warmup_steps) {
     const int world = this->comm_.size();
     auto refuse = [](const std::string& why) {
-      throw std::invalid_argument("polyak::HierarchicalModelAverager: " + why);
+      throw InvalidArgument("polyak::HierarchicalModelAverager: " + why);
     };
     if (period_group_sizes.empty()) refuse("period_group_sizes must not be empty");
     for (std::size_t i = 0; i < period_group_sizes.size(); ++i) {
@@ -432,31 +415,9 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
 
   std::int64_t warmup_steps() const noexcept { return warmup_steps_; }
 
-  /// "step", "warmup_steps" (I64) and "periods" (I64, one per level).
-  StateDict state_dict() const {
-    StateDict sd;
-    sd.insert_scalar<std::int64_t>("step", this->step_);
-    sd.insert_scalar<std::int64_t>("warmup_steps", warmup_steps_);
-    std::vector<std::int64_t> periods;
-    for (const auto& level : levels_) periods.push_back(level.first);
-    sd.insert("periods", periods.data(), {static_cast<std::int64_t>(periods.size())});
-    return sd;
-  }
-
-  /// Restores the step count; a state of other periods or warm-up, or a negative step, is refused
-  /// with FormatError and changes nothing.
-  void load_state_dict(const StateDict& sd) {
-    const auto step = sd.scalar<std::int64_t>("step");
-    std::vector<std::int64_t> periods(levels_.size());
-    sd.copy_to("periods", periods.data(), {static_cast<std::int64_t>(levels_.size())});
-    bool same = sd.scalar<std::int64_t>("warmup_steps") == warmup_steps_;
-    for (std::size_t i = 0; i < levels_.size(); ++i) same = same && periods[i] == levels_[i].first;
-    if (!same)
-      throw FormatError(
-          "polyak::HierarchicalModelAverager::load_state_dict: the state is for other periods or warm-up");
-    if (step < 0) throw FormatError("polyak::HierarchicalModelAverager::load_state_dict: negative step");
-    this->step_ = step;
-  }
+  /// Checkpoints: the step count and settings; defined by the checkpoint layer: see
+  /// StateIO<HierarchicalModelAverager> in polyak/state_io.hpp.
+  POLYAK_DETAIL_STATE_MEMBERS(HierarchicalModelAverager);
 
  private:
   std::int64_t warmup_steps_;

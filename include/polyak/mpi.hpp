@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 
+#include "polyak/error.hpp"
 #include "polyak/communicator.hpp"
 
 namespace polyak {
@@ -50,7 +51,7 @@ class MpiCommunicator {
 
   /// Collective: MPI_Comm_split(color, key). `color` must be >= 0.
   MpiCommunicator split(int color, int key) const {
-    if (color < 0) throw std::invalid_argument("polyak::MpiCommunicator::split: color must be >= 0");
+    if (color < 0) throw InvalidArgument("polyak::MpiCommunicator::split: color must be >= 0");
     MPI_Comm part;
     check(MPI_Comm_split(*comm_, color, key, &part), "MPI_Comm_split");
     return MpiCommunicator(std::shared_ptr<MPI_Comm>(new MPI_Comm(part), [](MPI_Comm* c) {
@@ -70,8 +71,8 @@ class MpiCommunicator {
     char text[MPI_MAX_ERROR_STRING];
     int length = 0;
     MPI_Error_string(code, text, &length);
-    throw std::runtime_error(std::string("polyak::MpiCommunicator: ") + what +
-                             " failed: " + std::string(text, static_cast<std::size_t>(length)));
+    throw RuntimeError(std::string("polyak::MpiCommunicator: ") + what +
+                       " failed: " + std::string(text, static_cast<std::size_t>(length)));
   }
 
   std::shared_ptr<MPI_Comm> comm_;

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-// polyak: weight averaging for C++ training code. This umbrella header includes everything that
-// needs no MPI; polyak/mpi.hpp adds the MPI communicator.
+// The core, in one include: views, averaging rules, AveragedModel, SWALR, update_bn, the
+// communicator contract and the averagers. Needs Eigen and the standard library only. Checkpoints
+// (StateDict, safetensors, state_dict()/load_state_dict(), post-hoc EMA) are in
+// <polyak/checkpoint.hpp>; MPI in <polyak/mpi.hpp>; libtorch in <polyak/torch.hpp>.
 #pragma once
 
 #include "polyak/averaged_model.hpp"
@@ -8,12 +10,10 @@
 #include "polyak/batch_norm.hpp"
 #include "polyak/communicator.hpp"
 #include "polyak/ema_schedules.hpp"
+#include "polyak/error.hpp"
 #include "polyak/model_averaging.hpp"
-#include "polyak/post_hoc_ema.hpp"
 #include "polyak/power_ema.hpp"
 #include "polyak/scalar_type.hpp"
-#include "polyak/serialization.hpp"
-#include "polyak/state_dict.hpp"
 #include "polyak/swalr.hpp"
 #include "polyak/tensor_view.hpp"
 #include "polyak/thread_pool.hpp"

@@ -33,11 +33,14 @@
 
 #include <Eigen/QR>  // ColPivHouseholderQR
 
+#include "polyak/error.hpp"
 #include "polyak/averaged_model.hpp"
 #include "polyak/detail/number_text.hpp"
 #include "polyak/detail/tensor_spec.hpp"
 #include "polyak/power_ema.hpp"
+#include "polyak/rule_settings.hpp"
 #include "polyak/serialization.hpp"
+#include "polyak/state_io.hpp"
 
 namespace polyak {
 
@@ -61,9 +64,9 @@ inline double profile_inner_product(const PowerEmaProfile& a, const PowerEmaProf
 
 inline void check_profile(const PowerEmaProfile& p, const char* role) {
   if (p.step < 1 || !(p.gamma > -0.5) || !std::isfinite(p.gamma)) {
-    throw std::invalid_argument(std::string("polyak::post_hoc_ema_weights: ") + role + " step " +
-                                std::to_string(p.step) + ", gamma " + std::to_string(p.gamma) +
-                                ": needs step >= 1 and a finite gamma > -1/2");
+    throw InvalidArgument(std::string("polyak::post_hoc_ema_weights: ") + role + " step " +
+                          std::to_string(p.step) + ", gamma " + std::to_string(p.gamma) +
+                          ": needs step >= 1 and a finite gamma > -1/2");
   }
 }
 
@@ -97,7 +100,7 @@ struct PostHocFit {
 /// Every profile needs step >= 1 and gamma > -1/2 (where the inner products are finite).
 inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources,
                                    const PowerEmaProfile& target) {
-  if (sources.empty()) throw std::invalid_argument("polyak::post_hoc_ema_weights: no source profiles");
+  if (sources.empty()) throw InvalidArgument("polyak::post_hoc_ema_weights: no source profiles");
   for (const auto& p : sources) detail::check_profile(p, "a source profile at");
   detail::check_profile(target, "the target at");
   const auto n = static_cast<Eigen::Index>(sources.size());
@@ -113,7 +116,7 @@ inline PostHocFit post_hoc_ema_fit(const std::vector<PowerEmaProfile>& sources,
   Eigen::VectorXd x = gram.colPivHouseholderQr().solve(toward);
   const double sum = x.sum();
   if (!(std::abs(sum) > 0) || !x.allFinite()) {
-    throw std::invalid_argument("polyak::post_hoc_ema_weights: the snapshots cannot represent the target");
+    throw InvalidArgument("polyak::post_hoc_ema_weights: the snapshots cannot represent the target");
   }
   x /= sum;
   // ||sum x_i p_i - p_t||^2 = x'Ax - 2 x'b + <p_t, p_t>
@@ -150,7 +153,7 @@ inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string&
     const auto fn = reader.index().metadata.find("avg_fn");
     if (fn == reader.index().metadata.end() || fn->second != "power_ema") continue;
     if (reader.index().metadata.count("post_hoc_snapshots") != 0) continue;  // a reconstruction written there
-    const PowerEMA ema = PowerEMA::load_settings(reader.index().metadata);
+    const PowerEMA ema = load_settings(PowerEMA{0.0}, reader.index().metadata);
     const std::int64_t step = detail::snapshot_step(reader);
     SafetensorsIndex index = reader.index();
     found.push_back({path, std::move(index), {step, ema.gamma()}});
@@ -178,7 +181,7 @@ inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string&
 /// naming the first difference.
 inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snapshots, double gamma,
                                        std::int64_t step = 0, double max_fit_error = 0.25) {
-  if (snapshots.empty()) throw std::invalid_argument("polyak::reconstruct_power_ema: no snapshots");
+  if (snapshots.empty()) throw InvalidArgument("polyak::reconstruct_power_ema: no snapshots");
   std::int64_t first_step = snapshots.front().profile.step, last_step = first_step;
   for (const auto& s : snapshots) {
     first_step = std::min(first_step, s.profile.step);
@@ -186,13 +189,13 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   }
   if (step == 0) step = last_step;
   if (step > last_step) {
-    throw std::invalid_argument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
-                                " is past the last snapshot, at step " + std::to_string(last_step) +
-                                ": the models after it were never seen");
+    throw InvalidArgument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
+                          " is past the last snapshot, at step " + std::to_string(last_step) +
+                          ": the models after it were never seen");
   }
   if (step < first_step) {
-    throw std::invalid_argument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
-                                " is before the first snapshot, at step " + std::to_string(first_step));
+    throw InvalidArgument("polyak::reconstruct_power_ema: step " + std::to_string(step) +
+                          " is before the first snapshot, at step " + std::to_string(first_step));
   }
   std::vector<PowerEmaProfile> sources;
   for (const auto& s : snapshots) sources.push_back(s.profile);
@@ -206,7 +209,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
                   "snapshot",
                   gamma_to_sigma_rel(gamma), gamma, static_cast<long long>(step), 100 * fit.relative_error,
                   100 * max_fit_error);
-    throw std::invalid_argument(text);
+    throw InvalidArgument(text);
   }
   const std::vector<double>& weights = fit.weights;
 
@@ -237,7 +240,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
 
   StateDict result;
   result.metadata = first.index.metadata;
-  PowerEMA{gamma}.save_settings(result.metadata);
+  save_settings(PowerEMA{gamma}, result.metadata);
   result.metadata["post_hoc_snapshots"] = std::to_string(snapshots.size());
   result.metadata["post_hoc_fit_error"] = detail::number_text(fit.relative_error);
   // Tensors in the order the files name them (data order is the order they were written in).
@@ -271,17 +274,16 @@ class PostHocEMA {
   PostHocEMA(const ParameterList<T>& model, std::string folder, std::int64_t snapshot_every,
              const std::vector<double>& sigma_rels = {0.05, 0.10})
       : folder_(std::move(folder)), snapshot_every_(snapshot_every), sigma_rels_(sigma_rels) {
-    if (snapshot_every < 1) throw std::invalid_argument("polyak::PostHocEMA: snapshot_every < 1");
-    if (sigma_rels.empty()) throw std::invalid_argument("polyak::PostHocEMA: no profiles");
+    if (snapshot_every < 1) throw InvalidArgument("polyak::PostHocEMA: snapshot_every < 1");
+    if (sigma_rels.empty()) throw InvalidArgument("polyak::PostHocEMA: no profiles");
     for (std::size_t i = 0; i < sigma_rels.size(); ++i) {
       const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
       for (std::size_t j = 0; j < i; ++j) {
         if (detail::exactly_equal(profiles_[j].avg_fn().gamma(), profile.gamma())) {
-          throw std::invalid_argument(
-              "polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
-              (detail::exactly_equal(sigma_rels[j], sigma_rels[i])
-                   ? std::string(" is given twice")
-                   : " gives the same profile as " + detail::number_text(sigma_rels[j])));
+          throw InvalidArgument("polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
+                                (detail::exactly_equal(sigma_rels[j], sigma_rels[i])
+                                     ? std::string(" is given twice")
+                                     : " gives the same profile as " + detail::number_text(sigma_rels[j])));
         }
       }
       profiles_.emplace_back(model, profile);
@@ -299,8 +301,8 @@ class PostHocEMA {
   void save_snapshots() const {
     for (std::size_t i = 0; i < profiles_.size(); ++i) {
       const Profile& profile = profiles_[i];
-      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(), "module.",
-                       profile.state_dict_scalars());
+      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(),
+                       StateIO<Profile>::module_prefix, StateIO<Profile>::scalars(profile));
     }
   }
 
@@ -332,7 +334,7 @@ class PostHocEMA {
     std::vector<StateDict> parts, before;
     for (std::size_t i = 0; i < profiles_.size(); ++i) {
       parts.push_back(sd.extract("profile" + std::to_string(i) + "."));
-      if (PowerEMA::load_settings(parts.back().metadata).gamma() != profiles_[i].avg_fn().gamma()) {
+      if (load_settings(PowerEMA{0.0}, parts.back().metadata).gamma() != profiles_[i].avg_fn().gamma()) {
         throw FormatError("polyak::PostHocEMA::load_state_dict: profile " + std::to_string(i) +
                           " was saved with another sigma_rel");
       }

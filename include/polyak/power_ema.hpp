@@ -13,12 +13,12 @@
 // The paper's two defaults are sigma_rel 0.05 (gamma 16.97) and 0.10 (gamma 6.94).
 #pragma once
 
-#include <cmath>    // std::pow, std::sqrt, std::log1p, std::exp
-#include <cstdint>  // std::int64_t
-#include <map>
+#include <cmath>      // std::pow, std::sqrt, std::log1p, std::exp
+#include <cstdint>    // std::int64_t
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 
+#include "polyak/error.hpp"
 #include "polyak/averaging_functions.hpp"
 #include "polyak/detail/number_text.hpp"
 
@@ -27,8 +27,8 @@ namespace polyak {
 /// sigma_rel of the power-function profile with exponent `gamma` (> -1).
 inline double gamma_to_sigma_rel(double gamma) {
   if (!(gamma > -1.0 && std::isfinite(gamma))) {
-    throw std::invalid_argument("polyak::gamma_to_sigma_rel: gamma " + std::to_string(gamma) +
-                                " must be finite and greater than -1");
+    throw InvalidArgument("polyak::gamma_to_sigma_rel: gamma " + std::to_string(gamma) +
+                          " must be finite and greater than -1");
   }
   return std::sqrt((gamma + 1) / ((gamma + 2) * (gamma + 2) * (gamma + 3)));
 }
@@ -42,8 +42,8 @@ inline double max_sigma_rel() { return gamma_to_sigma_rel((std::sqrt(5.0) - 3.0)
 inline double sigma_rel_to_gamma(double sigma_rel) {
   const double peak = (std::sqrt(5.0) - 3.0) / 2.0;  // where sigma_rel(gamma) is largest
   if (!(sigma_rel > 0.0 && sigma_rel <= max_sigma_rel())) {
-    throw std::invalid_argument("polyak::sigma_rel_to_gamma: sigma_rel " + std::to_string(sigma_rel) +
-                                " is outside (0, " + std::to_string(max_sigma_rel()) + "]");
+    throw InvalidArgument("polyak::sigma_rel_to_gamma: sigma_rel " + std::to_string(sigma_rel) +
+                          " is outside (0, " + std::to_string(max_sigma_rel()) + "]");
   }
   // Bisection: sigma_rel(gamma) falls monotonically from the peak on, below sigma_rel by
   // gamma = 1 / sigma_rel (there (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) < 1 / (gamma + 2)^2).
@@ -85,18 +85,6 @@ class PowerEMA {
   template <class Averaged, class Current>
   void operator()(Averaged&& averaged, const Current& current, std::int64_t num_averaged) const {
     kernel(num_averaged).apply(averaged, current);
-  }
-
-  void save_settings(std::map<std::string, std::string>& metadata) const {
-    metadata["avg_fn"] = "power_ema";
-    metadata["gamma"] = detail::setting_text(gamma_);
-    metadata["sigma_rel"] = detail::setting_text(sigma_rel());  // for people reading the file
-  }
-  static PowerEMA load_settings(const std::map<std::string, std::string>& metadata) {
-    detail::expect_setting(metadata, "avg_fn", "power_ema", "polyak::PowerEMA");
-    return detail::make_from_settings<PowerEMA>("polyak::PowerEMA", [&] {
-      return PowerEMA{detail::setting_number(metadata, "gamma", "polyak::PowerEMA")};
-    });
   }
 
  private:

@@ -8,6 +8,12 @@
 // both read what save_safetensors writes.
 #pragma once
 
+#if !defined(__unix__) && !defined(__APPLE__)
+#error \
+    "polyak/serialization.hpp saves checkpoints atomically with POSIX calls (open, fsync, rename): \
+this platform is not POSIX. The core (polyak/polyak.hpp) does not need it."
+#endif
+
 #include <algorithm>  // std::sort
 #include <atomic>     // the counter that makes each temporary's name unique
 #include <cerrno>
@@ -29,6 +35,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "polyak/error.hpp"
 #include "polyak/state_dict.hpp"
 
 namespace polyak {
@@ -36,7 +43,7 @@ namespace polyak {
 namespace detail {
 
 [[noreturn]] inline void fail_io(const std::string& what, const std::string& path) {
-  throw std::runtime_error("polyak: " + what + " '" + path + "': " + std::strerror(errno));
+  throw RuntimeError("polyak: " + what + " '" + path + "': " + std::strerror(errno));
 }
 
 inline void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
@@ -72,8 +79,7 @@ struct TensorWriter {
 /// fsynced, renamed over `path`, the folder fsynced.
 inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
                               const std::vector<TensorWriter>& tensors) {
-  if (!little_endian())
-    throw std::runtime_error("polyak::save_safetensors: big-endian hosts are not supported");
+  if (!little_endian()) throw RuntimeError("polyak::save_safetensors: big-endian hosts are not supported");
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::uint64_t offset = 0;
@@ -207,7 +213,7 @@ namespace detail {
 /// Reads the 8-byte header length of a file of `size` bytes, checking it against the limit and the
 /// file's size.
 inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size) {
-  if (!little_endian()) throw std::runtime_error("polyak: safetensors on big-endian hosts is not supported");
+  if (!little_endian()) throw RuntimeError("polyak: safetensors on big-endian hosts is not supported");
   if (size < 8) {
     throw FormatError("polyak: not safetensors: " + std::to_string(size) +
                       " bytes, fewer than the 8 of the header length");

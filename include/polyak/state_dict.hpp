@@ -17,59 +17,11 @@
 #include <utility>
 #include <vector>
 
+#include "polyak/error.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {
-
-/// A checkpoint file that is not valid safetensors, or does not hold what was asked of it.
-class FormatError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-/// The element types a checkpoint holds, by their safetensors names.
-enum class DType { F32, F64, F16, BF16, I64 };
-
-inline const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::F32:
-      return "F32";
-    case DType::F64:
-      return "F64";
-    case DType::F16:
-      return "F16";
-    case DType::BF16:
-      return "BF16";
-    case DType::I64:
-      return "I64";
-  }
-  return "?";
-}
-
-inline std::size_t dtype_size(DType dtype) {
-  switch (dtype) {
-    case DType::F64:
-    case DType::I64:
-      return 8;
-    case DType::F32:
-      return 4;
-    case DType::F16:
-    case DType::BF16:
-      return 2;
-  }
-  return 0;
-}
-
-/// The DType of a C++ scalar type.
-template <class T>
-constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return DType::F32;
-  if constexpr (std::is_same_v<T, double>) return DType::F64;
-  if constexpr (std::is_same_v<T, Eigen::half>) return DType::F16;
-  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return DType::BF16;
-  if constexpr (std::is_same_v<T, std::int64_t>) return DType::I64;
-}
 
 /// One owned tensor of a checkpoint: element type, logical shape, and its elements in row-major
 /// order as little-endian bytes.
@@ -84,28 +36,6 @@ struct StoredTensor {
     return n;
   }
 };
-
-namespace detail {
-
-/// Calls f(T{}) with the C++ type of `dtype`.
-template <class F>
-decltype(auto) with_scalar_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F64:
-      return f(double{});
-    case DType::F16:
-      return f(Eigen::half{});
-    case DType::BF16:
-      return f(Eigen::bfloat16{});
-    case DType::I64:
-      return f(std::int64_t{});
-    case DType::F32:
-      break;
-  }
-  return f(float{});
-}
-
-}  // namespace detail
 
 namespace detail {
 
@@ -135,8 +65,8 @@ inline std::vector<double> to_doubles(const StoredTensor& t) {
 /// Stores `values` (row-major, t.numel() of them) into `t`, each rounded once to t's dtype.
 inline void assign_doubles(StoredTensor& t, const std::vector<double>& values) {
   if (values.size() != t.numel())
-    throw std::invalid_argument("polyak::assign_doubles: " + std::to_string(values.size()) + " values for " +
-                                std::to_string(t.numel()) + " elements");
+    throw InvalidArgument("polyak::assign_doubles: " + std::to_string(values.size()) + " values for " +
+                          std::to_string(t.numel()) + " elements");
   t.bytes.resize(values.size() * dtype_size(t.dtype));
   detail::with_scalar_type(t.dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -209,8 +139,8 @@ class StateDict {
   /// Adds a tensor; a name already present is refused.
   void insert(std::string name, StoredTensor tensor) {
     if (name.empty() || name == "__metadata__")
-      throw std::invalid_argument("polyak::StateDict: invalid name '" + name + "'");
-    if (index_.count(name)) throw std::invalid_argument("polyak::StateDict: '" + name + "' is already in it");
+      throw InvalidArgument("polyak::StateDict: invalid name '" + name + "'");
+    if (index_.count(name)) throw InvalidArgument("polyak::StateDict: '" + name + "' is already in it");
     index_[name] = entries_.size();
     entries_.emplace_back(std::move(name), std::move(tensor));
   }

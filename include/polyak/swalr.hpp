@@ -13,7 +13,8 @@
 #include <utility>  // std::move
 #include <vector>
 
-#include "polyak/state_dict.hpp"
+#include "polyak/detail/state_io_fwd.hpp"
+#include "polyak/error.hpp"
 
 namespace polyak {
 
@@ -66,7 +67,7 @@ class SWALR {
     state.strategy = strategy;
     state.last_epoch = last_epoch;
     const std::string problem = invalid(state, Access::size(optimizer));
-    if (!problem.empty()) throw std::invalid_argument("polyak::SWALR: " + problem);
+    if (!problem.empty()) throw InvalidArgument("polyak::SWALR: " + problem);
     state_ = std::move(state);
     step();
   }
@@ -90,9 +91,8 @@ class SWALR {
 
     const std::size_t groups = Access::size(optimizer_);
     if (groups != state_.swa_lrs.size()) {
-      throw std::invalid_argument("polyak::SWALR::step: the optimizer has " + std::to_string(groups) +
-                                  " parameter groups, the scheduler " +
-                                  std::to_string(state_.swa_lrs.size()));
+      throw InvalidArgument("polyak::SWALR::step: the optimizer has " + std::to_string(groups) +
+                            " parameter groups, the scheduler " + std::to_string(state_.swa_lrs.size()));
     }
     state_.last_lrs.resize(groups);
     for (std::size_t g = 0; g < groups; ++g) {
@@ -110,55 +110,9 @@ class SWALR {
 
   std::int64_t last_epoch() const noexcept { return state_.last_epoch; }
 
-  /// PyTorch's state_dict() without the optimizer: "swa_lrs", "last_lrs" (F64, one per group),
-  /// "anneal_epochs", "last_epoch", "step_count" (I64), and the strategy in the metadata.
-  StateDict state_dict() const {
-    StateDict sd;
-    const auto groups = static_cast<std::int64_t>(state_.swa_lrs.size());
-    sd.insert("swa_lrs", TensorView<double>(const_cast<double*>(state_.swa_lrs.data()), {groups}));
-    sd.insert("last_lrs", TensorView<double>(const_cast<double*>(state_.last_lrs.data()),
-                                             {static_cast<std::int64_t>(state_.last_lrs.size())}));
-    sd.insert_scalar<std::int64_t>("anneal_epochs", state_.anneal_epochs);
-    sd.insert_scalar<std::int64_t>("last_epoch", state_.last_epoch);
-    sd.insert_scalar<std::int64_t>("step_count", state_.step_count);
-    sd.metadata["anneal_strategy"] = state_.strategy == AnnealStrategy::Cos ? "cos" : "linear";
-    return sd;
-  }
-
-  /// Restores a state_dict(). One the constructor would refuse (another number of groups, a
-  /// negative or non-finite swa_lr, a negative anneal_epochs), with a non-finite last rate, a step
-  /// count or epoch out of range (negative, or at the largest value, where the next step would
-  /// overflow), or an unknown strategy, is refused with FormatError and changes nothing.
-  void load_state_dict(const StateDict& sd) {
-    const auto groups = static_cast<std::int64_t>(Access::size(optimizer_));
-    State state;
-    state.swa_lrs.resize(static_cast<std::size_t>(groups));
-    state.last_lrs.resize(static_cast<std::size_t>(groups));
-    sd.copy_to("swa_lrs", TensorView<double>(state.swa_lrs.data(), {groups}));
-    sd.copy_to("last_lrs", TensorView<double>(state.last_lrs.data(), {groups}));
-    state.anneal_epochs = sd.scalar<std::int64_t>("anneal_epochs");
-    state.last_epoch = sd.scalar<std::int64_t>("last_epoch");
-    state.step_count = sd.scalar<std::int64_t>("step_count");
-    const auto strategy = sd.metadata.find("anneal_strategy");
-    if (strategy == sd.metadata.end() || (strategy->second != "cos" && strategy->second != "linear")) {
-      throw FormatError("polyak::SWALR::load_state_dict: no anneal_strategy 'cos' or 'linear' in the state");
-    }
-    state.strategy = strategy->second == "cos" ? AnnealStrategy::Cos : AnnealStrategy::Linear;
-    std::string problem = invalid(state, static_cast<std::size_t>(groups));
-    constexpr auto largest = std::numeric_limits<std::int64_t>::max();
-    for (std::size_t g = 0; g < state.last_lrs.size() && problem.empty(); ++g) {
-      if (!std::isfinite(state.last_lrs[g]))
-        problem = "last_lr of group " + std::to_string(g) + " is not finite";
-    }
-    if (problem.empty() && (state.step_count < 0 || state.step_count == largest)) {
-      problem = "step_count " + std::to_string(state.step_count) + " is out of range";
-    }
-    if (problem.empty() && state.last_epoch == largest) {
-      problem = "last_epoch " + std::to_string(state.last_epoch) + " is out of range";
-    }
-    if (!problem.empty()) throw FormatError("polyak::SWALR::load_state_dict: " + problem);
-    state_ = std::move(state);
-  }
+  /// Checkpoints, as PyTorch's SWALR.state_dict() names them; defined by the checkpoint layer: see
+  /// StateIO<SWALR> in polyak/state_io.hpp.
+  POLYAK_DETAIL_STATE_MEMBERS(SWALR);
 
  private:
   double anneal(double t) const {

@@ -20,6 +20,7 @@
 
 #include <Eigen/Core>
 
+#include "polyak/error.hpp"
 #include "polyak/detail/eigen_tensor_fwd.hpp"  // Eigen::Tensor, Eigen::TensorMap, without their module
 #include "polyak/scalar_type.hpp"
 
@@ -87,19 +88,18 @@ class TensorView {
     numel_ = 1;
     for (const std::int64_t extent : shape_) {
       if (extent < 0) {
-        throw std::invalid_argument("polyak::TensorView: negative extent " + std::to_string(extent) +
-                                    " in shape " + shape_string(shape_));
+        throw InvalidArgument("polyak::TensorView: negative extent " + std::to_string(extent) + " in shape " +
+                              shape_string(shape_));
       }
       const auto x = static_cast<std::size_t>(extent);
       if (x != 0 && numel_ > max_elements / x) {
-        throw std::invalid_argument("polyak::TensorView: the element count of shape " + shape_string(shape_) +
-                                    " overflows");
+        throw InvalidArgument("polyak::TensorView: the element count of shape " + shape_string(shape_) +
+                              " overflows");
       }
       numel_ *= x;
     }
     if (data_ == nullptr && numel_ != 0) {
-      throw std::invalid_argument("polyak::TensorView: null data for a tensor of shape " +
-                                  shape_string(shape_));
+      throw InvalidArgument("polyak::TensorView: null data for a tensor of shape " + shape_string(shape_));
     }
   }
 
@@ -200,12 +200,12 @@ TensorView<typename remove_cvref_t<X>::Scalar> view_of_dense(const std::string& 
   const bool contiguous =
       (inner_size <= 1 || x.innerStride() == 1) && (outer_size <= 1 || x.outerStride() == inner_size);
   if (!contiguous) {
-    throw std::invalid_argument("polyak: tensor '" + name + "' is a strided " + std::to_string(x.rows()) +
-                                "x" + std::to_string(x.cols()) + " view (inner stride " +
-                                std::to_string(x.innerStride()) + ", outer stride " +
-                                std::to_string(x.outerStride()) +
-                                "); views must be contiguous: copy it into its own Matrix, or view the whole "
-                                "storage");
+    throw InvalidArgument("polyak: tensor '" + name + "' is a strided " + std::to_string(x.rows()) + "x" +
+                          std::to_string(x.cols()) + " view (inner stride " +
+                          std::to_string(x.innerStride()) + ", outer stride " +
+                          std::to_string(x.outerStride()) +
+                          "); views must be contiguous: copy it into its own Matrix, or view the whole "
+                          "storage");
   }
 
   // Vectors get one dimension, as a PyTorch bias has; everything else is rows x cols.
@@ -321,10 +321,10 @@ class ParameterList {
   void check_storage(const char* who, const char* where = "") const {
     for (const auto& entry : entries_) {
       if (!entry.view().storage_is_current()) {
-        throw std::invalid_argument(std::string(who) + where + ": tensor '" + entry.name() +
-                                    "' was resized, moved or replaced after its view was made, so the view "
-                                    "points at memory the tensor no longer uses: make the ParameterList "
-                                    "again from the model as it is now");
+        throw InvalidArgument(std::string(who) + where + ": tensor '" + entry.name() +
+                              "' was resized, moved or replaced after its view was made, so the view "
+                              "points at memory the tensor no longer uses: make the ParameterList "
+                              "again from the model as it is now");
       }
     }
   }
@@ -335,10 +335,10 @@ class ParameterList {
     auto view = detail::view_of(name, std::forward<Tensor>(tensor));
     static_assert(std::is_same_v<typename decltype(view)::Scalar, T>,
                   "polyak::ParameterList<T>::add: the tensor's scalar type differs from T");
-    if (name.empty()) throw std::invalid_argument("polyak::ParameterList: a tensor needs a non-empty name");
+    if (name.empty()) throw InvalidArgument("polyak::ParameterList: a tensor needs a non-empty name");
     for (const auto& entry : entries_) {
       if (entry.name() == name) {
-        throw std::invalid_argument("polyak::ParameterList: the name '" + name + "' is already in the list");
+        throw InvalidArgument("polyak::ParameterList: the name '" + name + "' is already in the list");
       }
     }
     // A tensor listed twice (tied weights) would be averaged twice, and swap() would undo itself on
@@ -348,10 +348,10 @@ class ParameterList {
     if (begin != end) {
       auto next = ranges_.upper_bound(begin);
       const auto shared = [&](std::size_t other) {
-        throw std::invalid_argument("polyak::ParameterList: tensor '" + name + "' shares memory with '" +
-                                    entries_[other].name() +
-                                    "' (tied weights?): list a shared tensor once, as PyTorch's "
-                                    "parameters() does");
+        throw InvalidArgument("polyak::ParameterList: tensor '" + name + "' shares memory with '" +
+                              entries_[other].name() +
+                              "' (tied weights?): list a shared tensor once, as PyTorch's "
+                              "parameters() does");
       };
       if (next != ranges_.end() && next->first < end) shared(next->second.second);
       if (next != ranges_.begin() && std::prev(next)->second.first > begin)

@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include "polyak/error.hpp"
+
 namespace polyak {
 
 /// A fixed set of worker threads that run one job at a time, split into `size()` parts; the calling
@@ -25,8 +27,7 @@ class ThreadPool {
  public:
   /// `threads` >= 1 in all, the caller included: ThreadPool(2) starts one worker.
   explicit ThreadPool(int threads) : size_(threads) {
-    if (threads < 1)
-      throw std::invalid_argument("polyak::ThreadPool: threads " + std::to_string(threads) + " < 1");
+    if (threads < 1) throw InvalidArgument("polyak::ThreadPool: threads " + std::to_string(threads) + " < 1");
     for (int part = 1; part < threads; ++part) workers_.emplace_back([this, part] { work(part); });
   }
 

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "polyak/error.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/swalr.hpp"
 #include "polyak/tensor_view.hpp"
@@ -38,19 +39,24 @@ enum class Buffers { Include, Exclude };
 
 namespace detail {
 
+/// libtorch's ScalarType of each DType, in DType's order (Eigen::half and c10::Half are both IEEE
+/// binary16).
+inline constexpr c10::ScalarType torch_scalar_types[] = {c10::ScalarType::Float, c10::ScalarType::Double,
+                                                         c10::ScalarType::Half, c10::ScalarType::BFloat16,
+                                                         c10::ScalarType::Long};
+static_assert(std::size(torch_scalar_types) == std::size(polyak::detail::dtype_names),
+              "one libtorch type for each DType");
+
 template <class T>
 constexpr c10::ScalarType torch_scalar_type() {
-  if constexpr (std::is_same_v<T, float>) return c10::ScalarType::Float;
-  if constexpr (std::is_same_v<T, double>) return c10::ScalarType::Double;
-  if constexpr (std::is_same_v<T, Eigen::half>) return c10::ScalarType::Half;  // both IEEE binary16
-  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return c10::ScalarType::BFloat16;
+  return torch_scalar_types[static_cast<std::size_t>(dtype_of<T>())];
 }
 
 /// A view of `tensor`, or std::invalid_argument naming it and what makes it unviewable.
 template <class T>
 TensorView<T> view_of(const std::string& name, const torch::Tensor& tensor) {
   const auto refuse = [&](const std::string& why) {
-    throw std::invalid_argument("polyak::libtorch::parameters: tensor '" + name + "' " + why);
+    throw InvalidArgument("polyak::libtorch::parameters: tensor '" + name + "' " + why);
   };
   if (!tensor.defined()) refuse("is undefined");
   if (tensor.layout() != c10::kStrided) refuse("is sparse");

@@ -19,6 +19,7 @@
 
 #include <unistd.h>  // getpid
 
+#include "polyak/checkpoint.hpp"
 #include "polyak/averaged_model.hpp"
 #include "polyak/serialization.hpp"
 

@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: MIT
 #include <polyak/polyak.hpp>
+#ifdef CONSUMER_SAVES
+#include <polyak/checkpoint.hpp>
+#endif
 
 #include <iostream>
 
@@ -14,5 +17,8 @@ int main() {
   }
   const float mean = swa.parameters()[0].data()[0];  // (1 + 2 + 3 + 4) / 4
   std::cout << "consumer: SWA mean " << mean << "\n";
+#ifdef CONSUMER_SAVES
+  if (swa.state_dict().scalar<std::int64_t>("n_averaged") != 4) return 1;
+#endif
   return mean == 2.5f ? 0 : 1;
 }

@@ -1,8 +1,9 @@
-# Builds and runs tests/consumer against polyak: MODE=find_package installs polyak to a fresh prefix
-# first; MODE=add_subdirectory adds the source tree.
+# Builds and runs tests/consumer against polyak in one MODE (see tests/consumer/CMakeLists.txt): the
+# find_package modes install polyak to a fresh prefix first; fetchcontent also installs the
+# consumer, whose exported target links polyak.
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(_args "-DPOLYAK_MODE=${MODE}" "-DPOLYAK_SOURCE_DIR=${POLYAK_SOURCE_DIR}")
-if(MODE STREQUAL "find_package")
+if(MODE MATCHES "^find_package")
   execute_process(COMMAND ${CMAKE_COMMAND} --install "${POLYAK_BINARY_DIR}" --prefix "${WORK_DIR}/prefix"
                   RESULT_VARIABLE _result)
   if(_result)
@@ -10,13 +11,19 @@ if(MODE STREQUAL "find_package")
   endif()
   list(APPEND _args "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix")
 endif()
-foreach(_step configure build run)
+set(_steps configure build run)
+if(MODE STREQUAL "fetchcontent")
+  list(APPEND _steps install)
+endif()
+foreach(_step ${_steps})
   if(_step STREQUAL "configure")
     set(_command ${CMAKE_COMMAND} -S "${CMAKE_CURRENT_LIST_DIR}" -B "${WORK_DIR}/build" ${_args})
   elseif(_step STREQUAL "build")
     set(_command ${CMAKE_COMMAND} --build "${WORK_DIR}/build")
-  else()
+  elseif(_step STREQUAL "run")
     set(_command "${WORK_DIR}/build/consumer")
+  else()
+    set(_command ${CMAKE_COMMAND} --install "${WORK_DIR}/build" --prefix "${WORK_DIR}/consumer_prefix")
   endif()
   execute_process(COMMAND ${_command} RESULT_VARIABLE _result)
   if(_result)

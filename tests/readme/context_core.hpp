@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <polyak/checkpoint.hpp>
 #include <polyak/polyak.hpp>
 
 struct Batch {};

@@ -2,6 +2,7 @@
 // Parity with Python: the run of tests/reference/libtorch_swa.py (torch.optim.swa_utils' AveragedModel,
 // SWALR and update_bn), repeated with libtorch + polyak from the same initial weights, data order
 // and settings. Training is libtorch's on both sides; everything averaged or scheduled is polyak's.
+#include "polyak/checkpoint.hpp"
 #include "polyak/torch.hpp"
 
 #include <catch2/catch.hpp>

@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: MIT
+// polyak's exceptions. Each derives from the standard exception a caller would catch anyway
+// (std::invalid_argument, std::runtime_error) and from polyak::Error, so that one handler can
+// catch everything polyak throws, and nothing else.
+#pragma once
+
+#include <stdexcept>
+
+namespace polyak {
+
+/// The base of every exception polyak throws on purpose.
+class Error {
+ public:
+  virtual ~Error() = default;
+  virtual const char* what() const noexcept = 0;
+
+ protected:
+  Error() = default;
+  Error(const Error&) = default;
+  Error& operator=(const Error&) = default;
+};
+
+/// An argument polyak refuses: mismatched models, a setting out of range, a stale view. Nothing
+/// was changed.
+class InvalidArgument : public std::invalid_argument, public Error {
+ public:
+  using std::invalid_argument::invalid_argument;
+  const char* what() const noexcept override { return std::invalid_argument::what(); }
+};
+
+/// A checkpoint file or state that is not valid, or does not hold what was asked of it. Nothing
+/// was changed.
+class FormatError : public std::runtime_error, public Error {
+ public:
+  using std::runtime_error::runtime_error;
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+/// A failure of the system under polyak: a file that cannot be written, an MPI call that failed,
+/// a worker thread that threw.
+class RuntimeError : public std::runtime_error, public Error {
+ public:
+  using std::runtime_error::runtime_error;
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+}  // namespace polyak

@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: MIT
+// The checkpoint layer's bridges: StateIO<T> for each stateful core type, which its state_dict()
+// and load_state_dict() members call. Names follow PyTorch's state_dict() keys. Every load checks
+// the whole state first and changes nothing when it refuses it (FormatError naming what is wrong).
+#pragma once
+
+#include <cmath>    // std::isfinite
+#include <cstdint>  // std::int64_t
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>  // std::move
+#include <vector>
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/batch_norm.hpp"
+#include "polyak/error.hpp"
+#include "polyak/model_averaging.hpp"
+#include "polyak/rule_settings.hpp"
+#include "polyak/state_dict.hpp"
+#include "polyak/swalr.hpp"
+
+namespace polyak {
+
+/// The averaged copy as PyTorch's AveragedModel.state_dict() names it: "module.<name>" for each
+/// tensor (in accumulator_t<T>), "n_averaged"; the averaging function's settings (EMA's decay) and
+/// use_buffers in the metadata.
+template <class T, class AvgFn>
+struct StateIO<AveragedModel<T, AvgFn>> {
+  using Model = AveragedModel<T, AvgFn>;
+
+  /// The prefix PyTorch's AveragedModel puts before the wrapped module's names.
+  static constexpr const char* module_prefix = "module.";
+
+  static StateDict save(const Model& model) {
+    StateDict sd;
+    for (const auto& entry : model.averaged_) sd.insert(module_prefix + entry.name(), entry.view());
+    sd.merge("", scalars(model));
+    return sd;
+  }
+
+  /// save() without its tensors: n_averaged and the metadata, for writers that stream the tensors
+  /// from parameters() and buffers() themselves (PostHocEMA's snapshots).
+  static StateDict scalars(const Model& model) {
+    StateDict sd;
+    sd.insert_scalar<std::int64_t>("n_averaged", model.n_averaged_);
+    sd.metadata["use_buffers"] = model.use_buffers_ ? "true" : "false";
+    save_settings(model.avg_fn_, sd.metadata);
+    return sd;
+  }
+
+  /// Refused: tensors that differ from the model's in names, shapes or types, a negative n_averaged,
+  /// another use_buffers, or averaging settings (EMA's decay, a schedule's, PowerEMA's gamma) other
+  /// than the model's. As in PyTorch, the averaging function is the one the model was constructed
+  /// with: construct it with the settings of the run it resumes. A user's function with no settings
+  /// is not checked.
+  static void load(Model& model, const StateDict& sd) {
+    const char* who = "polyak::AveragedModel::load_state_dict";
+    using Accumulator = typename Model::Accumulator;
+    for (const auto& entry : model.averaged_)
+      sd.expect<Accumulator>(module_prefix + entry.name(), entry.shape());
+    if (sd.size() != model.averaged_.size() + 1) {
+      throw FormatError(std::string(who) + ": the state holds " + std::to_string(sd.size()) +
+                        " entries, this model " + std::to_string(model.averaged_.size() + 1));
+    }
+    const auto n_averaged = sd.scalar<std::int64_t>("n_averaged");
+    if (n_averaged < 0) throw FormatError(std::string(who) + ": negative n_averaged");
+    const auto use_buffers = sd.metadata.find("use_buffers");
+    if (use_buffers != sd.metadata.end() && use_buffers->second != (model.use_buffers_ ? "true" : "false")) {
+      throw FormatError(std::string(who) + ": the state has use_buffers " + use_buffers->second);
+    }
+    Metadata settings;
+    save_settings(model.avg_fn_, settings);
+    for (const auto& [key, value] : settings) {
+      const auto saved = sd.metadata.find(key);
+      if (saved == sd.metadata.end() || !detail::same_setting(saved->second, value)) {
+        throw FormatError(std::string(who) + ": the state's averaging function has " + key + " '" +
+                          (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
+                          "' where this model's has '" + value + "'");
+      }
+    }
+    for (const auto& entry : model.averaged_) sd.copy_to(module_prefix + entry.name(), entry.view());
+    model.n_averaged_ = n_averaged;
+  }
+};
+
+/// PyTorch's SWALR.state_dict() without the optimizer: "swa_lrs", "last_lrs" (F64, one per group),
+/// "anneal_epochs", "last_epoch", "step_count" (I64), and the strategy in the metadata.
+template <class Optimizer>
+struct StateIO<SWALR<Optimizer>> {
+  using Scheduler = SWALR<Optimizer>;
+
+  static StateDict save(const Scheduler& scheduler) {
+    const auto& state = scheduler.state_;
+    StateDict sd;
+    sd.insert("swa_lrs", state.swa_lrs.data(), {static_cast<std::int64_t>(state.swa_lrs.size())});
+    sd.insert("last_lrs", state.last_lrs.data(), {static_cast<std::int64_t>(state.last_lrs.size())});
+    sd.insert_scalar<std::int64_t>("anneal_epochs", state.anneal_epochs);
+    sd.insert_scalar<std::int64_t>("last_epoch", state.last_epoch);
+    sd.insert_scalar<std::int64_t>("step_count", state.step_count);
+    sd.metadata["anneal_strategy"] = state.strategy == AnnealStrategy::Cos ? "cos" : "linear";
+    return sd;
+  }
+
+  /// Refused: a state the constructor would refuse (another number of groups, a negative or
+  /// non-finite swa_lr, a negative anneal_epochs), a non-finite last rate, a step count or epoch out
+  /// of range (negative, or at the largest value, where the next step would overflow), an unknown
+  /// strategy.
+  static void load(Scheduler& scheduler, const StateDict& sd) {
+    const auto groups = static_cast<std::int64_t>(Scheduler::Access::size(scheduler.optimizer_));
+    typename Scheduler::State state;
+    state.swa_lrs.resize(static_cast<std::size_t>(groups));
+    state.last_lrs.resize(static_cast<std::size_t>(groups));
+    sd.copy_to("swa_lrs", state.swa_lrs.data(), {groups});
+    sd.copy_to("last_lrs", state.last_lrs.data(), {groups});
+    state.anneal_epochs = sd.scalar<std::int64_t>("anneal_epochs");
+    state.last_epoch = sd.scalar<std::int64_t>("last_epoch");
+    state.step_count = sd.scalar<std::int64_t>("step_count");
+    const auto strategy = sd.metadata.find("anneal_strategy");
+    if (strategy == sd.metadata.end() || (strategy->second != "cos" && strategy->second != "linear")) {
+      throw FormatError("polyak::SWALR::load_state_dict: no anneal_strategy 'cos' or 'linear' in the state");
+    }
+    state.strategy = strategy->second == "cos" ? AnnealStrategy::Cos : AnnealStrategy::Linear;
+    std::string problem = Scheduler::invalid(state, static_cast<std::size_t>(groups));
+    constexpr auto largest = std::numeric_limits<std::int64_t>::max();
+    for (std::size_t g = 0; g < state.last_lrs.size() && problem.empty(); ++g) {
+      if (!std::isfinite(state.last_lrs[g]))
+        problem = "last_lr of group " + std::to_string(g) + " is not finite";
+    }
+    if (problem.empty() && (state.step_count < 0 || state.step_count == largest)) {
+      problem = "step_count " + std::to_string(state.step_count) + " is out of range";
+    }
+    if (problem.empty() && state.last_epoch == largest) {
+      problem = "last_epoch " + std::to_string(state.last_epoch) + " is out of range";
+    }
+    if (!problem.empty()) throw FormatError("polyak::SWALR::load_state_dict: " + problem);
+    scheduler.state_ = std::move(state);
+  }
+};
+
+/// PyTorch's names: "running_mean", "running_var", "num_batches_tracked"; the momentum in the
+/// metadata ("none" when empty), written by the settings codec.
+template <class T>
+struct StateIO<BatchNormStats<T>> {
+  static StateDict save(const BatchNormStats<T>& stats) {
+    StateDict sd;
+    const std::vector<std::int64_t> shape{stats.num_features()};
+    sd.insert("running_mean", stats.running_mean.data(), shape);
+    sd.insert("running_var", stats.running_var.data(), shape);
+    sd.insert_scalar<std::int64_t>("num_batches_tracked", stats.num_batches_tracked);
+    sd.metadata["momentum"] = stats.momentum ? detail::setting_text(*stats.momentum) : "none";
+    return sd;
+  }
+
+  /// Refused: another size or type, a negative num_batches_tracked, a momentum that is not "none"
+  /// or a number in [0, 1] written whole ("0.5abc", "1e999", "nan" and "" are not).
+  static void load(BatchNormStats<T>& stats, const StateDict& sd) {
+    const char* who = "polyak::BatchNormStats::load_state_dict";
+    const std::vector<std::int64_t> shape{stats.num_features()};
+    sd.expect<T>("running_mean", shape);
+    sd.expect<T>("running_var", shape);
+    const auto tracked = sd.scalar<std::int64_t>("num_batches_tracked");
+    if (tracked < 0) {
+      throw FormatError(std::string(who) + ": num_batches_tracked " + std::to_string(tracked) +
+                        " in the state is negative");
+    }
+    std::optional<double> momentum;
+    const auto found = sd.metadata.find("momentum");
+    if (found == sd.metadata.end() || found->second != "none") {
+      const double value = detail::setting_number(sd.metadata, "momentum", who);
+      if (!(value >= 0.0 && value <= 1.0)) {
+        throw FormatError(std::string(who) + ": the state's momentum '" + found->second +
+                          "' is outside [0, 1]");
+      }
+      momentum = value;
+    }
+    sd.copy_to("running_mean", stats.running_mean.data(), shape);
+    sd.copy_to("running_var", stats.running_var.data(), shape);
+    stats.num_batches_tracked = tracked;
+    stats.momentum = momentum;
+  }
+};
+
+/// "step", "period", "warmup_steps" (I64).
+template <class Comm>
+struct StateIO<PeriodicModelAverager<Comm>> {
+  static StateDict save(const PeriodicModelAverager<Comm>& averager) {
+    StateDict sd;
+    sd.insert_scalar<std::int64_t>("step", averager.step());
+    sd.insert_scalar<std::int64_t>("period", averager.period());
+    sd.insert_scalar<std::int64_t>("warmup_steps", averager.warmup_steps());
+    return sd;
+  }
+
+  /// Refused: a state of another period or warm-up, a negative step.
+  static void load(PeriodicModelAverager<Comm>& averager, const StateDict& sd) {
+    const auto step = sd.scalar<std::int64_t>("step");
+    if (sd.scalar<std::int64_t>("period") != averager.period() ||
+        sd.scalar<std::int64_t>("warmup_steps") != averager.warmup_steps()) {
+      throw FormatError(
+          "polyak::PeriodicModelAverager::load_state_dict: the state is for another period or warm-up");
+    }
+    if (step < 0) throw FormatError("polyak::PeriodicModelAverager::load_state_dict: negative step");
+    averager.step_ = step;
+  }
+};
+
+/// "step", "warmup_steps" (I64) and "periods" (I64, one per level).
+template <class Comm>
+struct StateIO<HierarchicalModelAverager<Comm>> {
+  static StateDict save(const HierarchicalModelAverager<Comm>& averager) {
+    StateDict sd;
+    sd.insert_scalar<std::int64_t>("step", averager.step());
+    sd.insert_scalar<std::int64_t>("warmup_steps", averager.warmup_steps());
+    std::vector<std::int64_t> periods;
+    for (const auto& level : averager.levels_) periods.push_back(level.first);
+    sd.insert("periods", periods.data(), {static_cast<std::int64_t>(periods.size())});
+    return sd;
+  }
+
+  /// Refused: a state of other periods or warm-up, a negative step.
+  static void load(HierarchicalModelAverager<Comm>& averager, const StateDict& sd) {
+    const auto step = sd.scalar<std::int64_t>("step");
+    const auto& levels = averager.levels_;
+    std::vector<std::int64_t> periods(levels.size());
+    sd.copy_to("periods", periods.data(), {static_cast<std::int64_t>(levels.size())});
+    bool same = sd.scalar<std::int64_t>("warmup_steps") == averager.warmup_steps();
+    for (std::size_t i = 0; i < levels.size(); ++i) same = same && periods[i] == levels[i].first;
+    if (!same) {
+      throw FormatError(
+          "polyak::HierarchicalModelAverager::load_state_dict: the state is for other periods or warm-up");
+    }
+    if (step < 0) throw FormatError("polyak::HierarchicalModelAverager::load_state_dict: negative step");
+    averager.step_ = step;
+  }
+};
+
+}  // namespace polyak
