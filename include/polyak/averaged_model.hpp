@@ -6,7 +6,6 @@
 #include <algorithm>  // std::swap_ranges, std::upper_bound
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t
-#include <sstream>    // error messages
 #include <stdexcept>  // std::invalid_argument
 #include <string>
 #include <type_traits>
