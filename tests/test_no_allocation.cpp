@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <new>
 #include <vector>
@@ -111,6 +112,24 @@ TEST_CASE("a post-hoc EMA snapshot streams its profiles to disk without copying 
   // Two profiles of 2.5 MB each: what a snapshot allocates is the header and file names.
   CHECK(bytes < 64 * 1024);
   std::filesystem::remove_all(folder);
+}
+
+// Issue 13: state_dict() borrows the average instead of copying it, and save_safetensors streams it,
+// column-major matrices included (reordered through one 64 KiB buffer).
+TEST_CASE("state_dict() copies no tensor and its save streams the average", "[allocation]") {
+  Model model;  // 700 x 900 column-major weight: 2.5 MB, and two vectors
+  const auto list = model.list();
+  polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA{0.9}, true);
+  ema.update_parameters(list);
+  std::size_t before = allocated_bytes.load();
+  const polyak::StateDict sd = ema.state_dict();
+  CHECK(allocated_bytes.load() - before < 8 * 1024);  // names, shapes, metadata
+  const std::string path = "polyak_no_allocation_state.safetensors";
+  before = allocated_bytes.load();
+  polyak::save_safetensors(path, sd);
+  CHECK(allocated_bytes.load() - before < 128 * 1024);  // the header, the 64 KiB buffer, file names
+  CHECK(polyak::load_safetensors(path).at("module.weight").bytes.size() == 700u * 900u * 4u);
+  std::remove(path.c_str());
 }
 
 TEST_CASE("average_parameters reuses its buffer", "[allocation]") {

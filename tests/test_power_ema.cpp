@@ -257,7 +257,7 @@ TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates",
     model.set(path.theta[static_cast<std::size_t>(t - 1)]);
     recorder.update_parameters(model.params);
     alone.update_parameters(model.params);
-    if (t == 20) at_20 = alone.state_dict();
+    if (t == 20) at_20 = alone.state_dict().owned();  // (state_dict() borrows: later steps show)
   }
   std::size_t files = 0;
   for (const auto& item : std::filesystem::directory_iterator(folder)) files += item.is_regular_file();

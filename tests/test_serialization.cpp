@@ -55,7 +55,8 @@ std::string safetensors_bytes(const std::string& header, const std::string& data
 }
 
 template <class T>
-std::vector<T> values_of(const polyak::StoredTensor& t) {
+std::vector<T> values_of(const polyak::StoredTensor& stored) {
+  const polyak::StoredTensor t = stored.owned();
   std::vector<T> out(t.bytes.size() / sizeof(T));
   std::memcpy(out.data(), t.bytes.data(), t.bytes.size());
   return out;
@@ -414,4 +415,73 @@ TEST_CASE("the settings codec round-trips every built-in rule exactly and refuse
   REQUIRE_THROWS_AS(polyak::load_settings(fn, broken), polyak::FormatError);
   broken["update_every"] = "0";  // one the constructor refuses
   REQUIRE_THROWS_AS(polyak::load_settings(fn, broken), polyak::FormatError);
+}
+
+// Issue 13: a StateDict entry may borrow a view, so that state_dict() copies nothing and one
+// save_safetensors streams every case. Expected values come from the views' own storage formulas
+// (column-major: element (i, j) at j * rows + i), not from polyak's writer.
+TEST_CASE("state_dict() borrows the average: same file as an owned copy, later updates show",
+          "[serialization][borrowed]") {
+  // 300 x 301 floats is 361 KB: the column-major writer reorders it in several 64 KiB pieces, the
+  // last one partial.
+  Eigen::MatrixXf w = Eigen::MatrixXf::Random(300, 301);
+  Eigen::Matrix<float, 2, 3, Eigen::RowMajor> r;
+  r << 1, 2, 3, 4, 5, 6;
+  Eigen::Tensor<float, 3> t(2, 3, 4);
+  t.setRandom();
+  Eigen::VectorXf running = Eigen::VectorXf::Random(7);
+  polyak::ParameterList<float> list;
+  list.add("w", w).add("r", r).add("t", t).add_buffer("running", running);
+  polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA{0.5});
+  ema.update_parameters(list);
+  w.array() += 2.0f;
+  ema.update_parameters(list);
+
+  const StateDict sd = ema.state_dict();
+  const polyak::StoredTensor& stored_w = sd.at("module.w");
+  CHECK(stored_w.is_borrowed());
+  CHECK(stored_w.bytes.empty());
+  CHECK(stored_w.contiguous() == nullptr);  // column-major: no row-major piece to hand out
+  CHECK(sd.at("module.r").contiguous() == reinterpret_cast<const std::byte*>(ema.parameters()[1].data()));
+  CHECK_FALSE(sd.at("n_averaged").is_borrowed());
+
+  const StateDict snapshot = sd.owned();
+  for (const auto& [name, tensor] : snapshot) CHECK_FALSE(tensor.is_borrowed());
+  const float* average = ema.parameters()[0].data();  // column-major, 300 rows
+  const auto row_major = values_of<float>(snapshot.at("module.w"));
+  REQUIRE(row_major.size() == 300u * 301u);
+  bool same = true;
+  for (std::size_t i = 0; i < 300; ++i) {
+    for (std::size_t j = 0; j < 301; ++j) same = same && row_major[i * 301 + j] == average[j * 300 + i];
+  }
+  CHECK(same);
+  CHECK(polyak::to_doubles(sd.at("module.w")) == polyak::to_doubles(snapshot.at("module.w")));
+
+  // Streamed from the average or written from the owned copy: the same file, byte for byte.
+  const auto streamed = temporary_path("borrowed.safetensors");
+  const auto copied = temporary_path("owned.safetensors");
+  polyak::save_safetensors(streamed, sd);
+  polyak::save_safetensors(copied, snapshot);
+  CHECK(file_bytes(streamed) == file_bytes(copied));
+  const StateDict loaded = polyak::load_safetensors(streamed);
+  CHECK(values_of<float>(loaded.at("module.w")) == row_major);
+  CHECK(values_of<float>(loaded.at("module.t")) == values_of<float>(snapshot.at("module.t")));
+
+  // A borrowed state shows the average as it is now; the owned snapshot keeps the old values.
+  w.array() += 4.0f;
+  ema.update_parameters(list);
+  CHECK(values_of<float>(sd.at("module.w"))[0] == average[0]);
+  CHECK(values_of<float>(snapshot.at("module.w"))[0] != average[0]);
+
+  // Loading a state borrowed from the model itself changes nothing (source and target alias).
+  const std::vector<float> before(average, average + 300 * 301);
+  ema.load_state_dict(ema.state_dict());
+  CHECK(std::equal(before.begin(), before.end(), average));
+  CHECK(ema.n_averaged() == 3);
+  // And an owned snapshot restores the old average.
+  ema.load_state_dict(snapshot);
+  CHECK(values_of<float>(ema.state_dict().owned().at("module.w")) == row_major);
+  CHECK(ema.n_averaged() == 2);
+  std::remove(streamed.c_str());
+  std::remove(copied.c_str());
 }

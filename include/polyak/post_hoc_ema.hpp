@@ -74,7 +74,7 @@ inline void check_profile(const PowerEmaProfile& p, const char* role) {
 inline std::int64_t snapshot_step(SafetensorsReader& reader) {
   std::int64_t step = -1;
   for (const auto& entry : reader.index().entries) {
-    if (entry.name == "n_averaged" && entry.dtype == DType::I64 && entry.shape.empty()) {
+    if (entry.name == AveragedModelKeys::n_averaged && entry.dtype == DType::I64 && entry.shape.empty()) {
       const StoredTensor t = reader.read(entry);
       std::memcpy(&step, t.bytes.data(), sizeof step);
     }
@@ -246,7 +246,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   // Tensors in the order the files name them (data order is the order they were written in).
   for (std::size_t k = 0; k < first.index.entries.size(); ++k) {
     const auto& entry = first.index.entries[k];
-    if (entry.name == "n_averaged") continue;
+    if (entry.name == AveragedModelKeys::n_averaged) continue;
     StoredTensor combined{entry.dtype, entry.shape, {}};
     std::vector<double> sum(combined.numel(), 0.0);
     for (std::size_t i = 0; i < snapshots.size(); ++i) {
@@ -256,7 +256,7 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
     assign_doubles(combined, sum);
     result.insert(entry.name, std::move(combined));
   }
-  result.insert_scalar<std::int64_t>("n_averaged", step);
+  result.insert_scalar<std::int64_t>(AveragedModelKeys::n_averaged, step);
   return result;
 }
 
@@ -301,8 +301,7 @@ class PostHocEMA {
   void save_snapshots() const {
     for (std::size_t i = 0; i < profiles_.size(); ++i) {
       const Profile& profile = profiles_[i];
-      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.tensors(),
-                       StateIO<Profile>::module_prefix, StateIO<Profile>::scalars(profile));
+      save_safetensors(snapshot_path(i, profile.n_averaged()), profile.state_dict());  // streamed: it borrows
     }
   }
 

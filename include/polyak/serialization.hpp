@@ -129,13 +129,19 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
   }
 }
 
-inline void add_writers(std::vector<TensorWriter>& writers, const StateDict& sd) {
+/// A writer for each entry of `sd`, owned or borrowed: a borrowed column-major tensor is reordered
+/// in pieces as it is written, so a save holds no second copy of any tensor.
+inline std::vector<TensorWriter> writers_of(const StateDict& sd) {
+  std::vector<TensorWriter> writers;
   for (const auto& [name, tensor] : sd) {
     const StoredTensor* t = &tensor;
-    writers.push_back({name, t->dtype, t->shape, t->bytes.size(), [t](int fd, const std::string& path) {
-                         write_all(fd, t->bytes.data(), t->bytes.size(), path);
+    writers.push_back({name, t->dtype, t->shape, t->byte_size(), [t](int fd, const std::string& path) {
+                         t->for_each_chunk([&](const std::byte* data, std::size_t length) {
+                           write_all(fd, data, length, path);
+                         });
                        }});
   }
+  return writers;
 }
 
 }  // namespace detail
@@ -152,37 +158,12 @@ inline void add_writers(std::vector<TensorWriter>& writers, const StateDict& sd)
 ///
 /// A `path` that is a symbolic link is replaced by a regular file (rename replaces the link, not
 /// the file it points to); save to the link's target to keep the link.
+///
+/// Entries borrowed from a live object (state_dict() of an AveragedModel) are streamed from its
+/// memory: the save's memory beyond the object's own is the header and, for a column-major
+/// tensor, a 64 KiB buffer. The object must not change during the save.
 inline void save_safetensors(const std::string& path, const StateDict& sd) {
-  std::vector<detail::TensorWriter> writers;
-  detail::add_writers(writers, sd);
-  detail::write_safetensors(path, sd.metadata, writers);
-}
-
-/// Writes the tensors `views` point at, named `prefix + name`, followed by the entries and metadata
-/// of `extra`, as save_safetensors(path, sd) would write the StateDict holding them all, without
-/// copying them into one: memory beyond the views' own is one tensor (for a column-major view,
-/// written row-major as safetensors wants) and `extra`. How AveragedModel's profiles stream to disk.
-template <class T>
-void save_safetensors(const std::string& path, const ParameterList<T>& views, const std::string& prefix,
-                      const StateDict& extra) {
-  std::vector<detail::TensorWriter> writers;
-  for (const auto& entry : views) {
-    const TensorView<T> view = entry.view();
-    writers.push_back({prefix + entry.name(), dtype_of<T>(), view.shape(), view.numel() * sizeof(T),
-                       [view](int fd, const std::string& file) {
-                         if (view.storage_order() == StorageOrder::RowMajor || view.shape().size() <= 1) {
-                           detail::write_all(fd, view.data(), view.numel() * sizeof(T), file);
-                           return;
-                         }
-                         std::vector<T> row_major(view.numel());
-                         detail::for_each_row_major(
-                             view.shape(), view.storage_order(),
-                             [&](std::size_t i, std::size_t from) { row_major[i] = view.data()[from]; });
-                         detail::write_all(fd, row_major.data(), row_major.size() * sizeof(T), file);
-                       }});
-  }
-  detail::add_writers(writers, extra);
-  detail::write_safetensors(path, extra.metadata, writers);
+  detail::write_safetensors(path, sd.metadata, detail::writers_of(sd));
 }
 
 /// A safetensors file's header, checked, without its data: what the streaming readers use.

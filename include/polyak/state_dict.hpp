@@ -23,80 +23,7 @@
 
 namespace polyak {
 
-/// One owned tensor of a checkpoint: element type, logical shape, and its elements in row-major
-/// order as little-endian bytes.
-struct StoredTensor {
-  DType dtype = DType::F32;
-  std::vector<std::int64_t> shape;
-  std::vector<std::byte> bytes;
-
-  std::size_t numel() const {
-    std::size_t n = 1;
-    for (const auto extent : shape) n *= static_cast<std::size_t>(extent);
-    return n;
-  }
-};
-
 namespace detail {
-
-/// Calls visit(i, value) with each element of `t` as a double, row-major.
-template <class Visit>
-void for_each_double(const StoredTensor& t, Visit&& visit) {
-  with_scalar_type(t.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    const std::size_t n = t.numel();
-    for (std::size_t i = 0; i < n; ++i) {
-      T v;
-      std::memcpy(&v, t.bytes.data() + i * sizeof(T), sizeof(T));
-      visit(i, static_cast<double>(v));
-    }
-  });
-}
-
-}  // namespace detail
-
-/// The elements of `t` as doubles, row-major; exact for every dtype (for I64 up to 2^53).
-inline std::vector<double> to_doubles(const StoredTensor& t) {
-  std::vector<double> out(t.numel());
-  detail::for_each_double(t, [&](std::size_t i, double v) { out[i] = v; });
-  return out;
-}
-
-/// Stores `values` (row-major, t.numel() of them) into `t`, each rounded once to t's dtype.
-inline void assign_doubles(StoredTensor& t, const std::vector<double>& values) {
-  if (values.size() != t.numel())
-    throw InvalidArgument("polyak::assign_doubles: " + std::to_string(values.size()) + " values for " +
-                          std::to_string(t.numel()) + " elements");
-  t.bytes.resize(values.size() * dtype_size(t.dtype));
-  detail::with_scalar_type(t.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    for (std::size_t i = 0; i < values.size(); ++i) {
-      T v;
-      if constexpr (std::is_same_v<T, std::int64_t>) {
-        v = static_cast<std::int64_t>(std::llround(values[i]));
-      } else if constexpr (std::is_same_v<T, double>) {
-        v = values[i];
-      } else if constexpr (std::is_same_v<T, float>) {
-        v = static_cast<float>(values[i]);
-      } else {  // half, bfloat16: Eigen converts from float; double -> float -> 16 bits can double-round
-        v = static_cast<T>(values[i]);
-      }
-      std::memcpy(t.bytes.data() + i * sizeof(T), &v, sizeof(T));
-    }
-  });
-}
-
-namespace detail {
-
-static_assert(sizeof(float) == 4 && sizeof(double) == 8 && std::numeric_limits<float>::is_iec559,
-              "polyak's checkpoints assume IEEE float and double");
-
-inline bool little_endian() {
-  const std::uint16_t probe = 1;
-  unsigned char first;
-  std::memcpy(&first, &probe, 1);
-  return first == 1;
-}
 
 /// For each row-major index of `shape`, the offset of that element in `order` storage.
 template <class Visit>
@@ -130,8 +57,179 @@ void for_each_row_major(const std::vector<std::int64_t>& shape, StorageOrder ord
 
 }  // namespace detail
 
+/// One tensor of a checkpoint: element type, logical shape, and its elements in row-major order as
+/// little-endian bytes. It owns them (`bytes`), or borrows them from the memory of a view
+/// (`StoredTensor::borrow`, what state_dict() of a live object returns: as PyTorch's state_dict(),
+/// whose tensors share the module's storage, it copies nothing and shows the object's values at the
+/// time it is read). A borrowed tensor's `bytes` is empty; read it with elements(), contiguous() or
+/// for_each_chunk(), which serve both kinds, or make an owning copy with owned().
+struct StoredTensor {
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;  ///< owned elements, row-major; empty while borrowed
+
+  /// Where a borrowed tensor's elements live, in `borrowed_order`; null for an owned one.
+  const std::byte* borrowed = nullptr;
+  StorageOrder borrowed_order = StorageOrder::RowMajor;
+
+  /// Borrows the elements of a tensor of `shape` stored at `data` in `order`; valid while that memory
+  /// is. An empty tensor owns its (no) elements.
+  template <class T>
+  static StoredTensor borrow(const T* data, std::vector<std::int64_t> shape,
+                             StorageOrder order = StorageOrder::RowMajor) {
+    StoredTensor t;
+    t.dtype = dtype_of<T>();
+    t.shape = std::move(shape);
+    if (t.numel() != 0) {
+      t.borrowed = reinterpret_cast<const std::byte*>(data);
+      t.borrowed_order = t.shape.size() <= 1 ? StorageOrder::RowMajor : order;
+    }
+    return t;
+  }
+
+  std::size_t numel() const {
+    std::size_t n = 1;
+    for (const auto extent : shape) n *= static_cast<std::size_t>(extent);
+    return n;
+  }
+  std::size_t byte_size() const { return numel() * dtype_size(dtype); }
+  bool is_borrowed() const noexcept { return borrowed != nullptr; }
+
+  /// The row-major bytes in one piece, without a copy: `bytes`, or borrowed row-major memory;
+  /// null for a borrowed column-major tensor of two or more dimensions (see for_each_chunk).
+  const std::byte* contiguous() const noexcept {
+    if (!is_borrowed()) return bytes.data();
+    return borrowed_order == StorageOrder::RowMajor ? borrowed : nullptr;
+  }
+
+  /// Calls visit(i, element) with a pointer to each element's dtype_size(dtype) bytes, in row-major
+  /// order i, whether owned or borrowed.
+  template <class Visit>
+  void elements(Visit&& visit) const {
+    const std::size_t size = dtype_size(dtype);
+    if (const std::byte* base = contiguous()) {
+      const std::size_t n = numel();
+      for (std::size_t i = 0; i < n; ++i) visit(i, base + i * size);
+      return;
+    }
+    detail::for_each_row_major(shape, borrowed_order,
+                               [&](std::size_t i, std::size_t from) { visit(i, borrowed + from * size); });
+  }
+
+  /// Calls visit(pointer, length) with the row-major bytes in order: once with all of them where
+  /// contiguous(), else in pieces of about 64 KiB reordered into one buffer (all a writer needs).
+  template <class Visit>
+  void for_each_chunk(Visit&& visit) const {
+    if (const std::byte* base = contiguous()) {
+      visit(base, byte_size());
+      return;
+    }
+    const std::size_t size = dtype_size(dtype);
+    const std::size_t per_chunk = std::max<std::size_t>(1, (std::size_t{64} << 10) / size);
+    std::vector<std::byte> chunk(std::min(per_chunk, numel()) * size);
+    std::size_t filled = 0;
+    elements([&](std::size_t, const std::byte* element) {
+      std::memcpy(chunk.data() + filled * size, element, size);
+      if (++filled == per_chunk) {
+        visit(static_cast<const std::byte*>(chunk.data()), filled * size);
+        filled = 0;
+      }
+    });
+    if (filled != 0) visit(static_cast<const std::byte*>(chunk.data()), filled * size);
+  }
+
+  /// A copy that owns its elements (row-major bytes).
+  StoredTensor owned() const {
+    StoredTensor out;
+    out.dtype = dtype;
+    out.shape = shape;
+    if (!is_borrowed()) {
+      out.bytes = bytes;
+      return out;
+    }
+    out.bytes.resize(byte_size());
+    std::size_t at = 0;
+    for_each_chunk([&](const std::byte* data, std::size_t length) {
+      std::memcpy(out.bytes.data() + at, data, length);
+      at += length;
+    });
+    return out;
+  }
+};
+
+namespace detail {
+
+/// Calls visit(i, value) with each element of `t` as a double, row-major.
+template <class Visit>
+void for_each_double(const StoredTensor& t, Visit&& visit) {
+  with_scalar_type(t.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    t.elements([&](std::size_t i, const std::byte* element) {
+      T v;
+      std::memcpy(&v, element, sizeof(T));
+      visit(i, static_cast<double>(v));
+    });
+  });
+}
+
+}  // namespace detail
+
+/// The elements of `t` as doubles, row-major; exact for every dtype (for I64 up to 2^53).
+inline std::vector<double> to_doubles(const StoredTensor& t) {
+  std::vector<double> out(t.numel());
+  detail::for_each_double(t, [&](std::size_t i, double v) { out[i] = v; });
+  return out;
+}
+
+/// Stores `values` (row-major, t.numel() of them) into `t`, each rounded once to t's dtype; `t`
+/// then owns its elements (a borrowed tensor's memory is not written).
+inline void assign_doubles(StoredTensor& t, const std::vector<double>& values) {
+  if (values.size() != t.numel())
+    throw InvalidArgument("polyak::assign_doubles: " + std::to_string(values.size()) + " values for " +
+                          std::to_string(t.numel()) + " elements");
+  t.borrowed = nullptr;
+  t.borrowed_order = StorageOrder::RowMajor;
+  t.bytes.resize(values.size() * dtype_size(t.dtype));
+  detail::with_scalar_type(t.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      T v;
+      if constexpr (std::is_same_v<T, std::int64_t>) {
+        v = static_cast<std::int64_t>(std::llround(values[i]));
+      } else if constexpr (std::is_same_v<T, double>) {
+        v = values[i];
+      } else if constexpr (std::is_same_v<T, float>) {
+        v = static_cast<float>(values[i]);
+      } else {  // half, bfloat16: Eigen converts from float; double -> float -> 16 bits can double-round
+        v = static_cast<T>(values[i]);
+      }
+      std::memcpy(t.bytes.data() + i * sizeof(T), &v, sizeof(T));
+    }
+  });
+}
+
+namespace detail {
+
+static_assert(sizeof(float) == 4 && sizeof(double) == 8 && std::numeric_limits<float>::is_iec559,
+              "polyak's checkpoints assume IEEE float and double");
+
+inline bool little_endian() {
+  const std::uint16_t probe = 1;
+  unsigned char first;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
+}  // namespace detail
+
 /// An ordered map of name to StoredTensor, plus string metadata: what state_dict() returns and
 /// save_safetensors writes. Names keep the order they were added in.
+///
+/// Entries own their elements or borrow them (borrow()): state_dict() of an object that holds
+/// tensors (AveragedModel, BatchNormStats) borrows them, as PyTorch's state_dict() shares storage,
+/// so it copies nothing and save_safetensors streams the object's memory to disk. Such a StateDict
+/// shows the object's values when it is read, and lives no longer than the object: keep a snapshot
+/// with owned() (PyTorch's copy.deepcopy(state_dict)).
 class StateDict {
  public:
   using Entry = std::pair<std::string, StoredTensor>;
@@ -149,6 +247,22 @@ class StateDict {
   template <class T>
   void insert(std::string name, const TensorView<T>& view) {
     insert(std::move(name), view.data(), view.shape(), view.storage_order());
+  }
+
+  /// Adds a view's elements without copying them: the entry reads the view's memory, which must
+  /// outlive this StateDict (and its copies) and not be resized.
+  template <class T>
+  void borrow(std::string name, const TensorView<T>& view) {
+    insert(std::move(name), StoredTensor::borrow(view.data(), view.shape(), view.storage_order()));
+  }
+
+  /// A copy whose every entry owns its elements: a snapshot that no later change of the objects
+  /// borrowed from can alter.
+  StateDict owned() const {
+    StateDict out;
+    for (const auto& [name, tensor] : entries_) out.insert(name, tensor.owned());
+    out.metadata = metadata;
+    return out;
   }
 
   /// Copies `data` in: the elements of a tensor of `shape` stored in `order` (row-major by default),
@@ -229,8 +343,21 @@ class StateDict {
   void copy_to(const std::string& name, T* data, const std::vector<std::int64_t>& shape,
                StorageOrder order = StorageOrder::RowMajor) const {
     const StoredTensor& t = expect<T>(name, shape);
+    if (order == StorageOrder::RowMajor || shape.size() <= 1) {  // (memmove: it may borrow `data` itself)
+      t.for_each_chunk([&, at = std::size_t{0}](const std::byte* from, std::size_t length) mutable {
+        std::memmove(reinterpret_cast<std::byte*>(data) + at, from, length);
+        at += length;
+      });
+      return;
+    }
+    std::vector<std::byte> row_major;  // a tensor borrowed from `data` must be read before it is written
+    const std::byte* from = t.contiguous();
+    if (from == nullptr || from == reinterpret_cast<const std::byte*>(data)) {
+      row_major = t.owned().bytes;
+      from = row_major.data();
+    }
     detail::for_each_row_major(shape, order, [&](std::size_t i, std::size_t to) {
-      std::memcpy(data + to, t.bytes.data() + i * sizeof(T), sizeof(T));
+      std::memcpy(data + to, from + i * sizeof(T), sizeof(T));
     });
   }
 
@@ -239,7 +366,7 @@ class StateDict {
   T scalar(const std::string& name) const {
     const StoredTensor& t = expect<T>(name, {});
     T value;
-    std::memcpy(&value, t.bytes.data(), sizeof(T));
+    t.elements([&](std::size_t, const std::byte* element) { std::memcpy(&value, element, sizeof(T)); });
     return value;
   }
 

@@ -22,30 +22,74 @@
 
 namespace polyak {
 
+/// The names in AveragedModel's state, as PyTorch's AveragedModel.state_dict() spells them; what
+/// readers of such states (post_hoc_ema.hpp) look for.
+struct AveragedModelKeys {
+  static constexpr const char* module_prefix = "module.";  ///< before each of the model's names
+  static constexpr const char* n_averaged = "n_averaged";
+};
+
+namespace detail {
+
+/// Checks what an averaged model's state holds beside its tensors, whose names, dtypes and shapes
+/// the caller checked: nothing else (`tensors` + n_averaged entries), n_averaged >= 0, the same
+/// use_buffers and the same averaging settings as `avg_fn`. Returns n_averaged; FormatError naming
+/// the first difference otherwise. Shared by every backend's averaged model, so that their states
+/// load into each other.
+template <class AvgFn>
+std::int64_t check_averaged_state(const StateDict& sd, std::size_t tensors, bool use_buffers,
+                                  const AvgFn& avg_fn, const char* who) {
+  if (sd.size() != tensors + 1) {
+    throw FormatError(std::string(who) + ": the state holds " + std::to_string(sd.size()) +
+                      " entries, this model " + std::to_string(tensors + 1));
+  }
+  const auto n_averaged = sd.scalar<std::int64_t>(AveragedModelKeys::n_averaged);
+  if (n_averaged < 0) throw FormatError(std::string(who) + ": negative n_averaged");
+  const auto saved_use_buffers = sd.metadata.find("use_buffers");
+  if (saved_use_buffers != sd.metadata.end() &&
+      saved_use_buffers->second != (use_buffers ? "true" : "false")) {
+    throw FormatError(std::string(who) + ": the state has use_buffers " + saved_use_buffers->second);
+  }
+  Metadata settings;
+  save_settings(avg_fn, settings);
+  for (const auto& [key, value] : settings) {
+    const auto saved = sd.metadata.find(key);
+    if (saved == sd.metadata.end() || !same_setting(saved->second, value)) {
+      throw FormatError(std::string(who) + ": the state's averaging function has " + key + " '" +
+                        (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
+                        "' where this model's has '" + value + "'");
+    }
+  }
+  return n_averaged;
+}
+
+/// What an averaged model's state holds beside its tensors: n_averaged, use_buffers and the
+/// averaging function's settings.
+template <class AvgFn>
+StateDict averaged_state_scalars(std::int64_t n_averaged, bool use_buffers, const AvgFn& avg_fn) {
+  StateDict sd;
+  sd.insert_scalar<std::int64_t>(AveragedModelKeys::n_averaged, n_averaged);
+  sd.metadata["use_buffers"] = use_buffers ? "true" : "false";
+  save_settings(avg_fn, sd.metadata);
+  return sd;
+}
+
+}  // namespace detail
+
 /// The averaged copy as PyTorch's AveragedModel.state_dict() names it: "module.<name>" for each
 /// tensor (in accumulator_t<T>), "n_averaged"; the averaging function's settings (EMA's decay) and
-/// use_buffers in the metadata.
+/// use_buffers in the metadata. The tensors are borrowed from the average (StateDict::borrow): the
+/// state copies nothing, follows later updates and lives no longer than the model; owned() makes a
+/// snapshot.
 template <class T, class AvgFn>
 struct StateIO<AveragedModel<T, AvgFn>> {
   using Model = AveragedModel<T, AvgFn>;
 
-  /// The prefix PyTorch's AveragedModel puts before the wrapped module's names.
-  static constexpr const char* module_prefix = "module.";
-
   static StateDict save(const Model& model) {
     StateDict sd;
-    for (const auto& entry : model.averaged_) sd.insert(module_prefix + entry.name(), entry.view());
-    sd.merge("", scalars(model));
-    return sd;
-  }
-
-  /// save() without its tensors: n_averaged and the metadata, for writers that stream the tensors
-  /// from parameters() and buffers() themselves (PostHocEMA's snapshots).
-  static StateDict scalars(const Model& model) {
-    StateDict sd;
-    sd.insert_scalar<std::int64_t>("n_averaged", model.n_averaged_);
-    sd.metadata["use_buffers"] = model.use_buffers_ ? "true" : "false";
-    save_settings(model.avg_fn_, sd.metadata);
+    for (const auto& entry : model.averaged_)
+      sd.borrow(AveragedModelKeys::module_prefix + entry.name(), entry.view());
+    sd.merge("", detail::averaged_state_scalars(model.n_averaged_, model.use_buffers_, model.avg_fn_));
     return sd;
   }
 
@@ -55,31 +99,16 @@ struct StateIO<AveragedModel<T, AvgFn>> {
   /// with: construct it with the settings of the run it resumes. A user's function with no settings
   /// is not checked.
   static void load(Model& model, const StateDict& sd) {
-    const char* who = "polyak::AveragedModel::load_state_dict";
     using Accumulator = typename Model::Accumulator;
-    for (const auto& entry : model.averaged_)
-      sd.expect<Accumulator>(module_prefix + entry.name(), entry.shape());
-    if (sd.size() != model.averaged_.size() + 1) {
-      throw FormatError(std::string(who) + ": the state holds " + std::to_string(sd.size()) +
-                        " entries, this model " + std::to_string(model.averaged_.size() + 1));
+    for (const auto& entry : model.averaged_) {
+      sd.expect<Accumulator>(AveragedModelKeys::module_prefix + entry.name(), entry.shape());
     }
-    const auto n_averaged = sd.scalar<std::int64_t>("n_averaged");
-    if (n_averaged < 0) throw FormatError(std::string(who) + ": negative n_averaged");
-    const auto use_buffers = sd.metadata.find("use_buffers");
-    if (use_buffers != sd.metadata.end() && use_buffers->second != (model.use_buffers_ ? "true" : "false")) {
-      throw FormatError(std::string(who) + ": the state has use_buffers " + use_buffers->second);
+    const std::int64_t n_averaged =
+        detail::check_averaged_state(sd, model.averaged_.size(), model.use_buffers_, model.avg_fn_,
+                                     "polyak::AveragedModel::load_state_dict");
+    for (const auto& entry : model.averaged_) {
+      sd.copy_to(AveragedModelKeys::module_prefix + entry.name(), entry.view());
     }
-    Metadata settings;
-    save_settings(model.avg_fn_, settings);
-    for (const auto& [key, value] : settings) {
-      const auto saved = sd.metadata.find(key);
-      if (saved == sd.metadata.end() || !detail::same_setting(saved->second, value)) {
-        throw FormatError(std::string(who) + ": the state's averaging function has " + key + " '" +
-                          (saved == sd.metadata.end() ? std::string("(none)") : saved->second) +
-                          "' where this model's has '" + value + "'");
-      }
-    }
-    for (const auto& entry : model.averaged_) sd.copy_to(module_prefix + entry.name(), entry.view());
     model.n_averaged_ = n_averaged;
   }
 };
@@ -139,14 +168,15 @@ struct StateIO<SWALR<Optimizer>> {
 };
 
 /// PyTorch's names: "running_mean", "running_var", "num_batches_tracked"; the momentum in the
-/// metadata ("none" when empty), written by the settings codec.
+/// metadata ("none" when empty), written by the settings codec. The statistics are borrowed, as
+/// AveragedModel's tensors are.
 template <class T>
 struct StateIO<BatchNormStats<T>> {
   static StateDict save(const BatchNormStats<T>& stats) {
     StateDict sd;
     const std::vector<std::int64_t> shape{stats.num_features()};
-    sd.insert("running_mean", stats.running_mean.data(), shape);
-    sd.insert("running_var", stats.running_var.data(), shape);
+    sd.insert("running_mean", StoredTensor::borrow(stats.running_mean.data(), shape));
+    sd.insert("running_var", StoredTensor::borrow(stats.running_var.data(), shape));
     sd.insert_scalar<std::int64_t>("num_batches_tracked", stats.num_batches_tracked);
     sd.metadata["momentum"] = stats.momentum ? detail::setting_text(*stats.momentum) : "none";
     return sd;
