@@ -283,6 +283,24 @@ TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates",
     polyak::PostHocEMA<double> narrow(model.params, folder + "/narrow", 10, {0.02, 0.10});
     CHECK_THROWS_WITH(narrow.load_state_dict(recorder.state_dict()), Catch::Contains("profile 0"));
     CHECK(narrow.profiles()[0].n_averaged() == 0);
+
+    // Profile 0 fits, profile 1 is refused (negative n_averaged): profile 0 is put back as it was.
+    // (Its copy must own its bytes: state_dict() borrows, and a borrowed copy put back nothing.)
+    const polyak::StateDict good = recorder.state_dict();
+    polyak::StateDict bad;
+    bad.metadata = good.metadata;
+    for (const auto& [name, tensor] : good) {
+      if (name != "profile1.n_averaged") bad.insert(name, tensor);
+    }
+    bad.insert_scalar<std::int64_t>("profile1.n_averaged", -1);
+    polyak::PostHocEMA<double> target(model.params, folder + "/target", 10);
+    model.set(path.theta[0]);
+    target.update_parameters(model.params);
+    const std::vector<double> before(target.profiles()[0].tensors()[0].data(),
+                                     target.profiles()[0].tensors()[0].data() + 4);
+    CHECK_THROWS_WITH(target.load_state_dict(bad), Catch::Contains("negative n_averaged"));
+    CHECK(target.profiles()[0].n_averaged() == 1);
+    CHECK(std::equal(before.begin(), before.end(), target.profiles()[0].tensors()[0].data()));
   }
   std::filesystem::remove_all(folder);
 }

@@ -345,7 +345,7 @@ class PostHocEMA {
         }()) {
       throw FormatError("polyak::PostHocEMA::load_state_dict: the state holds entries of no profile");
     }
-    for (const auto& profile : profiles_) before.push_back(profile.state_dict());
+    for (const auto& profile : profiles_) before.push_back(profile.state_dict().owned());  // (it borrows)
     std::size_t loaded = 0;
     try {
       for (; loaded < profiles_.size(); ++loaded) profiles_[loaded].load_state_dict(parts[loaded]);
