@@ -1,7 +1,12 @@
 // SPDX-License-Identifier: MIT
 // polyak/torch.hpp: views of a libtorch module, update_bn over its batch-norm layers, SWALR over a
-// torch::optim optimizer; expected values from closed forms and from libtorch's own reductions.
+// torch::optim optimizer; polyak/torch_averaged_model.hpp: the average kept on the module's device.
+// Expected values from closed forms and from libtorch's own reductions. The device average runs on
+// CPU tensors here (the same code path: torch dispatches by device); the CUDA cases run where a GPU
+// is present and say they were skipped otherwise.
 #include "polyak/torch.hpp"
+#include "polyak/torch_averaged_model.hpp"
+#include "polyak/torch_checkpoint.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -257,4 +262,310 @@ TEST_CASE("views made before torch::load or module->to() are refused at the next
   model->to(torch::kFloat64);
   CHECK_THROWS_WITH(ema.copy_to(fresh), Catch::Contains("'0.weight' was resized, moved or replaced"));
   std::filesystem::remove(path);
+}
+
+namespace {
+
+/// A module whose every parameter and buffer holds `value`.
+void fill(nn::Module& module, double value) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) p.fill_(value);
+  for (auto& b : module.buffers()) {
+    if (b.is_floating_point()) b.fill_(value);
+  }
+}
+
+double value_of(const torch::Tensor& t) { return t.flatten()[0].item<double>(); }
+
+/// Runs `check` on CUDA when a GPU is present; otherwise says it was skipped.
+template <class Check>
+void on_cuda(const char* what, Check&& check) {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: " << what << " skipped");
+    return;
+  }
+  check(torch::Device(torch::kCUDA));
+}
+
+}  // namespace
+
+TEST_CASE("the device average: SWA and EMA as closed forms, first update a copy", "[torch][device]") {
+  nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
+  polyak::libtorch::AveragedModel<> swa(*model);
+  polyak::libtorch::AveragedModel<polyak::EMA> ema(*model, polyak::EMA{0.75});
+  const double values[] = {1, 2, 6, 3};
+  double ema_expected = 0;
+  for (std::size_t k = 0; k < 4; ++k) {
+    fill(*model, values[k]);
+    swa.update_parameters(*model);
+    ema.update_parameters(*model);
+    ema_expected = k == 0 ? values[k] : ema_expected + 0.25 * (values[k] - ema_expected);
+  }
+  CHECK(swa.n_averaged() == 4);
+  REQUIRE(swa.parameters().size() == 4);
+  REQUIRE(swa.buffers().size() == 2);  // num_batches_tracked is a counter: left out
+  for (const auto& item : swa.parameters()) CHECK(item.value().eq(3.0).all().item<bool>());  // (1+2+6+3)/4
+  for (const auto& item : ema.parameters())
+    CHECK(value_of(item.value()) == Approx(ema_expected).epsilon(1e-7));
+  // use_buffers == false: the buffers follow the model.
+  for (const auto& item : swa.buffers()) CHECK(value_of(item.value()) == 3.0);
+
+  fill(*model, 0);
+  swa.copy_to(*model);
+  for (const auto& p : model->parameters()) CHECK(p.eq(3.0).all().item<bool>());
+}
+
+TEST_CASE("the device average keeps every built-in rule's numbers", "[torch][device]") {
+  // ScheduledEMA with a delayed start and sparse compounded updates, PowerEMA, and the multi-tensor
+  // EMA: each against the scalar recurrence of its definition.
+  nn::Linear model(2, 2);
+  const polyak::ScheduledEMA<polyak::WarmupDecay> scheduled{polyak::WarmupDecay{0.9},
+                                                            polyak::EmaCadence{2, 3, true}};
+  const polyak::PowerEMA power{6.94};
+  polyak::libtorch::AveragedModel<polyak::ScheduledEMA<polyak::WarmupDecay>> a(*model, scheduled);
+  polyak::libtorch::AveragedModel<polyak::PowerEMA> b(*model, power);
+  polyak::libtorch::AveragedModel<polyak::ForEachTensor<polyak::EMA>> c(*model,
+                                                                        polyak::get_ema_multi_avg_fn(0.5));
+  double ea = 0, eb = 0, ec = 0;
+  for (std::int64_t n = 0; n < 20; ++n) {
+    const double x = std::sin(static_cast<double>(n)) * 4;
+    fill(*model, x);
+    a.update_parameters(*model);
+    b.update_parameters(*model);
+    c.update_parameters(*model);
+    if (n == 0) {
+      ea = eb = ec = x;
+      continue;
+    }
+    if (n % 3 == 0) {  // ScheduledEMA: only every 3rd call, with the product of the window's decays
+      double decay = 1;
+      for (std::int64_t t = n - 2 - 3 + 1; t <= n - 2; ++t) {
+        decay *=
+            t <= 0 ? 0.0 : std::min(0.9, (1.0 + static_cast<double>(t)) / (10.0 + static_cast<double>(t)));
+      }
+      ea += (1 - decay) * (x - ea);
+    }
+    eb += (1 - std::pow(1.0 - 1.0 / static_cast<double>(n + 1), 6.94 + 1)) * (x - eb);  // beta_t, t = n + 1
+    ec += 0.5 * (x - ec);
+  }
+  CHECK(value_of(a.parameters()["weight"]) == Approx(ea).epsilon(1e-5));
+  CHECK(value_of(b.parameters()["weight"]) == Approx(eb).epsilon(1e-5));
+  CHECK(value_of(c.parameters()["bias"]) == Approx(ec).epsilon(1e-5));
+}
+
+TEST_CASE("a 16-bit module is averaged in float and rounded once by copy_to", "[torch][device]") {
+  nn::Linear model(4, 1);
+  model->to(torch::kBFloat16);
+  polyak::libtorch::AveragedModel<polyak::EMA> ema(*model, polyak::EMA{0.999});
+  REQUIRE(ema.parameters()["weight"].scalar_type() == torch::kFloat);
+  // From 1, then 1000 steps at 2 (exact in bf16): the float EMA is 2 - 0.999^1000 = 1.63230...;
+  // averaged in bf16, each step's 0.001 increment is below half an ulp of 1.x and the average
+  // would stay at 1.
+  fill(*model, 1);
+  ema.update_parameters(*model);
+  fill(*model, 2);
+  for (int k = 0; k < 1000; ++k) ema.update_parameters(*model);
+  const double expected = 2 - std::pow(0.999, 1000);
+  CHECK(value_of(ema.parameters()["weight"]) == Approx(expected).epsilon(1e-4));
+  ema.copy_to(*model);
+  CHECK(value_of(model->weight) ==
+        static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(expected)))));
+  CHECK_THROWS_WITH(ema.swap(*model), Catch::Contains("swapping would round the average"));
+}
+
+TEST_CASE("the device average refuses a module that differs, and changes nothing",
+          "[torch][device][adversarial]") {
+  nn::Sequential model(nn::Linear(3, 2));
+  polyak::libtorch::AveragedModel<> swa(*model);
+  fill(*model, 5);
+  swa.update_parameters(*model);
+  const auto before = swa.parameters()["0.weight"].clone();
+
+  nn::Sequential wider(nn::Linear(3, 4));
+  CHECK_THROWS_WITH(swa.update_parameters(*wider), Catch::Contains("'0.weight' has shape [4, 3]"));
+  nn::Sequential deeper(nn::Linear(3, 2), nn::Linear(2, 2));
+  CHECK_THROWS_AS(swa.update_parameters(*deeper), polyak::InvalidArgument);
+  model->to(torch::kDouble);
+  CHECK_THROWS_WITH(swa.update_parameters(*model), Catch::Contains("'0.weight' is Double, it was Float"));
+  CHECK_THROWS_AS(swa.copy_to(*model), std::invalid_argument);
+  CHECK(swa.n_averaged() == 1);
+  CHECK(swa.parameters()["0.weight"].equal(before));
+}
+
+TEST_CASE("the device average's state: polyak::AveragedModel's keys, refused whole when it does not fit",
+          "[torch][device][checkpoint]") {
+  nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
+  polyak::libtorch::AveragedModel<polyak::EMA> ema(*model, polyak::EMA{0.5}, /*use_buffers=*/true);
+  for (const double x : {1.0, 3.0}) {
+    fill(*model, x);
+    ema.update_parameters(*model);
+  }
+  const polyak::StateDict sd = ema.state_dict();
+  CHECK(sd.scalar<std::int64_t>("n_averaged") == 2);
+  CHECK(sd.metadata.at("decay") == "0.5");
+  CHECK(polyak::to_doubles(sd.at("module.0.weight"))[0] == 2.0);
+
+  // The same state loads into the Eigen path's AveragedModel over the same module, and back.
+  const auto views = polyak::libtorch::parameters<float>(*model);
+  polyak::AveragedModel<float, polyak::EMA> eigen(views, polyak::EMA{0.5}, /*use_buffers=*/true);
+  eigen.load_state_dict(sd);
+  CHECK(eigen.n_averaged() == 2);
+  polyak::libtorch::AveragedModel<polyak::EMA> back(*model, polyak::EMA{0.5}, true);
+  back.load_state_dict(eigen.state_dict());
+  CHECK(back.parameters()["0.weight"].equal(ema.parameters()["0.weight"]));
+  CHECK(back.n_averaged() == 2);
+
+  // Hostile states: each refused, nothing changed.
+  polyak::libtorch::AveragedModel<polyak::EMA> other_decay(*model, polyak::EMA{0.9}, true);
+  const auto untouched = other_decay.parameters()["0.weight"].clone();
+  CHECK_THROWS_WITH(other_decay.load_state_dict(sd), Catch::Contains("decay '0.5'"));
+  polyak::StateDict missing;
+  for (const auto& [name, tensor] : sd) {
+    if (name != "module.0.bias") missing.insert(name, tensor);
+  }
+  missing.metadata = sd.metadata;
+  CHECK_THROWS_AS(back.load_state_dict(missing), polyak::FormatError);
+  polyak::libtorch::AveragedModel<polyak::EMA> no_buffers(*model, polyak::EMA{0.5}, false);
+  CHECK_THROWS_WITH(no_buffers.load_state_dict(sd), Catch::Contains("use_buffers true"));
+  CHECK(other_decay.parameters()["0.weight"].equal(untouched));
+  CHECK(other_decay.n_averaged() == 0);
+}
+
+#if TORCH_VERSION_MAJOR < 2
+namespace {
+
+/// Counts the CPU allocator's allocations of tensor memory (the 1.x Allocator interface).
+struct CountingAllocator final : c10::Allocator {
+  c10::Allocator* inner = nullptr;
+  mutable std::size_t count = 0;
+  c10::DataPtr allocate(std::size_t n) const override {
+    ++count;
+    return inner->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return inner->raw_deleter(); }
+};
+
+}  // namespace
+
+TEST_CASE("a device average step allocates no tensor memory", "[torch][device][allocation]") {
+  nn::Sequential model(nn::Linear(8, 4), nn::BatchNorm1d(4));
+  model->to(torch::kBFloat16);                               // widening goes through the scratch buffer
+  polyak::libtorch::AveragedModel<> swa(*model);             // Divide: the difference in scratch
+  polyak::libtorch::AveragedModel<polyak::EMA> ema(*model);  // Lerp from bf16: widened in scratch
+  swa.update_parameters(*model);
+  ema.update_parameters(*model);
+  polyak::libtorch::AveragedModel<polyak::EMA> offloaded(*model, polyak::EMA{}, false,
+                                                         polyak::libtorch::Placement::Host);
+  offloaded.update_parameters(*model);
+  offloaded.wait();
+  CountingAllocator counting;
+  counting.inner = c10::GetAllocator(c10::DeviceType::CPU);
+  c10::SetAllocator(c10::DeviceType::CPU, &counting, /*priority=*/100);
+  for (int k = 0; k < 5; ++k) {
+    swa.update_parameters(*model);
+    ema.update_parameters(*model);
+    offloaded.update_parameters(*model);  // staged, folded on a background thread
+  }
+  offloaded.wait();
+  const std::size_t during = counting.count;
+  const torch::Tensor probe = torch::empty({16});  // the counter sees allocations at all
+  const std::size_t probed = counting.count;
+  c10::SetAllocator(c10::DeviceType::CPU, counting.inner, /*priority=*/101);
+  CHECK(during == 0);
+  CHECK(probed == during + 1);
+}
+#endif
+
+TEST_CASE("Placement::Host: the average kept in host memory, folded in the background, has the same numbers",
+          "[torch][device][offload]") {
+  // Every read waits for the last fold, so each one sees every update made before it: equal, bit for
+  // bit, to the average kept with the module (same kernels, same torch ops, on the same CPU).
+  nn::Sequential model(nn::Linear(5, 3), nn::BatchNorm1d(3));
+  model->to(torch::kBFloat16);
+  using Scheduled = polyak::ScheduledEMA<polyak::WarmupDecay>;
+  const Scheduled rule{polyak::WarmupDecay{0.9}, polyak::EmaCadence{1, 2, true}};
+  polyak::libtorch::AveragedModel<Scheduled> here(*model, rule, /*use_buffers=*/true);
+  polyak::libtorch::AveragedModel<Scheduled> host(*model, rule, true, polyak::libtorch::Placement::Host);
+  polyak::libtorch::AveragedModel<> swa_host(*model, polyak::SWA{}, false, polyak::libtorch::Placement::Host);
+  CHECK(host.placement() == polyak::libtorch::Placement::Host);
+  CHECK(host.device().is_cpu());
+  double mean = 0;
+  for (int n = 0; n < 9; ++n) {
+    const double x = static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(std::cos(n)))));
+    fill(*model, x);
+    mean += (x - mean) / (n + 1);
+    here.update_parameters(*model);
+    host.update_parameters(*model);
+    swa_host.update_parameters(*model);
+    CHECK(host.n_averaged() == n + 1);
+    for (const auto& item : here.parameters()) CHECK(host.parameters()[item.key()].equal(item.value()));
+    for (const auto& item : here.buffers()) CHECK(host.buffers()[item.key()].equal(item.value()));
+  }
+  CHECK(value_of(swa_host.parameters()["0.weight"]) == Approx(mean).epsilon(1e-6));
+  // The state waits for the fold too, and loads into an average kept with the module.
+  polyak::libtorch::AveragedModel<Scheduled> back(*model, rule, true);
+  back.load_state_dict(host.state_dict());
+  for (const auto& item : here.parameters()) CHECK(back.parameters()[item.key()].equal(item.value()));
+  // A refused module changes nothing, also with a fold pending.
+  host.update_parameters(*model);
+  nn::Sequential other(nn::Linear(5, 4), nn::BatchNorm1d(4));
+  other->to(torch::kBFloat16);
+  CHECK_THROWS_WITH(host.update_parameters(*other), Catch::Contains("'0.weight' has shape [4, 5]"));
+  CHECK(host.n_averaged() == 10);
+}
+
+TEST_CASE("on CUDA: the device average matches the CPU one, and its state loads on the CPU",
+          "[torch][device][cuda]") {
+  on_cuda("the CUDA device-average test", [](torch::Device cuda) {
+    nn::Sequential cpu_model(nn::Linear(16, 8), nn::BatchNorm1d(8));
+    nn::Sequential gpu_model(nn::Linear(16, 8), nn::BatchNorm1d(8));
+    gpu_model->to(cuda);
+    polyak::libtorch::AveragedModel<polyak::EMA> on_cpu(*cpu_model, polyak::EMA{0.9});
+    polyak::libtorch::AveragedModel<polyak::EMA> on_gpu(*gpu_model, polyak::EMA{0.9});
+    REQUIRE(on_gpu.device().is_cuda());
+    for (int k = 0; k < 10; ++k) {
+      fill(*cpu_model, k * 0.37);
+      fill(*gpu_model, k * 0.37);
+      on_cpu.update_parameters(*cpu_model);
+      on_gpu.update_parameters(*gpu_model);
+    }
+    for (const auto& item : on_cpu.parameters()) {
+      CHECK(torch::allclose(item.value(), on_gpu.parameters()[item.key()].cpu(), 1e-6, 1e-6));
+    }
+    polyak::libtorch::AveragedModel<polyak::EMA> loaded(*cpu_model, polyak::EMA{0.9});
+    loaded.load_state_dict(on_gpu.state_dict());
+    for (const auto& item : loaded.parameters()) {
+      CHECK(item.value().equal(on_gpu.parameters()[item.key()].cpu()));  // same bytes
+    }
+    // And back onto the GPU: the same bytes again.
+    polyak::libtorch::AveragedModel<polyak::EMA> again(*gpu_model, polyak::EMA{0.9});
+    again.load_state_dict(loaded.state_dict());
+    for (const auto& item : again.parameters()) {
+      CHECK(item.value().cpu().equal(loaded.parameters()[item.key()]));
+    }
+  });
+}
+
+TEST_CASE("on CUDA: a bf16 module averaged in float on the GPU, and offloaded to pinned host memory",
+          "[torch][device][cuda][offload]") {
+  on_cuda("the CUDA mixed-precision and offload test", [](torch::Device cuda) {
+    nn::Sequential model(nn::Linear(64, 32), nn::BatchNorm1d(32));
+    model->to(cuda, torch::kBFloat16);
+    polyak::libtorch::AveragedModel<polyak::EMA> on_gpu(*model, polyak::EMA{0.99});
+    polyak::libtorch::AveragedModel<polyak::EMA> offloaded(*model, polyak::EMA{0.99}, false,
+                                                           polyak::libtorch::Placement::Host);
+    REQUIRE(on_gpu.device().is_cuda());
+    REQUIRE(on_gpu.parameters()["0.weight"].scalar_type() == torch::kFloat);
+    REQUIRE(offloaded.device().is_cpu());
+    for (int k = 0; k < 50; ++k) {
+      fill(*model, 1 + (k % 7) * 0.125);  // exact in bf16
+      on_gpu.update_parameters(*model);
+      offloaded.update_parameters(*model);
+    }
+    for (const auto& item : on_gpu.parameters()) {
+      CHECK(torch::allclose(item.value().cpu(), offloaded.parameters()[item.key()], 1e-6, 1e-6));
+    }
+    on_gpu.copy_to(*model);
+    CHECK(model->parameters()[0].scalar_type() == torch::kBFloat16);
+  });
 }

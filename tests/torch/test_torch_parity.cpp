@@ -4,6 +4,7 @@
 // and settings. Training is libtorch's on both sides; everything averaged or scheduled is polyak's.
 #include "polyak/checkpoint.hpp"
 #include "polyak/torch.hpp"
+#include "polyak/torch_averaged_model.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -66,6 +67,9 @@ TEST_CASE("libtorch + polyak reproduce torch.optim.swa_utils' SWA, EMA, SWALR an
   const auto params = polyak::libtorch::parameters<float>(*model);
   polyak::AveragedModel<float> swa_model(params);
   polyak::AveragedModel<float, polyak::EMA> ema_model(params, polyak::EMA{0.95});
+  // The same averages kept as torch tensors on the module's device, updated by torch's kernels.
+  polyak::libtorch::AveragedModel<> device_swa(*model);
+  polyak::libtorch::AveragedModel<polyak::EMA> device_ema(*model, polyak::EMA{0.95});
   polyak::SWALR swa_scheduler(optimizer, /*swa_lr=*/0.01, /*anneal_epochs=*/2, polyak::AnnealStrategy::Cos);
   const torch::Tensor expected_lr = tensor_of(golden.at("lr"));
 
@@ -79,9 +83,11 @@ TEST_CASE("libtorch + polyak reproduce torch.optim.swa_utils' SWA, EMA, SWALR an
       loss.backward();
       optimizer.step();
       ema_model.update_parameters(params);
+      device_ema.update_parameters(*model);
     }
     if (epoch >= swa_start) {
       swa_model.update_parameters(params);
+      device_swa.update_parameters(*model);
       swa_scheduler.step();
     }
     CHECK(optimizer.param_groups()[0].options().get_lr() == expected_lr[epoch].item<double>());
@@ -90,25 +96,28 @@ TEST_CASE("libtorch + polyak reproduce torch.optim.swa_utils' SWA, EMA, SWALR an
   std::size_t compared = 0;
   const double training = largest_difference(*model, golden, "final.", compared);
   const auto bn_batches = batches_of(images, 64);
-  double averaged[2];
-  for (int which = 0; which < 2; ++which) {
+  double averaged[4];
+  for (int which = 0; which < 4; ++which) {
     torch::nn::Sequential net = make_digits_cnn();
     const auto net_params = polyak::libtorch::parameters<float>(*net);
     if (which == 0) {
       swa_model.copy_to(net_params);
-    } else {
+    } else if (which == 1) {
       ema_model.copy_to(net_params);
+    } else if (which == 2) {
+      device_swa.copy_to(*net);
+    } else {
+      device_ema.copy_to(*net);
     }
     polyak::libtorch::update_bn(
         bn_batches, [&](const torch::Tensor& x) { net->forward(x); }, *net);
-    averaged[which] = largest_difference(*net, golden, which == 0 ? "swa." : "ema.", compared);
+    averaged[which] = largest_difference(*net, golden, which % 2 == 0 ? "swa." : "ema.", compared);
   }
   std::printf(
-      "libtorch parity (%zu tensors): trained model %.2e, SWA + update_bn %.2e, EMA + update_bn %.2e "
-      "(largest |difference| / max(1, |Python's|))\n",
-      compared, training, averaged[0], averaged[1]);
-  CHECK(compared == 3 * 16);  // 10 parameters and 6 buffers a model
+      "libtorch parity (%zu tensors): trained model %.2e, SWA + update_bn %.2e, EMA + update_bn %.2e; "
+      "device average: SWA %.2e, EMA %.2e (largest |difference| / max(1, |Python's|))\n",
+      compared, training, averaged[0], averaged[1], averaged[2], averaged[3]);
+  CHECK(compared == 5 * 16);  // 10 parameters and 6 buffers a model
   CHECK(training < 1e-5);
-  CHECK(averaged[0] < 1e-5);
-  CHECK(averaged[1] < 1e-5);
+  for (const double difference : averaged) CHECK(difference < 1e-5);
 }
