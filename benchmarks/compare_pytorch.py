@@ -3,6 +3,8 @@
 """PyTorch doing polyak's benchmarked updates on the same shapes, and the table of the two.
 
   /usr/bin/python3 benchmarks/compare_pytorch.py POLYAK_UPDATE.json POLYAK_MPI.json [--max-size 1e8]
+      [--torch-json BENCH_TORCH.json]
+  /usr/bin/python3 benchmarks/compare_pytorch.py - --torch-json BENCH_TORCH.json   (that table alone)
 
 Reads Google Benchmark's JSON from bench_update and bench_mpi (benchmarks/run.sh makes both), times
 Debian's python3-torch (PyTorch 1.13) on the same layouts (benchmarks/layouts.json, scaled the same
@@ -11,7 +13,9 @@ way) and thread counts, and prints a Markdown table of medians:
 - a per-tensor lerp_ loop (the fastest single-tensor EMA),
 - torch._foreach_mul_ + torch._foreach_add_ (the fused multi-tensor form),
 - for averaging across processes: torch.distributed with gloo on 2 processes, as PyTorch's
-  model_averaging.utils.average_parameters does it (cat, divide, all_reduce, copy back).
+  model_averaging.utils.average_parameters does it (cat, divide, all_reduce, copy back),
+- for the device average (bench_torch): PyTorch's AveragedModel on the same device, next to torch's
+  own loops and copy_ bandwidth from the C++ run.
 """
 import argparse
 import json
@@ -78,6 +82,59 @@ def pytorch_updates(layout, size, threads):
         }
 
 
+def pytorch_averaged_model_seconds(layout, size, device):
+    """PyTorch's AveragedModel doing an EMA step on `device`: get_ema_multi_avg_fn where this PyTorch
+    has it (2.1 and later), else an EMA avg_fn (1.13)."""
+    sizes = scaled_layout(layout, size)
+    module = torch.nn.Module()
+    module.params = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.full((n,), 0.25, device=device)) for n in sizes])
+    from torch.optim import swa_utils
+    if hasattr(swa_utils, "get_ema_multi_avg_fn"):
+        averaged_model = AveragedModel(module, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(DECAY))
+    else:
+        averaged_model = AveragedModel(module, avg_fn=lambda avg, cur, n: DECAY * avg + (1 - DECAY) * cur)
+    averaged_model.update_parameters(module)
+
+    def step():
+        averaged_model.update_parameters(module)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return median_seconds(step)
+
+
+def device_table(torch_json):
+    """The device average (bench_torch) against torch's loops and PyTorch's AveragedModel."""
+    runs = polyak_medians(torch_json)
+    print("\n### The device average (libtorch), EMA, one step (medians; GB/s count 12 bytes a float scalar, "
+          "10 a bf16 one; copy_ 8)\n")
+    print("| device | model | scalars | polyak ms | polyak GB/s | copy_ GB/s | polyak / copy_ bandwidth "
+          "| lerp_ ms | foreach mul+add ms | foreach_lerp ms | PyTorch AveragedModel ms "
+          "| polyak speed-up vs AveragedModel | vs best torch loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, seconds in runs.items():
+        parts = name.split("/")  # torch/<what>/<device>/<dtype>/<layout>/<size>
+        if parts[1] not in ("polyak", "polyak_host"):
+            continue
+        device, dtype, layout, exponent = parts[2], parts[3], parts[4], parts[5]
+        size = float(exponent)
+        scalars = sum(scaled_layout(layout, size))
+        copy = runs[f"torch/copy_/{device}/float/one/{exponent}"]
+        width = 12 if dtype == "float" else 10
+        loops = {what: runs.get(f"torch/{what}/{device}/float/{layout}/{exponent}")
+                 for what in ("lerp_", "foreach_mul_add", "foreach_lerp")}
+        best = min(v for v in loops.values() if v is not None)
+        reference = pytorch_averaged_model_seconds(layout, size, device) if dtype == "float" else None
+        label = dtype + (" (host)" if parts[1] == "polyak_host" else "")
+        fmt = lambda v: "-" if v is None else f"{v * 1e3:.3f}"
+        print(f"| {device} | {label} | {exponent} | {seconds * 1e3:.3f} | {gbps(scalars, width, seconds):.1f} "
+              f"| {gbps(size, 8, copy):.1f} | {gbps(scalars, width, seconds) / gbps(size, 8, copy):.2f} "
+              f"| {fmt(loops['lerp_'])} | {fmt(loops['foreach_mul_add'])} | {fmt(loops['foreach_lerp'])} "
+              f"| {fmt(reference)} | {'-' if reference is None else f'{reference / seconds:.1f}x'} "
+              f"| {best / seconds:.2f}x |", flush=True)
+
+
 def gloo_worker(rank, path, sizes, result):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
@@ -133,7 +190,11 @@ def main():
     parser.add_argument("mpi_json", nargs="?")
     parser.add_argument("--max-size", type=float, default=1e8)
     parser.add_argument("--no-pytorch", action="store_true", help="only the tables of polyak's own runs")
+    parser.add_argument("--torch-json", help="bench_torch's JSON: the device average's table")
     args = parser.parse_args()
+    if args.torch_json and args.update_json == "-":
+        device_table(args.torch_json)
+        return 0
     polyak = polyak_medians(args.update_json)
 
     print("### Every update against the fused loop (medians, one step; 12 bytes a float scalar, 10 a bf16 one)\n")
@@ -200,6 +261,8 @@ def main():
         bare = min(v for k, v in mpi.items() if "bare_allreduce" in k)
         print(f"\npolyak average_parameters / best bare MPI_Allreduce schedule: {mine / bare:.2f}; "
               f"PyTorch with gloo / polyak: {gloo / mine:.1f}x")
+    if args.torch_json:
+        device_table(args.torch_json)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@
 // end each average is copied into a fresh copy of the network, update_bn recomputes its batch-norm
 // statistics, and last SGD, SWA and EMA are compared on the test set over several seeds.
 //
-//   usage: libtorch_swa [data/digits.csv]
-#include <polyak/averaged_model.hpp>
+// The averages are polyak::libtorch::AveragedModel: torch tensors kept on the model's device and
+// updated there, so with --device cuda the whole run stays on the GPU.
+//
+//   usage: libtorch_swa [--device cpu|cuda] [data/digits.csv]
 #include <polyak/swalr.hpp>
 #include <polyak/torch.hpp>
+#include <polyak/torch_averaged_model.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -47,31 +50,33 @@ template <class Averaged>
 Score evaluate_average(const Averaged& averaged, const std::vector<torch::Tensor>& train_batches,
                        const torch::Tensor& images, const torch::Tensor& labels) {
   torch::nn::Sequential net = make_digits_cnn();
-  averaged.copy_to(polyak::libtorch::parameters<float>(*net));
+  net->to(averaged.device());
+  averaged.copy_to(*net);
   polyak::libtorch::update_bn(
       train_batches, [&](const torch::Tensor& x) { net->forward(x); }, *net);
   return evaluate(net, images, labels);
 }
 
-std::vector<Score> train(const Settings& s, std::uint64_t seed, const Digits& data) {
+std::vector<Score> train(const Settings& s, std::uint64_t seed, const Digits& data, torch::Device device) {
   torch::manual_seed(seed);
-  const torch::Tensor images = images_of(data.train), labels = labels_of(data.train);
-  const torch::Tensor test_images = images_of(data.test), test_labels = labels_of(data.test);
+  const torch::Tensor images = images_of(data.train).to(device), labels = labels_of(data.train).to(device);
+  const torch::Tensor test_images = images_of(data.test).to(device);
+  const torch::Tensor test_labels = labels_of(data.test).to(device);
   const std::vector<torch::Tensor> bn_batches = batches_of(images, 64);
 
-  torch::nn::Sequential model = make_digits_cnn();
+  torch::nn::Sequential model = make_digits_cnn();  // initialized on the CPU: the same weights on any device
+  model->to(device);
   torch::optim::SGD optimizer(
       model->parameters(), torch::optim::SGDOptions(s.lr).momentum(s.momentum).weight_decay(s.weight_decay));
 
-  // polyak: views of the model's tensors, and the two averages (each one owned copy).
-  const auto params = polyak::libtorch::parameters<float>(*model);
-  polyak::AveragedModel<float> swa_model(params);
-  polyak::AveragedModel<float, polyak::EMA> ema_model(params, polyak::EMA{s.ema_decay});
+  // polyak: the two averages, each a copy of the model's tensors on its device.
+  polyak::libtorch::AveragedModel<> swa_model(*model);
+  polyak::libtorch::AveragedModel<polyak::EMA> ema_model(*model, polyak::EMA{s.ema_decay});
   polyak::SWALR swa_scheduler(optimizer, s.swa_lr, s.swa_anneal_epochs, polyak::AnnealStrategy::Cos);
 
   for (int epoch = 0; epoch < s.epochs; ++epoch) {
     model->train();
-    const torch::Tensor order = torch::randperm(images.size(0), torch::kLong);
+    const torch::Tensor order = torch::randperm(images.size(0), torch::kLong).to(device);
     double train_loss = 0;
     int batches = 0;
     for (std::int64_t start = 0; start + s.batch_size <= images.size(0); start += s.batch_size) {
@@ -81,13 +86,13 @@ std::vector<Score> train(const Settings& s, std::uint64_t seed, const Digits& da
       optimizer.zero_grad();
       loss.backward();
       optimizer.step();
-      ema_model.update_parameters(params);  // polyak: EMA after every optimizer step
+      ema_model.update_parameters(*model);  // polyak: EMA after every optimizer step
       train_loss += loss.item<double>();
       ++batches;
     }
     const double epoch_lr = optimizer.param_groups()[0].options().get_lr();
     if (epoch >= s.swa_start) {
-      swa_model.update_parameters(params);  // polyak: one SWA snapshot per epoch
+      swa_model.update_parameters(*model);  // polyak: one SWA snapshot per epoch
       swa_scheduler.step();                 // polyak: anneal to swa_lr, then hold it
     } else {
       // Cosine annealing over all epochs (PyTorch's CosineAnnealingLR, eta_min 0).
@@ -108,17 +113,37 @@ std::vector<Score> train(const Settings& s, std::uint64_t seed, const Digits& da
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string data_path = argc > 1 ? argv[1] : POLYAK_EXAMPLE_DATA "/digits.csv";
+  std::string data_path = POLYAK_EXAMPLE_DATA "/digits.csv", device_name = "cpu";
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--device" && i + 1 < argc) {
+      device_name = argv[++i];
+    } else if (arg.rfind("--", 0) == 0) {
+      std::fprintf(stderr, "usage: libtorch_swa [--device cpu|cuda] [data/digits.csv]\n");
+      return 2;
+    } else {
+      data_path = arg;
+    }
+  }
+  if (device_name != "cpu" && device_name != "cuda") {
+    std::fprintf(stderr, "libtorch_swa: --device takes cpu or cuda, not '%s'\n", device_name.c_str());
+    return 2;
+  }
+  if (device_name == "cuda" && !torch::cuda::is_available()) {
+    std::fprintf(stderr, "libtorch_swa: --device cuda, but this libtorch sees no CUDA device\n");
+    return 2;
+  }
+  const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
   const Digits data = load_digits(data_path);
   torch::set_num_threads(1);  // small batches: threads cost more than they give, and runs repeat exactly
   const Settings s;
   std::printf(
       "digits: %zu training and %zu test images; libtorch CNN conv8-BN-pool-fc32-BN-fc10; %d epochs, "
-      "SWA from epoch %d\n",
-      data.train.labels.size(), data.test.labels.size(), s.epochs, s.swa_start + 1);
+      "SWA from epoch %d; device %s (model and averages)\n",
+      data.train.labels.size(), data.test.labels.size(), s.epochs, s.swa_start + 1, device.str().c_str());
   std::vector<std::vector<Score>> scores(3);
   for (const auto seed : s.seeds) {
-    const std::vector<Score> r = train(s, seed, data);
+    const std::vector<Score> r = train(s, seed, data, device);
     for (std::size_t k = 0; k < 3; ++k) scores[k].push_back(r[k]);
   }
   char swa_name[64], ema_name[64];

@@ -260,39 +260,16 @@ inline StateDict reconstruct_power_ema(const std::vector<PowerEmaSnapshot>& snap
   return result;
 }
 
-/// Keeps power-function EMA profiles of a model during training (by default EDM2's two, sigma_rel
-/// 0.05 and 0.10) and writes each to `folder` every `snapshot_every` updates, as
-/// "<folder>/power_ema_sigma<sigma_rel>_step<n>.safetensors" holding that profile's AveragedModel
-/// state, <sigma_rel> written as the shortest text that reads back to the width given (so distinct
-/// widths never share a name). A width given twice, or two that give the same profile, are refused.
-/// Memory: one averaged copy a profile; snapshots stream from it to disk.
-template <class T>
-class PostHocEMA {
+namespace detail {
+
+/// PostHocEMA's body for any kind of profile: `Profile` is an averaged model of PowerEMA that
+/// update_parameters(const Model&) folds in (polyak::AveragedModel over views, or
+/// libtorch::AveragedModel over a module), with state_dict() / load_state_dict().
+template <class Profile, class Model>
+class PowerEmaRecorder {
  public:
-  using Profile = AveragedModel<T, PowerEMA>;
-
-  PostHocEMA(const ParameterList<T>& model, std::string folder, std::int64_t snapshot_every,
-             const std::vector<double>& sigma_rels = {0.05, 0.10})
-      : folder_(std::move(folder)), snapshot_every_(snapshot_every), sigma_rels_(sigma_rels) {
-    if (snapshot_every < 1) throw InvalidArgument("polyak::PostHocEMA: snapshot_every < 1");
-    if (sigma_rels.empty()) throw InvalidArgument("polyak::PostHocEMA: no profiles");
-    for (std::size_t i = 0; i < sigma_rels.size(); ++i) {
-      const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
-      for (std::size_t j = 0; j < i; ++j) {
-        if (detail::exactly_equal(profiles_[j].avg_fn().gamma(), profile.gamma())) {
-          throw InvalidArgument("polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
-                                (detail::exactly_equal(sigma_rels[j], sigma_rels[i])
-                                     ? std::string(" is given twice")
-                                     : " gives the same profile as " + detail::number_text(sigma_rels[j])));
-        }
-      }
-      profiles_.emplace_back(model, profile);
-    }
-    std::filesystem::create_directories(folder_);
-  }
-
   /// Folds `model` into every profile; after every snapshot_every-th update, writes the snapshots.
-  void update_parameters(const ParameterList<T>& model) {
+  void update_parameters(const Model& model) {
     for (auto& profile : profiles_) profile.update_parameters(model);
     if (profiles_.front().n_averaged() % snapshot_every_ == 0) save_snapshots();
   }
@@ -314,10 +291,6 @@ class PostHocEMA {
 
   const std::vector<Profile>& profiles() const noexcept { return profiles_; }
   const std::string& folder() const noexcept { return folder_; }
-
-  void set_thread_pool(ThreadPool* pool) noexcept {
-    for (auto& profile : profiles_) profile.set_thread_pool(pool);
-  }
 
   /// Every profile's state, as "profile<i>.<name>", to resume training.
   StateDict state_dict() const {
@@ -355,11 +328,60 @@ class PostHocEMA {
     }
   }
 
- private:
+ protected:
+  /// Checks the settings and makes one profile a width with make(PowerEMA).
+  template <class MakeProfile>
+  PowerEmaRecorder(std::string folder, std::int64_t snapshot_every, const std::vector<double>& sigma_rels,
+                   MakeProfile&& make)
+      : folder_(std::move(folder)), snapshot_every_(snapshot_every), sigma_rels_(sigma_rels) {
+    if (snapshot_every < 1) throw InvalidArgument("polyak::PostHocEMA: snapshot_every < 1");
+    if (sigma_rels.empty()) throw InvalidArgument("polyak::PostHocEMA: no profiles");
+    profiles_.reserve(sigma_rels.size());
+    for (std::size_t i = 0; i < sigma_rels.size(); ++i) {
+      const PowerEMA profile = PowerEMA::from_sigma_rel(sigma_rels[i]);
+      for (std::size_t j = 0; j < i; ++j) {
+        if (detail::exactly_equal(profiles_[j].avg_fn().gamma(), profile.gamma())) {
+          throw InvalidArgument("polyak::PostHocEMA: sigma_rel " + detail::number_text(sigma_rels[i]) +
+                                (detail::exactly_equal(sigma_rels[j], sigma_rels[i])
+                                     ? std::string(" is given twice")
+                                     : " gives the same profile as " + detail::number_text(sigma_rels[j])));
+        }
+      }
+      profiles_.push_back(make(profile));
+    }
+    std::filesystem::create_directories(folder_);
+  }
+
   std::string folder_;
   std::int64_t snapshot_every_;
   std::vector<double> sigma_rels_;  ///< as given: the snapshots' names
   std::vector<Profile> profiles_;
+};
+
+}  // namespace detail
+
+/// Keeps power-function EMA profiles of a model during training (by default EDM2's two, sigma_rel
+/// 0.05 and 0.10) and writes each to `folder` every `snapshot_every` updates, as
+/// "<folder>/power_ema_sigma<sigma_rel>_step<n>.safetensors" holding that profile's AveragedModel
+/// state, <sigma_rel> written as the shortest text that reads back to the width given (so distinct
+/// widths never share a name). A width given twice, or two that give the same profile, are refused.
+/// Memory: one averaged copy a profile; snapshots stream from it to disk. (For a libtorch module on
+/// its device: polyak::libtorch::PostHocEMA, <polyak/torch_checkpoint.hpp>.)
+template <class T>
+class PostHocEMA : public detail::PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>> {
+  using Base = detail::PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>>;
+
+ public:
+  using Profile = AveragedModel<T, PowerEMA>;
+
+  PostHocEMA(const ParameterList<T>& model, std::string folder, std::int64_t snapshot_every,
+             const std::vector<double>& sigma_rels = {0.05, 0.10})
+      : Base(std::move(folder), snapshot_every, sigma_rels,
+             [&](const PowerEMA& profile) { return Profile(model, profile); }) {}
+
+  void set_thread_pool(ThreadPool* pool) noexcept {
+    for (auto& profile : this->profiles_) profile.set_thread_pool(pool);
+  }
 };
 
 }  // namespace polyak

@@ -7,9 +7,11 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>  // std::move
 #include <vector>
 
 #include "polyak/checkpoint.hpp"
+#include "polyak/post_hoc_ema.hpp"
 #include "polyak/error.hpp"
 #include "polyak/torch_averaged_model.hpp"
 
@@ -78,4 +80,28 @@ struct StateIO<libtorch::AveragedModel<AvgFn>> {
   }
 };
 
+}  // namespace polyak
+
+namespace polyak {
+namespace libtorch {
+
+/// polyak::PostHocEMA for a libtorch module: its power-function EMA profiles kept as
+/// libtorch::AveragedModel<PowerEMA> on the module's device (or in host memory with
+/// Placement::Host), their snapshots written as polyak::PostHocEMA writes them (same names, keys
+/// and settings), so find_power_ema_snapshots, reconstruct_power_ema and the post_hoc_ema tool read
+/// them unchanged. A snapshot of a GPU profile copies it to host memory first.
+class PostHocEMA : public polyak::detail::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module> {
+  using Base = polyak::detail::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module>;
+
+ public:
+  using Profile = AveragedModel<PowerEMA>;
+
+  PostHocEMA(const torch::nn::Module& module, std::string folder, std::int64_t snapshot_every,
+             const std::vector<double>& sigma_rels = {0.05, 0.10},
+             Placement placement = Placement::WithModule)
+      : Base(std::move(folder), snapshot_every, sigma_rels,
+             [&](const PowerEMA& profile) { return Profile(module, profile, false, placement); }) {}
+};
+
+}  // namespace libtorch
 }  // namespace polyak

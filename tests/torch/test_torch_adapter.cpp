@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // polyak/torch.hpp: views of a libtorch module, update_bn over its batch-norm layers, SWALR over a
 // torch::optim optimizer; polyak/torch_averaged_model.hpp: the average kept on the module's device.
-// Expected values from closed forms and from libtorch's own reductions. The device average runs on
-// CPU tensors here (the same code path: torch dispatches by device); the CUDA cases run where a GPU
-// is present and say they were skipped otherwise.
+// Expected values from closed forms, from libtorch's own reductions and from polyak::AveragedModel.
+// The device average runs on CPU tensors here (polyak's kernel on the tensors' memory, the staging
+// and background fold of Placement::Host, the checkpoint bridge); the CUDA cases, which run torch's
+// kernels, run where a GPU is present and say they were skipped otherwise.
 #include "polyak/torch.hpp"
 #include "polyak/torch_averaged_model.hpp"
 #include "polyak/torch_checkpoint.hpp"
@@ -12,7 +13,11 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <stdexcept>
+
+#include <unistd.h>  // getpid
 
 #include "polyak/averaged_model.hpp"
 
@@ -353,6 +358,53 @@ TEST_CASE("the device average keeps every built-in rule's numbers", "[torch][dev
   CHECK(value_of(c.parameters()["bias"]) == Approx(ec).epsilon(1e-5));
 }
 
+TEST_CASE("on the CPU the device average has polyak::AveragedModel's numbers, bit for bit",
+          "[torch][device]") {
+  // Same rules, same kernel: the device average over the module and the Eigen path over its views
+  // agree exactly, for float and bf16 modules, EMA and SWA, on random values. Large enough (2^19
+  // scalars) that torch's intra-op threads split the update.
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    CAPTURE(c10::toString(dtype));
+    nn::Sequential model(nn::Linear(1024, 512), nn::BatchNorm1d(512));
+    model->to(dtype);
+    polyak::libtorch::AveragedModel<polyak::EMA> device_ema(*model, polyak::EMA{0.9}, true);
+    polyak::libtorch::AveragedModel<> device_swa(*model);
+    const auto check = [&](auto zero) {
+      using T = decltype(zero);
+      const auto views = polyak::libtorch::parameters<T>(*model);
+      polyak::AveragedModel<T, polyak::EMA> eigen_ema(views, polyak::EMA{0.9}, true);
+      polyak::AveragedModel<T> eigen_swa(views);
+      for (int k = 0; k < 4; ++k) {
+        torch::NoGradGuard no_grad;
+        for (auto& p : model->parameters()) p.uniform_(-1, 1);
+        for (auto& b : model->buffers()) {
+          if (b.is_floating_point()) b.uniform_(0, 1);
+        }
+        device_ema.update_parameters(*model);
+        device_swa.update_parameters(*model);
+        eigen_ema.update_parameters(views);
+        eigen_swa.update_parameters(views);
+      }
+      const auto same = [](const auto& eigen, const torch::Tensor& device, std::size_t i) {
+        const auto& view = eigen.tensors()[i];
+        return torch::from_blob(const_cast<float*>(view.data()), {static_cast<std::int64_t>(view.numel())},
+                                torch::kFloat)
+            .equal(device.flatten());
+      };
+      std::size_t i = 0;
+      for (const auto& item : device_ema.parameters()) CHECK(same(eigen_ema, item.value(), i++));
+      for (const auto& item : device_ema.buffers()) CHECK(same(eigen_ema, item.value(), i++));
+      i = 0;
+      for (const auto& item : device_swa.parameters()) CHECK(same(eigen_swa, item.value(), i++));
+    };
+    if (dtype == torch::kFloat) {
+      check(float{});
+    } else {
+      check(Eigen::bfloat16{});
+    }
+  }
+}
+
 TEST_CASE("a 16-bit module is averaged in float and rounded once by copy_to", "[torch][device]") {
   nn::Linear model(4, 1);
   model->to(torch::kBFloat16);
@@ -390,6 +442,30 @@ TEST_CASE("the device average refuses a module that differs, and changes nothing
   CHECK_THROWS_AS(swa.copy_to(*model), std::invalid_argument);
   CHECK(swa.n_averaged() == 1);
   CHECK(swa.parameters()["0.weight"].equal(before));
+}
+
+// What issue 12 fixed in the adapter holds for the device path: counters are left out whatever
+// their dtype, and a module whose tensors were replaced (torch::load) or converted (module->to) is
+// read afresh at each call, never through a stale pointer: new tensors of the same kind are
+// averaged, converted ones refused.
+TEST_CASE("the device average: counters left out whatever their dtype; replaced tensors read afresh",
+          "[torch][device][adversarial]") {
+  nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
+  model->to(torch::kDouble);  // num_batches_tracked becomes a double too
+  polyak::libtorch::AveragedModel<> swa(*model, polyak::SWA{}, /*use_buffers=*/true);
+  CHECK(swa.buffers().size() == 2);  // running_mean, running_var: not num_batches_tracked
+
+  fill(*model, 1);
+  swa.update_parameters(*model);
+  const std::string path = "polyak_device_reload_" + std::to_string(::getpid()) + ".pt";
+  fill(*model, 3);
+  torch::save(model, path);
+  nn::Sequential reloaded(nn::Linear(3, 2), nn::BatchNorm1d(2));
+  reloaded->to(torch::kDouble);
+  torch::load(reloaded, path);  // new storages under the same names
+  swa.update_parameters(*reloaded);
+  CHECK(value_of(swa.parameters()["0.weight"]) == 2.0);  // (1 + 3) / 2
+  std::filesystem::remove(path);
 }
 
 TEST_CASE("the device average's state: polyak::AveragedModel's keys, refused whole when it does not fit",
@@ -514,6 +590,42 @@ TEST_CASE("Placement::Host: the average kept in host memory, folded in the backg
   CHECK(host.n_averaged() == 10);
 }
 
+TEST_CASE("libtorch::PostHocEMA writes the snapshots polyak::PostHocEMA writes, byte for byte",
+          "[torch][device][post_hoc]") {
+  const std::string folder = "polyak_torch_post_hoc_" + std::to_string(::getpid());
+  nn::Sequential model(nn::Linear(6, 4), nn::BatchNorm1d(4));
+  polyak::libtorch::PostHocEMA device(*model, folder + "/device", 5);
+  const auto views = polyak::libtorch::parameters<float>(*model);
+  polyak::PostHocEMA<float> eigen(views, folder + "/eigen", 5);
+  for (int t = 1; t <= 20; ++t) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.uniform_(-1, 1);
+    device.update_parameters(*model);
+    eigen.update_parameters(views);
+  }
+  const auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  for (std::size_t profile = 0; profile < 2; ++profile) {
+    for (const std::int64_t step : {5, 10, 15, 20}) {
+      const std::string a = device.snapshot_path(profile, step), b = eigen.snapshot_path(profile, step);
+      CAPTURE(a);
+      REQUIRE(std::filesystem::exists(a));
+      CHECK(read(a) == read(b));
+    }
+  }
+  // The post-hoc tools read them: a reconstruction loads into a device average of that width.
+  const auto snapshots = polyak::find_power_ema_snapshots(folder + "/device");
+  CHECK(snapshots.size() == 8);
+  const polyak::StateDict rebuilt =
+      polyak::reconstruct_power_ema(snapshots, polyak::sigma_rel_to_gamma(0.08));
+  polyak::libtorch::AveragedModel<polyak::PowerEMA> target(*model, polyak::PowerEMA::from_sigma_rel(0.08));
+  target.load_state_dict(rebuilt);
+  CHECK(target.n_averaged() == 20);
+  std::filesystem::remove_all(folder);
+}
+
 TEST_CASE("on CUDA: the device average matches the CPU one, and its state loads on the CPU",
           "[torch][device][cuda]") {
   on_cuda("the CUDA device-average test", [](torch::Device cuda) {
@@ -567,5 +679,24 @@ TEST_CASE("on CUDA: a bf16 module averaged in float on the GPU, and offloaded to
     }
     on_gpu.copy_to(*model);
     CHECK(model->parameters()[0].scalar_type() == torch::kBFloat16);
+  });
+}
+
+TEST_CASE("on CUDA: SWALR and update_bn work on a module on the GPU", "[torch][cuda]") {
+  on_cuda("the CUDA SWALR and update_bn test", [](torch::Device cuda) {
+    nn::Sequential model(nn::Linear(4, 3), nn::BatchNorm1d(3));
+    model->to(cuda);
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+    polyak::SWALR scheduler(optimizer, /*swa_lr=*/0.05, /*anneal_epochs=*/1);
+    scheduler.step();
+    CHECK(optimizer.param_groups()[0].options().get_lr() == Approx(0.05));
+    const torch::Tensor batch =
+        torch::arange(0, 8, torch::TensorOptions().device(cuda)).view({2, 4}).to(torch::kFloat);
+    polyak::libtorch::update_bn(
+        std::vector<torch::Tensor>{batch}, [&](const torch::Tensor& x) { model->forward(x); }, *model);
+    const auto expected = model[0]->as<nn::Linear>()->forward(batch).mean(0);
+    auto* bn = model[1]->as<nn::BatchNorm1d>();
+    CHECK(torch::allclose(bn->running_mean, expected, 1e-5, 1e-5));
+    CHECK(bn->running_mean.is_cuda());
   });
 }
