@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "layouts.hpp"
+#include "max_size_flag.hpp"
 
 namespace {
 
@@ -126,18 +127,8 @@ std::string size_name(double size) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  double max_size = 1e8;  // --polyak_max_size=1e5: CI's smoke run
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--polyak_max_size=", 0) == 0) {
-      max_size = std::stod(arg.substr(18));
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
-  int count = static_cast<int>(args.size());
-  benchmark::Initialize(&count, args.data());
+  const double max_size = take_max_size_flag(argc, argv);
+  benchmark::Initialize(&argc, argv);
 
   std::vector<torch::Device> devices{torch::Device(torch::kCPU)};
   if (torch::cuda::is_available()) devices.emplace_back(torch::kCUDA);

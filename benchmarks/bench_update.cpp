@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "layouts.hpp"
+#include "max_size_flag.hpp"
 
 namespace {
 
@@ -166,18 +167,8 @@ void swap(benchmark::State& state, const std::string& layout, double size) {
 
 int main(int argc, char** argv) {
   // --polyak_max_size=1e5 limits the sizes (CI's smoke run).
-  double max_size = 1e8;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--polyak_max_size=", 0) == 0) {
-      max_size = std::stod(arg.substr(18));
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
-  int count = static_cast<int>(args.size());
-  benchmark::Initialize(&count, args.data());
+  const double max_size = take_max_size_flag(argc, argv);
+  benchmark::Initialize(&argc, argv);
 
   const std::vector<double> sizes{1e5, 1e6, 1e7, 1e8};
   const std::vector<std::string> layouts{"resnet50", "transformer", "large4"};
