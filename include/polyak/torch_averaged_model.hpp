@@ -33,11 +33,13 @@
 #include <cstdint>
 #include <future>  // the deferred fold of Placement::Host
 #include <string>
+#include <string_view>
 #include <utility>  // std::move
 #include <vector>
 
 #include "polyak/averaged_model.hpp"  // detail::apply_to_range: the Eigen path's kernel loop
 #include "polyak/averaging_functions.hpp"
+#include "polyak/detail/tensor_spec.hpp"
 #include "polyak/detail/state_io_fwd.hpp"
 #include "polyak/error.hpp"
 #include "polyak/torch.hpp"
@@ -371,31 +373,34 @@ class AveragedModel {
     return out;
   }
 
-  /// `module`'s tensors, checked against the average: InvalidArgument naming the first difference.
+  /// `module`'s tensors, checked against the average (detail::first_mismatch, as every tensor list
+  /// in polyak is, then the device): InvalidArgument naming the first difference.
   std::vector<detail::ModuleTensor> check_matches(const torch::nn::Module& module, const char* where) const {
     std::vector<detail::ModuleTensor> current;
     detail::list_module_tensors(module, current);
-    std::string problem;
-    if (current.size() != names_.size()) {
-      problem = "the module has " + std::to_string(current.size()) + " tensors, the average " +
-                std::to_string(names_.size());
-    }
+    const auto spec = [](std::string_view name, const torch::Tensor& t, c10::ScalarType dtype,
+                         bool is_buffer) {
+      return polyak::detail::TensorSpec{name,
+                                        t.sizes().data(),
+                                        t.sizes().size(),
+                                        StorageOrder::RowMajor,
+                                        c10::toString(dtype),
+                                        is_buffer ? "buffer" : "parameter"};
+    };
+    std::string problem = polyak::detail::first_mismatch(
+        current.size(),
+        [&](std::size_t i) {
+          return spec(current[i].name, current[i].tensor, current[i].tensor.scalar_type(),
+                      current[i].is_buffer);
+        },
+        "the module", names_.size(),
+        [&](std::size_t i) { return spec(names_[i], slots_.averaged[i], model_dtypes_[i], is_buffer_[i]); },
+        "the average");
     for (std::size_t i = 0; i < current.size() && problem.empty(); ++i) {
-      const auto& t = current[i].tensor;
-      const std::string& name = names_[i];
-      if (current[i].name != name) {
-        problem =
-            "tensor " + std::to_string(i) + " is '" + current[i].name + "', the average's '" + name + "'";
-      } else if (current[i].is_buffer != is_buffer_[i]) {
-        problem = "'" + name + "' is a " + (current[i].is_buffer ? "buffer" : "parameter") + " in the module";
-      } else if (t.sizes() != slots_.averaged[i].sizes()) {
-        problem = "'" + name + "' has shape " + c10::str(t.sizes()) + ", the average " +
-                  c10::str(slots_.averaged[i].sizes());
-      } else if (t.scalar_type() != model_dtypes_[i]) {
-        problem = "'" + name + "' is " + c10::toString(t.scalar_type()) + ", it was " +
-                  c10::toString(model_dtypes_[i]);
-      } else if (t.device() != module_device_) {
-        problem = "'" + name + "' is on " + t.device().str() + ", it was on " + module_device_.str();
+      if (current[i].tensor.device() != module_device_) {
+        problem = "tensor " + std::to_string(i) + " '" + names_[i] + "' is on " +
+                  current[i].tensor.device().str() + " where the average was made from " +
+                  module_device_.str();
       }
     }
     if (!problem.empty()) fail(where, problem);
