@@ -438,7 +438,8 @@ TEST_CASE("the device average refuses a module that differs, and changes nothing
   nn::Sequential deeper(nn::Linear(3, 2), nn::Linear(2, 2));
   CHECK_THROWS_AS(swa.update_parameters(*deeper), polyak::InvalidArgument);
   model->to(torch::kDouble);
-  CHECK_THROWS_WITH(swa.update_parameters(*model), Catch::Contains("'0.weight' is Double where the average has Float"));
+  CHECK_THROWS_WITH(swa.update_parameters(*model),
+                    Catch::Contains("'0.weight' is Double where the average has Float"));
   CHECK_THROWS_AS(swa.copy_to(*model), std::invalid_argument);
   CHECK(swa.n_averaged() == 1);
   CHECK(swa.parameters()["0.weight"].equal(before));
