@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <new>
+#include <random>
 #include <vector>
 
 #include "polyak/checkpoint.hpp"
@@ -17,6 +18,7 @@
 #include "polyak/ema_schedules.hpp"
 #include "polyak/model_averaging.hpp"
 #include "polyak/post_hoc_ema.hpp"
+#include "polyak/swag.hpp"
 
 namespace {
 std::atomic<long> allocations{0};
@@ -130,6 +132,19 @@ TEST_CASE("state_dict() copies no tensor and its save streams the average", "[al
   CHECK(allocated_bytes.load() - before < 128 * 1024);  // the header, the 64 KiB buffer, file names
   CHECK(polyak::load_safetensors(path).at("module.weight").bytes.size() == 700u * 900u * 4u);
   std::remove(path.c_str());
+}
+
+TEST_CASE("SWAG collects and samples without allocating", "[allocation]") {
+  Model model;
+  const auto list = model.list();
+  polyak::SWAG<float> swag(list, 4);
+  swag.update_parameters(list);
+  swag.update_parameters(list);
+  CHECK(allocations_in([&] {
+          for (int step = 0; step < 5; ++step) swag.update_parameters(list);
+        }) == 0);
+  std::mt19937_64 rng(1);
+  CHECK(allocations_in([&] { swag.sample(list, rng); }) == 0);
 }
 
 TEST_CASE("average_parameters reuses its buffer", "[allocation]") {

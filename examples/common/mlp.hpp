@@ -8,6 +8,7 @@
 #include "digits.hpp"
 #include "report.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -172,16 +173,31 @@ inline double sgd_step(Mlp& m, MlpGradients& velocity, const RowMatrix& x, const
   return loss;
 }
 
-/// Test accuracy and loss in evaluation mode (batch norm with the running statistics).
-inline Score evaluate(Mlp& model, const Dataset& test) {
-  const RowMatrix p = model.forward(test.images, /*training=*/false);
+/// Accuracy, mean cross-entropy (NLL) and expected calibration error of predicted probabilities
+/// `p` (one row a test image): ECE over 15 equal-width confidence bins, the gap |accuracy -
+/// confidence| of each bin weighted by its share of the images (Guo et al., 2017).
+inline Score score_of(const RowMatrix& p, const std::vector<int>& labels) {
+  constexpr int bins = 15;
+  double correct[bins] = {}, confidence[bins] = {}, count[bins] = {};
   Score score;
   for (Eigen::Index i = 0; i < p.rows(); ++i) {
     Eigen::Index predicted;
-    p.row(i).maxCoeff(&predicted);
-    score.accuracy += predicted == test.labels[static_cast<std::size_t>(i)];
+    const double top = p.row(i).maxCoeff(&predicted);
+    const bool right = predicted == labels[static_cast<std::size_t>(i)];
+    score.accuracy += right;
+    const int bin = std::min(bins - 1, static_cast<int>(top * bins));
+    correct[bin] += right;
+    confidence[bin] += top;
+    ++count[bin];
   }
-  score.accuracy /= static_cast<double>(p.rows());
-  score.loss = cross_entropy(p, test.labels);
+  const auto n = static_cast<double>(p.rows());
+  score.accuracy /= n;
+  score.loss = cross_entropy(p, labels);
+  for (int b = 0; b < bins; ++b) score.ece += std::abs(correct[b] - confidence[b]) / n;
   return score;
+}
+
+/// Test scores in evaluation mode (batch norm with the running statistics).
+inline Score evaluate(Mlp& model, const Dataset& test) {
+  return score_of(model.forward(test.images, /*training=*/false), test.labels);
 }

@@ -8,9 +8,10 @@
 #include <string>
 #include <vector>
 
-/// Test-set accuracy (a fraction) and mean cross-entropy loss.
+/// Test-set accuracy (a fraction), mean cross-entropy loss (the negative log-likelihood) and
+/// expected calibration error.
 struct Score {
-  double accuracy = 0, loss = 0;
+  double accuracy = 0, loss = 0, ece = 0;
 };
 
 /// "97.11 ± 0.21": mean and sample standard deviation of `values` times `scale`.
@@ -24,18 +25,29 @@ inline std::string mean_spread(const std::vector<double>& values, double scale, 
   return text;
 }
 
-/// Prints the table: one row a kind of weights, its scores over the seeds.
+/// Prints the table: one row a kind of weights, its scores over the seeds; with `calibration`, the
+/// expected calibration error too.
 inline void print_scores(const std::vector<std::string>& names, const std::vector<std::vector<Score>>& scores,
-                         std::size_t seeds) {
+                         std::size_t seeds, bool calibration = false) {
   std::printf("\ntest set, %zu seeds (mean ± standard deviation)\n", seeds);
-  std::printf("%-42s %-18s %s\n", "weights", "accuracy (%)", "loss");
+  if (calibration) {
+    std::printf("%-42s %-18s %-18s %s\n", "weights", "accuracy (%)", "NLL", "ECE (%)");
+  } else {
+    std::printf("%-42s %-18s %s\n", "weights", "accuracy (%)", "loss");
+  }
   for (std::size_t k = 0; k < names.size(); ++k) {
-    std::vector<double> accuracy, loss;
+    std::vector<double> accuracy, loss, ece;
     for (const Score& s : scores[k]) {
       accuracy.push_back(s.accuracy);
       loss.push_back(s.loss);
+      ece.push_back(s.ece);
     }
-    std::printf("%-42s %-18s %s\n", names[k].c_str(), mean_spread(accuracy, 100, 2).c_str(),
-                mean_spread(loss, 1, 4).c_str());
+    const std::string first = mean_spread(accuracy, 100, 2), second = mean_spread(loss, 1, 4);
+    if (calibration) {
+      std::printf("%-42s %-18s %-18s %s\n", names[k].c_str(), first.c_str(), second.c_str(),
+                  mean_spread(ece, 100, 2).c_str());
+    } else {
+      std::printf("%-42s %-18s %s\n", names[k].c_str(), first.c_str(), second.c_str());
+    }
   }
 }

@@ -11,6 +11,11 @@
 // snapshotted to disk every epoch; after training, EMAs of other widths are reconstructed from the
 // snapshots and scored too - the EMA length chosen after the run, at no extra training.
 //
+// SWAG (Maddox et al., 2019): from the same epochs as SWA, a SWA-Gaussian posterior (mean, diagonal
+// variance, the last 10 deviations) is collected; after training, 30 weight draws from it, each with
+// update_bn, are averaged in their predicted probabilities (Bayesian model averaging). The table
+// gives every row's accuracy, negative log-likelihood and expected calibration error.
+//
 //   usage: swa_digits [data/digits.csv] [output folder]
 // writes <output>/curves.csv (per-epoch curves), <output>/post_hoc/seed<N>/ (the power-EMA
 // snapshots, for the post_hoc_ema tool) and, when gnuplot is installed, <output>/curves.png.
@@ -43,6 +48,8 @@ struct Settings {
   double ema_decay = 0.998;
   std::vector<double> post_hoc_profiles{0.10, 0.25};  // sigma_rel of the two power EMAs kept
   std::vector<double> post_hoc_targets{0.15, 0.20};   // sigma_rel reconstructed after training
+  std::int64_t swag_rank = 10;                        // SWAG's deviation columns
+  int swag_samples = 30;                              // draws averaged by the Bayesian model average
   std::vector<unsigned> seeds{1, 2, 3};
 };
 
@@ -61,8 +68,24 @@ Score evaluate_average(Averaged& averaged, Mlp& model, const std::vector<RowMatr
 }
 
 struct Result {
-  std::vector<Score> scores;  // last SGD, SWA, EMA, then each post-hoc target
+  std::vector<Score> scores;  // last SGD, SWA, EMA, each post-hoc target, SWAG's model average
 };
+
+/// Bayesian model averaging over SWAG: `samples` draws of the weights, each with its batch-norm
+/// statistics recomputed, their predicted probabilities averaged. Leaves the last draw in `model`.
+Score evaluate_swag(const polyak::SWAG<float>& swag, int samples, unsigned seed, Mlp& model,
+                    const std::vector<RowMatrix>& train_batches, const Dataset& test) {
+  const auto tensors = model.tensors();
+  std::mt19937_64 draws(seed);
+  RowMatrix average = RowMatrix::Zero(test.images.rows(), 10);
+  for (int k = 0; k < samples; ++k) {
+    swag.sample(tensors, draws);  // polyak: one draw of the posterior into the model's weights
+    polyak::update_bn(train_batches, [&](const RowMatrix& batch) { model.forward(batch, /*training=*/true); },
+                      {&model.bn});
+    average += model.forward(test.images, /*training=*/false);
+  }
+  return score_of(average / static_cast<float>(samples), test.labels);
+}
 
 /// Reconstructs the power EMA of width `sigma_rel` from the snapshots in `folder` and scores it.
 Score evaluate_post_hoc(const std::string& folder, double sigma_rel, Mlp& model,
@@ -90,6 +113,8 @@ Result train(const Settings& s, unsigned seed, const Digits& data, const std::fi
   std::filesystem::remove_all(snapshots);
   const auto steps_per_epoch = static_cast<std::int64_t>(data.train.labels.size()) / s.batch_size;
   polyak::PostHocEMA<float> post_hoc(tensors, snapshots, steps_per_epoch, s.post_hoc_profiles);
+  // polyak: the SWA-Gaussian posterior, collected with the SWA.
+  polyak::SWAG<float> swag(tensors, s.swag_rank);
 
   // The optimizer's learning rate (one parameter group); the schedules write it.
   std::vector<double> lrs{s.lr};
@@ -118,7 +143,8 @@ Result train(const Settings& s, unsigned seed, const Digits& data, const std::fi
     }
     const double epoch_lr = lrs[0];
     if (epoch >= s.swa_start) {
-      swa.update_parameters(tensors);  // polyak: one SWA snapshot per epoch
+      swa.update_parameters(tensors);   // polyak: one SWA snapshot per epoch
+      swag.update_parameters(tensors);  // polyak: and one SWAG collection
       if (!swa_scheduler) {
         swa_scheduler.emplace(lrs, s.swa_lr, s.swa_anneal_epochs, polyak::AnnealStrategy::Cos);
       }
@@ -149,6 +175,7 @@ Result train(const Settings& s, unsigned seed, const Digits& data, const std::fi
       {evaluate(model, data.test), swa_score, evaluate_average(ema, model, train_batches, data.test)}};
   for (const double sigma_rel : s.post_hoc_targets)
     result.scores.push_back(evaluate_post_hoc(snapshots, sigma_rel, model, train_batches, data.test));
+  result.scores.push_back(evaluate_swag(swag, s.swag_samples, seed, model, train_batches, data.test));
   return result;
 }
 
@@ -196,7 +223,7 @@ int main(int argc, char** argv) {
   std::printf(
       "digits: %zu training and %zu test images; MLP 64-%d-BN-ReLU-10; %d epochs, SWA from epoch %d\n",
       data.train.labels.size(), data.test.labels.size(), s.hidden, s.epochs, s.swa_start + 1);
-  std::vector<std::vector<Score>> scores(3 + s.post_hoc_targets.size());
+  std::vector<std::vector<Score>> scores(4 + s.post_hoc_targets.size());
   for (const unsigned seed : s.seeds) {
     const Result r = train(s, seed, data, folder, curves);
     for (std::size_t k = 0; k < scores.size(); ++k) scores[k].push_back(r.scores[k]);
@@ -213,7 +240,10 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "post-hoc EMA (sigma_rel %.2f) + update_bn", sigma_rel);
     names.push_back(name);
   }
-  print_scores(names, scores, s.seeds.size());
+  std::snprintf(name, sizeof name, "SWAG, %d draws (rank %lld) + update_bn", s.swag_samples,
+                static_cast<long long>(s.swag_rank));
+  names.push_back(name);
+  print_scores(names, scores, s.seeds.size(), /*calibration=*/true);
   std::printf("curves: %s\n", (folder / "curves.csv").c_str());
   plot(folder);
   return 0;

@@ -4,7 +4,10 @@
 // the whole state first and changes nothing when it refuses it (FormatError naming what is wrong).
 #pragma once
 
-#include <cmath>    // std::isfinite
+#include <algorithm>  // std::min
+#include <cmath>      // std::isfinite
+#include <cstddef>
+#include <cstring>  // std::memcpy, std::memmove
 #include <cstdint>  // std::int64_t
 #include <limits>
 #include <optional>
@@ -18,6 +21,7 @@
 #include "polyak/model_averaging.hpp"
 #include "polyak/rule_settings.hpp"
 #include "polyak/state_dict.hpp"
+#include "polyak/swag.hpp"
 #include "polyak/swalr.hpp"
 
 namespace polyak {
@@ -262,6 +266,128 @@ struct StateIO<HierarchicalModelAverager<Comm>> {
     }
     if (step < 0) throw FormatError("polyak::HierarchicalModelAverager::load_state_dict: negative step");
     averager.step_ = step;
+  }
+};
+
+/// "mean.<name>" and "variance.<name>" (borrowed, as AveragedModel's tensors), "deviations.<name>"
+/// ([max_rank, shape...], each row row-major), and the I64 scalars "max_rank", "collect_every",
+/// "n_updates", "n_collected", "deviations_held", "next_deviation".
+template <class T>
+struct StateIO<SWAG<T>> {
+  using Model = SWAG<T>;
+  using Accumulator = typename Model::Accumulator;
+
+  static StateDict save(const Model& swag) {
+    StateDict sd;
+    for (std::size_t p = 0; p < swag.parameters_.size(); ++p) {
+      sd.borrow("mean." + swag.mean_[p].name(), swag.mean_[p].view());
+      sd.borrow("variance." + swag.variance_[p].name(), swag.variance_[p].view());
+    }
+    for (std::size_t p = 0; p < swag.parameters_.size(); ++p) {
+      const auto& entry = swag.mean_[p];
+      std::vector<std::int64_t> shape{swag.max_rank_};
+      shape.insert(shape.end(), entry.shape().begin(), entry.shape().end());
+      const std::string name = "deviations." + entry.name();
+      if (row_major(entry)) {
+        sd.insert(name, StoredTensor::borrow(swag.deviations_[p], std::move(shape)));
+      } else {  // rows in the tensor's column-major order: written row-major, one row after another
+        StoredTensor t;
+        t.dtype = dtype_of<Accumulator>();
+        t.shape = std::move(shape);
+        t.bytes.resize(t.numel() * sizeof(Accumulator));
+        for_each_row(swag, p, [&](Accumulator* row, std::size_t k) {
+          detail::for_each_row_major(
+              entry.shape(), entry.storage_order(), [&](std::size_t i, std::size_t from) {
+                std::memcpy(t.bytes.data() + (k * entry.numel() + i) * sizeof(Accumulator), row + from,
+                            sizeof(Accumulator));
+              });
+        });
+        sd.insert(name, std::move(t));
+      }
+    }
+    sd.insert_scalar<std::int64_t>("max_rank", swag.max_rank_);
+    sd.insert_scalar<std::int64_t>("collect_every", swag.collect_every_);
+    sd.insert_scalar<std::int64_t>("n_updates", swag.n_updates_);
+    sd.insert_scalar<std::int64_t>("n_collected", swag.n_collected_);
+    sd.insert_scalar<std::int64_t>("deviations_held", swag.held_);
+    sd.insert_scalar<std::int64_t>("next_deviation", swag.next_deviation_);
+    return sd;
+  }
+
+  /// Refused (FormatError, nothing changed): other tensors, names or shapes; another max_rank or
+  /// collect_every; counters that do not fit together; a negative or NaN variance.
+  static void load(Model& swag, const StateDict& sd) {
+    const char* who = "polyak::SWAG::load_state_dict";
+    const auto fail = [&](const std::string& what) { throw FormatError(std::string(who) + ": " + what); };
+    const std::size_t count = swag.parameters_.size();
+    if (sd.size() != 3 * count + 6) {
+      fail("the state holds " + std::to_string(sd.size()) + " entries, this SWAG " +
+           std::to_string(3 * count + 6));
+    }
+    if (sd.scalar<std::int64_t>("max_rank") != swag.max_rank_ ||
+        sd.scalar<std::int64_t>("collect_every") != swag.collect_every_) {
+      fail("the state is for max_rank " + std::to_string(sd.scalar<std::int64_t>("max_rank")) +
+           ", collect_every " + std::to_string(sd.scalar<std::int64_t>("collect_every")) +
+           "; this SWAG has " + std::to_string(swag.max_rank_) + ", " + std::to_string(swag.collect_every_));
+    }
+    const auto updates = sd.scalar<std::int64_t>("n_updates");
+    const auto collected = sd.scalar<std::int64_t>("n_collected");
+    const auto held = sd.scalar<std::int64_t>("deviations_held");
+    const auto next = sd.scalar<std::int64_t>("next_deviation");
+    if (updates < 0 || collected != updates / swag.collect_every_ ||
+        held != std::min(collected, swag.max_rank_) ||
+        next != (swag.max_rank_ == 0 ? 0 : collected % swag.max_rank_)) {
+      fail("its counters do not fit together (n_updates " + std::to_string(updates) + ", n_collected " +
+           std::to_string(collected) + ", deviations_held " + std::to_string(held) + ", next_deviation " +
+           std::to_string(next) + ")");
+    }
+    for (std::size_t p = 0; p < count; ++p) {
+      const auto& entry = swag.mean_[p];
+      const std::vector<std::int64_t> shape(entry.shape().begin(), entry.shape().end());
+      sd.expect<Accumulator>("mean." + entry.name(), shape);
+      std::vector<std::int64_t> rows{swag.max_rank_};
+      rows.insert(rows.end(), shape.begin(), shape.end());
+      sd.expect<Accumulator>("deviations." + entry.name(), rows);
+      bool non_negative = true;
+      detail::for_each_double(sd.expect<Accumulator>("variance." + entry.name(), shape),
+                              [&](std::size_t, double v) { non_negative = non_negative && v >= 0.0; });
+      if (!non_negative) fail("'variance." + entry.name() + "' holds a negative or NaN value");
+    }
+    for (std::size_t p = 0; p < count; ++p) {
+      const auto& entry = swag.mean_[p];
+      sd.copy_to("mean." + entry.name(), entry.view());
+      sd.copy_to("variance." + entry.name(), swag.variance_[p].view());
+      const StoredTensor& stored = sd.at("deviations." + entry.name());
+      if (row_major(entry)) {  // (memmove: the state may borrow these very rows)
+        stored.for_each_chunk([&, at = std::size_t{0}](const std::byte* data, std::size_t length) mutable {
+          std::memmove(reinterpret_cast<std::byte*>(swag.deviations_[p]) + at, data, length);
+          at += length;
+        });
+        continue;
+      }
+      const StoredTensor owned = stored.owned();
+      const std::size_t numel = entry.numel();
+      for_each_row(swag, p, [&](Accumulator* row, std::size_t k) {
+        detail::for_each_row_major(entry.shape(), entry.storage_order(), [&](std::size_t i, std::size_t to) {
+          std::memcpy(row + to, owned.bytes.data() + (k * numel + i) * sizeof(Accumulator),
+                      sizeof(Accumulator));
+        });
+      });
+    }
+    swag.n_updates_ = updates;
+    swag.n_collected_ = collected;
+    swag.held_ = held;
+    swag.next_deviation_ = next;
+  }
+
+ private:
+  static bool row_major(const NamedTensor<Accumulator>& entry) {
+    return entry.storage_order() == StorageOrder::RowMajor || entry.shape().size() <= 1;
+  }
+  template <class Visit>
+  static void for_each_row(const Model& swag, std::size_t p, Visit&& visit) {
+    for (std::int64_t k = 0; k < swag.max_rank_; ++k)
+      visit(swag.deviation_row(p, k), static_cast<std::size_t>(k));
   }
 };
 
