@@ -75,24 +75,11 @@ struct TensorWriter {
   std::function<void(int fd, const std::string& path)> write;  // writes exactly `size` bytes
 };
 
-/// Writes a safetensors file atomically: into a temporary file in the same folder, flushed and
-/// fsynced, renamed over `path`, the folder fsynced.
-inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
-                              const std::vector<TensorWriter>& tensors) {
-  if (!little_endian()) throw RuntimeError("polyak::save_safetensors: big-endian hosts are not supported");
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::uint64_t offset = 0;
-  for (const auto& tensor : tensors) {
-    header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)},
-                           {"shape", tensor.shape},
-                           {"data_offsets", {offset, offset + tensor.size}}};
-    offset += tensor.size;
-  }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
-  const std::uint64_t length = text.size();
-
+/// Writes a file atomically: `write(fd, temporary)` fills a temporary file in the same folder, which
+/// is fsynced and renamed over `path`, the folder fsynced. A failure (an exception from `write`
+/// included) removes the temporary and leaves `path` as it was.
+template <class Write>
+void write_atomically(const std::string& path, Write&& write) {
   const std::size_t slash = path.find_last_of('/');
   const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
   // "<path>.tmp.<pid>.<n>": unique to this call, so that threads and processes saving the same path
@@ -103,11 +90,7 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) fail_io("cannot create", temporary);
   try {
-    unsigned char length_bytes[8];
-    for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(length >> (8 * b));
-    write_all(fd, length_bytes, 8, temporary);
-    write_all(fd, text.data(), text.size(), temporary);
-    for (const auto& tensor : tensors) tensor.write(fd, temporary);
+    write(fd, temporary);
     if (::fsync(fd) != 0) fail_io("cannot fsync", temporary);
   } catch (...) {
     ::close(fd);
@@ -127,6 +110,32 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
     ::fsync(folder_fd);
     ::close(folder_fd);
   }
+}
+
+/// Writes a safetensors file atomically (write_atomically): the header of `tensors`, then each
+/// one's bytes from its writer.
+inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
+                              const std::vector<TensorWriter>& tensors) {
+  if (!little_endian()) throw RuntimeError("polyak::save_safetensors: big-endian hosts are not supported");
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  for (const auto& tensor : tensors) {
+    header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)},
+                           {"shape", tensor.shape},
+                           {"data_offsets", {offset, offset + tensor.size}}};
+    offset += tensor.size;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  const std::uint64_t length = text.size();
+  write_atomically(path, [&](int fd, const std::string& temporary) {
+    unsigned char length_bytes[8];
+    for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(length >> (8 * b));
+    write_all(fd, length_bytes, 8, temporary);
+    write_all(fd, text.data(), text.size(), temporary);
+    for (const auto& tensor : tensors) tensor.write(fd, temporary);
+  });
 }
 
 /// A writer for each entry of `sd`, owned or borrowed: a borrowed column-major tensor is reordered
@@ -385,6 +394,19 @@ class SafetensorsReader {
       throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path_ + "'");
     }
     return t;
+  }
+
+  /// Reads `length` bytes of one tensor of index(), from byte `offset` of its data on, into `out`:
+  /// a piece of a large tensor, for readers that stream (polyak/merge.hpp).
+  void read_bytes(const SafetensorsIndex::Entry& entry, std::uint64_t offset, std::size_t length, std::byte* out) {
+    if (offset > entry.end - entry.begin || length > entry.end - entry.begin - offset) {
+      throw InvalidArgument("polyak::SafetensorsReader::read_bytes: bytes [" + std::to_string(offset) + ", +" +
+                            std::to_string(length) + ") lie outside tensor '" + entry.name + "'");
+    }
+    in_.seekg(static_cast<std::streamoff>(index_.data_start + entry.begin + offset));
+    if (!in_ || !in_.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(length))) {
+      throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path_ + "'");
+    }
   }
 
   /// Reads the tensor named `name`; FormatError when the file has none.

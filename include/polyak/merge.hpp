@@ -1,0 +1,460 @@
+// SPDX-License-Identifier: MIT
+// Model merging, streamed: weighted averages (model soups, fairseq's checkpoint averaging, LAWA),
+// task arithmetic, TIES, DARE and SLERP over checkpoints (safetensors files or Hugging Face sharded
+// checkpoints) or StateDicts, one piece of one tensor at a time; and greedy soups.
+//
+// Per tensor, with models x_1..x_n, weights w_i (default 1) and, where a method needs one, a base b
+// with task vectors tau_i = x_i - b:
+//   Average         sum_i w_i x_i / sum_i w_i
+//   TaskArithmetic  b + scale sum_i w_i tau_i                          (Ilharco et al., 2023)
+//   Ties            b + scale sum_i w_i m_i tau_i / sum_i w_i m_i      (Yadav et al., 2023)
+//                   trim: each tau_i keeps its floor(density numel) largest magnitudes (ties at the
+//                   threshold broken by position, first kept), the rest 0; elect: the sign of
+//                   sum_i w_i trim(tau_i), + where that sum is 0; m_i = 1 where trim(tau_i) is
+//                   nonzero and has the elected sign; where no model agrees, b
+//   Dare            b + scale sum_i w_i d_i tau_i / (1 - drop)          (Yu et al., 2024)
+//                   d_i = 0 with probability `drop`, else 1, drawn per scalar from `seed`, the
+//                   tensor's name and i (so a tensor's draws do not depend on which others exist)
+//   Slerp           two models, per tensor: sin((1 - t) theta) / sin(theta) x_1 + sin(t theta) /
+//                   sin(theta) x_2, theta the angle between the flattened tensors; where they are
+//                   (anti)parallel (|cos theta| > 0.9995, mergekit's threshold) or one is zero, the
+//                   linear (1 - t) x_1 + t x_2
+// Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
+// bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a few 64 Ki-scalar
+// pieces per model, plus for Ties one float per scalar of the tensor being merged (its magnitudes,
+// to find the trim threshold).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "polyak/error.hpp"
+#include "polyak/scalar_type.hpp"
+#include "polyak/serialization.hpp"
+#include "polyak/sharded_checkpoint.hpp"
+#include "polyak/state_dict.hpp"
+
+namespace polyak {
+
+enum class MergeMethod { Average, TaskArithmetic, Ties, Dare, Slerp };
+
+/// What to merge, and how (see the header's comment for the formulas).
+struct MergeOptions {
+  MergeMethod method = MergeMethod::Average;
+  std::vector<double> weights;  ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
+  double scale = 1.0;           ///< the lambda on the merged task vector (TaskArithmetic, Ties, Dare)
+  double density = 1.0;         ///< Ties: the fraction of each task vector kept, in [0, 1]
+  double drop = 0.0;            ///< Dare: the drop probability, in [0, 1)
+  std::uint64_t seed = 0;       ///< Dare's draws
+  double t = 0.5;               ///< Slerp: 0 gives the first model, 1 the second
+};
+
+inline const char* merge_method_name(MergeMethod method) {
+  switch (method) {
+    case MergeMethod::Average:
+      return "average";
+    case MergeMethod::TaskArithmetic:
+      return "task_arithmetic";
+    case MergeMethod::Ties:
+      return "ties";
+    case MergeMethod::Dare:
+      return "dare";
+    case MergeMethod::Slerp:
+      return "slerp";
+  }
+  return "?";
+}
+
+/// Whether `method` needs a base model.
+inline bool merge_needs_base(MergeMethod method) {
+  return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties || method == MergeMethod::Dare;
+}
+
+/// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a base.
+inline void check_merge_options(const MergeOptions& o, std::size_t models, bool has_base) {
+  const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
+  const std::string method = merge_method_name(o.method);
+  if (models == 0) bad("no models");
+  if (merge_needs_base(o.method) && !has_base) bad(method + " needs a base model");
+  if (!merge_needs_base(o.method) && has_base) bad(method + " takes no base model");
+  if (o.method == MergeMethod::Slerp && models != 2)
+    bad("slerp merges two models, not " + std::to_string(models));
+  if (!o.weights.empty() && o.weights.size() != models)
+    bad(std::to_string(o.weights.size()) + " weights for " + std::to_string(models) + " models");
+  for (const double w : o.weights) {
+    if (!std::isfinite(w)) bad("a weight is not finite");
+    if (o.method == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
+    if (o.method == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
+  }
+  if (o.method == MergeMethod::Average && !o.weights.empty() &&
+      *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
+    bad("the weights are all 0");
+  }
+  if (!std::isfinite(o.scale)) bad("scale is not finite");
+  if (!(o.density >= 0 && o.density <= 1)) bad("density must be in [0, 1]");
+  if (!(o.drop >= 0 && o.drop < 1)) bad("drop must be in [0, 1)");
+  if (!(o.t >= 0 && o.t <= 1)) bad("t must be in [0, 1]");
+}
+
+namespace detail {
+
+/// `count` elements of `dtype` at `in` as doubles.
+inline void bytes_to_doubles(DType dtype, const std::byte* in, std::size_t count, double* out) {
+  with_scalar_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      T v;
+      std::memcpy(&v, in + i * sizeof(T), sizeof(T));
+      out[i] = static_cast<double>(v);
+    }
+  });
+}
+
+/// `count` doubles rounded once to `dtype` (for 16-bit types through float, as assign_doubles).
+inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, std::byte* out) {
+  with_scalar_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      T v;
+      if constexpr (std::is_same_v<T, std::int64_t>) {
+        v = static_cast<std::int64_t>(std::llround(in[i]));
+      } else {
+        v = static_cast<T>(in[i]);
+      }
+      std::memcpy(out + i * sizeof(T), &v, sizeof(T));
+    }
+  });
+}
+
+/// FNV-1a of a name: part of Dare's seed, the same on every platform.
+inline std::uint64_t name_hash(const std::string& name) {
+  std::uint64_t h = 14695981039346656037ull;
+  for (const char c : name)
+    h = (h ^ static_cast<std::uint64_t>(static_cast<unsigned char>(c))) * 1099511628211ull;
+  return h;
+}
+
+/// Where a merge reads one tensor: read(m, begin, count, out) fills out with elements
+/// [begin, begin + count) of model m (m == models: the base) as doubles.
+using TensorSource =
+    std::function<void(std::size_t model, std::size_t begin, std::size_t count, double* out)>;
+
+inline constexpr std::size_t merge_piece = std::size_t{1} << 16;
+
+/// Merges one floating-point tensor of `numel` elements, calling emit(values, count) with the
+/// merged doubles piece by piece, in order.
+template <class Emit>
+void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name, std::size_t numel,
+                  const TensorSource& read, Emit&& emit) {
+  const bool has_base = merge_needs_base(o.method);
+  std::vector<double> w = o.weights.empty() ? std::vector<double>(models, 1.0) : o.weights;
+  if (o.method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
+    const double largest = *std::max_element(w.begin(), w.end());
+    double total = 0;
+    for (double& x : w) total += (x /= largest);
+    for (double& x : w) x /= total;
+  }
+  std::vector<std::vector<double>> x(models, std::vector<double>(std::min(numel, merge_piece)));
+  std::vector<double> base(has_base ? std::min(numel, merge_piece) : 0), out(std::min(numel, merge_piece));
+  const auto read_piece = [&](std::size_t begin, std::size_t count) {
+    for (std::size_t m = 0; m < models; ++m) read(m, begin, count, x[m].data());
+    if (has_base) read(models, begin, count, base.data());
+  };
+
+  // Slerp's angle, and Ties' thresholds: a first pass over the tensor.
+  double s0 = 1 - o.t, s1 = o.t;
+  std::vector<float> threshold(models, 0.0f);
+  std::vector<std::size_t> equal_allowed(models, 0), equal_seen(models, 0);
+  std::vector<bool> keep_all(models, false);
+  if (o.method == MergeMethod::Slerp) {
+    double dot = 0, aa = 0, bb = 0;
+    for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
+      const std::size_t count = std::min(merge_piece, numel - begin);
+      read_piece(begin, count);
+      for (std::size_t j = 0; j < count; ++j) {
+        dot += x[0][j] * x[1][j];
+        aa += x[0][j] * x[0][j];
+        bb += x[1][j] * x[1][j];
+      }
+    }
+    const double cosine = aa > 0 && bb > 0 ? dot / std::sqrt(aa * bb) : 1.0;  // a zero tensor: linear
+    if (std::abs(cosine) <= 0.9995) {
+      const double theta = std::acos(cosine), sine = std::sin(theta);
+      s0 = std::sin((1 - o.t) * theta) / sine;
+      s1 = std::sin(o.t * theta) / sine;
+    }
+  }
+  if (o.method == MergeMethod::Ties) {
+    const auto k = static_cast<std::size_t>(std::floor(o.density * static_cast<double>(numel)));
+    std::vector<float> magnitude(k < numel && k > 0 ? numel : 0);
+    for (std::size_t m = 0; m < models; ++m) {
+      if (k >= numel) {
+        keep_all[m] = true;
+        continue;
+      }
+      if (k == 0) {  // nothing kept: a threshold above every magnitude
+        threshold[m] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
+        const std::size_t count = std::min(merge_piece, numel - begin);
+        read(m, begin, count, x[m].data());
+        read(models, begin, count, base.data());
+        for (std::size_t j = 0; j < count; ++j)
+          magnitude[begin + j] = static_cast<float>(std::abs(x[m][j] - base[j]));
+      }
+      std::vector<float> sorted = magnitude;  // (the k-th largest; the order of `magnitude` is kept)
+      std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(k - 1), sorted.end(),
+                       std::greater<float>());
+      threshold[m] = sorted[k - 1];
+      const auto greater = static_cast<std::size_t>(
+          std::count_if(magnitude.begin(), magnitude.end(), [&](float v) { return v > threshold[m]; }));
+      equal_allowed[m] = k - greater;
+    }
+  }
+
+  std::vector<std::mt19937_64> rngs;
+  if (o.method == MergeMethod::Dare) {
+    for (std::size_t m = 0; m < models; ++m)
+      rngs.emplace_back(o.seed ^ name_hash(name) ^ (0x9e3779b97f4a7c15ull * (m + 1)));
+  }
+  for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
+    const std::size_t count = std::min(merge_piece, numel - begin);
+    read_piece(begin, count);
+    for (std::size_t j = 0; j < count; ++j) {
+      double value = 0;
+      switch (o.method) {
+        case MergeMethod::Average:
+          for (std::size_t m = 0; m < models; ++m) value += w[m] * x[m][j];
+          break;
+        case MergeMethod::TaskArithmetic: {
+          double delta = 0;
+          for (std::size_t m = 0; m < models; ++m) delta += w[m] * (x[m][j] - base[j]);
+          value = base[j] + o.scale * delta;
+          break;
+        }
+        case MergeMethod::Dare: {
+          double delta = 0;
+          for (std::size_t m = 0; m < models; ++m) {
+            const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(rngs[m]);
+            if (u >= o.drop) delta += w[m] * (x[m][j] - base[j]) / (1 - o.drop);
+          }
+          value = base[j] + o.scale * delta;
+          break;
+        }
+        case MergeMethod::Ties: {
+          double elect = 0;
+          double trimmed[64];  // models <= 64 for Ties: checked by merge_tensors
+          for (std::size_t m = 0; m < models; ++m) {
+            const double tau = x[m][j] - base[j];
+            const float size = static_cast<float>(std::abs(tau));
+            bool keep = keep_all[m] || size > threshold[m];
+            if (!keep && !(size < threshold[m]) && equal_seen[m] < equal_allowed[m]) {  // (== the threshold)
+              keep = true;
+              ++equal_seen[m];
+            }
+            trimmed[m] = keep ? tau : 0.0;
+            elect += w[m] * trimmed[m];
+          }
+          const double sign = elect >= 0 ? 1.0 : -1.0;
+          double numerator = 0, denominator = 0;
+          for (std::size_t m = 0; m < models; ++m) {
+            if ((trimmed[m] > 0 && sign > 0) || (trimmed[m] < 0 && sign < 0)) {
+              numerator += w[m] * trimmed[m];
+              denominator += w[m];
+            }
+          }
+          value = base[j] + (denominator > 0 ? o.scale * numerator / denominator : 0.0);
+          break;
+        }
+        case MergeMethod::Slerp:
+          value = s0 * x[0][j] + s1 * x[1][j];
+          break;
+      }
+      out[j] = value;
+    }
+    emit(static_cast<const double*>(out.data()), count);
+  }
+}
+
+/// The first difference between two tensor tables (names, dtypes, shapes), or "".
+template <class A, class B>
+std::string first_table_difference(const A& a, const std::string& a_name, const B& b,
+                                   const std::string& b_name) {
+  if (a.size() != b.size()) {
+    return b_name + " holds " + std::to_string(b.size()) + " tensors, " + a_name + " " +
+           std::to_string(a.size());
+  }
+  for (const auto& [name, spec] : a) {
+    const auto other = b.find(name);
+    if (other == b.end()) return b_name + " has no tensor '" + name + "'";
+    if (other->second.first != spec.first || other->second.second != spec.second) {
+      return "tensor '" + name + "' is " + dtype_name(other->second.first) + " " +
+             polyak::shape_string(other->second.second) + " in " + b_name + ", " + dtype_name(spec.first) +
+             " " + polyak::shape_string(spec.second) + " in " + a_name;
+    }
+  }
+  return {};
+}
+
+using TensorTable = std::map<std::string, std::pair<DType, std::vector<std::int64_t>>>;
+
+inline TensorTable table_of(const CheckpointReader& reader) {
+  TensorTable table;
+  for (const auto& t : reader.tensors()) table[t.name] = {t.dtype, t.shape};
+  return table;
+}
+inline TensorTable table_of(const StateDict& sd) {
+  TensorTable table;
+  for (const auto& [name, t] : sd) table[name] = {t.dtype, t.shape};
+  return table;
+}
+
+}  // namespace detail
+
+/// Merges checkpoints (paths of safetensors files, sharded checkpoints' index files or folders) into
+/// `out`, laid out as the first input (a file, or a folder of shards with an index), streaming.
+/// `base` ("" for none) is the base model of the methods that need one. Every input and the base
+/// must hold the same tensors (names, dtypes, shapes) as the first: otherwise, as for bad options,
+/// nothing is written and InvalidArgument names the difference. Metadata: the first input's, plus
+/// "merge_method".
+inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
+                              const MergeOptions& options, const std::string& out) {
+  check_merge_options(options, inputs.size(), !base.empty());
+  if (options.method == MergeMethod::Ties && inputs.size() > 64)
+    throw InvalidArgument("polyak::merge: ties merges at most 64 models");
+  std::vector<CheckpointReader> readers;
+  for (const auto& path : inputs) readers.emplace_back(path);
+  if (!base.empty()) readers.emplace_back(base);
+  const detail::TensorTable first = detail::table_of(readers.front());
+  for (std::size_t r = 1; r < readers.size(); ++r) {
+    const std::string difference = detail::first_table_difference(
+        first, inputs.front(), detail::table_of(readers[r]), readers[r].path());
+    if (!difference.empty()) throw InvalidArgument("polyak::merge_checkpoints: " + difference);
+  }
+  const std::size_t models = inputs.size();
+  std::map<std::string, std::string> metadata = readers.front().metadata();
+  metadata["merge_method"] = merge_method_name(options.method);
+  write_checkpoint_like(readers.front(), out, metadata, [&](const CheckpointReader::Tensor& tensor) {
+    const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
+    return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
+                                [&readers, &options, models, tensor](int fd, const std::string& file) {
+                                  const std::size_t element = dtype_size(tensor.dtype);
+                                  std::vector<std::byte> bytes;
+                                  if (tensor.dtype == DType::I64) {  // a counter: the last model's
+                                    auto& last = readers[models - 1];
+                                    const StoredTensor t = last.read(*last.find(tensor.name));
+                                    detail::write_all(fd, t.bytes.data(), t.bytes.size(), file);
+                                    return;
+                                  }
+                                  const detail::TensorSource read = [&](std::size_t m, std::size_t begin,
+                                                                        std::size_t count, double* values) {
+                                    auto& reader = readers[m];
+                                    const auto& mine = *reader.find(tensor.name);
+                                    bytes.resize(count * element);
+                                    reader.read_bytes(mine, begin * element, count * element, bytes.data());
+                                    detail::bytes_to_doubles(tensor.dtype, bytes.data(), count, values);
+                                  };
+                                  std::vector<std::byte> piece;
+                                  detail::merge_tensor(
+                                      options, models, tensor.name, tensor.numel(), read,
+                                      [&](const double* values, std::size_t count) {
+                                        piece.resize(count * element);
+                                        detail::doubles_to_bytes(tensor.dtype, values, count, piece.data());
+                                        detail::write_all(fd, piece.data(), piece.size(), file);
+                                      });
+                                }};
+  });
+}
+
+/// The same merge over StateDicts in memory: a new StateDict, each entry in the first's dtype.
+inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, const StateDict* base,
+                                   const MergeOptions& options) {
+  check_merge_options(options, inputs.size(), base != nullptr);
+  if (options.method == MergeMethod::Ties && inputs.size() > 64)
+    throw InvalidArgument("polyak::merge: ties merges at most 64 models");
+  std::vector<const StateDict*> all = inputs;
+  if (base) all.push_back(base);
+  const detail::TensorTable first = detail::table_of(*all.front());
+  for (std::size_t r = 1; r < all.size(); ++r) {
+    const std::string difference =
+        detail::first_table_difference(first, "model 0", detail::table_of(*all[r]),
+                                       r < inputs.size() ? "model " + std::to_string(r) : "the base");
+    if (!difference.empty()) throw InvalidArgument("polyak::merge_state_dicts: " + difference);
+  }
+  StateDict result;
+  result.metadata = all.front()->metadata;
+  result.metadata["merge_method"] = merge_method_name(options.method);
+  for (const auto& entry : *all.front()) {
+    const std::string& name = entry.first;  // (not a structured binding: the lambdas below capture it)
+    const StoredTensor& tensor = entry.second;
+    if (tensor.dtype == DType::I64) {
+      result.insert(name, inputs.back()->at(name).owned());
+      continue;
+    }
+    StoredTensor merged;
+    merged.dtype = tensor.dtype;
+    merged.shape = tensor.shape;
+    merged.bytes.resize(tensor.byte_size());
+    std::vector<std::vector<double>> values;
+    for (const StateDict* sd : all) values.push_back(to_doubles(sd->at(name)));
+    std::size_t at = 0;
+    detail::merge_tensor(
+        options, inputs.size(), name, tensor.numel(),
+        [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
+          std::copy(values[m].begin() + static_cast<std::ptrdiff_t>(begin),
+                    values[m].begin() + static_cast<std::ptrdiff_t>(begin + count), out);
+        },
+        [&](const double* out, std::size_t count) {
+          detail::doubles_to_bytes(tensor.dtype, out, count,
+                                   merged.bytes.data() + at * dtype_size(tensor.dtype));
+          at += count;
+        });
+    result.insert(name, std::move(merged));
+  }
+  return result;
+}
+
+/// A greedy soup (Wortsman et al., 2022): `candidates` in order of their own held-out score, best
+/// first; the soup starts as the first and takes each next one only if the uniform average with it
+/// does not score worse under `evaluate(const StateDict&) -> double` (higher is better).
+struct GreedySoup {
+  std::vector<std::size_t> ingredients;  ///< indices into candidates, in the order taken
+  StateDict soup;                        ///< their uniform average
+  double score = 0;                      ///< evaluate(soup)
+};
+
+template <class Evaluate>
+GreedySoup greedy_soup(const std::vector<std::string>& candidates, Evaluate&& evaluate) {
+  if (candidates.empty()) throw InvalidArgument("polyak::greedy_soup: no candidates");
+  GreedySoup result;
+  result.soup = load_safetensors(candidates.front());
+  result.ingredients.push_back(0);
+  result.score = evaluate(static_cast<const StateDict&>(result.soup));
+  for (std::size_t c = 1; c < candidates.size(); ++c) {
+    const StateDict candidate = load_safetensors(candidates[c]);
+    MergeOptions add;  // the soup of k, weighted k, with the candidate, weighted 1
+    add.weights = {static_cast<double>(result.ingredients.size()), 1.0};
+    StateDict tried = merge_state_dicts({&result.soup, &candidate}, nullptr, add);
+    const double score = evaluate(static_cast<const StateDict&>(tried));
+    if (score >= result.score) {
+      result.soup = std::move(tried);
+      result.score = score;
+      result.ingredients.push_back(c);
+    }
+  }
+  return result;
+}
+
+}  // namespace polyak
