@@ -110,6 +110,21 @@ int main(int argc, char** argv) {
   refused("--bogus" + inputs, "an unknown option");
   refused("out.safetensors", "no input");
   refused(a + " " + a + " " + b, "OUT is an input");
+  // Issue 16: the merge methods' arguments.
+  refused("--method bogus" + inputs, "an unknown method");
+  refused("--method ties" + inputs, "ties without --base");
+  refused("--method ties --base " + a + " --density 2" + inputs, "--density 2");
+  refused("--method dare --base " + a + " --drop 1" + inputs, "--drop 1");
+  refused("--method slerp --t 1.5" + inputs, "--t 1.5");
+  refused("--method slerp" + inputs + " " + c, "slerp of three inputs");
+  refused("--base " + a + inputs, "--base with an average");
+  refused("--latest 0" + inputs, "--latest 0");
+  refused("--latest 3" + inputs, "--latest 3 of 2 inputs");
+  refused("--latest 1 --weights 1,1" + inputs, "--latest with --weights");
+  refused("--method ties --base " + a + " --ema 0.5" + inputs, "--ema with a merge");
+  refused("--method dare --base " + a + " --seed -1" + inputs, "--seed -1");
+  refused("--method dare --method ties --base " + a + inputs, "--method twice");
+  refused("--method task-arithmetic --base out.safetensors" + inputs, "the base is OUT");
   // --help: the usage on stdout, exit 0, and no file named "--help" or anything else
   const int help = std::system(("cd " + folder + " && " + tool + " --help a b >/dev/null").c_str());
   std::size_t files = 0;
@@ -119,6 +134,31 @@ int main(int argc, char** argv) {
   // Huge but finite weights are normalized without overflow: 1e308,1e308 is the uniform mean.
   expect(run("--weights 1e308,1e308 " + out + " " + a + " " + b) == 0 && w0(out) == 1.5f,
          "--weights 1e308,1e308 is the uniform mean (1 + 2) / 2");
+
+  // LAWA and the merges, against their closed forms on w[0] (inputs 1, 2, 6; base 1).
+  expect(run("--latest 2 " + out + " " + a + " " + b + " " + c) == 0 && w0(out) == 4.0f,
+         "--latest 2: (2 + 6) / 2 = 4");
+  expect(run("--method task-arithmetic --base " + a + " --scale 0.5 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 4.0f,
+         "task arithmetic: 1 + 0.5 ((2 - 1) + (6 - 1)) = 4");
+  expect(run("--method ties --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 4.0f,
+         "ties, density 1: 1 + mean(1, 5) = 4 (both agree in sign)");
+  expect(run("--method dare --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 7.0f,
+         "dare, drop 0: 1 + (1 + 5) = 7");
+  expect(run("--method slerp --t 0 " + out + " " + b + " " + c) == 0 && w0(out) == 2.0f,
+         "slerp, t 0: the first");
+  // A sharded input gives a sharded output: the index and its shards.
+  const std::string sharded = folder + "/sharded";
+  std::filesystem::create_directories(sharded);
+  std::filesystem::copy_file(b, sharded + "/model-00001-of-00001.safetensors");
+  std::ofstream(sharded + "/model.safetensors.index.json")
+      << R"({"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors", )"
+      << R"("h": "model-00001-of-00001.safetensors", "n_averaged": "model-00001-of-00001.safetensors"}})";
+  const std::string sharded_out = folder + "/sharded_out";
+  expect(run(sharded_out + " " + sharded + " " + c) == 0 &&
+             std::filesystem::exists(sharded_out + "/model.safetensors.index.json") &&
+             w0(sharded_out + "/model-00001-of-00001.safetensors") == 4.0f,
+         "a sharded input: a sharded output, (2 + 6) / 2 = 4");
 
   std::filesystem::remove_all(folder);
   return failures == 0 ? 0 : 1;

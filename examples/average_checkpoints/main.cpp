@@ -1,18 +1,23 @@
 // SPDX-License-Identifier: MIT
-// average_checkpoints: averages safetensors checkpoints into one, as fairseq's checkpoint averaging
-// and "model soups" do.
+// average_checkpoints: averages or merges checkpoints into one, as fairseq's checkpoint averaging,
+// model soups, LAWA and mergekit do, streaming (polyak/merge.hpp).
 //
-//   average_checkpoints [--weights W1,W2,...] [--ema DECAY] OUT IN1 IN2 ...
+//   average_checkpoints [OPTIONS] OUT IN1 IN2 ...
 //
 // Uniform by default; --weights gives each file a weight (finite, >= 0, not all 0; normalized to sum
 // 1); --ema folds the files in order into an exponential moving average (the first file starts it;
-// DECAY in [0, 1]); the two exclude each other. Every floating-point tensor is averaged in double and
-// rounded once to its own dtype; integer tensors (counters such as n_averaged) are taken from the last
-// file. It streams: one tensor of every input at a time, each input read from the file it opened
-// first, so memory stays near one checkpoint (the output, written atomically at the end). Inputs that
-// differ in tensor names, dtypes or shapes, and any argument it cannot read, are refused with the
-// problem named, and no output is written.
+// DECAY in [0, 1]); --latest K averages the last K inputs (LAWA: list the run's checkpoints in
+// order). --method task-arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic
+// against --base; slerp between two inputs), with --scale, --density, --drop, --seed and --t; the
+// weights are then each model's lambda. Inputs are safetensors files or Hugging Face sharded
+// checkpoints (an index file or its folder); OUT is laid out as the first input (a folder of
+// shards and an index, for a sharded one). Every floating-point tensor is computed in double and
+// rounded once to its own dtype; integer tensors (counters such as n_averaged) are taken from the
+// last input. Memory: a few pieces of one tensor (TIES: plus one float per scalar of the largest
+// tensor). Inputs that differ in tensor names, dtypes or shapes, and any argument it cannot read,
+// are refused with the problem named, and no output is written.
 #include <polyak/detail/number_text.hpp>
+#include <polyak/merge.hpp>
 #include <polyak/serialization.hpp>
 
 #include <algorithm>
@@ -28,10 +33,20 @@
 namespace {
 
 const char* const usage_text =
-    "usage: average_checkpoints [--weights W1,W2,...] [--ema DECAY] OUT IN1 IN2 ...\n"
-    "  averages the safetensors checkpoints IN1 IN2 ... into OUT (written only if all goes well)\n"
-    "  --weights W1,W2,...  one weight per input (finite, >= 0, not all 0), normalized to sum 1\n"
-    "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (not with --weights)\n"
+    "usage: average_checkpoints [OPTIONS] OUT IN1 IN2 ...\n"
+    "  averages or merges the checkpoints IN1 IN2 ... (safetensors files, or sharded checkpoints:\n"
+    "  an index .json or its folder) into OUT (written only if all goes well)\n"
+    "  --weights W1,W2,...  one weight per input (finite; >= 0 and not all 0 for an average,\n"
+    "                       normalized to sum 1; > 0 for ties): each model's lambda in a merge\n"
+    "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (an average)\n"
+    "  --latest K           the uniform average of the last K inputs (LAWA)\n"
+    "  --method M           average (default), task-arithmetic, ties, dare or slerp\n"
+    "  --base PATH          the base model of task-arithmetic, ties and dare\n"
+    "  --scale S            lambda on the merged task vector (default 1)\n"
+    "  --density D          ties: the fraction of each task vector kept, in [0, 1] (default 1)\n"
+    "  --drop P             dare: the drop probability, in [0, 1) (default 0)\n"
+    "  --seed N             dare: the seed of the drops (default 0)\n"
+    "  --t T                slerp: 0 gives IN1, 1 gives IN2 (default 0.5)\n"
     "  --                   what follows is file names, even if it starts with '-'\n";
 
 /// A command line that cannot be run: the tool prints the message and its usage, and exits 2.
@@ -43,9 +58,21 @@ struct Arguments {
   bool help = false;
   std::vector<double> weights;  // empty: uniform
   double ema = -1;              // < 0: no EMA
+  std::int64_t latest = 0;      // > 0: LAWA over the last `latest` inputs
+  polyak::MergeOptions merge;
+  std::string base;
   std::string out;
   std::vector<std::string> inputs;
 };
+
+polyak::MergeMethod method_named(const std::string& name) {
+  if (name == "average") return polyak::MergeMethod::Average;
+  if (name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;
+  if (name == "ties") return polyak::MergeMethod::Ties;
+  if (name == "dare") return polyak::MergeMethod::Dare;
+  if (name == "slerp") return polyak::MergeMethod::Slerp;
+  throw UsageError("--method '" + name + "' is none of average, task-arithmetic, ties, dare, slerp");
+}
 
 double finite_number(std::string_view text, const char* what) {
   double value = 0;
@@ -59,6 +86,7 @@ Arguments parse(int argc, char** argv) {
   Arguments args;
   std::vector<std::string> files;
   bool weights_given = false, ema_given = false, options_done = false;
+  std::vector<std::string> seen;  // options given, each at most once
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
@@ -67,6 +95,35 @@ Arguments parse(int argc, char** argv) {
       options_done = true;
     } else if (arg == "--help" || arg == "-h") {
       args.help = true;
+    } else if (arg == "--method" || arg == "--base" || arg == "--scale" || arg == "--density" ||
+               arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest") {
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
+      seen.push_back(arg);
+      const std::string value = argv[++i];
+      if (arg == "--method") {
+        args.merge.method = method_named(value);
+      } else if (arg == "--base") {
+        args.base = value;
+      } else if (arg == "--scale") {
+        args.merge.scale = finite_number(value, "--scale");
+      } else if (arg == "--density") {
+        args.merge.density = finite_number(value, "--density");
+      } else if (arg == "--drop") {
+        args.merge.drop = finite_number(value, "--drop");
+      } else if (arg == "--t") {
+        args.merge.t = finite_number(value, "--t");
+      } else {
+        std::int64_t n = 0;
+        if (!polyak::detail::parse_number(value, n) || n < (arg == "--seed" ? 0 : 1))
+          throw UsageError(arg + " '" + value +
+                           "' is not a whole number >= " + (arg == "--seed" ? "0" : "1"));
+        if (arg == "--seed") {
+          args.merge.seed = static_cast<std::uint64_t>(n);
+        } else {
+          args.latest = n;
+        }
+      }
     } else if (arg == "--weights" || arg == "--ema") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       const std::string value = argv[++i];
@@ -95,6 +152,12 @@ Arguments parse(int argc, char** argv) {
   }
   if (args.help) return args;
   if (weights_given && ema_given) throw UsageError("--weights and --ema exclude each other");
+  const bool average = args.merge.method == polyak::MergeMethod::Average;
+  if (!average && (ema_given || args.latest > 0))
+    throw UsageError("--ema and --latest are averages: not with --method " +
+                     std::string(polyak::merge_method_name(args.merge.method)));
+  if (args.latest > 0 && (weights_given || ema_given))
+    throw UsageError("--latest takes no --weights or --ema");
   if (files.size() < 2) throw UsageError("needs OUT and at least one input");
   args.out = files.front();
   args.inputs.assign(files.begin() + 1, files.end());
@@ -102,11 +165,26 @@ Arguments parse(int argc, char** argv) {
     throw UsageError(std::to_string(args.weights.size()) + " weights for " +
                      std::to_string(args.inputs.size()) + " inputs");
   }
-  for (const auto& input : args.inputs) {
+  if (args.latest > static_cast<std::int64_t>(args.inputs.size())) {
+    throw UsageError("--latest " + std::to_string(args.latest) + " of " + std::to_string(args.inputs.size()) +
+                     " inputs");
+  }
+  std::vector<std::string> read = args.inputs;
+  if (!args.base.empty()) read.push_back(args.base);
+  for (const auto& input : read) {
     std::error_code error;
     if (input == args.out || std::filesystem::equivalent(input, args.out, error)) {
       throw UsageError("OUT '" + args.out + "' is also an input");
     }
+  }
+  if (!average && weights_given) args.merge.weights = args.weights;
+  try {
+    const std::size_t models = args.latest > 0 ? static_cast<std::size_t>(args.latest) : args.inputs.size();
+    polyak::MergeOptions checked = args.merge;
+    if (!average) polyak::check_merge_options(checked, models, !args.base.empty());
+    if (average && !args.base.empty()) throw UsageError("--base goes with task-arithmetic, ties or dare");
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string(e.what()).substr(std::string("polyak::merge: ").size()));
   }
   return args;
 }
@@ -123,58 +201,27 @@ std::vector<double> normalized(std::vector<double> weights, std::size_t inputs) 
   return weights;
 }
 
-int run(const Arguments& args) {
-  const std::vector<double> weights = normalized(args.weights, args.inputs.size());
-  const bool ema = args.ema >= 0;
-
-  // Every input must hold the same tensors as the first: checked before anything is written.
-  std::vector<polyak::SafetensorsReader> readers;
-  for (const auto& path : args.inputs) readers.emplace_back(path);
-  const auto& first = readers.front().index();
-  for (std::size_t f = 1; f < readers.size(); ++f) {
-    const auto& other = readers[f].index();
-    if (other.entries.size() != first.entries.size()) {
-      throw std::invalid_argument(args.inputs[f] + " holds " + std::to_string(other.entries.size()) +
-                                  " tensors, " + args.inputs[0] + " " + std::to_string(first.entries.size()));
-    }
-    for (const auto& e : first.entries) {
-      const auto match = std::find_if(other.entries.begin(), other.entries.end(),
-                                      [&](const auto& candidate) { return candidate.name == e.name; });
-      if (match == other.entries.end())
-        throw std::invalid_argument(args.inputs[f] + " has no tensor '" + e.name + "'");
-      if (match->dtype != e.dtype || match->shape != e.shape) {
-        throw std::invalid_argument("tensor '" + e.name + "' is " + polyak::dtype_name(match->dtype) + " " +
-                                    polyak::shape_string(match->shape) + " in " + args.inputs[f] + ", " +
-                                    polyak::dtype_name(e.dtype) + " " + polyak::shape_string(e.shape) +
-                                    " in " + args.inputs[0]);
-      }
-    }
+/// An EMA over the inputs in order as the weights of an average: the first weighs decay^(n-1),
+/// input i >= 1 (1 - decay) decay^(n-1-i).
+std::vector<double> ema_weights(double decay, std::size_t inputs) {
+  std::vector<double> weights(inputs);
+  for (std::size_t i = 0; i < inputs; ++i) {
+    const double later = std::pow(decay, static_cast<double>(inputs - 1 - i));
+    weights[i] = i == 0 ? later : (1 - decay) * later;
   }
+  return weights;
+}
 
-  polyak::StateDict result;
-  result.metadata = first.metadata;
-  for (const auto& e : first.entries) {
-    if (e.dtype == polyak::DType::I64) {  // counters: the last file's
-      result.insert(e.name, readers.back().read(e.name));
-      continue;
-    }
-    polyak::StoredTensor averaged = readers.front().read(e);
-    std::vector<double> sum = polyak::to_doubles(averaged);
-    for (double& v : sum) v *= ema ? 1.0 : weights[0];
-    for (std::size_t f = 1; f < readers.size(); ++f) {
-      const std::vector<double> x = polyak::to_doubles(readers[f].read(e.name));
-      for (std::size_t i = 0; i < x.size(); ++i) {
-        sum[i] = ema ? args.ema * sum[i] + (1 - args.ema) * x[i] : sum[i] + weights[f] * x[i];
-      }
-    }
-    polyak::assign_doubles(averaged, sum);
-    result.insert(e.name, std::move(averaged));
+int run(Arguments args) {
+  std::vector<std::string> inputs = args.inputs;
+  if (args.merge.method == polyak::MergeMethod::Average) {
+    if (args.latest > 0) inputs.erase(inputs.begin(), inputs.end() - args.latest);
+    args.merge.weights =
+        args.ema >= 0 ? ema_weights(args.ema, inputs.size()) : normalized(args.weights, inputs.size());
   }
-  result.metadata["averaged_checkpoints"] = std::to_string(args.inputs.size());
-  result.metadata["averaging"] = ema ? "ema " + polyak::detail::number_text(args.ema) : "weighted mean";
-  polyak::save_safetensors(args.out, result);
-  std::printf("average_checkpoints: %zu tensors from %zu checkpoints into %s\n", result.size(),
-              args.inputs.size(), args.out.c_str());
+  polyak::merge_checkpoints(inputs, args.base, args.merge, args.out);
+  std::printf("average_checkpoints: %s of %zu checkpoints into %s\n",
+              polyak::merge_method_name(args.merge.method), inputs.size(), args.out.c_str());
   return 0;
 }
 
