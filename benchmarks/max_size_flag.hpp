@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-/// Removes --polyak_max_size=N from argv (argc updated) and returns N, 1e8 when absent.
-inline double take_max_size_flag(int& argc, char** argv) {
-  double max_size = 1e8;
+/// Removes --polyak_max_size=N from argv (argc updated) and returns N, `absent` when not given.
+inline double take_max_size_flag(int& argc, char** argv, double absent = 1e8) {
+  double max_size = absent;
   std::vector<char*> kept;
   for (int i = 0; i < argc; ++i) {
     const std::string arg = argv[i];

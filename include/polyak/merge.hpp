@@ -150,7 +150,7 @@ inline std::uint64_t name_hash(const std::string& name) {
 using TensorSource =
     std::function<void(std::size_t model, std::size_t begin, std::size_t count, double* out)>;
 
-inline constexpr std::size_t merge_piece = std::size_t{1} << 16;
+inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
 
 /// Merges one floating-point tensor of `numel` elements, calling emit(values, count) with the
 /// merged doubles piece by piece, in order.
@@ -232,18 +232,32 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
     const std::size_t count = std::min(merge_piece, numel - begin);
     read_piece(begin, count);
+    // The linear methods a model at a time over the piece (loops the compiler vectorizes), the
+    // others a scalar at a time.
+    if (o.method == MergeMethod::Average || o.method == MergeMethod::TaskArithmetic ||
+        o.method == MergeMethod::Slerp) {
+      const bool slerp = o.method == MergeMethod::Slerp, arithmetic = o.method == MergeMethod::TaskArithmetic;
+      double* result = out.data();
+      std::fill(result, result + count, 0.0);
+      for (std::size_t m = 0; m < models; ++m) {
+        const double weight = slerp ? (m == 0 ? s0 : s1) : arithmetic ? o.scale * w[m] : w[m];
+        const double* xm = x[m].data();
+        if (arithmetic) {
+          const double* b = base.data();
+          for (std::size_t j = 0; j < count; ++j) result[j] += weight * (xm[j] - b[j]);
+        } else {
+          for (std::size_t j = 0; j < count; ++j) result[j] += weight * xm[j];
+        }
+      }
+      if (arithmetic) {
+        for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
+      }
+      emit(static_cast<const double*>(out.data()), count);
+      continue;
+    }
     for (std::size_t j = 0; j < count; ++j) {
       double value = 0;
       switch (o.method) {
-        case MergeMethod::Average:
-          for (std::size_t m = 0; m < models; ++m) value += w[m] * x[m][j];
-          break;
-        case MergeMethod::TaskArithmetic: {
-          double delta = 0;
-          for (std::size_t m = 0; m < models; ++m) delta += w[m] * (x[m][j] - base[j]);
-          value = base[j] + o.scale * delta;
-          break;
-        }
         case MergeMethod::Dare: {
           double delta = 0;
           for (std::size_t m = 0; m < models; ++m) {
@@ -278,8 +292,9 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           value = base[j] + (denominator > 0 ? o.scale * numerator / denominator : 0.0);
           break;
         }
+        case MergeMethod::Average:  // (the linear methods were merged above)
+        case MergeMethod::TaskArithmetic:
         case MergeMethod::Slerp:
-          value = s0 * x[0][j] + s1 * x[1][j];
           break;
       }
       out[j] = value;
@@ -323,6 +338,53 @@ inline TensorTable table_of(const StateDict& sd) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Merges one tensor of `readers` (the models, then the base) and writes it to `fd`. Reads and
+/// writes go in blocks of 1 MiB, each model's block kept, the arithmetic in pieces of merge_piece:
+/// a system call a block, not a piece, which is most of what a merge costs beyond its I/O.
+inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const MergeOptions& options,
+                                std::size_t models, const CheckpointReader::Tensor& tensor, int fd,
+                                const std::string& file) {
+  if (tensor.dtype == DType::I64) {  // a counter: the last model's
+    auto& last = readers[models - 1];
+    const StoredTensor t = last.read(*last.find(tensor.name));
+    write_all(fd, t.bytes.data(), t.bytes.size(), file);
+    return;
+  }
+  const std::size_t element = dtype_size(tensor.dtype), numel = tensor.numel();
+  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
+  struct Cached {
+    std::size_t begin = 0, count = 0;
+    std::vector<std::byte> bytes;
+  };
+  std::vector<Cached> cache(readers.size());
+  const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
+    Cached& c = cache[m];
+    if (begin < c.begin || begin + count > c.begin + c.count) {
+      c.begin = begin;
+      c.count = std::min(block, numel - begin);
+      c.bytes.resize(c.count * element);
+      readers[m].read_bytes(*readers[m].find(tensor.name), begin * element, c.count * element,
+                            c.bytes.data());
+    }
+    bytes_to_doubles(tensor.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
+  };
+  std::vector<std::byte> pending(block * element);
+  std::size_t filled = 0;  // elements in `pending`
+  merge_tensor(options, models, tensor.name, numel, read, [&](const double* values, std::size_t count) {
+    if ((filled + count) * element > pending.size()) {
+      write_all(fd, pending.data(), filled * element, file);
+      filled = 0;
+    }
+    doubles_to_bytes(tensor.dtype, values, count, pending.data() + filled * element);
+    filled += count;
+  });
+  write_all(fd, pending.data(), filled * element, file);
+}
+
+}  // namespace detail
+
 /// Merges checkpoints (paths of safetensors files, sharded checkpoints' index files or folders) into
 /// `out`, laid out as the first input (a file, or a folder of shards with an index), streaming.
 /// `base` ("" for none) is the base model of the methods that need one. Every input and the base
@@ -350,30 +412,7 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
     const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
     return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
                                 [&readers, &options, models, tensor](int fd, const std::string& file) {
-                                  const std::size_t element = dtype_size(tensor.dtype);
-                                  std::vector<std::byte> bytes;
-                                  if (tensor.dtype == DType::I64) {  // a counter: the last model's
-                                    auto& last = readers[models - 1];
-                                    const StoredTensor t = last.read(*last.find(tensor.name));
-                                    detail::write_all(fd, t.bytes.data(), t.bytes.size(), file);
-                                    return;
-                                  }
-                                  const detail::TensorSource read = [&](std::size_t m, std::size_t begin,
-                                                                        std::size_t count, double* values) {
-                                    auto& reader = readers[m];
-                                    const auto& mine = *reader.find(tensor.name);
-                                    bytes.resize(count * element);
-                                    reader.read_bytes(mine, begin * element, count * element, bytes.data());
-                                    detail::bytes_to_doubles(tensor.dtype, bytes.data(), count, values);
-                                  };
-                                  std::vector<std::byte> piece;
-                                  detail::merge_tensor(
-                                      options, models, tensor.name, tensor.numel(), read,
-                                      [&](const double* values, std::size_t count) {
-                                        piece.resize(count * element);
-                                        detail::doubles_to_bytes(tensor.dtype, values, count, piece.data());
-                                        detail::write_all(fd, piece.data(), piece.size(), file);
-                                      });
+                                  detail::write_merged_tensor(readers, options, models, tensor, fd, file);
                                 }};
   });
 }

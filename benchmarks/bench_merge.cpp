@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: MIT
+// Merging two checkpoints (polyak/merge.hpp) against the disk's bound, and its peak memory.
+//
+//   merge/<method>/<bytes>    merge_checkpoints of two float32 checkpoints of <bytes> each (64
+//                             tensors), in a child process: its time, its peak resident memory
+//                             (peak_rss_MB, from wait4), and bound_ratio: the time of the same I/O
+//                             without the arithmetic (both inputs read in 1 MiB blocks, one output's
+//                             bytes written and fsynced, as the merge does), run just before in the
+//                             same iteration, over the merge's time. Each run starts after sync(),
+//                             so that no earlier write is still draining; the median of the
+//                             per-iteration ratios is the figure to quote.
+//   bound/cat/<bytes>         `cat IN1 IN2 > /dev/null`: reading alone
+// All read warm files (the page cache holds them after they are made): the bound is this machine's
+// memory and file system, not a cold disk.
+//
+//   usage: bench_merge [--polyak_max_size=BYTES, default 1e9] [Google Benchmark flags]
+#include <benchmark/benchmark.h>
+
+#include <polyak/merge.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "max_size_flag.hpp"
+
+namespace {
+
+constexpr int tensors = 64;
+
+std::string path_of(const std::string& name) { return "polyak_bench_merge_" + name; }
+
+/// A float32 checkpoint of about `bytes`, generated piece by piece as it is written (its maker
+/// holds no copy).
+void make_checkpoint(const std::string& path, double bytes, float offset) {
+  const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
+  std::vector<polyak::detail::TensorWriter> writers;
+  for (int k = 0; k < tensors; ++k) {
+    writers.push_back({"layer" + std::to_string(k) + ".weight",
+                       polyak::DType::F32,
+                       {static_cast<std::int64_t>(per_tensor)},
+                       per_tensor * 4,
+                       [=](int fd, const std::string& file) {
+                         std::vector<float> piece(1 << 16);
+                         for (std::size_t begin = 0; begin < per_tensor; begin += piece.size()) {
+                           const std::size_t count = std::min(piece.size(), per_tensor - begin);
+                           for (std::size_t i = 0; i < count; ++i)
+                             piece[i] = offset +
+                                        std::sin(static_cast<float>(begin + i + static_cast<std::size_t>(k)));
+                           polyak::detail::write_all(fd, piece.data(), count * 4, file);
+                         }
+                       }});
+  }
+  polyak::detail::write_safetensors(path, {}, writers);
+}
+
+/// Runs `body` in a child process; returns its peak resident memory in MB and sets `seconds`.
+template <class Body>
+double in_child(Body&& body, double* seconds = nullptr) {
+  ::sync();
+  const auto start = std::chrono::steady_clock::now();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    int code = 0;
+    try {
+      body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_merge: %s\n", e.what());
+      code = 1;
+    }
+    std::_Exit(code);
+  }
+  int status = 0;
+  struct rusage usage {};
+  ::wait4(child, &status, 0, &usage);
+  if (seconds) *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    throw std::runtime_error("bench_merge: the child failed");
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux reports KiB
+}
+
+/// The merge's I/O without its arithmetic: both inputs read, one output's bytes written, fsynced.
+void read_write(double bytes) {
+  std::vector<char> block(1 << 20);
+  for (const auto& name : {"a", "b"}) {
+    const int fd = ::open(path_of(name).c_str(), O_RDONLY);
+    while (::read(fd, block.data(), block.size()) > 0) {
+    }
+    ::close(fd);
+  }
+  const int out = ::open(path_of("copy").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  for (double written = 0; written < bytes; written += static_cast<double>(block.size()))
+    polyak::detail::write_all(out, block.data(), block.size(), "copy");
+  ::fsync(out);
+  ::close(out);
+}
+
+void merge(benchmark::State& state, polyak::MergeMethod method, double bytes) {
+  polyak::MergeOptions options;
+  options.method = method;
+  options.density = 0.2;
+  const std::string base = method == polyak::MergeMethod::Ties ? path_of("b") : "";
+  double peak = 0, ratio = 0;
+  for (auto _ : state) {
+    double bound = 0, seconds = 0;
+    in_child([&] { read_write(bytes); }, &bound);
+    peak = std::max(
+        peak, in_child(
+                  [&] {
+                    polyak::merge_checkpoints({path_of("a"), path_of("b")}, base, options, path_of("out"));
+                  },
+                  &seconds));
+    ratio = bound / seconds;
+    state.SetIterationTime(seconds);
+  }
+  state.counters["bound_ratio"] = ratio;
+  state.counters["peak_rss_MB"] = peak;
+  state.counters["largest_tensor_MB"] = bytes / tensors / 1e6;
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * 2 * bytes));
+}
+
+void cat_bound(benchmark::State& state, double bytes) {
+  const std::string command = "cat " + path_of("a") + " " + path_of("b") + " > /dev/null";
+  for (auto _ : state) {
+    if (std::system(command.c_str()) != 0) state.SkipWithError("cat failed");
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * 2 * bytes));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const double bytes = take_max_size_flag(argc, argv, 1e9);
+  benchmark::Initialize(&argc, argv);
+  make_checkpoint(path_of("a"), bytes, 0.0f);
+  make_checkpoint(path_of("b"), bytes, 0.5f);
+  char size[16];
+  std::snprintf(size, sizeof size, "%.0eB", bytes);
+  const std::string tail = std::string("/") + size;
+  benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
+  for (const auto method : {polyak::MergeMethod::Average, polyak::MergeMethod::Ties}) {
+    benchmark::RegisterBenchmark(("merge/" + std::string(polyak::merge_method_name(method)) + tail).c_str(),
+                                 merge, method, bytes)
+        ->UseManualTime()
+        ->Iterations(1);
+  }
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  for (const auto& name : {"a", "b", "out", "copy"}) std::remove(path_of(name).c_str());
+  return 0;
+}
