@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The checkpoint layer, in one include: StateDict, the settings codec, every core type's
 // state_dict()/load_state_dict() (StateIO), crash-safe safetensors files, sharded checkpoints,
-// model merging, and post-hoc EMA over snapshot files. Adds nlohmann-json (CMake target polyak::checkpoint) and needs POSIX file calls.
+// model merging, and post-hoc EMA over snapshot files. Adds nlohmann-json (CMake target
+// polyak::checkpoint) and needs POSIX file calls.
 #pragma once
 
 #include "polyak/merge.hpp"

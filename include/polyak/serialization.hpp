@@ -398,10 +398,11 @@ class SafetensorsReader {
 
   /// Reads `length` bytes of one tensor of index(), from byte `offset` of its data on, into `out`:
   /// a piece of a large tensor, for readers that stream (polyak/merge.hpp).
-  void read_bytes(const SafetensorsIndex::Entry& entry, std::uint64_t offset, std::size_t length, std::byte* out) {
+  void read_bytes(const SafetensorsIndex::Entry& entry, std::uint64_t offset, std::size_t length,
+                  std::byte* out) {
     if (offset > entry.end - entry.begin || length > entry.end - entry.begin - offset) {
-      throw InvalidArgument("polyak::SafetensorsReader::read_bytes: bytes [" + std::to_string(offset) + ", +" +
-                            std::to_string(length) + ") lie outside tensor '" + entry.name + "'");
+      throw InvalidArgument("polyak::SafetensorsReader::read_bytes: bytes [" + std::to_string(offset) +
+                            ", +" + std::to_string(length) + ") lie outside tensor '" + entry.name + "'");
     }
     in_.seekg(static_cast<std::streamoff>(index_.data_start + entry.begin + offset));
     if (!in_ || !in_.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(length))) {
