@@ -20,9 +20,9 @@
 //                   (anti)parallel (|cos theta| > 0.9995, mergekit's threshold) or one is zero, the
 //                   linear (1 - t) x_1 + t x_2
 // Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
-// bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a few 64 Ki-scalar
-// pieces per model, plus for Ties one float per scalar of the tensor being merged (its magnitudes,
-// to find the trim threshold).
+// bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a 1 MiB block and a
+// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, and for Ties two floats per
+// scalar of the tensor being merged (its magnitudes, and a copy to find the trim threshold).
 #pragma once
 
 #include <algorithm>
@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <future>  // the output blocks written on a second thread
 #include <limits>
 #include <map>
 #include <random>
@@ -370,17 +371,26 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
     }
     bytes_to_doubles(tensor.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
   };
-  std::vector<std::byte> pending(block * element);
+  // Two output blocks: one filled here while the other is written on a second thread, so that the
+  // kernel's copies into the page cache overlap the reading and arithmetic of the next block.
+  std::vector<std::byte> pending(block * element), writing(block * element);
+  std::future<void> written;  // (after the buffers: destroyed first, it waits for the write)
+  const auto flush = [&](std::size_t bytes) {
+    if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
+    std::swap(pending, writing);
+    written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
+  };
   std::size_t filled = 0;  // elements in `pending`
   merge_tensor(options, models, tensor.name, numel, read, [&](const double* values, std::size_t count) {
     if ((filled + count) * element > pending.size()) {
-      write_all(fd, pending.data(), filled * element, file);
+      flush(filled * element);
       filled = 0;
     }
     doubles_to_bytes(tensor.dtype, values, count, pending.data() + filled * element);
     filled += count;
   });
-  write_all(fd, pending.data(), filled * element, file);
+  flush(filled * element);
+  written.get();
 }
 
 }  // namespace detail
