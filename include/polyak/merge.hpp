@@ -110,34 +110,6 @@ inline void check_merge_options(const MergeOptions& o, std::size_t models, bool 
 
 namespace detail {
 
-/// `count` elements of `dtype` at `in` as doubles.
-inline void bytes_to_doubles(DType dtype, const std::byte* in, std::size_t count, double* out) {
-  with_scalar_type(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    for (std::size_t i = 0; i < count; ++i) {
-      T v;
-      std::memcpy(&v, in + i * sizeof(T), sizeof(T));
-      out[i] = static_cast<double>(v);
-    }
-  });
-}
-
-/// `count` doubles rounded once to `dtype` (for 16-bit types through float, as assign_doubles).
-inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, std::byte* out) {
-  with_scalar_type(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    for (std::size_t i = 0; i < count; ++i) {
-      T v;
-      if constexpr (std::is_same_v<T, std::int64_t>) {
-        v = static_cast<std::int64_t>(std::llround(in[i]));
-      } else {
-        v = static_cast<T>(in[i]);
-      }
-      std::memcpy(out + i * sizeof(T), &v, sizeof(T));
-    }
-  });
-}
-
 /// FNV-1a of a name: part of Dare's seed, the same on every platform.
 inline std::uint64_t name_hash(const std::string& name) {
   std::uint64_t h = 14695981039346656037ull;
@@ -456,14 +428,20 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
     merged.dtype = tensor.dtype;
     merged.shape = tensor.shape;
     merged.bytes.resize(tensor.byte_size());
-    std::vector<std::vector<double>> values;
-    for (const StateDict* sd : all) values.push_back(to_doubles(sd->at(name)));
+    // Pieces read from each entry's row-major bytes (a borrowed column-major one reordered once).
+    const std::size_t element = dtype_size(tensor.dtype);
+    std::vector<StoredTensor> reordered(all.size());
+    std::vector<const std::byte*> sources;
+    for (std::size_t m = 0; m < all.size(); ++m) {
+      const StoredTensor& t = all[m]->at(name);
+      if (t.contiguous() == nullptr) reordered[m] = t.owned();
+      sources.push_back(t.contiguous() != nullptr ? t.contiguous() : reordered[m].bytes.data());
+    }
     std::size_t at = 0;
     detail::merge_tensor(
         options, inputs.size(), name, tensor.numel(),
         [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
-          std::copy(values[m].begin() + static_cast<std::ptrdiff_t>(begin),
-                    values[m].begin() + static_cast<std::ptrdiff_t>(begin + count), out);
+          detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },
         [&](const double* out, std::size_t count) {
           detail::doubles_to_bytes(tensor.dtype, out, count,

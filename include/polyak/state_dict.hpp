@@ -159,6 +159,35 @@ struct StoredTensor {
 
 namespace detail {
 
+/// `count` elements of `dtype` at `in` as doubles (exact for every dtype; I64 up to 2^53).
+inline void bytes_to_doubles(DType dtype, const std::byte* in, std::size_t count, double* out) {
+  with_scalar_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      T v;
+      std::memcpy(&v, in + i * sizeof(T), sizeof(T));
+      out[i] = static_cast<double>(v);
+    }
+  });
+}
+
+/// `count` doubles rounded once to `dtype` (I64 to the nearest integer; half and bfloat16 through
+/// Eigen's conversion from float, so double -> float -> 16 bits can round twice), into `out`.
+inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, std::byte* out) {
+  with_scalar_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      T v;
+      if constexpr (std::is_same_v<T, std::int64_t>) {
+        v = static_cast<std::int64_t>(std::llround(in[i]));
+      } else {
+        v = static_cast<T>(in[i]);
+      }
+      std::memcpy(out + i * sizeof(T), &v, sizeof(T));
+    }
+  });
+}
+
 /// Calls visit(i, value) with each element of `t` as a double, row-major.
 template <class Visit>
 void for_each_double(const StoredTensor& t, Visit&& visit) {
@@ -190,22 +219,7 @@ inline void assign_doubles(StoredTensor& t, const std::vector<double>& values) {
   t.borrowed = nullptr;
   t.borrowed_order = StorageOrder::RowMajor;
   t.bytes.resize(values.size() * dtype_size(t.dtype));
-  detail::with_scalar_type(t.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    for (std::size_t i = 0; i < values.size(); ++i) {
-      T v;
-      if constexpr (std::is_same_v<T, std::int64_t>) {
-        v = static_cast<std::int64_t>(std::llround(values[i]));
-      } else if constexpr (std::is_same_v<T, double>) {
-        v = values[i];
-      } else if constexpr (std::is_same_v<T, float>) {
-        v = static_cast<float>(values[i]);
-      } else {  // half, bfloat16: Eigen converts from float; double -> float -> 16 bits can double-round
-        v = static_cast<T>(values[i]);
-      }
-      std::memcpy(t.bytes.data() + i * sizeof(T), &v, sizeof(T));
-    }
-  });
+  detail::doubles_to_bytes(t.dtype, values.data(), values.size(), t.bytes.data());
 }
 
 namespace detail {
