@@ -1,42 +1,117 @@
 // SPDX-License-Identifier: MIT
-// average_parameters (pack, allreduce, unpack) against bare MPI_Allreduce schedules of the same
-// bytes: one buffer, and chunks of 1e5, 2^18 and 1e6 floats. Run on 2 ranks:
-//   mpirun -np 2 bench_mpi [--benchmark_out=...]
+// average_parameters against the bare MPI_Allreduce of the same bytes, paired so that this
+// machine's noise cannot decide the comparison: each iteration times polyak and the bare collective
+// back to back (in alternating order), and the benchmark reports the median of the per-pair ratios.
+// The bare collective is what polyak's wire carries, in place, in the same pieces polyak sends
+// (detail::average_chunk_bytes). For a float model that is the model's own memory: its tensors (the
+// resnet50 layout) lie one after another in one allocation and the bare collective reduces that
+// allocation, because two equal buffers allocated apart differed by up to 14% here in an A/A run,
+// more than what is measured. A bf16 model's wire is floats, which MPI needs in a buffer of their
+// own: the bare collective reduces a float buffer of the model's scalar count. Run on 2 ranks:
+//   mpirun -np 2 bench_mpi [--polyak_max_size=1e8] [--benchmark_out=...]
 // Every rank runs every benchmark with fixed iteration counts (collectives must pair up); rank 0
-// reports.
+// reports. A pair's time is the slower rank's (both ranks' times are reduced with MPI_MAX).
 #include <benchmark/benchmark.h>
 #include <mpi.h>
 
 #include <polyak/model_averaging.hpp>
 #include <polyak/mpi.hpp>
 
+#include <algorithm>
+#include <chrono>
+#include <type_traits>
 #include <string>
 #include <vector>
 
 #include "layouts.hpp"
+#include "max_size_flag.hpp"
 
 namespace {
 
-constexpr int iterations = 30;
-
-void average_parameters(benchmark::State& state, const std::string& layout, double size) {
-  static BenchModel<float> model(layout, size);
-  polyak::MpiCommunicator world(MPI_COMM_WORLD);
-  for (auto _ : state) polyak::average_parameters(model.list, world);
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 4));
-  state.counters["tensors"] = static_cast<double>(model.list.size());
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
-void bare_allreduce(benchmark::State& state, double size, std::size_t chunk) {
-  const auto n = static_cast<std::size_t>(size);
-  std::vector<float> buffer(n, 1.0f);
-  for (auto _ : state) {
-    for (std::size_t done = 0; done < n; done += chunk) {
-      MPI_Allreduce(MPI_IN_PLACE, buffer.data() + done, static_cast<int>(std::min(chunk, n - done)),
-                    MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+/// Seconds `work` takes on the slower rank, starting together.
+template <class Work>
+double timed(Work&& work) {
+  MPI_Barrier(MPI_COMM_WORLD);
+  const auto start = std::chrono::steady_clock::now();
+  work();
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return seconds;
+}
+
+/// The bare collective: the buffer's floats in place, in polyak's pieces.
+void bare_allreduce(std::vector<float>& buffer) {
+  constexpr std::size_t piece = polyak::detail::average_chunk_bytes / sizeof(float);
+  for (std::size_t done = 0; done < buffer.size(); done += piece) {
+    MPI_Allreduce(MPI_IN_PLACE, buffer.data() + done, static_cast<int>(std::min(piece, buffer.size() - done)),
+                  MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  }
+}
+
+/// A model whose tensors (the layout's sizes) lie one after another in one allocation.
+template <class T>
+struct ArenaModel {
+  std::vector<T> arena;
+  polyak::ParameterList<T> list;
+  ArenaModel(const std::string& layout, double target) {
+    const auto sizes = scaled_layout(layout, target);
+    std::size_t total = 0;
+    for (const std::size_t n : sizes) total += n;
+    arena.resize(total);
+    for (std::size_t i = 0; i < total; ++i) arena[i] = T(static_cast<float>(i % 1000) * 1e-3f);
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < sizes.size(); ++k) {
+      list.add("t" + std::to_string(k),
+               polyak::TensorView<T>(arena.data() + at, {static_cast<std::int64_t>(sizes[k])}));
+      at += sizes[k];
     }
   }
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * size * 4));
+};
+
+template <class T>
+void paired(benchmark::State& state, double size) {
+  ArenaModel<T> model("resnet50", size);
+  std::vector<float> floats;
+  if constexpr (!std::is_same_v<T, float>) floats.assign(model.arena.size(), 1.0f);
+  std::vector<float>& wire = [&]() -> std::vector<float>& {
+    if constexpr (std::is_same_v<T, float>)
+      return model.arena;
+    else
+      return floats;
+  }();
+  polyak::MpiCommunicator world(MPI_COMM_WORLD);
+  const auto polyak_call = [&] { polyak::average_parameters(model.list, world); };
+  const auto bare_call = [&] { bare_allreduce(wire); };
+  polyak_call();  // first touches: MPI's buffers, the pack buffer
+  bare_call();
+  std::vector<double> ratios, polyak_seconds, bare_seconds;
+  for (auto _ : state) {
+    const bool polyak_first = ratios.size() % 2 == 0;
+    double mine = 0, bare = 0;
+    if (polyak_first) {
+      mine = timed(polyak_call);
+      bare = timed(bare_call);
+    } else {
+      bare = timed(bare_call);
+      mine = timed(polyak_call);
+    }
+    state.SetIterationTime(mine);
+    ratios.push_back(mine / bare);
+    polyak_seconds.push_back(mine);
+    bare_seconds.push_back(bare);
+  }
+  state.counters["median_ratio"] = median(ratios);
+  state.counters["polyak_ms"] = median(polyak_seconds) * 1e3;
+  state.counters["bare_ms"] = median(bare_seconds) * 1e3;
+  state.counters["tensors"] = static_cast<double>(model.list.size());
+  state.SetBytesProcessed(
+      static_cast<std::int64_t>(static_cast<double>(state.iterations() * model.arena.size() * sizeof(T))));
 }
 
 class SilentReporter : public benchmark::BenchmarkReporter {
@@ -51,6 +126,7 @@ int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const double max_size = take_max_size_flag(argc, argv);
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (rank != 0 && std::string(argv[i]).rfind("--benchmark_out", 0) == 0) continue;  // rank 0 writes
@@ -59,21 +135,17 @@ int main(int argc, char** argv) {
   int count = static_cast<int>(args.size());
   benchmark::Initialize(&count, args.data());
 
-  const double size = 1e7;
-  benchmark::RegisterBenchmark("mpi/average_parameters/float/resnet50/1e7", average_parameters, "resnet50",
-                               size)
-      ->Iterations(iterations)
-      ->UseRealTime();
-  benchmark::RegisterBenchmark("mpi/bare_allreduce/float/one_buffer/1e7", bare_allreduce, size,
-                               static_cast<std::size_t>(size))
-      ->Iterations(iterations)
-      ->UseRealTime();
-  for (const double chunk : {1e5, 262144.0, 1e6}) {
-    benchmark::RegisterBenchmark(
-        ("mpi/bare_allreduce/float/chunks_of_" + std::to_string(static_cast<long>(chunk)) + "/1e7").c_str(),
-        bare_allreduce, size, static_cast<std::size_t>(chunk))
-        ->Iterations(iterations)
-        ->UseRealTime();
+  for (const double size : {1e5, 1e6, 1e7, 1e8}) {
+    if (size > max_size) continue;
+    const std::string scalars = size == 1e5 ? "1e5" : size == 1e6 ? "1e6" : size == 1e7 ? "1e7" : "1e8";
+    const int pairs = size >= 1e8 ? 9 : 31;
+    benchmark::RegisterBenchmark(("mpi/paired/float/resnet50/" + scalars).c_str(), paired<float>, size)
+        ->Iterations(pairs)
+        ->UseManualTime();
+    benchmark::RegisterBenchmark(("mpi/paired/bf16/resnet50/" + scalars).c_str(), paired<Eigen::bfloat16>,
+                                 size)
+        ->Iterations(pairs)
+        ->UseManualTime();
   }
   if (rank == 0) {
     benchmark::RunSpecifiedBenchmarks();

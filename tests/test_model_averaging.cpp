@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <string>
@@ -298,5 +300,299 @@ TEST_CASE("members whose lists differ in names or order or storage order all get
     });
     for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("nothing was averaged"));
     CHECK_THAT(errors[3], Catch::Contains("tensor 'g' was resized, moved or replaced"));
+  }
+}
+
+namespace {
+
+/// Counts a communicator's allreduce calls.
+struct CountingCommunicator {
+  ThreadCommunicator inner;
+  int* calls;
+  int rank() const { return inner.rank(); }
+  int size() const { return inner.size(); }
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    ++*calls;
+    inner.allreduce_sum(data, n);
+  }
+  CountingCommunicator split(int color, int key) const { return {inner.split(color, key), calls}; }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "tensors in one allocation and tensors apart reduce to the same bits, in the bare collective's calls",
+    "[model_averaging]") {
+  // Chunks are 2^18 floats: these sizes put chunk boundaries inside tensors and between them.
+  const std::vector<std::size_t> sizes = {300000, 5, 262144, 70000, 1};
+  std::size_t total = 0;
+  for (const std::size_t n : sizes) total += n;
+  const std::size_t chunk = polyak::detail::average_chunk_bytes / sizeof(float);
+  std::vector<std::vector<float>> results(4);
+  std::vector<int> calls(4, 0);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& member) {
+    const int r = member.rank();
+    // Ranks 0 and 2 hold the tensors in one allocation, ranks 1 and 3 apart: the calls must pair
+    // all the same.
+    std::vector<float> arena(total);
+    std::vector<std::vector<float>> apart;
+    ParameterList<float> list;
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < sizes.size(); ++k) {
+      float* data = nullptr;
+      if (r % 2 == 0) {
+        data = arena.data() + at;
+      } else {
+        apart.emplace_back(sizes[k]);
+        data = apart.back().data();
+      }
+      for (std::size_t i = 0; i < sizes[k]; ++i) data[i] = static_cast<float>((r + 1) * ((at + i) % 1013));
+      list.add("t" + std::to_string(k),
+               polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
+      at += sizes[k];
+    }
+    CountingCommunicator comm{member, &calls[static_cast<std::size_t>(r)]};
+    polyak::average_parameters(list, comm);
+    std::vector<float>& out = results[static_cast<std::size_t>(r)];
+    for (const auto& tensor : list) out.insert(out.end(), tensor.data(), tensor.data() + tensor.numel());
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  // The mean of (r + 1) * k over r = 0..3 is 2.5 k, exactly (x / 4 is exact).
+  std::size_t wrong = 0;
+  for (const auto& out : results) {
+    REQUIRE(out.size() == total);
+    for (std::size_t i = 0; i < total; ++i) wrong += out[i] != 2.5f * static_cast<float>(i % 1013);
+  }
+  CHECK(wrong == 0);
+  // One call for the layout check, then one a chunk of the concatenated scalars.
+  const int expected_calls = 1 + static_cast<int>((total + chunk - 1) / chunk);
+  CHECK(calls == std::vector<int>(4, expected_calls));
+}
+
+TEST_CASE("bfloat16 comes off the wire rounded as Eigen rounds it, NaN and infinity included",
+          "[model_averaging]") {
+  std::vector<std::uint32_t> patterns = {0u,          0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                         0xffc00001u, 0x7f800001u, 0xff812345u, 0x7f7fffffu, 0x00000001u,
+                                         0x00008000u, 0x00018000u, 0x3f808000u, 0x3f818000u, 0x3f807fffu};
+  for (std::uint64_t bits = 0; bits <= 0xffffffffu; bits += 65521)
+    patterns.push_back(static_cast<std::uint32_t>(bits));
+  std::vector<float> in(patterns.size());
+  std::memcpy(in.data(), patterns.data(), patterns.size() * sizeof(float));
+  std::vector<Eigen::bfloat16> out(in.size());
+  polyak::detail::narrow(in.data(), out.data(), in.size());
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    wrong += Eigen::numext::bit_cast<std::uint16_t>(out[i]) !=
+             Eigen::numext::bit_cast<std::uint16_t>(static_cast<Eigen::bfloat16>(in[i]));
+  }
+  CHECK(wrong == 0);
+  CHECK(in.size() > 65000);
+}
+
+namespace {
+
+/// The delayed average's closed form for member r moving by g_r = r + 1 each step from 0, the
+/// averager called after each move: averages start at steps s = warmup + k * period and land `delay`
+/// steps later (delay 0: blocking). After the call at step t, with s the last average landed by
+/// then, x_r = mean(g) * (s + 1) + (t - s) * g_r (the members agreed on the mean of their step-s
+/// models, and each kept its own moves since); before any, x_r = (t + 1) * g_r.
+double delayed_closed_form(int r, int members, std::int64_t t, std::int64_t warmup, std::int64_t period,
+                           std::int64_t delay) {
+  const double g = r + 1, mean_g = (members + 1) / 2.0;
+  std::int64_t landed = -1;
+  for (std::int64_t s = warmup; s + delay <= t; s += period) landed = s;
+  if (landed < 0) return static_cast<double>(t + 1) * g;
+  return mean_g * static_cast<double>(landed + 1) + static_cast<double>(t - landed) * g;
+}
+
+}  // namespace
+
+TEST_CASE("an overlapped PeriodicModelAverager holds the delayed average's closed form at every step",
+          "[model_averaging][overlap]") {
+  const std::int64_t warmup = 3, period = 4, steps = 23;
+  for (const std::int64_t delay : {0, 1, 2, 4}) {
+    CAPTURE(delay);
+    std::vector<std::vector<float>> seen(4);
+    std::vector<std::vector<bool>> started(4);
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      Eigen::VectorXf w = Eigen::VectorXf::Zero(3);
+      Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, 1> h =
+          Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, 1>::Zero(2);
+      ParameterList<float> list;
+      list.add("w", w);
+      auto averager = delay == 0 ? PeriodicModelAverager<ThreadCommunicator>(period, warmup, comm)
+                                 : PeriodicModelAverager<ThreadCommunicator>(period, warmup, comm,
+                                                                             polyak::Overlap{delay});
+      for (std::int64_t t = 0; t < steps; ++t) {
+        w.array() += static_cast<float>(comm.rank() + 1);
+        started[static_cast<std::size_t>(comm.rank())].push_back(averager.average_parameters(list));
+        seen[static_cast<std::size_t>(comm.rank())].push_back(w[0]);
+        seen[static_cast<std::size_t>(comm.rank())].push_back(w[2]);
+      }
+    });
+    CHECK(errors == std::vector<std::string>(4));
+    std::size_t wrong = 0;
+    for (int r = 0; r < 4; ++r) {
+      for (std::int64_t t = 0; t < steps; ++t) {
+        const auto expected = static_cast<float>(delayed_closed_form(r, 4, t, warmup, period, delay));
+        wrong += seen[static_cast<std::size_t>(r)][static_cast<std::size_t>(2 * t)] != expected;
+        wrong += seen[static_cast<std::size_t>(r)][static_cast<std::size_t>(2 * t + 1)] != expected;
+        CHECK(started[static_cast<std::size_t>(r)][static_cast<std::size_t>(t)] ==
+              (t >= warmup && (t - warmup) % period == 0));
+      }
+    }
+    CHECK(wrong == 0);
+  }
+}
+
+TEST_CASE("start_average_parameters and finish: the mean exactly where nothing moved, bf16 rounded once",
+          "[model_averaging][overlap]") {
+  std::vector<std::vector<float>> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    const float r = static_cast<float>(comm.rank());
+    Eigen::VectorXf w = Eigen::VectorXf::Constant(5, 0.1f * (r + 1));
+    Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, 1> h(2);
+    h.setConstant(Eigen::bfloat16(r + 1));
+    ParameterList<float> floats;
+    floats.add("w", w);
+    ParameterList<Eigen::bfloat16> halves;
+    halves.add("h", h);
+    auto pending_w = polyak::start_average_parameters(floats, comm);
+    auto pending_h = polyak::start_average_parameters(halves, comm);
+    const bool was_pending = pending_w.pending();
+    h.array() += Eigen::bfloat16(0.5f * r);  // this member's own progress meanwhile
+    pending_h.finish(halves);
+    pending_w.finish(floats);  // w did not move: the blocking average's bits
+    const bool still_pending = pending_w.pending();
+    pending_w.finish(floats);  // nothing in flight: nothing happens
+    auto& out = seen[static_cast<std::size_t>(comm.rank())];
+    out = {w[0], w[4], static_cast<float>(h[0]), was_pending ? 1.0f : 0.0f, still_pending ? 1.0f : 0.0f};
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  // Blocking: sum over r of 0.1f * (r + 1) * 0.25f, in rank order, as ThreadCommunicator sums.
+  float blocking = 0;
+  for (int r = 0; r < 4; ++r) blocking += 0.1f * static_cast<float>(r + 1) * 0.25f;
+  for (int r = 0; r < 4; ++r) {
+    CHECK(seen[static_cast<std::size_t>(r)][0] == blocking);
+    CHECK(seen[static_cast<std::size_t>(r)][1] == blocking);
+    CHECK(seen[static_cast<std::size_t>(r)][2] == 2.5f + 0.5f * static_cast<float>(r));  // mean + own move
+    CHECK(seen[static_cast<std::size_t>(r)][3] == 1.0f);  // pending once started
+    CHECK(seen[static_cast<std::size_t>(r)][4] == 0.0f);  // not after finish
+  }
+}
+
+TEST_CASE("an overlapped HierarchicalModelAverager applies each group's delayed mean",
+          "[model_averaging][overlap]") {
+  // {{2, 2}, {6, 4}}, warm-up 1, delay 2: pairs average at even steps, all four at multiples of 6.
+  // The reference runs the documented rule on plain numbers: at a landing step,
+  // x <- mean over the group of the snapshot + (x - own snapshot).
+  const std::int64_t steps = 20, delay = 2;
+  std::vector<std::vector<double>> expected(4, std::vector<double>(steps));
+  {
+    std::vector<double> x(4, 0.0), snapshot(4, 0.0);
+    std::int64_t started = -1, group_size = 0;
+    for (std::int64_t t = 0; t < steps; ++t) {
+      for (int r = 0; r < 4; ++r) x[static_cast<std::size_t>(r)] += r + 1;
+      if (started >= 0 && t - started == delay) {
+        std::vector<double> next = x;
+        for (int r = 0; r < 4; ++r) {
+          const int first = r / static_cast<int>(group_size) * static_cast<int>(group_size);
+          double mean = 0;
+          for (int k = first; k < first + group_size; ++k) mean += snapshot[static_cast<std::size_t>(k)];
+          mean /= static_cast<double>(group_size);
+          next[static_cast<std::size_t>(r)] =
+              mean + (x[static_cast<std::size_t>(r)] - snapshot[static_cast<std::size_t>(r)]);
+        }
+        x = next;
+        started = -1;
+      }
+      if (t >= 1 && t % 2 == 0) {
+        snapshot = x;
+        started = t;
+        group_size = t % 6 == 0 ? 4 : 2;
+      }
+      for (int r = 0; r < 4; ++r)
+        expected[static_cast<std::size_t>(r)][static_cast<std::size_t>(t)] = x[static_cast<std::size_t>(r)];
+    }
+  }
+  std::vector<std::vector<double>> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    Eigen::VectorXd w = Eigen::VectorXd::Zero(2);
+    ParameterList<double> list;
+    list.add("w", w);
+    HierarchicalModelAverager<ThreadCommunicator> averager({{2, 2}, {6, 4}}, 1, comm, polyak::Overlap{delay});
+    for (std::int64_t t = 0; t < steps; ++t) {
+      w.array() += comm.rank() + 1.0;
+      averager.average_parameters(list);
+      seen[static_cast<std::size_t>(comm.rank())].push_back(w[1]);
+    }
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  CHECK(seen == expected);
+}
+
+TEST_CASE("overlap refuses delays that let averages overlap, a second start, and other lists at finish",
+          "[model_averaging][overlap]") {
+  auto members = ThreadCommunicator::create(1);
+  ThreadCommunicator& comm = members[0];
+  using polyak::Overlap;
+  CHECK_THROWS_WITH(PeriodicModelAverager<ThreadCommunicator>(4, 0, comm, Overlap{0}),
+                    Catch::Contains("overlap delay must be in [1, 4]"));
+  CHECK_THROWS_WITH(PeriodicModelAverager<ThreadCommunicator>(4, 0, comm, Overlap{5}),
+                    Catch::Contains("an average must land before the next one starts"));
+  CHECK_THROWS_WITH(PeriodicModelAverager<ThreadCommunicator>(0, 0, comm, Overlap{1}),
+                    Catch::Contains("period must be >= 1"));
+  CHECK_THROWS_WITH(HierarchicalModelAverager<ThreadCommunicator>({{2, 1}}, 0, comm, Overlap{3}),
+                    Catch::Contains("overlap delay must be in [1, 2]"));
+
+  Eigen::VectorXf w = Eigen::VectorXf::Constant(3, 2.0f), other = Eigen::VectorXf::Zero(4);
+  ParameterList<float> list, wrong;
+  list.add("w", w);
+  wrong.add("w", other);
+  auto pending = polyak::start_average_parameters(list, comm);
+  CHECK_THROWS_WITH(pending.start(comm, "again", list), Catch::Contains("still in flight"));
+  w.setConstant(5.0f);
+  CHECK_THROWS_WITH(pending.finish(wrong), Catch::Contains("not laid out as those it started from"));
+  CHECK(other == Eigen::VectorXf::Zero(4));
+  CHECK(pending.pending());
+  pending.finish(list);
+  CHECK(w == Eigen::VectorXf::Constant(3, 5.0f));  // one member: the mean is its snapshot; its moves kept
+
+  // An averager in flight refuses lists of another wire type until it has landed.
+  PeriodicModelAverager<ThreadCommunicator> averager(2, 0, comm, Overlap{2});
+  Eigen::VectorXd d = Eigen::VectorXd::Zero(3);
+  ParameterList<double> doubles;
+  doubles.add("w", d);
+  CHECK(averager.average_parameters(list));
+  CHECK(averager.in_flight());
+  CHECK_THROWS_WITH(averager.average_parameters(doubles), Catch::Contains("lists of another scalar type"));
+  CHECK(averager.step() == 1);
+  averager.synchronize(list);
+  CHECK(!averager.in_flight());
+}
+
+TEST_CASE("ThreadCommunicator's non-blocking sums run beside blocking ones and refuse mismatched lengths",
+          "[communicator][overlap]") {
+  std::vector<std::string> failures(4);
+  std::vector<std::vector<double>> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    std::vector<double> a(1000, comm.rank() + 1.0), b(10, 1.0), c(comm.rank() == 2 ? 7 : 8, 1.0);
+    auto first = comm.iallreduce_sum(a.data(), a.size());
+    comm.allreduce_sum(b.data(), b.size());  // meanwhile, a blocking one
+    auto second = comm.iallreduce_sum(c.data(), c.size());
+    first.wait();
+    const double tested = first.test() ? 1.0 : 0.0;
+    try {
+      second.wait();
+    } catch (const std::invalid_argument& e) {
+      failures[static_cast<std::size_t>(comm.rank())] = e.what();
+    }
+    seen[static_cast<std::size_t>(comm.rank())] = {a[0], a[999], b[0], tested};
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  for (int r = 0; r < 4; ++r) {
+    CHECK(seen[static_cast<std::size_t>(r)] == std::vector<double>{10.0, 10.0, 4.0, 1.0});
+    CHECK_THAT(failures[static_cast<std::size_t>(r)], Catch::Contains("members passed"));
   }
 }

@@ -292,6 +292,16 @@ TEST_CASE("the schedulers', averagers' and batch-norm states round-trip and are 
   polyak::HierarchicalModelAverager h3({{3, 1}}, 0, members[0]);
   CHECK_THROWS_WITH(h3.load_state_dict(h.state_dict()), Catch::Contains("other periods"));
 
+  // An overlapped average in flight is in no checkpoint: saving and loading wait for synchronize.
+  polyak::PeriodicModelAverager overlapped(4, 0, members[0], polyak::Overlap{2});
+  overlapped.average_parameters(list);
+  CHECK_THROWS_WITH(overlapped.state_dict(), Catch::Contains("in flight; call synchronize(params) first"));
+  CHECK_THROWS_WITH(overlapped.load_state_dict(again.state_dict()), Catch::Contains("in flight"));
+  CHECK(overlapped.step() == 1);
+  overlapped.synchronize(list);
+  overlapped.load_state_dict(again.state_dict());
+  CHECK(overlapped.step() == 5);
+
   polyak::BatchNormStats<float> bn(3, std::nullopt);
   bn.update(Eigen::ArrayXf::Constant(3, 2.0f), Eigen::ArrayXf::Constant(3, 4.0f), 5);
   polyak::BatchNormStats<float> bn2(3);

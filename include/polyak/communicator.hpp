@@ -12,12 +12,21 @@
 // (MPI_Comm_split's meaning). polyak::MpiCommunicator (polyak/mpi.hpp) wraps an MPI communicator;
 // ThreadCommunicator below connects threads. Every member must make the same collective calls in
 // the same order, as with MPI.
+//
+// Overlapped averaging (polyak::Overlap) also needs a non-blocking allreduce:
+//     R iallreduce_sum(T* data, std::size_t n);  // starts it; R has void wait() (completes it, and
+//                                                // throws what the blocking call would) and
+//                                                // bool test() (true once complete; drives progress)
+// `data` must stay untouched until the request completes; destroying an incomplete request waits.
+// Non-blocking calls are collective too, started in the same order on every member.
 #pragma once
 
 #include <algorithm>           // std::sort
+#include <chrono>              // Request::test's zero wait
 #include <condition_variable>  // the barrier
 #include <cstddef>             // std::size_t
 #include <cstdint>             // std::int64_t
+#include <future>              // iallreduce_sum's threads
 #include <map>
 #include <memory>  // std::shared_ptr
 #include <mutex>
@@ -48,6 +57,24 @@ struct is_communicator<
 template <class C>
 inline constexpr bool is_communicator_v = detail::is_communicator<C>::value;
 
+namespace detail {
+
+template <class C, class = void>
+struct has_iallreduce : std::false_type {};
+template <class C>
+struct has_iallreduce<
+    C, std::void_t<decltype(std::declval<C&>().iallreduce_sum(std::declval<float*>(), std::size_t{}).wait()),
+                   decltype(std::declval<C&>().iallreduce_sum(std::declval<double*>(), std::size_t{}).wait()),
+                   decltype(bool{
+                       std::declval<C&>().iallreduce_sum(std::declval<float*>(), std::size_t{}).test()})>>
+    : std::true_type {};
+
+}  // namespace detail
+
+/// True when C also has the non-blocking allreduce that overlapped averaging needs.
+template <class C>
+inline constexpr bool has_iallreduce_v = detail::has_iallreduce<C>::value;
+
 /// A communicator between the threads of one process, with a real shared-memory allreduce: for
 /// local SGD on one machine and for testing distributed code without mpirun.
 ///
@@ -56,10 +83,48 @@ inline constexpr bool is_communicator_v = detail::is_communicator<C>::value;
 ///
 /// allreduce_sum: each member adds up one slice of the range over all members' buffers, in rank
 /// order, and writes the sum into every buffer; so all members get bit-identical results. Members
-/// that pass different lengths all get std::invalid_argument. A copy of a ThreadCommunicator is the
-/// same member.
+/// that pass different lengths all get std::invalid_argument. iallreduce_sum runs the same sum on a
+/// thread of its own, among a second group that only non-blocking calls use, so blocking calls may
+/// go on meanwhile; a member's non-blocking calls run one after another, in the order started. A
+/// copy of a ThreadCommunicator is the same member.
 class ThreadCommunicator {
  public:
+  /// A non-blocking allreduce in flight. wait() completes it and rethrows what the sum threw; test()
+  /// says whether it is complete. Destroying a request waits for its sum.
+  class Request {
+   public:
+    Request() = default;
+    Request(Request&&) noexcept = default;
+    Request& operator=(Request&& other) noexcept {
+      if (this != &other) {
+        finish_quietly();
+        done_ = std::move(other.done_);
+      }
+      return *this;
+    }
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    ~Request() { finish_quietly(); }
+
+    void wait() {
+      if (!done_.valid()) return;
+      std::shared_future<void> done = std::move(done_);
+      done.get();
+    }
+    bool test() const {
+      return !done_.valid() || done_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+    }
+
+   private:
+    friend class ThreadCommunicator;
+    explicit Request(std::shared_future<void> done) : done_(std::move(done)) {}
+    void finish_quietly() noexcept {
+      if (done_.valid()) done_.wait();  // the sum writes into the caller's buffer until it ends
+      done_ = {};
+    }
+    std::shared_future<void> done_;
+  };
+
   /// `size` members of one group; hand member i to thread i.
   static std::vector<ThreadCommunicator> create(int size) {
     if (size < 1) throw InvalidArgument("polyak::ThreadCommunicator: size " + std::to_string(size) + " < 1");
@@ -97,6 +162,23 @@ class ThreadCommunicator {
     g.barrier();  // no member returns before every slice of its buffer is written
   }
 
+  /// Starts allreduce_sum(data, n) on a thread of its own; see Request.
+  template <class T>
+  Request iallreduce_sum(T* data, std::size_t n) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::ThreadCommunicator::iallreduce_sum: float or double");
+    Group& g = *group_;
+    std::lock_guard<std::mutex> lock(g.mutex);
+    if (!g.nonblocking) g.nonblocking = std::make_shared<Group>(g.size);
+    ThreadCommunicator member(g.nonblocking, rank_);
+    std::shared_future<void>& previous = g.last_nonblocking[static_cast<std::size_t>(rank_)];
+    previous = std::async(std::launch::async, [member, data, n, before = previous]() mutable {
+                 if (before.valid()) before.wait();  // this member's earlier calls first, in order
+                 member.allreduce_sum(data, n);
+               }).share();
+    return Request(previous);
+  }
+
   /// Collective: the members that pass the same `color`, ranked by (key, rank).
   ThreadCommunicator split(int color, int key) const {
     Group& g = *group_;
@@ -129,7 +211,8 @@ class ThreadCommunicator {
         : size(n),
           posted(static_cast<std::size_t>(n)),
           split_request(static_cast<std::size_t>(n)),
-          split_result(static_cast<std::size_t>(n)) {}
+          split_result(static_cast<std::size_t>(n)),
+          last_nonblocking(static_cast<std::size_t>(n)) {}
 
     /// Blocks until every member has arrived; reusable.
     void barrier() {
@@ -148,6 +231,8 @@ class ThreadCommunicator {
     std::vector<std::pair<void*, std::size_t>> posted;  // each member's allreduce buffer and length
     std::vector<std::pair<int, int>> split_request;     // each member's (color, key)
     std::vector<std::pair<std::shared_ptr<Group>, int>> split_result;  // per member: its new group and rank
+    std::shared_ptr<Group> nonblocking;                      // the group iallreduce_sum's threads meet in
+    std::vector<std::shared_future<void>> last_nonblocking;  // per member: its latest iallreduce_sum
     std::mutex mutex;
     std::condition_variable all_arrived;
     int arrived = 0;
@@ -160,6 +245,6 @@ class ThreadCommunicator {
   int rank_;
 };
 
-static_assert(is_communicator_v<ThreadCommunicator>);
+static_assert(is_communicator_v<ThreadCommunicator> && has_iallreduce_v<ThreadCommunicator>);
 
 }  // namespace polyak

@@ -11,6 +11,7 @@
 #include <stdexcept>  // std::runtime_error
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "polyak/error.hpp"
 #include "polyak/communicator.hpp"
@@ -49,6 +50,69 @@ class MpiCommunicator {
     }
   }
 
+  /// A non-blocking allreduce in flight: its MPI_Iallreduce requests, one a piece of at most
+  /// max_bytes_per_call. wait() is MPI_Waitall, test() MPI_Testall (which also drives Open MPI's
+  /// progress: call it now and then while computing). Destroying an incomplete request waits.
+  class Request {
+   public:
+    Request() = default;
+    Request(Request&& other) noexcept : pieces_(std::move(other.pieces_)) { other.pieces_.clear(); }
+    Request& operator=(Request&& other) noexcept {
+      if (this != &other) {
+        finish_quietly();
+        pieces_ = std::move(other.pieces_);
+        other.pieces_.clear();
+      }
+      return *this;
+    }
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    ~Request() { finish_quietly(); }
+
+    void wait() {
+      if (pieces_.empty()) return;
+      const int code = MPI_Waitall(static_cast<int>(pieces_.size()), pieces_.data(), MPI_STATUSES_IGNORE);
+      pieces_.clear();
+      check(code, "MPI_Waitall");
+    }
+    bool test() {
+      if (pieces_.empty()) return true;
+      int done = 0;
+      check(MPI_Testall(static_cast<int>(pieces_.size()), pieces_.data(), &done, MPI_STATUSES_IGNORE),
+            "MPI_Testall");
+      if (done) pieces_.clear();
+      return done != 0;
+    }
+
+   private:
+    friend class MpiCommunicator;
+    void finish_quietly() noexcept {
+      if (!pieces_.empty())
+        MPI_Waitall(static_cast<int>(pieces_.size()), pieces_.data(), MPI_STATUSES_IGNORE);
+      pieces_.clear();
+    }
+    std::vector<MPI_Request> pieces_;
+  };
+
+  /// MPI_Iallreduce in place, in pieces of at most max_bytes_per_call; see Request.
+  template <class T>
+  Request iallreduce_sum(T* data, std::size_t n) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::MpiCommunicator::iallreduce_sum: float or double");
+    const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+    Request request;
+    request.pieces_.reserve((n * sizeof(T) + max_bytes_per_call - 1) / max_bytes_per_call);
+    for (std::size_t done = 0; done < n;) {
+      const int count = static_cast<int>(std::min<std::size_t>(n - done, max_bytes_per_call / sizeof(T)));
+      MPI_Request piece = MPI_REQUEST_NULL;
+      check(MPI_Iallreduce(MPI_IN_PLACE, data + done, count, type, MPI_SUM, *comm_, &piece),
+            "MPI_Iallreduce");
+      request.pieces_.push_back(piece);
+      done += static_cast<std::size_t>(count);
+    }
+    return request;
+  }
+
   /// Collective: MPI_Comm_split(color, key). `color` must be >= 0.
   MpiCommunicator split(int color, int key) const {
     if (color < 0) throw InvalidArgument("polyak::MpiCommunicator::split: color must be >= 0");
@@ -79,6 +143,6 @@ class MpiCommunicator {
   int rank_ = 0, size_ = 1;
 };
 
-static_assert(is_communicator_v<MpiCommunicator>);
+static_assert(is_communicator_v<MpiCommunicator> && has_iallreduce_v<MpiCommunicator>);
 
 }  // namespace polyak

@@ -143,6 +143,26 @@ void widen(const T* in, accumulator_t<T>* out, std::size_t n) {
   }
 }
 
+/// Converts n accumulator scalars back to T, rounding as a static_cast does. For bfloat16 it is
+/// Eigen's round-to-nearest-even (a NaN becomes the quiet NaN of its sign) written without a branch,
+/// so that compilers vectorize it.
+template <class T>
+void narrow(const accumulator_t<T>* in, T* out, std::size_t n) {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint32_t bits;
+      std::memcpy(&bits, in + i, sizeof bits);
+      const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+      const auto rounded = static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+      const auto quiet = static_cast<std::uint16_t>(((bits >> 16) & 0x8000u) | 0x7fc0u);
+      const std::uint16_t low = nan ? quiet : rounded;
+      std::memcpy(static_cast<void*>(out + i), &low, sizeof low);
+    }
+  } else {
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+  }
+}
+
 }  // namespace detail
 
 }  // namespace polyak

@@ -215,10 +215,24 @@ struct StateIO<BatchNormStats<T>> {
   }
 };
 
-/// "step", "period", "warmup_steps" (I64).
+namespace detail {
+
+/// An overlapped average in flight lives in no checkpoint: saving or loading then is refused.
+template <class Averager>
+void refuse_in_flight(const Averager& averager, const char* who) {
+  if (averager.in_flight()) {
+    throw InvalidArgument(std::string(who) +
+                          ": an overlapped average is in flight; call synchronize(params) first");
+  }
+}
+
+}  // namespace detail
+
+/// "step", "period", "warmup_steps" (I64). Refused while an overlapped average is in flight.
 template <class Comm>
 struct StateIO<PeriodicModelAverager<Comm>> {
   static StateDict save(const PeriodicModelAverager<Comm>& averager) {
+    detail::refuse_in_flight(averager, "polyak::PeriodicModelAverager::state_dict");
     StateDict sd;
     sd.insert_scalar<std::int64_t>("step", averager.step());
     sd.insert_scalar<std::int64_t>("period", averager.period());
@@ -228,6 +242,7 @@ struct StateIO<PeriodicModelAverager<Comm>> {
 
   /// Refused: a state of another period or warm-up, a negative step.
   static void load(PeriodicModelAverager<Comm>& averager, const StateDict& sd) {
+    detail::refuse_in_flight(averager, "polyak::PeriodicModelAverager::load_state_dict");
     const auto step = sd.scalar<std::int64_t>("step");
     if (sd.scalar<std::int64_t>("period") != averager.period() ||
         sd.scalar<std::int64_t>("warmup_steps") != averager.warmup_steps()) {
@@ -239,10 +254,12 @@ struct StateIO<PeriodicModelAverager<Comm>> {
   }
 };
 
-/// "step", "warmup_steps" (I64) and "periods" (I64, one per level).
+/// "step", "warmup_steps" (I64) and "periods" (I64, one per level). Refused while an overlapped
+/// average is in flight.
 template <class Comm>
 struct StateIO<HierarchicalModelAverager<Comm>> {
   static StateDict save(const HierarchicalModelAverager<Comm>& averager) {
+    detail::refuse_in_flight(averager, "polyak::HierarchicalModelAverager::state_dict");
     StateDict sd;
     sd.insert_scalar<std::int64_t>("step", averager.step());
     sd.insert_scalar<std::int64_t>("warmup_steps", averager.warmup_steps());
@@ -254,6 +271,7 @@ struct StateIO<HierarchicalModelAverager<Comm>> {
 
   /// Refused: a state of other periods or warm-up, a negative step.
   static void load(HierarchicalModelAverager<Comm>& averager, const StateDict& sd) {
+    detail::refuse_in_flight(averager, "polyak::HierarchicalModelAverager::load_state_dict");
     const auto step = sd.scalar<std::int64_t>("step");
     const auto& levels = averager.levels_;
     std::vector<std::int64_t> periods(levels.size());
