@@ -293,11 +293,11 @@ TEST_CASE("the schedulers', averagers' and batch-norm states round-trip and are 
   CHECK_THROWS_WITH(h3.load_state_dict(h.state_dict()), Catch::Contains("other periods"));
 
   // An overlapped average in flight is in no checkpoint: saving and loading wait for synchronize.
-  polyak::PeriodicModelAverager overlapped(4, 0, members[0], polyak::Overlap{2});
-  overlapped.average_parameters(list);
+  polyak::PeriodicModelAverager overlapped(4, 2, members[0], polyak::Overlap{2});
+  for (int k = 0; k < 3; ++k) overlapped.average_parameters(list);  // step 2 starts one
   CHECK_THROWS_WITH(overlapped.state_dict(), Catch::Contains("in flight; call synchronize(params) first"));
   CHECK_THROWS_WITH(overlapped.load_state_dict(again.state_dict()), Catch::Contains("in flight"));
-  CHECK(overlapped.step() == 1);
+  CHECK(overlapped.step() == 3);
   overlapped.synchronize(list);
   overlapped.load_state_dict(again.state_dict());
   CHECK(overlapped.step() == 5);
