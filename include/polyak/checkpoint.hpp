@@ -5,6 +5,7 @@
 // polyak::checkpoint) and needs POSIX file calls.
 #pragma once
 
+#include "polyak/distributed_checkpoint.hpp"
 #include "polyak/merge.hpp"
 #include "polyak/polyak.hpp"
 #include "polyak/post_hoc_ema.hpp"

@@ -128,16 +128,37 @@ inline std::string rank_list(const std::vector<double>& flags) {
   return out;
 }
 
+/// How many doubles an agreement takes (see put_agreement).
+inline constexpr int agreement_doubles = 16;
+
+/// Writes into sums[0, agreement_doubles) what, summed over the members by allreduce_sum, tells
+/// agreed() whether every member put the same `value`: its bytes and their squares (all members
+/// agree on a byte b exactly when size * sum(b^2) == sum(b)^2, by Cauchy-Schwarz; bytes keep those
+/// sums exact).
+inline void put_agreement(std::uint64_t value, double* sums) {
+  for (int byte = 0; byte < 8; ++byte) {
+    const double b = static_cast<double>((value >> (8 * byte)) & 0xff);
+    sums[byte] = b;
+    sums[8 + byte] = b * b;
+  }
+}
+inline bool agreed(const double* sums, int members) {
+  bool same = true;
+  for (int byte = 0; byte < 8; ++byte) {
+    same = same && exactly_equal(static_cast<double>(members) * sums[8 + byte], sums[byte] * sums[byte]);
+  }
+  return same;
+}
+
 /// Collective: returns when every member passed lists of the same layout (names, scalar types,
 /// storage orders, shapes, in order) and views whose storage has not moved; otherwise throws
 /// std::invalid_argument on every member, before any value moves, naming the ranks that differ from
 /// rank 0 and, on each of them, its first difference.
 ///
-/// The common case costs one allreduce of 17 doubles and allocates nothing: each member's layout hash,
-/// byte by byte, and the squares of those bytes (all members agree on a byte b exactly when
-/// size * sum(b^2) == sum(b)^2, by Cauchy-Schwarz; bytes keep those sums exact), and a flag for a stale
-/// view. Only when they disagree, rank 0's description is broadcast (through allreduce_sum: the other
-/// members add zeros) so that each member can find its own first difference.
+/// The common case costs one allreduce of 17 doubles and allocates nothing: each member's layout hash
+/// as put_agreement writes it, and a flag for a stale view. Only when they disagree, rank 0's description is
+/// broadcast (through allreduce_sum: the other members add zeros) so that each member can find its own first
+/// difference.
 template <class Comm, class... Ts>
 void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
   LayoutHash hash;
@@ -152,20 +173,12 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
   };
   (check_storage(lists), ...);
 
-  double sums[17] = {};
-  for (int byte = 0; byte < 8; ++byte) {
-    const double value = static_cast<double>((hash.value >> (8 * byte)) & 0xff);
-    sums[byte] = value;
-    sums[8 + byte] = value * value;
-  }
-  sums[16] = stale.empty() ? 0.0 : 1.0;
-  comm.allreduce_sum(sums, 17);
-  const double members = static_cast<double>(comm.size());
-  bool same = sums[16] < 0.5;  // no member flagged a stale view
-  for (int byte = 0; byte < 8; ++byte) {
-    same = same && detail::exactly_equal(members * sums[8 + byte], sums[byte] * sums[byte]);
-  }
-  if (same) return;
+  double sums[agreement_doubles + 1] = {};
+  put_agreement(hash.value, sums);
+  sums[agreement_doubles] = stale.empty() ? 0.0 : 1.0;
+  comm.allreduce_sum(sums, agreement_doubles + 1);
+  // Same layouts and no member flagged a stale view.
+  if (agreed(sums, comm.size()) && sums[agreement_doubles] < 0.5) return;
 
   // Every member is here (all saw the same sums). Rank 0's description, to every member.
   LayoutBytes mine;

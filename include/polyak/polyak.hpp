@@ -14,6 +14,7 @@
 #include "polyak/model_averaging.hpp"
 #include "polyak/power_ema.hpp"
 #include "polyak/scalar_type.hpp"
+#include "polyak/shard_view.hpp"
 #include "polyak/swag.hpp"
 #include "polyak/swalr.hpp"
 #include "polyak/tensor_view.hpp"

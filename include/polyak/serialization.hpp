@@ -46,6 +46,22 @@ namespace detail {
   throw RuntimeError("polyak: " + what + " '" + path + "': " + std::strerror(errno));
 }
 
+/// pwrite until all `size` bytes are at `offset`.
+inline void pwrite_all(int fd, const void* data, std::size_t size, std::uint64_t offset,
+                       const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t written = ::pwrite(fd, p, size, static_cast<off_t>(offset));
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      fail_io("cannot write", path);
+    }
+    p += written;
+    size -= static_cast<std::size_t>(written);
+    offset += static_cast<std::uint64_t>(written);
+  }
+}
+
 inline void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (size > 0) {
@@ -78,15 +94,27 @@ struct TensorWriter {
 /// Writes a file atomically: `write(fd, temporary)` fills a temporary file in the same folder, which
 /// is fsynced and renamed over `path`, the folder fsynced. A failure (an exception from `write`
 /// included) removes the temporary and leaves `path` as it was.
-template <class Write>
-void write_atomically(const std::string& path, Write&& write) {
+/// "<path>.tmp.<pid>.<n>": unique to each call, so that threads and processes saving the same path at
+/// once never share one (O_EXCL makes sure). A crash mid-save leaves it behind (see save_safetensors).
+inline std::string temporary_name(const std::string& path) {
+  static std::atomic<unsigned long long> saves{0};
+  return path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(++saves);
+}
+
+/// Makes the rename of a file in the folder of `path` reach the disk.
+inline void sync_folder_of(const std::string& path) {
   const std::size_t slash = path.find_last_of('/');
   const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-  // "<path>.tmp.<pid>.<n>": unique to this call, so that threads and processes saving the same path
-  // at once never share one (O_EXCL makes sure). A crash mid-save leaves it behind (see
-  // save_safetensors).
-  static std::atomic<unsigned long long> saves{0};
-  const std::string temporary = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(++saves);
+  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (folder_fd >= 0) {
+    ::fsync(folder_fd);
+    ::close(folder_fd);
+  }
+}
+
+template <class Write>
+void write_atomically(const std::string& path, Write&& write) {
+  const std::string temporary = temporary_name(path);
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) fail_io("cannot create", temporary);
   try {
@@ -105,17 +133,14 @@ void write_atomically(const std::string& path, Write&& write) {
     ::unlink(temporary.c_str());
     fail_io("cannot rename onto", path);
   }
-  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (folder_fd >= 0) {  // the rename itself must reach the disk
-    ::fsync(folder_fd);
-    ::close(folder_fd);
-  }
+  sync_folder_of(path);  // the rename itself must reach the disk
 }
 
-/// Writes a safetensors file atomically (write_atomically): the header of `tensors`, then each
-/// one's bytes from its writer.
-inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
-                              const std::vector<TensorWriter>& tensors) {
+/// The bytes a safetensors file of `tensors` (in this order, their data back to back) begins with:
+/// the 8-byte little-endian header length, then the JSON header padded with spaces so that the
+/// data starts 8-byte aligned. Every writer of the format builds its header here.
+inline std::string safetensors_prefix(const std::map<std::string, std::string>& metadata,
+                                      const std::vector<TensorWriter>& tensors) {
   if (!little_endian()) throw RuntimeError("polyak::save_safetensors: big-endian hosts are not supported");
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
@@ -127,13 +152,19 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
     offset += tensor.size;
   }
   std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
-  const std::uint64_t length = text.size();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string prefix(8, '\0');
+  for (int b = 0; b < 8; ++b) prefix[static_cast<std::size_t>(b)] = static_cast<char>(text.size() >> (8 * b));
+  return prefix + text;
+}
+
+/// Writes a safetensors file atomically (write_atomically): the header of `tensors`, then each
+/// one's bytes from its writer.
+inline void write_safetensors(const std::string& path, const std::map<std::string, std::string>& metadata,
+                              const std::vector<TensorWriter>& tensors) {
+  const std::string prefix = safetensors_prefix(metadata, tensors);
   write_atomically(path, [&](int fd, const std::string& temporary) {
-    unsigned char length_bytes[8];
-    for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(length >> (8 * b));
-    write_all(fd, length_bytes, 8, temporary);
-    write_all(fd, text.data(), text.size(), temporary);
+    write_all(fd, prefix.data(), prefix.size(), temporary);
     for (const auto& tensor : tensors) tensor.write(fd, temporary);
   });
 }

@@ -1,0 +1,291 @@
+// SPDX-License-Identifier: MIT
+// Checkpoints of sharded states (polyak/shard_view.hpp): every rank writes its byte ranges into one
+// safetensors file of the whole model, and any number of ranks, cut any way, read it back.
+//
+//     polyak::save_distributed("ema.safetensors", ema.state_dict(), shard, comm);   // collective
+//     polyak::load_distributed(ema, "ema.safetensors", shard, comm);               // collective
+//
+// The file is the one a single process holding the whole model writes with save_safetensors (the
+// same bytes), so polyak's other tools (average_checkpoints, post_hoc_ema, PyTorch's safetensors)
+// read it as any other. Every rank must see the same file system path (a shared file system).
+#pragma once
+
+#include <cerrno>
+#include <cstddef>  // std::size_t
+#include <cstdint>  // std::uint64_t
+#include <cstdio>   // std::rename
+#include <cstring>  // std::strerror
+#include <exception>
+#include <string>
+#include <utility>  // std::move
+#include <vector>
+
+#include <fcntl.h>   // open
+#include <unistd.h>  // ftruncate, fsync, close, unlink
+
+#include "polyak/error.hpp"
+#include "polyak/model_averaging.hpp"  // the agreement collectives
+#include "polyak/serialization.hpp"
+#include "polyak/shard_view.hpp"
+#include "polyak/state_io.hpp"  // AveragedModelKeys
+
+namespace polyak {
+
+namespace detail {
+
+/// Collective: each member's problem ("" for none) in; "" out when no member has one, else one
+/// message for every member naming the ranks that have one and, here, this member's own.
+template <class Comm>
+std::string problems_of_all(Comm& comm, const std::string& problem) {
+  std::vector<double> flags(static_cast<std::size_t>(comm.size()), 0.0);
+  flags[static_cast<std::size_t>(comm.rank())] = problem.empty() ? 0.0 : 1.0;
+  comm.allreduce_sum(flags.data(), flags.size());
+  const std::string ranks = rank_list(flags);
+  if (ranks.empty()) return "";
+  return "rank(s) " + ranks + " failed" + (problem.empty() ? "" : "; here: " + problem);
+}
+
+/// Collective: rank 0's text, to every member (through allreduce_sum: the others add zeros).
+template <class Comm>
+std::string text_of_rank0(Comm& comm, const std::string& text) {
+  double length = comm.rank() == 0 ? static_cast<double>(text.size()) : 0.0;
+  comm.allreduce_sum(&length, 1);
+  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
+  if (comm.rank() == 0) {
+    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(text[i]);
+  }
+  comm.allreduce_sum(wire.data(), wire.size());
+  std::string out(wire.size(), '\0');
+  for (std::size_t i = 0; i < wire.size(); ++i) out[i] = static_cast<char>(static_cast<int>(wire[i]));
+  return out;
+}
+
+/// The layout tensor an entry name stands for: prefix + the tensor's name; -1 for none.
+inline long piece_tensor(const std::string& name, const FlatLayout& layout,
+                         const std::vector<std::string>& prefixes) {
+  const auto& tensors = layout.tensors();
+  for (const auto& prefix : prefixes) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    for (std::size_t k = 0; k < tensors.size(); ++k) {
+      if (name.size() == prefix.size() + tensors[k].name.size() &&
+          name.compare(prefix.size(), std::string::npos, tensors[k].name) == 0) {
+        return static_cast<long>(k);
+      }
+    }
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+/// The prefixes whose entries save_distributed and load_distributed treat as pieces of the layout's
+/// tensors by default: AveragedModel's ("module.").
+inline std::vector<std::string> averaged_model_prefixes() { return {AveragedModelKeys::module_prefix}; }
+
+/// Collective: writes, as one safetensors file at `path`, the whole model's state whose shards the
+/// members hold. In `local` (an AveragedModel's state_dict over shard.parameters(), say), an entry
+/// named prefix + the name of a layout tensor (prefix from `prefixes`) is this member's piece of that
+/// tensor, saved at its place in the whole tensor; every other entry (n_averaged, the settings) and
+/// the metadata must be the same on every member, and are written once.
+///
+/// Crash-safe as save_safetensors: rank 0 creates a temporary file beside `path`, every member
+/// writes its byte ranges into it (pwrite) and fsyncs, and rank 0 renames it over `path` only when
+/// all have succeeded; a failure anywhere removes it, leaves `path` as it was and throws on every
+/// member, naming the ranks that failed. Members whose states disagree (other entries, dtypes,
+/// another piece shape than the shard's) are refused before anything is written.
+template <class T, class Comm>
+void save_distributed(const std::string& path, const StateDict& local, const ShardView<T>& shard, Comm& comm,
+                      const std::vector<std::string>& prefixes = averaged_model_prefixes()) {
+  const std::string who = "polyak::save_distributed('" + path + "')";
+  const FlatLayout& layout = shard.layout();
+
+  // What the file holds, the same on every member: the header's entries, whole.
+  std::vector<detail::TensorWriter> entries;
+  std::vector<long> tensor_of;  // per entry: its layout tensor, or -1
+  detail::LayoutHash shared;    // what must agree: entries' names, dtypes, shapes; the others' bytes
+  std::string problem;
+  for (const auto& [name, tensor] : local) {
+    const long k = detail::piece_tensor(name, layout, prefixes);
+    std::vector<std::int64_t> shape = tensor.shape;
+    if (k >= 0) {
+      const auto& piece = shard.pieces()[static_cast<std::size_t>(k)];
+      if (shape != std::vector<std::int64_t>{static_cast<std::int64_t>(piece.length)} && problem.empty()) {
+        problem = "entry '" + name + "' has shape " + shape_string(shape) + ", not this shard's piece [" +
+                  std::to_string(piece.length) + "]";
+      }
+      shape = layout.tensors()[static_cast<std::size_t>(k)].shape;
+    } else {
+      tensor.for_each_chunk([&](const std::byte* data, std::size_t length) { shared.put(data, length); });
+    }
+    shared.put(name.data(), name.size() + 1);
+    shared.put(dtype_name(tensor.dtype), std::char_traits<char>::length(dtype_name(tensor.dtype)) + 1);
+    for (const std::int64_t extent : shape) shared.put(&extent, sizeof extent);
+    std::size_t numel = 1;
+    for (const std::int64_t extent : shape) numel *= static_cast<std::size_t>(extent);
+    entries.push_back({name, tensor.dtype, shape, numel * dtype_size(tensor.dtype), {}});
+    tensor_of.push_back(k);
+  }
+  for (const auto& [key, value] : local.metadata) {
+    shared.put(key.data(), key.size() + 1);
+    shared.put(value.data(), value.size() + 1);
+  }
+  {
+    double sums[detail::agreement_doubles] = {};
+    detail::put_agreement(shared.value, sums);
+    comm.allreduce_sum(sums, detail::agreement_doubles);
+    const std::string failed = detail::problems_of_all(comm, problem);
+    if (!failed.empty()) throw InvalidArgument(who + ": the state does not fit the shard: " + failed);
+    if (!detail::agreed(sums, comm.size())) {
+      throw InvalidArgument(who +
+                            ": the members' states differ (entries, dtypes, or the values of n_averaged, the "
+                            "settings or the metadata), so nothing was written");
+    }
+  }
+
+  // Rank 0 makes the temporary file: header, and its full size.
+  const std::string header = detail::safetensors_prefix(local.metadata, entries);
+  std::string temporary, failure;
+  int fd = -1;
+  if (comm.rank() == 0) {
+    temporary = detail::temporary_name(path);
+    try {
+      fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      if (fd < 0) detail::fail_io("cannot create", temporary);
+      detail::write_all(fd, header.data(), header.size(), temporary);
+      std::uint64_t size = header.size();
+      for (const auto& entry : entries) size += entry.size;
+      if (::ftruncate(fd, static_cast<off_t>(size)) != 0) detail::fail_io("cannot size", temporary);
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+  }
+  std::string failed = detail::problems_of_all(comm, failure);
+  if (!failed.empty()) {
+    if (fd >= 0) ::close(fd);
+    if (comm.rank() == 0) ::unlink(temporary.c_str());
+    throw RuntimeError(who + ": " + failed);
+  }
+  temporary = detail::text_of_rank0(comm, temporary);
+
+  // Every member writes its pieces; rank 0 also the shared entries.
+  try {
+    if (fd < 0) fd = ::open(temporary.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) detail::fail_io("cannot open", temporary);
+    std::uint64_t offset = header.size();
+    std::size_t e = 0;
+    for (const auto& [name, tensor] : local) {
+      const long k = tensor_of[e];
+      if (k >= 0 || comm.rank() == 0) {
+        std::uint64_t at =
+            offset +
+            (k >= 0 ? shard.pieces()[static_cast<std::size_t>(k)].offset * dtype_size(tensor.dtype) : 0);
+        tensor.for_each_chunk([&](const std::byte* data, std::size_t length) {
+          detail::pwrite_all(fd, data, length, at, temporary);
+          at += length;
+        });
+      }
+      offset += entries[e++].size;
+    }
+    if (::fsync(fd) != 0) detail::fail_io("cannot fsync", temporary);
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  if (fd >= 0 && ::close(fd) != 0 && failure.empty()) failure = "cannot close '" + temporary + "'";
+  failed = detail::problems_of_all(comm, failure);
+  if (!failed.empty()) {
+    if (comm.rank() == 0) ::unlink(temporary.c_str());
+    throw RuntimeError(who + ": " + failed + "; '" + path + "' is as it was");
+  }
+
+  // All bytes are on disk: rank 0 puts the file in place.
+  if (comm.rank() == 0) {
+    if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+      failure = "cannot rename onto '" + path + "': " + std::strerror(errno);
+      ::unlink(temporary.c_str());
+    } else {
+      detail::sync_folder_of(path);
+    }
+  }
+  failed = detail::problems_of_all(comm, failure);
+  if (!failed.empty()) throw RuntimeError(who + ": " + failed);
+}
+
+/// Collective: reads this member's part of a whole model's state from the safetensors file at
+/// `path` (written by save_distributed on any number of ranks, or by save_safetensors in one
+/// process): an entry named prefix + the name of a layout tensor comes as this shard's piece of it
+/// (1-D), every other entry whole. Refused on every member, naming the ranks that failed, when any
+/// member cannot read it: a missing, truncated or malformed file, a tensor of another shape than
+/// the layout's, or members that see different files.
+template <class T, class Comm>
+StateDict load_distributed_state(const std::string& path, const ShardView<T>& shard, Comm& comm,
+                                 const std::vector<std::string>& prefixes = averaged_model_prefixes()) {
+  const std::string who = "polyak::load_distributed('" + path + "')";
+  StateDict sd;
+  std::string problem;
+  detail::LayoutHash seen;  // what this member read of the header
+  try {
+    SafetensorsReader reader(path);
+    for (const auto& entry : reader.index().entries) {
+      seen.put(entry.name.data(), entry.name.size() + 1);
+      seen.put(&entry.begin, sizeof entry.begin);
+      seen.put(&entry.end, sizeof entry.end);
+      const long k = detail::piece_tensor(entry.name, shard.layout(), prefixes);
+      if (k < 0) {
+        sd.insert(entry.name, reader.read(entry));
+        continue;
+      }
+      const auto& tensor = shard.layout().tensors()[static_cast<std::size_t>(k)];
+      if (entry.shape != tensor.shape) {
+        throw FormatError("tensor '" + entry.name + "' has shape " + shape_string(entry.shape) +
+                          " in the file where the layout has " + shape_string(tensor.shape));
+      }
+      const auto& piece = shard.pieces()[static_cast<std::size_t>(k)];
+      StoredTensor part;
+      part.dtype = entry.dtype;
+      part.shape = {static_cast<std::int64_t>(piece.length)};
+      part.bytes.resize(piece.length * dtype_size(entry.dtype));
+      reader.read_bytes(entry, piece.offset * dtype_size(entry.dtype), part.bytes.size(), part.bytes.data());
+      sd.insert(entry.name, std::move(part));
+    }
+    sd.metadata = reader.index().metadata;
+    for (const auto& [key, value] : sd.metadata) {
+      seen.put(key.data(), key.size() + 1);
+      seen.put(value.data(), value.size() + 1);
+    }
+  } catch (const std::exception& e) {
+    problem = e.what();
+  }
+  double sums[detail::agreement_doubles] = {};
+  detail::put_agreement(seen.value, sums);
+  comm.allreduce_sum(sums, detail::agreement_doubles);
+  const std::string failed = detail::problems_of_all(comm, problem);
+  if (!failed.empty()) throw FormatError(who + ": " + failed + "; nothing was loaded");
+  if (!detail::agreed(sums, comm.size())) {
+    throw FormatError(who +
+                      ": the members read files with different headers (is the path on a file system "
+                      "they share?); nothing was loaded");
+  }
+  return sd;
+}
+
+/// Collective: load_distributed_state, then model.load_state_dict on every member; if any member's
+/// model refuses the state (another decay, say), every member throws, naming the ranks, and those
+/// that had loaded it are put back as they were: no member is left changed.
+template <class Model, class T, class Comm>
+void load_distributed(Model& model, const std::string& path, const ShardView<T>& shard, Comm& comm,
+                      const std::vector<std::string>& prefixes = averaged_model_prefixes()) {
+  const StateDict sd = load_distributed_state(path, shard, comm, prefixes);
+  const StateDict before = model.state_dict().owned();
+  std::string problem;
+  try {
+    model.load_state_dict(sd);
+  } catch (const std::exception& e) {
+    problem = e.what();
+  }
+  const std::string failed = detail::problems_of_all(comm, problem);
+  if (failed.empty()) return;
+  if (problem.empty()) model.load_state_dict(before);
+  throw FormatError("polyak::load_distributed('" + path + "'): " + failed + "; no member's model changed");
+}
+
+}  // namespace polyak

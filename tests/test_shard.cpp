@@ -1,0 +1,274 @@
+// SPDX-License-Identifier: MIT
+// Sharded averages (polyak/shard_view.hpp) and their one-file checkpoints
+// (polyak/distributed_checkpoint.hpp), over ThreadCommunicator: threads stand for ranks. The same
+// checks run under mpirun in tests/mpi/test_mpi.cpp.
+#include "polyak/distributed_checkpoint.hpp"
+#include "polyak/shard_view.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdio>  // std::remove
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/serialization.hpp"
+
+using polyak::AveragedModel;
+using polyak::EMA;
+using polyak::FlatLayout;
+using polyak::ParameterList;
+using polyak::ShardView;
+using polyak::ThreadCommunicator;
+
+namespace {
+
+std::string temporary_path(const std::string& name) {
+  const auto folder = std::filesystem::temp_directory_path() / "polyak_tests";
+  std::filesystem::create_directories(folder);
+  return (folder / name).string();
+}
+
+std::vector<char> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+/// Runs body(member) on `size` threads; each thread's exception message ("" if none).
+std::vector<std::string> on_threads(int size, const std::function<void(ThreadCommunicator&)>& body) {
+  auto members = ThreadCommunicator::create(size);
+  std::vector<std::string> errors(static_cast<std::size_t>(size));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(members[static_cast<std::size_t>(r)]);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+FlatLayout model_layout() {
+  FlatLayout layout;
+  layout.add("a", {3, 5}).add("b", {7}).add("c", {2, 2, 2}).add("d", {1});  // 31 scalars
+  return layout;
+}
+
+/// The training model's flat scalar i at step t (any rank computes any of them).
+float trained(int t, std::size_t i) {
+  return static_cast<float>((static_cast<int>(i) * 37 + t * 11) % 97) / 8.0f;
+}
+
+constexpr int steps = 6;
+constexpr double decay = 0.75;
+
+/// The reference: one process holding the whole model (real shapes), averaged with EMA.
+std::string whole_model_file(const std::string& name) {
+  const FlatLayout layout = model_layout();
+  std::vector<float> flat(layout.numel());
+  ParameterList<float> list;
+  for (const auto& t : layout.tensors())
+    list.add(t.name, polyak::TensorView<float>(flat.data() + t.offset, t.shape));
+  AveragedModel<float, EMA> ema(list, EMA(decay));
+  for (int t = 0; t < steps; ++t) {
+    for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = trained(t, i);
+    ema.update_parameters(list);
+  }
+  const std::string path = temporary_path(name);
+  polyak::save_safetensors(path, ema.state_dict());
+  return path;
+}
+
+/// Member r's range when `ranges` cuts the flat model: [ranges[r], ranges[r + 1]).
+struct Cut {
+  std::vector<std::size_t> bounds;
+  std::size_t begin(int r) const { return bounds[static_cast<std::size_t>(r)]; }
+  std::size_t end(int r) const { return bounds[static_cast<std::size_t>(r) + 1]; }
+};
+
+}  // namespace
+
+TEST_CASE("an EMA kept on 4 shards writes the very file one process keeps of the whole model",
+          "[shard][distributed_checkpoint]") {
+  const std::string reference = whole_model_file("whole.safetensors");
+  const std::string sharded = temporary_path("sharded4.safetensors");
+  std::remove(sharded.c_str());
+  const Cut cut{{0, 9, 9, 20, 31}};  // an empty shard, cuts inside a, c and between tensors
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    const int r = comm.rank();
+    std::vector<float> mine(cut.end(r) - cut.begin(r));
+    ShardView<float> shard(model_layout(), mine.data(), cut.begin(r), cut.end(r), comm);
+    AveragedModel<float, EMA> ema(shard.parameters(), EMA(decay));
+    for (int t = 0; t < steps; ++t) {
+      for (std::size_t i = 0; i < mine.size(); ++i) mine[i] = trained(t, cut.begin(r) + i);
+      ema.update_parameters(shard.parameters());
+    }
+    polyak::save_distributed(sharded, ema.state_dict(), shard, comm);
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  CHECK(file_bytes(sharded) == file_bytes(reference));
+  CHECK(!file_bytes(reference).empty());
+
+  SECTION("loaded on 2 ranks and on 1, re-sliced, it saves the same bytes again") {
+    for (const Cut& other : {Cut{{0, 16, 31}}, Cut{{0, 31}}}) {
+      const int members = static_cast<int>(other.bounds.size()) - 1;
+      CAPTURE(members);
+      const std::string again = temporary_path("again.safetensors");
+      std::remove(again.c_str());
+      std::vector<std::vector<float>> averages(static_cast<std::size_t>(members));
+      const auto load_errors = on_threads(members, [&](ThreadCommunicator& comm) {
+        const int r = comm.rank();
+        std::vector<float> mine(other.end(r) - other.begin(r), 0.0f);
+        ShardView<float> shard(model_layout(), mine.data(), other.begin(r), other.end(r), comm);
+        AveragedModel<float, EMA> ema(shard.parameters(), EMA(decay));
+        polyak::load_distributed(ema, sharded, shard, comm);
+        ema.copy_to(shard.parameters());
+        averages[static_cast<std::size_t>(r)] = mine;
+        polyak::save_distributed(again, ema.state_dict(), shard, comm);
+      });
+      CHECK(load_errors == std::vector<std::string>(static_cast<std::size_t>(members)));
+      CHECK(file_bytes(again) == file_bytes(reference));
+    }
+  }
+
+  SECTION("a plain load_safetensors reads it into the whole model") {
+    const FlatLayout layout = model_layout();
+    std::vector<float> flat(layout.numel(), 0.0f);
+    ParameterList<float> list;
+    for (const auto& t : layout.tensors())
+      list.add(t.name, polyak::TensorView<float>(flat.data() + t.offset, t.shape));
+    AveragedModel<float, EMA> ema(list, EMA(decay));
+    ema.load_state_dict(polyak::load_safetensors(sharded));
+    CHECK(ema.n_averaged() == steps);
+  }
+}
+
+TEST_CASE("shard ranges that do not cover the model exactly are refused on every member", "[shard]") {
+  struct Case {
+    std::vector<std::pair<std::size_t, std::size_t>> ranges;  // per member
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {{{0, 9}, {10, 20}, {20, 31}}, "leave [9, 10) of the model's 31 scalars to no rank"},
+      {{{0, 9}, {9, 20}, {20, 30}}, "end at 30, before the model's 31"},
+      {{{0, 9}, {9, 20}, {20, 32}}, "rank 2's range [20, 32) reaches past the model's 31 scalars"},
+      {{{0, 12}, {9, 20}, {20, 31}}, "rank 1's range [9, 20) overlaps another's, which ends at 12"},
+      {{{0, 9}, {20, 10}, {9, 31}}, "rank 1's range [20, 10) ends before it begins"},
+      {{{0, 31}, {0, 31}, {31, 31}}, "overlaps"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.message);
+    const auto errors = on_threads(3, [&](ThreadCommunicator& comm) {
+      const auto [begin, end] = c.ranges[static_cast<std::size_t>(comm.rank())];
+      std::vector<float> mine(32);
+      ShardView<float> shard(model_layout(), mine.data(), begin, end, comm);
+    });
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains(c.message) && Catch::Contains("no shard was made"));
+  }
+  std::vector<std::string> errors;
+  // Null data on one member, and members with different layouts.
+  errors = on_threads(2, [&](ThreadCommunicator& comm) {
+    std::vector<float> mine(32);
+    ShardView<float> shard(model_layout(), comm.rank() == 0 ? nullptr : mine.data(),
+                           comm.rank() == 0 ? 0 : 16, comm.rank() == 0 ? 16 : 31, comm);
+  });
+  for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("rank(s) 0 passed null data"));
+  errors = on_threads(2, [&](ThreadCommunicator& comm) {
+    std::vector<float> mine(32);
+    FlatLayout layout = model_layout();
+    if (comm.rank() == 1) layout.add("e", {1});
+    ShardView<float> shard(layout, mine.data(), comm.rank() == 0 ? 0 : 16, comm.rank() == 0 ? 16 : 31, comm);
+  });
+  for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("different layouts"));
+}
+
+TEST_CASE("distributed saves and loads refuse disagreeing members and bad files everywhere, changing nothing",
+          "[shard][distributed_checkpoint]") {
+  const std::string reference = whole_model_file("whole_for_hostile.safetensors");
+  const Cut cut{{0, 16, 31}};
+
+  SECTION("members whose n_averaged differ: nothing is written") {
+    const std::string path = temporary_path("disagree.safetensors");
+    std::remove(path.c_str());
+    const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+      const int r = comm.rank();
+      std::vector<float> mine(cut.end(r) - cut.begin(r), 1.0f);
+      ShardView<float> shard(model_layout(), mine.data(), cut.begin(r), cut.end(r), comm);
+      AveragedModel<float, EMA> ema(shard.parameters(), EMA(decay));
+      for (int t = 0; t <= r; ++t) ema.update_parameters(shard.parameters());
+      polyak::save_distributed(path, ema.state_dict(), shard, comm);
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("the members' states differ"));
+    CHECK(!std::filesystem::exists(path));
+  }
+
+  SECTION("a truncated file, a missing one, another shape: refused on every member, models unchanged") {
+    const std::vector<char> good = file_bytes(reference);
+    const std::string truncated = temporary_path("truncated.safetensors");
+    {
+      std::ofstream out(truncated, std::ios::binary | std::ios::trunc);
+      out.write(good.data(), static_cast<std::streamsize>(good.size() - 9));
+    }
+    FlatLayout wider;  // "a" of another shape
+    wider.add("a", {5, 3}).add("b", {7}).add("c", {2, 2, 2}).add("d", {1});
+    struct Case {
+      std::string path;
+      FlatLayout layout;
+      const char* message;
+    };
+    const std::vector<Case> cases = {
+        {truncated, model_layout(), "rank(s) 0, 1 failed"},
+        {temporary_path("missing.safetensors"), model_layout(), "cannot open"},
+        {reference, wider, "has shape [3, 5] in the file where the layout has [5, 3]"}};
+    for (const Case& c : cases) {
+      CAPTURE(c.message);
+      std::vector<std::vector<float>> after(2);
+      const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+        const int r = comm.rank();
+        std::vector<float> mine(cut.end(r) - cut.begin(r), 2.0f);
+        ShardView<float> shard(c.layout, mine.data(), cut.begin(r), cut.end(r), comm);
+        AveragedModel<float, EMA> ema(shard.parameters(), EMA(decay));
+        polyak::load_distributed(ema, c.path, shard, comm);
+      });
+      for (const auto& e : errors)
+        CHECK_THAT(e, Catch::Contains(c.message) && Catch::Contains("nothing was loaded"));
+    }
+  }
+
+  SECTION("one member's model refuses the state: the other is put back as it was") {
+    std::vector<std::vector<float>> after(2);
+    std::vector<std::int64_t> n_averaged(2);
+    const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+      const int r = comm.rank();
+      std::vector<float> mine(cut.end(r) - cut.begin(r), 3.0f);
+      ShardView<float> shard(model_layout(), mine.data(), cut.begin(r), cut.end(r), comm);
+      AveragedModel<float, EMA> ema(shard.parameters(), EMA(r == 1 ? 0.5 : decay));  // rank 1: another decay
+      ema.update_parameters(shard.parameters());
+      try {
+        polyak::load_distributed(ema, reference, shard, comm);
+      } catch (...) {
+        ema.copy_to(shard.parameters());
+        after[static_cast<std::size_t>(r)] = mine;
+        n_averaged[static_cast<std::size_t>(r)] = ema.n_averaged();
+        throw;
+      }
+    });
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("rank(s) 1 failed") && Catch::Contains("no member's model changed"));
+    for (int r = 0; r < 2; ++r) {
+      CHECK(after[static_cast<std::size_t>(r)] == std::vector<float>(cut.end(r) - cut.begin(r), 3.0f));
+      CHECK(n_averaged[static_cast<std::size_t>(r)] == 1);
+    }
+  }
+}
