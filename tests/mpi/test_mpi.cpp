@@ -6,16 +6,44 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <cstdio>  // std::remove
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
 #include <vector>
 
+#include <unistd.h>  // getpid: a file name of this job's own
+
+#include "polyak/averaged_model.hpp"
+#include "polyak/distributed_checkpoint.hpp"
 #include "polyak/model_averaging.hpp"
 #include "polyak/mpi.hpp"
+#include "polyak/serialization.hpp"
+#include "polyak/shard_view.hpp"
 
 using polyak::MpiCommunicator;
 using polyak::ParameterList;
 
 namespace {
 MpiCommunicator world() { return MpiCommunicator(MPI_COMM_WORLD); }
+
+/// A path in the temporary folder unique to this job (CTest may run the np2, np4 and np8 jobs at
+/// once): rank 0's process id, which every rank learns.
+std::string job_path(const std::string& name) {
+  double pid = 0;
+  MpiCommunicator comm = world();
+  if (comm.rank() == 0) pid = static_cast<double>(::getpid());
+  comm.allreduce_sum(&pid, 1);
+  const auto folder = std::filesystem::temp_directory_path() / "polyak_mpi_tests";
+  std::filesystem::create_directories(folder);
+  return (folder / (std::to_string(static_cast<long>(pid)) + "_" + name)).string();
+}
+
+std::vector<char> file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
 }  // namespace
 
 TEST_CASE("MpiCommunicator sums in place and splits like MPI_Comm_split", "[mpi]") {
@@ -159,6 +187,153 @@ TEST_CASE("ranks whose lists differ in order or storage order all get an error n
   }
   CHECK((col.array() == static_cast<float>(comm.rank())).all());
   CHECK((row.array() == static_cast<float>(comm.rank())).all());
+}
+
+TEST_CASE("MpiCommunicator's non-blocking allreduce completes beside blocking calls, in 4 MB pieces",
+          "[mpi][overlap]") {
+  MpiCommunicator comm = world();
+  const int n = comm.size();
+  std::vector<float> big(2'500'000, static_cast<float>(comm.rank() + 1));  // 10 MB: three pieces
+  auto request = comm.iallreduce_sum(big.data(), big.size());
+  std::vector<double> small(3, 1.0);
+  comm.allreduce_sum(small.data(), small.size());
+  int tests = 0;
+  while (!request.test()) ++tests;  // test() drives progress
+  request.wait();                   // complete: a no-op
+  const float expected = static_cast<float>(n * (n + 1) / 2);
+  CHECK(big.front() == expected);
+  CHECK(big.back() == expected);
+  CHECK(big[1'234'567] == expected);
+  CHECK(small[0] == n);
+}
+
+TEST_CASE("an overlapped PeriodicModelAverager over MPI holds the delayed average's closed form",
+          "[mpi][overlap]") {
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  const std::int64_t warmup = 3, period = 4, steps = 19;
+  for (const std::int64_t delay : {1, 4}) {
+    CAPTURE(delay);
+    Eigen::VectorXf w = Eigen::VectorXf::Zero(300'000);  // more than one allreduce piece
+    ParameterList<float> list;
+    list.add("w", w);
+    polyak::PeriodicModelAverager averager(period, warmup, comm, polyak::Overlap{delay});
+    std::size_t wrong = 0;
+    for (std::int64_t t = 0; t < steps; ++t) {
+      w.array() += static_cast<float>(r + 1);
+      averager.average_parameters(list);
+      // x_r after step t: mean(g) * (s + 1) + (t - s) * g_r, s the last average landed (see the
+      // ThreadCommunicator test); (t + 1) * g_r before any.
+      std::int64_t landed = -1;
+      for (std::int64_t s = warmup; s + delay <= t; s += period) landed = s;
+      const double g = r + 1, mean_g = (n + 1) / 2.0;
+      const double expected = landed < 0 ? static_cast<double>(t + 1) * g
+                                         : mean_g * static_cast<double>(landed + 1) + static_cast<double>(t - landed) * g;
+      wrong += w[0] != static_cast<float>(expected) || w[299'999] != static_cast<float>(expected);
+    }
+    CHECK(wrong == 0);
+    averager.synchronize(list);
+  }
+}
+
+namespace {
+
+polyak::FlatLayout sharded_layout() {
+  polyak::FlatLayout layout;
+  layout.add("conv", {4, 3, 3}).add("bias", {5}).add("fc", {6, 7}).add("scale", {1});  // 36 + 5 + 42 + 1
+  return layout;
+}
+
+float trained(int t, std::size_t i) { return static_cast<float>((static_cast<int>(i) * 29 + t * 13) % 89) / 16.0f; }
+
+/// Member r of `members`: an uneven cut of the flat model, the last member taking the rest.
+std::pair<std::size_t, std::size_t> cut(std::size_t numel, int members, int r) {
+  const auto begin = [&](int k) { return k == 0 ? 0 : std::min(numel, numel * static_cast<std::size_t>(k) / static_cast<std::size_t>(members) + 3); };
+  return {begin(r), r + 1 == members ? numel : begin(r + 1)};
+}
+
+}  // namespace
+
+TEST_CASE("an EMA kept on every rank's shard is the one rank's EMA, saved on all and loaded on half and on one",
+          "[mpi][shard]") {
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  const polyak::FlatLayout layout = sharded_layout();
+  const int steps = 5;
+  const std::string reference = job_path("whole.safetensors"), sharded = job_path("sharded.safetensors");
+
+  if (r == 0) {  // the whole model in one process
+    std::vector<float> flat(layout.numel());
+    ParameterList<float> list;
+    for (const auto& t : layout.tensors()) list.add(t.name, polyak::TensorView<float>(flat.data() + t.offset, t.shape));
+    polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA(0.9));
+    for (int t = 0; t < steps; ++t) {
+      for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = trained(t, i);
+      ema.update_parameters(list);
+    }
+    polyak::save_safetensors(reference, ema.state_dict());
+  }
+
+  const auto [begin, end] = cut(layout.numel(), n, r);
+  std::vector<float> mine(end - begin);
+  polyak::ShardView<float> shard(layout, mine.data(), begin, end, comm);
+  polyak::AveragedModel<float, polyak::EMA> ema(shard.parameters(), polyak::EMA(0.9));
+  for (int t = 0; t < steps; ++t) {
+    for (std::size_t i = 0; i < mine.size(); ++i) mine[i] = trained(t, begin + i);
+    ema.update_parameters(shard.parameters());
+  }
+  polyak::save_distributed(sharded, ema.state_dict(), shard, comm);
+  if (r == 0) CHECK(file_bytes(sharded) == file_bytes(reference));
+
+  // Half the ranks (at least one), then rank 0 alone, load it re-sliced and save it again.
+  for (const int members : {std::max(1, n / 2), 1}) {
+    CAPTURE(members);
+    const std::string again = job_path("again_" + std::to_string(members) + ".safetensors");
+    MpiCommunicator part = comm.split(r < members ? 0 : 1, r);
+    if (r < members) {
+      const auto [b, e] = cut(layout.numel(), members, r);
+      std::vector<float> held(e - b, 0.0f);
+      polyak::ShardView<float> other(layout, held.data(), b, e, part);
+      polyak::AveragedModel<float, polyak::EMA> loaded(other.parameters(), polyak::EMA(0.9));
+      polyak::load_distributed(loaded, sharded, other, part);
+      CHECK(loaded.n_averaged() == steps);
+      polyak::save_distributed(again, loaded.state_dict(), other, part);
+      if (r == 0) CHECK(file_bytes(again) == file_bytes(reference));
+      if (r == 0) std::remove(again.c_str());
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (r == 0) {
+    std::remove(reference.c_str());
+    std::remove(sharded.c_str());
+  }
+}
+
+TEST_CASE("a shard layout that does not cover the model, or states that disagree, are refused on every rank",
+          "[mpi][shard]") {
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  const polyak::FlatLayout layout = sharded_layout();
+  auto [begin, end] = cut(layout.numel(), n, r);
+  std::vector<float> mine(layout.numel());
+  // The last rank stops one scalar short.
+  const std::size_t short_end = r + 1 == n ? end - 1 : end;
+  CHECK_THROWS_WITH((polyak::ShardView<float>(layout, mine.data(), begin, short_end, comm)),
+                    Catch::Contains("before the model's 84 scalars") && Catch::Contains("no shard was made"));
+  // Rank 1 reaches into rank 2's range (with 2 ranks: past the end).
+  const std::size_t long_end = r == 1 ? end + 1 : end;
+  CHECK_THROWS_WITH((polyak::ShardView<float>(layout, mine.data(), begin, long_end, comm)),
+                    Catch::Contains("no shard was made"));
+
+  // n_averaged differs on the last rank: nothing is written.
+  polyak::ShardView<float> shard(layout, mine.data(), begin, end, comm);
+  polyak::AveragedModel<float, polyak::EMA> ema(shard.parameters(), polyak::EMA(0.9));
+  ema.update_parameters(shard.parameters());
+  if (r + 1 == n) ema.update_parameters(shard.parameters());
+  const std::string path = job_path("refused.safetensors");
+  CHECK_THROWS_WITH(polyak::save_distributed(path, ema.state_dict(), shard, comm),
+                    Catch::Contains("the members' states differ"));
+  CHECK(!std::filesystem::exists(path));
 }
 
 int main(int argc, char** argv) {
