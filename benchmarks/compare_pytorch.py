@@ -249,18 +249,21 @@ def main():
                   f"| {gbps(size, 12 if parts[3] == 'float' else 10, seconds):.1f} |")
 
     if args.mpi_json:
-        mpi = polyak_medians(args.mpi_json)
-        print("\n### Averaging across 2 processes, resnet50 layout, 1e7 float scalars (medians)\n")
-        print("| schedule | ms |")
-        print("|---|---|")
-        for name, seconds in sorted(mpi.items()):
-            print(f"| {name.replace('mpi/', '')} | {seconds * 1e3:.2f} |")
-        gloo = pytorch_gloo_average("resnet50", 1e7)
-        print(f"| PyTorch average_parameters over gloo | {gloo * 1e3:.2f} |")
-        mine = mpi["mpi/average_parameters/float/resnet50/1e7"]
-        bare = min(v for k, v in mpi.items() if "bare_allreduce" in k)
-        print(f"\npolyak average_parameters / best bare MPI_Allreduce schedule: {mine / bare:.2f}; "
-              f"PyTorch with gloo / polyak: {gloo / mine:.1f}x")
+        with open(args.mpi_json) as f:
+            paired = [run for run in json.load(f)["benchmarks"] if run["name"].startswith("mpi/paired/")]
+        print("\n### average_parameters against the bare MPI_Allreduce of the same bytes, 2 processes, "
+              "resnet50 layout (paired, alternating; medians)\n")
+        print("| scalar | scalars | pairs | polyak ms | bare ms | median of the pairs' ratios |")
+        print("|---|---|---|---|---|---|")
+        for run in paired:
+            parts = run["name"].split("/")
+            print(f"| {parts[2]} | {parts[4]} | {run['iterations']} | {run['polyak_ms']:.3f} | {run['bare_ms']:.3f} "
+                  f"| {run['median_ratio']:.3f} |")
+        mine = [run["polyak_ms"] / 1e3 for run in paired if run["name"].startswith("mpi/paired/float/resnet50/1e7/")]
+        if mine:
+            gloo = pytorch_gloo_average("resnet50", 1e7)
+            print(f"\nPyTorch average_parameters over gloo, 1e7 float scalars: {gloo * 1e3:.2f} ms; "
+                  f"PyTorch with gloo / polyak: {gloo / mine[0]:.1f}x")
     if args.torch_json:
         device_table(args.torch_json)
 

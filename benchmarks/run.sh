@@ -14,9 +14,10 @@ cmake --build build/bench -j "$(nproc)" --target bench_update bench_mpi
 out=build/bench/results
 mkdir -p "$out"
 aggregate=(--benchmark_repetitions=3 --benchmark_report_aggregates_only=true --benchmark_out_format=json)
+paired=(--benchmark_out_format=json)  # bench_mpi pairs its runs itself
 ./build/bench/benchmarks/bench_update --polyak_max_size="$max_size" "${aggregate[@]}" \
   --benchmark_out="$out/update.json" >&2
-mpirun -np 2 --oversubscribe --allow-run-as-root ./build/bench/benchmarks/bench_mpi "${aggregate[@]}" \
+mpirun -np 2 --oversubscribe --allow-run-as-root ./build/bench/benchmarks/bench_mpi --polyak_max_size="$max_size" "${paired[@]}" \
   --benchmark_out="$out/mpi.json" >&2
 /usr/bin/python3 benchmarks/compare_pytorch.py "$out/update.json" "$out/mpi.json" --max-size "$max_size" \
   | tee "$out/table.md"
