@@ -114,6 +114,13 @@ void paired(benchmark::State& state, double size) {
       static_cast<std::int64_t>(static_cast<double>(state.iterations() * model.arena.size() * sizeof(T))));
 }
 
+/// The latency a call adds at least: an allreduce of 17 doubles, what average_parameters' layout
+/// check costs (and a bare allreduce of a tiny model).
+void latency(benchmark::State& state) {
+  double sums[17] = {};
+  for (auto _ : state) MPI_Allreduce(MPI_IN_PLACE, sums, 17, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+}
+
 class SilentReporter : public benchmark::BenchmarkReporter {
  public:
   bool ReportContext(const Context&) override { return true; }
@@ -135,6 +142,7 @@ int main(int argc, char** argv) {
   int count = static_cast<int>(args.size());
   benchmark::Initialize(&count, args.data());
 
+  benchmark::RegisterBenchmark("mpi/latency/allreduce_17_doubles", latency)->Iterations(5000)->UseRealTime();
   for (const double size : {1e5, 1e6, 1e7, 1e8}) {
     if (size > max_size) continue;
     const std::string scalars = size == 1e5 ? "1e5" : size == 1e6 ? "1e6" : size == 1e7 ? "1e7" : "1e8";
