@@ -4,7 +4,9 @@
 // torch.distributed.algorithms.model_averaging has them.
 //
 // Every function here is collective over its communicator (see polyak/communicator.hpp): each
-// member calls it at the same step with a parameter list of the same layout.
+// member calls it at the same step with a parameter list of the same layout. Overlap (opt-in) makes
+// the averagers start their averages without waiting and apply them `delay` steps later
+// (PendingAverage says what the model then holds); it needs the communicator's iallreduce_sum.
 #pragma once
 
 #include <algorithm>  // std::min, std::max
@@ -687,7 +689,7 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
   HierarchicalModelAverager(const std::vector<std::pair<std::int64_t, int>>& period_group_sizes,
                             std::int64_t warmup_steps, Comm comm, Overlap overlap)
       : ModelAverager<Comm>((check_settings(period_group_sizes, warmup_steps, comm.size()), std::move(comm)),
-                            overlap, period_group_sizes.front().first, "HierarchicalModelAverager"),
+                            overlap, smallest_period(period_group_sizes), "HierarchicalModelAverager"),
         warmup_steps_(warmup_steps) {
     make_levels(period_group_sizes);
   }
@@ -746,6 +748,11 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
              ", must be the whole group's size, " + std::to_string(world));
     }
     if (warmup_steps < 0) refuse("warmup_steps must be >= 0, got " + std::to_string(warmup_steps));
+  }
+
+  /// The first period (they increase); 1 for no entries, which check_settings refuses.
+  static std::int64_t smallest_period(const std::vector<std::pair<std::int64_t, int>>& period_group_sizes) {
+    return period_group_sizes.empty() ? 1 : period_group_sizes.front().first;
   }
 
   /// Collective: consecutive ranks form each subgroup, as torch.distributed.new_subgroups makes them.
