@@ -64,8 +64,8 @@ Run median_time(std::vector<Run> runs) {
 /// than one rank, it averages gradients during the warm-up and models every `period` steps after,
 /// blocking or, with `overlap`, overlapped.
 template <class Comm>
-Run train(const Settings& s, const Digits& data, const std::vector<int>& samples, std::size_t batch, Comm* comm,
-          bool overlap) {
+Run train(const Settings& s, const Digits& data, const std::vector<int>& samples, std::size_t batch,
+          Comm* comm, bool overlap) {
   const double start = MPI_Wtime();
   std::mt19937 init_rng(s.seed);  // the same initial model on every rank
   Mlp model(s.hidden, init_rng);
@@ -123,7 +123,8 @@ int main(int argc, char** argv) {
         if (arg == "--hidden") s.hidden = static_cast<int>(value);
         if (arg == "--delay") s.delay = value;
       } else if (arg.rfind("--", 0) == 0) {
-        throw std::runtime_error("unknown option " + arg + " (usage: local_sgd_mpi [digits.csv] [--hidden N] [--delay D])");
+        throw std::runtime_error("unknown option " + arg +
+                                 " (usage: local_sgd_mpi [digits.csv] [--hidden N] [--delay D])");
       } else {
         path = arg;
       }
@@ -155,8 +156,9 @@ int main(int argc, char** argv) {
       std::iota(all.begin(), all.end(), 0);
       const Run single = train<polyak::MpiCommunicator>(s, data, all, static_cast<std::size_t>(s.total_batch),
                                                         nullptr, false);
-      std::printf("post-local SGD on the digits: %d ranks x %zu samples a step (%d in all), %d epochs, %d hidden\n",
-                  world.size(), local_batch, s.total_batch, s.epochs, s.hidden);
+      std::printf(
+          "post-local SGD on the digits: %d ranks x %zu samples a step (%d in all), %d epochs, %d hidden\n",
+          world.size(), local_batch, s.total_batch, s.epochs, s.hidden);
       std::printf(
           "  %lld steps: %lld with gradient averaging (warm-up), then a model average every %lld steps\n",
           static_cast<long long>(steps), static_cast<long long>(s.warmup), static_cast<long long>(s.period));
@@ -164,8 +166,8 @@ int main(int argc, char** argv) {
                   "ms per epoch");
       const std::string ranks = std::to_string(world.size()) + " ranks";
       const auto row = [&](const std::string& name, const Run& run, bool distributed) {
-        std::printf("%-40s %-14.2f %-10.4f %-17s %.2f\n", name.c_str(), 100 * run.score.accuracy, run.score.loss,
-                    distributed ? std::to_string(s.warmup + run.averages + 1).c_str() : "-",
+        std::printf("%-40s %-14.2f %-10.4f %-17s %.2f\n", name.c_str(), 100 * run.score.accuracy,
+                    run.score.loss, distributed ? std::to_string(s.warmup + run.averages + 1).c_str() : "-",
                     1e3 * run.seconds_per_epoch);
       };
       row("post-local SGD, " + ranks + ", blocking", blocking, true);

@@ -227,8 +227,9 @@ TEST_CASE("an overlapped PeriodicModelAverager over MPI holds the delayed averag
       std::int64_t landed = -1;
       for (std::int64_t s = warmup; s + delay <= t; s += period) landed = s;
       const double g = r + 1, mean_g = (n + 1) / 2.0;
-      const double expected = landed < 0 ? static_cast<double>(t + 1) * g
-                                         : mean_g * static_cast<double>(landed + 1) + static_cast<double>(t - landed) * g;
+      const double expected =
+          landed < 0 ? static_cast<double>(t + 1) * g
+                     : mean_g * static_cast<double>(landed + 1) + static_cast<double>(t - landed) * g;
       wrong += w[0] != static_cast<float>(expected) || w[299'999] != static_cast<float>(expected);
     }
     CHECK(wrong == 0);
@@ -244,18 +245,25 @@ polyak::FlatLayout sharded_layout() {
   return layout;
 }
 
-float trained(int t, std::size_t i) { return static_cast<float>((static_cast<int>(i) * 29 + t * 13) % 89) / 16.0f; }
+float trained(int t, std::size_t i) {
+  return static_cast<float>((static_cast<int>(i) * 29 + t * 13) % 89) / 16.0f;
+}
 
 /// Member r of `members`: an uneven cut of the flat model, the last member taking the rest.
 std::pair<std::size_t, std::size_t> cut(std::size_t numel, int members, int r) {
-  const auto begin = [&](int k) { return k == 0 ? 0 : std::min(numel, numel * static_cast<std::size_t>(k) / static_cast<std::size_t>(members) + 3); };
+  const auto begin = [&](int k) {
+    return k == 0
+               ? 0
+               : std::min(numel, numel * static_cast<std::size_t>(k) / static_cast<std::size_t>(members) + 3);
+  };
   return {begin(r), r + 1 == members ? numel : begin(r + 1)};
 }
 
 }  // namespace
 
-TEST_CASE("an EMA kept on every rank's shard is the one rank's EMA, saved on all and loaded on half and on one",
-          "[mpi][shard]") {
+TEST_CASE(
+    "an EMA kept on every rank's shard is the one rank's EMA, saved on all and loaded on half and on one",
+    "[mpi][shard]") {
   MpiCommunicator comm = world();
   const int n = comm.size(), r = comm.rank();
   const polyak::FlatLayout layout = sharded_layout();
@@ -265,7 +273,8 @@ TEST_CASE("an EMA kept on every rank's shard is the one rank's EMA, saved on all
   if (r == 0) {  // the whole model in one process
     std::vector<float> flat(layout.numel());
     ParameterList<float> list;
-    for (const auto& t : layout.tensors()) list.add(t.name, polyak::TensorView<float>(flat.data() + t.offset, t.shape));
+    for (const auto& t : layout.tensors())
+      list.add(t.name, polyak::TensorView<float>(flat.data() + t.offset, t.shape));
     polyak::AveragedModel<float, polyak::EMA> ema(list, polyak::EMA(0.9));
     for (int t = 0; t < steps; ++t) {
       for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = trained(t, i);
