@@ -49,14 +49,15 @@ check_sanitize() {
 
 check_matrix() {
   # The unit tests (core and checkpoints; libtorch's and MPI's ran in "tests") in the other cells of
-  # {GCC, Clang} x {C++17, C++20}, unoptimized: what differs between them is the compiling.
+  # {GCC, Clang} x {C++17, C++20}, unoptimized: what differs between them is the compiling. -O0 builds
+  # in 36 s where -O1 took 65 (Clang, C++20, 2 cores); the tests then run in 3.5 s.
   local cell compiler standard
   for cell in clang++:17 g++:20 clang++:20; do
     compiler=${cell%%:*} standard=${cell##*:}
     echo "-- $compiler, C++$standard"
     local dir="build/matrix-$compiler-$standard"
     cmake -S . -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
-      -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1" -DPOLYAK_WERROR=ON -DPOLYAK_WITH_TORCH=OFF \
+      -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O0" -DPOLYAK_WERROR=ON -DPOLYAK_WITH_TORCH=OFF \
       -DPOLYAK_BUILD_EXAMPLES=OFF >/dev/null
     cmake --build "$dir" -j "$jobs" --target polyak_tests
     "$dir/tests/polyak_tests" --order rand
