@@ -1,12 +1,19 @@
-# Writes each ```cpp block of README.md to its own translation unit, so that a test can compile it:
-# the block's #include lines at the top, then the context its snippets assume (context_core.hpp,
-# context_mpi.hpp or context_torch.hpp by what the block includes), then the rest of the block as the
-# body of a function. Sets POLYAK_README_BLOCKS to "index:line:kind" for each block.
+# Writes the ```cpp blocks of README.md into one translation unit a kind, so that a test can compile
+# them: the blocks' #include lines at the top, then the context their snippets assume
+# (context_core.hpp, context_mpi.hpp or context_torch.hpp, by what a block includes), then each block
+# as the body of a function of its own. Every body line carries a #line directive, so a compiler
+# error names README.md and the line. (One file a kind: each block alone recompiled its headers, 11
+# times per build.) Sets POLYAK_README_KINDS to the kinds that have blocks, and POLYAK_README_LINES_<kind>
+# to the README lines their blocks start at.
 function(polyak_extract_readme_blocks readme out_dir)
   file(READ "${readme}" text)
   string(REPLACE ";" "<polyak-semicolon>" text "${text}")  # CMake lists split on ';'
   string(REPLACE "\n" ";" lines "${text}")
-  set(blocks "")
+  foreach(kind core mpi torch)
+    set(includes_${kind} "")
+    set(bodies_${kind} "")
+    set(starts_${kind} "")
+  endforeach()
   set(in_block OFF)
   set(index 0)
   set(number 0)
@@ -25,19 +32,28 @@ function(polyak_extract_readme_blocks readme out_dir)
       elseif(includes MATCHES "polyak/mpi\\.hpp")
         set(kind mpi)
       endif()
-      set(source "// Generated from README.md, the block at line ${start}: compiled by the test readme.block_${index}.\n")
-      string(APPEND source "${includes}#include \"context_${kind}.hpp\"\n\nvoid readme_block_${index}() {\n${body}}\n")
-      string(REPLACE "<polyak-semicolon>" ";" source "${source}")
-      file(CONFIGURE OUTPUT "${out_dir}/block_${index}.cpp" CONTENT "${source}")
-      list(APPEND blocks "${index}:${start}:${kind}")
+      string(APPEND includes_${kind} "${includes}")
+      string(APPEND bodies_${kind} "\nvoid readme_block_${index}() {\n${body}}\n")
+      list(APPEND starts_${kind} ${start})
       math(EXPR index "${index} + 1")
     elseif(in_block)
       if(line MATCHES "^#include")
         string(APPEND includes "${line}\n")
       else()
-        string(APPEND body "${line}\n")
+        string(APPEND body "#line ${number} \"${readme}\"\n${line}\n")
       endif()
     endif()
   endforeach()
-  set(POLYAK_README_BLOCKS "${blocks}" PARENT_SCOPE)
+  set(kinds "")
+  foreach(kind core mpi torch)
+    if(starts_${kind})
+      set(source "// Generated from README.md: its ${kind} blocks, compiled by the test readme.${kind}.\n")
+      string(APPEND source "${includes_${kind}}#include \"context_${kind}.hpp\"\n${bodies_${kind}}")
+      string(REPLACE "<polyak-semicolon>" ";" source "${source}")
+      file(CONFIGURE OUTPUT "${out_dir}/readme_${kind}.cpp" CONTENT "${source}")
+      list(APPEND kinds ${kind})
+      set(POLYAK_README_LINES_${kind} "${starts_${kind}}" PARENT_SCOPE)
+    endif()
+  endforeach()
+  set(POLYAK_README_KINDS "${kinds}" PARENT_SCOPE)
 endfunction()
