@@ -45,21 +45,6 @@ std::string problems_of_all(Comm& comm, const std::string& problem) {
   return "rank(s) " + ranks + " failed" + (problem.empty() ? "" : "; here: " + problem);
 }
 
-/// Collective: rank 0's text, to every member (through allreduce_sum: the others add zeros).
-template <class Comm>
-std::string text_of_rank0(Comm& comm, const std::string& text) {
-  double length = comm.rank() == 0 ? static_cast<double>(text.size()) : 0.0;
-  comm.allreduce_sum(&length, 1);
-  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
-  if (comm.rank() == 0) {
-    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(text[i]);
-  }
-  comm.allreduce_sum(wire.data(), wire.size());
-  std::string out(wire.size(), '\0');
-  for (std::size_t i = 0; i < wire.size(); ++i) out[i] = static_cast<char>(static_cast<int>(wire[i]));
-  return out;
-}
-
 /// The layout tensor an entry name stands for: prefix + the tensor's name; -1 for none.
 inline long piece_tensor(const std::string& name, const FlatLayout& layout,
                          const std::vector<std::string>& prefixes) {

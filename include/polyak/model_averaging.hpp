@@ -131,6 +131,21 @@ inline std::string rank_list(const std::vector<double>& flags) {
   return out;
 }
 
+/// Collective: rank 0's bytes, to every member (through allreduce_sum: the others add zeros).
+template <class Comm>
+std::string text_of_rank0(Comm& comm, const std::string& text) {
+  double length = comm.rank() == 0 ? static_cast<double>(text.size()) : 0.0;
+  comm.allreduce_sum(&length, 1);
+  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
+  if (comm.rank() == 0) {
+    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(text[i]);
+  }
+  comm.allreduce_sum(wire.data(), wire.size());
+  std::string out(wire.size(), '\0');
+  for (std::size_t i = 0; i < wire.size(); ++i) out[i] = static_cast<char>(static_cast<int>(wire[i]));
+  return out;
+}
+
 /// How many doubles an agreement takes (see put_agreement).
 inline constexpr int agreement_doubles = 16;
 
@@ -186,16 +201,7 @@ void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&..
   // Every member is here (all saw the same sums). Rank 0's description, to every member.
   LayoutBytes mine;
   (describe(mine, lists), ...);
-  double length = comm.rank() == 0 ? static_cast<double>(mine.bytes.size()) : 0.0;
-  comm.allreduce_sum(&length, 1);
-  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
-  if (comm.rank() == 0) {
-    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(mine.bytes[i]);
-  }
-  comm.allreduce_sum(wire.data(), wire.size());
-  std::string reference_bytes(wire.size(), '\0');
-  for (std::size_t i = 0; i < wire.size(); ++i)
-    reference_bytes[i] = static_cast<char>(static_cast<int>(wire[i]));
+  const std::string reference_bytes = text_of_rank0(comm, mine.bytes);
   bool complete = false;
   const std::vector<DescribedTensor> reference = read_description(reference_bytes, complete);
   bool own_complete = false;
