@@ -214,7 +214,7 @@ TEST_CASE("an overlapped PeriodicModelAverager over MPI holds the delayed averag
   const std::int64_t warmup = 3, period = 4, steps = 19;
   for (const std::int64_t delay : {1, 4}) {
     CAPTURE(delay);
-    Eigen::VectorXf w = Eigen::VectorXf::Zero(300'000);  // more than one allreduce piece
+    Eigen::VectorXf w = Eigen::VectorXf::Zero(300'000);  // 1.2 MB
     ParameterList<float> list;
     list.add("w", w);
     polyak::PeriodicModelAverager averager(period, warmup, comm, polyak::Overlap{delay});
