@@ -151,7 +151,25 @@ TEST_CASE("malformed files are FormatErrors that name the problem", "[serializat
   refused(safetensors_bytes(good_header, data).substr(0, 20), "runs past the end");
   refused(std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8) + "{}", "exceeds");
   refused(safetensors_bytes("{\"x\":", ""), "not JSON");
-  refused(safetensors_bytes("[1,2]", ""), "not a JSON object");
+  refused(safetensors_bytes("[1,2]", ""), "does not start with '{'");
+  // Refused as Python's safetensors refuses them (issue 21, item 14): a byte-order mark or a space
+  // first, a NUL (nlohmann's parser stopped there and ignored the rest), bytes after the object.
+  refused(safetensors_bytes("\xef\xbb\xbf" + good_header, data), "does not start with '{'");
+  refused(safetensors_bytes(" " + good_header, data), "does not start with '{'");
+  refused(safetensors_bytes(good_header + std::string(3, '\0'), data), "NUL byte at offset");
+  refused(safetensors_bytes(good_header + std::string(1, '\0') + "garbage", data), "NUL byte");
+  refused(safetensors_bytes(good_header + "x", data), "not JSON");
+  CHECK(polyak::load_safetensors((write_bytes(path, safetensors_bytes(good_header + " \n\t\r", data)), path))
+            .size() == 1);  // JSON's whitespace after the object is what Python reads too
+  // Every refusal names the file (item 13): with many inputs, the user knows which.
+  refused(safetensors_bytes("{\"x\":", ""), "'" + path + "'");
+  refused("1234", "'" + path + "'");
+  refused(safetensors_bytes(R"({"x":{"dtype":"Q8","shape":[2],"data_offsets":[0,8]}})", data),
+          "'" + path + "'");
+  refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                            R"("y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"x":{}})",
+                            data),
+          "the key 'x' appears twice");
   refused(safetensors_bytes(R"({"x":{"dtype":"Q8","shape":[2],"data_offsets":[0,8]}})", data),
           "unsupported dtype 'Q8'");
   refused(safetensors_bytes(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data),

@@ -37,17 +37,20 @@ const char* const usage_text =
     "  averages or merges the checkpoints IN1 IN2 ... (safetensors files, or sharded checkpoints:\n"
     "  an index .json or its folder) into OUT (written only if all goes well)\n"
     "  --weights W1,W2,...  one weight per input (finite; >= 0 and not all 0 for an average,\n"
-    "                       normalized to sum 1; > 0 for ties): each model's lambda in a merge\n"
+    "                       normalized to sum 1; > 0 for ties; any sign for task-arithmetic and\n"
+    "                       dare): each model's lambda in a merge\n"
     "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (an average)\n"
     "  --latest K           the uniform average of the last K inputs (LAWA)\n"
     "  --method M           average (default), task-arithmetic, ties, dare or slerp\n"
     "  --base PATH          the base model of task-arithmetic, ties and dare\n"
     "  --scale S            lambda on the merged task vector (default 1)\n"
-    "  --density D          ties: the fraction of each task vector kept, in [0, 1] (default 1)\n"
-    "  --drop P             dare: the drop probability, in [0, 1) (default 0)\n"
+    "  --density D          ties, dare: the fraction of each task vector kept, in [0, 1]\n"
+    "                       (default 1; dare then drops with probability 1 - D)\n"
+    "  --drop P             dare: the drop probability, in [0, 1) (default 0; or --density)\n"
     "  --seed N             dare: the seed of the drops (default 0)\n"
     "  --t T                slerp: 0 gives IN1, 1 gives IN2 (default 0.5)\n"
-    "  --                   what follows is file names, even if it starts with '-'\n";
+    "  --                   what follows is file names, even if it starts with '-'\n"
+    "  an option the method does not use is refused\n";
 
 /// A command line that cannot be run: the tool prints the message and its usage, and exits 2.
 struct UsageError : std::runtime_error {
@@ -72,6 +75,18 @@ polyak::MergeMethod method_named(const std::string& name) {
   if (name == "dare") return polyak::MergeMethod::Dare;
   if (name == "slerp") return polyak::MergeMethod::Slerp;
   throw UsageError("--method '" + name + "' is none of average, task-arithmetic, ties, dare, slerp");
+}
+
+/// Whether `method` uses the command-line option `option`.
+bool uses(polyak::MergeMethod method, const std::string& option) {
+  using polyak::MergeMethod;
+  if (option == "--method") return true;
+  if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
+  if (option == "--weights") return method != MergeMethod::Slerp;
+  if (option == "--t") return method == MergeMethod::Slerp;
+  if (option == "--base" || option == "--scale") return polyak::merge_needs_base(method);
+  if (option == "--density") return method == MergeMethod::Ties || method == MergeMethod::Dare;
+  return method == MergeMethod::Dare;  // --drop, --seed
 }
 
 double finite_number(std::string_view text, const char* what) {
@@ -127,15 +142,15 @@ Arguments parse(int argc, char** argv) {
     } else if (arg == "--weights" || arg == "--ema") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       const std::string value = argv[++i];
+      seen.push_back(arg);
       if (arg == "--weights") {
         if (weights_given) throw UsageError("--weights is given twice");
         weights_given = true;
         std::size_t start = 0;
         for (;;) {  // comma-separated; an empty item ("1,,1", "1,") is refused by finite_number
           const std::size_t comma = value.find(',', start);
-          const double w = finite_number(std::string_view(value).substr(start, comma - start), "weight");
-          if (w < 0) throw UsageError("weight " + value.substr(start, comma - start) + " is negative");
-          args.weights.push_back(w);
+          args.weights.push_back(
+              finite_number(std::string_view(value).substr(start, comma - start), "weight"));
           if (comma == std::string::npos) break;
           start = comma + 1;
         }
@@ -151,11 +166,13 @@ Arguments parse(int argc, char** argv) {
     }
   }
   if (args.help) return args;
+  const polyak::MergeMethod method = args.merge.method;
+  const std::string method_name = polyak::merge_method_name(method);
+  for (const auto& option : seen) {  // no option is silently ignored
+    if (!uses(method, option)) throw UsageError(option + " is not an option of --method " + method_name);
+  }
   if (weights_given && ema_given) throw UsageError("--weights and --ema exclude each other");
-  const bool average = args.merge.method == polyak::MergeMethod::Average;
-  if (!average && (ema_given || args.latest > 0))
-    throw UsageError("--ema and --latest are averages: not with --method " +
-                     std::string(polyak::merge_method_name(args.merge.method)));
+  const bool average = method == polyak::MergeMethod::Average;
   if (args.latest > 0 && (weights_given || ema_given))
     throw UsageError("--latest takes no --weights or --ema");
   if (files.size() < 2) throw UsageError("needs OUT and at least one input");
@@ -169,23 +186,14 @@ Arguments parse(int argc, char** argv) {
     throw UsageError("--latest " + std::to_string(args.latest) + " of " + std::to_string(args.inputs.size()) +
                      " inputs");
   }
-  std::vector<std::string> read = args.inputs;
-  if (!args.base.empty()) read.push_back(args.base);
-  for (const auto& input : read) {
-    std::error_code error;
-    if (input == args.out || std::filesystem::equivalent(input, args.out, error)) {
-      throw UsageError("OUT '" + args.out + "' is also an input");
-    }
-  }
-  if (!average && weights_given) args.merge.weights = args.weights;
+  if (weights_given) args.merge.weights = args.weights;
   try {
     const std::size_t models = args.latest > 0 ? static_cast<std::size_t>(args.latest) : args.inputs.size();
-    polyak::MergeOptions checked = args.merge;
-    if (!average) polyak::check_merge_options(checked, models, !args.base.empty());
-    if (average && !args.base.empty()) throw UsageError("--base goes with task-arithmetic, ties or dare");
+    polyak::check_merge_options(args.merge, models, !args.base.empty());
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string(e.what()).substr(std::string("polyak::merge: ").size()));
   }
+  if (average) args.merge.weights.clear();  // run() makes an average's weights
   return args;
 }
 

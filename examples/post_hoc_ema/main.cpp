@@ -7,7 +7,8 @@
 // power-function EMA of relative width SIGMA_REL at STEP (by default the last snapshot's) by the
 // least-squares fit of polyak/post_hoc_ema.hpp, and writes it to OUT as the state of an
 // AveragedModel<T, PowerEMA>: load it with load_state_dict, then copy_to the model. It streams, one
-// tensor of every snapshot at a time, and prints the fit's relative error. Refused, with nothing
+// tensor of every snapshot at a time, and prints the fit's relative error, warning above 5% (see
+// polyak::PostHocFit::relative_error for what it means). Refused, with nothing
 // written: an argument it cannot read, a width outside (0, 0.30], a STEP outside the snapshots'
 // steps, a fit worse than 25% (a width far from the stored ones, or a step between snapshots too far
 // apart), OUT naming one of the snapshots, snapshots that disagree, a folder with none.
@@ -18,6 +19,7 @@
 #include <exception>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -25,6 +27,10 @@ const char* const usage_text =
     "usage: post_hoc_ema SNAPSHOT_FOLDER SIGMA_REL OUT [STEP]\n"
     "  reconstructs the power EMA of width SIGMA_REL (0 < SIGMA_REL <= 0.30) at STEP (default: the\n"
     "  last snapshot's) from the snapshots polyak::PostHocEMA wrote, into OUT\n";
+
+/// Above this fit error the result is written, with a warning that it is another average than the one
+/// asked for (see polyak::PostHocFit::relative_error).
+constexpr double warn_above = 0.05;
 
 int usage(const std::string& problem) {
   std::fprintf(stderr, "post_hoc_ema: %s; no output written\n%s", problem.c_str(), usage_text);
@@ -54,12 +60,9 @@ int main(int argc, char** argv) {
     const double gamma = polyak::sigma_rel_to_gamma(sigma_rel);
     const auto snapshots = polyak::find_power_ema_snapshots(folder);
     if (snapshots.empty()) throw std::invalid_argument("no power EMA snapshots in '" + folder + "'");
-    for (const auto& snapshot : snapshots) {
-      std::error_code error;
-      if (std::filesystem::equivalent(snapshot.path, out, error)) {
-        throw std::invalid_argument("OUT '" + out + "' is one of the snapshots");
-      }
-    }
+    std::vector<std::string> read;
+    for (const auto& snapshot : snapshots) read.push_back(snapshot.path);
+    polyak::check_output_apart(out, read);
     const polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, gamma, step);
     polyak::save_safetensors(out, sd);
     double fit_error = 0;
@@ -69,6 +72,14 @@ int main(int argc, char** argv) {
         "%.2g%%)\n",
         sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
         out.c_str(), 100 * fit_error);
+    if (fit_error > warn_above) {
+      std::fprintf(stderr,
+                   "post_hoc_ema: warning: fit error %.2g%%: the weights this average gives the past steps "
+                   "lie %.2g%% (L2) from those of the EMA asked for, so it is a different average (under "
+                   "2%% it would be that EMA); ask for a step at a snapshot, or a width between the stored "
+                   "ones\n",
+                   100 * fit_error, 100 * fit_error);
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "post_hoc_ema: %s; no output written\n", e.what());

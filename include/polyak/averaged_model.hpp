@@ -14,6 +14,7 @@
 
 #include <Eigen/Core>  // Eigen::aligned_allocator
 
+#include "polyak/detail/counter.hpp"
 #include "polyak/detail/state_io_fwd.hpp"
 #include "polyak/error.hpp"
 #include "polyak/averaging_functions.hpp"
@@ -132,6 +133,7 @@ class AveragedModel {
   /// function; then n_averaged() grows by one.
   void update_parameters(const ParameterList<T>& model) {
     check_matches(model, "update_parameters");
+    detail::check_can_count(n_averaged_, "n_averaged", "polyak::AveragedModel::update_parameters");
     if (n_averaged_ == 0) {
       copy_from(model, updated_);
     } else if constexpr (is_elementwise_v<AvgFn>) {

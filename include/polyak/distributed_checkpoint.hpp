@@ -10,21 +10,20 @@
 // read it as any other. Every rank must see the same file system path (a shared file system).
 #pragma once
 
-#include <cerrno>
-#include <cstddef>  // std::size_t
-#include <cstdint>  // std::uint64_t
-#include <cstdio>   // std::rename
-#include <cstring>  // std::strerror
+#include <algorithm>  // std::min
+#include <cstddef>    // std::size_t
+#include <cstdint>    // std::uint64_t
 #include <exception>
 #include <string>
-#include <utility>  // std::move
+#include <unordered_map>  // entry names to layout tensors
+#include <utility>        // std::move
 #include <vector>
 
 #include <fcntl.h>   // open
 #include <unistd.h>  // ftruncate, fsync, close, unlink
 
+#include "polyak/detail/agreement.hpp"
 #include "polyak/error.hpp"
-#include "polyak/model_averaging.hpp"  // the agreement collectives
 #include "polyak/serialization.hpp"
 #include "polyak/shard_view.hpp"
 #include "polyak/state_io.hpp"  // AveragedModelKeys
@@ -33,33 +32,28 @@ namespace polyak {
 
 namespace detail {
 
-/// Collective: each member's problem ("" for none) in; "" out when no member has one, else one
-/// message for every member naming the ranks that have one and, here, this member's own.
-template <class Comm>
-std::string problems_of_all(Comm& comm, const std::string& problem) {
-  std::vector<double> flags(static_cast<std::size_t>(comm.size()), 0.0);
-  flags[static_cast<std::size_t>(comm.rank())] = problem.empty() ? 0.0 : 1.0;
-  comm.allreduce_sum(flags.data(), flags.size());
-  const std::string ranks = rank_list(flags);
-  if (ranks.empty()) return "";
-  return "rank(s) " + ranks + " failed" + (problem.empty() ? "" : "; here: " + problem);
-}
-
-/// The layout tensor an entry name stands for: prefix + the tensor's name; -1 for none.
-inline long piece_tensor(const std::string& name, const FlatLayout& layout,
-                         const std::vector<std::string>& prefixes) {
-  const auto& tensors = layout.tensors();
-  for (const auto& prefix : prefixes) {
-    if (name.compare(0, prefix.size(), prefix) != 0) continue;
-    for (std::size_t k = 0; k < tensors.size(); ++k) {
-      if (name.size() == prefix.size() + tensors[k].name.size() &&
-          name.compare(prefix.size(), std::string::npos, tensors[k].name) == 0) {
-        return static_cast<long>(k);
-      }
+/// Which layout tensor an entry name stands for: prefix + the tensor's name. Built once a call, so
+/// that naming the entries of a model of 100k tensors stays linear.
+class PieceNames {
+ public:
+  PieceNames(const FlatLayout& layout, const std::vector<std::string>& prefixes) {
+    for (const auto& prefix : prefixes) {
+      for (std::size_t k = 0; k < layout.tensors().size(); ++k)
+        tensor_of_.emplace(prefix + layout.tensors()[k].name, static_cast<long>(k));
     }
   }
-  return -1;
-}
+  /// The layout tensor of entry `name`; -1 for none.
+  long operator()(const std::string& name) const {
+    const auto found = tensor_of_.find(name);
+    return found == tensor_of_.end() ? -1 : found->second;
+  }
+
+ private:
+  std::unordered_map<std::string, long> tensor_of_;
+};
+
+/// How many windows of the data every member reads and compares, and how long each is.
+inline constexpr std::uint64_t sampled_windows = 64, sampled_window_bytes = 256;
 
 }  // namespace detail
 
@@ -87,10 +81,11 @@ void save_distributed(const std::string& path, const StateDict& local, const Sha
   // What the file holds, the same on every member: the header's entries, whole.
   std::vector<detail::TensorWriter> entries;
   std::vector<long> tensor_of;  // per entry: its layout tensor, or -1
-  detail::LayoutHash shared;    // what must agree: entries' names, dtypes, shapes; the others' bytes
+  const detail::PieceNames piece_tensor(layout, prefixes);
+  detail::LayoutHash shared;  // what must agree: entries' names, dtypes, shapes; the others' bytes
   std::string problem;
   for (const auto& [name, tensor] : local) {
-    const long k = detail::piece_tensor(name, layout, prefixes);
+    const long k = piece_tensor(name);
     std::vector<std::int64_t> shape = tensor.shape;
     if (k >= 0) {
       const auto& piece = shard.pieces()[static_cast<std::size_t>(k)];
@@ -184,11 +179,10 @@ void save_distributed(const std::string& path, const StateDict& local, const Sha
 
   // All bytes are on disk: rank 0 puts the file in place.
   if (comm.rank() == 0) {
-    if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-      failure = "cannot rename onto '" + path + "': " + std::strerror(errno);
-      ::unlink(temporary.c_str());
-    } else {
-      detail::sync_folder_of(path);
+    try {
+      detail::commit_file(temporary, path);
+    } catch (const std::exception& e) {
+      failure = e.what();
     }
   }
   failed = detail::problems_of_all(comm, failure);
@@ -199,24 +193,34 @@ void save_distributed(const std::string& path, const StateDict& local, const Sha
 /// `path` (written by save_distributed on any number of ranks, or by save_safetensors in one
 /// process): an entry named prefix + the name of a layout tensor comes as this shard's piece of it
 /// (1-D), every other entry whole. Refused on every member, naming the ranks that failed, when any
-/// member cannot read it: a missing, truncated or malformed file, a tensor of another shape than
-/// the layout's, or members that see different files.
+/// member cannot read it (a missing, truncated or malformed file, a tensor of another shape than
+/// the layout's) or when the members see different files: they compare the file's size, its header,
+/// every entry that is not a piece (n_averaged, the settings) byte for byte, and 64 windows of 256
+/// bytes spread over the data, so that a stale copy of another save on one node's disk is refused
+/// (its n_averaged or its values differ) rather than loaded beside the new one.
 template <class T, class Comm>
 StateDict load_distributed_state(const std::string& path, const ShardView<T>& shard, Comm& comm,
                                  const std::vector<std::string>& prefixes = averaged_model_prefixes()) {
   const std::string who = "polyak::load_distributed('" + path + "')";
   StateDict sd;
   std::string problem;
-  detail::LayoutHash seen;  // what this member read of the header
+  detail::LayoutHash seen;  // what this member read that every member must read alike
   try {
     SafetensorsReader reader(path);
-    for (const auto& entry : reader.index().entries) {
+    const detail::PieceNames piece_tensor(shard.layout(), prefixes);
+    const auto& entries = reader.index().entries;
+    for (const auto& entry : entries) {
+      const std::string dtype = dtype_name(entry.dtype);
       seen.put(entry.name.data(), entry.name.size() + 1);
+      seen.put(dtype.data(), dtype.size() + 1);
+      for (const std::int64_t extent : entry.shape) seen.put(&extent, sizeof extent);
       seen.put(&entry.begin, sizeof entry.begin);
       seen.put(&entry.end, sizeof entry.end);
-      const long k = detail::piece_tensor(entry.name, shard.layout(), prefixes);
+      const long k = piece_tensor(entry.name);
       if (k < 0) {
-        sd.insert(entry.name, reader.read(entry));
+        StoredTensor whole = reader.read(entry);
+        seen.put(whole.bytes.data(), whole.bytes.size());
+        sd.insert(entry.name, std::move(whole));
         continue;
       }
       const auto& tensor = shard.layout().tensors()[static_cast<std::size_t>(k)];
@@ -231,6 +235,20 @@ StateDict load_distributed_state(const std::string& path, const ShardView<T>& sh
       part.bytes.resize(piece.length * dtype_size(entry.dtype));
       reader.read_bytes(entry, piece.offset * dtype_size(entry.dtype), part.bytes.size(), part.bytes.data());
       sd.insert(entry.name, std::move(part));
+    }
+    // The windows: at data offsets size * w / 64, up to 256 bytes each, within one tensor.
+    const std::uint64_t data_size = entries.empty() ? 0 : entries.back().end;
+    seen.put(&data_size, sizeof data_size);
+    std::size_t e = 0;
+    std::vector<std::byte> window(detail::sampled_window_bytes);
+    for (std::uint64_t w = 0; w < detail::sampled_windows && data_size > 0; ++w) {
+      const std::uint64_t at = data_size / detail::sampled_windows * w +
+                               data_size % detail::sampled_windows * w / detail::sampled_windows;
+      while (entries[e].end <= at) ++e;  // (entries cover the data in order; at < data_size)
+      const auto length = static_cast<std::size_t>(
+          std::min<std::uint64_t>(detail::sampled_window_bytes, entries[e].end - at));
+      reader.read_bytes(entries[e], at - entries[e].begin, length, window.data());
+      seen.put(window.data(), length);
     }
     sd.metadata = reader.index().metadata;
     for (const auto& [key, value] : sd.metadata) {
@@ -247,8 +265,8 @@ StateDict load_distributed_state(const std::string& path, const ShardView<T>& sh
   if (!failed.empty()) throw FormatError(who + ": " + failed + "; nothing was loaded");
   if (!detail::agreed(sums, comm.size())) {
     throw FormatError(who +
-                      ": the members read files with different headers (is the path on a file system "
-                      "they share?); nothing was loaded");
+                      ": the members read different files (another save's copy on one node's disk? the path "
+                      "must be on a file system they share); nothing was loaded");
   }
   return sd;
 }

@@ -13,6 +13,7 @@
 //                   sum_i w_i trim(tau_i), + where that sum is 0; m_i = 1 where trim(tau_i) is
 //                   nonzero and has the elected sign; where no model agrees, b
 //   Dare            b + scale sum_i w_i d_i tau_i / (1 - drop)          (Yu et al., 2024)
+//                   drop = 1 - density (mergekit's setting) or `drop` (the paper's p);
 //                   d_i = 0 with probability `drop`, else 1, drawn per scalar from `seed`, the
 //                   tensor's name and i (so a tensor's draws do not depend on which others exist)
 //   Slerp           two models, per tensor: sin((1 - t) theta) / sin(theta) x_1 + sin(t theta) /
@@ -21,8 +22,9 @@
 //                   linear (1 - t) x_1 + t x_2
 // Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
 // bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a 1 MiB block and a
-// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, and for Ties two floats per
-// scalar of the tensor being merged (its magnitudes, and a copy to find the trim threshold).
+// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, and for Ties two doubles per
+// scalar of the tensor being merged (its magnitudes, in double so that an F64 checkpoint's values
+// that float would round together still rank, and a copy to find the trim threshold).
 #pragma once
 
 #include <algorithm>
@@ -40,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include "polyak/detail/number_text.hpp"
 #include "polyak/error.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/serialization.hpp"
@@ -50,13 +53,16 @@ namespace polyak {
 
 enum class MergeMethod { Average, TaskArithmetic, Ties, Dare, Slerp };
 
-/// What to merge, and how (see the header's comment for the formulas).
+/// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
+/// does not use (check_merge_options): a field left at its default is not used.
 struct MergeOptions {
   MergeMethod method = MergeMethod::Average;
   std::vector<double> weights;  ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
+                                ///< (not Slerp)
   double scale = 1.0;           ///< the lambda on the merged task vector (TaskArithmetic, Ties, Dare)
-  double density = 1.0;         ///< Ties: the fraction of each task vector kept, in [0, 1]
-  double drop = 0.0;            ///< Dare: the drop probability, in [0, 1)
+  double density = 1.0;         ///< Ties, Dare: the fraction of each task vector kept, in [0, 1]
+                                ///< (mergekit's `density`; Dare drops with probability 1 - density)
+  double drop = 0.0;            ///< Dare: the drop probability, in [0, 1) (the paper's p; or density)
   std::uint64_t seed = 0;       ///< Dare's draws
   double t = 0.5;               ///< Slerp: 0 gives the first model, 1 the second
 };
@@ -82,28 +88,54 @@ inline bool merge_needs_base(MergeMethod method) {
   return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties || method == MergeMethod::Dare;
 }
 
-/// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a base.
+namespace detail {
+
+/// Dare's drop probability: 1 - density where density is set, else drop.
+inline double dare_drop(const MergeOptions& o) { return o.density < 1 ? 1 - o.density : o.drop; }
+
+}  // namespace detail
+
+/// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a base,
+/// and a setting the method does not use (away from its default), so that none is silently ignored.
 inline void check_merge_options(const MergeOptions& o, std::size_t models, bool has_base) {
   const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
   const std::string method = merge_method_name(o.method);
+  const MergeMethod m = o.method;
   if (models == 0) bad("no models");
-  if (merge_needs_base(o.method) && !has_base) bad(method + " needs a base model");
-  if (!merge_needs_base(o.method) && has_base) bad(method + " takes no base model");
-  if (o.method == MergeMethod::Slerp && models != 2)
-    bad("slerp merges two models, not " + std::to_string(models));
+  if (merge_needs_base(m) && !has_base) bad(method + " needs a base model");
+  if (!merge_needs_base(m) && has_base) bad(method + " takes no base model");
+  if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
+  const auto unused = [&](bool set, const char* setting) {
+    if (set) bad(std::string(setting) + " is not a setting of " + method);
+  };
+  const MergeOptions defaults;
+  unused(!o.weights.empty() && m == MergeMethod::Slerp, "weights");
+  unused(!detail::exactly_equal(o.scale, defaults.scale) &&
+             (m == MergeMethod::Average || m == MergeMethod::Slerp),
+         "scale");
+  unused(
+      !detail::exactly_equal(o.density, defaults.density) && m != MergeMethod::Ties && m != MergeMethod::Dare,
+      "density");
+  unused(!detail::exactly_equal(o.drop, defaults.drop) && m != MergeMethod::Dare, "drop");
+  unused(o.seed != defaults.seed && m != MergeMethod::Dare, "seed");
+  unused(!detail::exactly_equal(o.t, defaults.t) && m != MergeMethod::Slerp, "t");
+  if (m == MergeMethod::Dare && o.density < 1 && o.drop > 0)
+    bad("dare takes density (the fraction kept) or drop (its complement), not both");
   if (!o.weights.empty() && o.weights.size() != models)
     bad(std::to_string(o.weights.size()) + " weights for " + std::to_string(models) + " models");
   for (const double w : o.weights) {
     if (!std::isfinite(w)) bad("a weight is not finite");
-    if (o.method == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
-    if (o.method == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
+    if (m == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
+    if (m == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
   }
-  if (o.method == MergeMethod::Average && !o.weights.empty() &&
+  if (m == MergeMethod::Average && !o.weights.empty() &&
       *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
     bad("the weights are all 0");
   }
   if (!std::isfinite(o.scale)) bad("scale is not finite");
   if (!(o.density >= 0 && o.density <= 1)) bad("density must be in [0, 1]");
+  if (m == MergeMethod::Dare && !(o.density > 0))
+    bad("dare's density must be in (0, 1]: it keeps that fraction");
   if (!(o.drop >= 0 && o.drop < 1)) bad("drop must be in [0, 1)");
   if (!(o.t >= 0 && o.t <= 1)) bad("t must be in [0, 1]");
 }
@@ -147,7 +179,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
 
   // Slerp's angle, and Ties' thresholds: a first pass over the tensor.
   double s0 = 1 - o.t, s1 = o.t;
-  std::vector<float> threshold(models, 0.0f);
+  std::vector<double> threshold(models, 0.0);
   std::vector<std::size_t> equal_allowed(models, 0), equal_seen(models, 0);
   std::vector<bool> keep_all(models, false);
   if (o.method == MergeMethod::Slerp) {
@@ -170,34 +202,34 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   if (o.method == MergeMethod::Ties) {
     const auto k = static_cast<std::size_t>(std::floor(o.density * static_cast<double>(numel)));
-    std::vector<float> magnitude(k < numel && k > 0 ? numel : 0);
+    std::vector<double> magnitude(k < numel && k > 0 ? numel : 0);
     for (std::size_t m = 0; m < models; ++m) {
       if (k >= numel) {
         keep_all[m] = true;
         continue;
       }
       if (k == 0) {  // nothing kept: a threshold above every magnitude
-        threshold[m] = std::numeric_limits<float>::infinity();
+        threshold[m] = std::numeric_limits<double>::infinity();
         continue;
       }
       for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
         const std::size_t count = std::min(merge_piece, numel - begin);
         read(m, begin, count, x[m].data());
         read(models, begin, count, base.data());
-        for (std::size_t j = 0; j < count; ++j)
-          magnitude[begin + j] = static_cast<float>(std::abs(x[m][j] - base[j]));
+        for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = std::abs(x[m][j] - base[j]);
       }
-      std::vector<float> sorted = magnitude;  // (the k-th largest; the order of `magnitude` is kept)
+      std::vector<double> sorted = magnitude;  // (the k-th largest; the order of `magnitude` is kept)
       std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(k - 1), sorted.end(),
-                       std::greater<float>());
+                       std::greater<double>());
       threshold[m] = sorted[k - 1];
       const auto greater = static_cast<std::size_t>(
-          std::count_if(magnitude.begin(), magnitude.end(), [&](float v) { return v > threshold[m]; }));
+          std::count_if(magnitude.begin(), magnitude.end(), [&](double v) { return v > threshold[m]; }));
       equal_allowed[m] = k - greater;
     }
   }
 
   std::vector<std::mt19937_64> rngs;
+  const double drop = dare_drop(o);
   if (o.method == MergeMethod::Dare) {
     for (std::size_t m = 0; m < models; ++m)
       rngs.emplace_back(o.seed ^ name_hash(name) ^ (0x9e3779b97f4a7c15ull * (m + 1)));
@@ -235,7 +267,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           double delta = 0;
           for (std::size_t m = 0; m < models; ++m) {
             const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(rngs[m]);
-            if (u >= o.drop) delta += w[m] * (x[m][j] - base[j]) / (1 - o.drop);
+            if (u >= drop) delta += w[m] * (x[m][j] - base[j]) / (1 - drop);
           }
           value = base[j] + o.scale * delta;
           break;
@@ -245,7 +277,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           double trimmed[64];  // models <= 64 for Ties: checked by merge_tensors
           for (std::size_t m = 0; m < models; ++m) {
             const double tau = x[m][j] - base[j];
-            const float size = static_cast<float>(std::abs(tau));
+            const double size = std::abs(tau);
             bool keep = keep_all[m] || size > threshold[m];
             if (!keep && !(size < threshold[m]) && equal_seen[m] < equal_allowed[m]) {  // (== the threshold)
               keep = true;
@@ -371,8 +403,12 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
 /// `out`, laid out as the first input (a file, or a folder of shards with an index), streaming.
 /// `base` ("" for none) is the base model of the methods that need one. Every input and the base
 /// must hold the same tensors (names, dtypes, shapes) as the first: otherwise, as for bad options,
-/// nothing is written and InvalidArgument names the difference. Metadata: the first input's, plus
-/// "merge_method".
+/// nothing is written and InvalidArgument names the difference. Metadata: the first input's (each
+/// shard's own, and the index's), plus "merge_method". `out` is written atomically, a folder whole
+/// (see detail::write_folder_atomically): a crash or a concurrent merge into the same `out` never
+/// leaves a mix of two merges. Refused before anything is written: an `out` that is one of the files
+/// the merge reads or a folder holding one (compared by identity, through links), an existing `out`
+/// folder holding anything but checkpoint files.
 inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
                               const MergeOptions& options, const std::string& out) {
   check_merge_options(options, inputs.size(), !base.empty());
@@ -387,16 +423,21 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
         first, inputs.front(), detail::table_of(readers[r]), readers[r].path());
     if (!difference.empty()) throw InvalidArgument("polyak::merge_checkpoints: " + difference);
   }
+  std::vector<std::string> read;  // every file the merge reads, kept apart from what it writes
+  for (const auto& reader : readers) {
+    for (auto& file : reader.files()) read.push_back(std::move(file));
+  }
+  detail::check_output_apart("polyak::merge_checkpoints", out, read);
   const std::size_t models = inputs.size();
-  std::map<std::string, std::string> metadata = readers.front().metadata();
-  metadata["merge_method"] = merge_method_name(options.method);
-  write_checkpoint_like(readers.front(), out, metadata, [&](const CheckpointReader::Tensor& tensor) {
-    const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
-    return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
-                                [&readers, &options, models, tensor](int fd, const std::string& file) {
-                                  detail::write_merged_tensor(readers, options, models, tensor, fd, file);
-                                }};
-  });
+  detail::write_checkpoint_like(
+      readers.front(), out, {{"merge_method", merge_method_name(options.method)}},
+      [&](const CheckpointReader::Tensor& tensor) {
+        const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
+        return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
+                                    [&readers, &options, models, tensor](int fd, const std::string& file) {
+                                      detail::write_merged_tensor(readers, options, models, tensor, fd, file);
+                                    }};
+      });
 }
 
 /// The same merge over StateDicts in memory: a new StateDict, each entry in the first's dtype.

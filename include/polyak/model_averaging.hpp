@@ -13,19 +13,20 @@
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::int64_t, std::uint64_t
 #include <cstring>    // std::memcpy: bf16's bits
+#include <numeric>    // std::gcd: the gaps between a hierarchy's averaging steps
 #include <stdexcept>  // std::invalid_argument
 #include <string>     // std::char_traits: lengths of scalar type names
 #include <type_traits>
 #include <utility>  // std::pair
 #include <vector>
 
+#include "polyak/detail/counter.hpp"
+#include "polyak/communicator.hpp"
+#include "polyak/detail/agreement.hpp"
 #include "polyak/detail/state_io_fwd.hpp"
 #include "polyak/error.hpp"
-#include "polyak/communicator.hpp"
-#include "polyak/detail/tensor_spec.hpp"
 #include "polyak/scalar_type.hpp"
 #include "polyak/tensor_view.hpp"
-#include "polyak/detail/number_text.hpp"
 
 namespace polyak {
 
@@ -35,210 +36,6 @@ namespace detail {
 /// float, as PyTorch's torch.cat up-casts, and come back rounded once).
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
-
-/// Writes what members must agree on before their values may be summed, tensor by tensor: name,
-/// scalar type, storage order (of tensors of two or more dimensions) and shape, as bytes into `sink`
-/// (sink.put(pointer, length)). The same bytes feed the layout hash and, when members disagree, the
-/// description of rank 0's list that every member compares its own with.
-template <class Sink, class T>
-void describe(Sink& sink, const ParameterList<T>& list) {
-  const auto put_u64 = [&](std::uint64_t value) {
-    unsigned char bytes[8];
-    for (int b = 0; b < 8; ++b) bytes[b] = static_cast<unsigned char>(value >> (8 * b));
-    sink.put(bytes, 8);
-  };
-  const char* scalar = dtype_name(dtype_of<T>());
-  for (const auto& tensor : list) {
-    put_u64(tensor.name().size());
-    sink.put(tensor.name().data(), tensor.name().size());
-    put_u64(std::char_traits<char>::length(scalar));
-    sink.put(scalar, std::char_traits<char>::length(scalar));
-    put_u64(tensor.shape().size() > 1 && tensor.storage_order() == StorageOrder::ColMajor ? 1 : 0);
-    put_u64(tensor.shape().size());
-    for (const std::int64_t extent : tensor.shape()) put_u64(static_cast<std::uint64_t>(extent));
-  }
-}
-
-/// FNV-1a over what describe() writes; allocates nothing.
-struct LayoutHash {
-  std::uint64_t value = 14695981039346656037ull;
-  void put(const void* data, std::size_t n) {
-    for (std::size_t i = 0; i < n; ++i) {
-      value ^= static_cast<const unsigned char*>(data)[i];
-      value *= 1099511628211ull;
-    }
-  }
-};
-
-/// What describe() writes, kept (only when members disagree).
-struct LayoutBytes {
-  std::string bytes;
-  void put(const void* data, std::size_t n) { bytes.append(static_cast<const char*>(data), n); }
-};
-
-/// One tensor of a description read back from its bytes.
-struct DescribedTensor {
-  std::string name, scalar;
-  StorageOrder order = StorageOrder::RowMajor;
-  std::vector<std::int64_t> shape;
-  TensorSpec spec() const { return {name, shape.data(), shape.size(), order, scalar, {}}; }
-};
-
-/// Reads describe()'s bytes back; a description that does not parse (another polyak on that rank?)
-/// gives what it could read and `complete` false.
-inline std::vector<DescribedTensor> read_description(const std::string& bytes, bool& complete) {
-  std::vector<DescribedTensor> tensors;
-  std::size_t at = 0;
-  const auto get_u64 = [&](std::uint64_t& value) {
-    if (bytes.size() - at < 8) return false;
-    value = 0;
-    for (int b = 7; b >= 0; --b)
-      value = (value << 8) | static_cast<unsigned char>(bytes[at + static_cast<std::size_t>(b)]);
-    at += 8;
-    return true;
-  };
-  const auto get_text = [&](std::string& text) {
-    std::uint64_t length = 0;
-    if (!get_u64(length) || bytes.size() - at < length) return false;
-    text.assign(bytes, at, static_cast<std::size_t>(length));
-    at += static_cast<std::size_t>(length);
-    return true;
-  };
-  complete = false;
-  while (at < bytes.size()) {
-    DescribedTensor t;
-    std::uint64_t order = 0, rank = 0;
-    if (!get_text(t.name) || !get_text(t.scalar) || !get_u64(order) || !get_u64(rank) || rank > bytes.size())
-      return tensors;
-    t.order = order == 1 ? StorageOrder::ColMajor : StorageOrder::RowMajor;
-    for (std::uint64_t d = 0; d < rank; ++d) {
-      std::uint64_t extent = 0;
-      if (!get_u64(extent)) return tensors;
-      t.shape.push_back(static_cast<std::int64_t>(extent));
-    }
-    tensors.push_back(std::move(t));
-  }
-  complete = true;
-  return tensors;
-}
-
-/// "1, 3" for the ranks whose flag is set.
-inline std::string rank_list(const std::vector<double>& flags) {
-  std::string out;
-  for (std::size_t r = 0; r < flags.size(); ++r) {
-    if (flags[r] > 0) out += (out.empty() ? "" : ", ") + std::to_string(r);
-  }
-  return out;
-}
-
-/// Collective: rank 0's bytes, to every member (through allreduce_sum: the others add zeros).
-template <class Comm>
-std::string text_of_rank0(Comm& comm, const std::string& text) {
-  double length = comm.rank() == 0 ? static_cast<double>(text.size()) : 0.0;
-  comm.allreduce_sum(&length, 1);
-  std::vector<double> wire(static_cast<std::size_t>(length), 0.0);
-  if (comm.rank() == 0) {
-    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<unsigned char>(text[i]);
-  }
-  comm.allreduce_sum(wire.data(), wire.size());
-  std::string out(wire.size(), '\0');
-  for (std::size_t i = 0; i < wire.size(); ++i) out[i] = static_cast<char>(static_cast<int>(wire[i]));
-  return out;
-}
-
-/// How many doubles an agreement takes (see put_agreement).
-inline constexpr int agreement_doubles = 16;
-
-/// Writes into sums[0, agreement_doubles) what, summed over the members by allreduce_sum, tells
-/// agreed() whether every member put the same `value`: its bytes and their squares (all members
-/// agree on a byte b exactly when size * sum(b^2) == sum(b)^2, by Cauchy-Schwarz; bytes keep those
-/// sums exact).
-inline void put_agreement(std::uint64_t value, double* sums) {
-  for (int byte = 0; byte < 8; ++byte) {
-    const double b = static_cast<double>((value >> (8 * byte)) & 0xff);
-    sums[byte] = b;
-    sums[8 + byte] = b * b;
-  }
-}
-inline bool agreed(const double* sums, int members) {
-  bool same = true;
-  for (int byte = 0; byte < 8; ++byte) {
-    same = same && exactly_equal(static_cast<double>(members) * sums[8 + byte], sums[byte] * sums[byte]);
-  }
-  return same;
-}
-
-/// Collective: returns when every member passed lists of the same layout (names, scalar types,
-/// storage orders, shapes, in order) and views whose storage has not moved; otherwise throws
-/// std::invalid_argument on every member, before any value moves, naming the ranks that differ from
-/// rank 0 and, on each of them, its first difference.
-///
-/// The common case costs one allreduce of 17 doubles and allocates nothing: each member's layout hash
-/// as put_agreement writes it, and a flag for a stale view. Only when they disagree, rank 0's description is
-/// broadcast (through allreduce_sum: the other members add zeros) so that each member can find its own first
-/// difference.
-template <class Comm, class... Ts>
-void check_same_layout(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
-  LayoutHash hash;
-  (describe(hash, lists), ...);
-  std::string stale;
-  const auto check_storage = [&](const auto& list) {
-    try {
-      if (stale.empty()) list.check_storage("");
-    } catch (const std::invalid_argument& e) {
-      stale = std::string(e.what()).substr(2);  // without check_storage's ": "
-    }
-  };
-  (check_storage(lists), ...);
-
-  double sums[agreement_doubles + 1] = {};
-  put_agreement(hash.value, sums);
-  sums[agreement_doubles] = stale.empty() ? 0.0 : 1.0;
-  comm.allreduce_sum(sums, agreement_doubles + 1);
-  // Same layouts and no member flagged a stale view.
-  if (agreed(sums, comm.size()) && sums[agreement_doubles] < 0.5) return;
-
-  // Every member is here (all saw the same sums). Rank 0's description, to every member.
-  LayoutBytes mine;
-  (describe(mine, lists), ...);
-  const std::string reference_bytes = text_of_rank0(comm, mine.bytes);
-  bool complete = false;
-  const std::vector<DescribedTensor> reference = read_description(reference_bytes, complete);
-  bool own_complete = false;
-  const std::vector<DescribedTensor> own = read_description(mine.bytes, own_complete);
-
-  // This member's first difference from rank 0, and which members have one (or a stale view).
-  const std::string label = "rank " + std::to_string(comm.rank());
-  std::string problem = stale;
-  if (problem.empty()) {
-    problem = first_mismatch(
-        own.size(), [&](std::size_t i) { return own[i].spec(); }, label, reference.size(),
-        [&](std::size_t i) { return reference[i].spec(); }, "rank 0");
-    if (problem.empty() && !complete) problem = "rank 0's description of its list could not be read";
-  }
-  std::vector<double> differs(static_cast<std::size_t>(comm.size()) * 2, 0.0);
-  differs[static_cast<std::size_t>(comm.rank())] = !problem.empty() && stale.empty() ? 1.0 : 0.0;
-  differs[static_cast<std::size_t>(comm.size() + comm.rank())] = stale.empty() ? 0.0 : 1.0;
-  comm.allreduce_sum(differs.data(), differs.size());
-  const std::vector<double> listed(differs.begin(), differs.begin() + comm.size());
-  const std::vector<double> moved(differs.begin() + comm.size(), differs.end());
-
-  std::string message =
-      std::string("polyak::") + where + ": the members' parameter lists differ, so nothing was averaged:";
-  const std::string ranks = rank_list(listed), stale_ranks = rank_list(moved);
-  if (!ranks.empty()) {
-    message += std::string(" the list") +
-               (ranks.find(',') == std::string::npos ? " of rank " : "s of ranks ") + ranks + " differ" +
-               (ranks.find(',') == std::string::npos ? "s" : "") + " from rank 0's";
-  }
-  if (!stale_ranks.empty()) {
-    message += std::string(ranks.empty() ? "" : ";") + " views on rank" +
-               (stale_ranks.find(',') == std::string::npos ? " " : "s ") + stale_ranks +
-               " point at storage that moved";
-  }
-  if (!problem.empty()) message += "; here, on " + label + ": " + problem;
-  throw InvalidArgument(message);
-}
 
 /// Bytes reduced per allreduce call. Open MPI's allreduce of one 40 MB buffer took 120 ms on 2 ranks
 /// here, in 1 MB pieces 13 ms (its temporary pages fault afresh on every large call); a 1 MB piece
@@ -362,7 +159,7 @@ void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... li
   static_assert(is_communicator_v<Comm>,
                 "polyak: the communicator needs rank(), size(), allreduce_sum(T*, n) and split(color, key)");
   using W = wire_t<Ts...>;
-  check_same_layout(comm, where, lists...);
+  check_same_layout(comm, where, std::string(), lists...);
   constexpr std::size_t chunk_scalars = average_chunk_bytes / sizeof(W);
   const W scale = W(1) / static_cast<W>(comm.size());
   Chunk<W>& chunk = Chunk<W>::for_this_thread();
@@ -398,13 +195,6 @@ struct request_of<
   using type = decltype(std::declval<Comm&>().iallreduce_sum(std::declval<W*>(), std::size_t{}));
 };
 
-template <class... Ts>
-std::uint64_t layout_hash(const ParameterList<Ts>&... lists) {
-  LayoutHash hash;
-  (describe(hash, lists), ...);
-  return hash.value;
-}
-
 }  // namespace detail
 
 /// Opt-in overlap of averaging with training, for PeriodicModelAverager and
@@ -426,6 +216,8 @@ struct Overlap {
 ///
 /// finish() needs lists of the layout the snapshot was taken of, whose storage has not moved; it
 /// refuses others, and changes nothing. It involves no other member: each finishes on its own.
+/// Destroying or assigning over a PendingAverage in flight waits for its collective to complete and
+/// discards the average (the buffers it writes into live until then).
 template <class Comm, class W>
 class PendingAverage {
  public:
@@ -433,6 +225,18 @@ class PendingAverage {
 
   /// Nothing in flight.
   PendingAverage() = default;
+  PendingAverage(PendingAverage&&) noexcept = default;  // (the buffers move with their addresses)
+  PendingAverage& operator=(PendingAverage&& other) noexcept {
+    if (this != &other) {
+      request_ = std::move(other.request_);    // first: waits for this one's collective, which writes
+      snapshot_ = std::move(other.snapshot_);  // into mean_ until it completes
+      mean_ = std::move(other.mean_);
+      layout_ = other.layout_;
+      pending_ = std::exchange(other.pending_, false);
+    }
+    return *this;
+  }
+  ~PendingAverage() = default;  // (request_, declared last, is destroyed first: it waits)
 
   /// Whether an average is in flight (started and not finished).
   bool pending() const noexcept { return pending_; }
@@ -442,20 +246,58 @@ class PendingAverage {
   bool test() { return !pending_ || request_.test(); }
 
   /// Collective: checks the layout (as average_parameters does) and starts the average of `lists`.
-  /// Refused while an average is in flight.
+  /// Refused on every member (InvalidArgument, nothing started) while an average is in flight on any.
   template <class... Ts>
-  void start(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
+  void start(Comm& comm, const ParameterList<Ts>&... lists) {
     static_assert(has_iallreduce_v<Comm>,
                   "polyak: overlapped averaging needs the communicator's non-blocking iallreduce_sum(T*, n) "
                   "(see polyak/communicator.hpp)");
     static_assert(std::is_same_v<detail::wire_t<Ts...>, W>,
                   "polyak::PendingAverage: lists of another wire type");
-    if (pending_) {
-      throw InvalidArgument(std::string("polyak::") + where +
-                            ": an average is still in flight: finish it before starting the next");
+    detail::check_same_layout(comm, "PendingAverage::start", pending_ ? in_flight_refusal : std::string(),
+                              lists...);
+    launch(comm, lists...);
+  }
+
+  /// Waits for the average in flight, if any, and applies it to `lists` (see above).
+  template <class... Ts>
+  void finish(const ParameterList<Ts>&... lists) {
+    const std::string problem = finish_problem(lists...);
+    if (!problem.empty()) throw InvalidArgument("polyak::PendingAverage::finish: " + problem);
+    apply(lists...);
+  }
+
+ private:
+  template <class C>
+  friend class ModelAverager;
+
+  static constexpr const char* in_flight_refusal =
+      "an average is still in flight: finish it before starting the next";
+
+  /// Why finish(lists) would refuse: "" when it can apply.
+  template <class... Ts>
+  std::string finish_problem(const ParameterList<Ts>&... lists) const {
+    if (!pending_) return {};
+    if (!std::is_same_v<detail::wire_t<Ts...>, W> || detail::layout_hash(lists...) != layout_ ||
+        (std::size_t{0} + ... + lists.numel()) != snapshot_.size()) {
+      return "the lists to apply the average to are not laid out as those it started from (names, scalar "
+             "types, shapes, in order), so nothing changed";
     }
-    detail::check_same_layout(comm, where, lists...);
-    where_ = where;
+    std::string stale;
+    const auto check_storage = [&](const auto& list) {
+      try {
+        if (stale.empty()) list.check_storage("");
+      } catch (const std::invalid_argument& e) {
+        stale = std::string(e.what()).substr(2) + ", so nothing changed";  // (without check_storage's ": ")
+      }
+    };
+    (check_storage(lists), ...);
+    return stale;
+  }
+
+  /// Snapshot and non-blocking sum of lists the members agreed on (check_same_layout).
+  template <class... Ts>
+  void launch(Comm& comm, const ParameterList<Ts>&... lists) {
     layout_ = detail::layout_hash(lists...);
     const std::size_t scalars = (std::size_t{0} + ... + lists.numel());
     snapshot_.resize(scalars);
@@ -474,42 +316,35 @@ class PendingAverage {
     pending_ = true;
   }
 
-  /// Waits for the average in flight, if any, and applies it to `lists` (see above).
+  /// Waits and applies, where finish_problem found nothing.
   template <class... Ts>
-  void finish(const ParameterList<Ts>&... lists) {
+  void apply(const ParameterList<Ts>&... lists) {
     if (!pending_) return;
-    if (!std::is_same_v<detail::wire_t<Ts...>, W> || detail::layout_hash(lists...) != layout_ ||
-        (std::size_t{0} + ... + lists.numel()) != snapshot_.size()) {
-      throw InvalidArgument("polyak::" + where_ +
-                            ": the lists to apply the average to are not laid out as those it started from "
-                            "(names, scalar types, shapes, in order), so nothing changed");
-    }
-    (lists.check_storage("polyak::", where_.c_str()), ...);
     request_.wait();
     pending_ = false;
-    constexpr std::size_t block = 1024;  // one block of wire scalars on the stack at a time
-    W updated[block];
-    std::size_t at = 0;
-    const auto apply = [&](const auto& list) {
-      for (const auto& tensor : list) {
-        for (std::size_t from = 0; from < tensor.numel(); from += block) {
-          const std::size_t n = std::min(block, tensor.numel() - from);
-          detail::to_wire(tensor.data() + from, updated, n, W(1));
-          for (std::size_t i = 0; i < n; ++i) updated[i] = mean_[at + i] + (updated[i] - snapshot_[at + i]);
-          detail::from_wire(updated, tensor.data() + from, n);
-          at += n;
+    if constexpr (std::is_same_v<detail::wire_t<Ts...>, W>) {
+      constexpr std::size_t block = 1024;  // one block of wire scalars on the stack at a time
+      W updated[block];
+      std::size_t at = 0;
+      const auto apply_to = [&](const auto& list) {
+        for (const auto& tensor : list) {
+          for (std::size_t from = 0; from < tensor.numel(); from += block) {
+            const std::size_t n = std::min(block, tensor.numel() - from);
+            detail::to_wire(tensor.data() + from, updated, n, W(1));
+            for (std::size_t i = 0; i < n; ++i) updated[i] = mean_[at + i] + (updated[i] - snapshot_[at + i]);
+            detail::from_wire(updated, tensor.data() + from, n);
+            at += n;
+          }
         }
-      }
-    };
-    (apply(lists), ...);
+      };
+      (apply_to(lists), ...);
+    }
   }
 
- private:
   std::vector<W> snapshot_, mean_;
-  Request request_{};
   std::uint64_t layout_ = 0;
-  std::string where_;
   bool pending_ = false;
+  Request request_{};  // last: destroyed first, waiting for the collective that writes into mean_
 };
 
 /// Starts the average of `params` over `comm` without waiting for it (collective, as
@@ -517,7 +352,7 @@ class PendingAverage {
 template <class T, class Comm>
 PendingAverage<Comm, detail::wire_t<T>> start_average_parameters(const ParameterList<T>& params, Comm& comm) {
   PendingAverage<Comm, detail::wire_t<T>> pending;
-  pending.start(comm, "start_average_parameters", params);
+  pending.start(comm, params);
   return pending;
 }
 
@@ -556,43 +391,68 @@ class ModelAverager {
   /// describes. Not collective.
   template <class... Ts>
   void synchronize(const ParameterList<Ts>&... lists) {
-    check_wire_type<detail::wire_t<Ts...>>();
+    const std::string problem = wire_type_problem<detail::wire_t<Ts...>>();
+    if (!problem.empty()) throw InvalidArgument("polyak::ModelAverager::synchronize: " + problem);
     pending<detail::wire_t<Ts...>>().finish(lists...);
   }
 
  protected:
-  ModelAverager(Comm comm, Overlap overlap, std::int64_t smallest_period, const char* who)
+  ModelAverager(Comm comm, Overlap overlap, std::int64_t largest_delay, const char* who)
       : comm_(std::move(comm)), delay_(overlap.delay) {
     static_assert(has_iallreduce_v<Comm>,
                   "polyak: Overlap needs the communicator's non-blocking iallreduce_sum(T*, n) "
                   "(see polyak/communicator.hpp)");
-    if (overlap.delay < 1 || overlap.delay > smallest_period) {
+    if (overlap.delay < 1 || overlap.delay > largest_delay) {
       throw InvalidArgument(std::string("polyak::") + who + ": the overlap delay must be in [1, " +
-                            std::to_string(smallest_period) +
+                            std::to_string(largest_delay) +
                             "] (an average must land before the next one starts), got " +
                             std::to_string(overlap.delay));
     }
   }
 
+  /// Refuses (before anything changes) the step that would overflow the step counter.
+  void check_step(const char* where) const {
+    detail::check_can_count(step_, "step", std::string("polyak::") + where);
+  }
+
   /// One step's overlapped work: applies the average in flight once `delay` steps have passed since
-  /// it started (else drives its progress), then, if `comm` is given, starts this step's average.
+  /// it started (else drives its progress), then, if `start_group` is given, starts this step's on
+  /// it (`level` says which group, for the step that lands it). Every decision is agreed first: the
+  /// members of the group an action involves learn each other's problems (lists that moved or changed,
+  /// another scalar type) before any of them acts, and all refuse alike, nothing changed.
   template <class... Ts>
-  void overlapped_step(Comm* comm, const char* where, const ParameterList<Ts>&... lists) {
+  void overlapped_step(Comm* start_group, std::size_t level, Comm& landing_group, const char* where,
+                       const ParameterList<Ts>&... lists) {
     using W = detail::wire_t<Ts...>;
-    check_wire_type<W>();
-    PendingAverage<Comm, W>& in_flight = pending<W>();
-    if (in_flight.pending()) {
-      if (step_ - started_at_ >= delay_) {
-        in_flight.finish(lists...);
-      } else {
-        in_flight.test();
-      }
-    }
-    if (comm != nullptr) {
-      in_flight.start(*comm, where, lists...);
+    PendingAverage<Comm, W>& average = pending<W>();
+    std::string problem = wire_type_problem<W>();
+    const bool lands = in_flight() && step_ - started_at_ >= delay_;
+    if (lands && problem.empty()) problem = average.finish_problem(lists...);
+    if (start_group != nullptr) {
+      if (!lands && problem.empty() && average.pending())
+        problem = PendingAverage<Comm, W>::in_flight_refusal;
+      detail::check_same_layout(*start_group, where, problem, lists...);  // agreed: all go on
+      average.apply(lists...);
+      average.launch(*start_group, lists...);
       started_at_ = step_;
+      started_level_ = level;
+      return;
+    }
+    if (lands) {
+      const std::string failed = detail::problems_of_all(landing_group, problem);
+      if (!failed.empty()) {
+        throw InvalidArgument(std::string("polyak::") + where +
+                              ": the average in flight was not applied: " + failed);
+      }
+      average.apply(lists...);
+    } else {
+      if (!problem.empty()) throw InvalidArgument(std::string("polyak::") + where + ": " + problem);
+      average.test();
     }
   }
+
+  /// The level (the averager's own numbering) of the group the average in flight started on.
+  std::size_t started_level() const noexcept { return started_level_; }
 
   Comm comm_;
   std::int64_t step_ = 0;
@@ -609,17 +469,18 @@ class ModelAverager {
   }
   /// The lists of an average in flight and those of this call must travel as the same type.
   template <class W>
-  void check_wire_type() const {
+  std::string wire_type_problem() const {
     if ((std::is_same_v<W, float> ? double_.pending() : float_.pending())) {
-      throw InvalidArgument(
-          "polyak: the overlapped average in flight was started from lists of another scalar type; "
-          "pass the same lists every step");
+      return "the overlapped average in flight was started from lists of another scalar type; pass the same "
+             "lists every step";
     }
+    return {};
   }
 
   PendingAverage<Comm, float> float_;
   PendingAverage<Comm, double> double_;
   std::int64_t started_at_ = 0;
+  std::size_t started_level_ = 0;
 };
 
 /// Averages the parameters over the whole group every `period` steps once `warmup_steps` steps have
@@ -649,10 +510,11 @@ class PeriodicModelAverager : public ModelAverager<Comm> {
   /// its delay has passed, and then starts this step's.
   template <class... Ts>
   bool average_parameters(const ParameterList<Ts>&... lists) {
-    const bool now = this->step_ >= warmup_steps_ && (this->step_ - warmup_steps_) % period_ == 0;
     constexpr const char* where = "PeriodicModelAverager::average_parameters";
+    this->check_step(where);
+    const bool now = this->step_ >= warmup_steps_ && (this->step_ - warmup_steps_) % period_ == 0;
     if (this->delay_ > 0) {
-      this->overlapped_step(now ? &this->comm_ : nullptr, where, lists...);
+      this->overlapped_step(now ? &this->comm_ : nullptr, 0, this->comm_, where, lists...);
     } else if (now) {
       detail::average_lists(this->comm_, where, lists...);
     }
@@ -701,11 +563,13 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
   }
 
   /// Overlapped (see PendingAverage and PeriodicModelAverager's overlapped form): refused also, a
-  /// delay outside [1, the smallest period]. Needs the communicator's iallreduce_sum.
+  /// delay outside [1, the shortest gap between two averaging steps], which is the smallest period or
+  /// the smallest greatest common divisor of two periods ({2, 3} average at steps 2, 3, 4, 6: delay 1).
+  /// Needs the communicator's iallreduce_sum.
   HierarchicalModelAverager(const std::vector<std::pair<std::int64_t, int>>& period_group_sizes,
                             std::int64_t warmup_steps, Comm comm, Overlap overlap)
       : ModelAverager<Comm>((check_settings(period_group_sizes, warmup_steps, comm.size()), std::move(comm)),
-                            overlap, smallest_period(period_group_sizes), "HierarchicalModelAverager"),
+                            overlap, shortest_gap(period_group_sizes), "HierarchicalModelAverager"),
         warmup_steps_(warmup_steps) {
     make_levels(period_group_sizes);
   }
@@ -715,20 +579,23 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
   /// first applies the average in flight if its delay has passed, then starts this step's.
   template <class... Ts>
   std::int64_t average_parameters(const ParameterList<Ts>&... lists) {
+    constexpr const char* where = "HierarchicalModelAverager::average_parameters";
+    this->check_step(where);
     std::int64_t used = 0;
     Comm* group = nullptr;
+    std::size_t level = 0;
     if (this->step_ >= warmup_steps_) {
-      for (auto level = levels_.rbegin(); level != levels_.rend(); ++level) {
-        if (this->step_ % level->first == 0) {
-          group = &level->second;
-          used = level->first;
+      for (std::size_t k = levels_.size(); k-- > 0;) {
+        if (this->step_ % levels_[k].first == 0) {
+          group = &levels_[k].second;
+          used = levels_[k].first;
+          level = k;
           break;
         }
       }
     }
-    constexpr const char* where = "HierarchicalModelAverager::average_parameters";
     if (this->delay_ > 0) {
-      this->overlapped_step(group, where, lists...);
+      this->overlapped_step(group, level, levels_[this->started_level()].second, where, lists...);
     } else if (group != nullptr) {
       detail::average_lists(*group, where, lists...);
     }
@@ -766,9 +633,20 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
     if (warmup_steps < 0) refuse("warmup_steps must be >= 0, got " + std::to_string(warmup_steps));
   }
 
-  /// The first period (they increase); 1 for no entries, which check_settings refuses.
-  static std::int64_t smallest_period(const std::vector<std::pair<std::int64_t, int>>& period_group_sizes) {
-    return period_group_sizes.empty() ? 1 : period_group_sizes.front().first;
+  /// The shortest gap between two averaging steps past the warm-up: the first period (they
+  /// increase), or a smaller greatest common divisor of two periods (Bezout: multiples of p and q come
+  /// gcd(p, q) apart); 1 for no entries, which check_settings refuses.
+  static std::int64_t shortest_gap(const std::vector<std::pair<std::int64_t, int>>& period_group_sizes) {
+    for (const auto& entry : period_group_sizes) {
+      if (entry.first < 1) return 1;  // (refused by check_settings)
+    }
+    if (period_group_sizes.empty()) return 1;
+    std::int64_t gap = period_group_sizes.front().first;
+    for (std::size_t i = 0; i < period_group_sizes.size(); ++i) {
+      for (std::size_t j = i + 1; j < period_group_sizes.size(); ++j)
+        gap = std::min(gap, std::gcd(period_group_sizes[i].first, period_group_sizes[j].first));
+    }
+    return gap;
   }
 
   /// Collective: consecutive ranks form each subgroup, as torch.distributed.new_subgroups makes them.

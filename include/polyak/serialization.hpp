@@ -8,33 +8,21 @@
 // both read what save_safetensors writes.
 #pragma once
 
-#if !defined(__unix__) && !defined(__APPLE__)
-#error \
-    "polyak/serialization.hpp saves checkpoints atomically with POSIX calls (open, fsync, rename): \
-this platform is not POSIX. The core (polyak/polyak.hpp) does not need it."
-#endif
-
 #include <algorithm>  // std::sort
-#include <atomic>     // the counter that makes each temporary's name unique
-#include <cerrno>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>   // std::rename
-#include <cstring>  // std::strerror
+#include <cstring>  // std::memchr: a NUL in a header
 #include <fstream>
 #include <functional>  // std::function
-#include <istream>
 #include <limits>
 #include <map>
-#include <stdexcept>
 #include <string>
+#include <unordered_set>  // the keys of a header's objects: duplicates found in linear time
 #include <vector>
-
-#include <fcntl.h>   // open: fsync needs a file descriptor
-#include <unistd.h>  // write, fsync, close, getpid
 
 #include <nlohmann/json.hpp>
 
+#include "polyak/detail/atomic_file.hpp"
 #include "polyak/error.hpp"
 #include "polyak/state_dict.hpp"
 
@@ -42,45 +30,8 @@ namespace polyak {
 
 namespace detail {
 
-[[noreturn]] inline void fail_io(const std::string& what, const std::string& path) {
-  throw RuntimeError("polyak: " + what + " '" + path + "': " + std::strerror(errno));
-}
-
-/// pwrite until all `size` bytes are at `offset`.
-inline void pwrite_all(int fd, const void* data, std::size_t size, std::uint64_t offset,
-                       const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t written = ::pwrite(fd, p, size, static_cast<off_t>(offset));
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      fail_io("cannot write", path);
-    }
-    p += written;
-    size -= static_cast<std::size_t>(written);
-    offset += static_cast<std::uint64_t>(written);
-  }
-}
-
-inline void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t written = ::write(fd, p, size);
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      fail_io("cannot write", path);
-    }
-    p += written;
-    size -= static_cast<std::size_t>(written);
-  }
-}
-
 /// Largest header load_safetensors accepts (as Python's safetensors: 100 MB).
 inline constexpr std::uint64_t max_header_bytes = 100'000'000;
-
-}  // namespace detail
-
-namespace detail {
 
 /// One tensor of a file being written: its header entry, and how to write its bytes.
 struct TensorWriter {
@@ -90,51 +41,6 @@ struct TensorWriter {
   std::uint64_t size;                                          // bytes
   std::function<void(int fd, const std::string& path)> write;  // writes exactly `size` bytes
 };
-
-/// Writes a file atomically: `write(fd, temporary)` fills a temporary file in the same folder, which
-/// is fsynced and renamed over `path`, the folder fsynced. A failure (an exception from `write`
-/// included) removes the temporary and leaves `path` as it was.
-/// "<path>.tmp.<pid>.<n>": unique to each call, so that threads and processes saving the same path at
-/// once never share one (O_EXCL makes sure). A crash mid-save leaves it behind (see save_safetensors).
-inline std::string temporary_name(const std::string& path) {
-  static std::atomic<unsigned long long> saves{0};
-  return path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(++saves);
-}
-
-/// Makes the rename of a file in the folder of `path` reach the disk.
-inline void sync_folder_of(const std::string& path) {
-  const std::size_t slash = path.find_last_of('/');
-  const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (folder_fd >= 0) {
-    ::fsync(folder_fd);
-    ::close(folder_fd);
-  }
-}
-
-template <class Write>
-void write_atomically(const std::string& path, Write&& write) {
-  const std::string temporary = temporary_name(path);
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) fail_io("cannot create", temporary);
-  try {
-    write(fd, temporary);
-    if (::fsync(fd) != 0) fail_io("cannot fsync", temporary);
-  } catch (...) {
-    ::close(fd);
-    ::unlink(temporary.c_str());
-    throw;
-  }
-  if (::close(fd) != 0) {
-    ::unlink(temporary.c_str());
-    fail_io("cannot close", temporary);
-  }
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    ::unlink(temporary.c_str());
-    fail_io("cannot rename onto", path);
-  }
-  sync_folder_of(path);  // the rename itself must reach the disk
-}
 
 /// The bytes a safetensors file of `tensors` (in this order, their data back to back) begins with:
 /// the 8-byte little-endian header length, then the JSON header padded with spaces so that the
@@ -206,6 +112,14 @@ inline void save_safetensors(const std::string& path, const StateDict& sd) {
   detail::write_safetensors(path, sd.metadata, detail::writers_of(sd));
 }
 
+/// Refuses (InvalidArgument, naming both) an output path `out` that is one of `inputs` or a folder
+/// holding one, compared by identity (device and inode, through links): call it with every file a
+/// tool reads before it writes anything. polyak's own writers of derived checkpoints (the merges,
+/// post-hoc EMA) do.
+inline void check_output_apart(const std::string& out, const std::vector<std::string>& inputs) {
+  detail::check_output_apart("polyak", out, inputs);
+}
+
 /// A safetensors file's header, checked, without its data: what the streaming readers use.
 struct SafetensorsIndex {
   struct Entry {
@@ -231,72 +145,95 @@ struct SafetensorsIndex {
 
 namespace detail {
 
+/// How a message names what it is about: "polyak: 'model.safetensors': " for a file, "polyak: " for
+/// bytes in memory (source "").
+inline std::string failure_prefix(const std::string& source) {
+  return source.empty() ? "polyak: " : "polyak: '" + source + "': ";
+}
+
 /// Reads the 8-byte header length of a file of `size` bytes, checking it against the limit and the
 /// file's size.
-inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size) {
+inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size, const std::string& source) {
   if (!little_endian()) throw RuntimeError("polyak: safetensors on big-endian hosts is not supported");
+  const std::string prefix = failure_prefix(source);
   if (size < 8) {
-    throw FormatError("polyak: not safetensors: " + std::to_string(size) +
+    throw FormatError(prefix + "not safetensors: " + std::to_string(size) +
                       " bytes, fewer than the 8 of the header length");
   }
   std::uint64_t length = 0;
   for (int b = 7; b >= 0; --b) length = (length << 8) | static_cast<unsigned char>(first8[b]);
   if (length > max_header_bytes) {
-    throw FormatError("polyak: safetensors header length " + std::to_string(length) +
+    throw FormatError(prefix + "safetensors header length " + std::to_string(length) +
                       " exceeds the 100 MB limit");
   }
   if (length > size - 8) {
-    throw FormatError("polyak: safetensors header length " + std::to_string(length) +
+    throw FormatError(prefix + "safetensors header length " + std::to_string(length) +
                       " runs past the end of the " + std::to_string(size) + "-byte file");
   }
   return length;
 }
 
-/// Parses the header as JSON, refusing a key that appears twice in one object (nlohmann::json
-/// would keep the last; Python's safetensors refuses such a file).
-inline nlohmann::json parse_header_json(const char* text, std::uint64_t length) {
-  std::vector<std::vector<std::string>> keys;  // the keys seen so far in each open object
+/// Parses `text` as one JSON object, as strictly as Python's safetensors reads a header: it must
+/// start with '{' (safetensors refuses anything else first: a byte-order mark, a space; where
+/// `leading_space`, JSON's whitespace may come first, as Python's json reads an index file), hold no
+/// NUL byte (nlohmann's parser takes one for the end of the text and would ignore what follows), end
+/// with at most JSON's whitespace, and name no key twice in one object (nlohmann would keep the last;
+/// safetensors refuses). `what` names the text in messages ("safetensors header", "index").
+/// Linear in the text: each open object's keys go into a hash set.
+inline nlohmann::json parse_json_object(const char* text, std::uint64_t length, const std::string& source,
+                                        const char* what, bool leading_space = false) {
+  const std::string prefix = failure_prefix(source) + what;
+  std::uint64_t first = 0;
+  while (leading_space && first < length && std::strchr(" \t\n\r", text[first]) != nullptr &&
+         text[first] != 0)
+    ++first;
+  if (first == length || text[first] != '{') throw FormatError(prefix + " does not start with '{'");
+  const void* nul = std::memchr(text, 0, static_cast<std::size_t>(length));
+  if (nul != nullptr) {
+    throw FormatError(prefix + " holds a NUL byte at offset " +
+                      std::to_string(static_cast<const char*>(nul) - text));
+  }
+  std::vector<std::unordered_set<std::string>> keys;  // the keys seen so far in each open object
   const auto check_key = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     if (event == nlohmann::json::parse_event_t::object_start) keys.emplace_back();
     if (event == nlohmann::json::parse_event_t::object_end) keys.pop_back();
-    if (event == nlohmann::json::parse_event_t::key) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      auto& seen = keys.back();
-      if (std::find(seen.begin(), seen.end(), key) != seen.end())
-        throw FormatError("polyak: safetensors header: the key '" + key + "' appears twice in one object");
-      seen.push_back(key);
+    if (event == nlohmann::json::parse_event_t::key &&
+        !keys.back().insert(parsed.get<std::string>()).second) {
+      throw FormatError(prefix + ": the key '" + parsed.get<std::string>() + "' appears twice in one object");
     }
     return true;
   };
   try {
     return nlohmann::json::parse(text, text + length, check_key);
   } catch (const nlohmann::json::exception& e) {
-    throw FormatError(std::string("polyak: safetensors header is not JSON: ") + e.what());
+    throw FormatError(prefix + " is not JSON: " + e.what());
   }
 }
 
-/// Parses and checks the JSON header, for `data_size` bytes of data after it.
-inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size) {
-  const nlohmann::json header = parse_header_json(text, length);
-  if (!header.is_object()) throw FormatError("polyak: safetensors header is not a JSON object");
+/// Parses and checks the JSON header, for `data_size` bytes of data after it; `source` names the file
+/// in messages.
+inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size,
+                                    const std::string& source) {
+  const std::string prefix = failure_prefix(source);
+  const nlohmann::json header = parse_json_object(text, length, source, "safetensors header");
   SafetensorsIndex index;
   index.data_start = 8 + length;
   for (const auto& item : header.items()) {
     const std::string& name = item.key();  // (a named variable: lambdas cannot capture bindings)
     const auto& entry = item.value();
     if (name == "__metadata__") {
-      if (!entry.is_object()) throw FormatError("polyak: safetensors __metadata__ is not an object");
+      if (!entry.is_object()) throw FormatError(prefix + "safetensors __metadata__ is not an object");
       for (const auto& [key, value] : entry.items()) {
         if (!value.is_string())
-          throw FormatError("polyak: safetensors metadata '" + key + "' is not a string");
+          throw FormatError(prefix + "safetensors metadata '" + key + "' is not a string");
         index.metadata[key] = value.get<std::string>();
       }
       continue;
     }
     auto bad = [&](const std::string& why) {
-      throw FormatError("polyak: safetensors tensor '" + name + "': " + why);
+      throw FormatError(prefix + "safetensors tensor '" + name + "': " + why);
     };
-    if (name.empty()) throw FormatError("polyak: safetensors header names a tensor with the empty string");
+    if (name.empty()) throw FormatError(prefix + "safetensors header names a tensor with the empty string");
     if (!entry.is_object()) bad("not an object");
     if (!entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
         entry.size() != 3) {
@@ -354,17 +291,17 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
   for (std::size_t i = 0; i < index.entries.size(); ++i) {
     const auto& e = index.entries[i];
     if (e.begin < covered) {
-      throw FormatError("polyak: safetensors tensors '" + index.entries[i - 1].name + "' and '" + e.name +
+      throw FormatError(prefix + "safetensors tensors '" + index.entries[i - 1].name + "' and '" + e.name +
                         "' overlap");
     }
     if (e.begin > covered) {
-      throw FormatError("polyak: safetensors tensor '" + e.name + "' starts at data byte " +
+      throw FormatError(prefix + "safetensors tensor '" + e.name + "' starts at data byte " +
                         std::to_string(e.begin) + ", leaving a gap after byte " + std::to_string(covered));
     }
     covered = e.end;
   }
   if (covered != data_size) {
-    throw FormatError("polyak: safetensors file has " + std::to_string(data_size - covered) +
+    throw FormatError(prefix + "safetensors file has " + std::to_string(data_size - covered) +
                       " bytes after the last tensor");
   }
   return index;
@@ -374,9 +311,9 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
 
 /// Parses safetensors bytes, trusting nothing: any problem is a FormatError naming it.
 inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
-  const std::uint64_t length = detail::header_length(data, size);
+  const std::uint64_t length = detail::header_length(data, size, "");
   const SafetensorsIndex index =
-      detail::parse_index(reinterpret_cast<const char*>(data + 8), length, size - 8 - length);
+      detail::parse_index(reinterpret_cast<const char*>(data + 8), length, size - 8 - length, "");
   StateDict sd;
   sd.metadata = index.metadata;
   for (const auto& e : index.entries) {
@@ -403,11 +340,11 @@ class SafetensorsReader {
     std::byte first8[8] = {};
     in_.seekg(0);
     in_.read(reinterpret_cast<char*>(first8), static_cast<std::streamsize>(std::min<std::uint64_t>(8, size)));
-    const std::uint64_t length = detail::header_length(first8, size);
+    const std::uint64_t length = detail::header_length(first8, size, path_);
     std::string text(length, '\0');
     if (!in_.read(text.data(), static_cast<std::streamsize>(length)))
       throw FormatError("polyak: cannot read '" + path_ + "'");
-    index_ = detail::parse_index(text.data(), length, size - 8 - length);
+    index_ = detail::parse_index(text.data(), length, size - 8 - length, path_);
   }
 
   const std::string& path() const noexcept { return path_; }

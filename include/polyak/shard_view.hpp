@@ -22,7 +22,7 @@
 
 #include "polyak/communicator.hpp"
 #include "polyak/error.hpp"
-#include "polyak/model_averaging.hpp"  // the agreement collectives
+#include "polyak/detail/agreement.hpp"
 #include "polyak/tensor_view.hpp"
 
 namespace polyak {

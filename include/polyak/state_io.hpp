@@ -15,6 +15,7 @@
 #include <utility>  // std::move
 #include <vector>
 
+#include "polyak/detail/counter.hpp"
 #include "polyak/averaged_model.hpp"
 #include "polyak/batch_norm.hpp"
 #include "polyak/error.hpp"
@@ -48,7 +49,7 @@ std::int64_t check_averaged_state(const StateDict& sd, std::size_t tensors, bool
                       " entries, this model " + std::to_string(tensors + 1));
   }
   const auto n_averaged = sd.scalar<std::int64_t>(AveragedModelKeys::n_averaged);
-  if (n_averaged < 0) throw FormatError(std::string(who) + ": negative n_averaged");
+  check_counter(n_averaged, "n_averaged", who);
   const auto saved_use_buffers = sd.metadata.find("use_buffers");
   if (saved_use_buffers != sd.metadata.end() &&
       saved_use_buffers->second != (use_buffers ? "true" : "false")) {
@@ -249,7 +250,7 @@ struct StateIO<PeriodicModelAverager<Comm>> {
       throw FormatError(
           "polyak::PeriodicModelAverager::load_state_dict: the state is for another period or warm-up");
     }
-    if (step < 0) throw FormatError("polyak::PeriodicModelAverager::load_state_dict: negative step");
+    detail::check_counter(step, "step", "polyak::PeriodicModelAverager::load_state_dict");
     averager.step_ = step;
   }
 };
@@ -282,7 +283,7 @@ struct StateIO<HierarchicalModelAverager<Comm>> {
       throw FormatError(
           "polyak::HierarchicalModelAverager::load_state_dict: the state is for other periods or warm-up");
     }
-    if (step < 0) throw FormatError("polyak::HierarchicalModelAverager::load_state_dict: negative step");
+    detail::check_counter(step, "step", "polyak::HierarchicalModelAverager::load_state_dict");
     averager.step_ = step;
   }
 };
@@ -352,6 +353,7 @@ struct StateIO<SWAG<T>> {
     const auto collected = sd.scalar<std::int64_t>("n_collected");
     const auto held = sd.scalar<std::int64_t>("deviations_held");
     const auto next = sd.scalar<std::int64_t>("next_deviation");
+    detail::check_counter(updates, "n_updates", "polyak::SWAG::load_state_dict");
     if (updates < 0 || collected != updates / swag.collect_every_ ||
         held != std::min(collected, swag.max_rank_) ||
         next != (swag.max_rank_ == 0 ? 0 : collected % swag.max_rank_)) {

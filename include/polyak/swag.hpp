@@ -40,6 +40,7 @@
 
 #include <Eigen/Core>
 
+#include "polyak/detail/counter.hpp"
 #include "polyak/detail/state_io_fwd.hpp"
 #include "polyak/detail/tensor_spec.hpp"
 #include "polyak/error.hpp"
@@ -140,6 +141,7 @@ class SWAG {
   /// newest deviation (the oldest dropped once max_rank are held).
   void update_parameters(const ParameterList<T>& model) {
     check_matches(model, "update_parameters");
+    detail::check_can_count(n_updates_, "n_updates", "polyak::SWAG::update_parameters");
     if (++n_updates_ % collect_every_ != 0) return;
     ++n_collected_;
     const auto n = static_cast<Accumulator>(n_collected_);

@@ -13,6 +13,7 @@
 #include <utility>  // std::move
 #include <vector>
 
+#include "polyak/detail/counter.hpp"
 #include "polyak/detail/state_io_fwd.hpp"
 #include "polyak/error.hpp"
 
@@ -81,6 +82,8 @@ class SWALR {
 
   /// Advances one epoch and writes the new rates into the optimizer.
   void step() {
+    detail::check_can_count(state_.step_count, "step_count", "polyak::SWALR::step");
+    detail::check_can_count(state_.last_epoch, "last_epoch", "polyak::SWALR::step");
     ++state_.step_count;
     ++state_.last_epoch;
     std::int64_t step = state_.step_count - 1;
