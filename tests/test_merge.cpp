@@ -5,6 +5,8 @@
 // bytes as the in-memory merge; hostile inputs refused with nothing written.
 #include "polyak/merge.hpp"
 
+#include "support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -318,4 +320,202 @@ TEST_CASE("a greedy soup takes a candidate only when the soup does not get worse
   CHECK(polyak::to_doubles(soup.soup.at("w"))[0] == 2.0);
   CHECK(soup.score == 0.0);
   std::filesystem::remove_all(folder);
+}
+
+// Issue 21: what the second adversarial sweep found on the merge paths.
+
+namespace {
+
+/// A sharded checkpoint in `dir`: "w" (n floats equal to `value`) in shard 1, "b" (3 floats) and
+/// "step" in shard 2, each shard with {"format": "pt"} as transformers writes it.
+void sharded_model(const std::string& dir, float value, std::size_t n = 1000) {
+  std::filesystem::create_directories(dir);
+  std::vector<float> w(n, value), b(3, value);
+  StateDict first, second;
+  first.insert("w", w.data(), {static_cast<std::int64_t>(n)});
+  second.insert("b", b.data(), {3});
+  second.insert_scalar<std::int64_t>("step", 7);
+  first.metadata["format"] = second.metadata["format"] = "pt";
+  polyak::save_safetensors(dir + "/model-00001-of-00002.safetensors", first);
+  polyak::save_safetensors(dir + "/model-00002-of-00002.safetensors", second);
+  write_text(dir + "/model.safetensors.index.json",
+             R"({"metadata": {"total_size": 1}, "weight_map": {"w": "model-00001-of-00002.safetensors", )"
+             R"("b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}})");
+}
+
+}  // namespace
+
+TEST_CASE("sharded outputs keep each shard's own metadata and the index's", "[merge][sharded]") {
+  polyak_test::TemporaryFolder folder("merge_metadata");
+  sharded_model(folder / "a", 1.0f);
+  sharded_model(folder / "b", 3.0f);
+  polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), folder / "out");
+  for (const std::string shard : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+    const auto metadata = polyak::read_safetensors_index(folder / ("out/" + shard)).metadata;
+    CHECK(metadata.at("format") == "pt");  // without it, transformers' loader refuses the file
+    CHECK(metadata.at("merge_method") == "average");
+  }
+  const std::string index = file_text(folder / "out/model.safetensors.index.json");
+  CHECK(index.find("\"total_size\": 4020") != std::string::npos);  // 1003 floats and one int64
+  CHECK(index.find("\"merge_method\": \"average\"") != std::string::npos);
+  polyak::CheckpointReader merged(folder / "out");
+  CHECK(polyak::to_doubles(merged.read(*merged.find("w")))[0] == 2.0);
+}
+
+TEST_CASE("TIES ranks F64 task values in double: values float would round together still rank",
+          "[merge][ties]") {
+  // Two task values a tensor, density 0.5: one is kept, the larger. In float, 1 and 1 + 1e-12 (and
+  // 1e300 and 2e300, both inf) tie and the first by position was kept.
+  for (const auto& [small, large] :
+       std::vector<std::pair<double, double>>{{1.0, 1.0 + 1e-12}, {1e300, 2e300}, {-1.0, -(1.0 + 1e-12)}}) {
+    CAPTURE(small, large);
+    const double values[2] = {small, large};
+    StateDict model, base;
+    model.insert("w", values, {2});
+    const double zeros[2] = {0, 0};
+    base.insert("w", zeros, {2});
+    MergeOptions o = with(MergeMethod::Ties);
+    o.density = 0.5;
+    const auto m = polyak::to_doubles(polyak::merge_state_dicts({&model}, &base, o).at("w"));
+    CHECK(m == std::vector<double>{0.0, large});
+  }
+}
+
+TEST_CASE("a merge refuses every setting its method does not use, and DARE takes mergekit's density",
+          "[merge][adversarial]") {
+  const StateDict a = one({1, 2}), b = one({3, 5}), base = one({0, 0});
+  const auto refused = [&](MergeOptions o, const StateDict* with_base, const std::string& fragment) {
+    CAPTURE(polyak::merge_method_name(o.method), fragment);
+    CHECK_THROWS_WITH(polyak::merge_state_dicts({&a, &b}, with_base, o), Catch::Contains(fragment));
+  };
+  MergeOptions o = with(MergeMethod::Average);
+  o.density = 0.1;
+  refused(o, nullptr, "density is not a setting of average");
+  o = with(MergeMethod::Average);
+  o.t = 0.3;
+  refused(o, nullptr, "t is not a setting of average");
+  o = with(MergeMethod::Slerp);
+  o.scale = 2;
+  refused(o, nullptr, "scale is not a setting of slerp");
+  o = with(MergeMethod::Slerp);
+  o.weights = {1, 2};
+  refused(o, nullptr, "weights is not a setting of slerp");
+  o = with(MergeMethod::Ties);
+  o.drop = 0.5;
+  refused(o, &base, "drop is not a setting of ties");
+  o = with(MergeMethod::Ties);
+  o.seed = 3;
+  refused(o, &base, "seed is not a setting of ties");
+  o = with(MergeMethod::TaskArithmetic);
+  o.density = 0.5;
+  refused(o, &base, "density is not a setting of task_arithmetic");
+  o = with(MergeMethod::Dare);
+  o.density = 0.5;
+  o.drop = 0.5;
+  refused(o, &base, "not both");
+  o = with(MergeMethod::Dare);
+  o.density = 0;
+  refused(o, &base, "dare's density must be in (0, 1]");
+
+  // DARE with density d drops with probability 1 - d: the same bytes as drop 1 - d.
+  MergeOptions by_density = with(MergeMethod::Dare), by_drop = with(MergeMethod::Dare);
+  by_density.density = 0.25;
+  by_drop.drop = 0.75;
+  by_density.seed = by_drop.seed = 11;
+  std::vector<float> big(4096);
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>(i % 13) - 6;
+  StateDict x;
+  x.insert("w", big.data(), {4096});
+  std::vector<float> zeros(4096, 0.0f);
+  StateDict zero;
+  zero.insert("w", zeros.data(), {4096});
+  const auto kept = polyak::merge_state_dicts({&x}, &zero, by_density);
+  CHECK(kept.at("w").bytes == polyak::merge_state_dicts({&x}, &zero, by_drop).at("w").bytes);
+  const auto values = polyak::to_doubles(kept.at("w"));
+  const auto nonzero = std::count_if(values.begin(), values.end(), [](double v) { return v != 0; });
+  const auto candidates = std::count_if(big.begin(), big.end(), [](float v) { return v != 0; });
+  // Binomial(candidates, 0.25): within 5 standard deviations.
+  const double mean = 0.25 * static_cast<double>(candidates), sd = std::sqrt(mean * 0.75);
+  CHECK(std::abs(static_cast<double>(nonzero) - mean) < 5 * sd);
+
+  // Task arithmetic takes negative weights (task negation).
+  o = with(MergeMethod::TaskArithmetic);
+  o.weights = {-1, 1};
+  CHECK(polyak::to_doubles(polyak::merge_state_dicts({&a, &b}, &base, o).at("w")) ==
+        std::vector<double>{2, 3});
+}
+
+TEST_CASE("a merge never writes over its inputs: OUT is compared by identity with every file it reads",
+          "[merge][sharded][adversarial]") {
+  polyak_test::TemporaryFolder folder("merge_identity");
+  sharded_model(folder / "a", 1.0f);
+  sharded_model(folder / "b", 3.0f);
+  const std::string index = folder / "a/model.safetensors.index.json";
+  const std::string shard = folder / "a/model-00001-of-00002.safetensors";
+  std::filesystem::create_directory_symlink(folder / "a", folder / "link_to_a");
+  std::filesystem::create_hard_link(shard, folder / "hard_link_to_shard.safetensors");
+  const std::string before_index = file_text(index), before_shard = file_text(shard);
+  const auto refused = [&](const std::string& out, const std::vector<std::string>& inputs) {
+    CAPTURE(out);
+    CHECK_THROWS_WITH(polyak::merge_checkpoints(inputs, "", with(MergeMethod::Average), out),
+                      Catch::Contains("which writing it would destroy"));
+    CHECK(file_text(index) == before_index);
+    CHECK(file_text(shard) == before_shard);
+  };
+  const std::vector<std::string> inputs{folder / "a", folder / "b"};
+  refused(folder / "a", inputs);                                     // the input's folder
+  refused(folder / "a/", inputs);                                    // spelled with a slash
+  refused(index, inputs);                                            // its index
+  refused(shard, inputs);                                            // one of its shards
+  refused(folder / "link_to_a", inputs);                             // a link to it
+  refused(folder / "hard_link_to_shard.safetensors", inputs);        // another name of a shard
+  refused(folder.path(), inputs);                                    // a folder above it
+  refused(folder / "a/../a", {folder / "link_to_a", folder / "b"});  // the input given by a link
+  CHECK(polyak::CheckpointReader(folder / "a").tensors().size() == 3);
+}
+
+TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder holding other files",
+          "[merge][sharded][adversarial]") {
+  polyak_test::TemporaryFolder folder("merge_replace");
+  sharded_model(folder / "a", 1.0f);
+  sharded_model(folder / "b", 3.0f);
+  const std::string out = folder / "out";
+  // An older output with a third shard that the new layout does not have: it must not survive.
+  std::filesystem::create_directories(out);
+  write_text(out + "/model-00003-of-00003.safetensors", "stale");
+  write_text(out + "/model.safetensors.index.json", "{}");
+  polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
+  CHECK_FALSE(std::filesystem::exists(out + "/model-00003-of-00003.safetensors"));
+  CHECK(polyak::CheckpointReader(out).shards().size() == 2);
+  std::size_t entries = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder.path())) {
+    CHECK(entry.path().filename().string().find(".tmp.") == std::string::npos);  // no temporary left
+    ++entries;
+  }
+  CHECK(entries == 3);
+
+  // A folder with a file of the user's in it is refused, and kept as it was.
+  const std::string mine = folder / "mine";
+  std::filesystem::create_directories(mine);
+  write_text(mine + "/notes.txt", "keep me");
+  CHECK_THROWS_WITH(
+      polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), mine),
+      Catch::Contains("holds 'notes.txt'"));
+  CHECK(file_text(mine + "/notes.txt") == "keep me");
+  // A file where the output is a folder, a folder where it is a file: refused, kept.
+  write_text(folder / "file", "a file");
+  CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average),
+                                              folder / "file"),
+                    Catch::Contains("is a file"));
+  CHECK(file_text(folder / "file") == "a file");
+  polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
+  CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "x.safetensors", folder / "x.safetensors"}, "",
+                                              with(MergeMethod::Average), mine),
+                    Catch::Contains("it is a folder"));
+  for (const std::string bad : {".", "..", "/", ""}) {
+    CAPTURE(bad);
+    CHECK_THROWS_AS(
+        polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), bad),
+        std::invalid_argument);
+  }
 }

@@ -2,6 +2,8 @@
 // Model averaging over ThreadCommunicator: four threads stand for four ranks.
 #include "polyak/model_averaging.hpp"
 
+#include "support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -19,24 +21,7 @@ using polyak::ThreadCommunicator;
 
 namespace {
 
-/// Runs body(member) on `size` threads; returns each thread's exception message ("" if none).
-/// (Catch2's assertions are not thread-safe: bodies record, the test checks after the join.)
-std::vector<std::string> on_threads(int size, const std::function<void(ThreadCommunicator&)>& body) {
-  auto members = ThreadCommunicator::create(size);
-  std::vector<std::string> errors(static_cast<std::size_t>(size));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(members[static_cast<std::size_t>(r)]);
-      } catch (const std::exception& e) {
-        errors[static_cast<std::size_t>(r)] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
-}
+using polyak_test::on_threads;
 
 /// A rank's model: a matrix and a vector.
 struct Model {
@@ -595,4 +580,147 @@ TEST_CASE("ThreadCommunicator's non-blocking sums run beside blocking ones and r
     CHECK(seen[static_cast<std::size_t>(r)] == std::vector<double>{10.0, 10.0, 4.0, 1.0});
     CHECK_THAT(failures[static_cast<std::size_t>(r)], Catch::Contains("members passed"));
   }
+}
+
+// Issue 21: the overlapped paths, made to fail at every point of their cycle.
+
+TEST_CASE("assigning over or moving a PendingAverage in flight waits for its collective first",
+          "[model_averaging][overlap][adversarial]") {
+  std::vector<float> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    Eigen::VectorXf w = Eigen::VectorXf::Constant(200000, static_cast<float>(comm.rank() + 1));
+    ParameterList<float> list;
+    list.add("w", w);
+    auto pending = polyak::start_average_parameters(list, comm);
+    // The first average is still being summed into its buffers: the assignment must wait for it
+    // (it freed them under the running sum: heap-use-after-free under ASan), then discard it.
+    pending = polyak::start_average_parameters(list, comm);
+    auto moved = std::move(pending);
+    moved.finish(list);
+    seen[static_cast<std::size_t>(comm.rank())] = w[199999];
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  CHECK(seen == std::vector<float>(4, 2.5f));
+}
+
+namespace {
+
+/// What each member saw when its averager refused: the step, the message, and whether its weights
+/// and its step counter were left as they were.
+struct Refusal {
+  std::int64_t step = -1;
+  std::string message;
+  bool unchanged = false;
+};
+
+/// Four members run an overlapped PeriodicModelAverager (period 4, `delay`); before step `fail_at`,
+/// member 2 spoils its call as `spoil` says. Returns what each member saw.
+std::vector<Refusal> fail_one_member(std::int64_t delay, std::int64_t fail_at, const std::string& spoil) {
+  std::vector<Refusal> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    const int rank = comm.rank();
+    Eigen::VectorXf w = Eigen::VectorXf::Zero(1000), kept, extra = Eigen::VectorXf::Zero(2);
+    Eigen::VectorXd wide = Eigen::VectorXd::Zero(1000);
+    ParameterList<float> list, longer;
+    list.add("w", w);
+    longer.add("w", w).add("extra", extra);
+    ParameterList<double> doubles;
+    doubles.add("w", wide);
+    PeriodicModelAverager<ThreadCommunicator> averager(4, 0, comm, polyak::Overlap{delay});
+    for (std::int64_t t = 0; t < 12; ++t) {
+      w.array() += static_cast<float>(rank + 1);
+      const bool spoiled = rank == 2 && t >= fail_at;
+      if (spoiled && spoil == "storage moved" && t == fail_at) {
+        kept = w;      // the same values...
+        w.swap(kept);  // ...in another allocation: the list's view is stale
+      }
+      const Eigen::VectorXf before = w;
+      try {
+        if (spoiled && spoil == "another scalar type") {
+          averager.average_parameters(doubles);
+        } else if (spoiled && spoil == "another layout") {
+          averager.average_parameters(longer);
+        } else {
+          averager.average_parameters(list);
+        }
+      } catch (const std::exception& e) {
+        seen[static_cast<std::size_t>(rank)] = {t, e.what(), w == before && averager.step() == t};
+        return;
+      }
+    }
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  return seen;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a member that fails at any point of the overlapped cycle fails every member at that step, "
+    "and nothing changes",
+    "[model_averaging][overlap][adversarial]") {
+  struct Case {
+    std::int64_t delay, fail_at;
+    const char* spoil;
+    std::int64_t refused_at;  // where every member must refuse
+    const char* everywhere;   // what every member's message says
+    const char* on_rank_2;    // and what member 2's says of its own problem
+  };
+  // Period 4: averages start at steps 0, 4, 8; with delay 2 they land at 2, 6, 10; with delay 4 at
+  // 4 and 8, the steps that also start the next one.
+  const char* moved = "was resized, moved or replaced";
+  const std::vector<Case> cases{
+      {2, 4, "storage moved", 4, "nothing was averaged", moved},  // a step that only starts
+      {2, 6, "storage moved", 6, "was not applied", moved},       // a step that only lands
+      {4, 8, "storage moved", 8, "nothing was averaged", moved},  // a step that lands and starts
+      {2, 5, "storage moved", 6, "was not applied", moved},       // between: refused where it lands
+      {2, 6, "another scalar type", 6, "was not applied", "another scalar type"},       // lands
+      {4, 4, "another scalar type", 4, "nothing was averaged", "another scalar type"},  // lands, starts
+      {2, 4, "another layout", 4, "nothing was averaged", "differs from rank 0's"},     // starts
+      {4, 8, "another layout", 8, "nothing was averaged", "not laid out as those it started from"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.delay, c.fail_at, c.spoil);
+    const auto seen = fail_one_member(c.delay, c.fail_at, c.spoil);
+    for (std::size_t r = 0; r < 4; ++r) {
+      CAPTURE(r, seen[r].message);
+      CHECK(seen[r].step == c.refused_at);
+      CHECK(seen[r].unchanged);
+      CHECK_THAT(seen[r].message, Catch::Contains("rank 2") && Catch::Contains(c.everywhere));
+    }
+    CHECK_THAT(seen[2].message, Catch::Contains(c.on_rank_2));
+  }
+}
+
+TEST_CASE("an overlapped hierarchy refuses a delay longer than the gap between two of its averaging steps",
+          "[model_averaging][overlap]") {
+  // Periods 2 and 3 average at steps 2, 3, 4, 6, 8, 9...: one step apart, so only delay 1 lands every
+  // average before the next starts (with delay 2 the step-2 average was still in flight at step 3,
+  // and every later step refused it: training could not go on).
+  const auto refused = on_threads(2, [](ThreadCommunicator& comm) {
+    HierarchicalModelAverager<ThreadCommunicator> averager({{2, 1}, {3, 2}}, 0, comm, polyak::Overlap{2});
+  });
+  for (const auto& e : refused) CHECK_THAT(e, Catch::Contains("overlap delay must be in [1, 1]"));
+  CHECK_THAT(on_threads(2,
+                        [](ThreadCommunicator& comm) {
+                          HierarchicalModelAverager<ThreadCommunicator> averager({{4, 1}, {6, 2}}, 0, comm,
+                                                                                 polyak::Overlap{3});
+                        })[0],
+             Catch::Contains("overlap delay must be in [1, 2]"));  // gcd(4, 6) = 2
+  std::vector<std::vector<double>> seen(2);
+  const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+    Eigen::VectorXd w = Eigen::VectorXd::Zero(3);
+    ParameterList<double> list;
+    list.add("w", w);
+    HierarchicalModelAverager<ThreadCommunicator> averager({{2, 1}, {3, 2}}, 0, comm, polyak::Overlap{1});
+    for (int t = 0; t < 13; ++t) {
+      w.array() += comm.rank() + 1.0;
+      averager.average_parameters(list);
+    }
+    averager.synchronize(list);
+    seen[static_cast<std::size_t>(comm.rank())] = {w[0], static_cast<double>(averager.step())};
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  CHECK(seen[0][1] == 13.0);
+  CHECK(seen[0][0] == seen[1][0]);  // step 12 started a world average; synchronize landed it, nothing moved
 }

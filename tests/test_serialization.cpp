@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "polyak/averaged_model.hpp"
 #include "polyak/batch_norm.hpp"
 #include "polyak/model_averaging.hpp"
+#include "polyak/swag.hpp"
 #include "polyak/swalr.hpp"
 
 using polyak::DType;
@@ -512,4 +514,76 @@ TEST_CASE("state_dict() borrows the average: same file as an owned copy, later u
   CHECK(ema.n_averaged() == 2);
   std::remove(streamed.c_str());
   std::remove(copied.c_str());
+}
+
+namespace {
+
+/// `sd` with the I64 scalar `name` set to `value` (and its other entries copied).
+StateDict with_scalar(const StateDict& sd, const std::string& name, std::int64_t value) {
+  StateDict out;
+  out.metadata = sd.metadata;
+  for (const auto& [entry, tensor] : sd) {
+    if (entry != name) out.insert(entry, tensor.owned());
+  }
+  out.insert_scalar<std::int64_t>(name, value);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("step counters refuse their limit: on load, and on the step that would overflow them",
+          "[serialization][adversarial]") {
+  constexpr std::int64_t largest = std::numeric_limits<std::int64_t>::max();
+  Eigen::VectorXf w = Eigen::VectorXf::Constant(3, 2.0f);
+  polyak::ParameterList<float> list;
+  list.add("w", w);
+
+  polyak::AveragedModel<float> swa(list);
+  swa.update_parameters(list);
+  const StateDict swa_state = swa.state_dict().owned();
+  CHECK_THROWS_WITH(swa.load_state_dict(with_scalar(swa_state, "n_averaged", largest)),
+                    Catch::Contains("n_averaged 9223372036854775807 is out of range"));
+  CHECK(swa.n_averaged() == 1);
+  swa.load_state_dict(with_scalar(swa_state, "n_averaged", largest - 1));
+  swa.update_parameters(list);  // counts the last step there is
+  CHECK(swa.n_averaged() == largest);
+  w.setConstant(7.0f);
+  CHECK_THROWS_WITH(swa.update_parameters(list), Catch::Contains("n_averaged is at its largest value"));
+  CHECK(swa.n_averaged() == largest);
+  CHECK(swa.tensors()[0].view().data()[0] == 2.0f);  // the average did not move
+
+  polyak::SWAG<float> swag(list, 2);
+  swag.update_parameters(list);
+  StateDict swag_state = swag.state_dict().owned();
+  CHECK_THROWS_WITH(swag.load_state_dict(with_scalar(swag_state, "n_updates", largest)),
+                    Catch::Contains("n_updates 9223372036854775807 is out of range"));
+  swag_state =
+      with_scalar(with_scalar(with_scalar(swag_state, "n_updates", largest - 1), "n_collected", largest - 1),
+                  "deviations_held", 2);
+  swag.load_state_dict(with_scalar(swag_state, "next_deviation", (largest - 1) % 2));
+  swag.update_parameters(list);
+  CHECK(swag.n_updates() == largest);
+  CHECK_THROWS_WITH(swag.update_parameters(list), Catch::Contains("n_updates is at its largest value"));
+  CHECK(swag.n_updates() == largest);
+
+  auto members = polyak::ThreadCommunicator::create(1);
+  polyak::PeriodicModelAverager<polyak::ThreadCommunicator> averager(1, 0, members[0]);
+  const StateDict averager_state = averager.state_dict().owned();
+  CHECK_THROWS_WITH(averager.load_state_dict(with_scalar(averager_state, "step", largest)),
+                    Catch::Contains("step 9223372036854775807 is out of range"));
+  averager.load_state_dict(with_scalar(averager_state, "step", largest - 1));
+  averager.average_parameters(list);
+  CHECK_THROWS_WITH(averager.average_parameters(list), Catch::Contains("step is at its largest value"));
+  CHECK(averager.step() == largest);
+  polyak::HierarchicalModelAverager<polyak::ThreadCommunicator> hierarchy({{2, 1}}, 0, members[0]);
+  CHECK_THROWS_WITH(hierarchy.load_state_dict(with_scalar(hierarchy.state_dict().owned(), "step", largest)),
+                    Catch::Contains("out of range"));
+
+  std::vector<double> lrs{0.5};
+  polyak::SWALR scheduler(lrs, 0.1, 3);
+  StateDict scheduler_state = scheduler.state_dict().owned();
+  scheduler.load_state_dict(
+      with_scalar(with_scalar(scheduler_state, "step_count", largest - 1), "last_epoch", largest - 1));
+  scheduler.step();
+  CHECK_THROWS_WITH(scheduler.step(), Catch::Contains("at its largest value"));
 }

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdio>  // std::remove
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -19,44 +20,29 @@
 
 #include "polyak/averaged_model.hpp"
 #include "polyak/serialization.hpp"
+#include "support.hpp"
 
 using polyak::AveragedModel;
 using polyak::EMA;
 using polyak::FlatLayout;
 using polyak::ParameterList;
 using polyak::ShardView;
+using polyak::StateDict;
 using polyak::ThreadCommunicator;
 
 namespace {
 
 std::string temporary_path(const std::string& name) {
-  const auto folder = std::filesystem::temp_directory_path() / "polyak_tests";
-  std::filesystem::create_directories(folder);
-  return (folder / name).string();
+  static const polyak_test::TemporaryFolder folder("shard_tests");
+  return folder / name;
 }
 
 std::vector<char> file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const std::string bytes = polyak_test::file_bytes(path);
+  return {bytes.begin(), bytes.end()};
 }
 
-/// Runs body(member) on `size` threads; each thread's exception message ("" if none).
-std::vector<std::string> on_threads(int size, const std::function<void(ThreadCommunicator&)>& body) {
-  auto members = ThreadCommunicator::create(size);
-  std::vector<std::string> errors(static_cast<std::size_t>(size));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(members[static_cast<std::size_t>(r)]);
-      } catch (const std::exception& e) {
-        errors[static_cast<std::size_t>(r)] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
-}
+using polyak_test::on_threads;
 
 FlatLayout model_layout() {
   FlatLayout layout;
@@ -228,7 +214,7 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
       const char* message;
     };
     const std::vector<Case> cases = {
-        {truncated, model_layout(), "rank(s) 0, 1 failed"},
+        {truncated, model_layout(), "ranks 0, 1 failed"},
         {temporary_path("missing.safetensors"), model_layout(), "cannot open"},
         {reference, wider, "has shape [3, 5] in the file where the layout has [5, 3]"}};
     for (const Case& c : cases) {
@@ -243,6 +229,64 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
       });
       for (const auto& e : errors)
         CHECK_THAT(e, Catch::Contains(c.message) && Catch::Contains("nothing was loaded"));
+    }
+  }
+
+  SECTION("members that read different files at one path (a stale copy on one node): refused everywhere") {
+    // Issue 21, item 3: only names and offsets were compared, so a copy of another save with the same
+    // layout loaded n_averaged 5 and its values on one member beside 6 and the new values on the other.
+    const StateDict whole = polyak::load_safetensors(reference);
+    const auto variant = [&](const std::string& name, bool other_count, bool other_values) {
+      StateDict sd;
+      sd.metadata = whole.metadata;
+      for (const auto& [entry, tensor] : whole) {
+        if (entry == "n_averaged" && other_count) {
+          sd.insert_scalar<std::int64_t>(entry, whole.scalar<std::int64_t>(entry) - 1);
+        } else if (entry != "n_averaged" && other_values) {
+          std::vector<float> values(tensor.numel());
+          std::memcpy(values.data(), tensor.owned().bytes.data(), tensor.byte_size());
+          for (auto& v : values) v = v * 2 + 1;
+          sd.insert(entry, values.data(), tensor.shape);
+        } else {
+          sd.insert(entry, tensor.owned());
+        }
+      }
+      const std::string path = temporary_path(name);
+      polyak::save_safetensors(path, sd);
+      return path;
+    };
+    const std::string same = variant("copy.safetensors", false, false);
+    const std::vector<std::pair<std::string, bool>> cases{
+        {same, true},  // a faithful copy loads
+        {variant("stale_count.safetensors", true, false), false},
+        {variant("stale_values.safetensors", false, true), false},
+        {variant("stale_both.safetensors", true, true), false}};
+    for (const auto& [other, loads] : cases) {
+      CAPTURE(other);
+      std::vector<std::int64_t> n_averaged(2, -1);
+      const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+        const int r = comm.rank();
+        std::vector<float> mine(cut.end(r) - cut.begin(r), 4.0f);
+        ShardView<float> shard(model_layout(), mine.data(), cut.begin(r), cut.end(r), comm);
+        AveragedModel<float, EMA> ema(shard.parameters(), EMA(decay));
+        ema.update_parameters(shard.parameters());
+        try {
+          polyak::load_distributed(ema, r == 0 ? reference : other, shard, comm);
+        } catch (...) {
+          n_averaged[static_cast<std::size_t>(r)] = ema.n_averaged();
+          throw;
+        }
+        n_averaged[static_cast<std::size_t>(r)] = ema.n_averaged();
+      });
+      for (const auto& e : errors) {
+        if (loads) {
+          CHECK(e.empty());
+        } else {
+          CHECK_THAT(e, Catch::Contains("the members read different files") &&
+                            Catch::Contains("nothing was loaded"));
+        }
+      }
+      CHECK(n_averaged == std::vector<std::int64_t>(2, loads ? steps : 1));
     }
   }
 
@@ -265,7 +309,7 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
       }
     });
     for (const auto& e : errors)
-      CHECK_THAT(e, Catch::Contains("rank(s) 1 failed") && Catch::Contains("no member's model changed"));
+      CHECK_THAT(e, Catch::Contains("rank 1 failed") && Catch::Contains("no member's model changed"));
     for (int r = 0; r < 2; ++r) {
       CHECK(after[static_cast<std::size_t>(r)] == std::vector<float>(cut.end(r) - cut.begin(r), 3.0f));
       CHECK(n_averaged[static_cast<std::size_t>(r)] == 1);

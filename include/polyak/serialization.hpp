@@ -10,9 +10,9 @@
 
 #include <algorithm>  // std::sort
 #include <cstddef>
+#include <cerrno>
 #include <cstdint>
-#include <cstring>  // std::memchr: a NUL in a header
-#include <fstream>
+#include <cstring>     // std::memchr: a NUL in a header; std::strerror
 #include <functional>  // std::function
 #include <limits>
 #include <map>
@@ -22,7 +22,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "polyak/detail/atomic_file.hpp"
+#include <fcntl.h>     // open, openat
+#include <sys/stat.h>  // fstat
+
+#include "polyak/detail/files.hpp"
 #include "polyak/error.hpp"
 #include "polyak/state_dict.hpp"
 
@@ -332,20 +335,16 @@ inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
 class SafetensorsReader {
  public:
   /// Opens `path` and reads its header; a missing, truncated, oversized or malformed file is a
-  /// FormatError naming the problem.
-  explicit SafetensorsReader(std::string path) : path_(std::move(path)), in_(path_, std::ios::binary) {
-    if (!in_) throw FormatError("polyak: cannot open '" + path_ + "'");
-    in_.seekg(0, std::ios::end);
-    const auto size = static_cast<std::uint64_t>(in_.tellg());
-    std::byte first8[8] = {};
-    in_.seekg(0);
-    in_.read(reinterpret_cast<char*>(first8), static_cast<std::streamsize>(std::min<std::uint64_t>(8, size)));
-    const std::uint64_t length = detail::header_length(first8, size, path_);
-    std::string text(length, '\0');
-    if (!in_.read(text.data(), static_cast<std::streamsize>(length)))
-      throw FormatError("polyak: cannot read '" + path_ + "'");
-    index_ = detail::parse_index(text.data(), length, size - 8 - length, path_);
+  /// FormatError naming the file and the problem.
+  explicit SafetensorsReader(std::string path) : path_(std::move(path)) {
+    // (O_NONBLOCK: a FIFO or device named like a checkpoint is refused below rather than waited on)
+    fd_ = detail::FileDescriptor(::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    read_header();
   }
+
+  /// Reads the file open as `fd`, which it takes over (and closes); `path` names it in messages. For
+  /// readers that open a folder's files relative to the folder (CheckpointReader).
+  SafetensorsReader(int fd, std::string path) : path_(std::move(path)), fd_(fd) { read_header(); }
 
   const std::string& path() const noexcept { return path_; }
   const SafetensorsIndex& index() const noexcept { return index_; }
@@ -356,11 +355,7 @@ class SafetensorsReader {
     t.dtype = entry.dtype;
     t.shape = entry.shape;
     t.bytes.resize(entry.end - entry.begin);
-    in_.seekg(static_cast<std::streamoff>(index_.data_start + entry.begin));
-    if (!in_ ||
-        !in_.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()))) {
-      throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path_ + "'");
-    }
+    read_bytes(entry, 0, t.bytes.size(), t.bytes.data());
     return t;
   }
 
@@ -372,9 +367,9 @@ class SafetensorsReader {
       throw InvalidArgument("polyak::SafetensorsReader::read_bytes: bytes [" + std::to_string(offset) +
                             ", +" + std::to_string(length) + ") lie outside tensor '" + entry.name + "'");
     }
-    in_.seekg(static_cast<std::streamoff>(index_.data_start + entry.begin + offset));
-    if (!in_ || !in_.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(length))) {
-      throw FormatError("polyak: cannot read tensor '" + entry.name + "' of '" + path_ + "'");
+    if (!detail::pread_all(fd_.get(), out, length, index_.data_start + entry.begin + offset, path_)) {
+      throw FormatError("polyak: '" + path_ + "': cannot read tensor '" + entry.name +
+                        "': the file ends before it (truncated since it was opened?)");
     }
   }
 
@@ -387,8 +382,25 @@ class SafetensorsReader {
   }
 
  private:
+  void read_header() {
+    if (!fd_) throw FormatError("polyak: cannot open '" + path_ + "': " + std::strerror(errno));
+    struct stat info {};
+    if (::fstat(fd_.get(), &info) != 0) detail::fail_io("cannot stat", path_);
+    if (!S_ISREG(info.st_mode)) throw FormatError("polyak: '" + path_ + "' is not a regular file");
+    const auto size = static_cast<std::uint64_t>(info.st_size);
+    std::byte first8[8] = {};
+    if (size >= 8 && !detail::pread_all(fd_.get(), first8, 8, 0, path_)) size_changed();
+    const std::uint64_t length = detail::header_length(first8, size, path_);
+    std::string text(length, '\0');
+    if (!detail::pread_all(fd_.get(), text.data(), length, 8, path_)) size_changed();
+    index_ = detail::parse_index(text.data(), length, size - 8 - length, path_);
+  }
+  [[noreturn]] void size_changed() const {
+    throw FormatError("polyak: '" + path_ + "': the file ends early (truncated while it was opened?)");
+  }
+
   std::string path_;
-  std::ifstream in_;
+  detail::FileDescriptor fd_;
   SafetensorsIndex index_;
 };
 

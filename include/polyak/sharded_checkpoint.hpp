@@ -2,18 +2,18 @@
 // Checkpoints as the Hugging Face hub lays them out: one safetensors file, or shards named by a
 // "model.safetensors.index.json" ({"metadata": {...}, "weight_map": {"tensor": "shard file"}}), read
 // a tensor, or a piece of one, at a time; and written the same way, a folder of shards written
-// whole beside its destination and put in its place in one step (detail/atomic_file.hpp). What
+// whole beside its destination and put in its place in one step (detail/files.hpp). What
 // polyak/merge.hpp streams through.
 #pragma once
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>  // std::strerror
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -21,7 +21,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "polyak/detail/atomic_file.hpp"
+#include <fcntl.h>     // open, openat: a folder's files opened relative to the folder
+#include <sys/stat.h>  // fstat
+
+#include "polyak/detail/files.hpp"
 #include "polyak/error.hpp"
 #include "polyak/serialization.hpp"
 
@@ -52,27 +55,25 @@ class CheckpointReader {
     }
   };
 
+  /// Opens `path`. The files of a folder (the index and its shards) are all opened relative to the
+  /// folder opened once, so that a folder replaced meanwhile (an output written again, see
+  /// detail::write_folder_atomically) is read whole, the old one or the new one, never a mix: where a
+  /// shard has vanished because the folder was replaced, the open starts again on the new folder.
   explicit CheckpointReader(const std::string& path) {
-    namespace fs = std::filesystem;
-    std::string index_path = path;
-    if (fs::is_directory(path)) {
-      const fs::path folder(path);
-      if (fs::exists(folder / sharded_index_name)) {
-        index_path = (folder / sharded_index_name).string();
-      } else if (fs::exists(folder / "model.safetensors")) {
-        open_file((folder / "model.safetensors").string());
+    for (int attempt = 1;; ++attempt) {
+      try {
+        open(path);
         return;
-      } else {
-        throw FormatError("polyak: '" + path + "' holds neither " + sharded_index_name +
-                          " nor model.safetensors");
+      } catch (const FolderReplaced&) {
+        if (attempt == 8) {
+          throw FormatError("polyak: '" + path + "' was replaced each of the 8 times it was opened");
+        }
+        *this = CheckpointReader();
       }
     }
-    if (index_path.size() < 5 || index_path.compare(index_path.size() - 5, 5, ".json") != 0) {
-      open_file(index_path);
-      return;
-    }
-    open_index(index_path);
   }
+  CheckpointReader(CheckpointReader&&) = default;
+  CheckpointReader& operator=(CheckpointReader&&) = default;
 
   bool sharded() const noexcept { return sharded_; }
   /// The shard file names (for one file: its own name), sorted.
@@ -105,48 +106,102 @@ class CheckpointReader {
   StoredTensor read(const Tensor& tensor) { return readers_[tensor.shard]->read(tensor.entry); }
 
  private:
-  void open_file(const std::string& file) {
+  CheckpointReader() = default;
+
+  /// A shard vanished because its folder was replaced while it was being opened.
+  struct FolderReplaced {};
+
+  static bool ends_with(const std::string& text, const std::string& end) {
+    return text.size() >= end.size() && text.compare(text.size() - end.size(), end.size(), end) == 0;
+  }
+
+  void open(const std::string& path) {
+    namespace fs = std::filesystem;
+    detail::FileDescriptor folder(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (folder) {  // a folder: its index, else its model.safetensors
+      const std::string index_path = (fs::path(path) / sharded_index_name).string();
+      detail::FileDescriptor index(
+          ::openat(folder.get(), sharded_index_name, O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (index) {
+        open_index(folder.get(), std::move(index), path, index_path);
+        return;
+      }
+      const std::string file = (fs::path(path) / "model.safetensors").string();
+      detail::FileDescriptor single(
+          ::openat(folder.get(), "model.safetensors", O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (!single) {
+        throw FormatError("polyak: '" + path + "' holds neither " + sharded_index_name +
+                          " nor model.safetensors");
+      }
+      open_file(single.release(), file);
+      return;
+    }
+    if (!ends_with(path, ".json")) {
+      open_file(-1, path);
+      return;
+    }
+    const fs::path parent = fs::path(path).parent_path();
+    const std::string folder_path = parent.empty() ? "." : parent.string();
+    folder = detail::FileDescriptor(::open(folder_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!folder)
+      throw FormatError("polyak: cannot open the folder of '" + path + "': " + std::strerror(errno));
+    const std::string name = fs::path(path).filename().string();
+    detail::FileDescriptor index(::openat(folder.get(), name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    if (!index) throw FormatError("polyak: cannot open '" + path + "': " + std::strerror(errno));
+    open_index(folder.get(), std::move(index), folder_path, path);
+  }
+
+  /// One file (`fd` open, or -1 to open `file`).
+  void open_file(int fd, const std::string& file) {
     path_ = file;
     const std::size_t slash = file.find_last_of('/');
     shard_names_.push_back(slash == std::string::npos ? file : file.substr(slash + 1));
-    add_shard(file);
+    add_shard(fd >= 0 ? std::make_unique<SafetensorsReader>(fd, file)
+                      : std::make_unique<SafetensorsReader>(file));
     metadata_ = readers_.front()->index().metadata;
   }
 
-  void open_index(const std::string& index_path) {
+  /// An index open as `index` in the folder open as `folder` (named `folder_path`), and its shards.
+  void open_index(int folder, detail::FileDescriptor index, const std::string& folder_path,
+                  const std::string& index_path) {
     path_ = index_path;
     sharded_ = true;
-    std::ifstream in(index_path, std::ios::binary);
-    if (!in) throw FormatError("polyak: cannot open '" + index_path + "'");
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string content = text.str();
+    std::string content;
+    {
+      struct stat info {};
+      if (::fstat(index.get(), &info) != 0) detail::fail_io("cannot stat", index_path);
+      if (!S_ISREG(info.st_mode)) throw FormatError("polyak: '" + index_path + "' is not a regular file");
+      if (static_cast<std::uint64_t>(info.st_size) > detail::max_header_bytes) {
+        throw FormatError("polyak: '" + index_path + "': the index holds " + std::to_string(info.st_size) +
+                          " bytes, over the 100 MB limit of a header");
+      }
+      content.resize(static_cast<std::size_t>(info.st_size));
+      if (!detail::pread_all(index.get(), content.data(), content.size(), 0, index_path))
+        throw FormatError("polyak: '" + index_path +
+                          "': the file ends early (truncated while it was opened?)");
+    }
     const auto bad = [&](const std::string& why) {
       throw FormatError("polyak: '" + index_path + "': " + why);
     };
-    if (content.size() > detail::max_header_bytes) {
-      bad("the index holds " + std::to_string(content.size()) + " bytes, over the 100 MB limit of a header");
-    }
-    const nlohmann::json index =
+    const nlohmann::json parsed =
         detail::parse_json_object(content.data(), content.size(), index_path, "index",
                                   /*leading_space=*/true);
-    const auto weight_map = index.find("weight_map");
-    if (weight_map == index.end() || !weight_map->is_object())
+    const auto weight_map = parsed.find("weight_map");
+    if (weight_map == parsed.end() || !weight_map->is_object())
       bad("not a JSON object with a \"weight_map\" object");
-    const auto metadata = index.find("metadata");
-    if (metadata != index.end()) {
+    const auto metadata = parsed.find("metadata");
+    if (metadata != parsed.end()) {
       if (!metadata->is_object()) bad("\"metadata\" is not an object");
       for (const auto& [key, value] : metadata->items())
         metadata_[key] = value.is_string() ? value.get<std::string>() : value.dump();
     }
-    const std::filesystem::path folder = std::filesystem::path(index_path).parent_path();
     std::map<std::string, std::string> shard_of;  // tensor -> shard file
     std::set<std::string> shards;                 // sorted: model-00001-of-00002... in order
     for (const auto& [name, shard] : weight_map->items()) {
       if (!shard.is_string()) bad("the shard of '" + name + "' is not a string");
       const std::string file = shard.get<std::string>();
       if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
-          file.find('\\') != std::string::npos) {
+          file.find('\\') != std::string::npos || file.find('\0') != std::string::npos) {
         bad("shard '" + file + "' is not a plain file name in the index's folder");
       }
       shard_of[name] = file;
@@ -154,7 +209,12 @@ class CheckpointReader {
     }
     if (shards.empty()) bad("the weight_map names no tensor");
     shard_names_.assign(shards.begin(), shards.end());
-    for (const auto& file : shard_names_) add_shard((folder / file).string());
+    for (const auto& file : shard_names_) {
+      const std::string shard_path = (std::filesystem::path(folder_path) / file).string();
+      detail::FileDescriptor fd(::openat(folder, file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (!fd && errno == ENOENT && replaced(folder, folder_path)) throw FolderReplaced{};
+      add_shard(std::make_unique<SafetensorsReader>(fd.release(), shard_path));
+    }
     for (const auto& tensor : tensors_) {
       const auto listed = shard_of.find(tensor.name);
       if (listed == shard_of.end())
@@ -170,8 +230,17 @@ class CheckpointReader {
     }
   }
 
-  void add_shard(const std::string& file) {
-    readers_.push_back(std::make_unique<SafetensorsReader>(file));
+  /// Whether the folder open as `folder` is no longer the one at `folder_path`.
+  static bool replaced(int folder, const std::string& folder_path) {
+    struct stat open_one {
+    }, now{};
+    if (::fstat(folder, &open_one) != 0) return false;
+    if (::stat(folder_path.c_str(), &now) != 0) return true;
+    return open_one.st_dev != now.st_dev || open_one.st_ino != now.st_ino;
+  }
+
+  void add_shard(std::unique_ptr<SafetensorsReader> reader) {
+    readers_.push_back(std::move(reader));
     const std::size_t shard = readers_.size() - 1;
     for (const auto& entry : readers_.back()->index().entries) {
       if (by_name_.count(entry.name)) {

@@ -153,6 +153,11 @@ inline bool agreed(const double* sums, int members) {
   return same;
 }
 
+/// " of rank 2" / "s of ranks 1, 3": a phrase naming one rank or several.
+inline std::string ranks_phrase(const std::string& ranks, const char* one, const char* several) {
+  return (ranks.find(',') == std::string::npos ? one : several) + ranks;
+}
+
 /// Collective: each member's problem ("" for none) in; "" out when no member has one, else one
 /// message for every member naming the ranks that have one and, here, this member's own. The rule
 /// every collective decision follows: what one member finds wrong, all learn before any acts.
@@ -163,12 +168,7 @@ std::string problems_of_all(Comm& comm, const std::string& problem) {
   comm.allreduce_sum(flags.data(), flags.size());
   const std::string ranks = rank_list(flags);
   if (ranks.empty()) return "";
-  return "rank(s) " + ranks + " failed" + (problem.empty() ? "" : "; here: " + problem);
-}
-
-/// " of rank 2" / "s of ranks 1, 3": a phrase naming one rank or several.
-inline std::string ranks_phrase(const std::string& ranks, const char* one, const char* several) {
-  return (ranks.find(',') == std::string::npos ? one : several) + ranks;
+  return ranks_phrase(ranks, "rank ", "ranks ") + " failed" + (problem.empty() ? "" : "; here: " + problem);
 }
 
 /// Collective: returns when every member passed lists of the same layout (names, scalar types,

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The one way polyak writes an output a user sees, a file or a folder of files (checkpoint layer,
-// POSIX): written beside its destination under a temporary name, fsynced, and put in place by one
-// rename, an existing output replaced only at that last step. And file identity (device and inode,
-// through symbolic links), by which every writer keeps its output apart from its inputs.
+// POSIX files for the checkpoint layer: reading and writing whole (pread, write, pwrite); the one way
+// polyak writes an output a user sees, a file or a folder of files: written beside its destination
+// under a temporary name, fsynced, and put in place by one rename, an existing output replaced only
+// at that last step; and file identity (device and inode, through symbolic links), by which every
+// writer keeps its output apart from its inputs.
 //
 // What a crash leaves: the old output or the new one, whole, at the destination; beside it, possibly
 // the temporary of the write that was interrupted ("<destination>.tmp.<pid>.<n>"), which nothing reads
@@ -24,6 +25,7 @@ this platform is not POSIX. The core (polyak/polyak.hpp) does not need it."
 #include <filesystem>
 #include <string>
 #include <system_error>
+#include <utility>  // std::exchange
 #include <vector>
 
 #include <fcntl.h>     // open: fsync needs a file descriptor
@@ -57,6 +59,52 @@ inline void pwrite_all(int fd, const void* data, std::size_t size, std::uint64_t
     offset += static_cast<std::uint64_t>(written);
   }
 }
+
+/// pread until all `size` bytes from `offset` are in `data`; false when the file ends first.
+inline bool pread_all(int fd, void* data, std::size_t size, std::uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(data);
+  while (size > 0) {
+    const ssize_t got = ::pread(fd, p, size, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      fail_io("cannot read", path);
+    }
+    if (got == 0) return false;
+    p += got;
+    size -= static_cast<std::size_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+  return true;
+}
+
+/// An open file descriptor, closed when it goes.
+class FileDescriptor {
+ public:
+  FileDescriptor() = default;
+  explicit FileDescriptor(int fd) noexcept : fd_(fd) {}
+  FileDescriptor(FileDescriptor&& other) noexcept : fd_(other.release()) {}
+  FileDescriptor& operator=(FileDescriptor&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = other.release();
+    }
+    return *this;
+  }
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() { reset(); }
+
+  int get() const noexcept { return fd_; }
+  explicit operator bool() const noexcept { return fd_ >= 0; }
+  int release() noexcept { return std::exchange(fd_, -1); }
+  void reset() noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
 
 inline void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
   const char* p = static_cast<const char*>(data);
