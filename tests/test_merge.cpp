@@ -15,7 +15,8 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>  // getpid
+#include <sys/stat.h>  // mkfifo
+#include <unistd.h>    // getpid
 
 namespace {
 
@@ -483,7 +484,8 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
   // An older output with a third shard that the new layout does not have: it must not survive.
   std::filesystem::create_directories(out);
   write_text(out + "/model-00003-of-00003.safetensors", "stale");
-  write_text(out + "/model.safetensors.index.json", "{}");
+  write_text(out + "/model.safetensors.index.json",
+             R"({"weight_map": {"x": "model-00003-of-00003.safetensors"}})");
   polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
   CHECK_FALSE(std::filesystem::exists(out + "/model-00003-of-00003.safetensors"));
   CHECK(polyak::CheckpointReader(out).shards().size() == 2);
@@ -502,16 +504,39 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), mine),
       Catch::Contains("holds 'notes.txt'"));
   CHECK(file_text(mine + "/notes.txt") == "keep me");
+  // Found by the hostile pass: files that merely look like checkpoints are the user's too: a folder of
+  // them without an index, or with an index that does not name them all, is refused and kept.
+  const std::string runs = folder / "runs";
+  std::filesystem::create_directories(runs);
+  write_text(runs + "/run7_best.safetensors", "keep me");
+  CHECK_THROWS_WITH(
+      polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
+      Catch::Contains("holds 'run7_best.safetensors' and no model.safetensors.index.json"));
+  write_text(runs + "/model.safetensors.index.json", R"({"weight_map": {"w": "model-1.safetensors"}})");
+  write_text(runs + "/model-1.safetensors", "x");
+  CHECK_THROWS_WITH(
+      polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
+      Catch::Contains("holds 'run7_best.safetensors', which its model.safetensors.index.json does not name"));
+  CHECK(file_text(runs + "/run7_best.safetensors") == "keep me");
+  // ... and what is not a regular file (a FIFO, /dev/null) is never replaced by one.
+  REQUIRE(::mkfifo((folder / "fifo").c_str(), 0600) == 0);
+  polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
+  CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "x.safetensors", folder / "x.safetensors"}, "",
+                                              with(MergeMethod::Average), folder / "fifo"),
+                    Catch::Contains("is not a regular file"));
+  CHECK(std::filesystem::is_fifo(folder / "fifo"));
+  CHECK_THROWS_WITH(polyak::save_safetensors(folder / "fifo", one({1, 2})),
+                    Catch::Contains("is not a regular file"));
+  CHECK(std::filesystem::is_fifo(folder / "fifo"));
   // A file where the output is a folder, a folder where it is a file: refused, kept.
   write_text(folder / "file", "a file");
   CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average),
                                               folder / "file"),
                     Catch::Contains("is a file"));
   CHECK(file_text(folder / "file") == "a file");
-  polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
   CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "x.safetensors", folder / "x.safetensors"}, "",
                                               with(MergeMethod::Average), mine),
-                    Catch::Contains("it is a folder"));
+                    Catch::Contains("is a folder, and this output is one file"));
   for (const std::string bad : {".", "..", "/", ""}) {
     CAPTURE(bad);
     CHECK_THROWS_AS(

@@ -551,8 +551,11 @@ TEST_CASE("overlap refuses delays that let averages overlap, a second start, and
   doubles.add("w", d);
   CHECK(averager.average_parameters(list));
   CHECK(averager.in_flight());
+  // A step that neither lands nor starts involves no other member and refuses nothing (a lone throw
+  // there left the other members a step ahead); the step that lands the average refuses, agreed.
+  CHECK_FALSE(averager.average_parameters(doubles));
   CHECK_THROWS_WITH(averager.average_parameters(doubles), Catch::Contains("lists of another scalar type"));
-  CHECK(averager.step() == 1);
+  CHECK(averager.step() == 2);
   averager.synchronize(list);
   CHECK(!averager.in_flight());
 }
@@ -674,7 +677,8 @@ TEST_CASE(
       {2, 6, "storage moved", 6, "was not applied", moved},       // a step that only lands
       {4, 8, "storage moved", 8, "nothing was averaged", moved},  // a step that lands and starts
       {2, 5, "storage moved", 6, "was not applied", moved},       // between: refused where it lands
-      {2, 6, "another scalar type", 6, "was not applied", "another scalar type"},       // lands
+      {2, 6, "another scalar type", 6, "was not applied", "another scalar type"},  // lands
+      {2, 5, "another scalar type", 6, "was not applied", "another scalar type"},  // between: no lone throw
       {4, 4, "another scalar type", 4, "nothing was averaged", "another scalar type"},  // lands, starts
       {2, 4, "another layout", 4, "nothing was averaged", "differs from rank 0's"},     // starts
       {4, 8, "another layout", 8, "nothing was averaged", "not laid out as those it started from"},
@@ -723,4 +727,42 @@ TEST_CASE("an overlapped hierarchy refuses a delay longer than the gap between t
   CHECK(errors == std::vector<std::string>(2));
   CHECK(seen[0][1] == 13.0);
   CHECK(seen[0][0] == seen[1][0]);  // step 12 started a world average; synchronize landed it, nothing moved
+}
+
+TEST_CASE("an overlapped hierarchy agrees across both groups where a world average lands as a pair's starts",
+          "[model_averaging][overlap][adversarial]") {
+  // Periods {2: pairs, 4: the world}, delay 2: step 0 starts a world average, step 2 lands it and
+  // starts a pair average. Member 0's storage moves before step 2: its pair refuses the start, and
+  // the other pair must learn it before landing the world average (it landed it: the world diverged,
+  // and under MPI it then waited for member 0 forever).
+  std::vector<Refusal> seen(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    const int rank = comm.rank();
+    Eigen::VectorXf w = Eigen::VectorXf::Zero(100), kept;
+    ParameterList<float> list;
+    list.add("w", w);
+    HierarchicalModelAverager<ThreadCommunicator> averager({{2, 2}, {4, 4}}, 0, comm, polyak::Overlap{2});
+    for (std::int64_t t = 0; t < 6; ++t) {
+      w.array() += static_cast<float>(rank + 1);
+      if (rank == 0 && t == 2) {
+        kept = w;
+        w.swap(kept);
+      }
+      const Eigen::VectorXf before = w;
+      try {
+        averager.average_parameters(list);
+      } catch (const std::exception& e) {
+        seen[static_cast<std::size_t>(rank)] = {t, e.what(), w == before && averager.step() == t};
+        return;
+      }
+    }
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  for (std::size_t r = 0; r < 4; ++r) {
+    CAPTURE(r, seen[r].message);
+    CHECK(seen[r].step == 2);
+    CHECK(seen[r].unchanged);
+    // Members 0 and 1 refused their pair's start; 2 and 3 learned it from the world's agreement.
+    CHECK_THAT(seen[r].message, Catch::Contains(r < 2 ? "nothing was averaged" : "ranks 0, 1 failed"));
+  }
 }

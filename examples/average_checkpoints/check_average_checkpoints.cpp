@@ -5,6 +5,7 @@
 // crash) and no file written.
 //   check_average_checkpoints PATH_TO_average_checkpoints WORK_FOLDER
 #include <polyak/serialization.hpp>
+#include <polyak/sharded_checkpoint.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -125,6 +126,20 @@ int main(int argc, char** argv) {
   refused("--method dare --base " + a + " --seed -1" + inputs, "--seed -1");
   refused("--method dare --method ties --base " + a + inputs, "--method twice");
   refused("--method task-arithmetic --base out.safetensors" + inputs, "the base is OUT");
+  // Issue 21, item 11: an option the method does not use is refused, never silently ignored.
+  refused("--t 0.3" + inputs, "--t with an average");
+  refused("--density 0.5" + inputs, "--density with an average");
+  refused("--scale 2" + inputs, "--scale with an average");
+  refused("--method slerp --weights 1,2" + inputs, "--weights with slerp");
+  refused("--method slerp --scale 2" + inputs, "--scale with slerp");
+  refused("--method ties --base " + a + " --drop 0.1" + inputs, "--drop with ties");
+  refused("--method ties --base " + a + " --seed 3" + inputs, "--seed with ties");
+  refused("--method task-arithmetic --base " + a + " --density 0.5" + inputs,
+          "--density with task-arithmetic");
+  refused("--method task-arithmetic --base " + a + " --t 0.5" + inputs,
+          "--t 0.5 (the default) with task-arithmetic");
+  refused("--method dare --base " + a + " --density 0.5 --drop 0.5" + inputs, "dare's --density and --drop");
+  refused("--method slerp --ema 0.5" + inputs, "--ema with slerp");
   // --help: the usage on stdout, exit 0, and no file named "--help" or anything else
   const int help = std::system(("cd " + folder + " && " + tool + " --help a b >/dev/null").c_str());
   std::size_t files = 0;
@@ -147,6 +162,15 @@ int main(int argc, char** argv) {
          "dare, drop 0: 1 + (1 + 5) = 7");
   expect(run("--method slerp --t 0 " + out + " " + b + " " + c) == 0 && w0(out) == 2.0f,
          "slerp, t 0: the first");
+  // Issue 21, item 12: per-model task negation; mergekit's --density for DARE (the fraction kept).
+  expect(run("--method task-arithmetic --base " + a + " --weights -1,1 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 5.0f,
+         "task arithmetic, weights -1, 1: 1 - (2 - 1) + (6 - 1) = 5");
+  expect(run("--method dare --base " + a + " --density 1 --seed 4 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 7.0f,
+         "dare, --density 1 keeps everything: 1 + (1 + 5) = 7");
+  expect(run("--method dare --base " + a + " --density 0.5 --seed 4 " + out + " " + b + " " + c) == 0,
+         "dare, --density 0.5 runs");
   // A sharded input gives a sharded output: the index and its shards.
   const std::string sharded = folder + "/sharded";
   std::filesystem::create_directories(sharded);
@@ -159,6 +183,20 @@ int main(int argc, char** argv) {
              std::filesystem::exists(sharded_out + "/model.safetensors.index.json") &&
              w0(sharded_out + "/model-00001-of-00001.safetensors") == 4.0f,
          "a sharded input: a sharded output, (2 + 6) / 2 = 4");
+  // Issue 21, item 2: OUT inside a sharded input (its folder, its index, a shard): refused, the input
+  // as it was.
+  const std::string shard = sharded + "/model-00001-of-00001.safetensors";
+  const std::string shard_bytes = [&] {
+    std::ifstream in(shard, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }();
+  for (const std::string& inside : {sharded, sharded + "/model.safetensors.index.json", shard}) {
+    const int status = run(inside + " " + sharded + " " + c + " 2>/dev/null");
+    std::ifstream in(shard, std::ios::binary);
+    const std::string after((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    expect(status != 0 && after == shard_bytes && polyak::CheckpointReader(sharded).tensors().size() == 3,
+           "OUT " + inside.substr(folder.size()) + " (inside a sharded input) is refused, the input kept");
+  }
 
   std::filesystem::remove_all(folder);
   return failures == 0 ? 0 : 1;

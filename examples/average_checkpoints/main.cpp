@@ -187,6 +187,17 @@ Arguments parse(int argc, char** argv) {
                      " inputs");
   }
   if (weights_given) args.merge.weights = args.weights;
+  std::vector<std::string> read = args.inputs;
+  if (!args.base.empty()) read.push_back(args.base);
+  for (const auto& input : read) {  // (by name too: an OUT that does not exist yet has no identity)
+    if (std::filesystem::path(input).lexically_normal() == std::filesystem::path(args.out).lexically_normal())
+      throw UsageError("OUT '" + args.out + "' is also an input");
+  }
+  try {
+    polyak::check_output_apart(args.out, read);  // (merge_checkpoints checks every shard of them too)
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string(e.what()).substr(std::string("polyak: ").size()));
+  }
   try {
     const std::size_t models = args.latest > 0 ? static_cast<std::size_t>(args.latest) : args.inputs.size();
     polyak::check_merge_options(args.merge, models, !args.base.empty());

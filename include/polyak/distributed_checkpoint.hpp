@@ -129,6 +129,7 @@ void save_distributed(const std::string& path, const StateDict& local, const Sha
   if (comm.rank() == 0) {
     temporary = detail::temporary_name(path);
     try {
+      detail::check_file_destination(who, path);  // (a folder or a device is refused, not replaced)
       fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
       if (fd < 0) detail::fail_io("cannot create", temporary);
       detail::write_all(fd, header.data(), header.size(), temporary);

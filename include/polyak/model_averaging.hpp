@@ -225,7 +225,12 @@ class PendingAverage {
 
   /// Nothing in flight.
   PendingAverage() = default;
-  PendingAverage(PendingAverage&&) noexcept = default;  // (the buffers move with their addresses)
+  PendingAverage(PendingAverage&& other) noexcept  // (the buffers move with their addresses)
+      : snapshot_(std::move(other.snapshot_)),
+        mean_(std::move(other.mean_)),
+        layout_(other.layout_),
+        pending_(std::exchange(other.pending_, false)),
+        request_(std::move(other.request_)) {}
   PendingAverage& operator=(PendingAverage&& other) noexcept {
     if (this != &other) {
       request_ = std::move(other.request_);    // first: waits for this one's collective, which writes
@@ -417,37 +422,49 @@ class ModelAverager {
 
   /// One step's overlapped work: applies the average in flight once `delay` steps have passed since
   /// it started (else drives its progress), then, if `start_group` is given, starts this step's on
-  /// it (`level` says which group, for the step that lands it). Every decision is agreed first: the
-  /// members of the group an action involves learn each other's problems (lists that moved or changed,
-  /// another scalar type) before any of them acts, and all refuse alike, nothing changed.
+  /// it (`level` says which group, for the step that lands it). Every decision is agreed first, by
+  /// every member it involves: the start's group agrees on the layout and on each member's local
+  /// problems (lists that moved or changed, another scalar type, an average still in flight); the
+  /// group the landing average belongs to, where it is another, then learns whether any of its members
+  /// failed either way. Only then does anyone act, so all refuse alike and nothing changes, or all go
+  /// on. A step that neither lands nor starts involves no other member and refuses nothing: a problem
+  /// there is refused, agreed, at the next step that does.
   template <class... Ts>
   void overlapped_step(Comm* start_group, std::size_t level, Comm& landing_group, const char* where,
                        const ParameterList<Ts>&... lists) {
     using W = detail::wire_t<Ts...>;
     PendingAverage<Comm, W>& average = pending<W>();
-    std::string problem = wire_type_problem<W>();
     const bool lands = in_flight() && step_ - started_at_ >= delay_;
-    if (lands && problem.empty()) problem = average.finish_problem(lists...);
-    if (start_group != nullptr) {
-      if (!lands && problem.empty() && average.pending())
-        problem = PendingAverage<Comm, W>::in_flight_refusal;
-      detail::check_same_layout(*start_group, where, problem, lists...);  // agreed: all go on
-      average.apply(lists...);
-      average.launch(*start_group, lists...);
-      started_at_ = step_;
-      started_level_ = level;
+    if (!lands && start_group == nullptr) {
+      float_.test();  // (progress for MPI, which moves data only inside its calls)
+      double_.test();
       return;
     }
-    if (lands) {
-      const std::string failed = detail::problems_of_all(landing_group, problem);
-      if (!failed.empty()) {
+    std::string problem = wire_type_problem<W>();
+    if (lands && problem.empty()) problem = average.finish_problem(lists...);
+    if (start_group != nullptr && !lands && problem.empty() && in_flight())
+      problem = PendingAverage<Comm, W>::in_flight_refusal;
+    std::string refused;  // the start's verdict, held until the landing group has heard it
+    if (start_group != nullptr) {
+      try {
+        detail::check_same_layout(*start_group, where, problem, lists...);
+      } catch (const InvalidArgument& e) {
+        refused = e.what();
+      }
+    }
+    if (lands && (start_group == nullptr || level != started_level_)) {
+      const std::string failed = detail::problems_of_all(landing_group, refused.empty() ? problem : refused);
+      if (!failed.empty() && refused.empty()) {
         throw InvalidArgument(std::string("polyak::") + where +
                               ": the average in flight was not applied: " + failed);
       }
-      average.apply(lists...);
-    } else {
-      if (!problem.empty()) throw InvalidArgument(std::string("polyak::") + where + ": " + problem);
-      average.test();
+    }
+    if (!refused.empty()) throw InvalidArgument(refused);
+    average.apply(lists...);
+    if (start_group != nullptr) {
+      average.launch(*start_group, lists...);
+      started_at_ = step_;
+      started_level_ = level;
     }
   }
 

@@ -17,7 +17,6 @@
 #include <limits>
 #include <map>
 #include <string>
-#include <unordered_set>  // the keys of a header's objects: duplicates found in linear time
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -26,15 +25,13 @@
 #include <sys/stat.h>  // fstat
 
 #include "polyak/detail/files.hpp"
+#include "polyak/detail/json_headers.hpp"
 #include "polyak/error.hpp"
 #include "polyak/state_dict.hpp"
 
 namespace polyak {
 
 namespace detail {
-
-/// Largest header load_safetensors accepts (as Python's safetensors: 100 MB).
-inline constexpr std::uint64_t max_header_bytes = 100'000'000;
 
 /// One tensor of a file being written: its header entry, and how to write its bytes.
 struct TensorWriter {
@@ -148,12 +145,6 @@ struct SafetensorsIndex {
 
 namespace detail {
 
-/// How a message names what it is about: "polyak: 'model.safetensors': " for a file, "polyak: " for
-/// bytes in memory (source "").
-inline std::string failure_prefix(const std::string& source) {
-  return source.empty() ? "polyak: " : "polyak: '" + source + "': ";
-}
-
 /// Reads the 8-byte header length of a file of `size` bytes, checking it against the limit and the
 /// file's size.
 inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size, const std::string& source) {
@@ -176,103 +167,40 @@ inline std::uint64_t header_length(const std::byte* first8, std::uint64_t size, 
   return length;
 }
 
-/// Parses `text` as one JSON object, as strictly as Python's safetensors reads a header: it must
-/// start with '{' (safetensors refuses anything else first: a byte-order mark, a space; where
-/// `leading_space`, JSON's whitespace may come first, as Python's json reads an index file), hold no
-/// NUL byte (nlohmann's parser takes one for the end of the text and would ignore what follows), end
-/// with at most JSON's whitespace, and name no key twice in one object (nlohmann would keep the last;
-/// safetensors refuses). `what` names the text in messages ("safetensors header", "index").
-/// Linear in the text: each open object's keys go into a hash set.
-inline nlohmann::json parse_json_object(const char* text, std::uint64_t length, const std::string& source,
-                                        const char* what, bool leading_space = false) {
-  const std::string prefix = failure_prefix(source) + what;
-  std::uint64_t first = 0;
-  while (leading_space && first < length && std::strchr(" \t\n\r", text[first]) != nullptr &&
-         text[first] != 0)
-    ++first;
-  if (first == length || text[first] != '{') throw FormatError(prefix + " does not start with '{'");
-  const void* nul = std::memchr(text, 0, static_cast<std::size_t>(length));
-  if (nul != nullptr) {
-    throw FormatError(prefix + " holds a NUL byte at offset " +
-                      std::to_string(static_cast<const char*>(nul) - text));
-  }
-  std::vector<std::unordered_set<std::string>> keys;  // the keys seen so far in each open object
-  const auto check_key = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::object_start) keys.emplace_back();
-    if (event == nlohmann::json::parse_event_t::object_end) keys.pop_back();
-    if (event == nlohmann::json::parse_event_t::key &&
-        !keys.back().insert(parsed.get<std::string>()).second) {
-      throw FormatError(prefix + ": the key '" + parsed.get<std::string>() + "' appears twice in one object");
-    }
-    return true;
-  };
-  try {
-    return nlohmann::json::parse(text, text + length, check_key);
-  } catch (const nlohmann::json::exception& e) {
-    throw FormatError(prefix + " is not JSON: " + e.what());
-  }
-}
-
 /// Parses and checks the JSON header, for `data_size` bytes of data after it; `source` names the file
 /// in messages.
 inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std::uint64_t data_size,
                                     const std::string& source) {
   const std::string prefix = failure_prefix(source);
-  const nlohmann::json header = parse_json_object(text, length, source, "safetensors header");
+  SafetensorsHeaderEvents header;
+  parse_json(text, length, prefix, "safetensors header", header);
   SafetensorsIndex index;
   index.data_start = 8 + length;
-  for (const auto& item : header.items()) {
-    const std::string& name = item.key();  // (a named variable: lambdas cannot capture bindings)
-    const auto& entry = item.value();
-    if (name == "__metadata__") {
-      if (!entry.is_object()) throw FormatError(prefix + "safetensors __metadata__ is not an object");
-      for (const auto& [key, value] : entry.items()) {
-        if (!value.is_string())
-          throw FormatError(prefix + "safetensors metadata '" + key + "' is not a string");
-        index.metadata[key] = value.get<std::string>();
-      }
-      continue;
-    }
+  index.metadata = std::move(header.metadata);
+  index.entries.reserve(header.entries.size());
+  for (auto& written : header.entries) {
     auto bad = [&](const std::string& why) {
-      throw FormatError(prefix + "safetensors tensor '" + name + "': " + why);
+      throw FormatError(prefix + "safetensors tensor '" + written.name + "': " + why);
     };
-    if (name.empty()) throw FormatError(prefix + "safetensors header names a tensor with the empty string");
-    if (!entry.is_object()) bad("not an object");
-    if (!entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
-        entry.size() != 3) {
-      bad("needs exactly dtype, shape and data_offsets");
-    }
-    SafetensorsIndex::Entry e{name, DType::F32, {}, 0, 0};
-    const auto& dtype = entry["dtype"];
-    if (!dtype.is_string()) bad("dtype is not a string");
-    const std::string dtype_text = dtype.get<std::string>();
+    SafetensorsIndex::Entry e{std::move(written.name), DType::F32, {}, 0, 0};
     bool known = false;
     for (const DType d : {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64}) {
-      if (dtype_text == dtype_name(d)) {
+      if (written.dtype == dtype_name(d)) {
         e.dtype = d;
         known = true;
       }
     }
-    if (!known) bad("unsupported dtype '" + dtype_text + "'");
-    const auto& shape = entry["shape"];
-    if (!shape.is_array()) bad("shape is not an array");
+    if (!known) bad("unsupported dtype '" + written.dtype + "'");
     std::uint64_t numel = 1;
-    for (const auto& extent : shape) {
-      if (!extent.is_number_unsigned()) bad("shape holds something other than a non-negative integer");
-      const std::uint64_t x = extent.get<std::uint64_t>();
+    for (const std::uint64_t x : written.shape) {
       if (x > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
         bad("an extent overflows");
       if (x != 0 && numel > std::numeric_limits<std::uint64_t>::max() / x) bad("the element count overflows");
       numel *= x;
       e.shape.push_back(static_cast<std::int64_t>(x));
     }
-    const auto& offsets = entry["data_offsets"];
-    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
-        !offsets[1].is_number_unsigned()) {
-      bad("data_offsets is not two non-negative integers");
-    }
-    e.begin = offsets[0].get<std::uint64_t>();
-    e.end = offsets[1].get<std::uint64_t>();
+    e.begin = written.offsets[0];
+    e.end = written.offsets[1];
     if (e.begin > e.end || e.end > data_size) {
       bad("data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] lie outside the " +
           std::to_string(data_size) + " data bytes");

@@ -25,6 +25,7 @@
 #include <sys/stat.h>  // fstat
 
 #include "polyak/detail/files.hpp"
+#include "polyak/detail/json_headers.hpp"
 #include "polyak/error.hpp"
 #include "polyak/serialization.hpp"
 
@@ -183,29 +184,20 @@ class CheckpointReader {
     const auto bad = [&](const std::string& why) {
       throw FormatError("polyak: '" + index_path + "': " + why);
     };
-    const nlohmann::json parsed =
-        detail::parse_json_object(content.data(), content.size(), index_path, "index",
-                                  /*leading_space=*/true);
-    const auto weight_map = parsed.find("weight_map");
-    if (weight_map == parsed.end() || !weight_map->is_object())
-      bad("not a JSON object with a \"weight_map\" object");
-    const auto metadata = parsed.find("metadata");
-    if (metadata != parsed.end()) {
-      if (!metadata->is_object()) bad("\"metadata\" is not an object");
-      for (const auto& [key, value] : metadata->items())
-        metadata_[key] = value.is_string() ? value.get<std::string>() : value.dump();
-    }
-    std::map<std::string, std::string> shard_of;  // tensor -> shard file
-    std::set<std::string> shards;                 // sorted: model-00001-of-00002... in order
-    for (const auto& [name, shard] : weight_map->items()) {
-      if (!shard.is_string()) bad("the shard of '" + name + "' is not a string");
-      const std::string file = shard.get<std::string>();
+    detail::ShardIndexEvents parsed;
+    detail::parse_json(content.data(), content.size(), "polyak: '" + index_path + "': ", "index", parsed,
+                       /*leading_space=*/true);
+    if (!parsed.has_weight_map) bad("not a JSON object with a \"weight_map\" object");
+    metadata_ = std::move(parsed.metadata);
+    std::unordered_map<std::string, std::string> shard_of;  // tensor -> shard file
+    std::set<std::string> shards;                           // sorted: model-00001-of-00002... in order
+    for (auto& [name, file] : parsed.weight_map) {          // (moved from: parsed is not used again)
       if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
-          file.find('\\') != std::string::npos || file.find('\0') != std::string::npos) {
+          file.find('\\') != std::string::npos) {
         bad("shard '" + file + "' is not a plain file name in the index's folder");
       }
-      shard_of[name] = file;
       shards.insert(file);
+      shard_of.emplace(std::move(name), std::move(file));
     }
     if (shards.empty()) bad("the weight_map names no tensor");
     shard_names_.assign(shards.begin(), shards.end());
@@ -225,8 +217,10 @@ class CheckpointReader {
             listed->second + "'");
       }
     }
-    for (const auto& [name, file] : shard_of) {
-      if (!by_name_.count(name)) bad("'" + name + "' is not in its shard '" + file + "'");
+    if (shard_of.size() != tensors_.size()) {  // (every tensor is in the weight_map: checked above)
+      for (const auto& [name, file] : shard_of) {
+        if (!by_name_.count(name)) bad("'" + name + "' is not in its shard '" + file + "'");
+      }
     }
   }
 
@@ -262,13 +256,43 @@ class CheckpointReader {
 
 namespace detail {
 
-/// Whether a file of an existing output folder is one a sharded checkpoint writer makes (so the
-/// folder may be replaced whole): the index, shards, and the temporaries of interrupted writes.
-inline bool checkpoint_folder_file(const std::string& name) {
-  const auto ends_with = [&](const std::string& end) {
-    return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
-  };
-  return name == sharded_index_name || ends_with(".safetensors") || name.find(".tmp.") != std::string::npos;
+/// What an existing folder holds that a sharded checkpoint writer would not have written ("" for
+/// nothing): the folder may be replaced whole only if it is empty, or holds an index that parses and
+/// the shards it names, and nothing else (a file of the user's, a subfolder, a shard the index does
+/// not name).
+inline std::string foreign_in_checkpoint_folder(const std::string& folder) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(folder)) {
+    if (!entry.is_regular_file() || entry.is_symlink())
+      return "holds '" + entry.path().filename().string() +
+             "', which is not a file a checkpoint writer makes";
+    names.push_back(entry.path().filename().string());
+  }
+  if (names.empty()) return {};
+  std::set<std::string> ours{sharded_index_name};
+  try {
+    const std::string index_path = (fs::path(folder) / sharded_index_name).string();
+    FileDescriptor index(::open(index_path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    struct stat info {};
+    if (!index) return "holds '" + names.front() + "' and no " + sharded_index_name + " naming it";
+    if (::fstat(index.get(), &info) != 0 || !S_ISREG(info.st_mode) ||
+        static_cast<std::uint64_t>(info.st_size) > max_header_bytes) {
+      return "holds no readable " + std::string(sharded_index_name);
+    }
+    std::string text(static_cast<std::size_t>(info.st_size), '\0');
+    if (!pread_all(index.get(), text.data(), text.size(), 0, index_path))
+      return "holds no readable " + std::string(sharded_index_name);
+    ShardIndexEvents parsed;
+    parse_json(text.data(), text.size(), "", "index", parsed, /*leading_space=*/true);
+    for (const auto& [tensor, shard] : parsed.weight_map) ours.insert(shard);
+  } catch (const std::exception&) {
+    return "holds an " + std::string(sharded_index_name) + " that does not parse";
+  }
+  for (const auto& name : names) {
+    if (!ours.count(name)) return "holds '" + name + "', which its " + sharded_index_name + " does not name";
+  }
+  return {};
 }
 
 /// Writes tensors as `layout` is laid out: one safetensors file at `out` (layout not sharded), or,
@@ -277,7 +301,8 @@ inline bool checkpoint_folder_file(const std::string& name) {
 /// file's or shard's own (from the same file of `layout`: {"format": "pt"}, which transformers'
 /// loader needs), the index's "metadata" with "total_size" of the new tensors; `extra` is added to
 /// each. Written atomically, the folder whole (write_folder_atomically): an existing `out` is
-/// replaced only at the end, and only if it is a folder of checkpoint files (else refused).
+/// replaced only at the end, and only if it is a sharded checkpoint and nothing else
+/// (foreign_in_checkpoint_folder; else refused).
 template <class WriterOf>
 void write_checkpoint_like(const CheckpointReader& layout, const std::string& out,
                            const std::map<std::string, std::string>& extra, WriterOf&& writer_of) {
@@ -286,16 +311,14 @@ void write_checkpoint_like(const CheckpointReader& layout, const std::string& ou
     return metadata;
   };
   if (!layout.sharded()) {
-    std::error_code error;
-    if (std::filesystem::is_directory(out, error)) {
-      throw InvalidArgument("polyak: writing '" + out + "': it is a folder, and this output is one file");
-    }
+    check_file_destination("polyak: writing '" + out + "'", out);  // (before the merge, not after)
     std::vector<TensorWriter> writers;
     for (const auto& tensor : layout.tensors()) writers.push_back(writer_of(tensor));
     write_safetensors(out, with_extra(layout.metadata()), writers);
     return;
   }
-  const std::string folder = folder_destination("polyak: writing '" + out + "'", out, checkpoint_folder_file);
+  const std::string folder =
+      folder_destination("polyak: writing '" + out + "'", out, foreign_in_checkpoint_folder);
   write_folder_atomically(folder, [&](const std::string& temporary) {
     nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
     std::uint64_t total = 0;

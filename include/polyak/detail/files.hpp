@@ -149,12 +149,27 @@ inline void commit_file(const std::string& temporary, const std::string& path) {
   sync_folder_of(path);
 }
 
+/// Refuses (InvalidArgument) a destination that a file write would destroy rather than replace: an
+/// existing path that is not a regular file (a folder, a device such as /dev/null, a FIFO, a socket;
+/// a symbolic link is followed). Absent or a regular file: fine.
+inline void check_file_destination(const std::string& who, const std::string& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) return;  // nothing there (or a dangling link: replaced)
+  if (S_ISREG(info.st_mode)) return;
+  throw InvalidArgument(
+      who + ": '" + path + "' is " +
+      (S_ISDIR(info.st_mode) ? "a folder, and this output is one file" : "not a regular file") +
+      "; nothing was written");
+}
+
 /// Writes a file atomically: `write(fd, temporary)` fills a temporary file in the same folder, which
 /// is fsynced and renamed over `path`, the folder fsynced. A failure (an exception from `write`
 /// included) removes the temporary and leaves `path` as it was. A `path` that is a symbolic link is
-/// replaced by a regular file (rename replaces the link, not the file it points to).
+/// replaced by a regular file (rename replaces the link, not the file it points to); one that is not a
+/// regular file (a folder, /dev/null, a FIFO) is refused first (check_file_destination).
 template <class Write>
 void write_atomically(const std::string& path, Write&& write) {
+  check_file_destination("polyak: writing '" + path + "'", path);
   const std::string temporary = temporary_name(path);
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) fail_io("cannot create", temporary);
@@ -217,10 +232,11 @@ inline void check_output_apart(const std::string& who, const std::string& out,
 
 /// The folder `out` names, checked as a destination that a folder write may create or replace:
 /// not "", ".", ".." or the root (which cannot be renamed), not an existing file, and, where it
-/// exists, holding nothing but plain files for which `replaceable(name)` is true (nothing of the user's
-/// is deleted with it). Returns `out` without trailing slashes.
-template <class Replaceable>
-std::string folder_destination(const std::string& who, const std::string& out, Replaceable&& replaceable) {
+/// exists, a folder for which `foreign(folder)` finds nothing of the user's ("": it is an output of
+/// this kind, which the write replaces whole; else what it holds that is not). Returns `out` without
+/// trailing slashes.
+template <class Foreign>
+std::string folder_destination(const std::string& who, const std::string& out, Foreign&& foreign) {
   namespace fs = std::filesystem;
   std::string path = out;
   while (path.size() > 1 && path.back() == '/') path.pop_back();
@@ -232,16 +248,15 @@ std::string folder_destination(const std::string& who, const std::string& out, R
   std::error_code error;
   const fs::file_status status = fs::status(path, error);
   if (fs::exists(status) && !fs::is_directory(status)) {
-    throw InvalidArgument(who + ": the output '" + out + "' is a file, and this output is a folder");
+    throw InvalidArgument(who + ": the output '" + out + "' is " +
+                          (fs::is_regular_file(status) ? "a file" : "not a folder") +
+                          ", and this output is a folder");
   }
   if (fs::is_directory(status)) {
-    for (const auto& entry : fs::directory_iterator(path)) {
-      const std::string file = entry.path().filename().string();
-      if (!entry.is_regular_file() || !replaceable(file)) {
-        throw InvalidArgument(who + ": the output folder '" + out + "' holds '" + file +
-                              "', which is not an output of this kind; it is replaced as a whole, so "
-                              "write to a new folder or empty it first");
-      }
+    const std::string found = foreign(path);
+    if (!found.empty()) {
+      throw InvalidArgument(who + ": the output folder '" + out + "' " + found +
+                            "; it would be replaced as a whole, so write to a new folder or empty it first");
     }
   }
   return path;
@@ -269,13 +284,16 @@ inline int rename_with(const std::string& from, const std::string& to, unsigned 
 /// A failure (an exception from `fill` included) removes the temporary and leaves `out` as it was.
 /// Where the file system cannot exchange two names (not Linux, or an old kernel), the old folder is
 /// renamed aside first and a crash between the two renames leaves `out` missing, the old folder at
-/// "<out>.tmp.<pid>.<n>" and the new one beside it.
+/// "<out>.tmp.<pid>.<n>" and the new one beside it. An old folder that cannot be removed after the
+/// exchange (its files read-only to this user) stays at "<out>.tmp.<pid>.<n>" too.
 template <class Fill>
 void write_folder_atomically(const std::string& out, Fill&& fill) {
   const std::string temporary = temporary_name(out);
   std::error_code error;
   const std::filesystem::path parent = std::filesystem::path(out).parent_path();
-  if (!parent.empty()) std::filesystem::create_directories(parent, error);
+  if (!parent.empty() && !std::filesystem::create_directories(parent, error) && error) {
+    throw RuntimeError("polyak: cannot create the folder '" + parent.string() + "': " + error.message());
+  }
   if (::mkdir(temporary.c_str(), 0755) != 0) fail_io("cannot create the folder", temporary);
   try {
     fill(temporary);
