@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -543,4 +544,60 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
         polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), bad),
         std::invalid_argument);
   }
+}
+
+TEST_CASE("a merge whose values overflow their dtype from finite inputs is refused, not written as inf",
+          "[merge][adversarial]") {
+  const StateDict a = one({1, 2}), b = one({3, 5}), base = one({0, 0});
+  MergeOptions o = with(MergeMethod::TaskArithmetic);
+  o.scale = 1e39;  // finite, and 1e39 * 5 is past float's 3.4e38
+  CHECK_THROWS_WITH(polyak::merge_state_dicts({&a, &b}, &base, o), Catch::Contains("beyond F32's range"));
+  const double big[1] = {1e308};
+  StateDict wide, zero;
+  wide.insert("w", big, {1});
+  const double nothing[1] = {0};
+  zero.insert("w", nothing, {1});
+  o.scale = 1e308;
+  o.weights = {1e308};
+  CHECK_THROWS_WITH(polyak::merge_state_dicts({&wide}, &zero, o), Catch::Contains("beyond F64's range"));
+  // An input that holds inf already: the merge carries it, as PyTorch's arithmetic would.
+  const float infinite[2] = {std::numeric_limits<float>::infinity(), 1};
+  StateDict with_inf;
+  with_inf.insert("w", infinite, {2});
+  CHECK(std::isinf(polyak::to_doubles(
+      polyak::merge_state_dicts({&with_inf, &a}, nullptr, with(MergeMethod::Average)).at("w"))[0]));
+}
+
+TEST_CASE("a reader of a checkpoint of many shards keeps few of them open", "[merge][sharded]") {
+  polyak_test::TemporaryFolder folder("merge_many_shards");
+  const auto open_files = [] {
+    std::size_t n = 0;
+    for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+    return n;
+  };
+  for (int model = 0; model < 3; ++model) {
+    const std::string dir = folder / ("m" + std::to_string(model));
+    std::filesystem::create_directories(dir);
+    std::string weight_map;
+    for (int s = 0; s < 40; ++s) {
+      const float value = static_cast<float>(model + s);
+      const std::string file = "shard-" + std::to_string(s) + ".safetensors";
+      polyak::save_safetensors(dir + "/" + file, one({value, value}, "t" + std::to_string(s)));
+      weight_map += std::string(s == 0 ? "" : ", ") + "\"t" + std::to_string(s) + "\": \"" + file + "\"";
+    }
+    write_text(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");
+  }
+  const std::size_t before = open_files();
+  std::vector<polyak::CheckpointReader> readers;
+  for (int model = 0; model < 3; ++model) readers.emplace_back(folder / ("m" + std::to_string(model)));
+  for (auto& reader : readers) {
+    for (const auto& tensor : reader.tensors()) CHECK(reader.read(tensor).bytes.size() == 8);
+  }
+  // Each: its folder and at most max_open_shards shards (40 each were open, 120 in all).
+  CHECK(open_files() - before <= 3 * (polyak::CheckpointReader::max_open_shards + 1));
+  readers.clear();
+  polyak::merge_checkpoints({folder / "m0", folder / "m1", folder / "m2"}, "", with(MergeMethod::Average),
+                            folder / "out");
+  polyak::CheckpointReader out(folder / "out");
+  CHECK(polyak::to_doubles(out.read(*out.find("t7")))[0] == 8.0);  // (7 + 8 + 9) / 3
 }

@@ -21,9 +21,12 @@
 #include <polyak/serialization.hpp>
 
 #include <algorithm>
+#include <charconv>  // std::from_chars: --seed is any 64-bit value
+#include <cstdint>
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <limits>
 #include <filesystem>
 #include <stdexcept>
 #include <string>
@@ -129,14 +132,18 @@ Arguments parse(int argc, char** argv) {
       } else if (arg == "--t") {
         args.merge.t = finite_number(value, "--t");
       } else {
-        std::int64_t n = 0;
-        if (!polyak::detail::parse_number(value, n) || n < (arg == "--seed" ? 0 : 1))
-          throw UsageError(arg + " '" + value +
-                           "' is not a whole number >= " + (arg == "--seed" ? "0" : "1"));
+        std::uint64_t n = 0;
+        const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), n);
+        if (error != std::errc() || end != value.data() + value.size() || value.empty() ||
+            (arg == "--latest" &&
+             (n < 1 || n > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())))) {
+          throw UsageError(arg + " '" + value + "' is not a whole number " +
+                           (arg == "--seed" ? "in [0, 2^64)" : ">= 1"));
+        }
         if (arg == "--seed") {
-          args.merge.seed = static_cast<std::uint64_t>(n);
+          args.merge.seed = n;
         } else {
-          args.latest = n;
+          args.latest = static_cast<std::int64_t>(n);
         }
       }
     } else if (arg == "--weights" || arg == "--ema") {
@@ -177,6 +184,7 @@ Arguments parse(int argc, char** argv) {
     throw UsageError("--latest takes no --weights or --ema");
   if (files.size() < 2) throw UsageError("needs OUT and at least one input");
   args.out = files.front();
+  if (args.out.empty()) throw UsageError("OUT is the empty path");
   args.inputs.assign(files.begin() + 1, files.end());
   if (weights_given && args.weights.size() != args.inputs.size()) {
     throw UsageError(std::to_string(args.weights.size()) + " weights for " +

@@ -50,8 +50,8 @@ int main(int argc, char** argv) {
   if (argc < 4 || argc > 5) return usage("needs 3 or 4 arguments");
   const std::string folder = argv[1], out = argv[3];
   double sigma_rel = 0;
-  if (!polyak::detail::parse_number(argv[2], sigma_rel))
-    return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number");
+  if (!polyak::detail::parse_number(argv[2], sigma_rel) || !(sigma_rel > 0 && sigma_rel <= 0.30))
+    return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number in (0, 0.30]");
   std::int64_t step = 0;
   if (argc == 5 && (!polyak::detail::parse_number(argv[4], step) || step < 1)) {
     return usage(std::string("STEP '") + argv[4] + "' is not a whole number >= 1");

@@ -105,6 +105,8 @@ inline void check_merge_options(const MergeOptions& o, std::size_t models, bool 
   if (merge_needs_base(m) && !has_base) bad(method + " needs a base model");
   if (!merge_needs_base(m) && has_base) bad(method + " takes no base model");
   if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
+  if (m == MergeMethod::Ties && models > 64)
+    bad("ties merges at most 64 models, not " + std::to_string(models));
   const auto unused = [&](bool set, const char* setting) {
     if (set) bad(std::string(setting) + " is not a setting of " + method);
   };
@@ -157,11 +159,41 @@ using TensorSource =
 
 inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
 
+/// The smallest magnitude that rounds to infinity in `dtype` (round to nearest even): max + ulp / 2.
+inline double overflow_threshold(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return std::ldexp(1.0, 128) - std::ldexp(1.0, 103);
+    case DType::F16:
+      return 65520.0;
+    case DType::BF16:
+      return std::ldexp(1.0, 128) - std::ldexp(1.0, 119);
+    default:
+      return std::numeric_limits<double>::infinity();
+  }
+}
+
 /// Merges one floating-point tensor of `numel` elements, calling emit(values, count) with the
 /// merged doubles piece by piece, in order.
 template <class Emit>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name, std::size_t numel,
-                  const TensorSource& read, Emit&& emit) {
+                  DType dtype, const TensorSource& read, Emit&& emit) {
+  // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
+  // is refused, not written as infinity.
+  const double overflow = overflow_threshold(dtype);
+  const auto check_range = [&](const std::vector<std::vector<double>>& xs, const std::vector<double>& b,
+                               const double* values, std::size_t count) {
+    for (std::size_t j = 0; j < count; ++j) {
+      if (std::abs(values[j]) < overflow) continue;
+      bool finite_inputs = b.empty() || std::isfinite(b[j]);
+      for (const auto& x : xs) finite_inputs = finite_inputs && std::isfinite(x[j]);
+      if (finite_inputs) {
+        throw InvalidArgument("polyak::merge: tensor '" + name + "': an element merges to " +
+                              std::to_string(values[j]) + ", beyond " + dtype_name(dtype) +
+                              "'s range, from finite inputs (is a scale or a weight too large?)");
+      }
+    }
+  };
   const bool has_base = merge_needs_base(o.method);
   std::vector<double> w = o.weights.empty() ? std::vector<double>(models, 1.0) : o.weights;
   if (o.method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
@@ -257,6 +289,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       if (arithmetic) {
         for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
       }
+      check_range(x, base, out.data(), count);
       emit(static_cast<const double*>(out.data()), count);
       continue;
     }
@@ -304,6 +337,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
       out[j] = value;
     }
+    check_range(x, base, out.data(), count);
     emit(static_cast<const double*>(out.data()), count);
   }
 }
@@ -385,14 +419,15 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
-  merge_tensor(options, models, tensor.name, numel, read, [&](const double* values, std::size_t count) {
-    if ((filled + count) * element > pending.size()) {
-      flush(filled * element);
-      filled = 0;
-    }
-    doubles_to_bytes(tensor.dtype, values, count, pending.data() + filled * element);
-    filled += count;
-  });
+  merge_tensor(options, models, tensor.name, numel, tensor.dtype, read,
+               [&](const double* values, std::size_t count) {
+                 if ((filled + count) * element > pending.size()) {
+                   flush(filled * element);
+                   filled = 0;
+                 }
+                 doubles_to_bytes(tensor.dtype, values, count, pending.data() + filled * element);
+                 filled += count;
+               });
   flush(filled * element);
   written.get();
 }
@@ -412,8 +447,6 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
 inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
                               const MergeOptions& options, const std::string& out) {
   check_merge_options(options, inputs.size(), !base.empty());
-  if (options.method == MergeMethod::Ties && inputs.size() > 64)
-    throw InvalidArgument("polyak::merge: ties merges at most 64 models");
   std::vector<CheckpointReader> readers;
   for (const auto& path : inputs) readers.emplace_back(path);
   if (!base.empty()) readers.emplace_back(base);
@@ -444,8 +477,6 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
 inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, const StateDict* base,
                                    const MergeOptions& options) {
   check_merge_options(options, inputs.size(), base != nullptr);
-  if (options.method == MergeMethod::Ties && inputs.size() > 64)
-    throw InvalidArgument("polyak::merge: ties merges at most 64 models");
   std::vector<const StateDict*> all = inputs;
   if (base) all.push_back(base);
   const detail::TensorTable first = detail::table_of(*all.front());
@@ -480,7 +511,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
     }
     std::size_t at = 0;
     detail::merge_tensor(
-        options, inputs.size(), name, tensor.numel(),
+        options, inputs.size(), name, tensor.numel(), tensor.dtype,
         [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
           detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },

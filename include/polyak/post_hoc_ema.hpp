@@ -154,7 +154,13 @@ struct PowerEmaSnapshot {
 /// (reconstruct_power_ema's output) are skipped; a snapshot that cannot be read is a FormatError.
 inline std::vector<PowerEmaSnapshot> find_power_ema_snapshots(const std::string& folder) {
   std::vector<PowerEmaSnapshot> found;
-  for (const auto& item : std::filesystem::directory_iterator(folder)) {
+  std::error_code error;
+  std::filesystem::directory_iterator items(folder, error);
+  if (error) {
+    throw InvalidArgument("polyak::find_power_ema_snapshots: cannot read the folder '" + folder +
+                          "': " + error.message());
+  }
+  for (const auto& item : items) {
     if (!item.is_regular_file() || item.path().extension() != ".safetensors") continue;
     const std::string path = item.path().string();
     SafetensorsReader reader(path);

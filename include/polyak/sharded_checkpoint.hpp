@@ -85,14 +85,14 @@ class CheckpointReader {
   const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
   /// The __metadata__ of shard `shard` (for one file: metadata()).
   const std::map<std::string, std::string>& shard_metadata(std::size_t shard) const {
-    return readers_.at(shard)->index().metadata;
+    return shard_metadata_.at(shard);
   }
   const std::string& path() const noexcept { return path_; }
   /// Every file this checkpoint reads: the index (if sharded), then the shards.
   std::vector<std::string> files() const {
     std::vector<std::string> out;
     if (sharded_) out.push_back(path_);
-    for (const auto& reader : readers_) out.push_back(reader->path());
+    out.insert(out.end(), shard_paths_.begin(), shard_paths_.end());
     return out;
   }
 
@@ -102,9 +102,14 @@ class CheckpointReader {
   }
 
   void read_bytes(const Tensor& tensor, std::uint64_t offset, std::size_t length, std::byte* out) {
-    readers_[tensor.shard]->read_bytes(tensor.entry, offset, length, out);
+    reader(tensor.shard).read_bytes(tensor.entry, offset, length, out);
   }
-  StoredTensor read(const Tensor& tensor) { return readers_[tensor.shard]->read(tensor.entry); }
+  StoredTensor read(const Tensor& tensor) { return reader(tensor.shard).read(tensor.entry); }
+
+  /// How many shard files a reader keeps open at once: the least recently read is closed past it, and
+  /// opened again (in the folder opened first, and checked to be the same file) when read again, so
+  /// that a merge of many inputs of hundreds of shards stays within the system's open-file limit.
+  static constexpr std::size_t max_open_shards = 16;
 
  private:
   CheckpointReader() = default;
@@ -124,7 +129,7 @@ class CheckpointReader {
       detail::FileDescriptor index(
           ::openat(folder.get(), sharded_index_name, O_RDONLY | O_CLOEXEC | O_NONBLOCK));
       if (index) {
-        open_index(folder.get(), std::move(index), path, index_path);
+        open_index(std::move(folder), std::move(index), path, index_path);
         return;
       }
       const std::string file = (fs::path(path) / "model.safetensors").string();
@@ -149,7 +154,7 @@ class CheckpointReader {
     const std::string name = fs::path(path).filename().string();
     detail::FileDescriptor index(::openat(folder.get(), name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!index) throw FormatError("polyak: cannot open '" + path + "': " + std::strerror(errno));
-    open_index(folder.get(), std::move(index), folder_path, path);
+    open_index(std::move(folder), std::move(index), folder_path, path);
   }
 
   /// One file (`fd` open, or -1 to open `file`).
@@ -163,8 +168,9 @@ class CheckpointReader {
   }
 
   /// An index open as `index` in the folder open as `folder` (named `folder_path`), and its shards.
-  void open_index(int folder, detail::FileDescriptor index, const std::string& folder_path,
+  void open_index(detail::FileDescriptor folder, detail::FileDescriptor index, const std::string& folder_path,
                   const std::string& index_path) {
+    folder_ = std::move(folder);
     path_ = index_path;
     sharded_ = true;
     std::string content;
@@ -203,9 +209,13 @@ class CheckpointReader {
     shard_names_.assign(shards.begin(), shards.end());
     for (const auto& file : shard_names_) {
       const std::string shard_path = (std::filesystem::path(folder_path) / file).string();
-      detail::FileDescriptor fd(::openat(folder, file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
-      if (!fd && errno == ENOENT && replaced(folder, folder_path)) throw FolderReplaced{};
+      detail::FileDescriptor fd(::openat(folder_.get(), file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (!fd && errno == ENOENT && replaced(folder_.get(), folder_path)) throw FolderReplaced{};
+      detail::FileId id;
+      if (fd) detail::file_id(fd.get(), id);
+      ids_.push_back(id);
       add_shard(std::make_unique<SafetensorsReader>(fd.release(), shard_path));
+      close_least_recent(readers_.size() - 1);
     }
     for (const auto& tensor : tensors_) {
       const auto listed = shard_of.find(tensor.name);
@@ -234,6 +244,9 @@ class CheckpointReader {
   }
 
   void add_shard(std::unique_ptr<SafetensorsReader> reader) {
+    shard_paths_.push_back(reader->path());
+    shard_metadata_.push_back(reader->index().metadata);
+    last_read_.push_back(++clock_);
     readers_.push_back(std::move(reader));
     const std::size_t shard = readers_.size() - 1;
     for (const auto& entry : readers_.back()->index().entries) {
@@ -245,10 +258,48 @@ class CheckpointReader {
     }
   }
 
+  /// Shard `shard`'s reader, opened again if it was closed.
+  SafetensorsReader& reader(std::size_t shard) {
+    if (!readers_[shard]) {
+      detail::FileDescriptor fd(
+          ::openat(folder_.get(), shard_names_[shard].c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (!fd) detail::fail_io("cannot open again", shard_paths_[shard]);
+      detail::FileId id;
+      if (!detail::file_id(fd.get(), id) || id != ids_[shard]) {
+        throw FormatError(
+            "polyak: '" + shard_paths_[shard] +
+            "' is no longer the file it was when its checkpoint was opened (replaced meanwhile)");
+      }
+      readers_[shard] = std::make_unique<SafetensorsReader>(fd.release(), shard_paths_[shard]);
+    }
+    last_read_[shard] = ++clock_;
+    close_least_recent(shard);
+    return *readers_[shard];
+  }
+
+  /// Closes the least recently read shards (but `keep`) while more than max_open_shards are open.
+  void close_least_recent(std::size_t keep) {
+    for (;;) {
+      std::size_t open = 0, oldest = readers_.size();
+      for (std::size_t s = 0; s < readers_.size(); ++s) {
+        if (!readers_[s]) continue;
+        ++open;
+        if (s != keep && (oldest == readers_.size() || last_read_[s] < last_read_[oldest])) oldest = s;
+      }
+      if (open <= max_open_shards || oldest == readers_.size()) return;
+      readers_[oldest].reset();
+    }
+  }
+
   std::string path_;
   bool sharded_ = false;
-  std::vector<std::string> shard_names_;
-  std::vector<std::unique_ptr<SafetensorsReader>> readers_;  // one open file a shard
+  detail::FileDescriptor folder_;  // a sharded checkpoint's folder, open: its shards are opened in it
+  std::vector<std::string> shard_names_, shard_paths_;
+  std::vector<std::map<std::string, std::string>> shard_metadata_;
+  std::vector<detail::FileId> ids_;                          // each shard file's identity
+  std::vector<std::unique_ptr<SafetensorsReader>> readers_;  // open (null: closed) a shard
+  std::vector<std::uint64_t> last_read_;
+  std::uint64_t clock_ = 0;
   std::vector<Tensor> tensors_;
   std::unordered_map<std::string, std::size_t> by_name_;
   std::map<std::string, std::string> metadata_;

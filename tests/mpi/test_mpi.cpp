@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>  // getpid: a file name of this job's own
@@ -343,6 +344,75 @@ TEST_CASE("a shard layout that does not cover the model, or states that disagree
   CHECK_THROWS_WITH(polyak::save_distributed(path, ema.state_dict(), shard, comm),
                     Catch::Contains("the members' states differ"));
   CHECK(!std::filesystem::exists(path));
+}
+
+TEST_CASE("ranks that read different files at one path (a stale copy on one node) are all refused",
+          "[mpi][shard]") {
+  // Issue 21, item 3: each rank reads its own file, as ranks on nodes with local disks would; the last
+  // rank's is another save with the same layout (n_averaged and values differ).
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  const polyak::FlatLayout layout = sharded_layout();
+  const auto [begin, end] = cut(layout.numel(), n, r);
+  std::vector<float> mine(end - begin);
+  polyak::ShardView<float> shard(layout, mine.data(), begin, end, comm);
+  polyak::AveragedModel<float, polyak::EMA> ema(shard.parameters(), polyak::EMA(0.9));
+  for (int t = 0; t < 3; ++t) {
+    for (std::size_t i = 0; i < mine.size(); ++i) mine[i] = trained(t, begin + i);
+    ema.update_parameters(shard.parameters());
+    if (t == 1) polyak::save_distributed(job_path("older.safetensors"), ema.state_dict(), shard, comm);
+  }
+  polyak::save_distributed(job_path("newer.safetensors"), ema.state_dict(), shard, comm);
+  polyak::AveragedModel<float, polyak::EMA> loaded(shard.parameters(), polyak::EMA(0.9));
+  const std::string mine_to_read = job_path(r + 1 == n ? "older.safetensors" : "newer.safetensors");
+  CHECK_THROWS_WITH(
+      polyak::load_distributed(loaded, mine_to_read, shard, comm),
+      Catch::Contains("the members read different files") && Catch::Contains("nothing was loaded"));
+  CHECK(loaded.n_averaged() == 0);
+  polyak::load_distributed(loaded, job_path("newer.safetensors"), shard, comm);  // all the same file: loads
+  CHECK(loaded.n_averaged() == 3);
+  const std::string older = job_path("older.safetensors"), newer = job_path("newer.safetensors");
+  MPI_Barrier(MPI_COMM_WORLD);  // (job_path is collective: every rank asks, rank 0 removes)
+  if (r == 0) {
+    std::remove(older.c_str());
+    std::remove(newer.c_str());
+  }
+}
+
+TEST_CASE(
+    "an overlapped averager whose rank fails where an average lands or starts fails every rank, no hang",
+    "[mpi][overlap]") {
+  // Issue 21, item 7: the last rank's tensor moves before the step that lands one average and starts
+  // the next (period 2, delay 2), then before a step that only lands (delay 1): every rank refuses at
+  // that step; none waits for the others, none changes.
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  for (const auto& [delay, fail_at] : std::vector<std::pair<std::int64_t, std::int64_t>>{{2, 2}, {1, 3}}) {
+    CAPTURE(delay, fail_at);
+    Eigen::VectorXf values = Eigen::VectorXf::Zero(1000), kept;
+    ParameterList<float> list;
+    list.add("w", values);
+    polyak::PeriodicModelAverager<MpiCommunicator> averager(2, 0, comm, polyak::Overlap{delay});
+    std::int64_t refused_at = -1;
+    bool unchanged = false;
+    for (std::int64_t t = 0; t < 6 && refused_at < 0; ++t) {
+      values.array() += static_cast<float>(r + 1);
+      if (r + 1 == n && t == fail_at) {
+        kept = values;      // the same values...
+        values.swap(kept);  // ...in another allocation: the view is stale
+      }
+      const Eigen::VectorXf before = values;
+      try {
+        averager.average_parameters(list);
+      } catch (const std::exception& e) {
+        refused_at = t;
+        unchanged = values == before && averager.step() == t;
+        CHECK_THAT(std::string(e.what()), Catch::Contains("rank " + std::to_string(n - 1)));
+      }
+    }
+    CHECK(refused_at == fail_at);
+    CHECK(unchanged);
+  }
 }
 
 int main(int argc, char** argv) {

@@ -204,6 +204,14 @@ inline bool file_id(const std::string& path, FileId& id) {
   return true;
 }
 
+/// The identity of the file open as `fd`; false when fstat fails.
+inline bool file_id(int fd, FileId& id) {
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) return false;
+  id = {static_cast<std::uint64_t>(info.st_dev), static_cast<std::uint64_t>(info.st_ino)};
+  return true;
+}
+
 /// Refuses (InvalidArgument, naming both, before anything is written) an output `out` that is one of
 /// `inputs` (every file an input reads: index, shards, snapshots) or a folder that holds one, at any
 /// depth: replacing `out` would destroy that input. Compared by identity, so a symbolic link, a hard
