@@ -184,7 +184,8 @@ class AveragedModel {
   /// Placement::Host the fold may finish after this call returns (see Placement::Host).
   void update_parameters(const torch::nn::Module& module) {
     const auto current = check_matches(module, "update_parameters");
-    detail::check_can_count(n_averaged_, "n_averaged", "polyak::libtorch::AveragedModel::update_parameters");
+    polyak::detail::check_can_count(n_averaged_, "n_averaged",
+                                    "polyak::libtorch::AveragedModel::update_parameters");
     wait();
     const StepKernel kernel = n_averaged_ == 0 ? StepKernel{StepKernel::Kind::Copy, 0.0}
                                                : detail::kernel_rule(avg_fn_).kernel(n_averaged_);
