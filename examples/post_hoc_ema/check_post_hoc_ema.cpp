@@ -91,7 +91,10 @@ int main(int argc, char** argv) {
   refused(snapshots + " 0.1 " + out + " 1000", 1, "STEP 1000, past the last snapshot (400)");
   refused(snapshots + " 0.1 " + out + " 1", 1, "STEP 1, before the first snapshot (50)");
   refused(snapshots + " 1e-9 " + out, 1, "sigma_rel 1e-9, which no fit of 0.05 and 0.10 represents");
-  refused(snapshots + " 0.5 " + out, 1, "sigma_rel 0.5 (no power profile is that wide)");
+  refused(snapshots + " 0.5 " + out, 2, "sigma_rel 0.5 (no power profile is that wide)");
+  refused(snapshots + " nan " + out, 2, "sigma_rel nan");
+  refused(snapshots + " -0 " + out, 2, "sigma_rel -0");
+  refused(snapshots + " inf " + out, 2, "sigma_rel inf");
   refused(work + "/nothing_here 0.1 " + out, 1, "a missing folder");
   refused(snapshots + " 0.1 " + snapshot, 1, "OUT is one of the snapshots");
   expect(std::filesystem::file_size(snapshot) == snapshot_bytes &&

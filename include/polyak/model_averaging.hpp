@@ -416,9 +416,7 @@ class ModelAverager {
   }
 
   /// Refuses (before anything changes) the step that would overflow the step counter.
-  void check_step(const char* where) const {
-    detail::check_can_count(step_, "step", std::string("polyak::") + where);
-  }
+  void check_step(const char* where) const { detail::check_can_count(step_, "step", "polyak::", where); }
 
   /// One step's overlapped work: applies the average in flight once `delay` steps have passed since
   /// it started (else drives its progress), then, if `start_group` is given, starts this step's on

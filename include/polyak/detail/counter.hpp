@@ -23,11 +23,12 @@ inline void check_counter(std::int64_t value, const char* name, const std::strin
   }
 }
 
-/// Before a counter advances: InvalidArgument, nothing changed, when it is at its largest value.
-inline void check_can_count(std::int64_t value, const char* name, const std::string& who) {
+/// Before a counter advances: InvalidArgument, nothing changed, when it is at its largest value;
+/// `who` and `where` name the call in the message. (Per step: allocates nothing unless it throws.)
+inline void check_can_count(std::int64_t value, const char* name, const char* who, const char* where = "") {
   if (value == largest_count) {
-    throw InvalidArgument(who + ": " + name + " is at its largest value, " + std::to_string(value) +
-                          ", and cannot count another step; nothing changed");
+    throw InvalidArgument(std::string(who) + where + ": " + name + " is at its largest value, " +
+                          std::to_string(value) + ", and cannot count another step; nothing changed");
   }
 }
 
