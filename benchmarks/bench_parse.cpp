@@ -118,13 +118,11 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("parse/header/" + size).c_str(), header)
         ->Arg(static_cast<long>(tensors))
         ->UseManualTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(0.5);
+        ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("parse/index/" + size).c_str(), index)
         ->Arg(static_cast<long>(tensors))
         ->UseManualTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(0.5);
+        ->Unit(benchmark::kMillisecond);
   }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

@@ -9,11 +9,13 @@
 
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/stat.h>  // mkfifo
@@ -600,4 +602,104 @@ TEST_CASE("a reader of a checkpoint of many shards keeps few of them open", "[me
                             folder / "out");
   polyak::CheckpointReader out(folder / "out");
   CHECK(polyak::to_doubles(out.read(*out.find("t7")))[0] == 8.0);  // (7 + 8 + 9) / 3
+}
+
+TEST_CASE(
+    "second hostile pass: shards that change under a reader, a file added to OUT during a merge, "
+    "NaN, dtype rounding, hostile index names",
+    "[merge][sharded][adversarial]") {
+  polyak_test::TemporaryFolder folder("merge_second_pass");
+  SECTION("a closed shard deleted and made again is refused, not read mixed") {
+    const std::string dir = folder / "many";
+    std::filesystem::create_directories(dir);
+    std::string weight_map;
+    const std::size_t shards = polyak::CheckpointReader::max_open_shards + 4;
+    for (std::size_t s = 0; s < shards; ++s) {
+      const std::string file = "shard-" + std::to_string(s) + ".safetensors";
+      polyak::save_safetensors(dir + "/" + file, one({1, 2}, "t" + std::to_string(s)));
+      weight_map += std::string(s == 0 ? "" : ", ") + "\"t" + std::to_string(s) + "\": \"" + file + "\"";
+    }
+    write_text(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");
+    polyak::CheckpointReader reader(dir);
+    // shard-0 was the first opened and is closed now; it is made again (ext4 may give it its inode).
+    std::filesystem::remove(dir + "/shard-0.safetensors");
+    polyak::save_safetensors(dir + "/shard-0.safetensors", one({7, 7}, "t0"));
+    CHECK_THROWS_WITH(reader.read(*reader.find("t0")), Catch::Contains("changed or went since"));
+    CHECK(polyak::to_doubles(reader.read(*reader.find("t19"))) == std::vector<double>{1, 2});  // still open
+  }
+  SECTION("a file of the user's added to OUT while a merge writes it survives") {
+    sharded_model(folder / "a", 1.0f, 1 << 20);
+    sharded_model(folder / "b", 3.0f, 1 << 20);
+    const std::string out = folder / "out";
+    polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
+    for (int round = 0; round < 3; ++round) {
+      std::filesystem::remove(out + "/config.json");
+      std::atomic<bool> added{false};
+      std::thread user([&] {  // copies config.json in as soon as the merge's temporary folder appears
+        for (int wait = 0; wait < 20000 && !added; ++wait) {
+          for (const auto& entry : std::filesystem::directory_iterator(folder.path())) {
+            if (entry.path().filename().string().rfind("out.tmp.", 0) == 0) {
+              write_text(out + "/config.json", "{}");
+              added = true;
+              break;
+            }
+          }
+        }
+      });
+      try {
+        polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
+      } catch (const std::invalid_argument& e) {
+        CHECK_THAT(e.what(), Catch::Contains("config.json"));
+      }
+      user.join();
+      if (added) CHECK(file_text(out + "/config.json") == "{}");
+    }
+  }
+  SECTION("NaN is carried by TIES as by arithmetic; F16 that rounds to inf through float is refused") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const StateDict x = one({nan, 2}), y = one({1, 3}), zero = one({0, 0});
+    MergeOptions ties = with(MergeMethod::Ties);
+    ties.density = 0.5;
+    const auto merged = polyak::to_doubles(polyak::merge_state_dicts({&x, &y}, &zero, ties).at("w"));
+    CHECK(std::isnan(merged[0]));
+    const Eigen::half h[1] = {Eigen::half(1.0f)};
+    StateDict half_model, half_zero;
+    half_model.insert("w", h, {1});
+    const Eigen::half h0[1] = {Eigen::half(0.0f)};
+    half_zero.insert("w", h0, {1});
+    MergeOptions arithmetic = with(MergeMethod::TaskArithmetic);
+    arithmetic.scale = 65519.999;  // below F16's rounding edge in double, 65520 (inf) through float
+    CHECK_THROWS_WITH(polyak::merge_state_dicts({&half_model}, &half_zero, arithmetic),
+                      Catch::Contains("beyond F16's range"));
+  }
+  SECTION(
+      "an index naming a shard with a NUL, or nesting deep, is refused; a header error names its tensor") {
+    polyak::save_safetensors(folder / "s1.safetensors", one({1, 2}));
+    write_text(folder / "model.safetensors.index.json",
+               R"({"weight_map": {"w": "s1.safetensors\u0000junk"}})");
+    CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()), Catch::Contains("not a plain file name"));
+    write_text(folder / "model.safetensors.index.json", "{\"metadata\": {\"deep\": " + std::string(100, '[') +
+                                                            std::string(100, ']') + "}, \"weight_map\": {}}");
+    CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()),
+                      Catch::Contains("nests deeper than 64 levels"));
+    const std::string header = R"({"x":{"dtype":"Q8","shape":[2],"data_offsets":[0,8]}})";
+    std::string bytes(8, '\0');
+    for (int b = 0; b < 8; ++b)
+      bytes[static_cast<std::size_t>(b)] = static_cast<char>(header.size() >> (8 * b));
+    write_text(folder / "bad.safetensors", bytes + header + std::string(8, '\0'));
+    CHECK_THROWS_WITH(polyak::load_safetensors(folder / "bad.safetensors"),
+                      Catch::Contains("tensor 'x': unsupported dtype 'Q8'"));
+  }
+  SECTION("an output folder whose index names a file of the user's is not replaced") {
+    const std::string out = folder / "notes_out";
+    std::filesystem::create_directories(out);
+    write_text(out + "/model.safetensors.index.json", R"({"weight_map": {"x": "notes.txt"}})");
+    write_text(out + "/notes.txt", "keep me");
+    polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
+    sharded_model(folder / "a", 1.0f);
+    CHECK_THROWS_WITH(
+        polyak::merge_checkpoints({folder / "a", folder / "a"}, "", with(MergeMethod::Average), out),
+        Catch::Contains("notes.txt"));
+    CHECK(file_text(out + "/notes.txt") == "keep me");
+  }
 }

@@ -159,18 +159,18 @@ using TensorSource =
 
 inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
 
+/// A task value's magnitude as TIES ranks it: NaN ranks above everything (kept, and carried into the
+/// result as NaN), so that the ranking is a strict weak order whatever the inputs hold.
+inline double ties_magnitude(double tau) {
+  return std::isnan(tau) ? std::numeric_limits<double>::infinity() : std::abs(tau);
+}
+
 /// The smallest magnitude that rounds to infinity in `dtype` (round to nearest even): max + ulp / 2.
 inline double overflow_threshold(DType dtype) {
-  switch (dtype) {
-    case DType::F32:
-      return std::ldexp(1.0, 128) - std::ldexp(1.0, 103);
-    case DType::F16:
-      return 65520.0;
-    case DType::BF16:
-      return std::ldexp(1.0, 128) - std::ldexp(1.0, 119);
-    default:
-      return std::numeric_limits<double>::infinity();
-  }
+  if (dtype == DType::F32) return std::ldexp(1.0, 128) - std::ldexp(1.0, 103);
+  if (dtype == DType::F16) return 65520.0;
+  if (dtype == DType::BF16) return std::ldexp(1.0, 128) - std::ldexp(1.0, 119);
+  return std::numeric_limits<double>::infinity();  // F64 (and I64, which is not merged)
 }
 
 /// Merges one floating-point tensor of `numel` elements, calling emit(values, count) with the
@@ -184,7 +184,12 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   const auto check_range = [&](const std::vector<std::vector<double>>& xs, const std::vector<double>& b,
                                const double* values, std::size_t count) {
     for (std::size_t j = 0; j < count; ++j) {
-      if (std::abs(values[j]) < overflow) continue;
+      if (std::abs(values[j]) < overflow * (1 - 0x1p-20)) continue;  // surely finite once rounded
+      std::byte rounded[8];  // else round it as it will be written (F16 and BF16 go through float)
+      double back = 0;
+      doubles_to_bytes(dtype, values + j, 1, rounded);
+      bytes_to_doubles(dtype, rounded, 1, &back);
+      if (std::isfinite(back)) continue;
       bool finite_inputs = b.empty() || std::isfinite(b[j]);
       for (const auto& x : xs) finite_inputs = finite_inputs && std::isfinite(x[j]);
       if (finite_inputs) {
@@ -248,7 +253,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         const std::size_t count = std::min(merge_piece, numel - begin);
         read(m, begin, count, x[m].data());
         read(models, begin, count, base.data());
-        for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = std::abs(x[m][j] - base[j]);
+        for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = ties_magnitude(x[m][j] - base[j]);
       }
       std::vector<double> sorted = magnitude;  // (the k-th largest; the order of `magnitude` is kept)
       std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(k - 1), sorted.end(),
@@ -308,9 +313,11 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         case MergeMethod::Ties: {
           double elect = 0;
           double trimmed[64];  // models <= 64 for Ties: checked by merge_tensors
+          bool nan = false;
           for (std::size_t m = 0; m < models; ++m) {
             const double tau = x[m][j] - base[j];
-            const double size = std::abs(tau);
+            const double size = ties_magnitude(tau);
+            nan = nan || std::isnan(tau);
             bool keep = keep_all[m] || size > threshold[m];
             if (!keep && !(size < threshold[m]) && equal_seen[m] < equal_allowed[m]) {  // (== the threshold)
               keep = true;
@@ -328,6 +335,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
             }
           }
           value = base[j] + (denominator > 0 ? o.scale * numerator / denominator : 0.0);
+          if (nan) value = std::numeric_limits<double>::quiet_NaN();  // as arithmetic would carry it
           break;
         }
         case MergeMethod::Average:  // (the linear methods were merged above)

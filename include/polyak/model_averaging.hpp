@@ -420,54 +420,38 @@ class ModelAverager {
 
   /// One step's overlapped work: applies the average in flight once `delay` steps have passed since
   /// it started (else drives its progress), then, if `start_group` is given, starts this step's on
-  /// it (`level` says which group, for the step that lands it). Every decision is agreed first, by
-  /// every member it involves: the start's group agrees on the layout and on each member's local
-  /// problems (lists that moved or changed, another scalar type, an average still in flight); the
-  /// group the landing average belongs to, where it is another, then learns whether any of its members
-  /// failed either way. Only then does anyone act, so all refuse alike and nothing changes, or all go
-  /// on. A step that neither lands nor starts involves no other member and refuses nothing: a problem
-  /// there is refused, agreed, at the next step that does.
+  /// it. Whether a step lands or starts follows from the step counter alone, the same on every
+  /// member (not from whether this member's average is still in flight: synchronize() may have
+  /// landed it early on one member only). At such a step, every decision is agreed over the whole
+  /// group first: the layout of the lists and each member's local problems (lists that moved or
+  /// changed, another scalar type, an average still in flight), so that all refuse alike and nothing
+  /// changes, or all go on; a subgroup cannot agree for the members it does not hold (groups of a
+  /// hierarchy need not nest, and a group of one has no one to disagree with). A step that neither
+  /// lands nor starts involves no other member and refuses nothing: a problem there is refused,
+  /// agreed, at the next step that does.
   template <class... Ts>
-  void overlapped_step(Comm* start_group, std::size_t level, Comm& landing_group, const char* where,
-                       const ParameterList<Ts>&... lists) {
+  void overlapped_step(Comm* start_group, const char* where, const ParameterList<Ts>&... lists) {
     using W = detail::wire_t<Ts...>;
     PendingAverage<Comm, W>& average = pending<W>();
-    const bool lands = in_flight() && step_ - started_at_ >= delay_;
+    const bool lands = landing_due_ && step_ - started_at_ >= delay_;
     if (!lands && start_group == nullptr) {
       float_.test();  // (progress for MPI, which moves data only inside its calls)
       double_.test();
       return;
     }
     std::string problem = wire_type_problem<W>();
-    if (lands && problem.empty()) problem = average.finish_problem(lists...);
-    if (start_group != nullptr && !lands && problem.empty() && in_flight())
+    if (problem.empty()) problem = average.finish_problem(lists...);
+    if (problem.empty() && start_group != nullptr && !lands && landing_due_)
       problem = PendingAverage<Comm, W>::in_flight_refusal;
-    std::string refused;  // the start's verdict, held until the landing group has heard it
-    if (start_group != nullptr) {
-      try {
-        detail::check_same_layout(*start_group, where, problem, lists...);
-      } catch (const InvalidArgument& e) {
-        refused = e.what();
-      }
-    }
-    if (lands && (start_group == nullptr || level != started_level_)) {
-      const std::string failed = detail::problems_of_all(landing_group, refused.empty() ? problem : refused);
-      if (!failed.empty() && refused.empty()) {
-        throw InvalidArgument(std::string("polyak::") + where +
-                              ": the average in flight was not applied: " + failed);
-      }
-    }
-    if (!refused.empty()) throw InvalidArgument(refused);
+    detail::check_same_layout(comm_, where, problem, lists...);  // the whole group: all go on, or none
     average.apply(lists...);
+    landing_due_ = false;
     if (start_group != nullptr) {
       average.launch(*start_group, lists...);
       started_at_ = step_;
-      started_level_ = level;
+      landing_due_ = true;
     }
   }
-
-  /// The level (the averager's own numbering) of the group the average in flight started on.
-  std::size_t started_level() const noexcept { return started_level_; }
 
   Comm comm_;
   std::int64_t step_ = 0;
@@ -495,7 +479,7 @@ class ModelAverager {
   PendingAverage<Comm, float> float_;
   PendingAverage<Comm, double> double_;
   std::int64_t started_at_ = 0;
-  std::size_t started_level_ = 0;
+  bool landing_due_ = false;  // an average started and its landing step has not come yet
 };
 
 /// Averages the parameters over the whole group every `period` steps once `warmup_steps` steps have
@@ -529,7 +513,7 @@ class PeriodicModelAverager : public ModelAverager<Comm> {
     this->check_step(where);
     const bool now = this->step_ >= warmup_steps_ && (this->step_ - warmup_steps_) % period_ == 0;
     if (this->delay_ > 0) {
-      this->overlapped_step(now ? &this->comm_ : nullptr, 0, this->comm_, where, lists...);
+      this->overlapped_step(now ? &this->comm_ : nullptr, where, lists...);
     } else if (now) {
       detail::average_lists(this->comm_, where, lists...);
     }
@@ -598,19 +582,17 @@ class HierarchicalModelAverager : public ModelAverager<Comm> {
     this->check_step(where);
     std::int64_t used = 0;
     Comm* group = nullptr;
-    std::size_t level = 0;
     if (this->step_ >= warmup_steps_) {
       for (std::size_t k = levels_.size(); k-- > 0;) {
         if (this->step_ % levels_[k].first == 0) {
           group = &levels_[k].second;
           used = levels_[k].first;
-          level = k;
           break;
         }
       }
     }
     if (this->delay_ > 0) {
-      this->overlapped_step(group, level, levels_[this->started_level()].second, where, lists...);
+      this->overlapped_step(group, where, lists...);
     } else if (group != nullptr) {
       detail::average_lists(*group, where, lists...);
     }

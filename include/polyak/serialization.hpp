@@ -48,16 +48,27 @@ struct TensorWriter {
 inline std::string safetensors_prefix(const std::map<std::string, std::string>& metadata,
                                       const std::vector<TensorWriter>& tensors) {
   if (!little_endian()) throw RuntimeError("polyak::save_safetensors: big-endian hosts are not supported");
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  // The text nlohmann::ordered_json's dump() gives, built in one pass (linear in the tensor count).
+  std::string text = "{";
+  if (!metadata.empty()) {
+    text += "\"__metadata__\":{";
+    for (const auto& [key, value] : metadata) {
+      if (text.back() != '{') text += ',';
+      text += json_quoted(key) + ':' + json_quoted(value);
+    }
+    text += '}';
+  }
   std::uint64_t offset = 0;
   for (const auto& tensor : tensors) {
-    header[tensor.name] = {{"dtype", dtype_name(tensor.dtype)},
-                           {"shape", tensor.shape},
-                           {"data_offsets", {offset, offset + tensor.size}}};
+    if (text.size() > 1) text += ',';
+    text += json_quoted(tensor.name) + ":{\"dtype\":\"" + dtype_name(tensor.dtype) + "\",\"shape\":[";
+    for (std::size_t d = 0; d < tensor.shape.size(); ++d)
+      text += (d == 0 ? "" : ",") + std::to_string(tensor.shape[d]);
+    text +=
+        "],\"data_offsets\":[" + std::to_string(offset) + ',' + std::to_string(offset + tensor.size) + "]}";
     offset += tensor.size;
   }
-  std::string text = header.dump();
+  text += '}';
   text.append((8 - text.size() % 8) % 8, ' ');
   std::string prefix(8, '\0');
   for (int b = 0; b < 8; ++b) prefix[static_cast<std::size_t>(b)] = static_cast<char>(text.size() >> (8 * b));
@@ -179,10 +190,10 @@ inline SafetensorsIndex parse_index(const char* text, std::uint64_t length, std:
   index.metadata = std::move(header.metadata);
   index.entries.reserve(header.entries.size());
   for (auto& written : header.entries) {
-    auto bad = [&](const std::string& why) {
-      throw FormatError(prefix + "safetensors tensor '" + written.name + "': " + why);
-    };
     SafetensorsIndex::Entry e{std::move(written.name), DType::F32, {}, 0, 0};
+    auto bad = [&](const std::string& why) {
+      throw FormatError(prefix + "safetensors tensor '" + e.name + "': " + why);
+    };
     bool known = false;
     for (const DType d : {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64}) {
       if (written.dtype == dtype_name(d)) {
@@ -257,6 +268,8 @@ inline StateDict parse_safetensors(const std::byte* data, std::size_t size) {
   return sd;
 }
 
+class CheckpointReader;
+
 /// One safetensors file, opened once: its header read and checked at construction, its tensors read
 /// on request from the same open file. A save that replaces the path meanwhile (save_safetensors
 /// renames a new file over it) cannot mix two files: this reader keeps reading the one it opened.
@@ -310,6 +323,14 @@ class SafetensorsReader {
   }
 
  private:
+  friend class CheckpointReader;  // which keeps few of a checkpoint's shards open at once
+
+  void close_file() noexcept { fd_.reset(); }
+  bool file_open() const noexcept { return static_cast<bool>(fd_); }
+  /// Takes over `fd`: this file opened again, which the caller checked is the same version (its
+  /// header is not read again).
+  void reopen(int fd) noexcept { fd_ = detail::FileDescriptor(fd); }
+
   void read_header() {
     if (!fd_) throw FormatError("polyak: cannot open '" + path_ + "': " + std::strerror(errno));
     struct stat info {};

@@ -107,8 +107,10 @@ class CheckpointReader {
   StoredTensor read(const Tensor& tensor) { return reader(tensor.shard).read(tensor.entry); }
 
   /// How many shard files a reader keeps open at once: the least recently read is closed past it, and
-  /// opened again (in the folder opened first, and checked to be the same file) when read again, so
-  /// that a merge of many inputs of hundreds of shards stays within the system's open-file limit.
+  /// opened again (in the folder opened first, and checked to be the same version of the same file)
+  /// when read again, so that a merge of many inputs of hundreds of shards stays within the system's
+  /// open-file limit. A checkpoint of more shards than this that is written again while it is read
+  /// is refused at the first closed shard (FormatError), never read mixed.
   static constexpr std::size_t max_open_shards = 16;
 
  private:
@@ -135,6 +137,7 @@ class CheckpointReader {
       const std::string file = (fs::path(path) / "model.safetensors").string();
       detail::FileDescriptor single(
           ::openat(folder.get(), "model.safetensors", O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+      if (!single && replaced(folder.get(), path)) throw FolderReplaced{};  // (emptied while replaced)
       if (!single) {
         throw FormatError("polyak: '" + path + "' holds neither " + sharded_index_name +
                           " nor model.safetensors");
@@ -199,8 +202,8 @@ class CheckpointReader {
     std::set<std::string> shards;                           // sorted: model-00001-of-00002... in order
     for (auto& [name, file] : parsed.weight_map) {          // (moved from: parsed is not used again)
       if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
-          file.find('\\') != std::string::npos) {
-        bad("shard '" + file + "' is not a plain file name in the index's folder");
+          file.find('\\') != std::string::npos || file.find('\0') != std::string::npos) {
+        bad("shard " + detail::json_quoted(file) + " is not a plain file name in the index's folder");
       }
       shards.insert(file);
       shard_of.emplace(std::move(name), std::move(file));
@@ -211,9 +214,9 @@ class CheckpointReader {
       const std::string shard_path = (std::filesystem::path(folder_path) / file).string();
       detail::FileDescriptor fd(::openat(folder_.get(), file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
       if (!fd && errno == ENOENT && replaced(folder_.get(), folder_path)) throw FolderReplaced{};
-      detail::FileId id;
-      if (fd) detail::file_id(fd.get(), id);
-      ids_.push_back(id);
+      detail::FileVersion version;
+      if (fd) detail::file_version(fd.get(), version);
+      versions_.push_back(version);
       add_shard(std::make_unique<SafetensorsReader>(fd.release(), shard_path));
       close_least_recent(readers_.size() - 1);
     }
@@ -260,17 +263,16 @@ class CheckpointReader {
 
   /// Shard `shard`'s reader, opened again if it was closed.
   SafetensorsReader& reader(std::size_t shard) {
-    if (!readers_[shard]) {
+    if (!readers_[shard]->file_open()) {
       detail::FileDescriptor fd(
           ::openat(folder_.get(), shard_names_[shard].c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
-      if (!fd) detail::fail_io("cannot open again", shard_paths_[shard]);
-      detail::FileId id;
-      if (!detail::file_id(fd.get(), id) || id != ids_[shard]) {
-        throw FormatError(
-            "polyak: '" + shard_paths_[shard] +
-            "' is no longer the file it was when its checkpoint was opened (replaced meanwhile)");
+      detail::FileVersion version;
+      if (!fd || !detail::file_version(fd.get(), version) || version != versions_[shard]) {
+        throw FormatError("polyak: '" + shard_paths_[shard] +
+                          "' changed or went since its checkpoint was opened (the checkpoint was written "
+                          "again meanwhile?): open it again");
       }
-      readers_[shard] = std::make_unique<SafetensorsReader>(fd.release(), shard_paths_[shard]);
+      readers_[shard]->reopen(fd.release());
     }
     last_read_[shard] = ++clock_;
     close_least_recent(shard);
@@ -282,12 +284,12 @@ class CheckpointReader {
     for (;;) {
       std::size_t open = 0, oldest = readers_.size();
       for (std::size_t s = 0; s < readers_.size(); ++s) {
-        if (!readers_[s]) continue;
+        if (!readers_[s]->file_open()) continue;
         ++open;
         if (s != keep && (oldest == readers_.size() || last_read_[s] < last_read_[oldest])) oldest = s;
       }
       if (open <= max_open_shards || oldest == readers_.size()) return;
-      readers_[oldest].reset();
+      readers_[oldest]->close_file();
     }
   }
 
@@ -296,8 +298,8 @@ class CheckpointReader {
   detail::FileDescriptor folder_;  // a sharded checkpoint's folder, open: its shards are opened in it
   std::vector<std::string> shard_names_, shard_paths_;
   std::vector<std::map<std::string, std::string>> shard_metadata_;
-  std::vector<detail::FileId> ids_;                          // each shard file's identity
-  std::vector<std::unique_ptr<SafetensorsReader>> readers_;  // open (null: closed) a shard
+  std::vector<detail::FileVersion> versions_;                // each shard file as it was opened
+  std::vector<std::unique_ptr<SafetensorsReader>> readers_;  // a shard (its file open or closed)
   std::vector<std::uint64_t> last_read_;
   std::uint64_t clock_ = 0;
   std::vector<Tensor> tensors_;
@@ -336,7 +338,9 @@ inline std::string foreign_in_checkpoint_folder(const std::string& folder) {
       return "holds no readable " + std::string(sharded_index_name);
     ShardIndexEvents parsed;
     parse_json(text.data(), text.size(), "", "index", parsed, /*leading_space=*/true);
-    for (const auto& [tensor, shard] : parsed.weight_map) ours.insert(shard);
+    for (const auto& [tensor, shard] : parsed.weight_map) {
+      if (shard.size() > 12 && shard.compare(shard.size() - 12, 12, ".safetensors") == 0) ours.insert(shard);
+    }
   } catch (const std::exception&) {
     return "holds an " + std::string(sharded_index_name) + " that does not parse";
   }
@@ -370,28 +374,34 @@ void write_checkpoint_like(const CheckpointReader& layout, const std::string& ou
   }
   const std::string folder =
       folder_destination("polyak: writing '" + out + "'", out, foreign_in_checkpoint_folder);
-  write_folder_atomically(folder, [&](const std::string& temporary) {
-    nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
-    std::uint64_t total = 0;
-    for (std::size_t shard = 0; shard < layout.shards().size(); ++shard) {
-      std::vector<TensorWriter> writers;
-      for (const auto& tensor : layout.tensors()) {
-        if (tensor.shard != shard) continue;
-        writers.push_back(writer_of(tensor));
-        weight_map[tensor.name] = layout.shards()[shard];
-        total += writers.back().size;
-      }
-      write_safetensors((std::filesystem::path(temporary) / layout.shards()[shard]).string(),
-                        with_extra(layout.shard_metadata(shard)), writers);
-    }
-    nlohmann::ordered_json metadata = nlohmann::ordered_json::object();
-    for (const auto& [key, value] : with_extra(layout.metadata())) metadata[key] = value;
-    metadata["total_size"] = total;
-    const nlohmann::ordered_json index = {{"metadata", metadata}, {"weight_map", weight_map}};
-    const std::string text = index.dump(2) + "\n";
-    write_atomically((std::filesystem::path(temporary) / sharded_index_name).string(),
-                     [&](int fd, const std::string& file) { write_all(fd, text.data(), text.size(), file); });
-  });
+  write_folder_atomically(
+      folder,
+      [&](const std::string& temporary) {
+        std::string weight_map;  // (text built in one pass: see json_quoted)
+        std::uint64_t total = 0;
+        for (std::size_t shard = 0; shard < layout.shards().size(); ++shard) {
+          std::vector<TensorWriter> writers;
+          const std::string file = json_quoted(layout.shards()[shard]);
+          for (const auto& tensor : layout.tensors()) {
+            if (tensor.shard != shard) continue;
+            writers.push_back(writer_of(tensor));
+            weight_map +=
+                (weight_map.empty() ? "\n    " : ",\n    ") + json_quoted(tensor.name) + ": " + file;
+            total += writers.back().size;
+          }
+          write_safetensors((std::filesystem::path(temporary) / layout.shards()[shard]).string(),
+                            with_extra(layout.shard_metadata(shard)), writers);
+        }
+        std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total);
+        for (const auto& [key, value] : with_extra(layout.metadata())) {
+          if (key != "total_size") text += ",\n    " + json_quoted(key) + ": " + json_quoted(value);
+        }
+        text += "\n  },\n  \"weight_map\": {" + weight_map + "\n  }\n}\n";
+        write_atomically(
+            (std::filesystem::path(temporary) / sharded_index_name).string(),
+            [&](int fd, const std::string& file) { write_all(fd, text.data(), text.size(), file); });
+      },
+      foreign_in_checkpoint_folder);
 }
 
 }  // namespace detail

@@ -212,6 +212,37 @@ inline bool file_id(int fd, FileId& id) {
   return true;
 }
 
+/// A file as it is now: its identity, size and times of last change. An inode number can be reused
+/// by a file made after the first was deleted; its change time (ctime, which no user call can set)
+/// tells them apart.
+struct FileVersion {
+  FileId id;
+  std::int64_t size = 0, modified_ns = 0, changed_ns = 0;
+  bool operator==(const FileVersion& other) const {
+    return id == other.id && size == other.size && modified_ns == other.modified_ns &&
+           changed_ns == other.changed_ns;
+  }
+  bool operator!=(const FileVersion& other) const { return !(*this == other); }
+};
+
+/// The version of the file open as `fd`; false when fstat fails.
+inline bool file_version(int fd, FileVersion& version) {
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) return false;
+  version.id = {static_cast<std::uint64_t>(info.st_dev), static_cast<std::uint64_t>(info.st_ino)};
+  version.size = static_cast<std::int64_t>(info.st_size);
+#if defined(__APPLE__)
+  version.modified_ns =
+      static_cast<std::int64_t>(info.st_mtimespec.tv_sec) * 1000000000 + info.st_mtimespec.tv_nsec;
+  version.changed_ns =
+      static_cast<std::int64_t>(info.st_ctimespec.tv_sec) * 1000000000 + info.st_ctimespec.tv_nsec;
+#else
+  version.modified_ns = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1000000000 + info.st_mtim.tv_nsec;
+  version.changed_ns = static_cast<std::int64_t>(info.st_ctim.tv_sec) * 1000000000 + info.st_ctim.tv_nsec;
+#endif
+  return true;
+}
+
 /// Refuses (InvalidArgument, naming both, before anything is written) an output `out` that is one of
 /// `inputs` (every file an input reads: index, shards, snapshots) or a folder that holds one, at any
 /// depth: replacing `out` would destroy that input. Compared by identity, so a symbolic link, a hard
@@ -288,14 +319,16 @@ inline int rename_with(const std::string& from, const std::string& to, unsigned 
 /// (each with write_atomically, or fsynced otherwise); that folder is fsynced and then takes `out`'s
 /// place in one step (Linux's renameat2 RENAME_EXCHANGE, then the old folder removed), so that a
 /// reader or a crash sees the old folder whole or the new one whole, never a mix. Two writes to
-/// one `out` at once each land whole, the last one staying. `out` must pass folder_destination.
+/// one `out` at once each land whole, the last one staying. `out` must pass folder_destination, and
+/// the old folder is checked again once it is out of the way: where `foreign(folder)` then finds
+/// something of the user's in it (see folder_destination), the exchange is undone and nothing written.
 /// A failure (an exception from `fill` included) removes the temporary and leaves `out` as it was.
 /// Where the file system cannot exchange two names (not Linux, or an old kernel), the old folder is
 /// renamed aside first and a crash between the two renames leaves `out` missing, the old folder at
 /// "<out>.tmp.<pid>.<n>" and the new one beside it. An old folder that cannot be removed after the
 /// exchange (its files read-only to this user) stays at "<out>.tmp.<pid>.<n>" too.
-template <class Fill>
-void write_folder_atomically(const std::string& out, Fill&& fill) {
+template <class Fill, class Foreign>
+void write_folder_atomically(const std::string& out, Fill&& fill, Foreign&& foreign) {
   const std::string temporary = temporary_name(out);
   std::error_code error;
   const std::filesystem::path parent = std::filesystem::path(out).parent_path();
@@ -319,6 +352,16 @@ void write_folder_atomically(const std::string& out, Fill&& fill) {
     if (rename_with(temporary, out, no_replace) == 0) break;  // `out` did not exist
     if (errno == EEXIST || errno == ENOTEMPTY) {
       if (rename_with(temporary, out, exchange) == 0) {  // `temporary` now holds the old folder
+        // Checked again now that it is out of the way: a file added to it meanwhile (a config.json
+        // copied in during the write) puts the old folder back and the new one away.
+        const std::string found = foreign(temporary);
+        if (!found.empty()) {
+          rename_with(temporary, out, exchange);
+          std::filesystem::remove_all(temporary, error);
+          throw InvalidArgument(
+              "polyak: writing '" + out + "': while it was written, the old folder came to hold " +
+              found.substr(found.find(' ') + 1) + "; it is as it was, and nothing was written");
+        }
         std::filesystem::remove_all(temporary, error);
         break;
       }
@@ -333,6 +376,15 @@ void write_folder_atomically(const std::string& out, Fill&& fill) {
         std::filesystem::remove_all(temporary, error);
         errno = failure;
         fail_io("cannot rename a folder onto", out);
+      }
+      const std::string found = moved ? foreign(aside) : std::string();
+      if (!found.empty()) {  // (as above: a file of the user's came meanwhile; all put back)
+        std::rename(out.c_str(), temporary.c_str());
+        std::rename(aside.c_str(), out.c_str());
+        std::filesystem::remove_all(temporary, error);
+        throw InvalidArgument(
+            "polyak: writing '" + out + "': while it was written, the old folder came to hold " +
+            found.substr(found.find(' ') + 1) + "; it is as it was, and nothing was written");
       }
       if (moved) std::filesystem::remove_all(aside, error);
       break;

@@ -2,7 +2,7 @@
 // The JSON polyak reads from disk, parsed in one pass and in linear time, straight into what it
 // describes (no JSON tree in between): a safetensors header and a Hugging Face sharded checkpoint's
 // index (model.safetensors.index.json). As strict as Python's safetensors: the text starts with '{',
-// holds no NUL byte and names no key twice in one object.
+// holds no NUL byte and names no key twice in one object. And the one string quoting its writers use.
 #pragma once
 
 #include <cstddef>
@@ -64,6 +64,10 @@ class JsonEvents {
 
   std::string error;  ///< why the parse stopped ("" where it did not)
 
+  /// The deepest nesting read: a header or an index needs 3 levels; a million (a 2 MB file) would
+  /// hold a million key sets in memory.
+  static constexpr int max_depth = 64;
+
   bool null() { return self().value(Kind::Other, nullptr, 0); }
   bool boolean(bool) { return self().value(Kind::Other, nullptr, 0); }
   bool number_integer(nlohmann::json::number_integer_t) { return self().value(Kind::Other, nullptr, 0); }
@@ -76,12 +80,14 @@ class JsonEvents {
   bool string(std::string& text) { return self().value(Kind::String, &text, 0); }
   bool binary(nlohmann::json::binary_t&) { return self().value(Kind::Other, nullptr, 0); }
   bool start_object(std::size_t) {
+    if (depth_ >= max_depth) return fail("nests deeper than " + std::to_string(max_depth) + " levels");
     if (!self().value(Kind::Object, nullptr, 0)) return false;
     keys_.emplace_back();
     ++depth_;
     return true;
   }
   bool start_array(std::size_t) {
+    if (depth_ >= max_depth) return fail("nests deeper than " + std::to_string(max_depth) + " levels");
     if (!self().value(Kind::Array, nullptr, 0)) return false;
     ++depth_;
     return true;
@@ -143,6 +149,11 @@ void parse_json(const char* text, std::uint64_t length, const std::string& prefi
   }
   throw FormatError(where + ": " + (events.error.empty() ? std::string("not JSON") : events.error));
 }
+
+/// `text` as a JSON string, quoted and escaped (as nlohmann::json dumps it: UTF-8 kept, control
+/// characters escaped). For writers that build their JSON text in one pass: building it through a
+/// nlohmann::ordered_json object looks every key up in a list, quadratic in the key count.
+inline std::string json_quoted(const std::string& text) { return nlohmann::json(text).dump(); }
 
 /// One tensor of a safetensors header as written, not yet checked (parse_index checks it).
 struct HeaderEntry {
