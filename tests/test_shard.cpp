@@ -261,7 +261,9 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
         {variant("stale_count.safetensors", true, false), false},
         {variant("stale_values.safetensors", false, true), false},
         {variant("stale_both.safetensors", true, true), false}};
-    for (const auto& [other, loads] : cases) {
+    for (const auto& c : cases) {
+      const std::string& other = c.first;  // (named variables: lambdas cannot capture bindings)
+      const bool loads = c.second;
       CAPTURE(other);
       std::vector<std::int64_t> n_averaged(2, -1);
       const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
