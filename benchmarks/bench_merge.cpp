@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Merging two checkpoints (polyak/merge.hpp) against the disk's bound, and its peak memory.
+// Merging two checkpoints (polyak/checkpoint/merge.hpp) against the disk's bound, and its peak memory.
 //
 //   merge/<method>/<bytes>    merge_checkpoints of two float32 checkpoints of <bytes> each (64
 //                             tensors), in a child process: its time, its peak resident memory
@@ -16,7 +16,7 @@
 //   usage: bench_merge [--polyak_max_size=BYTES, default 1e9] [Google Benchmark flags]
 #include <benchmark/benchmark.h>
 
-#include <polyak/merge.hpp>
+#include <polyak/checkpoint/merge.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
   const std::string tail = std::string("/") + size;
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
   for (const auto method : {polyak::MergeMethod::Average, polyak::MergeMethod::Ties}) {
-    benchmark::RegisterBenchmark(("merge/" + std::string(polyak::merge_method_name(method)) + tail).c_str(),
+    benchmark::RegisterBenchmark(("merge/" + std::string(polyak::detail::merge_method_name(method)) + tail).c_str(),
                                  merge, method, bytes)
         ->UseManualTime()
         ->Iterations(1);

@@ -14,7 +14,7 @@
 #include <benchmark/benchmark.h>
 #include <mpi.h>
 
-#include <polyak/model_averaging.hpp>
+#include <polyak/core/model_averaging.hpp>
 #include <polyak/mpi.hpp>
 
 #include <algorithm>

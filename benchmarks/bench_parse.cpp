@@ -3,7 +3,7 @@
 // Face index with its shard's header, against the time to read the same bytes (the I/O bound) in the
 // same iteration. Linear in the tensor count since issue 21 (a 100k-tensor header took 117 s).
 //
-//   parse/header/<tensors>   read_safetensors_index of one file of <tensors> one-float tensors named as
+//   parse/header/<tensors>   read_safetensors_header of one file of <tensors> one-float tensors named as
 //                            Llama's layers are; bytes_ratio: reading the header's bytes alone over it
 //   parse/index/<tensors>    CheckpointReader of a folder whose model.safetensors.index.json names the
 //                            same tensors in that file; bytes_ratio: reading both texts alone over it
@@ -11,7 +11,7 @@
 //   usage: bench_parse [--polyak_max_size=TENSORS, default 1e5] [Google Benchmark flags]
 #include <benchmark/benchmark.h>
 
-#include <polyak/sharded_checkpoint.hpp>
+#include <polyak/checkpoint/sharded_checkpoint.hpp>
 
 #include <algorithm>  // std::sort: the median ratio
 #include <chrono>
@@ -70,12 +70,12 @@ double read_seconds(const std::string& path, std::size_t bytes) {
 void header(benchmark::State& state) {
   const std::string folder = make_checkpoint(static_cast<std::size_t>(state.range(0)));
   const std::string file = folder + "/model.safetensors";
-  const std::size_t header_bytes = static_cast<std::size_t>(polyak::read_safetensors_index(file).data_start);
+  const std::size_t header_bytes = static_cast<std::size_t>(polyak::read_safetensors_header(file).data_start);
   std::vector<double> ratios;
   for (auto _ : state) {
     const double bare = read_seconds(file, header_bytes);
     const auto start = std::chrono::steady_clock::now();
-    const polyak::SafetensorsIndex index = polyak::read_safetensors_index(file);
+    const polyak::SafetensorsHeader index = polyak::read_safetensors_header(file);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     benchmark::DoNotOptimize(index.entries.data());
     state.SetIterationTime(seconds);
@@ -91,7 +91,7 @@ void index(benchmark::State& state) {
   const std::string index_file = folder + "/model.safetensors.index.json";
   const std::size_t index_bytes = std::filesystem::file_size(index_file);
   const std::size_t header_bytes =
-      static_cast<std::size_t>(polyak::read_safetensors_index(folder + "/model.safetensors").data_start);
+      static_cast<std::size_t>(polyak::read_safetensors_header(folder + "/model.safetensors").data_start);
   std::vector<double> ratios;
   for (auto _ : state) {
     const double bare =

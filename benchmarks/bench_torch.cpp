@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The device average (polyak/torch_averaged_model.hpp) against torch's own ways of doing the same
+// The device average (polyak/torch/averaged_model.hpp) against torch's own ways of doing the same
 // EMA step on the same tensors, and the device's copy bandwidth, in one run: on the CPU always, on
 // CUDA where a GPU is present.
 //
@@ -17,7 +17,7 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
-#include <polyak/torch_averaged_model.hpp>
+#include <polyak/torch/averaged_model.hpp>
 
 #include <cmath>
 #include <cstdio>

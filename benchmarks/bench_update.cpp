@@ -10,7 +10,7 @@
 // average), 10 a bfloat16 one; copy_to 8; swap 16.
 #include <benchmark/benchmark.h>
 
-#include <polyak/averaged_model.hpp>
+#include <polyak/core/averaged_model.hpp>
 
 #include <cstdio>
 #include <cstring>

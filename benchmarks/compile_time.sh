@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What including polyak costs a translation unit: the median of 5 compiles (g++ -std=c++17 -O2 -c)
-# of a file holding one #include, for Eigen/Core alone, polyak/averaged_model.hpp, the core umbrella
+# of a file holding one #include, for Eigen/Core alone, polyak/core/averaged_model.hpp, the core umbrella
 # polyak/polyak.hpp and the checkpoint layer; with a revision, that revision's umbrella too, in the
 # same run (a worktree under /tmp).
 #   usage: bash benchmarks/compile_time.sh [REVISION]     e.g. d6a3936, the umbrella before issue 13
@@ -23,6 +23,6 @@ if (($#)); then
   git worktree add -q "$old" "$1"
   printf '%-40s %6s ms\n' "polyak/polyak.hpp at $1" "$(measure "$old" polyak/polyak.hpp)"
 fi
-for header in Eigen/Core polyak/averaged_model.hpp polyak/polyak.hpp polyak/checkpoint.hpp; do
+for header in Eigen/Core polyak/core/averaged_model.hpp polyak/polyak.hpp polyak/checkpoint.hpp; do
   printf '%-40s %6s ms\n' "$header" "$(measure . "$header")"
 done

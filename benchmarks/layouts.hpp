@@ -5,7 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 
 #include <cmath>
 #include <cstddef>

@@ -16,7 +16,7 @@
 
 #include <unistd.h>  // getpid
 
-#include "polyak/communicator.hpp"
+#include "polyak/core/communicator.hpp"
 
 namespace polyak_test {
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-#include "polyak/averaged_model.hpp"
+#include "polyak/core/averaged_model.hpp"
 
 #include <catch2/catch.hpp>
 #include <unsupported/Eigen/CXX11/Tensor>  // the tensors viewed below (polyak does not include it)
@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include "polyak/ema_schedules.hpp"
+#include "polyak/core/ema_schedules.hpp"
 #include "test_types.hpp"
 
 using polyak::AveragedModel;

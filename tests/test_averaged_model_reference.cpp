@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "polyak/averaged_model.hpp"
+#include "polyak/core/averaged_model.hpp"
 #include "reference_file.hpp"
 
 namespace {

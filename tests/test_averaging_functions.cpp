@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-#include "polyak/averaging_functions.hpp"
+#include "polyak/core/averaging_functions.hpp"
 
 #include <catch2/catch.hpp>
 

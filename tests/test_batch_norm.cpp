@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 #include "polyak/checkpoint.hpp"
-#include "polyak/batch_norm.hpp"
+#include "polyak/core/batch_norm.hpp"
 
 #include <catch2/catch.hpp>
 

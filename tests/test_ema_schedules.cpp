@@ -2,7 +2,7 @@
 // EMA decay schedules, checked against closed forms and against the update loops of diffusers'
 // EMAModel and ema-pytorch's EMA, re-enacted here step by step in plain double arithmetic.
 #include "polyak/checkpoint.hpp"
-#include "polyak/ema_schedules.hpp"
+#include "polyak/core/ema_schedules.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -10,7 +10,7 @@
 #include <cmath>
 #include <vector>
 
-#include "polyak/averaged_model.hpp"
+#include "polyak/core/averaged_model.hpp"
 #include "test_types.hpp"
 
 using polyak::EmaCadence;

@@ -3,7 +3,7 @@
 // its formula on small tensors, worked out by hand here (the papers' and mergekit's definitions,
 // not polyak's code), with the edge cases the definitions fix; files and shards streamed to the same
 // bytes as the in-memory merge; hostile inputs refused with nothing written.
-#include "polyak/merge.hpp"
+#include "polyak/checkpoint/merge.hpp"
 
 #include "support.hpp"
 
@@ -191,11 +191,11 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
   polyak::save_safetensors(folder + "/b.safetensors", b);
   polyak::save_safetensors(folder + "/base.safetensors", base);
   for (const auto method : {MergeMethod::Average, MergeMethod::Ties, MergeMethod::Dare, MergeMethod::Slerp}) {
-    CAPTURE(polyak::merge_method_name(method));
+    CAPTURE(polyak::detail::merge_method_name(method));
     MergeOptions o = with(method);
     if (method == MergeMethod::Ties) o.density = 0.4;
     if (method == MergeMethod::Dare) o.drop = 0.3;
-    const bool needs_base = polyak::merge_needs_base(method);
+    const bool needs_base = polyak::detail::merge_needs_base(method);
     const std::string out = folder + "/out.safetensors";
     polyak::merge_checkpoints({folder + "/a.safetensors", folder + "/b.safetensors"},
                               needs_base ? folder + "/base.safetensors" : "", o, out);
@@ -204,7 +204,7 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
     REQUIRE(from_file.size() == in_memory.size());
     for (const auto& [name, tensor] : in_memory) CHECK(from_file.at(name).bytes == tensor.bytes);
     CHECK(from_file.scalar<std::int64_t>("step") == 9);  // a counter: the last model's
-    CHECK(from_file.metadata.at("merge_method") == polyak::merge_method_name(method));
+    CHECK(from_file.metadata.at("merge_method") == polyak::detail::merge_method_name(method));
   }
 
   // The same models as Hugging Face shards: two shards each, an index; the output is laid out alike.
@@ -355,7 +355,7 @@ TEST_CASE("sharded outputs keep each shard's own metadata and the index's", "[me
   sharded_model(folder / "b", 3.0f);
   polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), folder / "out");
   for (const std::string shard : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
-    const auto metadata = polyak::read_safetensors_index(folder / ("out/" + shard)).metadata;
+    const auto metadata = polyak::read_safetensors_header(folder / ("out/" + shard)).metadata;
     CHECK(metadata.at("format") == "pt");  // without it, transformers' loader refuses the file
     CHECK(metadata.at("merge_method") == "average");
   }
@@ -389,7 +389,7 @@ TEST_CASE("a merge refuses every setting its method does not use, and DARE takes
           "[merge][adversarial]") {
   const StateDict a = one({1, 2}), b = one({3, 5}), base = one({0, 0});
   const auto refused = [&](MergeOptions o, const StateDict* with_base, const std::string& fragment) {
-    CAPTURE(polyak::merge_method_name(o.method), fragment);
+    CAPTURE(polyak::detail::merge_method_name(o.method), fragment);
     CHECK_THROWS_WITH(polyak::merge_state_dicts({&a, &b}, with_base, o), Catch::Contains(fragment));
   };
   MergeOptions o = with(MergeMethod::Average);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Model averaging over ThreadCommunicator: four threads stand for four ranks.
-#include "polyak/model_averaging.hpp"
+#include "polyak/core/model_averaging.hpp"
 
 #include "support.hpp"
 

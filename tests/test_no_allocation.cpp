@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "polyak/checkpoint.hpp"
-#include "polyak/averaged_model.hpp"
-#include "polyak/ema_schedules.hpp"
-#include "polyak/model_averaging.hpp"
-#include "polyak/post_hoc_ema.hpp"
-#include "polyak/swag.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/core/ema_schedules.hpp"
+#include "polyak/core/model_averaging.hpp"
+#include "polyak/checkpoint/post_hoc_ema.hpp"
+#include "polyak/core/swag.hpp"
 
 namespace {
 std::atomic<long> allocations{0};

@@ -3,7 +3,7 @@
 // discrete power EMA, w_tau = (tau / t)^(gamma+1) - ((tau - 1) / t)^(gamma+1), applied directly to a
 // stored synthetic trajectory.
 #include "polyak/checkpoint.hpp"
-#include "polyak/post_hoc_ema.hpp"
+#include "polyak/checkpoint/post_hoc_ema.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -14,7 +14,7 @@
 #include <random>
 #include <vector>
 
-#include "polyak/power_ema.hpp"
+#include "polyak/core/power_ema.hpp"
 #include "test_types.hpp"
 
 namespace {

@@ -4,7 +4,7 @@
 #include <unsupported/Eigen/CXX11/Tensor>
 
 #include "polyak/checkpoint.hpp"
-#include "polyak/serialization.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -19,11 +19,11 @@
 
 #include <unistd.h>  // getpid: a file name of this process
 
-#include "polyak/averaged_model.hpp"
-#include "polyak/batch_norm.hpp"
-#include "polyak/model_averaging.hpp"
-#include "polyak/swag.hpp"
-#include "polyak/swalr.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/core/batch_norm.hpp"
+#include "polyak/core/model_averaging.hpp"
+#include "polyak/core/swag.hpp"
+#include "polyak/core/swalr.hpp"
 
 using polyak::DType;
 using polyak::FormatError;
@@ -376,7 +376,7 @@ TEST_CASE("what Python's safetensors refuses, polyak refuses", "[serialization]"
           "4 bytes after the last tensor");
   // the reading side of the same file, for the streaming readers
   write_bytes(path, safetensors_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", eight));
-  CHECK_THROWS_AS(polyak::read_safetensors_index(path), FormatError);
+  CHECK_THROWS_AS(polyak::read_safetensors_header(path), FormatError);
 }
 
 // Issue 12, "promises": a lambda is promised as avg_fn ("any callable"), but load_state_dict did not

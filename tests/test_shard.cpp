@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
-// Sharded averages (polyak/shard_view.hpp) and their one-file checkpoints
-// (polyak/distributed_checkpoint.hpp), over ThreadCommunicator: threads stand for ranks. The same
+// Sharded averages (polyak/core/shard_view.hpp) and their one-file checkpoints
+// (polyak/checkpoint/distributed_checkpoint.hpp), over ThreadCommunicator: threads stand for ranks. The same
 // checks run under mpirun in tests/mpi/test_mpi.cpp.
-#include "polyak/distributed_checkpoint.hpp"
-#include "polyak/shard_view.hpp"
+#include "polyak/checkpoint/distributed_checkpoint.hpp"
+#include "polyak/core/shard_view.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -18,8 +18,8 @@
 #include <thread>
 #include <vector>
 
-#include "polyak/averaged_model.hpp"
-#include "polyak/serialization.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
 #include "support.hpp"
 
 using polyak::AveragedModel;

@@ -4,7 +4,7 @@
 // covariance against the analytic covariance of the paper's formula, within their sampling error;
 // refusals that change nothing; states that round-trip and hostile states refused.
 #include "polyak/checkpoint.hpp"
-#include "polyak/swag.hpp"
+#include "polyak/core/swag.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -17,7 +17,7 @@
 
 #include <unistd.h>  // getpid
 
-#include "polyak/averaged_model.hpp"
+#include "polyak/core/averaged_model.hpp"
 
 namespace {
 
@@ -84,7 +84,7 @@ TEST_CASE("SWAG's mean, variance and deviations are the stream's closed forms", 
     std::vector<double> mean, variance;
     moments(xs, n, mean, variance);
     for (std::size_t j = 0; j < 10; ++j) {
-      CHECK(at(swag.mean(), j) == Approx(mean[j]).epsilon(1e-14));
+      CHECK(at(swag.parameters(), j) == Approx(mean[j]).epsilon(1e-14));
       CHECK(at(swag.variance(), j) == Approx(variance[j]).epsilon(1e-9).margin(1e-12));
     }
     // The deviation of collection n, x_n - mean_n, sits in row (n - 1) mod 3.
@@ -94,7 +94,7 @@ TEST_CASE("SWAG's mean, variance and deviations are the stream's closed forms", 
   }
   CHECK(swag.n_collected() == 6);
   CHECK(swag.deviations_held() == 3);
-  CHECK(swag.mean().size() == 2);  // parameters only
+  CHECK(swag.parameters().size() == 2);  // parameters only
   CHECK(model.running_mean[0] == 7.0);
 }
 
@@ -114,8 +114,8 @@ TEST_CASE("SWAG's mean is the SWA average, bit for bit; collect_every skips step
     if (step % 2 == 0) swa_every_other.update_parameters(list);
   }
   for (int j = 0; j < 5; ++j) {
-    CHECK(swag.mean()[0].data()[j] == swa.tensors()[0].data()[j]);
-    CHECK(every_other.mean()[0].data()[j] == swa_every_other.tensors()[0].data()[j]);
+    CHECK(swag.parameters()[0].data()[j] == swa.tensors()[0].data()[j]);
+    CHECK(every_other.parameters()[0].data()[j] == swa_every_other.tensors()[0].data()[j]);
   }
   CHECK(every_other.n_updates() == 9);
   CHECK(every_other.n_collected() == 4);
@@ -263,7 +263,7 @@ TEST_CASE("SWAG's state round-trips through safetensors; hostile states are refu
     CAPTURE(fragment);
     CHECK_THROWS_WITH(target.load_state_dict(bad), Catch::Contains(fragment));
     CHECK(target.n_collected() == 0);
-    CHECK(target.mean()[0].data()[0] == 0.0);
+    CHECK(target.parameters()[0].data()[0] == 0.0);
   };
   const auto with = [&](const std::string& name, const auto& replace) {
     polyak::StateDict out;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "polyak/checkpoint.hpp"
-#include "polyak/swalr.hpp"
-#include "polyak/state_dict.hpp"
+#include "polyak/core/swalr.hpp"
+#include "polyak/checkpoint/state_dict.hpp"
 
 #include <catch2/catch.hpp>
 

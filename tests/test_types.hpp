@@ -4,7 +4,7 @@
 
 #include <Eigen/Core>
 
-#include "polyak/scalar_type.hpp"
+#include "polyak/core/scalar_type.hpp"
 
 namespace polyak_test {
 

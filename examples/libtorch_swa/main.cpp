@@ -12,9 +12,9 @@
 // updated there, so with --device cuda the whole run stays on the GPU.
 //
 //   usage: libtorch_swa [--device cpu|cuda] [data/digits.csv]
-#include <polyak/swalr.hpp>
+#include <polyak/core/swalr.hpp>
 #include <polyak/torch.hpp>
-#include <polyak/torch_averaged_model.hpp>
+#include <polyak/torch/averaged_model.hpp>
 
 #include <cmath>
 #include <cstdio>

@@ -10,7 +10,7 @@
 // trains the same model in one process with the same total batch.
 //
 //   usage: mpirun -np 4 local_sgd_mpi [data/digits.csv] [--hidden N] [--delay D]
-#include <polyak/model_averaging.hpp>
+#include <polyak/core/model_averaging.hpp>
 #include <polyak/mpi.hpp>
 
 #include <mpi.h>

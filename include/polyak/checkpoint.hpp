@@ -5,12 +5,12 @@
 // polyak::checkpoint) and needs POSIX file calls.
 #pragma once
 
-#include "polyak/distributed_checkpoint.hpp"
-#include "polyak/merge.hpp"
+#include "polyak/checkpoint/distributed_checkpoint.hpp"
+#include "polyak/checkpoint/merge.hpp"
 #include "polyak/polyak.hpp"
-#include "polyak/post_hoc_ema.hpp"
-#include "polyak/rule_settings.hpp"
-#include "polyak/serialization.hpp"
-#include "polyak/sharded_checkpoint.hpp"
-#include "polyak/state_dict.hpp"
-#include "polyak/state_io.hpp"
+#include "polyak/checkpoint/post_hoc_ema.hpp"
+#include "polyak/checkpoint/rule_settings.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
+#include "polyak/checkpoint/sharded_checkpoint.hpp"
+#include "polyak/checkpoint/state_dict.hpp"
+#include "polyak/checkpoint/state_io.hpp"

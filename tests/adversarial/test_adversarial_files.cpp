@@ -20,8 +20,8 @@
 #include <unistd.h>  // getpid
 
 #include "polyak/checkpoint.hpp"
-#include "polyak/averaged_model.hpp"
-#include "polyak/serialization.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
 
 using polyak::FormatError;
 using polyak::StateDict;
@@ -135,7 +135,7 @@ bool accepted(const std::string& bytes, const std::string& path, const std::stri
                     FormatError);
   }
   try {
-    polyak::read_safetensors_index(path);
+    polyak::read_safetensors_header(path);
     indexed = true;
   } catch (const FormatError&) {
   }

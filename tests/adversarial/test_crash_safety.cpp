@@ -17,9 +17,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "polyak/merge.hpp"
-#include "polyak/serialization.hpp"
-#include "polyak/sharded_checkpoint.hpp"
+#include "polyak/checkpoint/merge.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
+#include "polyak/checkpoint/sharded_checkpoint.hpp"
 
 #include "../support.hpp"
 

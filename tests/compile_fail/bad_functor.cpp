@@ -1,5 +1,5 @@
 // An averaging function must take (averaged, current, num_averaged).
-#include <polyak/averaged_model.hpp>
+#include <polyak/core/averaged_model.hpp>
 int main() {
   Eigen::VectorXf w(3);
   polyak::ParameterList<float> list;

@@ -1,5 +1,5 @@
 // A decay schedule must be callable as double(std::int64_t step).
-#include <polyak/ema_schedules.hpp>
+#include <polyak/core/ema_schedules.hpp>
 int main() {
   auto wrong = [](const char*) { return 0.9; };
   polyak::ScheduledEMA<decltype(wrong)> ema(wrong);

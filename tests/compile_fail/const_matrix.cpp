@@ -1,5 +1,5 @@
 // copy_to and swap write through views: a const matrix cannot be one.
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 int main() {
   const Eigen::MatrixXf m(2, 2);
   polyak::ParameterList<float> list;

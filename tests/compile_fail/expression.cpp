@@ -1,5 +1,5 @@
 // A sum is not stored anywhere: there is nothing to view.
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 int main() {
   Eigen::MatrixXf a(2, 2), b(2, 2);
   polyak::ParameterList<float> list;

@@ -1,5 +1,5 @@
 // Integers are not averaged.
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 int main() {
   int x[4] = {};
   polyak::TensorView<int> view(x, {4});

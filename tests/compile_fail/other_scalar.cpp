@@ -1,5 +1,5 @@
 // A double tensor in a float list.
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 int main() {
   Eigen::MatrixXd m(2, 2);
   polyak::ParameterList<float> list;

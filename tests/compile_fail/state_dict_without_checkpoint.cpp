@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // state_dict() belongs to the checkpoint layer: without <polyak/checkpoint.hpp>, the error says
 // what to include.
-#include <polyak/averaged_model.hpp>
+#include <polyak/core/averaged_model.hpp>
 
 int main() {
   Eigen::VectorXf w = Eigen::VectorXf::Zero(3);

@@ -1,5 +1,5 @@
 // A half model cannot take the float average by swap without rounding it.
-#include <polyak/averaged_model.hpp>
+#include <polyak/core/averaged_model.hpp>
 int main() {
   Eigen::Matrix<Eigen::half, Eigen::Dynamic, 1> w(3);
   polyak::ParameterList<Eigen::half> list;

@@ -1,5 +1,5 @@
 // A std::vector has no shape: wrap it in a TensorView.
-#include <polyak/tensor_view.hpp>
+#include <polyak/core/tensor_view.hpp>
 #include <vector>
 int main() {
   std::vector<float> v(4);

@@ -2,7 +2,7 @@
 // libFuzzer target: parse_safetensors on any bytes either returns a StateDict or throws FormatError;
 // anything else (a crash, a sanitizer report, another exception) is a bug.
 //   bash tests/fuzz/run.sh [seconds]
-#include <polyak/serialization.hpp>
+#include <polyak/checkpoint/safetensors.hpp>
 
 #include <cstddef>
 #include <cstdint>

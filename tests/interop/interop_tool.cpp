@@ -3,7 +3,7 @@
 //   interop_tool write PATH   writes the tensors that check_cpp_file.py expects
 //   interop_tool check PATH   checks the file write_python_file.py wrote
 // Both sides compute the values from the same formulas: value i of tensor t is (i - 3) / 4 + t.
-#include <polyak/serialization.hpp>
+#include <polyak/checkpoint/safetensors.hpp>
 
 #include <cstdio>
 #include <string>

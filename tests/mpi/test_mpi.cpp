@@ -16,12 +16,12 @@
 
 #include <unistd.h>  // getpid: a file name of this job's own
 
-#include "polyak/averaged_model.hpp"
-#include "polyak/distributed_checkpoint.hpp"
-#include "polyak/model_averaging.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/checkpoint/distributed_checkpoint.hpp"
+#include "polyak/core/model_averaging.hpp"
 #include "polyak/mpi.hpp"
-#include "polyak/serialization.hpp"
-#include "polyak/shard_view.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
+#include "polyak/core/shard_view.hpp"
 
 using polyak::MpiCommunicator;
 using polyak::ParameterList;

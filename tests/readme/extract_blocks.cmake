@@ -1,21 +1,23 @@
-# Writes the ```cpp blocks of README.md into one translation unit a kind, so that a test can compile
-# them: the blocks' #include lines at the top, then the context their snippets assume
-# (context_core.hpp, context_mpi.hpp or context_torch.hpp, by what a block includes), then each block
-# as the body of a function of its own. Every body line carries a #line directive, so a compiler
-# error names README.md and the line. (One file a kind: each block alone recompiled its headers, 11
-# times per build.) Sets POLYAK_README_KINDS to the kinds that have blocks, and POLYAK_README_LINES_<kind>
-# to the README lines their blocks start at.
-function(polyak_extract_readme_blocks readme out_dir)
-  file(READ "${readme}" text)
-  string(REPLACE ";" "<polyak-semicolon>" text "${text}")  # CMake lists split on ';'
-  string(REPLACE "\n" ";" lines "${text}")
+# Writes the ```cpp blocks of the README and the guides (the files in `documents`) into one translation
+# unit a kind, so that a test can compile them: the blocks' #include lines at the top, then the
+# context their snippets assume (context_core.hpp, context_mpi.hpp or context_torch.hpp, by what a
+# block includes), then each block as the body of a function of its own. Every body line carries a
+# #line directive, so a compiler error names the file and the line. (One file a kind: each block
+# alone recompiled its headers, 11 times per build.) Sets POLYAK_README_KINDS to the kinds that have
+# blocks, and POLYAK_README_LINES_<kind> to where their blocks start (file:line).
+function(polyak_extract_readme_blocks documents out_dir)
   foreach(kind core mpi torch)
     set(includes_${kind} "")
     set(bodies_${kind} "")
     set(starts_${kind} "")
   endforeach()
-  set(in_block OFF)
   set(index 0)
+  foreach(readme IN LISTS documents)
+  get_filename_component(document "${readme}" NAME)
+  file(READ "${readme}" text)
+  string(REPLACE ";" "<polyak-semicolon>" text "${text}")  # CMake lists split on ';'
+  string(REPLACE "\n" ";" lines "${text}")
+  set(in_block OFF)
   set(number 0)
   foreach(line IN LISTS lines)
     math(EXPR number "${number} + 1")
@@ -27,14 +29,14 @@ function(polyak_extract_readme_blocks readme out_dir)
     elseif(in_block AND line MATCHES "^``` *$")
       set(in_block OFF)
       set(kind core)
-      if(includes MATCHES "polyak/torch(_[a-z_]+)?\\.hpp")
+      if(includes MATCHES "polyak/torch[/.]")
         set(kind torch)
-      elseif(includes MATCHES "polyak/mpi\\.hpp")
+      elseif(includes MATCHES "polyak/mpi[/.]")
         set(kind mpi)
       endif()
       string(APPEND includes_${kind} "${includes}")
       string(APPEND bodies_${kind} "\nvoid readme_block_${index}() {\n${body}}\n")
-      list(APPEND starts_${kind} ${start})
+      list(APPEND starts_${kind} "${document}:${start}")
       math(EXPR index "${index} + 1")
     elseif(in_block)
       if(line MATCHES "^#include")
@@ -44,10 +46,11 @@ function(polyak_extract_readme_blocks readme out_dir)
       endif()
     endif()
   endforeach()
+  endforeach()
   set(kinds "")
   foreach(kind core mpi torch)
     if(starts_${kind})
-      set(source "// Generated from README.md: its ${kind} blocks, compiled by the test readme.${kind}.\n")
+      set(source "// Generated from README.md and docs/*.md: their ${kind} blocks, compiled by the test readme.${kind}.\n")
       string(APPEND source "${includes_${kind}}#include \"context_${kind}.hpp\"\n${bodies_${kind}}")
       string(REPLACE "<polyak-semicolon>" ";" source "${source}")
       file(CONFIGURE OUTPUT "${out_dir}/readme_${kind}.cpp" CONTENT "${source}")

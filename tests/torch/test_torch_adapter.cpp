@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: MIT
 // polyak/torch.hpp: views of a libtorch module, update_bn over its batch-norm layers, SWALR over a
-// torch::optim optimizer; polyak/torch_averaged_model.hpp: the average kept on the module's device.
+// torch::optim optimizer; polyak/torch/averaged_model.hpp: the average kept on the module's device.
 // Expected values from closed forms, from libtorch's own reductions and from polyak::AveragedModel.
 // The device average runs on CPU tensors here (polyak's kernel on the tensors' memory, the staging
 // and background fold of Placement::Host, the checkpoint bridge); the CUDA cases, which run torch's
 // kernels, run where a GPU is present and say they were skipped otherwise.
 #include "polyak/torch.hpp"
-#include "polyak/torch_averaged_model.hpp"
-#include "polyak/torch_checkpoint.hpp"
+#include "polyak/torch/averaged_model.hpp"
+#include "polyak/torch/checkpoint.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -19,13 +19,13 @@
 
 #include <unistd.h>  // getpid
 
-#include "polyak/averaged_model.hpp"
+#include "polyak/core/averaged_model.hpp"
 
 namespace nn = torch::nn;
 
-TEST_CASE("parameters() views a module's tensors under Python's names", "[torch]") {
+TEST_CASE("tensors() views a module's tensors under Python's names", "[torch]") {
   nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
-  const auto params = polyak::libtorch::parameters<float>(*model);
+  const auto params = polyak::libtorch::tensors<float>(*model);
   REQUIRE(params.size() == 6);  // num_batches_tracked (int64) is a counter: left out
   const char* names[] = {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"};
   for (std::size_t i = 0; i < 6; ++i) CHECK(params[i].name() == names[i]);
@@ -33,7 +33,7 @@ TEST_CASE("parameters() views a module's tensors under Python's names", "[torch]
   CHECK(params[0].data() == model[0]->as<nn::Linear>()->weight.data_ptr<float>());
   CHECK_FALSE(params[3].is_buffer());
   CHECK(params[4].is_buffer());
-  CHECK(polyak::libtorch::parameters<float>(*model, polyak::libtorch::Buffers::Exclude).size() == 4);
+  CHECK(polyak::libtorch::parameters<float>(*model).size() == 4);  // the parameters alone, as PyTorch lists them
 
   SECTION("writes through the views reach the module") {
     polyak::AveragedModel<float> swa(params);
@@ -49,35 +49,35 @@ TEST_CASE("parameters() views a module's tensors under Python's names", "[torch]
   }
 }
 
-TEST_CASE("parameters() refuses tensors it cannot view, naming them", "[torch]") {
+TEST_CASE("tensors() refuses tensors it cannot view, naming them", "[torch]") {
   nn::Linear wide(3, 2);
   wide->to(torch::kDouble);
-  CHECK_THROWS_WITH(polyak::libtorch::parameters<float>(*wide),
+  CHECK_THROWS_WITH(polyak::libtorch::tensors<float>(*wide),
                     Catch::Contains("'weight'") && Catch::Contains("Double") && Catch::Contains("not Float"));
-  CHECK(polyak::libtorch::parameters<double>(*wide).size() == 2);
+  CHECK(polyak::libtorch::tensors<double>(*wide).size() == 2);
 
   struct Strided : nn::Module {
     Strided() { register_parameter("w", torch::ones({3, 4}).t()); }
   };
   Strided strided;
-  CHECK_THROWS_WITH(polyak::libtorch::parameters<float>(strided),
+  CHECK_THROWS_WITH(polyak::libtorch::tensors<float>(strided),
                     Catch::Contains("'w'") && Catch::Contains("not contiguous"));
 
   struct Counting : nn::Module {
     Counting() { register_parameter("count", torch::zeros({2}, torch::kLong), /*requires_grad=*/false); }
   };
   Counting counting;
-  CHECK_THROWS_WITH(polyak::libtorch::parameters<float>(counting),
+  CHECK_THROWS_WITH(polyak::libtorch::tensors<float>(counting),
                     Catch::Contains("'count'") && Catch::Contains("Long"));
 }
 
-TEST_CASE("parameters() views half and bfloat16 modules", "[torch]") {
+TEST_CASE("tensors() views half and bfloat16 modules", "[torch]") {
   nn::Linear half(4, 2), brain(4, 2);
   half->to(torch::kHalf);
   brain->to(torch::kBFloat16);
   torch::NoGradGuard no_grad;
-  const auto h = polyak::libtorch::parameters<Eigen::half>(*half);
-  const auto b = polyak::libtorch::parameters<Eigen::bfloat16>(*brain);
+  const auto h = polyak::libtorch::tensors<Eigen::half>(*half);
+  const auto b = polyak::libtorch::tensors<Eigen::bfloat16>(*brain);
   polyak::AveragedModel<Eigen::half> h_avg(h);
   polyak::AveragedModel<Eigen::bfloat16> b_avg(b);
   for (const float value : {0.5f, 1.5f, 4.0f}) {  // exact in both types
@@ -211,7 +211,7 @@ TEST_CASE("a tied weight is viewed once, and swap keeps the live values", "[torc
   };
   LanguageModel model;
   torch::Tensor& live = model.embed->weight;
-  const auto params = polyak::libtorch::parameters<float>(model);
+  const auto params = polyak::libtorch::tensors<float>(model);
   REQUIRE(params.size() == 2);  // embed.weight and head.bias: the tied weight once, first name kept
   CHECK(params[0].name() == "embed.weight");
   CHECK(params[1].name() == "head.bias");
@@ -234,9 +234,9 @@ TEST_CASE("a tied weight is viewed once, and swap keeps the live values", "[torc
 TEST_CASE("batch-norm counters are left out whatever their dtype", "[torch]") {
   nn::Sequential model(nn::Linear(3, 4), nn::BatchNorm1d(4), nn::ReLU(), nn::Linear(4, 2),
                        nn::BatchNorm1d(2));
-  const auto in_float = polyak::libtorch::parameters<float>(*model);
+  const auto in_float = polyak::libtorch::tensors<float>(*model);
   model->to(torch::kFloat64);
-  const auto in_double = polyak::libtorch::parameters<double>(*model);
+  const auto in_double = polyak::libtorch::tensors<double>(*model);
   CHECK(in_float.size() == 12);
   REQUIRE(in_double.size() == 12);
   for (std::size_t i = 0; i < 12; ++i) {
@@ -251,7 +251,7 @@ TEST_CASE("views made before torch::load or module->to() are refused at the next
   const std::string path = (std::filesystem::temp_directory_path() / "polyak_torch_stale.pt").string();
   nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
   torch::save(model, path);
-  const auto params = polyak::libtorch::parameters<float>(*model);
+  const auto params = polyak::libtorch::tensors<float>(*model);
   polyak::AveragedModel<float, polyak::EMA> ema(params, polyak::EMA{0.5});
   ema.update_parameters(params);
   const float before = ema.tensors()[0].data()[0];
@@ -261,7 +261,7 @@ TEST_CASE("views made before torch::load or module->to() are refused at the next
                     Catch::Contains("tensor '0.weight' was resized, moved or replaced"));
   CHECK(ema.n_averaged() == 1);
   CHECK(ema.tensors()[0].data()[0] == before);
-  const auto fresh = polyak::libtorch::parameters<float>(*model);  // what the message asks for
+  const auto fresh = polyak::libtorch::tensors<float>(*model);  // what the message asks for
   CHECK_NOTHROW(ema.update_parameters(fresh));
 
   model->to(torch::kFloat64);
@@ -371,7 +371,7 @@ TEST_CASE("on the CPU the device average has polyak::AveragedModel's numbers, bi
     polyak::libtorch::AveragedModel<> device_swa(*model);
     const auto check = [&](auto zero) {
       using T = decltype(zero);
-      const auto views = polyak::libtorch::parameters<T>(*model);
+      const auto views = polyak::libtorch::tensors<T>(*model);
       polyak::AveragedModel<T, polyak::EMA> eigen_ema(views, polyak::EMA{0.9}, true);
       polyak::AveragedModel<T> eigen_swa(views);
       for (int k = 0; k < 4; ++k) {
@@ -483,7 +483,7 @@ TEST_CASE("the device average's state: polyak::AveragedModel's keys, refused who
   CHECK(polyak::to_doubles(sd.at("module.0.weight"))[0] == 2.0);
 
   // The same state loads into the Eigen path's AveragedModel over the same module, and back.
-  const auto views = polyak::libtorch::parameters<float>(*model);
+  const auto views = polyak::libtorch::tensors<float>(*model);
   polyak::AveragedModel<float, polyak::EMA> eigen(views, polyak::EMA{0.5}, /*use_buffers=*/true);
   eigen.load_state_dict(sd);
   CHECK(eigen.n_averaged() == 2);
@@ -596,7 +596,7 @@ TEST_CASE("libtorch::PostHocEMA writes the snapshots polyak::PostHocEMA writes, 
   const std::string folder = "polyak_torch_post_hoc_" + std::to_string(::getpid());
   nn::Sequential model(nn::Linear(6, 4), nn::BatchNorm1d(4));
   polyak::libtorch::PostHocEMA device(*model, folder + "/device", 5);
-  const auto views = polyak::libtorch::parameters<float>(*model);
+  const auto views = polyak::libtorch::tensors<float>(*model);
   polyak::PostHocEMA<float> eigen(views, folder + "/eigen", 5);
   for (int t = 1; t <= 20; ++t) {
     torch::NoGradGuard no_grad;

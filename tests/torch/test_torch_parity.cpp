@@ -4,7 +4,7 @@
 // and settings. Training is libtorch's on both sides; everything averaged or scheduled is polyak's.
 #include "polyak/checkpoint.hpp"
 #include "polyak/torch.hpp"
-#include "polyak/torch_averaged_model.hpp"
+#include "polyak/torch/averaged_model.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -12,8 +12,8 @@
 #include <cstring>
 
 #include "../../examples/common/digits_cnn.hpp"
-#include "polyak/averaged_model.hpp"
-#include "polyak/serialization.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
 
 namespace {
 
@@ -64,7 +64,7 @@ TEST_CASE("libtorch + polyak reproduce torch.optim.swa_utils' SWA, EMA, SWALR an
   torch::optim::SGD optimizer(model->parameters(),
                               torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(5e-4));
 
-  const auto params = polyak::libtorch::parameters<float>(*model);
+  const auto params = polyak::libtorch::tensors<float>(*model);
   polyak::AveragedModel<float> swa_model(params);
   polyak::AveragedModel<float, polyak::EMA> ema_model(params, polyak::EMA{0.95});
   // The same averages kept as torch tensors on the module's device, updated by torch's kernels.
@@ -99,7 +99,7 @@ TEST_CASE("libtorch + polyak reproduce torch.optim.swa_utils' SWA, EMA, SWALR an
   double averaged[4];
   for (int which = 0; which < 4; ++which) {
     torch::nn::Sequential net = make_digits_cnn();
-    const auto net_params = polyak::libtorch::parameters<float>(*net);
+    const auto net_params = polyak::libtorch::tensors<float>(*net);
     if (which == 0) {
       swa_model.copy_to(net_params);
     } else if (which == 1) {

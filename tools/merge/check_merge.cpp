@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: MIT
+// Runs polyak-merge on checkpoints made here and checks its output against closed forms:
+// the uniform mean, a weighted mean, an EMA over the files in order; that inputs that disagree are
+// refused with no output file; and that every bad argument gets a message, a non-zero exit (never a
+// crash) and no file written.
+//   check_merge PATH_TO_polyak-merge WORK_FOLDER
+#include <polyak/checkpoint/safetensors.hpp>
+#include <polyak/checkpoint/sharded_checkpoint.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>  // WIFEXITED: std::system's status
+
+namespace {
+
+int failures = 0;
+void expect(bool ok, const std::string& what) {
+  std::printf("%s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  failures += !ok;
+}
+
+/// Checkpoint k: w = k + i / 8 (F32, 2 x 3), h = 2k (F16, 4), n_averaged = 10 k.
+std::string checkpoint(const std::string& folder, int k, bool other_shape = false) {
+  std::vector<float> w(6);
+  for (std::size_t i = 0; i < 6; ++i) w[i] = static_cast<float>(k) + static_cast<float>(i) / 8;
+  std::vector<Eigen::half> h(4, Eigen::half(static_cast<float>(2 * k)));
+  polyak::StateDict sd;
+  sd.insert("w", w.data(), other_shape ? std::vector<std::int64_t>{3, 2} : std::vector<std::int64_t>{2, 3});
+  sd.insert("h", h.data(), {4});
+  sd.insert_scalar<std::int64_t>("n_averaged", 10 * k);
+  const std::string path =
+      folder + "/ck" + std::to_string(k) + (other_shape ? "_other" : "") + ".safetensors";
+  polyak::save_safetensors(path, sd);
+  return path;
+}
+
+float w0(const std::string& path) {
+  const auto sd = polyak::load_safetensors(path);
+  float v;
+  std::memcpy(&v, sd.at("w").bytes.data(), 4);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  const std::string tool = argv[1], folder = argv[2];
+  std::filesystem::create_directories(folder);
+  const std::string a = checkpoint(folder, 1), b = checkpoint(folder, 2), c = checkpoint(folder, 6);
+  const std::string out = folder + "/out.safetensors";
+  auto run = [&](const std::string& args) { return std::system((tool + " " + args).c_str()); };
+
+  expect(run(out + " " + a + " " + b + " " + c) == 0, "uniform average runs");
+  auto sd = polyak::load_safetensors(out);
+  expect(w0(out) == 3.0f, "uniform: w[0] is (1 + 2 + 6) / 3 = 3");
+  float w5;
+  std::memcpy(&w5, sd.at("w").bytes.data() + 20, 4);
+  expect(w5 == 3.625f, "uniform: w[5] is 3 + 5/8");
+  expect(sd.at("h").dtype == polyak::DType::F16, "dtypes kept");
+  expect(sd.scalar<std::int64_t>("n_averaged") == 60, "integer tensors come from the last file");
+
+  expect(run("--weights 1,1,2 " + out + " " + a + " " + b + " " + c) == 0, "weighted average runs");
+  expect(w0(out) == 3.75f, "weighted: (1 + 2 + 2 * 6) / 4 = 3.75");
+
+  expect(run("--ema 0.5 " + out + " " + a + " " + b + " " + c) == 0, "EMA runs");
+  expect(w0(out) == 3.75f, "EMA 0.5: ((1 + 2) / 2 + 6) / 2 = 3.75");
+
+  std::filesystem::remove(out);
+  const std::string bad = checkpoint(folder, 3, /*other_shape=*/true);
+  expect(run(out + " " + a + " " + bad + " 2>/dev/null") != 0, "a checkpoint of another shape is refused");
+  expect(!std::filesystem::exists(out), "and no output is written");
+  // Issue 12, item 7: bad arguments. Each one: exit 2 with a usage message, nothing written (the
+  // folder holds only the inputs afterwards). Before the fix some aborted (exit 134), some wrote a
+  // wrong average with exit 0, and "--help a b" wrote a file named "--help".
+  const std::string log = folder + "/stderr.txt";
+  auto refused = [&](const std::string& args, const std::string& why) {
+    const int status = std::system(("cd " + folder + " && " + tool + " " + args + " 2>" + log).c_str());
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::ifstream in(log);
+    const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::size_t files = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(folder)) files += entry.path() != log;
+    expect(code == 2 && message.find("usage:") != std::string::npos && files == 4,
+           "refused with usage, exit 2, nothing written: " + why + " (exit " + std::to_string(code) + ")");
+  };
+  const std::string inputs = " out.safetensors " + a + " " + b;
+  refused("--ema -0.5" + inputs, "--ema -0.5");
+  refused("--ema nan" + inputs, "--ema nan");
+  refused("--ema abc" + inputs, "--ema abc");
+  refused("--ema 0.5x" + inputs, "--ema 0.5x");
+  refused("--ema", "--ema without a value");
+  refused("--weights inf,1" + inputs, "--weights inf,1");
+  refused("--weights abc,1" + inputs, "--weights abc");
+  refused("--weights 1,,1" + inputs, "--weights 1,,1");
+  refused("--weights 1, " + inputs, "--weights with an empty item");
+  refused("--weights 1e999,1" + inputs, "--weights 1e999");
+  refused("--weights 1x,2" + inputs, "--weights 1x,2");
+  refused("--weights -1,2" + inputs, "--weights -1,2");
+  refused("--weights 0,0" + inputs, "--weights 0,0");
+  refused("--weights 1,2,3" + inputs, "three weights for two inputs");
+  refused("--weights 1,1 --ema 0.5" + inputs, "--weights with --ema");
+  refused("--ema 0.5 --ema 0.6" + inputs, "--ema twice");
+  refused("--bogus" + inputs, "an unknown option");
+  refused("out.safetensors", "no input");
+  refused(a + " " + a + " " + b, "OUT is an input");
+  // Issue 16: the merge methods' arguments.
+  refused("--method bogus" + inputs, "an unknown method");
+  refused("--method ties" + inputs, "ties without --base");
+  refused("--method ties --base " + a + " --density 2" + inputs, "--density 2");
+  refused("--method dare --base " + a + " --drop 1" + inputs, "--drop 1");
+  refused("--method slerp --t 1.5" + inputs, "--t 1.5");
+  refused("--method slerp" + inputs + " " + c, "slerp of three inputs");
+  refused("--base " + a + inputs, "--base with an average");
+  refused("--latest 0" + inputs, "--latest 0");
+  refused("--latest 3" + inputs, "--latest 3 of 2 inputs");
+  refused("--latest 1 --weights 1,1" + inputs, "--latest with --weights");
+  refused("--method ties --base " + a + " --ema 0.5" + inputs, "--ema with a merge");
+  refused("--method dare --base " + a + " --seed -1" + inputs, "--seed -1");
+  refused("--method dare --method ties --base " + a + inputs, "--method twice");
+  refused("--method task-arithmetic --base out.safetensors" + inputs, "the base is OUT");
+  // Issue 21, item 11: an option the method does not use is refused, never silently ignored.
+  refused("--t 0.3" + inputs, "--t with an average");
+  refused("--density 0.5" + inputs, "--density with an average");
+  refused("--scale 2" + inputs, "--scale with an average");
+  refused("--method slerp --weights 1,2" + inputs, "--weights with slerp");
+  refused("--method slerp --scale 2" + inputs, "--scale with slerp");
+  refused("--method ties --base " + a + " --drop 0.1" + inputs, "--drop with ties");
+  refused("--method ties --base " + a + " --seed 3" + inputs, "--seed with ties");
+  refused("--method task-arithmetic --base " + a + " --density 0.5" + inputs,
+          "--density with task-arithmetic");
+  refused("--method task-arithmetic --base " + a + " --t 0.5" + inputs,
+          "--t 0.5 (the default) with task-arithmetic");
+  refused("--method dare --base " + a + " --density 0.5 --drop 0.5" + inputs, "dare's --density and --drop");
+  refused("--method slerp --ema 0.5" + inputs, "--ema with slerp");
+  // --help: the usage on stdout, exit 0, and no file named "--help" or anything else
+  const int help = std::system(("cd " + folder + " && " + tool + " --help a b >/dev/null").c_str());
+  std::size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) files += entry.path() != log;
+  expect(WIFEXITED(help) && WEXITSTATUS(help) == 0 && files == 4,
+         "--help a b prints the usage and writes nothing");
+  // Huge but finite weights are normalized without overflow: 1e308,1e308 is the uniform mean.
+  expect(run("--weights 1e308,1e308 " + out + " " + a + " " + b) == 0 && w0(out) == 1.5f,
+         "--weights 1e308,1e308 is the uniform mean (1 + 2) / 2");
+
+  // LAWA and the merges, against their closed forms on w[0] (inputs 1, 2, 6; base 1).
+  expect(run("--latest 2 " + out + " " + a + " " + b + " " + c) == 0 && w0(out) == 4.0f,
+         "--latest 2: (2 + 6) / 2 = 4");
+  expect(run("--method task-arithmetic --base " + a + " --scale 0.5 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 4.0f,
+         "task arithmetic: 1 + 0.5 ((2 - 1) + (6 - 1)) = 4");
+  expect(run("--method ties --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 4.0f,
+         "ties, density 1: 1 + mean(1, 5) = 4 (both agree in sign)");
+  expect(run("--method dare --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 7.0f,
+         "dare, drop 0: 1 + (1 + 5) = 7");
+  expect(run("--method slerp --t 0 " + out + " " + b + " " + c) == 0 && w0(out) == 2.0f,
+         "slerp, t 0: the first");
+  // Issue 21, item 12: per-model task negation; mergekit's --density for DARE (the fraction kept).
+  expect(run("--method task-arithmetic --base " + a + " --weights -1,1 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 5.0f,
+         "task arithmetic, weights -1, 1: 1 - (2 - 1) + (6 - 1) = 5");
+  expect(run("--method dare --base " + a + " --density 1 --seed 4 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 7.0f,
+         "dare, --density 1 keeps everything: 1 + (1 + 5) = 7");
+  expect(run("--method dare --base " + a + " --density 0.5 --seed 4 " + out + " " + b + " " + c) == 0,
+         "dare, --density 0.5 runs");
+  // A sharded input gives a sharded output: the index and its shards.
+  const std::string sharded = folder + "/sharded";
+  std::filesystem::create_directories(sharded);
+  std::filesystem::copy_file(b, sharded + "/model-00001-of-00001.safetensors");
+  std::ofstream(sharded + "/model.safetensors.index.json")
+      << R"({"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors", )"
+      << R"("h": "model-00001-of-00001.safetensors", "n_averaged": "model-00001-of-00001.safetensors"}})";
+  const std::string sharded_out = folder + "/sharded_out";
+  expect(run(sharded_out + " " + sharded + " " + c) == 0 &&
+             std::filesystem::exists(sharded_out + "/model.safetensors.index.json") &&
+             w0(sharded_out + "/model-00001-of-00001.safetensors") == 4.0f,
+         "a sharded input: a sharded output, (2 + 6) / 2 = 4");
+  // Issue 21, item 2: OUT inside a sharded input (its folder, its index, a shard): refused, the input
+  // as it was.
+  const std::string shard = sharded + "/model-00001-of-00001.safetensors";
+  const std::string shard_bytes = [&] {
+    std::ifstream in(shard, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }();
+  for (const std::string& inside : {sharded, sharded + "/model.safetensors.index.json", shard}) {
+    const int status = run(inside + " " + sharded + " " + c + " 2>/dev/null");
+    std::ifstream in(shard, std::ios::binary);
+    const std::string after((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    expect(status != 0 && after == shard_bytes && polyak::CheckpointReader(sharded).tensors().size() == 3,
+           "OUT " + inside.substr(folder.size()) + " (inside a sharded input) is refused, the input kept");
+  }
+
+  std::filesystem::remove_all(folder);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,272 @@
+// SPDX-License-Identifier: MIT
+// polyak-merge: averages or merges checkpoints into one, as fairseq's checkpoint averaging,
+// model soups, LAWA and mergekit do, streaming (polyak/checkpoint/merge.hpp).
+//
+//   polyak-merge [OPTIONS] OUT IN1 IN2 ...
+//
+// Uniform by default; --weights gives each file a weight (finite, >= 0, not all 0; normalized to sum
+// 1); --ema folds the files in order into an exponential moving average (the first file starts it;
+// DECAY in [0, 1]); --latest K averages the last K inputs (LAWA: list the run's checkpoints in
+// order). --method task-arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic
+// against --base; slerp between two inputs), with --scale, --density, --drop, --seed and --t; the
+// weights are then each model's lambda. Inputs are safetensors files or Hugging Face sharded
+// checkpoints (an index file or its folder); OUT is laid out as the first input (a folder of
+// shards and an index, for a sharded one). Every floating-point tensor is computed in double and
+// rounded once to its own dtype; integer tensors (counters such as n_averaged) are taken from the
+// last input. Memory: a few pieces of one tensor (TIES: plus one float per scalar of the largest
+// tensor). Inputs that differ in tensor names, dtypes or shapes, and any argument it cannot read,
+// are refused with the problem named, and no output is written.
+#include <polyak/core/detail/number_text.hpp>
+#include <polyak/checkpoint/merge.hpp>
+#include <polyak/checkpoint/safetensors.hpp>
+
+#include <algorithm>
+#include <charconv>  // std::from_chars: --seed is any 64-bit value
+#include <cstdint>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+const char* const usage_text =
+    "usage: polyak-merge [OPTIONS] OUT IN1 IN2 ...\n"
+    "  averages or merges the checkpoints IN1 IN2 ... (safetensors files, or sharded checkpoints:\n"
+    "  an index .json or its folder) into OUT (written only if all goes well)\n"
+    "  --weights W1,W2,...  one weight per input (finite; >= 0 and not all 0 for an average,\n"
+    "                       normalized to sum 1; > 0 for ties; any sign for task-arithmetic and\n"
+    "                       dare): each model's lambda in a merge\n"
+    "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (an average)\n"
+    "  --latest K           the uniform average of the last K inputs (LAWA)\n"
+    "  --method M           average (default), task-arithmetic, ties, dare or slerp\n"
+    "  --base PATH          the base model of task-arithmetic, ties and dare\n"
+    "  --scale S            lambda on the merged task vector (default 1)\n"
+    "  --density D          ties, dare: the fraction of each task vector kept, in [0, 1]\n"
+    "                       (default 1; dare then drops with probability 1 - D)\n"
+    "  --drop P             dare: the drop probability, in [0, 1) (default 0; or --density)\n"
+    "  --seed N             dare: the seed of the drops (default 0)\n"
+    "  --t T                slerp: 0 gives IN1, 1 gives IN2 (default 0.5)\n"
+    "  --                   what follows is file names, even if it starts with '-'\n"
+    "  an option the method does not use is refused\n";
+
+/// A command line that cannot be run: the tool prints the message and its usage, and exits 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Arguments {
+  bool help = false;
+  std::vector<double> weights;  // empty: uniform
+  double ema = -1;              // < 0: no EMA
+  std::int64_t latest = 0;      // > 0: LAWA over the last `latest` inputs
+  polyak::MergeOptions merge;
+  std::string base;
+  std::string out;
+  std::vector<std::string> inputs;
+};
+
+polyak::MergeMethod method_named(const std::string& name) {
+  if (name == "average") return polyak::MergeMethod::Average;
+  if (name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;
+  if (name == "ties") return polyak::MergeMethod::Ties;
+  if (name == "dare") return polyak::MergeMethod::Dare;
+  if (name == "slerp") return polyak::MergeMethod::Slerp;
+  throw UsageError("--method '" + name + "' is none of average, task-arithmetic, ties, dare, slerp");
+}
+
+/// Whether `method` uses the command-line option `option`.
+bool uses(polyak::MergeMethod method, const std::string& option) {
+  using polyak::MergeMethod;
+  if (option == "--method") return true;
+  if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
+  if (option == "--weights") return method != MergeMethod::Slerp;
+  if (option == "--t") return method == MergeMethod::Slerp;
+  if (option == "--base" || option == "--scale") return polyak::detail::merge_needs_base(method);
+  if (option == "--density") return method == MergeMethod::Ties || method == MergeMethod::Dare;
+  return method == MergeMethod::Dare;  // --drop, --seed
+}
+
+double finite_number(std::string_view text, const char* what) {
+  double value = 0;
+  if (!polyak::detail::parse_number(text, value) || !std::isfinite(value)) {
+    throw UsageError(std::string(what) + " '" + std::string(text) + "' is not a finite number");
+  }
+  return value;
+}
+
+Arguments parse(int argc, char** argv) {
+  Arguments args;
+  std::vector<std::string> files;
+  bool weights_given = false, ema_given = false, options_done = false;
+  std::vector<std::string> seen;  // options given, each at most once
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
+      files.push_back(arg);
+    } else if (arg == "--") {
+      options_done = true;
+    } else if (arg == "--help" || arg == "-h") {
+      args.help = true;
+    } else if (arg == "--method" || arg == "--base" || arg == "--scale" || arg == "--density" ||
+               arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest") {
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
+      seen.push_back(arg);
+      const std::string value = argv[++i];
+      if (arg == "--method") {
+        args.merge.method = method_named(value);
+      } else if (arg == "--base") {
+        args.base = value;
+      } else if (arg == "--scale") {
+        args.merge.scale = finite_number(value, "--scale");
+      } else if (arg == "--density") {
+        args.merge.density = finite_number(value, "--density");
+      } else if (arg == "--drop") {
+        args.merge.drop = finite_number(value, "--drop");
+      } else if (arg == "--t") {
+        args.merge.t = finite_number(value, "--t");
+      } else {
+        std::uint64_t n = 0;
+        const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), n);
+        if (error != std::errc() || end != value.data() + value.size() || value.empty() ||
+            (arg == "--latest" &&
+             (n < 1 || n > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())))) {
+          throw UsageError(arg + " '" + value + "' is not a whole number " +
+                           (arg == "--seed" ? "in [0, 2^64)" : ">= 1"));
+        }
+        if (arg == "--seed") {
+          args.merge.seed = n;
+        } else {
+          args.latest = static_cast<std::int64_t>(n);
+        }
+      }
+    } else if (arg == "--weights" || arg == "--ema") {
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      const std::string value = argv[++i];
+      seen.push_back(arg);
+      if (arg == "--weights") {
+        if (weights_given) throw UsageError("--weights is given twice");
+        weights_given = true;
+        std::size_t start = 0;
+        for (;;) {  // comma-separated; an empty item ("1,,1", "1,") is refused by finite_number
+          const std::size_t comma = value.find(',', start);
+          args.weights.push_back(
+              finite_number(std::string_view(value).substr(start, comma - start), "weight"));
+          if (comma == std::string::npos) break;
+          start = comma + 1;
+        }
+      } else {
+        if (ema_given) throw UsageError("--ema is given twice");
+        ema_given = true;
+        args.ema = finite_number(value, "--ema decay");
+        if (!(args.ema >= 0 && args.ema <= 1))
+          throw UsageError("--ema decay " + value + " is outside [0, 1]");
+      }
+    } else {
+      throw UsageError("unknown option '" + arg + "' (a file named so goes after --)");
+    }
+  }
+  if (args.help) return args;
+  const polyak::MergeMethod method = args.merge.method;
+  const std::string method_name = polyak::detail::merge_method_name(method);
+  for (const auto& option : seen) {  // no option is silently ignored
+    if (!uses(method, option)) throw UsageError(option + " is not an option of --method " + method_name);
+  }
+  if (weights_given && ema_given) throw UsageError("--weights and --ema exclude each other");
+  const bool average = method == polyak::MergeMethod::Average;
+  if (args.latest > 0 && (weights_given || ema_given))
+    throw UsageError("--latest takes no --weights or --ema");
+  if (files.size() < 2) throw UsageError("needs OUT and at least one input");
+  args.out = files.front();
+  if (args.out.empty()) throw UsageError("OUT is the empty path");
+  args.inputs.assign(files.begin() + 1, files.end());
+  if (weights_given && args.weights.size() != args.inputs.size()) {
+    throw UsageError(std::to_string(args.weights.size()) + " weights for " +
+                     std::to_string(args.inputs.size()) + " inputs");
+  }
+  if (args.latest > static_cast<std::int64_t>(args.inputs.size())) {
+    throw UsageError("--latest " + std::to_string(args.latest) + " of " + std::to_string(args.inputs.size()) +
+                     " inputs");
+  }
+  if (weights_given) args.merge.weights = args.weights;
+  std::vector<std::string> read = args.inputs;
+  if (!args.base.empty()) read.push_back(args.base);
+  for (const auto& input : read) {  // (by name too: an OUT that does not exist yet has no identity)
+    if (std::filesystem::path(input).lexically_normal() == std::filesystem::path(args.out).lexically_normal())
+      throw UsageError("OUT '" + args.out + "' is also an input");
+  }
+  try {
+    polyak::check_output_apart(args.out, read);  // (merge_checkpoints checks every shard of them too)
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string(e.what()).substr(std::string("polyak: ").size()));
+  }
+  try {
+    const std::size_t models = args.latest > 0 ? static_cast<std::size_t>(args.latest) : args.inputs.size();
+    polyak::detail::check_merge_options(args.merge, models, !args.base.empty());
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string(e.what()).substr(std::string("polyak::merge: ").size()));
+  }
+  if (average) args.merge.weights.clear();  // run() makes an average's weights
+  return args;
+}
+
+/// The weights, normalized to sum 1. Divided by the largest first, so that no sum overflows
+/// (1e308,1e308 is 0.5, 0.5).
+std::vector<double> normalized(std::vector<double> weights, std::size_t inputs) {
+  if (weights.empty()) weights.assign(inputs, 1.0);
+  const double largest = *std::max_element(weights.begin(), weights.end());
+  if (!(largest > 0)) throw UsageError("the weights are all 0");
+  double total = 0;
+  for (double& w : weights) total += (w /= largest);
+  for (double& w : weights) w /= total;
+  return weights;
+}
+
+/// An EMA over the inputs in order as the weights of an average: the first weighs decay^(n-1),
+/// input i >= 1 (1 - decay) decay^(n-1-i).
+std::vector<double> ema_weights(double decay, std::size_t inputs) {
+  std::vector<double> weights(inputs);
+  for (std::size_t i = 0; i < inputs; ++i) {
+    const double later = std::pow(decay, static_cast<double>(inputs - 1 - i));
+    weights[i] = i == 0 ? later : (1 - decay) * later;
+  }
+  return weights;
+}
+
+int run(Arguments args) {
+  std::vector<std::string> inputs = args.inputs;
+  if (args.merge.method == polyak::MergeMethod::Average) {
+    if (args.latest > 0) inputs.erase(inputs.begin(), inputs.end() - args.latest);
+    args.merge.weights =
+        args.ema >= 0 ? ema_weights(args.ema, inputs.size()) : normalized(args.weights, inputs.size());
+  }
+  polyak::merge_checkpoints(inputs, args.base, args.merge, args.out);
+  std::printf("polyak-merge: %s of %zu checkpoints into %s\n",
+              polyak::detail::merge_method_name(args.merge.method), inputs.size(), args.out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Arguments args = parse(argc, argv);
+    if (args.help) {
+      std::fputs(usage_text, stdout);
+      return 0;
+    }
+    return run(args);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "polyak-merge: %s; no output written\n%s", e.what(), usage_text);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "polyak-merge: %s; no output written\n", e.what());
+    return 1;
+  }
+}
