@@ -2,6 +2,8 @@
 # comment it cannot read (the warnings, one a line, in the output).
 #   cmake -DDOXYGEN=... -DDOXYFILE=... -DWARNINGS=... -P reference.cmake
 file(REMOVE "${WARNINGS}")
+get_filename_component(_folder "${WARNINGS}" DIRECTORY)
+file(MAKE_DIRECTORY "${_folder}")  # (doxygen does not make the warning log's folder)
 execute_process(COMMAND "${DOXYGEN}" "${DOXYFILE}" RESULT_VARIABLE _result OUTPUT_QUIET ERROR_VARIABLE _errors)
 if(_result)
   message(FATAL_ERROR "doxygen failed:\n${_errors}")

@@ -20,7 +20,7 @@ for check in "${checks[@]}"; do
   [[ " ${all_checks[*]} " == *" $check "* ]] || { echo "polyak: unknown check '$check' (${all_checks[*]})" >&2; exit 2; }
 done
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
-  libbenchmark-dev nlohmann-json3-dev python3-numpy clang libclang-rt-14-dev libtorch-dev \
+  libbenchmark-dev nlohmann-json3-dev doxygen python3-numpy clang libclang-rt-14-dev libtorch-dev \
   g++-mingw-w64-x86-64-posix
 
 jobs=$(nproc)
@@ -62,8 +62,9 @@ check_matrix() {
     cmake -S . -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
       -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O0" -DPOLYAK_WERROR=ON -DPOLYAK_WITH_TORCH=OFF \
       -DPOLYAK_BUILD_EXAMPLES=OFF >/dev/null
-    cmake --build "$dir" -j "$jobs" --target polyak_tests
-    "$dir/tests/polyak_tests" --order rand
+    cmake --build "$dir" -j "$jobs" --target polyak_core_tests polyak_checkpoint_tests
+    "$dir/tests/polyak_core_tests" --order rand
+    "$dir/tests/polyak_checkpoint_tests" --order rand
   done
 }
 

@@ -47,6 +47,12 @@ class TemporaryFolder {
   std::filesystem::path path_;
 };
 
+/// A path in a temporary folder of this process's own (removed when the process ends).
+inline std::string temporary_path(const std::string& name) {
+  static const TemporaryFolder folder("tests");
+  return folder / name;
+}
+
 /// The bytes of a file ("" for a missing one).
 inline std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

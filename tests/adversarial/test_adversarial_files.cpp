@@ -4,6 +4,8 @@
 // What must hold: a file is refused with FormatError (never another exception, never a crash) or it
 // loads as a self-consistent state that saves and loads back the same; a state that a model refuses
 // changes nothing; a load never mixes two files. Run alone with `ctest -L adversarial`.
+#include "support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -29,23 +31,9 @@ using polyak::TensorView;
 
 namespace {
 
-/// A path in a folder of this process's own: CTest runs the test cases in parallel processes.
-std::string temporary_path(const std::string& name) {
-  const auto folder =
-      std::filesystem::temp_directory_path() / ("polyak_adversarial_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(folder);
-  return (folder / name).string();
-}
-
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
+using polyak_test::file_bytes;
+using polyak_test::temporary_path;
+using polyak_test::write_file;
 
 template <class T>
 std::vector<T> values_of(const polyak::StoredTensor& t) {
@@ -121,7 +109,7 @@ void check_self_consistent(const StateDict& sd, const std::string& scratch) {
 /// Loads `bytes` through every reader: each either refuses with FormatError or accepts a
 /// self-consistent state; the readers agree on which.
 bool accepted(const std::string& bytes, const std::string& path, const std::string& scratch) {
-  write_all(path, bytes);
+  write_file(path, bytes);
   bool loaded = false, indexed = false;
   try {
     const StateDict sd = polyak::load_safetensors(path);
@@ -148,7 +136,7 @@ bool accepted(const std::string& bytes, const std::string& path, const std::stri
 TEST_CASE("every truncation of a valid file is refused", "[adversarial]") {
   const auto scratch = temporary_path("scratch.safetensors");
   for (const auto& path : valid_files()) {
-    const std::string whole = read_all(path);
+    const std::string whole = file_bytes(path);
     const auto cut = temporary_path("truncated.safetensors");
     for (std::size_t n = 0; n < whole.size(); ++n) {
       CAPTURE(path, n);
@@ -183,7 +171,7 @@ TEST_CASE("mutated headers and data are refused or load self-consistent", "[adve
                                         "[1,2,3]"};
   int refused = 0, loaded = 0;
   for (const auto& path : valid_files()) {
-    const std::string whole = read_all(path);
+    const std::string whole = file_bytes(path);
     std::uint64_t header = 0;
     for (int b = 7; b >= 0; --b)
       header = (header << 8) | static_cast<unsigned char>(whole[static_cast<std::size_t>(b)]);
@@ -245,13 +233,13 @@ TEST_CASE("a model offered a mutated state loads it or changes nothing", "[adver
   const auto& list = model.list;
   const auto path = temporary_path("model_state.safetensors");
   polyak::save_safetensors(path, model.ema.state_dict());
-  const std::string whole = read_all(path);
+  const std::string whole = file_bytes(path);
   std::mt19937_64 rng(7);
   int refused = 0;
   for (int round = 0; round < 2000; ++round) {
     std::string bytes = whole;
     bytes[rng() % bytes.size()] ^= static_cast<char>(1 << (rng() % 8));
-    write_all(path, bytes);
+    write_file(path, bytes);
     polyak::AveragedModel<float, polyak::EMA> target(list, polyak::EMA{0.9});
     target.update_parameters(list);
     target.update_parameters(list);

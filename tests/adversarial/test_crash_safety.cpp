@@ -21,7 +21,7 @@
 #include "polyak/checkpoint/safetensors.hpp"
 #include "polyak/checkpoint/sharded_checkpoint.hpp"
 
-#include "../support.hpp"
+#include "support.hpp"
 
 namespace {
 
@@ -52,11 +52,8 @@ int check_whole(const std::string& path) {
 }  // namespace
 
 TEST_CASE("a save killed at any moment leaves a whole earlier state", "[adversarial]") {
-  const auto folder =
-      std::filesystem::temp_directory_path() / ("polyak_crash_test_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(folder);
-  std::filesystem::create_directories(folder);
-  const std::string path = (folder / "checkpoint.safetensors").string();
+  const polyak_test::TemporaryFolder folder("crash_test");
+  const std::string path = folder / "checkpoint.safetensors";
   polyak::save_safetensors(path, state(0));
 
   std::mt19937 rng(12345);
@@ -85,7 +82,7 @@ TEST_CASE("a save killed at any moment leaves a whole earlier state", "[adversar
   // What the kills left behind is what save_safetensors documents: its own temporaries, named
   // "<path>.tmp.<pid>.<n>", and nothing else.
   int temporaries = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(folder)) {
+  for (const auto& entry : std::filesystem::directory_iterator(folder.path())) {
     const std::string name = entry.path().filename().string();
     if (name == "checkpoint.safetensors") continue;
     CAPTURE(name);
@@ -93,7 +90,6 @@ TEST_CASE("a save killed at any moment leaves a whole earlier state", "[adversar
     ++temporaries;
   }
   std::cout << "crash test: " << temporaries << " temporaries left by the killed saves\n";
-  std::filesystem::remove_all(folder);  // the killed children's temporaries too
 }
 
 // Issue 21, item 1: a sharded merge writes a folder; killed at any moment or racing other merges

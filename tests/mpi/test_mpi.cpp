@@ -3,6 +3,8 @@
 // case in the same order, so the collectives match; assertions are CHECKs (a REQUIRE that stopped
 // one rank's test case early would leave the others waiting).
 #define CATCH_CONFIG_RUNNER
+#include "support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -27,6 +29,8 @@ using polyak::MpiCommunicator;
 using polyak::ParameterList;
 
 namespace {
+using polyak_test::file_bytes;
+
 MpiCommunicator world() { return MpiCommunicator(MPI_COMM_WORLD); }
 
 /// A path in the temporary folder unique to this job (CTest may run the np2, np4 and np8 jobs at
@@ -41,10 +45,6 @@ std::string job_path(const std::string& name) {
   return (folder / (std::to_string(static_cast<long>(pid)) + "_" + name)).string();
 }
 
-std::vector<char> file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 }  // namespace
 
 TEST_CASE("MpiCommunicator sums in place and splits like MPI_Comm_split", "[mpi]") {

@@ -6,7 +6,8 @@
 //
 //     polyak::FlatLayout layout;                       // the same on every rank
 //     layout.add("fc.weight", {512, 1024}).add("fc.bias", {512});
-//     polyak::ShardView<float> shard(layout, my_flat.data(), begin, end, comm);  // collective
+//     const auto range = polyak::even_shard(layout.numel(), comm.rank(), comm.size());
+//     polyak::ShardView<float> shard(layout, my_flat.data(), range.begin, range.end, comm);  // collective
 //     polyak::AveragedModel<float, polyak::EMA> ema(shard.parameters(), polyak::EMA(0.999));
 //
 // Checkpoints of such averages, one file written by all ranks and read back by any number of them:
@@ -93,6 +94,25 @@ class FlatLayout {
   std::vector<Tensor> tensors_;
   std::size_t numel_ = 0;
 };
+
+/// A member's contiguous range [begin, end) of a flat model.
+struct ShardRange {
+  std::size_t begin = 0;  ///< the first flat scalar the member holds
+  std::size_t end = 0;    ///< one past the last
+};
+
+/// Member `rank`'s range when `numel` scalars are cut evenly over `members`: the first
+/// numel % members members hold one scalar more than the others, in rank order, and the ranges
+/// cover the model exactly. InvalidArgument unless 0 <= rank < members.
+inline ShardRange even_shard(std::size_t numel, int rank, int members) {
+  if (members < 1 || rank < 0 || rank >= members)
+    throw InvalidArgument("polyak::even_shard: rank " + std::to_string(rank) + " is not one of " +
+                          std::to_string(members) + " members");
+  const auto r = static_cast<std::size_t>(rank), n = static_cast<std::size_t>(members);
+  const std::size_t share = numel / n, extra = numel % n;
+  const std::size_t begin = r * share + std::min(r, extra);
+  return {begin, begin + share + (r < extra ? 1 : 0)};
+}
 
 /// One rank's contiguous range [begin, end) of a FlatLayout, held at `data` (end - begin scalars).
 /// parameters() lists, for every tensor of the layout, the run of its scalars inside the range as a

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: MIT
 // EMA decay schedules, checked against closed forms and against the update loops of diffusers'
 // EMAModel and ema-pytorch's EMA, re-enacted here step by step in plain double arithmetic.
-#include "polyak/checkpoint.hpp"
 #include "polyak/core/ema_schedules.hpp"
 
 #include <catch2/catch.hpp>
@@ -215,37 +214,6 @@ TEST_CASE("ScheduledEMA refuses bad settings and a schedule's bad decay, changin
                     Catch::Contains("decay 1.5") && Catch::Contains("step 3"));
   CHECK(Eigen::Map<const Eigen::MatrixXd>(ema.tensors()[0].data(), 3, 2) == before);
   CHECK(ema.n_averaged() == 3);
-}
-
-TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[ema_schedules]") {
-  Trajectory model;
-  const ScheduledEMA<InverseGammaDecay> settings{InverseGammaDecay{0.99, 2.0, 0.5, 0.1}, {4, 2, false}};
-  polyak::AveragedModel saved(model.params, settings);
-  saved.update_parameters(model.params);
-  const polyak::StateDict sd = saved.state_dict();
-  CHECK(sd.metadata.at("inv_gamma") == "2");
-  CHECK(sd.metadata.at("update_after_step") == "4");
-  CHECK(sd.metadata.at("compound") == "false");
-  polyak::AveragedModel loaded(model.params, settings);
-  loaded.load_state_dict(sd);
-  CHECK(loaded.n_averaged() == 1);
-
-  // Other settings are refused, naming the first that differs, and nothing changes.
-  polyak::AveragedModel defaults(model.params, ScheduledEMA{InverseGammaDecay{}, {}});
-  CHECK_THROWS_WITH(defaults.load_state_dict(sd),
-                    Catch::Contains("compound 'false' where this model's has 'true'"));
-  CHECK(defaults.n_averaged() == 0);
-  polyak::AveragedModel other_power(model.params,
-                                    ScheduledEMA{InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
-  CHECK_THROWS_WITH(other_power.load_state_dict(sd), Catch::Contains("power '0.5'"));
-  polyak::AveragedModel warmup(model.params, ScheduledEMA{WarmupDecay{}});
-  CHECK_THROWS_AS(warmup.load_state_dict(sd), polyak::FormatError);  // another schedule
-  polyak::AveragedModel<double, polyak::EMA> plain(model.params);
-  CHECK_THROWS_WITH(plain.load_state_dict(sd), Catch::Contains("scheduled_ema"));
-  polyak::StateDict corrupt = sd;
-  corrupt.metadata["update_every"] = "2x";
-  CHECK_THROWS_WITH(loaded.load_state_dict(corrupt), Catch::Contains("update_every"));
-  CHECK(loaded.avg_fn().cadence().update_every == 2);
 }
 
 TEMPLATE_TEST_CASE("ScheduledEMA of a constant is that constant, in every scalar type", "[ema_schedules]",

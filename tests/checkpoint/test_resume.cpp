@@ -8,8 +8,8 @@
 #include <sstream>
 #include <thread>
 
-#include "../examples/common/digits.hpp"
-#include "../examples/common/mlp.hpp"
+#include "../../examples/common/digits.hpp"
+#include "../../examples/common/mlp.hpp"
 #include "polyak/checkpoint.hpp"
 #include "polyak/polyak.hpp"
 

@@ -1,138 +1,31 @@
 // SPDX-License-Identifier: MIT
-// Power-function EMA and post-hoc EMA (EDM2), checked against the closed-form weights of the
-// discrete power EMA, w_tau = (tau / t)^(gamma+1) - ((tau - 1) / t)^(gamma+1), applied directly to a
-// stored synthetic trajectory.
-#include "polyak/checkpoint.hpp"
+// Post-hoc EMA (polyak/checkpoint/post_hoc_ema.hpp): snapshots of power-function EMA profiles, and
+// the EMA of another width reconstructed from them after training (EDM2, Karras et al. 2024).
 #include "polyak/checkpoint/post_hoc_ema.hpp"
+
+#include "support.hpp"
 
 #include <catch2/catch.hpp>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdio>
+#include <cstdint>
 #include <filesystem>
-#include <random>
+#include <string>
 #include <vector>
 
-#include "polyak/core/power_ema.hpp"
-#include "test_types.hpp"
+#include "polyak/checkpoint.hpp"
+#include "polyak/core/averaged_model.hpp"
+#include "power_ema_trajectory.hpp"
 
-namespace {
-
-constexpr int scalars = 24;
-
-/// A noisy, drifting trajectory theta_1..theta_steps of `scalars` values, kept whole so that any
-/// average of it can be computed directly.
-struct Trajectory {
-  std::vector<std::vector<double>> theta;  // theta[tau - 1][j]
-  explicit Trajectory(int steps) {
-    std::mt19937 rng(7);
-    std::normal_distribution<double> noise(0.0, 0.3);
-    for (int tau = 1; tau <= steps; ++tau) {
-      std::vector<double> row(scalars);
-      for (int j = 0; j < scalars; ++j) row[j] = std::sin(0.002 * tau * (j + 1)) + noise(rng);
-      theta.push_back(row);
-    }
-  }
-  /// The discrete power EMA weight of model tau at step t.
-  static double weight(std::int64_t tau, std::int64_t t, double gamma) {
-    const double td = static_cast<double>(t);
-    return std::pow(static_cast<double>(tau) / td, gamma + 1) -
-           std::pow(static_cast<double>(tau - 1) / td, gamma + 1);
-  }
-  /// sum_tau w_tau theta_tau for scalar j, computed directly.
-  double power_ema(std::int64_t t, double gamma, int j) const {
-    double sum = 0;
-    for (std::int64_t tau = 1; tau <= t; ++tau)
-      sum += weight(tau, t, gamma) * theta[static_cast<std::size_t>(tau - 1)][j];
-    return sum;
-  }
-  /// Half the spread of scalar j over the first t models.
-  double half_range(std::int64_t t, int j) const {
-    double low = theta[0][j], high = theta[0][j];
-    for (std::int64_t tau = 1; tau <= t; ++tau) {
-      low = std::min(low, theta[static_cast<std::size_t>(tau - 1)][j]);
-      high = std::max(high, theta[static_cast<std::size_t>(tau - 1)][j]);
-    }
-    return (high - low) / 2;
-  }
-};
-
-/// A model of two tensors (a column-major matrix and a vector) holding `scalars` values.
-struct Model {
-  Eigen::MatrixXd weight = Eigen::MatrixXd::Zero(4, 5);
-  Eigen::VectorXd bias = Eigen::VectorXd::Zero(scalars - 20);
-  polyak::ParameterList<double> params;
-  Model() {
-    params.add("weight", weight);
-    params.add("bias", bias);
-  }
-  void set(const std::vector<double>& values) {
-    for (int j = 0; j < 20; ++j) weight.data()[j] = values[static_cast<std::size_t>(j)];
-    for (int j = 20; j < scalars; ++j) bias[j - 20] = values[static_cast<std::size_t>(j)];
-  }
-  static double at(const polyak::ParameterList<double>& tensors, int j) {
-    return j < 20 ? tensors[0].data()[j] : tensors[1].data()[j - 20];
-  }
-};
-
-std::string fresh_folder(const std::string& name) {
-  const auto folder = std::filesystem::temp_directory_path() / ("polyak_test_" + name);
-  std::filesystem::remove_all(folder);
-  return folder.string();
-}
-
-}  // namespace
-
-TEST_CASE("sigma_rel and gamma convert both ways, as EDM2 tabulates", "[power_ema]") {
-  // EDM2, section 3.1: sigma_rel 0.05 is gamma 16.97, 0.10 is gamma 6.94.
-  CHECK(polyak::sigma_rel_to_gamma(0.05) == Approx(16.97).margin(0.005));
-  CHECK(polyak::sigma_rel_to_gamma(0.10) == Approx(6.94).margin(0.005));
-  for (const double sigma_rel : {0.01, 0.05, 0.08, 0.15, 0.25, 0.3}) {
-    const double gamma = polyak::sigma_rel_to_gamma(sigma_rel);
-    // A root of gamma^3 + 7 gamma^2 + (16 - 1/s^2) gamma + (12 - 1/s^2), the cubic the relation is.
-    const double c = 1 / (sigma_rel * sigma_rel);
-    const double cubic = ((gamma + 7) * gamma + 16 - c) * gamma + 12 - c;
-    CHECK(std::abs(cubic) < 1e-9 * c * std::max(1.0, gamma));
-    CHECK(polyak::gamma_to_sigma_rel(gamma) == Approx(sigma_rel).epsilon(1e-13));
-  }
-  CHECK(polyak::max_sigma_rel() == Approx(0.3003).margin(1e-4));
-  CHECK_THROWS_WITH(polyak::sigma_rel_to_gamma(0.31), Catch::Contains("sigma_rel 0.31"));
-  CHECK_THROWS_AS(polyak::sigma_rel_to_gamma(0.0), std::invalid_argument);
-  CHECK_THROWS_AS(polyak::sigma_rel_to_gamma(std::nan("")), std::invalid_argument);
-  CHECK_THROWS_WITH(polyak::PowerEMA(-1.0), Catch::Contains("greater than -1"));
-}
-
-TEST_CASE("PowerEMA equals the direct weighted sum of the trajectory at every step", "[power_ema]") {
-  const Trajectory path(300);
-  for (const double gamma : {0.0, 6.94, 16.97}) {
-    CAPTURE(gamma);
-    Model model;
-    model.set(path.theta[0]);
-    polyak::AveragedModel<double, polyak::PowerEMA> ema(model.params, polyak::PowerEMA{gamma});
-    double worst = 0;
-    for (std::int64_t t = 1; t <= 300; ++t) {
-      model.set(path.theta[static_cast<std::size_t>(t - 1)]);
-      ema.update_parameters(model.params);
-      for (int j = 0; j < scalars; j += 5) {
-        const double expected = path.power_ema(t, gamma, j);
-        worst = std::max(
-            worst, std::abs(Model::at(ema.tensors(), j) - expected) / std::max(1.0, std::abs(expected)));
-      }
-    }
-    CHECK(worst < 1e-12);
-  }
-  SECTION("gamma 0 is the running mean (SWA)") {
-    const polyak::PowerEMA uniform(0.0);
-    CHECK(uniform.decay(4) == Approx(0.75).epsilon(1e-15));
-    CHECK(uniform.decay(1) == 0.0);
-  }
-}
+using polyak_test::Model;
+using polyak_test::Trajectory;
+using polyak_test::scalars;
 
 TEST_CASE("post-hoc EMA reconstructs power EMAs from snapshots of two profiles", "[power_ema][post_hoc]") {
   const std::int64_t steps = 2000, every = 100;
   const Trajectory path(steps);
-  const std::string folder = fresh_folder("post_hoc");
+  const polyak_test::TemporaryFolder temporary("post_hoc");
+  const std::string folder = temporary.path();
   Model model;
   model.set(path.theta[0]);
   polyak::PostHocEMA<double> recorder(model.params, folder, every);  // sigma_rel 0.05 and 0.10
@@ -222,7 +115,8 @@ TEST_CASE("post-hoc EMA refuses what it cannot use", "[power_ema][post_hoc]") {
   CHECK_THROWS_WITH(polyak::post_hoc_ema_weights({{10, 1.0}}, {0, 1.0}), Catch::Contains("step 0"));
   CHECK_THROWS_WITH(polyak::post_hoc_ema_weights({{10, -0.7}}, {10, 1.0}), Catch::Contains("gamma"));
 
-  const std::string folder = fresh_folder("post_hoc_bad");
+  const polyak_test::TemporaryFolder temporary("post_hoc_bad");
+  const std::string folder = temporary.path();
   Model model;
   polyak::PostHocEMA<double> recorder(model.params, folder, 2, {0.1});
   for (int i = 0; i < 4; ++i) recorder.update_parameters(model.params);
@@ -246,7 +140,8 @@ TEST_CASE("post-hoc EMA refuses what it cannot use", "[power_ema][post_hoc]") {
 }
 
 TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates", "[power_ema][post_hoc]") {
-  const std::string folder = fresh_folder("post_hoc_recorder");
+  const polyak_test::TemporaryFolder temporary("post_hoc_recorder");
+  const std::string folder = temporary.path();
   const Trajectory path(30);
   Model model;
   model.set(path.theta[0]);
@@ -305,44 +200,13 @@ TEST_CASE("PostHocEMA writes its profiles' states every snapshot_every updates",
   std::filesystem::remove_all(folder);
 }
 
-TEMPLATE_TEST_CASE("PowerEMA in every scalar type: the direct weighted sum, and a constant stays constant",
-                   "[power_ema]", POLYAK_SCALAR_TYPES) {
-  using Acc = polyak::accumulator_t<TestType>;
-  using Vector = Eigen::Matrix<TestType, Eigen::Dynamic, 1>;
-  const double gamma = polyak::sigma_rel_to_gamma(0.1);
-  Vector w = Vector::Zero(8), c = Vector::Constant(8, TestType(0.3f));
-  polyak::ParameterList<TestType> list;
-  list.add("w", w).add("c", c);
-  polyak::AveragedModel<TestType, polyak::PowerEMA> ema(list, polyak::PowerEMA{gamma});
-  std::vector<std::vector<double>> seen;  // the values as the model held them, after rounding to T
-  const std::int64_t steps = 60;
-  for (std::int64_t t = 1; t <= steps; ++t) {
-    std::vector<double> row;
-    for (Eigen::Index j = 0; j < 8; ++j) {
-      w[j] = TestType(static_cast<float>(std::cos(0.1 * static_cast<double>(t) + static_cast<double>(j))));
-      row.push_back(static_cast<double>(w[j]));
-    }
-    seen.push_back(row);
-    ema.update_parameters(list);
-  }
-  for (Eigen::Index j = 0; j < 8; ++j) {
-    double expected = 0;
-    for (std::int64_t tau = 1; tau <= steps; ++tau)
-      expected += Trajectory::weight(tau, steps, gamma) *
-                  seen[static_cast<std::size_t>(tau - 1)][static_cast<std::size_t>(j)];
-    CHECK(polyak_test::close(static_cast<double>(ema.tensors()[0].data()[j]), expected,
-                             64 * polyak_test::tolerance_v<Acc>));
-    CHECK(ema.tensors()[1].data()[j] ==
-          static_cast<Acc>(c[j]));  // exactly: each step is a lerp between equals
-  }
-}
-
 // Issue 12, item 5: a STEP past the last snapshot gave the last snapshot's values labelled with that
 // step; a STEP before the first, or a sigma_rel far outside the stored widths, gave values the fit
 // cannot stand behind (8.48 where the truth is about 1; 102.9, above every value seen).
 TEST_CASE("reconstruct_power_ema refuses a step outside the snapshots and a fit it cannot make",
           "[power_ema][post_hoc]") {
-  const std::string folder = fresh_folder("post_hoc_refusals");
+  const polyak_test::TemporaryFolder temporary("post_hoc_refusals");
+  const std::string folder = temporary.path();
   const Trajectory path(200);
   Model model;
   polyak::PostHocEMA<double> recorder(model.params, folder, 20);  // sigma_rel 0.05, 0.10; steps 20..200
@@ -379,7 +243,8 @@ TEST_CASE("reconstruct_power_ema refuses a step outside the snapshots and a fit 
 // one name and one profile overwrote the other.
 TEST_CASE("PostHocEMA names each width's snapshots apart and refuses the same width twice",
           "[power_ema][post_hoc]") {
-  const std::string folder = fresh_folder("post_hoc_names");
+  const polyak_test::TemporaryFolder temporary("post_hoc_names");
+  const std::string folder = temporary.path();
   Model model;
   polyak::PostHocEMA<double> recorder(model.params, folder, 5, {0.10001, 0.10002});
   for (int t = 0; t < 10; ++t) recorder.update_parameters(model.params);

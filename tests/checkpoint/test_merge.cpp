@@ -46,19 +46,14 @@ MergeOptions with(MergeMethod method) {
   return o;
 }
 
+/// A fresh folder of this test process's own.
 std::string folder_for(const std::string& name) {
-  const std::string folder = "polyak_merge_" + std::to_string(::getpid()) + "_" + name;
+  const std::string folder = polyak_test::temporary_path("merge_" + name);
   std::filesystem::remove_all(folder);
   std::filesystem::create_directories(folder);
   return folder;
 }
 
-std::string file_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 }  // namespace
 
@@ -218,7 +213,7 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
     second.insert("step", sd.at("step").owned());
     polyak::save_safetensors(dir + "/model-00001-of-00002.safetensors", first);
     polyak::save_safetensors(dir + "/model-00002-of-00002.safetensors", second);
-    write_text(
+    polyak_test::write_file(
         dir + "/model.safetensors.index.json",
         R"({"metadata": {"total_size": 600020}, "weight_map": {"layer.weight": "model-00001-of-00002.safetensors", )"
         R"("layer.bias": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}})");
@@ -233,7 +228,7 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
   const StateDict in_memory = polyak::merge_state_dicts({&a, &b}, nullptr, with(MergeMethod::Average));
   for (const auto& tensor : merged_shards.tensors())
     CHECK(merged_shards.read(tensor).bytes == in_memory.at(tensor.name).owned().bytes);
-  CHECK(file_text(out + "/model.safetensors.index.json").find("\"total_size\": 600020") != std::string::npos);
+  CHECK(polyak_test::file_bytes(out + "/model.safetensors.index.json").find("\"total_size\": 600020") != std::string::npos);
   std::filesystem::remove_all(folder);
 }
 
@@ -276,36 +271,6 @@ TEST_CASE("merges refuse inputs and options that do not fit, and write nothing",
   std::filesystem::remove_all(folder);
 }
 
-TEST_CASE("a sharded checkpoint's index is checked before anything is read",
-          "[merge][sharded][adversarial]") {
-  const std::string folder = folder_for("index");
-  polyak::save_safetensors(folder + "/s1.safetensors", one({1, 2}, "w"));
-  StateDict two = one({3}, "b");
-  two.insert("extra", std::vector<float>{1}.data(), {1});
-  polyak::save_safetensors(folder + "/s2.safetensors", two);
-  polyak::save_safetensors(folder + "/dup.safetensors", one({5}, "w"));
-  const std::string index = folder + "/model.safetensors.index.json";
-  const auto refused = [&](const std::string& text, const std::string& fragment) {
-    CAPTURE(text);
-    write_text(index, text);
-    CHECK_THROWS_AS(polyak::CheckpointReader(folder), polyak::FormatError);
-    CHECK_THROWS_WITH(polyak::CheckpointReader(folder), Catch::Contains(fragment));
-  };
-  refused("[1, 2]", "does not start with '{'");
-  refused(R"({"metadata": {}})", "weight_map");
-  refused(R"({"weight_map": {"w": 3}})", "is not a string");
-  refused(R"({"weight_map": {"w": "../s1.safetensors"}})", "not a plain file name");
-  refused(R"({"weight_map": {"w": "/etc/passwd"}})", "not a plain file name");
-  refused(R"({"weight_map": {}})", "names no tensor");
-  refused(R"({"weight_map": {"w": "s1.safetensors", "q": "s1.safetensors"}})", "'q' is not in its shard");
-  refused(R"({"weight_map": {"w": "s1.safetensors", "b": "s2.safetensors"}})",
-          "which the weight_map does not name");
-  refused(R"({"weight_map": {"w": "s1.safetensors", "x": "dup.safetensors"}})", "in two shards");
-  refused(R"({"weight_map": {"w": "s1.safetensors", "w": "s1.safetensors"}})", "appears twice");
-  refused(R"({"weight_map": {"w": "nowhere.safetensors"}})", "cannot open");
-  std::filesystem::remove_all(folder);
-}
-
 TEST_CASE("a greedy soup takes a candidate only when the soup does not get worse", "[merge][soup]") {
   const std::string folder = folder_for("soup");
   // Candidates best first; the score is -|w - 2| with w the soup's one value.
@@ -342,7 +307,7 @@ void sharded_model(const std::string& dir, float value, std::size_t n = 1000) {
   first.metadata["format"] = second.metadata["format"] = "pt";
   polyak::save_safetensors(dir + "/model-00001-of-00002.safetensors", first);
   polyak::save_safetensors(dir + "/model-00002-of-00002.safetensors", second);
-  write_text(dir + "/model.safetensors.index.json",
+  polyak_test::write_file(dir + "/model.safetensors.index.json",
              R"({"metadata": {"total_size": 1}, "weight_map": {"w": "model-00001-of-00002.safetensors", )"
              R"("b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}})");
 }
@@ -359,7 +324,7 @@ TEST_CASE("sharded outputs keep each shard's own metadata and the index's", "[me
     CHECK(metadata.at("format") == "pt");  // without it, transformers' loader refuses the file
     CHECK(metadata.at("merge_method") == "average");
   }
-  const std::string index = file_text(folder / "out/model.safetensors.index.json");
+  const std::string index = polyak_test::file_bytes(folder / "out/model.safetensors.index.json");
   CHECK(index.find("\"total_size\": 4020") != std::string::npos);  // 1003 floats and one int64
   CHECK(index.find("\"merge_method\": \"average\"") != std::string::npos);
   polyak::CheckpointReader merged(folder / "out");
@@ -458,13 +423,13 @@ TEST_CASE("a merge never writes over its inputs: OUT is compared by identity wit
   const std::string shard = folder / "a/model-00001-of-00002.safetensors";
   std::filesystem::create_directory_symlink(folder / "a", folder / "link_to_a");
   std::filesystem::create_hard_link(shard, folder / "hard_link_to_shard.safetensors");
-  const std::string before_index = file_text(index), before_shard = file_text(shard);
+  const std::string before_index = polyak_test::file_bytes(index), before_shard = polyak_test::file_bytes(shard);
   const auto refused = [&](const std::string& out, const std::vector<std::string>& inputs) {
     CAPTURE(out);
     CHECK_THROWS_WITH(polyak::merge_checkpoints(inputs, "", with(MergeMethod::Average), out),
                       Catch::Contains("which writing it would destroy"));
-    CHECK(file_text(index) == before_index);
-    CHECK(file_text(shard) == before_shard);
+    CHECK(polyak_test::file_bytes(index) == before_index);
+    CHECK(polyak_test::file_bytes(shard) == before_shard);
   };
   const std::vector<std::string> inputs{folder / "a", folder / "b"};
   refused(folder / "a", inputs);                                     // the input's folder
@@ -486,8 +451,8 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
   const std::string out = folder / "out";
   // An older output with a third shard that the new layout does not have: it must not survive.
   std::filesystem::create_directories(out);
-  write_text(out + "/model-00003-of-00003.safetensors", "stale");
-  write_text(out + "/model.safetensors.index.json",
+  polyak_test::write_file(out + "/model-00003-of-00003.safetensors", "stale");
+  polyak_test::write_file(out + "/model.safetensors.index.json",
              R"({"weight_map": {"x": "model-00003-of-00003.safetensors"}})");
   polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
   CHECK_FALSE(std::filesystem::exists(out + "/model-00003-of-00003.safetensors"));
@@ -502,25 +467,25 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
   // A folder with a file of the user's in it is refused, and kept as it was.
   const std::string mine = folder / "mine";
   std::filesystem::create_directories(mine);
-  write_text(mine + "/notes.txt", "keep me");
+  polyak_test::write_file(mine + "/notes.txt", "keep me");
   CHECK_THROWS_WITH(
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), mine),
       Catch::Contains("holds 'notes.txt'"));
-  CHECK(file_text(mine + "/notes.txt") == "keep me");
+  CHECK(polyak_test::file_bytes(mine + "/notes.txt") == "keep me");
   // Found by the hostile pass: files that merely look like checkpoints are the user's too: a folder of
   // them without an index, or with an index that does not name them all, is refused and kept.
   const std::string runs = folder / "runs";
   std::filesystem::create_directories(runs);
-  write_text(runs + "/run7_best.safetensors", "keep me");
+  polyak_test::write_file(runs + "/run7_best.safetensors", "keep me");
   CHECK_THROWS_WITH(
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
       Catch::Contains("holds 'run7_best.safetensors' and no model.safetensors.index.json"));
-  write_text(runs + "/model.safetensors.index.json", R"({"weight_map": {"w": "model-1.safetensors"}})");
-  write_text(runs + "/model-1.safetensors", "x");
+  polyak_test::write_file(runs + "/model.safetensors.index.json", R"({"weight_map": {"w": "model-1.safetensors"}})");
+  polyak_test::write_file(runs + "/model-1.safetensors", "x");
   CHECK_THROWS_WITH(
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
       Catch::Contains("holds 'run7_best.safetensors', which its model.safetensors.index.json does not name"));
-  CHECK(file_text(runs + "/run7_best.safetensors") == "keep me");
+  CHECK(polyak_test::file_bytes(runs + "/run7_best.safetensors") == "keep me");
   // ... and what is not a regular file (a FIFO, /dev/null) is never replaced by one.
   REQUIRE(::mkfifo((folder / "fifo").c_str(), 0600) == 0);
   polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
@@ -532,11 +497,11 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
                     Catch::Contains("is not a regular file"));
   CHECK(std::filesystem::is_fifo(folder / "fifo"));
   // A file where the output is a folder, a folder where it is a file: refused, kept.
-  write_text(folder / "file", "a file");
+  polyak_test::write_file(folder / "file", "a file");
   CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average),
                                               folder / "file"),
                     Catch::Contains("is a file"));
-  CHECK(file_text(folder / "file") == "a file");
+  CHECK(polyak_test::file_bytes(folder / "file") == "a file");
   CHECK_THROWS_WITH(polyak::merge_checkpoints({folder / "x.safetensors", folder / "x.safetensors"}, "",
                                               with(MergeMethod::Average), mine),
                     Catch::Contains("is a folder, and this output is one file"));
@@ -570,40 +535,6 @@ TEST_CASE("a merge whose values overflow their dtype from finite inputs is refus
       polyak::merge_state_dicts({&with_inf, &a}, nullptr, with(MergeMethod::Average)).at("w"))[0]));
 }
 
-TEST_CASE("a reader of a checkpoint of many shards keeps few of them open", "[merge][sharded]") {
-  polyak_test::TemporaryFolder folder("merge_many_shards");
-  const auto open_files = [] {
-    std::size_t n = 0;
-    for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
-    return n;
-  };
-  for (int model = 0; model < 3; ++model) {
-    const std::string dir = folder / ("m" + std::to_string(model));
-    std::filesystem::create_directories(dir);
-    std::string weight_map;
-    for (int s = 0; s < 40; ++s) {
-      const float value = static_cast<float>(model + s);
-      const std::string file = "shard-" + std::to_string(s) + ".safetensors";
-      polyak::save_safetensors(dir + "/" + file, one({value, value}, "t" + std::to_string(s)));
-      weight_map += std::string(s == 0 ? "" : ", ") + "\"t" + std::to_string(s) + "\": \"" + file + "\"";
-    }
-    write_text(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");
-  }
-  const std::size_t before = open_files();
-  std::vector<polyak::CheckpointReader> readers;
-  for (int model = 0; model < 3; ++model) readers.emplace_back(folder / ("m" + std::to_string(model)));
-  for (auto& reader : readers) {
-    for (const auto& tensor : reader.tensors()) CHECK(reader.read(tensor).bytes.size() == 8);
-  }
-  // Each: its folder and at most max_open_shards shards (40 each were open, 120 in all).
-  CHECK(open_files() - before <= 3 * (polyak::CheckpointReader::max_open_shards + 1));
-  readers.clear();
-  polyak::merge_checkpoints({folder / "m0", folder / "m1", folder / "m2"}, "", with(MergeMethod::Average),
-                            folder / "out");
-  polyak::CheckpointReader out(folder / "out");
-  CHECK(polyak::to_doubles(out.read(*out.find("t7")))[0] == 8.0);  // (7 + 8 + 9) / 3
-}
-
 TEST_CASE(
     "second hostile pass: shards that change under a reader, a file added to OUT during a merge, "
     "NaN, dtype rounding, hostile index names",
@@ -619,7 +550,7 @@ TEST_CASE(
       polyak::save_safetensors(dir + "/" + file, one({1, 2}, "t" + std::to_string(s)));
       weight_map += std::string(s == 0 ? "" : ", ") + "\"t" + std::to_string(s) + "\": \"" + file + "\"";
     }
-    write_text(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");
+    polyak_test::write_file(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");
     polyak::CheckpointReader reader(dir);
     // shard-0 was the first opened and is closed now; it is made again (ext4 may give it its inode).
     std::filesystem::remove(dir + "/shard-0.safetensors");
@@ -639,7 +570,7 @@ TEST_CASE(
         for (int wait = 0; wait < 20000 && !added; ++wait) {
           for (const auto& entry : std::filesystem::directory_iterator(folder.path())) {
             if (entry.path().filename().string().rfind("out.tmp.", 0) == 0) {
-              write_text(out + "/config.json", "{}");
+              polyak_test::write_file(out + "/config.json", "{}");
               added = true;
               break;
             }
@@ -652,7 +583,7 @@ TEST_CASE(
         CHECK_THAT(e.what(), Catch::Contains("config.json"));
       }
       user.join();
-      if (added) CHECK(file_text(out + "/config.json") == "{}");
+      if (added) CHECK(polyak_test::file_bytes(out + "/config.json") == "{}");
     }
   }
   SECTION("NaN is carried by TIES as by arithmetic; F16 that rounds to inf through float is refused") {
@@ -675,10 +606,10 @@ TEST_CASE(
   SECTION(
       "an index naming a shard with a NUL, or nesting deep, is refused; a header error names its tensor") {
     polyak::save_safetensors(folder / "s1.safetensors", one({1, 2}));
-    write_text(folder / "model.safetensors.index.json",
+    polyak_test::write_file(folder / "model.safetensors.index.json",
                R"({"weight_map": {"w": "s1.safetensors\u0000junk"}})");
     CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()), Catch::Contains("not a plain file name"));
-    write_text(folder / "model.safetensors.index.json", "{\"metadata\": {\"deep\": " + std::string(100, '[') +
+    polyak_test::write_file(folder / "model.safetensors.index.json", "{\"metadata\": {\"deep\": " + std::string(100, '[') +
                                                             std::string(100, ']') + "}, \"weight_map\": {}}");
     CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()),
                       Catch::Contains("nests deeper than 64 levels"));
@@ -686,20 +617,20 @@ TEST_CASE(
     std::string bytes(8, '\0');
     for (int b = 0; b < 8; ++b)
       bytes[static_cast<std::size_t>(b)] = static_cast<char>(header.size() >> (8 * b));
-    write_text(folder / "bad.safetensors", bytes + header + std::string(8, '\0'));
+    polyak_test::write_file(folder / "bad.safetensors", bytes + header + std::string(8, '\0'));
     CHECK_THROWS_WITH(polyak::load_safetensors(folder / "bad.safetensors"),
                       Catch::Contains("tensor 'x': unsupported dtype 'Q8'"));
   }
   SECTION("an output folder whose index names a file of the user's is not replaced") {
     const std::string out = folder / "notes_out";
     std::filesystem::create_directories(out);
-    write_text(out + "/model.safetensors.index.json", R"({"weight_map": {"x": "notes.txt"}})");
-    write_text(out + "/notes.txt", "keep me");
+    polyak_test::write_file(out + "/model.safetensors.index.json", R"({"weight_map": {"x": "notes.txt"}})");
+    polyak_test::write_file(out + "/notes.txt", "keep me");
     polyak::save_safetensors(folder / "x.safetensors", one({1, 2}));
     sharded_model(folder / "a", 1.0f);
     CHECK_THROWS_WITH(
         polyak::merge_checkpoints({folder / "a", folder / "a"}, "", with(MergeMethod::Average), out),
         Catch::Contains("notes.txt"));
-    CHECK(file_text(out + "/notes.txt") == "keep me");
+    CHECK(polyak_test::file_bytes(out + "/notes.txt") == "keep me");
   }
 }

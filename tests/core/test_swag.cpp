@@ -3,7 +3,6 @@
 // passes over the stream (not by Welford's rule, which the code uses); its draws' mean and
 // covariance against the analytic covariance of the paper's formula, within their sampling error;
 // refusals that change nothing; states that round-trip and hostile states refused.
-#include "polyak/checkpoint.hpp"
 #include "polyak/core/swag.hpp"
 
 #include <catch2/catch.hpp>
@@ -18,32 +17,12 @@
 #include <unistd.h>  // getpid
 
 #include "polyak/core/averaged_model.hpp"
+#include "swag_model.hpp"
 
 namespace {
 
-/// A model of a column-major 2 x 3 weight, a bias of 4 and a buffer SWAG leaves alone.
-struct Model {
-  Eigen::MatrixXd weight = Eigen::MatrixXd::Zero(2, 3);
-  Eigen::VectorXd bias = Eigen::VectorXd::Zero(4);
-  Eigen::VectorXd running_mean = Eigen::VectorXd::Constant(2, 7.0);
-  polyak::ParameterList<double> params;
-  Model() { params.add("weight", weight).add("bias", bias).add_buffer("running_mean", running_mean); }
-  /// Sets the 10 parameters (weight in storage order, then bias) to row `x`.
-  void set(const std::vector<double>& x) {
-    for (int j = 0; j < 6; ++j) weight.data()[j] = x[static_cast<std::size_t>(j)];
-    for (int j = 0; j < 4; ++j) bias[j] = x[static_cast<std::size_t>(6 + j)];
-  }
-};
-
-std::vector<std::vector<double>> stream(int count) {
-  std::vector<std::vector<double>> xs;
-  for (int i = 1; i <= count; ++i) {
-    std::vector<double> x;
-    for (int j = 0; j < 10; ++j) x.push_back(100.0 + std::sin(1.3 * i + 0.7 * j) + 0.1 * j * i);
-    xs.push_back(x);
-  }
-  return xs;
-}
+using Model = polyak_test::SwagModel;
+const auto stream = polyak_test::swag_stream;
 
 /// Mean and population variance of xs[0..n), two passes.
 void moments(const std::vector<std::vector<double>>& xs, std::size_t n, std::vector<double>& mean,
@@ -66,10 +45,6 @@ double at(const polyak::ParameterList<double>& list, std::size_t j) {
 
 double deviation_at(const polyak::SWAG<double>& swag, std::int64_t k, std::size_t j) {
   return j < 6 ? swag.deviation(0, k)[j] : swag.deviation(1, k)[j - 6];
-}
-
-std::string temporary_path(const std::string& name) {
-  return "polyak_swag_" + std::to_string(::getpid()) + "_" + name;
 }
 
 }  // namespace
@@ -228,81 +203,4 @@ TEST_CASE("SWAG refuses bad settings, calls and models, and changes nothing", "[
   CHECK(swag.n_collected() == 1);
   CHECK(swag.n_updates() == 1);
   (void)before;
-}
-
-TEST_CASE("SWAG's state round-trips through safetensors; hostile states are refused whole",
-          "[swag][checkpoint][adversarial]") {
-  const auto xs = stream(5);
-  Model model;
-  polyak::SWAG<double> swag(model.params, 3, 1);
-  for (const auto& x : xs) {
-    model.set(x);
-    swag.update_parameters(model.params);
-  }
-  const std::string path = temporary_path("state.safetensors");
-  polyak::save_safetensors(path, swag.state_dict());
-  const polyak::StateDict loaded = polyak::load_safetensors(path);
-  // The column-major weight's deviations are stored row-major: row k, element (i, j) at k * 6 + i * 3 + j.
-  const auto stored = polyak::to_doubles(loaded.at("deviations.weight"));
-  CHECK(stored[1 * 6 + 0 * 3 + 2] == swag.deviation(0, 1)[2 * 2 + 0]);
-  CHECK(stored[2 * 6 + 1 * 3 + 1] == swag.deviation(0, 2)[1 * 2 + 1]);
-
-  polyak::SWAG<double> resumed(model.params, 3, 1);
-  resumed.load_state_dict(loaded);
-  CHECK(resumed.n_collected() == 5);
-  CHECK(resumed.deviations_held() == 3);
-  std::mt19937_64 a(3), b(3);
-  swag.sample(model.params, a);
-  const Eigen::MatrixXd from_original = model.weight;
-  resumed.sample(model.params, b);
-  CHECK(model.weight == from_original);
-
-  // Each hostile state: refused with a FormatError, the target unchanged.
-  polyak::SWAG<double> target(model.params, 3, 1);
-  const auto refused = [&](polyak::StateDict bad, const std::string& fragment) {
-    CAPTURE(fragment);
-    CHECK_THROWS_WITH(target.load_state_dict(bad), Catch::Contains(fragment));
-    CHECK(target.n_collected() == 0);
-    CHECK(target.parameters()[0].data()[0] == 0.0);
-  };
-  const auto with = [&](const std::string& name, const auto& replace) {
-    polyak::StateDict out;
-    for (const auto& [key, tensor] : loaded) {
-      if (key == name) {
-        replace(out, key);
-      } else {
-        out.insert(key, tensor);
-      }
-    }
-    return out;
-  };
-  refused(
-      with("max_rank", [](auto& sd, const auto& key) { sd.template insert_scalar<std::int64_t>(key, 4); }),
-      "max_rank 4");
-  refused(
-      with("n_collected", [](auto& sd, const auto& key) { sd.template insert_scalar<std::int64_t>(key, 7); }),
-      "do not fit together");
-  refused(with("next_deviation",
-               [](auto& sd, const auto& key) { sd.template insert_scalar<std::int64_t>(key, 0); }),
-          "do not fit together");
-  for (const double bad : {-1.0, std::nan("")}) {
-    refused(with("variance.bias",
-                 [&](auto& sd, const auto& key) {
-                   const double values[4] = {0.1, bad, 0.2, 0.3};
-                   sd.insert(key, values, {4});
-                 }),
-            "'variance.bias' holds a negative or NaN value");
-  }
-  refused(with("deviations.bias",
-               [](auto& sd, const auto& key) {
-                 const double values[8] = {};
-                 sd.insert(key, values, {2, 4});
-               }),
-          "has shape [2, 4]");
-  polyak::StateDict missing;
-  for (const auto& [key, tensor] : loaded) {
-    if (key != "mean.bias") missing.insert(key, tensor);
-  }
-  refused(missing, "entries");
-  std::remove(path.c_str());
 }

@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: MIT
+// Model averaging over ThreadCommunicator: four threads stand for four ranks.
+#include "polyak/core/model_averaging.hpp"
+
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+using polyak::HierarchicalModelAverager;
+using polyak::ParameterList;
+using polyak::PeriodicModelAverager;
+using polyak::ThreadCommunicator;
+
+namespace {
+
+using polyak_test::on_threads;
+
+/// A rank's model: a matrix and a vector.
+struct Model {
+  Eigen::MatrixXf weight = Eigen::MatrixXf::Zero(3, 2);
+  Eigen::VectorXf bias = Eigen::VectorXf::Zero(4);
+  ParameterList<float> list() {
+    ParameterList<float> out;
+    out.add("weight", weight).add("bias", bias);
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("average_parameters replaces every tensor by its mean over the group", "[model_averaging]") {
+  std::vector<Model> models(4);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+    Model& m = models[static_cast<std::size_t>(comm.rank())];
+    for (Eigen::Index i = 0; i < m.weight.size(); ++i)
+      m.weight.data()[i] = static_cast<float>(comm.rank() * i);
+    m.bias.setConstant(static_cast<float>(comm.rank() + 1));
+    for (int repeat = 0; repeat < 2; ++repeat) polyak::average_parameters(m.list(), comm);  // idempotent
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  for (const auto& m : models) {
+    for (Eigen::Index i = 0; i < m.weight.size(); ++i)
+      CHECK(m.weight.data()[i] == 1.5f * static_cast<float>(i));
+    CHECK((m.bias.array() == 2.5f).all());
+  }
+}
+
+TEST_CASE("16-bit and mixed-type lists are averaged in float or double and rounded once",
+          "[model_averaging]") {
+  std::vector<Eigen::Matrix<Eigen::half, Eigen::Dynamic, 1>> halves(4, Eigen::Matrix<Eigen::half, -1, 1>(3));
+  std::vector<Eigen::VectorXd> doubles(4, Eigen::VectorXd(2));
+  std::vector<Eigen::VectorXf> floats(4, Eigen::VectorXf(2));
+  on_threads(4, [&](ThreadCommunicator& comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    halves[r].setConstant(Eigen::half(static_cast<float>(r) + 0.25f));
+    doubles[r].setConstant(1.0 / 3.0 + static_cast<double>(r));
+    floats[r].setConstant(static_cast<float>(r));
+    ParameterList<Eigen::half> h;
+    h.add("h", halves[r]);
+    polyak::average_parameters(h, comm);
+    ParameterList<double> d;
+    d.add("d", doubles[r]);
+    ParameterList<float> f;
+    f.add("f", floats[r]);
+    PeriodicModelAverager averager(1, 0, comm);
+    averager.average_parameters(d, f);  // one allreduce in double for both
+  });
+  for (std::size_t r = 0; r < 4; ++r) {
+    CHECK(static_cast<float>(halves[r][0]) == 1.75f);
+    CHECK(doubles[r][0] == Approx(1.0 / 3.0 + 1.5).epsilon(1e-15));
+    CHECK(floats[r][0] == 1.5f);
+  }
+}
+
+TEST_CASE("members whose parameter lists differ all get an error, and nothing changes", "[model_averaging]") {
+  std::vector<Model> models(4);
+  std::vector<Eigen::VectorXf> extra(4, Eigen::VectorXf::Zero(2));
+  SECTION("a tensor more on one rank") {
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      models[r].bias.setConstant(static_cast<float>(r));
+      auto list = models[r].list();
+      if (r == 2) list.add("extra", extra[r]);
+      polyak::average_parameters(list, comm);
+    });
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("list of rank 2 differs") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[2], Catch::Contains("rank 2 has 3 tensors, rank 0 2: the first extra one is 'extra'"));
+  }
+  SECTION("a tensor of another size on one rank") {
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      models[r].bias.setConstant(static_cast<float>(r));
+      if (r == 3) models[r].weight.resize(2, 3);  // same count of scalars, same count of tensors
+      if (r == 1) models[r].weight.resize(2, 2);
+      PeriodicModelAverager averager(2, 0, comm);
+      averager.average_parameters(models[r].list());
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("differ"));
+  }
+  for (std::size_t r = 0; r < 4; ++r) CHECK((models[r].bias.array() == static_cast<float>(r)).all());
+}
+
+TEST_CASE("PeriodicModelAverager averages at PyTorch's steps", "[model_averaging]") {
+  // period 3, warm-up 2: steps 2, 5, 8 average (step >= 2 and (step - 2) % 3 == 0).
+  std::vector<std::vector<bool>> averaged(4);
+  std::vector<Model> models(4);
+  std::vector<std::int64_t> steps(4);
+  on_threads(4, [&](ThreadCommunicator& comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    PeriodicModelAverager averager(3, 2, comm);
+    for (int step = 0; step < 10; ++step) {
+      models[r].bias.array() += static_cast<float>(r + 1);  // local "training": rank r moves by r + 1
+      averaged[r].push_back(averager.average_parameters(models[r].list()));
+    }
+    steps[r] = averager.step();
+  });
+  CHECK(steps == std::vector<std::int64_t>(4, 10));
+  const std::vector<bool> expected{false, false, true, false, false, true, false, false, true, false};
+  for (const auto& a : averaged) CHECK(a == expected);
+  // After step 8 all ranks hold the mean of 9 moves each, (1 + 2 + 3 + 4) / 4 * 9 = 22.5; step 9 adds r + 1.
+  for (std::size_t r = 0; r < 4; ++r)
+    CHECK((models[r].bias.array() == 22.5f + static_cast<float>(r + 1)).all());
+}
+
+TEST_CASE("HierarchicalModelAverager picks the largest dividing period; subgroups touch only themselves",
+          "[model_averaging]") {
+  // {2: pairs, 4: all four}, warm-up 1. Step 0 is warm-up; 2 and 6 average pairs; 4 and 8 the world.
+  std::vector<std::vector<std::int64_t>> used(4);
+  std::vector<std::vector<float>> values(4);
+  on_threads(4, [&](ThreadCommunicator& comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    HierarchicalModelAverager averager({{2, 2}, {4, 4}}, 1, comm);
+    Eigen::VectorXf w = Eigen::VectorXf::Zero(1);
+    ParameterList<float> list;
+    list.add("w", w);
+    for (int step = 0; step < 9; ++step) {
+      w[0] += static_cast<float>(1 << r);  // rank r moves by 2^r
+      used[r].push_back(averager.average_parameters(list));
+      values[r].push_back(w[0]);
+    }
+  });
+  const std::vector<std::int64_t> expected{0, 0, 2, 0, 4, 0, 2, 0, 4};
+  for (const auto& u : used) CHECK(u == expected);
+  // Step 2: three moves each; pair {0, 1} holds (3 + 6) / 2 = 4.5, pair {2, 3} (12 + 24) / 2 = 18.
+  CHECK(values[0][2] == 4.5f);
+  CHECK(values[1][2] == 4.5f);
+  CHECK(values[2][2] == 18.0f);
+  CHECK(values[3][2] == 18.0f);
+  // Step 4: the world; five moves of the mean 15 / 4 = 3.75 each: 18.75.
+  for (std::size_t r = 0; r < 4; ++r) CHECK(values[r][4] == 18.75f);
+}
+
+TEST_CASE("the averagers refuse settings PyTorch refuses, and ones that make no hierarchy",
+          "[model_averaging]") {
+  auto members = ThreadCommunicator::create(4);  // refused before any collective call: one thread will do
+  ThreadCommunicator& comm = members[0];
+  CHECK_THROWS_WITH(PeriodicModelAverager(0, 0, comm), Catch::Contains("period must be >= 1"));
+  CHECK_THROWS_WITH(PeriodicModelAverager(2, -1, comm), Catch::Contains("warmup_steps"));
+  using H = HierarchicalModelAverager<ThreadCommunicator>;
+  CHECK_THROWS_WITH(H({}, 0, comm), Catch::Contains("empty"));
+  CHECK_THROWS_WITH(H({{0, 2}, {4, 4}}, 0, comm), Catch::Contains("period 0"));
+  CHECK_THROWS_WITH(H({{4, 2}, {2, 4}}, 0, comm), Catch::Contains("periods must increase"));
+  CHECK_THROWS_WITH(H({{2, 4}, {4, 4}}, 0, comm), Catch::Contains("group sizes must increase"));
+  CHECK_THROWS_WITH(H({{2, 3}, {4, 4}}, 0, comm), Catch::Contains("group size 3 does not divide"));
+  CHECK_THROWS_WITH(H({{2, 1}, {4, 2}}, 0, comm), Catch::Contains("must be the whole group's size, 4"));
+  CHECK_THROWS_WITH(H({{2, 2}, {4, 4}}, -3, comm), Catch::Contains("warmup_steps"));
+  CHECK_THROWS_WITH(ThreadCommunicator::create(0), Catch::Contains("size 0"));
+}
+
+// Issue 12, item 4: the cross-member check compared only element counts and scalar types, so lists in
+// another order, or a matrix stored column-major on one member and row-major on another, were
+// averaged element by element: wrong values, no error.
+TEST_CASE("members whose lists differ in names or order or storage order all get an error naming it",
+          "[model_averaging]") {
+  std::vector<Eigen::VectorXf> w(4, Eigen::VectorXf::Zero(3)), b(4, Eigen::VectorXf::Zero(3));
+  std::vector<Eigen::Matrix<float, 2, 3>> col(4);
+  std::vector<Eigen::Matrix<float, 2, 3, Eigen::RowMajor>> row(4);
+  auto run = [&](const std::function<ParameterList<float>(std::size_t)>& list_of) {
+    for (std::size_t r = 0; r < 4; ++r) {
+      w[r].setConstant(static_cast<float>(r));
+      b[r].setConstant(static_cast<float>(10 * r));
+      col[r].setConstant(static_cast<float>(r));
+      row[r].setConstant(static_cast<float>(r));
+    }
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      polyak::average_parameters(list_of(static_cast<std::size_t>(comm.rank())), comm);
+    });
+    for (std::size_t r = 0; r < 4; ++r) {  // nothing moved
+      CHECK((w[r].array() == static_cast<float>(r)).all());
+      CHECK((b[r].array() == static_cast<float>(10 * r)).all());
+      CHECK((col[r].array() == static_cast<float>(r)).all());
+    }
+    return errors;
+  };
+  SECTION("another order on one member") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      if (r == 1) {
+        list.add("b", b[r]).add("w", w[r]);
+      } else {
+        list.add("w", w[r]).add("b", b[r]);
+      }
+      return list;
+    });
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("rank 1") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[1], Catch::Contains("tensor 0 'w' is named 'b' where rank 0 has 'w'"));
+  }
+  SECTION("another storage order on one member") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      if (r == 2) {
+        list.add("m", row[r]);
+      } else {
+        list.add("m", col[r]);
+      }
+      return list;
+    });
+    for (const auto& e : errors)
+      CHECK_THAT(e, Catch::Contains("rank 2") && Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[2], Catch::Contains("'m' has another storage order"));
+  }
+  SECTION("another name on two members") {
+    const auto errors = run([&](std::size_t r) {
+      ParameterList<float> list;
+      list.add(r >= 2 ? "weight" : "w", w[r]);
+      return list;
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("ranks 2, 3"));
+    CHECK_THAT(errors[3], Catch::Contains("is named 'weight' where rank 0 has 'w'"));
+  }
+  SECTION("a stale view on one member") {
+    std::vector<Eigen::VectorXf> grown(4, Eigen::VectorXf::Zero(3));
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      ParameterList<float> list;
+      list.add("g", grown[r]);
+      if (r == 3) grown[r].resize(100);  // the view now points at freed memory
+      polyak::average_parameters(list, comm);
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[3], Catch::Contains("tensor 'g' was resized, moved or replaced"));
+  }
+}
+
+namespace {
+
+/// Counts a communicator's allreduce calls.
+struct CountingCommunicator {
+  ThreadCommunicator inner;
+  int* calls;
+  int rank() const { return inner.rank(); }
+  int size() const { return inner.size(); }
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    ++*calls;
+    inner.allreduce_sum(data, n);
+  }
+  CountingCommunicator split(int color, int key) const { return {inner.split(color, key), calls}; }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "tensors in one allocation and tensors apart reduce to the same bits, in the bare collective's calls",
+    "[model_averaging]") {
+  // Chunks are 2^18 floats: these sizes put chunk boundaries inside tensors and between them.
+  const std::vector<std::size_t> sizes = {300000, 5, 262144, 70000, 1};
+  std::size_t total = 0;
+  for (const std::size_t n : sizes) total += n;
+  const std::size_t chunk = polyak::detail::average_chunk_bytes / sizeof(float);
+  std::vector<std::vector<float>> results(4);
+  std::vector<int> calls(4, 0);
+  const auto errors = on_threads(4, [&](ThreadCommunicator& member) {
+    const int r = member.rank();
+    // Ranks 0 and 2 hold the tensors in one allocation, ranks 1 and 3 apart: the calls must pair
+    // all the same.
+    std::vector<float> arena(total);
+    std::vector<std::vector<float>> apart;
+    ParameterList<float> list;
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < sizes.size(); ++k) {
+      float* data = nullptr;
+      if (r % 2 == 0) {
+        data = arena.data() + at;
+      } else {
+        apart.emplace_back(sizes[k]);
+        data = apart.back().data();
+      }
+      for (std::size_t i = 0; i < sizes[k]; ++i) data[i] = static_cast<float>((r + 1) * ((at + i) % 1013));
+      list.add("t" + std::to_string(k),
+               polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
+      at += sizes[k];
+    }
+    CountingCommunicator comm{member, &calls[static_cast<std::size_t>(r)]};
+    polyak::average_parameters(list, comm);
+    std::vector<float>& out = results[static_cast<std::size_t>(r)];
+    for (const auto& tensor : list) out.insert(out.end(), tensor.data(), tensor.data() + tensor.numel());
+  });
+  CHECK(errors == std::vector<std::string>(4));
+  // The mean of (r + 1) * k over r = 0..3 is 2.5 k, exactly (x / 4 is exact).
+  std::size_t wrong = 0;
+  for (const auto& out : results) {
+    REQUIRE(out.size() == total);
+    for (std::size_t i = 0; i < total; ++i) wrong += out[i] != 2.5f * static_cast<float>(i % 1013);
+  }
+  CHECK(wrong == 0);
+  // One call for the layout check, then one a chunk of the concatenated scalars.
+  const int expected_calls = 1 + static_cast<int>((total + chunk - 1) / chunk);
+  CHECK(calls == std::vector<int>(4, expected_calls));
+}
+
+TEST_CASE("bfloat16 comes off the wire rounded as Eigen rounds it, NaN and infinity included",
+          "[model_averaging]") {
+  std::vector<std::uint32_t> patterns = {0u,          0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                         0xffc00001u, 0x7f800001u, 0xff812345u, 0x7f7fffffu, 0x00000001u,
+                                         0x00008000u, 0x00018000u, 0x3f808000u, 0x3f818000u, 0x3f807fffu};
+  for (std::uint64_t bits = 0; bits <= 0xffffffffu; bits += 65521)
+    patterns.push_back(static_cast<std::uint32_t>(bits));
+  std::vector<float> in(patterns.size());
+  std::memcpy(in.data(), patterns.data(), patterns.size() * sizeof(float));
+  std::vector<Eigen::bfloat16> out(in.size());
+  polyak::detail::narrow(in.data(), out.data(), in.size());
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    wrong += Eigen::numext::bit_cast<std::uint16_t>(out[i]) !=
+             Eigen::numext::bit_cast<std::uint16_t>(static_cast<Eigen::bfloat16>(in[i]));
+  }
+  CHECK(wrong == 0);
+  CHECK(in.size() > 65000);
+}
+
