@@ -22,3 +22,7 @@
 #include "polyak/core/tensor_view.hpp"
 #include "polyak/core/thread_pool.hpp"
 #include "polyak/core/version.hpp"
+
+/// polyak: weight averaging for neural-network training. Every public name of every layer is here;
+/// internals are in polyak::detail.
+namespace polyak {}

@@ -9,3 +9,6 @@
 #include "polyak/polyak.hpp"
 #include "polyak/torch/averaged_model.hpp"
 #include "polyak/torch/parameters.hpp"
+
+/// The libtorch adapter: views of a torch::nn::Module's tensors and the average kept on its device.
+namespace polyak::libtorch {}

@@ -273,3 +273,31 @@ TEST_CASE("every error polyak throws is a polyak::Error and the standard excepti
   }
   std::remove(path.c_str());
 }
+
+TEST_CASE("SafetensorsReader::read_bytes reads any piece of a tensor, and refuses one outside it",
+          "[serialization]") {
+  std::vector<float> values(100);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i) * 0.5f;
+  StateDict sd;
+  sd.insert_scalar("first", std::int64_t{5});
+  sd.insert("w", values.data(), {10, 10});
+  const std::string path = temporary_path("pieces.safetensors");
+  polyak::save_safetensors(path, sd);
+  polyak::SafetensorsReader reader(path);
+  const auto& entry = reader.header().entries.at(1);
+  REQUIRE(entry.name == "w");
+  for (const std::size_t from : {std::size_t{0}, std::size_t{13}, std::size_t{99}}) {
+    std::vector<float> piece(100 - from);
+    reader.read_bytes(entry, from * sizeof(float), piece.size() * sizeof(float),
+                      reinterpret_cast<std::byte*>(piece.data()));
+    CHECK(piece == std::vector<float>(values.begin() + static_cast<std::ptrdiff_t>(from), values.end()));
+  }
+  std::byte sink[8];
+  reader.read_bytes(entry, 400, 0, sink);  // an empty piece at the end is in range
+  CHECK_THROWS_AS(reader.read_bytes(entry, 397, 4, sink), polyak::InvalidArgument);
+  CHECK_THROWS_WITH(reader.read_bytes(entry, 401, 0, sink), Catch::Contains("lie outside tensor 'w'"));
+  // A file cut short after it was opened: a FormatError naming the file, not a short read.
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 8);
+  CHECK_THROWS_WITH(reader.read_bytes(entry, 0, 400, reinterpret_cast<std::byte*>(values.data())),
+                    Catch::Contains(path) && Catch::Contains("cannot read tensor 'w'"));
+}

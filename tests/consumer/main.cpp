@@ -1,12 +1,37 @@
 // SPDX-License-Identifier: MIT
+// A user's program: SWA over a tiny model. Linked with the checkpoint layer (CONSUMER_SAVES) it also
+// writes two checkpoints for the installed polyak-merge to average (`consumer write FOLDER`), and
+// checks the tool's output (`consumer check FILE`).
 #include <polyak/polyak.hpp>
 #ifdef CONSUMER_SAVES
 #include <polyak/checkpoint.hpp>
 #endif
 
 #include <iostream>
+#include <string>
+#include <vector>
 
-int main() {
+int main(int argc, char** argv) {
+#ifdef CONSUMER_SAVES
+  if (argc == 3 && std::string(argv[1]) == "write") {  // w = {1, 2, 3} and {3, 4, 5}
+    for (const float first : {1.0f, 3.0f}) {
+      const std::vector<float> w = {first, first + 1, first + 2};
+      polyak::StateDict sd;
+      sd.insert("w", w.data(), {3});
+      polyak::save_safetensors(std::string(argv[2]) + (first == 1.0f ? "/a.safetensors" : "/b.safetensors"), sd);
+    }
+    return 0;
+  }
+  if (argc == 3 && std::string(argv[1]) == "check") {  // their average, {2, 3, 4}
+    const auto merged = polyak::to_doubles(polyak::load_safetensors(argv[2]).at("w"));
+    std::cout << "consumer: polyak-merge wrote " << merged[0] << " " << merged[1] << " " << merged[2] << "\n";
+    return merged == std::vector<double>{2, 3, 4} ? 0 : 1;
+  }
+#endif
+  if (argc != 1) {
+    std::cerr << "consumer: unknown arguments\n";
+    return 2;
+  }
   Eigen::VectorXf w = Eigen::VectorXf::Zero(3);
   polyak::ParameterList<float> model;
   model.add("w", w);

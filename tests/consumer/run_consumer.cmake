@@ -1,6 +1,8 @@
 # Builds and runs tests/consumer against polyak in one MODE (see tests/consumer/CMakeLists.txt): the
 # find_package modes install polyak to a fresh prefix first; fetchcontent also installs the
-# consumer, whose exported target links polyak.
+# consumer, whose exported target links polyak. find_package_checkpoint then runs the installed
+# tools from the prefix's bin/: polyak-merge averages two checkpoints the consumer wrote, and the
+# consumer checks the result; polyak-post-hoc-ema prints its usage.
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(_args "-DPOLYAK_MODE=${MODE}" "-DPOLYAK_SOURCE_DIR=${POLYAK_SOURCE_DIR}")
 if(MODE MATCHES "^find_package")
@@ -30,3 +32,22 @@ foreach(_step ${_steps})
     message(FATAL_ERROR "consumer ${MODE}: ${_step} failed (${_result})")
   endif()
 endforeach()
+
+if(MODE STREQUAL "find_package_checkpoint")
+  set(_bin "${WORK_DIR}/prefix/bin")
+  foreach(_tool polyak-merge polyak-post-hoc-ema)
+    if(NOT EXISTS "${_bin}/${_tool}")
+      message(FATAL_ERROR "cmake --install put no ${_tool} in ${_bin}")
+    endif()
+  endforeach()
+  file(MAKE_DIRECTORY "${WORK_DIR}/checkpoints")
+  set(_c "${WORK_DIR}/checkpoints")
+  foreach(_command "${WORK_DIR}/build/consumer;write;${_c}"
+                   "${_bin}/polyak-merge;${_c}/merged.safetensors;${_c}/a.safetensors;${_c}/b.safetensors"
+                   "${WORK_DIR}/build/consumer;check;${_c}/merged.safetensors" "${_bin}/polyak-post-hoc-ema;--help")
+    execute_process(COMMAND ${_command} RESULT_VARIABLE _result)
+    if(_result)
+      message(FATAL_ERROR "consumer ${MODE}: '${_command}' failed (${_result})")
+    endif()
+  endforeach()
+endif()

@@ -75,3 +75,17 @@ TEST_CASE("mixed precision: a half current folded into a float average", "[avera
   SWA{}(averaged, current, 1);
   CHECK((averaged == 1.5f).all());
 }
+
+TEST_CASE("get_swa_avg_fn and get_ema_avg_fn give PyTorch's rules: SWA, and EMA with the decay asked",
+          "[averaging_functions]") {
+  Eigen::ArrayXd by_name = array_of({1, 2}), by_type = by_name;
+  const Eigen::ArrayXd current = array_of({7, -4});
+  polyak::get_swa_avg_fn()(by_name, current, 3);
+  SWA{}(by_type, current, 3);
+  CHECK((by_name == by_type).all());
+  CHECK(by_name[0] == 2.5);  // 1 + (7 - 1) / (3 + 1)
+  by_name = array_of({1, 2});
+  polyak::get_ema_avg_fn(0.75)(by_name, current, 3);
+  CHECK(by_name[0] == 2.5);  // 1 + 0.25 * (7 - 1)
+  CHECK(by_name[1] == 0.5);  // 2 + 0.25 * (-4 - 2)
+}

@@ -482,3 +482,16 @@ TEST_CASE("a hierarchy whose groups do not nest, or hold one member, agrees over
     }
   }
 }
+
+TEST_CASE("overlap_delay reports the overlap an averager was made with; blocking is 0", "[overlap]") {
+  const auto errors = on_threads(2, [](ThreadCommunicator& comm) {
+    const PeriodicModelAverager<ThreadCommunicator> blocking(4, 0, comm);
+    const PeriodicModelAverager<ThreadCommunicator> overlapped(4, 0, comm, polyak::Overlap{3});
+    const HierarchicalModelAverager<ThreadCommunicator> hierarchy({{2, 1}, {4, 2}}, 0, comm, polyak::Overlap{1});
+    if (blocking.overlap_delay() != 0 || overlapped.overlap_delay() != 3 || hierarchy.overlap_delay() != 1)
+      throw std::runtime_error("overlap_delay: " + std::to_string(blocking.overlap_delay()) + ", " +
+                               std::to_string(overlapped.overlap_delay()) + ", " +
+                               std::to_string(hierarchy.overlap_delay()));
+  });
+  for (const auto& e : errors) CHECK(e.empty());
+}

@@ -204,3 +204,31 @@ TEST_CASE("SWAG refuses bad settings, calls and models, and changes nothing", "[
   CHECK(swag.n_updates() == 1);
   (void)before;
 }
+
+TEST_CASE("SWAG::copy_to writes the mean into the parameters, as AveragedModel::copy_to does", "[swag]") {
+  const auto xs = stream(4);
+  Model model;
+  polyak::SWAG<double> swag(model.params, 2);
+  polyak::AveragedModel<double> swa(model.params);
+  for (const auto& x : xs) {
+    model.set(x);
+    swag.update_parameters(model.params);
+    swa.update_parameters(model.params);
+  }
+  std::vector<double> mean, variance;
+  moments(xs, xs.size(), mean, variance);
+  Model written;
+  swag.copy_to(written.params);
+  for (std::size_t j = 0; j < 10; ++j) CHECK(at(written.params, j) == Approx(mean[j]).epsilon(1e-14));
+  CHECK(written.running_mean == Eigen::VectorXd::Constant(2, 7.0));  // buffers are not SWAG's
+  Model through_swa;
+  swa.copy_to(through_swa.params);
+  CHECK(written.weight == through_swa.weight);  // the same bits: the mean is the SWA average
+  CHECK(written.bias == through_swa.bias);
+  // Another model is refused, and nothing is written.
+  Eigen::VectorXd other = Eigen::VectorXd::Zero(3);
+  polyak::ParameterList<double> wrong;
+  wrong.add("weight", other);
+  CHECK_THROWS_AS(swag.copy_to(wrong), polyak::InvalidArgument);
+  CHECK(other.isZero());
+}

@@ -51,6 +51,7 @@
 
 namespace polyak {
 
+/// The merge methods (their formulas: the header's comment).
 enum class MergeMethod { Average, TaskArithmetic, Ties, Dare, Slerp };
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
@@ -533,15 +534,16 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
   return result;
 }
 
-/// A greedy soup (Wortsman et al., 2022): `candidates` in order of their own held-out score, best
-/// first; the soup starts as the first and takes each next one only if the uniform average with it
-/// does not score worse under `evaluate(const StateDict&) -> double` (higher is better).
+/// What greedy_soup returns: the ingredients taken, their average and its score.
 struct GreedySoup {
   std::vector<std::size_t> ingredients;  ///< indices into candidates, in the order taken
   StateDict soup;                        ///< their uniform average
   double score = 0;                      ///< evaluate(soup)
 };
 
+/// A greedy soup (Wortsman et al., 2022): `candidates` in order of their own held-out score, best
+/// first; the soup starts as the first and takes each next one only if the uniform average with it
+/// does not score worse under `evaluate(const StateDict&) -> double` (higher is better).
 template <class Evaluate>
 GreedySoup greedy_soup(const std::vector<std::string>& candidates, Evaluate&& evaluate) {
   if (candidates.empty()) throw InvalidArgument("polyak::greedy_soup: no candidates");

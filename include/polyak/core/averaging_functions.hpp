@@ -242,6 +242,8 @@ struct MultiTensorFn {
   }
 };
 
+/// Marks `fn` as a multi-tensor averaging function: AveragedModel calls it once an update with all
+/// tensors (PyTorch's multi_avg_fn).
 template <class Fn>
 MultiTensorFn<Fn> multi_tensor(Fn fn) {
   return MultiTensorFn<Fn>{std::move(fn)};

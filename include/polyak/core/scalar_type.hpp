@@ -31,6 +31,7 @@ struct accumulator {
       std::conditional_t<std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>, float, T>;
 };
 
+/// The type an average of T is kept in: accumulator<T>::type.
 template <class T>
 using accumulator_t = typename accumulator<T>::type;
 

@@ -41,6 +41,7 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 /// A flat Eigen array over one tensor's storage, the form averaging functions receive.
 template <class S>
 using ArrayMap = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
+/// A flat Eigen array over one tensor's storage, read-only: the current weights a rule receives.
 template <class S>
 using ConstArrayMap = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
 
