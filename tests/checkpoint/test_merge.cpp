@@ -54,7 +54,6 @@ std::string folder_for(const std::string& name) {
   return folder;
 }
 
-
 }  // namespace
 
 TEST_CASE("average and task arithmetic are their formulas", "[merge]") {
@@ -228,7 +227,8 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
   const StateDict in_memory = polyak::merge_state_dicts({&a, &b}, nullptr, with(MergeMethod::Average));
   for (const auto& tensor : merged_shards.tensors())
     CHECK(merged_shards.read(tensor).bytes == in_memory.at(tensor.name).owned().bytes);
-  CHECK(polyak_test::file_bytes(out + "/model.safetensors.index.json").find("\"total_size\": 600020") != std::string::npos);
+  CHECK(polyak_test::file_bytes(out + "/model.safetensors.index.json").find("\"total_size\": 600020") !=
+        std::string::npos);
   std::filesystem::remove_all(folder);
 }
 
@@ -307,9 +307,10 @@ void sharded_model(const std::string& dir, float value, std::size_t n = 1000) {
   first.metadata["format"] = second.metadata["format"] = "pt";
   polyak::save_safetensors(dir + "/model-00001-of-00002.safetensors", first);
   polyak::save_safetensors(dir + "/model-00002-of-00002.safetensors", second);
-  polyak_test::write_file(dir + "/model.safetensors.index.json",
-             R"({"metadata": {"total_size": 1}, "weight_map": {"w": "model-00001-of-00002.safetensors", )"
-             R"("b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}})");
+  polyak_test::write_file(
+      dir + "/model.safetensors.index.json",
+      R"({"metadata": {"total_size": 1}, "weight_map": {"w": "model-00001-of-00002.safetensors", )"
+      R"("b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}})");
 }
 
 }  // namespace
@@ -423,7 +424,8 @@ TEST_CASE("a merge never writes over its inputs: OUT is compared by identity wit
   const std::string shard = folder / "a/model-00001-of-00002.safetensors";
   std::filesystem::create_directory_symlink(folder / "a", folder / "link_to_a");
   std::filesystem::create_hard_link(shard, folder / "hard_link_to_shard.safetensors");
-  const std::string before_index = polyak_test::file_bytes(index), before_shard = polyak_test::file_bytes(shard);
+  const std::string before_index = polyak_test::file_bytes(index),
+                    before_shard = polyak_test::file_bytes(shard);
   const auto refused = [&](const std::string& out, const std::vector<std::string>& inputs) {
     CAPTURE(out);
     CHECK_THROWS_WITH(polyak::merge_checkpoints(inputs, "", with(MergeMethod::Average), out),
@@ -453,7 +455,7 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
   std::filesystem::create_directories(out);
   polyak_test::write_file(out + "/model-00003-of-00003.safetensors", "stale");
   polyak_test::write_file(out + "/model.safetensors.index.json",
-             R"({"weight_map": {"x": "model-00003-of-00003.safetensors"}})");
+                          R"({"weight_map": {"x": "model-00003-of-00003.safetensors"}})");
   polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), out);
   CHECK_FALSE(std::filesystem::exists(out + "/model-00003-of-00003.safetensors"));
   CHECK(polyak::CheckpointReader(out).shards().size() == 2);
@@ -480,7 +482,8 @@ TEST_CASE("a folder output replaces a merge folder whole, and refuses a folder h
   CHECK_THROWS_WITH(
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
       Catch::Contains("holds 'run7_best.safetensors' and no model.safetensors.index.json"));
-  polyak_test::write_file(runs + "/model.safetensors.index.json", R"({"weight_map": {"w": "model-1.safetensors"}})");
+  polyak_test::write_file(runs + "/model.safetensors.index.json",
+                          R"({"weight_map": {"w": "model-1.safetensors"}})");
   polyak_test::write_file(runs + "/model-1.safetensors", "x");
   CHECK_THROWS_WITH(
       polyak::merge_checkpoints({folder / "a", folder / "b"}, "", with(MergeMethod::Average), runs),
@@ -607,10 +610,11 @@ TEST_CASE(
       "an index naming a shard with a NUL, or nesting deep, is refused; a header error names its tensor") {
     polyak::save_safetensors(folder / "s1.safetensors", one({1, 2}));
     polyak_test::write_file(folder / "model.safetensors.index.json",
-               R"({"weight_map": {"w": "s1.safetensors\u0000junk"}})");
+                            R"({"weight_map": {"w": "s1.safetensors\u0000junk"}})");
     CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()), Catch::Contains("not a plain file name"));
-    polyak_test::write_file(folder / "model.safetensors.index.json", "{\"metadata\": {\"deep\": " + std::string(100, '[') +
-                                                            std::string(100, ']') + "}, \"weight_map\": {}}");
+    polyak_test::write_file(folder / "model.safetensors.index.json",
+                            "{\"metadata\": {\"deep\": " + std::string(100, '[') + std::string(100, ']') +
+                                "}, \"weight_map\": {}}");
     CHECK_THROWS_WITH(polyak::CheckpointReader(folder.path()),
                       Catch::Contains("nests deeper than 64 levels"));
     const std::string header = R"({"x":{"dtype":"Q8","shape":[2],"data_offsets":[0,8]}})";

@@ -18,8 +18,8 @@
 #include "power_ema_trajectory.hpp"
 
 using polyak_test::Model;
-using polyak_test::Trajectory;
 using polyak_test::scalars;
+using polyak_test::Trajectory;
 
 TEST_CASE("post-hoc EMA reconstructs power EMAs from snapshots of two profiles", "[power_ema][post_hoc]") {
   const std::int64_t steps = 2000, every = 100;

@@ -11,7 +11,8 @@
 
 using polyak::StateDict;
 
-TEST_CASE("a StateDict holds tensors row-major by logical index, whatever their storage order", "[state_dict]") {
+TEST_CASE("a StateDict holds tensors row-major by logical index, whatever their storage order",
+          "[state_dict]") {
   Eigen::MatrixXf column_major(2, 3);
   column_major << 1, 2, 3, 4, 5, 6;  // logical rows {1, 2, 3}, {4, 5, 6}
   StateDict sd;
@@ -41,7 +42,8 @@ TEST_CASE("names are unique and not empty; a missing tensor, another dtype or sh
   CHECK(sd.size() == 1);
   CHECK_THROWS_WITH(sd.at("missing"), Catch::Contains("no tensor 'missing'"));
   CHECK_THROWS_WITH(sd.scalar<double>("n_averaged"), Catch::Contains("'n_averaged' is I64, expected F64"));
-  CHECK_THROWS_WITH(sd.expect<std::int64_t>("n_averaged", {1}), Catch::Contains("has shape [], expected [1]"));
+  CHECK_THROWS_WITH(sd.expect<std::int64_t>("n_averaged", {1}),
+                    Catch::Contains("has shape [], expected [1]"));
   CHECK_THROWS_AS(sd.scalar<double>("missing"), polyak::FormatError);
 }
 

@@ -107,7 +107,8 @@ TEST_CASE("BatchNormStats refuses a state with a bad momentum or count, and chan
 
 TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[ema_schedules]") {
   TwoTensors model;
-  const ScheduledEMA<polyak::InverseGammaDecay> settings{polyak::InverseGammaDecay{0.99, 2.0, 0.5, 0.1}, {4, 2, false}};
+  const ScheduledEMA<polyak::InverseGammaDecay> settings{polyak::InverseGammaDecay{0.99, 2.0, 0.5, 0.1},
+                                                         {4, 2, false}};
   polyak::AveragedModel saved(model.params, settings);
   saved.update_parameters(model.params);
   const polyak::StateDict sd = saved.state_dict();
@@ -123,8 +124,8 @@ TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[e
   CHECK_THROWS_WITH(defaults.load_state_dict(sd),
                     Catch::Contains("compound 'false' where this model's has 'true'"));
   CHECK(defaults.n_averaged() == 0);
-  polyak::AveragedModel other_power(model.params,
-                                    ScheduledEMA{polyak::InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
+  polyak::AveragedModel other_power(
+      model.params, ScheduledEMA{polyak::InverseGammaDecay{0.99, 2.0, 0.75, 0.1}, {4, 2, false}});
   CHECK_THROWS_WITH(other_power.load_state_dict(sd), Catch::Contains("power '0.5'"));
   polyak::AveragedModel warmup(model.params, ScheduledEMA{polyak::WarmupDecay{}});
   CHECK_THROWS_AS(warmup.load_state_dict(sd), polyak::FormatError);  // another schedule

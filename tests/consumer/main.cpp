@@ -18,7 +18,8 @@ int main(int argc, char** argv) {
       const std::vector<float> w = {first, first + 1, first + 2};
       polyak::StateDict sd;
       sd.insert("w", w.data(), {3});
-      polyak::save_safetensors(std::string(argv[2]) + (first == 1.0f ? "/a.safetensors" : "/b.safetensors"), sd);
+      polyak::save_safetensors(std::string(argv[2]) + (first == 1.0f ? "/a.safetensors" : "/b.safetensors"),
+                               sd);
     }
     return 0;
   }

@@ -338,4 +338,3 @@ TEST_CASE("bfloat16 comes off the wire rounded as Eigen rounds it, NaN and infin
   CHECK(wrong == 0);
   CHECK(in.size() > 65000);
 }
-

@@ -487,7 +487,8 @@ TEST_CASE("overlap_delay reports the overlap an averager was made with; blocking
   const auto errors = on_threads(2, [](ThreadCommunicator& comm) {
     const PeriodicModelAverager<ThreadCommunicator> blocking(4, 0, comm);
     const PeriodicModelAverager<ThreadCommunicator> overlapped(4, 0, comm, polyak::Overlap{3});
-    const HierarchicalModelAverager<ThreadCommunicator> hierarchy({{2, 1}, {4, 2}}, 0, comm, polyak::Overlap{1});
+    const HierarchicalModelAverager<ThreadCommunicator> hierarchy({{2, 1}, {4, 2}}, 0, comm,
+                                                                  polyak::Overlap{1});
     if (blocking.overlap_delay() != 0 || overlapped.overlap_delay() != 3 || hierarchy.overlap_delay() != 1)
       throw std::runtime_error("overlap_delay: " + std::to_string(blocking.overlap_delay()) + ", " +
                                std::to_string(overlapped.overlap_delay()) + ", " +

@@ -18,8 +18,8 @@
 #include "test_types.hpp"
 
 using polyak_test::Model;
-using polyak_test::Trajectory;
 using polyak_test::scalars;
+using polyak_test::Trajectory;
 
 TEST_CASE("sigma_rel and gamma convert both ways, as EDM2 tabulates", "[power_ema]") {
   // EDM2, section 3.1: sigma_rel 0.05 is gamma 16.97, 0.10 is gamma 6.94.

@@ -19,7 +19,8 @@ static_assert(std::is_same_v<polyak::dtype_type<polyak::DType::BF16>, Eigen::bfl
 static_assert(std::is_same_v<polyak::dtype_type<polyak::DType::I64>, std::int64_t>);
 static_assert(polyak::dtype_of<Eigen::bfloat16>() == polyak::DType::BF16);
 static_assert(polyak::dtype_of<std::int64_t>() == polyak::DType::I64);
-static_assert(polyak::has_dtype_v<std::int64_t> && !polyak::has_dtype_v<int> && !polyak::has_dtype_v<long double>);
+static_assert(polyak::has_dtype_v<std::int64_t> && !polyak::has_dtype_v<int> &&
+              !polyak::has_dtype_v<long double>);
 static_assert(polyak::is_supported_scalar_v<Eigen::half> && !polyak::is_supported_scalar_v<std::int64_t>);
 // 16-bit models are averaged in float; float and double in themselves (PyTorch keeps the dtype).
 static_assert(std::is_same_v<polyak::accumulator_t<Eigen::half>, float>);
@@ -41,10 +42,10 @@ TEST_CASE("every DType has its safetensors name and its element size", "[scalar_
   CHECK(polyak::dtype_size(DType::I64) == 8);
 }
 
-TEST_CASE("bfloat16 widens to the float of its bits and narrows as Eigen rounds, NaN kept",
-          "[scalar_type]") {
+TEST_CASE("bfloat16 widens to the float of its bits and narrows as Eigen rounds, NaN kept", "[scalar_type]") {
   // bfloat16 is the upper half of a float: widening appends 16 zero bits (a closed form, not Eigen).
-  const std::vector<std::uint16_t> bits = {0x0000, 0x8000, 0x3f80, 0xbf80, 0x7f7f, 0x0001, 0x7f80, 0xff80, 0x7fc0};
+  const std::vector<std::uint16_t> bits = {0x0000, 0x8000, 0x3f80, 0xbf80, 0x7f7f,
+                                           0x0001, 0x7f80, 0xff80, 0x7fc0};
   std::vector<Eigen::bfloat16> in(bits.size());
   for (std::size_t i = 0; i < bits.size(); ++i) in[i] = Eigen::numext::bit_cast<Eigen::bfloat16>(bits[i]);
   std::vector<float> wide(bits.size());
@@ -70,9 +71,8 @@ TEST_CASE("bfloat16 widens to the float of its bits and narrows as Eigen rounds,
 TEST_CASE("with_scalar_type calls the function with the C++ type of a DType", "[scalar_type]") {
   using polyak::DType;
   for (const DType dtype : {DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64}) {
-    const DType seen = polyak::detail::with_scalar_type(dtype, [](auto zero) {
-      return polyak::dtype_of<decltype(zero)>();
-    });
+    const DType seen =
+        polyak::detail::with_scalar_type(dtype, [](auto zero) { return polyak::dtype_of<decltype(zero)>(); });
     CHECK(seen == dtype);
   }
 }

@@ -10,8 +10,9 @@ TEST_CASE("the version's numbers and macros agree", "[version]") {
   CHECK(polyak::version_minor == POLYAK_VERSION_MINOR);
   CHECK(polyak::version_patch == POLYAK_VERSION_PATCH);
 #ifdef POLYAK_TEST_PROJECT_VERSION  // the version CMake read for the package (tests/CMakeLists.txt)
-  const std::string written = std::to_string(polyak::version_major) + "." + std::to_string(polyak::version_minor) +
-                              "." + std::to_string(polyak::version_patch);
+  const std::string written = std::to_string(polyak::version_major) + "." +
+                              std::to_string(polyak::version_minor) + "." +
+                              std::to_string(polyak::version_patch);
   CHECK(written == POLYAK_TEST_PROJECT_VERSION);
 #endif
 }

@@ -33,7 +33,8 @@ TEST_CASE("tensors() views a module's tensors under Python's names", "[torch]") 
   CHECK(params[0].data() == model[0]->as<nn::Linear>()->weight.data_ptr<float>());
   CHECK_FALSE(params[3].is_buffer());
   CHECK(params[4].is_buffer());
-  CHECK(polyak::libtorch::parameters<float>(*model).size() == 4);  // the parameters alone, as PyTorch lists them
+  CHECK(polyak::libtorch::parameters<float>(*model).size() ==
+        4);  // the parameters alone, as PyTorch lists them
 
   SECTION("writes through the views reach the module") {
     polyak::AveragedModel<float> swa(params);

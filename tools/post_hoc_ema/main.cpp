@@ -73,12 +73,13 @@ int main(int argc, char** argv) {
         sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
         out.c_str(), 100 * fit_error);
     if (fit_error > warn_above) {
-      std::fprintf(stderr,
-                   "polyak-post-hoc-ema: warning: fit error %.2g%%: the weights this average gives the past steps "
-                   "lie %.2g%% (L2) from those of the EMA asked for, so it is a different average (under "
-                   "2%% it would be that EMA); ask for a step at a snapshot, or a width between the stored "
-                   "ones\n",
-                   100 * fit_error, 100 * fit_error);
+      std::fprintf(
+          stderr,
+          "polyak-post-hoc-ema: warning: fit error %.2g%%: the weights this average gives the past steps "
+          "lie %.2g%% (L2) from those of the EMA asked for, so it is a different average (under "
+          "2%% it would be that EMA); ask for a step at a snapshot, or a width between the stored "
+          "ones\n",
+          100 * fit_error, 100 * fit_error);
     }
     return 0;
   } catch (const std::exception& e) {
