@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // What the tests share: a temporary folder of their own (under the system's temporary directory,
 // unique to the process and to each call, removed when done), a file's bytes, members of a
-// ThreadCommunicator on threads.
+// ThreadCommunicator on threads, and a rank's small model.
 #pragma once
 
 #include <atomic>
@@ -16,7 +16,10 @@
 
 #include <unistd.h>  // getpid
 
+#include <Eigen/Core>
+
 #include "polyak/core/communicator.hpp"
+#include "polyak/core/tensor_view.hpp"
 
 namespace polyak_test {
 
@@ -64,6 +67,17 @@ inline void write_file(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
+
+/// A rank's model in the averaging tests: a matrix and a vector.
+struct RankModel {
+  Eigen::MatrixXf weight = Eigen::MatrixXf::Zero(3, 2);
+  Eigen::VectorXf bias = Eigen::VectorXf::Zero(4);
+  polyak::ParameterList<float> list() {
+    polyak::ParameterList<float> out;
+    out.add("weight", weight).add("bias", bias);
+    return out;
+  }
+};
 
 /// Runs body(member) on `size` threads, each a member of one ThreadCommunicator; returns each
 /// thread's exception message ("" if none). (Catch2's assertions are not thread-safe: bodies record,

@@ -23,16 +23,7 @@ namespace {
 
 using polyak_test::on_threads;
 
-/// A rank's model: a matrix and a vector.
-struct Model {
-  Eigen::MatrixXf weight = Eigen::MatrixXf::Zero(3, 2);
-  Eigen::VectorXf bias = Eigen::VectorXf::Zero(4);
-  ParameterList<float> list() {
-    ParameterList<float> out;
-    out.add("weight", weight).add("bias", bias);
-    return out;
-  }
-};
+using Model = polyak_test::RankModel;
 
 }  // namespace
 
