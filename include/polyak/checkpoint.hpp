@@ -7,6 +7,7 @@
 
 #include "polyak/checkpoint/distributed_checkpoint.hpp"
 #include "polyak/checkpoint/merge.hpp"
+#include "polyak/checkpoint/merge_options.hpp"
 #include "polyak/polyak.hpp"
 #include "polyak/checkpoint/post_hoc_ema.hpp"
 #include "polyak/checkpoint/rule_settings.hpp"
