@@ -151,7 +151,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
   for (const auto method : {polyak::MergeMethod::Average, polyak::MergeMethod::Ties}) {
     benchmark::RegisterBenchmark(
-        ("merge/" + std::string(polyak::detail::merge_method_name(method)) + tail).c_str(), merge, method,
+        ("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge, method,
         bytes)
         ->UseManualTime()
         ->Iterations(1);

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What HierarchicalModelAverager saves over flat averaging, from an analytic model of allreduce
-(not a measurement). Prints the README's scaling table:  python3 benchmarks/scaling_model.py
+(not a measurement). Prints docs/distributed.md's scaling table:  python3 benchmarks/scaling_model.py
 
 Allreduce of n bytes over p ranks, alpha the latency of one message, beta seconds a byte of a link:
   ring: 2 (p - 1) alpha + 2 (p - 1) / p * n beta     (reduce-scatter, then all-gather)

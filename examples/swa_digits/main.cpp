@@ -18,7 +18,7 @@
 //
 //   usage: swa_digits [data/digits.csv] [output folder]
 // writes <output>/curves.csv (per-epoch curves), <output>/post_hoc/seed<N>/ (the power-EMA
-// snapshots, for the post_hoc_ema tool) and, when gnuplot is installed, <output>/curves.png.
+// snapshots, for the polyak-post-hoc-ema tool) and, when gnuplot is installed, <output>/curves.png.
 #include <polyak/checkpoint.hpp>
 #include <polyak/polyak.hpp>
 

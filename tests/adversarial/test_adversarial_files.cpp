@@ -19,7 +19,6 @@
 #include <thread>
 #include <vector>
 
-#include <unistd.h>  // getpid
 
 #include "polyak/checkpoint.hpp"
 #include "polyak/core/averaged_model.hpp"

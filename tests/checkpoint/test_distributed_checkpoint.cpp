@@ -154,10 +154,7 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
   SECTION("a truncated file, a missing one, another shape: refused on every member, models unchanged") {
     const std::string good = file_bytes(reference);
     const std::string truncated = temporary_path("truncated.safetensors");
-    {
-      std::ofstream out(truncated, std::ios::binary | std::ios::trunc);
-      out.write(good.data(), static_cast<std::streamsize>(good.size() - 9));
-    }
+    polyak_test::write_file(truncated, good.substr(0, good.size() - 9));
     FlatLayout wider;  // "a" of another shape
     wider.add("a", {5, 3}).add("b", {7}).add("c", {2, 2, 2}).add("d", {1});
     struct Case {
@@ -268,5 +265,37 @@ TEST_CASE("distributed saves and loads refuse disagreeing members and bad files 
       CHECK(after[static_cast<std::size_t>(r)] == std::vector<float>(cut.end(r) - cut.begin(r), 3.0f));
       CHECK(n_averaged[static_cast<std::size_t>(r)] == 1);
     }
+  }
+}
+
+TEST_CASE("load_distributed_state gives each member its piece of every layout tensor and the rest whole",
+          "[shard][distributed_checkpoint]") {
+  const std::string reference = whole_model_file("whole_for_state.safetensors");
+  const StateDict whole = polyak::load_safetensors(reference);
+  std::vector<double> flat;  // the whole average, laid out flat as the layout lays it
+  for (const auto& tensor : model_layout().tensors()) {
+    const auto values = polyak::to_doubles(whole.at("module." + tensor.name));
+    flat.insert(flat.end(), values.begin(), values.end());
+  }
+  std::vector<StateDict> loaded(3);
+  const auto errors = on_threads(3, [&](ThreadCommunicator& comm) {
+    const polyak::ShardRange range = polyak::even_shard(31, comm.rank(), comm.size());  // 11, 10, 10
+    std::vector<float> mine(range.end - range.begin);
+    ShardView<float> shard(model_layout(), mine.data(), range.begin, range.end, comm);
+    loaded[static_cast<std::size_t>(comm.rank())] = polyak::load_distributed_state(reference, shard, comm);
+  });
+  CHECK(errors == std::vector<std::string>(3));
+  for (int r = 0; r < 3; ++r) {
+    const polyak::ShardRange range = polyak::even_shard(31, r, 3);
+    const StateDict& sd = loaded[static_cast<std::size_t>(r)];
+    std::vector<double> pieces;
+    for (const auto& tensor : model_layout().tensors()) {
+      const auto piece = polyak::to_doubles(sd.at("module." + tensor.name));
+      pieces.insert(pieces.end(), piece.begin(), piece.end());
+    }
+    CHECK(pieces == std::vector<double>(flat.begin() + static_cast<std::ptrdiff_t>(range.begin),
+                                        flat.begin() + static_cast<std::ptrdiff_t>(range.end)));
+    CHECK(sd.scalar<std::int64_t>("n_averaged") == steps);  // not a piece: whole on every member
+    CHECK(sd.metadata == whole.metadata);
   }
 }

@@ -19,7 +19,6 @@
 #include <vector>
 
 #include <sys/stat.h>  // mkfifo
-#include <unistd.h>    // getpid
 
 namespace {
 
@@ -185,11 +184,11 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
   polyak::save_safetensors(folder + "/b.safetensors", b);
   polyak::save_safetensors(folder + "/base.safetensors", base);
   for (const auto method : {MergeMethod::Average, MergeMethod::Ties, MergeMethod::Dare, MergeMethod::Slerp}) {
-    CAPTURE(polyak::detail::merge_method_name(method));
+    CAPTURE(polyak::to_string(method));
     MergeOptions o = with(method);
     if (method == MergeMethod::Ties) o.density = 0.4;
     if (method == MergeMethod::Dare) o.drop = 0.3;
-    const bool needs_base = polyak::detail::merge_needs_base(method);
+    const bool needs_base = polyak::needs_base(method);
     const std::string out = folder + "/out.safetensors";
     polyak::merge_checkpoints({folder + "/a.safetensors", folder + "/b.safetensors"},
                               needs_base ? folder + "/base.safetensors" : "", o, out);
@@ -198,7 +197,7 @@ TEST_CASE("merging files streams to the bytes of the in-memory merge, for one fi
     REQUIRE(from_file.size() == in_memory.size());
     for (const auto& [name, tensor] : in_memory) CHECK(from_file.at(name).bytes == tensor.bytes);
     CHECK(from_file.scalar<std::int64_t>("step") == 9);  // a counter: the last model's
-    CHECK(from_file.metadata.at("merge_method") == polyak::detail::merge_method_name(method));
+    CHECK(from_file.metadata.at("merge_method") == polyak::to_string(method));
   }
 
   // The same models as Hugging Face shards: two shards each, an index; the output is laid out alike.
@@ -355,7 +354,7 @@ TEST_CASE("a merge refuses every setting its method does not use, and DARE takes
           "[merge][adversarial]") {
   const StateDict a = one({1, 2}), b = one({3, 5}), base = one({0, 0});
   const auto refused = [&](MergeOptions o, const StateDict* with_base, const std::string& fragment) {
-    CAPTURE(polyak::detail::merge_method_name(o.method), fragment);
+    CAPTURE(polyak::to_string(o.method), fragment);
     CHECK_THROWS_WITH(polyak::merge_state_dicts({&a, &b}, with_base, o), Catch::Contains(fragment));
   };
   MergeOptions o = with(MergeMethod::Average);

@@ -21,10 +21,10 @@ MergeOptions with(MergeMethod method) {
   return o;
 }
 
-/// The message check_merge_options gives, "" where it accepts.
+/// The message MergeOptions::check gives, "" where it accepts.
 std::string problem(const MergeOptions& o, std::size_t models, bool has_base) {
   try {
-    polyak::detail::check_merge_options(o, models, has_base);
+    o.check(models, has_base);
     return "";
   } catch (const polyak::InvalidArgument& e) {
     return e.what();
@@ -56,13 +56,13 @@ TEST_CASE("a base where a method takes none, none where it needs one, and wrong 
 TEST_CASE("settings out of range are refused, naming the range", "[merge][options]") {
   MergeOptions o = with(MergeMethod::Ties);
   o.density = 1.5;
-  CHECK_THAT(problem(o, 2, true), Catch::Contains("density must be in [0, 1]"));
+  CHECK_THAT(problem(o, 2, true), Catch::Contains("density 1.5 is outside [0, 1]"));
   o = with(MergeMethod::Dare);
   o.drop = 1;
   CHECK_THAT(problem(o, 2, true), Catch::Contains("drop must be in [0, 1)"));
   o = with(MergeMethod::Slerp);
   o.t = -0.25;
-  CHECK_THAT(problem(o, 2, false), Catch::Contains("t must be in [0, 1]"));
+  CHECK_THAT(problem(o, 2, false), Catch::Contains("t -0.25 is outside [0, 1]"));
   o = with(MergeMethod::Average);
   o.weights = {1, -1};
   CHECK_THAT(problem(o, 2, false), Catch::Contains("average weights must be >= 0"));

@@ -2,6 +2,8 @@
 // A run killed at step k and resumed from its checkpoint ends bit-identical to one never stopped.
 // Two ranks (threads) train the flagship example's MLP on their shards with SGD, an EMA every step,
 // SWA and SWALR every 10 steps after step 30, and a periodic averager across the two.
+#include "support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <filesystem>
@@ -98,17 +100,15 @@ std::vector<float> run(const Digits& data, polyak::ThreadCommunicator comm, int 
 /// Runs both ranks on threads.
 std::vector<std::vector<float>> run_both(const Digits& data, int save_at, const std::string& folder,
                                          bool resume) {
-  auto members = polyak::ThreadCommunicator::create(2);
   std::vector<std::vector<float>> results(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      const std::string file = folder + "/rank" + std::to_string(r) + ".safetensors";
-      results[static_cast<std::size_t>(r)] =
-          run(data, members[static_cast<std::size_t>(r)], resume ? -1 : save_at, file, resume ? file : "");
-    });
+  const auto errors = polyak_test::on_threads(2, [&](polyak::ThreadCommunicator& comm) {
+    const std::string file = folder + "/rank" + std::to_string(comm.rank()) + ".safetensors";
+    results[static_cast<std::size_t>(comm.rank())] =
+        run(data, comm, resume ? -1 : save_at, file, resume ? file : "");
+  });
+  for (const auto& e : errors) {
+    if (!e.empty()) throw std::runtime_error(e);
   }
-  for (auto& t : threads) t.join();
   return results;
 }
 
@@ -116,8 +116,8 @@ std::vector<std::vector<float>> run_both(const Digits& data, int save_at, const 
 
 TEST_CASE("a resumed run ends bit-identical to an uninterrupted one", "[serialization][resume]") {
   const Digits data = load_digits(POLYAK_EXAMPLE_DATA "/digits.csv");
-  const auto folder = (std::filesystem::temp_directory_path() / "polyak_resume_test").string();
-  std::filesystem::create_directories(folder);
+  const polyak_test::TemporaryFolder temporary("resume");
+  const std::string folder = temporary.path();
   const auto uninterrupted = run_both(data, -1, folder, false);
   for (const int k : {37, 53}) {  // mid-epoch, past SWA's start, between averaging steps
     INFO("checkpoint at step " << k);

@@ -19,8 +19,6 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>  // getpid: a file name of this process
-
 #include "polyak/core/averaged_model.hpp"
 #include "polyak/core/batch_norm.hpp"
 #include "polyak/core/model_averaging.hpp"
@@ -256,7 +254,7 @@ TEST_CASE("every error polyak throws is a polyak::Error and the standard excepti
   REQUIRE_THROWS_AS(polyak::EMA{1.5}, std::invalid_argument);
   REQUIRE_THROWS_AS(polyak::EMA{1.5}, polyak::InvalidArgument);
   // A file that is not safetensors: FormatError, a std::runtime_error.
-  const std::string path = temporary_path("errors_" + std::to_string(::getpid()) + ".safetensors");
+  const std::string path = temporary_path("errors.safetensors");
   write_file(path, "not a safetensors file");
   REQUIRE_THROWS_AS(polyak::load_safetensors(path), polyak::FormatError);
   REQUIRE_THROWS_AS(polyak::load_safetensors(path), polyak::Error);

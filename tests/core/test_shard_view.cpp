@@ -85,7 +85,7 @@ TEST_CASE("a shard's pieces are each tensor's run inside the range, named as the
   const auto errors = on_threads(3, [&](ThreadCommunicator& comm) {
     const polyak::ShardRange range = polyak::even_shard(31, comm.rank(), comm.size());  // 11, 10, 10
     std::vector<float> mine(range.end - range.begin);
-    ShardView<float> shard(model_layout(), mine.data(), range.begin, range.end, comm);
+    ShardView<float> shard(model_layout(), mine.data(), range, comm);
     if (comm.rank() != 1) return;
     pieces = shard.pieces();
     for (const auto& tensor : shard.parameters()) {

@@ -16,7 +16,7 @@
 // last input. Memory: a few pieces of one tensor (TIES: plus one float per scalar of the largest
 // tensor). Inputs that differ in tensor names, dtypes or shapes, and any argument it cannot read,
 // are refused with the problem named, and no output is written.
-#include <polyak/core/detail/number_text.hpp>
+#include "../common/number.hpp"
 #include <polyak/checkpoint/merge.hpp>
 #include <polyak/checkpoint/safetensors.hpp>
 
@@ -87,14 +87,14 @@ bool uses(polyak::MergeMethod method, const std::string& option) {
   if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
   if (option == "--weights") return method != MergeMethod::Slerp;
   if (option == "--t") return method == MergeMethod::Slerp;
-  if (option == "--base" || option == "--scale") return polyak::detail::merge_needs_base(method);
+  if (option == "--base" || option == "--scale") return polyak::needs_base(method);
   if (option == "--density") return method == MergeMethod::Ties || method == MergeMethod::Dare;
   return method == MergeMethod::Dare;  // --drop, --seed
 }
 
 double finite_number(std::string_view text, const char* what) {
   double value = 0;
-  if (!polyak::detail::parse_number(text, value) || !std::isfinite(value)) {
+  if (!polyak_tools::parse_number(text, value) || !std::isfinite(value)) {
     throw UsageError(std::string(what) + " '" + std::string(text) + "' is not a finite number");
   }
   return value;
@@ -174,7 +174,7 @@ Arguments parse(int argc, char** argv) {
   }
   if (args.help) return args;
   const polyak::MergeMethod method = args.merge.method;
-  const std::string method_name = polyak::detail::merge_method_name(method);
+  const std::string method_name = polyak::to_string(method);
   for (const auto& option : seen) {  // no option is silently ignored
     if (!uses(method, option)) throw UsageError(option + " is not an option of --method " + method_name);
   }
@@ -208,7 +208,7 @@ Arguments parse(int argc, char** argv) {
   }
   try {
     const std::size_t models = args.latest > 0 ? static_cast<std::size_t>(args.latest) : args.inputs.size();
-    polyak::detail::check_merge_options(args.merge, models, !args.base.empty());
+    args.merge.check(models, !args.base.empty());
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string(e.what()).substr(std::string("polyak::merge: ").size()));
   }
@@ -247,8 +247,8 @@ int run(Arguments args) {
         args.ema >= 0 ? ema_weights(args.ema, inputs.size()) : normalized(args.weights, inputs.size());
   }
   polyak::merge_checkpoints(inputs, args.base, args.merge, args.out);
-  std::printf("polyak-merge: %s of %zu checkpoints into %s\n",
-              polyak::detail::merge_method_name(args.merge.method), inputs.size(), args.out.c_str());
+  std::printf("polyak-merge: %s of %zu checkpoints into %s\n", polyak::to_string(args.merge.method),
+              inputs.size(), args.out.c_str());
   return 0;
 }
 

@@ -12,7 +12,7 @@
 // written: an argument it cannot read, a width outside (0, 0.30], a STEP outside the snapshots'
 // steps, a fit worse than 25% (a width far from the stored ones, or a step between snapshots too far
 // apart), OUT naming one of the snapshots, snapshots that disagree, a folder with none.
-#include <polyak/core/detail/number_text.hpp>
+#include "../common/number.hpp"
 #include <polyak/checkpoint/post_hoc_ema.hpp>
 
 #include <cstdio>
@@ -50,10 +50,10 @@ int main(int argc, char** argv) {
   if (argc < 4 || argc > 5) return usage("needs 3 or 4 arguments");
   const std::string folder = argv[1], out = argv[3];
   double sigma_rel = 0;
-  if (!polyak::detail::parse_number(argv[2], sigma_rel) || !(sigma_rel > 0 && sigma_rel <= 0.30))
+  if (!polyak_tools::parse_number(argv[2], sigma_rel) || !(sigma_rel > 0 && sigma_rel <= 0.30))
     return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number in (0, 0.30]");
   std::int64_t step = 0;
-  if (argc == 5 && (!polyak::detail::parse_number(argv[4], step) || step < 1)) {
+  if (argc == 5 && (!polyak_tools::parse_number(argv[4], step) || step < 1)) {
     return usage(std::string("STEP '") + argv[4] + "' is not a whole number >= 1");
   }
   try {
@@ -66,11 +66,11 @@ int main(int argc, char** argv) {
     const polyak::StateDict sd = polyak::reconstruct_power_ema(snapshots, gamma, step);
     polyak::save_safetensors(out, sd);
     double fit_error = 0;
-    polyak::detail::parse_number(sd.metadata.at("post_hoc_fit_error"), fit_error);
+    polyak_tools::parse_number(sd.metadata.at("post_hoc_fit_error"), fit_error);
     std::printf(
-        "polyak-post-hoc-ema: sigma_rel %g (gamma %.3f) at step %lld from %zu snapshots into %s (fit error "
+        "polyak-post-hoc-ema: sigma_rel %s (gamma %.3f) at step %lld from %zu snapshots into %s (fit error "
         "%.2g%%)\n",
-        sigma_rel, gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
+        argv[2], gamma, static_cast<long long>(sd.scalar<std::int64_t>("n_averaged")), snapshots.size(),
         out.c_str(), 100 * fit_error);
     if (fit_error > warn_above) {
       std::fprintf(

@@ -6,7 +6,7 @@
 //     polyak::load_distributed(ema, "ema.safetensors", shard, comm);               // collective
 //
 // The file is the one a single process holding the whole model writes with save_safetensors (the
-// same bytes), so polyak's other tools (average_checkpoints, post_hoc_ema, PyTorch's safetensors)
+// same bytes), so polyak's other tools (polyak-merge, polyak-post-hoc-ema, PyTorch's safetensors)
 // read it as any other. Every rank must see the same file system path (a shared file system).
 #pragma once
 
@@ -26,7 +26,7 @@
 #include "polyak/core/error.hpp"
 #include "polyak/checkpoint/safetensors.hpp"
 #include "polyak/core/shard_view.hpp"
-#include "polyak/checkpoint/state_io.hpp"  // AveragedModelKeys
+#include "polyak/checkpoint/state_io.hpp"  // load_distributed loads a state into an AveragedModel
 
 namespace polyak {
 
@@ -96,8 +96,8 @@ void save_distributed(const std::string& path, const StateDict& local, const Sha
     if (k >= 0) {
       const auto& piece = shard.pieces()[static_cast<std::size_t>(k)];
       if (shape != std::vector<std::int64_t>{static_cast<std::int64_t>(piece.length)} && problem.empty()) {
-        problem = "entry '" + name + "' has shape " + shape_string(shape) + ", not this shard's piece [" +
-                  std::to_string(piece.length) + "]";
+        problem = "entry '" + name + "' has shape " + detail::shape_string(shape) +
+                  ", not this shard's piece [" + std::to_string(piece.length) + "]";
       }
       shape = layout.tensors()[static_cast<std::size_t>(k)].shape;
     } else {
@@ -233,8 +233,8 @@ StateDict load_distributed_state(
       }
       const auto& tensor = shard.layout().tensors()[static_cast<std::size_t>(k)];
       if (entry.shape != tensor.shape) {
-        throw FormatError("tensor '" + entry.name + "' has shape " + shape_string(entry.shape) +
-                          " in the file where the layout has " + shape_string(tensor.shape));
+        throw FormatError("tensor '" + entry.name + "' has shape " + detail::shape_string(entry.shape) +
+                          " in the file where the layout has " + detail::shape_string(tensor.shape));
       }
       const auto& piece = shard.pieces()[static_cast<std::size_t>(k)];
       StoredTensor part;

@@ -30,7 +30,7 @@ namespace polyak {
 /// folder holding anything but checkpoint files.
 inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
                               const MergeOptions& options, const std::string& out) {
-  detail::check_merge_options(options, inputs.size(), !base.empty());
+  options.check(inputs.size(), !base.empty());
   std::vector<CheckpointReader> readers;
   for (const auto& path : inputs) readers.emplace_back(path);
   if (!base.empty()) readers.emplace_back(base);
@@ -47,7 +47,7 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
   detail::check_output_apart("polyak::merge_checkpoints", out, read);
   const std::size_t models = inputs.size();
   detail::write_checkpoint_like(
-      readers.front(), out, {{"merge_method", detail::merge_method_name(options.method)}},
+      readers.front(), out, {{"merge_method", polyak::to_string(options.method)}},
       [&](const CheckpointReader::Tensor& tensor) {
         const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
         return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
@@ -60,7 +60,7 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
 /// The same merge over StateDicts in memory: a new StateDict, each entry in the first's dtype.
 inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, const StateDict* base,
                                    const MergeOptions& options) {
-  detail::check_merge_options(options, inputs.size(), base != nullptr);
+  options.check(inputs.size(), base != nullptr);
   std::vector<const StateDict*> all = inputs;
   if (base) all.push_back(base);
   const detail::TensorTable first = detail::table_of(*all.front());
@@ -72,7 +72,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
   }
   StateDict result;
   result.metadata = all.front()->metadata;
-  result.metadata["merge_method"] = detail::merge_method_name(options.method);
+  result.metadata["merge_method"] = polyak::to_string(options.method);
   for (const auto& entry : *all.front()) {
     const std::string& name = entry.first;  // (not a structured binding: the lambdas below capture it)
     const StoredTensor& tensor = entry.second;

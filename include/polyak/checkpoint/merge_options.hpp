@@ -26,8 +26,15 @@
 // that float would round together still rank, and a copy to find the trim threshold).
 #pragma once
 
+#include <algorithm>  // std::max_element
+#include <cmath>      // std::isfinite
+#include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "polyak/core/detail/number_text.hpp"
+#include "polyak/core/error.hpp"
 
 namespace polyak {
 
@@ -35,7 +42,7 @@ namespace polyak {
 enum class MergeMethod { Average, TaskArithmetic, Ties, Dare, Slerp };
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
-/// does not use (detail::check_merge_options): a field left at its default is not used.
+/// does not use (check()): a field left at its default is not used.
 struct MergeOptions {
   MergeMethod method = MergeMethod::Average;  ///< the method
   std::vector<double> weights;  ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
@@ -46,6 +53,79 @@ struct MergeOptions {
   double drop = 0.0;            ///< Dare: the drop probability, in [0, 1) (the paper's p; or density)
   std::uint64_t seed = 0;       ///< Dare's draws
   double t = 0.5;               ///< Slerp: 0 gives the first model, 1 the second
+
+  /// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a
+  /// base, and a setting the method does not use (away from its default), so that none is silently
+  /// ignored. The merges call it before they read anything.
+  void check(std::size_t models, bool has_base) const;
 };
+
+/// The method's name, as the merged file's "merge_method" metadata and the tools write it.
+inline const char* to_string(MergeMethod method) {
+  switch (method) {
+    case MergeMethod::Average:
+      return "average";
+    case MergeMethod::TaskArithmetic:
+      return "task_arithmetic";
+    case MergeMethod::Ties:
+      return "ties";
+    case MergeMethod::Dare:
+      return "dare";
+    case MergeMethod::Slerp:
+      return "slerp";
+  }
+  return "?";
+}
+
+/// Whether `method` merges task vectors against a base model (task arithmetic, TIES, DARE).
+inline bool needs_base(MergeMethod method) {
+  return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties || method == MergeMethod::Dare;
+}
+
+inline void MergeOptions::check(std::size_t models, bool has_base) const {
+  const MergeOptions& o = *this;
+  const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
+  const std::string method = to_string(o.method);
+  const MergeMethod m = o.method;
+  if (models == 0) bad("no models");
+  if (needs_base(m) && !has_base) bad(method + " needs a base model");
+  if (!needs_base(m) && has_base) bad(method + " takes no base model");
+  if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
+  if (m == MergeMethod::Ties && models > 64)
+    bad("ties merges at most 64 models, not " + std::to_string(models));
+  const auto unused = [&](bool set, const char* setting) {
+    if (set) bad(std::string(setting) + " is not a setting of " + method);
+  };
+  const MergeOptions defaults;
+  unused(!o.weights.empty() && m == MergeMethod::Slerp, "weights");
+  unused(!detail::exactly_equal(o.scale, defaults.scale) &&
+             (m == MergeMethod::Average || m == MergeMethod::Slerp),
+         "scale");
+  unused(
+      !detail::exactly_equal(o.density, defaults.density) && m != MergeMethod::Ties && m != MergeMethod::Dare,
+      "density");
+  unused(!detail::exactly_equal(o.drop, defaults.drop) && m != MergeMethod::Dare, "drop");
+  unused(o.seed != defaults.seed && m != MergeMethod::Dare, "seed");
+  unused(!detail::exactly_equal(o.t, defaults.t) && m != MergeMethod::Slerp, "t");
+  if (m == MergeMethod::Dare && o.density < 1 && o.drop > 0)
+    bad("dare takes density (the fraction kept) or drop (its complement), not both");
+  if (!o.weights.empty() && o.weights.size() != models)
+    bad(std::to_string(o.weights.size()) + " weights for " + std::to_string(models) + " models");
+  for (const double w : o.weights) {
+    if (!std::isfinite(w)) bad("a weight is not finite");
+    if (m == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
+    if (m == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
+  }
+  if (m == MergeMethod::Average && !o.weights.empty() &&
+      *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
+    bad("the weights are all 0");
+  }
+  if (!std::isfinite(o.scale)) bad("scale is not finite");
+  if (!detail::in_unit_interval(o.density)) bad(detail::unit_interval_problem(o.density, "density"));
+  if (m == MergeMethod::Dare && !(o.density > 0))
+    bad("dare's density must be in (0, 1]: it keeps that fraction");
+  if (!(o.drop >= 0 && o.drop < 1)) bad("drop must be in [0, 1)");
+  if (!detail::in_unit_interval(o.t)) bad(detail::unit_interval_problem(o.t, "t"));
+}
 
 }  // namespace polyak

@@ -65,7 +65,7 @@ inline double profile_inner_product(const PowerEmaProfile& a, const PowerEmaProf
 inline void check_profile(const PowerEmaProfile& p, const char* role) {
   if (p.step < 1 || !(p.gamma > -0.5) || !std::isfinite(p.gamma)) {
     throw InvalidArgument(std::string("polyak::post_hoc_ema_fit: ") + role + " step " +
-                          std::to_string(p.step) + ", gamma " + std::to_string(p.gamma) +
+                          std::to_string(p.step) + ", gamma " + detail::number_text(p.gamma) +
                           ": needs step >= 1 and a finite gamma > -1/2");
   }
 }
@@ -227,15 +227,14 @@ StateDict reconstruct_power_ema(const Snapshots& snapshots, double gamma, std::i
   for (const auto& s : snapshots) sources.push_back(s.profile);
   const PostHocFit fit = post_hoc_ema_fit(sources, {step, gamma});
   if (!(fit.relative_error <= max_fit_error)) {
-    char text[320];
-    std::snprintf(text, sizeof text,
-                  "polyak::reconstruct_power_ema: the snapshots cannot represent the power EMA of sigma_rel "
-                  "%.4g (gamma %.4g) at step %lld: the fitted weight profile has a relative error %.0f%% "
-                  "(L2), above the %.0f%% allowed; ask for a width near the stored ones, or a step at a "
-                  "snapshot",
-                  gamma_to_sigma_rel(gamma), gamma, static_cast<long long>(step), 100 * fit.relative_error,
-                  100 * max_fit_error);
-    throw InvalidArgument(text);
+    char percents[64];
+    std::snprintf(percents, sizeof percents, "%.0f%% (L2), above the %.0f%% allowed",
+                  100 * fit.relative_error, 100 * max_fit_error);
+    throw InvalidArgument(
+        "polyak::reconstruct_power_ema: the snapshots cannot represent the power EMA of sigma_rel " +
+        detail::number_text(gamma_to_sigma_rel(gamma)) + " (gamma " + detail::number_text(gamma) +
+        ") at step " + std::to_string(step) + ": the fitted weight profile has a relative error " + percents +
+        "; ask for a width near the stored ones, or a step at a snapshot");
   }
   const std::vector<double>& weights = fit.weights;
 
@@ -286,9 +285,8 @@ StateDict reconstruct_power_ema(const Snapshots& snapshots, double gamma, std::i
   return result;
 }
 
-namespace detail {
-
-/// PostHocEMA's body for any kind of profile: `Profile` is an averaged model of PowerEMA that
+/// What both PostHocEMAs are (polyak::PostHocEMA over views, libtorch::PostHocEMA over a module):
+/// `Profile` is an averaged model of PowerEMA that
 /// update_parameters(const Model&) folds in (polyak::AveragedModel over views, or
 /// libtorch::AveragedModel over a module), with state_dict() / load_state_dict().
 template <class Profile, class Model>
@@ -308,6 +306,7 @@ class PowerEmaRecorder {
     }
   }
 
+  /// Where profile `profile`'s snapshot at `step` is written (see PostHocEMA).
   std::string snapshot_path(std::size_t profile, std::int64_t step) const {
     char number[24];
     std::snprintf(number, sizeof number, "%010lld", static_cast<long long>(step));
@@ -315,7 +314,9 @@ class PowerEmaRecorder {
            ".safetensors";
   }
 
+  /// The profiles, one a width, in the order given.
   const std::vector<Profile>& profiles() const noexcept { return profiles_; }
+  /// The folder the snapshots go to.
   const std::string& folder() const noexcept { return folder_; }
 
   /// Every profile's state, as "profile<i>.<name>", to resume training.
@@ -378,13 +379,11 @@ class PowerEmaRecorder {
     std::filesystem::create_directories(folder_);
   }
 
-  std::string folder_;
-  std::int64_t snapshot_every_;
+  std::string folder_;              ///< where the snapshots go
+  std::int64_t snapshot_every_;     ///< updates between snapshots
   std::vector<double> sigma_rels_;  ///< as given: the snapshots' names
-  std::vector<Profile> profiles_;
+  std::vector<Profile> profiles_;   ///< one a width
 };
-
-}  // namespace detail
 
 /// Keeps power-function EMA profiles of a model during training (by default EDM2's two, sigma_rel
 /// 0.05 and 0.10) and writes each to `folder` every `snapshot_every` updates, as
@@ -394,8 +393,8 @@ class PowerEmaRecorder {
 /// Memory: one averaged copy a profile; snapshots stream from it to disk. (For a libtorch module on
 /// its device: polyak::libtorch::PostHocEMA, in polyak/torch/checkpoint.hpp.)
 template <class T>
-class PostHocEMA : public detail::PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>> {
-  using Base = detail::PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>>;
+class PostHocEMA : public PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>> {
+  using Base = PowerEmaRecorder<AveragedModel<T, PowerEMA>, ParameterList<T>>;
 
  public:
   /// One profile: an averaged model of the power EMA.

@@ -350,8 +350,8 @@ class StateDict {
                         dtype_name(dtype_of<T>()));
     }
     if (t.shape != shape) {
-      throw FormatError("polyak: '" + name + "' has shape " + shape_string(t.shape) + ", expected " +
-                        shape_string(shape));
+      throw FormatError("polyak: '" + name + "' has shape " + detail::shape_string(t.shape) + ", expected " +
+                        detail::shape_string(shape));
     }
     return t;
   }

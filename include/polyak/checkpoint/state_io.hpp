@@ -210,7 +210,7 @@ struct StateIO<BatchNormStats<T>> {
     const auto found = sd.metadata.find("momentum");
     if (found == sd.metadata.end() || found->second != "none") {
       const double value = detail::setting_number(sd.metadata, "momentum", who);
-      if (!(value >= 0.0 && value <= 1.0)) {
+      if (!detail::in_unit_interval(value)) {
         throw FormatError(std::string(who) + ": the state's momentum '" + found->second +
                           "' is outside [0, 1]");
       }

@@ -111,7 +111,7 @@ class EMA {
 
   /// `decay` must lie in [0, 1]; anything else, NaN included, is refused.
   explicit EMA(double decay) : decay_(decay) {
-    if (!(decay >= 0.0 && decay <= 1.0)) {
+    if (!detail::in_unit_interval(decay)) {
       throw InvalidArgument("polyak::EMA: " + detail::unit_interval_problem(decay, "decay"));
     }
   }

@@ -186,9 +186,9 @@ class BatchNormStats {
   }
 
   static void check_momentum(const std::optional<double>& momentum) {
-    if (momentum && !(*momentum >= 0.0 && *momentum <= 1.0)) {
-      throw InvalidArgument("polyak::BatchNormStats: momentum " + detail::number_text(*momentum) +
-                            " is outside [0, 1]");
+    if (momentum && !detail::in_unit_interval(*momentum)) {
+      throw InvalidArgument("polyak::BatchNormStats: " +
+                            detail::unit_interval_problem(*momentum, "momentum"));
     }
   }
 

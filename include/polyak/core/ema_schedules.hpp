@@ -34,7 +34,7 @@ class WarmupDecay {
  public:
   /// `decay` must lie in [0, 1].
   explicit WarmupDecay(double decay = 0.9999) : decay_(decay) {
-    if (!(decay >= 0.0 && decay <= 1.0)) {
+    if (!detail::in_unit_interval(decay)) {
       throw InvalidArgument("polyak::WarmupDecay: " + detail::unit_interval_problem(decay, "decay"));
     }
   }
@@ -66,7 +66,7 @@ class InverseGammaDecay {
     const auto bad = [](const std::string& what) {
       throw InvalidArgument("polyak::InverseGammaDecay: " + what);
     };
-    if (!(decay >= 0.0 && decay <= 1.0)) bad(detail::unit_interval_problem(decay, "decay"));
+    if (!detail::in_unit_interval(decay)) bad(detail::unit_interval_problem(decay, "decay"));
     if (!(min_decay >= 0.0 && min_decay <= decay))
       bad("min_decay " + detail::number_text(min_decay) + " is outside [0, decay]");
     if (!(inv_gamma > 0.0 && std::isfinite(inv_gamma))) bad("inv_gamma must be positive and finite");
@@ -171,7 +171,7 @@ class ScheduledEMA {
  private:
   double checked(std::int64_t t) const {
     const double d = schedule_(t);
-    if (!(d >= 0.0 && d <= 1.0)) {
+    if (!detail::in_unit_interval(d)) {
       throw InvalidArgument("polyak::ScheduledEMA: the schedule gave decay " + detail::number_text(d) +
                             " at step " + std::to_string(t) + ", outside [0, 1]");
     }

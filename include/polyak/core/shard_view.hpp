@@ -7,7 +7,7 @@
 //     polyak::FlatLayout layout;                       // the same on every rank
 //     layout.add("fc.weight", {512, 1024}).add("fc.bias", {512});
 //     const auto range = polyak::even_shard(layout.numel(), comm.rank(), comm.size());
-//     polyak::ShardView<float> shard(layout, my_flat.data(), range.begin, range.end, comm);  // collective
+//     polyak::ShardView<float> shard(layout, my_flat.data(), range, comm);  // collective
 //     polyak::AveragedModel<float, polyak::EMA> ema(shard.parameters(), polyak::EMA(0.999));
 //
 // Checkpoints of such averages, one file written by all ranks and read back by any number of them:
@@ -147,6 +147,11 @@ class ShardView {
                                                  {static_cast<std::int64_t>(piece.length)}));
     }
   }
+
+  /// Collective: this member holds `range` of the flat `layout` at `data` (even_shard gives one).
+  template <class Comm>
+  ShardView(FlatLayout layout, T* data, ShardRange range, Comm& comm)
+      : ShardView(std::move(layout), data, range.begin, range.end, comm) {}
 
   /// The pieces, one per layout tensor, as views: what an AveragedModel averages.
   const ParameterList<T>& parameters() const noexcept { return parameters_; }

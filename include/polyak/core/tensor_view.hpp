@@ -31,12 +31,14 @@ namespace polyak {
 /// checkpoints and structure checks do.
 enum class StorageOrder { RowMajor, ColMajor };
 
+namespace detail {
 /// "[64, 3, 3, 3]": a shape as error messages print it.
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string out = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
   return out + "]";
 }
+}  // namespace detail
 
 /// A flat Eigen array over one tensor's storage, the form averaging functions receive.
 template <class S>
@@ -90,17 +92,18 @@ class TensorView {
     for (const std::int64_t extent : shape_) {
       if (extent < 0) {
         throw InvalidArgument("polyak::TensorView: negative extent " + std::to_string(extent) + " in shape " +
-                              shape_string(shape_));
+                              detail::shape_string(shape_));
       }
       const auto x = static_cast<std::size_t>(extent);
       if (x != 0 && numel_ > max_elements / x) {
-        throw InvalidArgument("polyak::TensorView: the element count of shape " + shape_string(shape_) +
-                              " overflows");
+        throw InvalidArgument("polyak::TensorView: the element count of shape " +
+                              detail::shape_string(shape_) + " overflows");
       }
       numel_ *= x;
     }
     if (data_ == nullptr && numel_ != 0) {
-      throw InvalidArgument("polyak::TensorView: null data for a tensor of shape " + shape_string(shape_));
+      throw InvalidArgument("polyak::TensorView: null data for a tensor of shape " +
+                            detail::shape_string(shape_));
     }
   }
 

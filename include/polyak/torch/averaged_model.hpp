@@ -37,8 +37,8 @@
 #include <utility>  // std::move
 #include <vector>
 
+#include "polyak/core/detail/apply_range.hpp"
 #include "polyak/core/detail/counter.hpp"
-#include "polyak/core/averaged_model.hpp"  // detail::apply_to_range: the Eigen path's kernel loop
 #include "polyak/core/averaging_functions.hpp"
 #include "polyak/core/detail/tensor_spec.hpp"
 #include "polyak/core/detail/state_io_fwd.hpp"
@@ -441,4 +441,11 @@ class AveragedModel {
 };
 
 }  // namespace libtorch
+
+namespace detail {
+/// libtorch::AveragedModel's state_dict() is in polyak/torch/checkpoint.hpp (the message says so).
+template <class AvgFn>
+struct state_io_in_adapter<libtorch::AveragedModel<AvgFn>> : std::true_type {};
+}  // namespace detail
+
 }  // namespace polyak

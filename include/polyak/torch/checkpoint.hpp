@@ -10,8 +10,9 @@
 #include <utility>  // std::move
 #include <vector>
 
-#include "polyak/checkpoint.hpp"
 #include "polyak/checkpoint/post_hoc_ema.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
+#include "polyak/checkpoint/state_io.hpp"
 #include "polyak/core/error.hpp"
 #include "polyak/torch/averaged_model.hpp"
 
@@ -91,8 +92,8 @@ namespace libtorch {
 /// Placement::Host), their snapshots written as polyak::PostHocEMA writes them (same names, keys
 /// and settings), so find_power_ema_snapshots, reconstruct_power_ema and polyak-post-hoc-ema read
 /// them unchanged. A snapshot of a GPU profile copies it to host memory first.
-class PostHocEMA : public polyak::detail::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module> {
-  using Base = polyak::detail::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module>;
+class PostHocEMA : public polyak::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module> {
+  using Base = polyak::PowerEmaRecorder<AveragedModel<PowerEMA>, torch::nn::Module>;
 
  public:
   /// One profile: a libtorch::AveragedModel of the power EMA.

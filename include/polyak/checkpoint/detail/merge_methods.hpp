@@ -30,76 +30,8 @@ namespace polyak {
 
 namespace detail {
 
-inline const char* merge_method_name(MergeMethod method) {
-  switch (method) {
-    case MergeMethod::Average:
-      return "average";
-    case MergeMethod::TaskArithmetic:
-      return "task_arithmetic";
-    case MergeMethod::Ties:
-      return "ties";
-    case MergeMethod::Dare:
-      return "dare";
-    case MergeMethod::Slerp:
-      return "slerp";
-  }
-  return "?";
-}
-
-/// Whether `method` needs a base model.
-inline bool merge_needs_base(MergeMethod method) {
-  return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties || method == MergeMethod::Dare;
-}
-
 /// Dare's drop probability: 1 - density where density is set, else drop.
 inline double dare_drop(const MergeOptions& o) { return o.density < 1 ? 1 - o.density : o.drop; }
-
-/// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a base,
-/// and a setting the method does not use (away from its default), so that none is silently ignored.
-inline void check_merge_options(const MergeOptions& o, std::size_t models, bool has_base) {
-  const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
-  const std::string method = merge_method_name(o.method);
-  const MergeMethod m = o.method;
-  if (models == 0) bad("no models");
-  if (merge_needs_base(m) && !has_base) bad(method + " needs a base model");
-  if (!merge_needs_base(m) && has_base) bad(method + " takes no base model");
-  if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
-  if (m == MergeMethod::Ties && models > 64)
-    bad("ties merges at most 64 models, not " + std::to_string(models));
-  const auto unused = [&](bool set, const char* setting) {
-    if (set) bad(std::string(setting) + " is not a setting of " + method);
-  };
-  const MergeOptions defaults;
-  unused(!o.weights.empty() && m == MergeMethod::Slerp, "weights");
-  unused(!detail::exactly_equal(o.scale, defaults.scale) &&
-             (m == MergeMethod::Average || m == MergeMethod::Slerp),
-         "scale");
-  unused(
-      !detail::exactly_equal(o.density, defaults.density) && m != MergeMethod::Ties && m != MergeMethod::Dare,
-      "density");
-  unused(!detail::exactly_equal(o.drop, defaults.drop) && m != MergeMethod::Dare, "drop");
-  unused(o.seed != defaults.seed && m != MergeMethod::Dare, "seed");
-  unused(!detail::exactly_equal(o.t, defaults.t) && m != MergeMethod::Slerp, "t");
-  if (m == MergeMethod::Dare && o.density < 1 && o.drop > 0)
-    bad("dare takes density (the fraction kept) or drop (its complement), not both");
-  if (!o.weights.empty() && o.weights.size() != models)
-    bad(std::to_string(o.weights.size()) + " weights for " + std::to_string(models) + " models");
-  for (const double w : o.weights) {
-    if (!std::isfinite(w)) bad("a weight is not finite");
-    if (m == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
-    if (m == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
-  }
-  if (m == MergeMethod::Average && !o.weights.empty() &&
-      *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
-    bad("the weights are all 0");
-  }
-  if (!std::isfinite(o.scale)) bad("scale is not finite");
-  if (!(o.density >= 0 && o.density <= 1)) bad("density must be in [0, 1]");
-  if (m == MergeMethod::Dare && !(o.density > 0))
-    bad("dare's density must be in (0, 1]: it keeps that fraction");
-  if (!(o.drop >= 0 && o.drop < 1)) bad("drop must be in [0, 1)");
-  if (!(o.t >= 0 && o.t <= 1)) bad("t must be in [0, 1]");
-}
 
 }  // namespace detail
 
@@ -160,7 +92,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
     }
   };
-  const bool has_base = merge_needs_base(o.method);
+  const bool has_base = needs_base(o.method);
   std::vector<double> w = o.weights.empty() ? std::vector<double>(models, 1.0) : o.weights;
   if (o.method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
     const double largest = *std::max_element(w.begin(), w.end());
@@ -324,8 +256,8 @@ std::string first_table_difference(const A& a, const std::string& a_name, const 
     if (other == b.end()) return b_name + " has no tensor '" + name + "'";
     if (other->second.first != spec.first || other->second.second != spec.second) {
       return "tensor '" + name + "' is " + dtype_name(other->second.first) + " " +
-             polyak::shape_string(other->second.second) + " in " + b_name + ", " + dtype_name(spec.first) +
-             " " + polyak::shape_string(spec.second) + " in " + a_name;
+             polyak::detail::shape_string(other->second.second) + " in " + b_name + ", " +
+             dtype_name(spec.first) + " " + polyak::detail::shape_string(spec.second) + " in " + a_name;
     }
   }
   return {};

@@ -27,11 +27,14 @@ inline std::string number_text(std::int64_t value) {
   return std::string(text, end);
 }
 
-/// The one check of a setting that must lie in [0, 1] (a decay, a momentum): "" when it does, else
+/// Whether `value` lies in [0, 1] (NaN does not): the one range check of decays, momenta, densities.
+constexpr bool in_unit_interval(double value) noexcept { return value >= 0.0 && value <= 1.0; }
+
+/// The message of a setting that must lie in [0, 1] (a decay, a momentum): "" when it does, else
 /// "<name> <value> is outside [0, 1]" with the value printed exactly (1.0000001 is not "1.000000").
 /// NaN lies outside.
 inline std::string unit_interval_problem(double value, const char* name) {
-  if (value >= 0.0 && value <= 1.0) return {};
+  if (in_unit_interval(value)) return {};
   return std::string(name) + " " + number_text(value) + " is outside [0, 1]";
 }
 

@@ -22,6 +22,11 @@ struct is_complete : std::false_type {};
 template <class T>
 struct is_complete<T, std::void_t<decltype(sizeof(T))>> : std::true_type {};
 
+/// True for an adapter's stateful type, whose StateIO is in the adapter's checkpoint header
+/// (specialized there); false for the core's types, whose StateIO is in polyak/checkpoint/state_io.hpp.
+template <class T>
+struct state_io_in_adapter : std::false_type {};
+
 /// StateIO<T>, looked up where state_dict() is called (Dict makes it dependent), with a message
 /// that says what to include when the checkpoint layer is missing.
 template <class T, class Dict>
@@ -29,7 +34,10 @@ struct state_io_for {
   static_assert(is_complete<Dict>::value,
                 "polyak: state_dict() and load_state_dict() belong to the checkpoint layer: "
                 "#include <polyak/checkpoint.hpp> (CMake target polyak::checkpoint)");
-  static_assert(!is_complete<Dict>::value || is_complete<StateIO<T>>::value,
+  static_assert(!is_complete<Dict>::value || is_complete<StateIO<T>>::value || state_io_in_adapter<T>::value,
+                "polyak: the core's state_dict() and load_state_dict() are in "
+                "#include <polyak/checkpoint/state_io.hpp> (or all of <polyak/checkpoint.hpp>)");
+  static_assert(!is_complete<Dict>::value || is_complete<StateIO<T>>::value || !state_io_in_adapter<T>::value,
                 "polyak: this type's state_dict() and load_state_dict() are in its adapter's checkpoint "
                 "header: for polyak::libtorch::AveragedModel, #include <polyak/torch/checkpoint.hpp>");
   using type = StateIO<T>;

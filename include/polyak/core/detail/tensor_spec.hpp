@@ -39,7 +39,7 @@ TensorSpec spec_of(const NamedTensor<T>& entry) {
 }
 
 inline std::string shape_string(const TensorSpec& spec) {
-  return polyak::shape_string(std::vector<std::int64_t>(spec.shape, spec.shape + spec.rank));
+  return polyak::detail::shape_string(std::vector<std::int64_t>(spec.shape, spec.shape + spec.rank));
 }
 
 /// The first difference between list A (`count_a` tensors, spec_a(i) the i-th, called `label_a` in
