@@ -150,9 +150,8 @@ int main(int argc, char** argv) {
   const std::string tail = std::string("/") + size;
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
   for (const auto method : {polyak::MergeMethod::Average, polyak::MergeMethod::Ties}) {
-    benchmark::RegisterBenchmark(
-        ("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge, method,
-        bytes)
+    benchmark::RegisterBenchmark(("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge,
+                                 method, bytes)
         ->UseManualTime()
         ->Iterations(1);
   }

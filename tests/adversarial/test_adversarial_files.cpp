@@ -19,7 +19,6 @@
 #include <thread>
 #include <vector>
 
-
 #include "polyak/checkpoint.hpp"
 #include "polyak/core/averaged_model.hpp"
 #include "polyak/checkpoint/safetensors.hpp"

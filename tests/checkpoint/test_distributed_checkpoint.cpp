@@ -272,8 +272,9 @@ TEST_CASE("load_distributed_state gives each member its piece of every layout te
           "[shard][distributed_checkpoint]") {
   const std::string reference = whole_model_file("whole_for_state.safetensors");
   const StateDict whole = polyak::load_safetensors(reference);
+  const FlatLayout layout = model_layout();
   std::vector<double> flat;  // the whole average, laid out flat as the layout lays it
-  for (const auto& tensor : model_layout().tensors()) {
+  for (const auto& tensor : layout.tensors()) {
     const auto values = polyak::to_doubles(whole.at("module." + tensor.name));
     flat.insert(flat.end(), values.begin(), values.end());
   }
@@ -289,7 +290,7 @@ TEST_CASE("load_distributed_state gives each member its piece of every layout te
     const polyak::ShardRange range = polyak::even_shard(31, r, 3);
     const StateDict& sd = loaded[static_cast<std::size_t>(r)];
     std::vector<double> pieces;
-    for (const auto& tensor : model_layout().tensors()) {
+    for (const auto& tensor : layout.tensors()) {
       const auto piece = polyak::to_doubles(sd.at("module." + tensor.name));
       pieces.insert(pieces.end(), piece.begin(), piece.end());
     }

@@ -14,7 +14,6 @@
 #include <string>
 #include <vector>
 
-
 #include "polyak/core/averaged_model.hpp"
 #include "swag_model.hpp"
 

@@ -85,16 +85,16 @@ inline bool needs_base(MergeMethod method) {
 inline void MergeOptions::check(std::size_t models, bool has_base) const {
   const MergeOptions& o = *this;
   const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
-  const std::string method = to_string(o.method);
+  const std::string name = to_string(o.method);
   const MergeMethod m = o.method;
   if (models == 0) bad("no models");
-  if (needs_base(m) && !has_base) bad(method + " needs a base model");
-  if (!needs_base(m) && has_base) bad(method + " takes no base model");
+  if (needs_base(m) && !has_base) bad(name + " needs a base model");
+  if (!needs_base(m) && has_base) bad(name + " takes no base model");
   if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
   if (m == MergeMethod::Ties && models > 64)
     bad("ties merges at most 64 models, not " + std::to_string(models));
   const auto unused = [&](bool set, const char* setting) {
-    if (set) bad(std::string(setting) + " is not a setting of " + method);
+    if (set) bad(std::string(setting) + " is not a setting of " + name);
   };
   const MergeOptions defaults;
   unused(!o.weights.empty() && m == MergeMethod::Slerp, "weights");
