@@ -156,6 +156,9 @@ int main(int argc, char** argv) {
   expect(run("--method task-arithmetic --base " + a + " --scale 0.5 " + out + " " + b + " " + c) == 0 &&
              w0(out) == 4.0f,
          "task arithmetic: 1 + 0.5 ((2 - 1) + (6 - 1)) = 4");
+  expect(run("--method task_arithmetic --base " + a + " --scale 0.5 " + out + " " + b + " " + c) == 0 &&
+             w0(out) == 4.0f,
+         "--method task_arithmetic, mergekit's spelling and the one the messages use, is the same method");
   expect(run("--method ties --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 4.0f,
          "ties, density 1: 1 + mean(1, 5) = 4 (both agree in sign)");
   expect(run("--method dare --base " + a + " " + out + " " + b + " " + c) == 0 && w0(out) == 7.0f,

@@ -7,7 +7,7 @@
 // Uniform by default; --weights gives each file a weight (finite, >= 0, not all 0; normalized to sum
 // 1); --ema folds the files in order into an exponential moving average (the first file starts it;
 // DECAY in [0, 1]); --latest K averages the last K inputs (LAWA: list the run's checkpoints in
-// order). --method task-arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic
+// order). --method task_arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic
 // against --base; slerp between two inputs), with --scale, --density, --drop, --seed and --t; the
 // weights are then each model's lambda. Inputs are safetensors files or Hugging Face sharded
 // checkpoints (an index file or its folder); OUT is laid out as the first input (a folder of
@@ -44,7 +44,8 @@ const char* const usage_text =
     "                       dare): each model's lambda in a merge\n"
     "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (an average)\n"
     "  --latest K           the uniform average of the last K inputs (LAWA)\n"
-    "  --method M           average (default), task-arithmetic, ties, dare or slerp\n"
+    "  --method M           average (default), task_arithmetic (or task-arithmetic), ties, dare\n"
+    "                       or slerp\n"
     "  --base PATH          the base model of task-arithmetic, ties and dare\n"
     "  --scale S            lambda on the merged task vector (default 1)\n"
     "  --density D          ties, dare: the fraction of each task vector kept, in [0, 1]\n"
@@ -73,11 +74,12 @@ struct Arguments {
 
 polyak::MergeMethod method_named(const std::string& name) {
   if (name == "average") return polyak::MergeMethod::Average;
-  if (name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;
+  // mergekit's name, which the messages and the output's metadata use; the hyphen form too.
+  if (name == "task_arithmetic" || name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;
   if (name == "ties") return polyak::MergeMethod::Ties;
   if (name == "dare") return polyak::MergeMethod::Dare;
   if (name == "slerp") return polyak::MergeMethod::Slerp;
-  throw UsageError("--method '" + name + "' is none of average, task-arithmetic, ties, dare, slerp");
+  throw UsageError("--method '" + name + "' is none of average, task_arithmetic, ties, dare, slerp");
 }
 
 /// Whether `method` uses the command-line option `option`.

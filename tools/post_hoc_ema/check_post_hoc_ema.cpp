@@ -109,6 +109,9 @@ int main(int argc, char** argv) {
   refused(snapshots + " 0.1 " + out + " 12x", 2, "STEP 12x");
   refused(snapshots + " 0.1 " + out + " 300 extra", 2, "one argument too many");
   refused(snapshots + " 0.1", 2, "no OUT");
+  refused(snapshots + " 0.1 ''", 2, "an empty OUT, refused before any work");
+  refused("--bogus " + snapshots + " 0.1 " + out, 2, "an unknown option");
+  refused(snapshots + " 0.1 " + out + " --step=5", 2, "an unknown option after the arguments");
   expect(std::system((tool + " --help >/dev/null").c_str()) == 0 && !std::filesystem::exists(out),
          "--help prints the usage and writes nothing");
   std::filesystem::remove_all(work);

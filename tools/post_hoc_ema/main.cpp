@@ -47,8 +47,14 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
+  for (int i = 1; i < argc; ++i) {
+    if (argv[i][0] == '-' && argv[i][1] != 0 && !(argv[i][1] >= '0' && argv[i][1] <= '9') &&
+        argv[i][1] != '.')
+      return usage(std::string("unknown option '") + argv[i] + "'");
+  }
   if (argc < 4 || argc > 5) return usage("needs 3 or 4 arguments");
   const std::string folder = argv[1], out = argv[3];
+  if (out.empty()) return usage("OUT is the empty path");
   double sigma_rel = 0;
   if (!polyak_tools::parse_number(argv[2], sigma_rel) || !(sigma_rel > 0 && sigma_rel <= 0.30))
     return usage(std::string("SIGMA_REL '") + argv[2] + "' is not a number in (0, 0.30]");
