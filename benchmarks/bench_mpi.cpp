@@ -74,6 +74,16 @@ struct ArenaModel {
   }
 };
 
+/// One pass that reads and writes every scalar of `buffer` (times one, which the compiler cannot
+/// see): what dividing by the group size costs at the least, apart from the collective.
+template <class T>
+void scaling_pass(std::vector<T>& buffer) {
+  float opaque = 1.0f;
+  benchmark::DoNotOptimize(opaque);
+  const float one = opaque;  // a local the loop's stores cannot alias, so that it vectorizes
+  for (T& x : buffer) x *= one;
+}
+
 template <class T>
 void paired(benchmark::State& state, double size) {
   ArenaModel<T> model("resnet50", size);
@@ -88,27 +98,52 @@ void paired(benchmark::State& state, double size) {
   polyak::MpiCommunicator world(MPI_COMM_WORLD);
   const auto polyak_call = [&] { polyak::average_parameters(model.list, world); };
   const auto bare_call = [&] { bare_allreduce(wire); };
+  // The passes PyTorch's semantics need beside the collective: the division, and for bf16 the
+  // conversions to float and back.
+  const auto passes = [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      scaling_pass(wire);
+    } else {
+      polyak::detail::widen(model.arena.data(), wire.data(), wire.size());
+      scaling_pass(wire);  // (folded into the widening in polyak's path; timed apart here)
+      polyak::detail::narrow(wire.data(), model.arena.data(), wire.size());
+    }
+  };
   polyak_call();  // first touches: MPI's buffers, the pack buffer
   bare_call();
-  std::vector<double> ratios, polyak_seconds, bare_seconds;
+  passes();
+  std::vector<double> ratios, limit_ratios, limits, polyak_seconds, bare_seconds, pass_seconds;
   for (auto _ : state) {
-    const bool polyak_first = ratios.size() % 2 == 0;
-    double mine = 0, bare = 0;
-    if (polyak_first) {
-      mine = timed(polyak_call);
-      bare = timed(bare_call);
-    } else {
-      bare = timed(bare_call);
-      mine = timed(polyak_call);
+    double mine = 0, bare = 0, pass = 0;
+    switch (ratios.size() % 3) {  // each first, second and last in turn
+      case 0:
+        mine = timed(polyak_call), bare = timed(bare_call), pass = timed(passes);
+        break;
+      case 1:
+        bare = timed(bare_call), pass = timed(passes), mine = timed(polyak_call);
+        break;
+      default:
+        pass = timed(passes), mine = timed(polyak_call), bare = timed(bare_call);
     }
     state.SetIterationTime(mine);
     ratios.push_back(mine / bare);
+    limit_ratios.push_back(mine / (bare + pass));
+    limits.push_back((bare + pass) / bare);
     polyak_seconds.push_back(mine);
     bare_seconds.push_back(bare);
+    pass_seconds.push_back(pass);
   }
   state.counters["median_ratio"] = median(ratios);
+  state.counters["limit_ratio"] = median(limit_ratios);
+  state.counters["limit"] = median(limits);
   state.counters["polyak_ms"] = median(polyak_seconds) * 1e3;
   state.counters["bare_ms"] = median(bare_seconds) * 1e3;
+  state.counters["passes_ms"] = median(pass_seconds) * 1e3;
+  // Bytes each rank's passes read and write, over their time: this machine's bandwidth, the two
+  // ranks running at once.
+  const double pass_bytes =
+      std::is_same_v<T, float> ? 2.0 * 4 * wire.size() : (2.0 + 4 + 4 + 4 + 4 + 4 + 2) * wire.size();
+  state.counters["passes_GBps"] = pass_bytes / median(pass_seconds) / 1e9;
   state.counters["tensors"] = static_cast<double>(model.list.size());
   state.SetBytesProcessed(
       static_cast<std::int64_t>(static_cast<double>(state.iterations() * model.arena.size() * sizeof(T))));

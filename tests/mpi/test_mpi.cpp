@@ -3,12 +3,15 @@
 // case in the same order, so the collectives match; assertions are CHECKs (a REQUIRE that stopped
 // one rank's test case early would leave the others waiting).
 #define CATCH_CONFIG_RUNNER
+#include "average_parameters_members.hpp"
 #include "support.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstdio>  // std::remove
+#include <cstdio>
+#include <cstring>  // std::remove
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -46,6 +49,54 @@ std::string job_path(const std::string& name) {
 }
 
 }  // namespace
+
+TEST_CASE("average_parameters over MPI equals each rank's x / size summed by the bare MPI_Allreduce, bit for bit",
+          "[mpi]") {
+  // PyTorch's semantics with MPI's own order of summation: the expected values divide first and sum
+  // with MPI_Allreduce in place, in the pieces polyak's chunks make. 300001 scalars are averaged in
+  // place; 4.5 million are summed first (out of place) and scaled after where the group size is a
+  // power of two, with extremes that send some chunks back the divide-first way. Odd ranks hold
+  // their tensors apart.
+  MpiCommunicator comm = world();
+  const int r = comm.rank(), n = comm.size();
+  for (const std::size_t scalars : {std::size_t{300001}, std::size_t{4500000}}) {
+    for (const bool extremes : {false, true}) {
+      INFO(scalars << " scalars, extremes " << extremes);
+      std::vector<float> expected(scalars);
+      for (std::size_t i = 0; i < scalars; ++i)
+        expected[i] = polyak_test::average_parameters_scalar(r, i, extremes) / static_cast<float>(n);
+      constexpr std::size_t piece = polyak::detail::average_chunk_bytes / sizeof(float);
+      for (std::size_t done = 0; done < scalars; done += piece) {
+        MPI_Allreduce(MPI_IN_PLACE, expected.data() + done, static_cast<int>(std::min(piece, scalars - done)),
+                      MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+      }
+      const std::vector<std::size_t> sizes = {scalars / 3, 7, scalars - scalars / 3 - 7};
+      std::vector<float> arena(scalars);
+      std::vector<std::vector<float>> apart;
+      ParameterList<float> list;
+      std::size_t at = 0;
+      for (std::size_t k = 0; k < sizes.size(); ++k) {
+        float* data = arena.data() + at;
+        if (r % 2 == 1) {
+          apart.emplace_back(sizes[k]);
+          data = apart.back().data();
+        }
+        for (std::size_t i = 0; i < sizes[k]; ++i)
+          data[i] = polyak_test::average_parameters_scalar(r, at + i, extremes);
+        list.add("t" + std::to_string(k), polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
+        at += sizes[k];
+      }
+      polyak::average_parameters(list, comm);
+      std::size_t differ = 0;
+      at = 0;
+      for (const auto& tensor : list) {
+        differ += static_cast<std::size_t>(std::memcmp(tensor.data(), expected.data() + at, tensor.numel() * sizeof(float)) != 0);
+        at += tensor.numel();
+      }
+      CHECK(differ == 0);
+    }
+  }
+}
 
 TEST_CASE("MpiCommunicator sums in place and splits like MPI_Comm_split", "[mpi]") {
   MpiCommunicator comm = world();

@@ -13,6 +13,11 @@
 // communicator; ThreadCommunicator below connects threads. Every member must make the same collective calls
 // in the same order, as with MPI.
 //
+// Averaging is faster (and gives the same bits) where the communicator can also sum out of place:
+//     void allreduce_sum(const T* in, T* out, std::size_t n);  // out = the sum of all members' in;
+//                                                          // in unchanged, in and out apart
+// The collective then writes into a buffer that stays in cache instead of into the model.
+//
 // Overlapped averaging (polyak::Overlap) also needs a non-blocking allreduce:
 //     R iallreduce_sum(T* data, std::size_t n);  // starts it; R has void wait() (completes it, and
 //                                                // throws what the blocking call would) and
@@ -74,6 +79,24 @@ struct has_iallreduce<
 /// True when C also has the non-blocking allreduce that overlapped averaging needs.
 template <class C>
 inline constexpr bool has_iallreduce_v = detail::has_iallreduce<C>::value;
+
+namespace detail {
+
+template <class C, class = void>
+struct has_allreduce_to : std::false_type {};
+template <class C>
+struct has_allreduce_to<
+    C, std::void_t<decltype(std::declval<C&>().allreduce_sum(std::declval<const float*>(), std::declval<float*>(),
+                                                              std::size_t{})),
+                   decltype(std::declval<C&>().allreduce_sum(std::declval<const double*>(),
+                                                              std::declval<double*>(), std::size_t{}))>>
+    : std::true_type {};
+
+}  // namespace detail
+
+/// True when C also sums out of place, allreduce_sum(in, out, n), which averaging then uses.
+template <class C>
+inline constexpr bool has_allreduce_to_v = detail::has_allreduce_to<C>::value;
 
 /// A communicator between the threads of one process, with a real shared-memory allreduce: for
 /// local SGD on one machine and for testing distributed code without mpirun.
@@ -143,20 +166,27 @@ class ThreadCommunicator {
   /// How many members the group holds.
   int size() const noexcept { return group_->size; }
 
-  template <class T>
   /// Collective: replaces data[0, n) by its sum over the members; every member passes the same n
   /// (else every member throws).
+  template <class T>
   void allreduce_sum(T* data, std::size_t n) {
+    allreduce_sum(static_cast<const T*>(data), data, n);
+  }
+
+  /// Collective: out[0, n) = the sum over the members of their in[0, n); `in` is left unchanged
+  /// unless it is `out`. Every member passes the same n (else every member throws).
+  template <class T>
+  void allreduce_sum(const T* in, T* out, std::size_t n) {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                   "polyak::ThreadCommunicator::allreduce_sum: float or double");
     Group& g = *group_;
-    g.posted[static_cast<std::size_t>(rank_)] = {data, n};
+    g.posted[static_cast<std::size_t>(rank_)] = {in, out, n};
     g.barrier();
-    for (const auto& other : g.posted) {
-      if (other.second != n) {
+    for (const Posted& other : g.posted) {
+      if (other.n != n) {
         g.barrier();  // everyone has compared before anyone may post again
         throw InvalidArgument("polyak::ThreadCommunicator::allreduce_sum: members passed " +
-                              std::to_string(n) + " and " + std::to_string(other.second) + " elements");
+                              std::to_string(n) + " and " + std::to_string(other.n) + " elements");
       }
     }
     const std::size_t members = g.posted.size();
@@ -164,8 +194,8 @@ class ThreadCommunicator {
     const std::size_t end = n * (static_cast<std::size_t>(rank_) + 1) / members;
     for (std::size_t i = begin; i < end; ++i) {
       T sum = 0;
-      for (const auto& other : g.posted) sum += static_cast<const T*>(other.first)[i];
-      for (const auto& other : g.posted) static_cast<T*>(other.first)[i] = sum;
+      for (const Posted& other : g.posted) sum += static_cast<const T*>(other.in)[i];
+      for (const Posted& other : g.posted) static_cast<T*>(other.out)[i] = sum;
     }
     g.barrier();  // no member returns before every slice of its buffer is written
   }
@@ -213,6 +243,13 @@ class ThreadCommunicator {
   }
 
  private:
+  /// One member's allreduce: what it adds, where the sum goes (the same buffer in place), how many.
+  struct Posted {
+    const void* in = nullptr;
+    void* out = nullptr;
+    std::size_t n = 0;
+  };
+
   /// What the members of one group share.
   struct Group {
     explicit Group(int n)
@@ -236,7 +273,7 @@ class ThreadCommunicator {
     }
 
     const int size;
-    std::vector<std::pair<void*, std::size_t>> posted;  // each member's allreduce buffer and length
+    std::vector<Posted> posted;                          // each member's allreduce buffers and length
     std::vector<std::pair<int, int>> split_request;     // each member's (color, key)
     std::vector<std::pair<std::shared_ptr<Group>, int>> split_result;  // per member: its new group and rank
     std::shared_ptr<Group> nonblocking;                      // the group iallreduce_sum's threads meet in
@@ -253,6 +290,7 @@ class ThreadCommunicator {
   int rank_;
 };
 
-static_assert(is_communicator_v<ThreadCommunicator> && has_iallreduce_v<ThreadCommunicator>);
+static_assert(is_communicator_v<ThreadCommunicator> && has_iallreduce_v<ThreadCommunicator> &&
+              has_allreduce_to_v<ThreadCommunicator>);
 
 }  // namespace polyak

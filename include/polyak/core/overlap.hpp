@@ -133,13 +133,12 @@ class PendingAverage {
     std::size_t at = 0;
     const auto take = [&](const auto& list) {
       for (const auto& tensor : list) {
-        detail::to_wire(tensor.data(), snapshot_.data() + at, tensor.numel(), W(1));
+        detail::to_wire(tensor.data(), snapshot_.data() + at, tensor.numel());
         at += tensor.numel();
       }
     };
     (take(lists), ...);
-    const W scale = W(1) / static_cast<W>(comm.size());
-    for (std::size_t i = 0; i < scalars; ++i) mean_[i] = snapshot_[i] * scale;
+    detail::to_wire(snapshot_.data(), mean_.data(), scalars, detail::GroupDivisor<W>(comm.size()));
     request_ = comm.iallreduce_sum(mean_.data(), scalars);
     pending_ = true;
   }
@@ -158,7 +157,7 @@ class PendingAverage {
         for (const auto& tensor : list) {
           for (std::size_t from = 0; from < tensor.numel(); from += block) {
             const std::size_t n = std::min(block, tensor.numel() - from);
-            detail::to_wire(tensor.data() + from, updated, n, W(1));
+            detail::to_wire(tensor.data() + from, updated, n);
             for (std::size_t i = 0; i < n; ++i) updated[i] = mean_[at + i] + (updated[i] - snapshot_[at + i]);
             detail::from_wire(updated, tensor.data() + from, n);
             at += n;

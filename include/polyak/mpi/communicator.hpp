@@ -54,6 +54,20 @@ class MpiCommunicator {
     }
   }
 
+  /// out = the sum of every process's `in` (MPI_Allreduce out of place), in pieces of at most
+  /// max_bytes_per_call; `in` is unchanged. `in` and `out` must not overlap.
+  template <class T>
+  void allreduce_sum(const T* in, T* out, std::size_t n) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::MpiCommunicator::allreduce_sum: float or double");
+    const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+    for (std::size_t done = 0; done < n;) {
+      const int count = static_cast<int>(std::min<std::size_t>(n - done, max_bytes_per_call / sizeof(T)));
+      check(MPI_Allreduce(in + done, out + done, count, type, MPI_SUM, *comm_), "MPI_Allreduce");
+      done += static_cast<std::size_t>(count);
+    }
+  }
+
   /// A non-blocking allreduce in flight: its MPI_Iallreduce requests, one a piece of at most
   /// max_bytes_per_call. wait() is MPI_Waitall, test() MPI_Testall (which also drives Open MPI's
   /// progress: call it now and then while computing). Destroying an incomplete request waits.
@@ -151,6 +165,7 @@ class MpiCommunicator {
   int rank_ = 0, size_ = 1;
 };
 
-static_assert(is_communicator_v<MpiCommunicator> && has_iallreduce_v<MpiCommunicator>);
+static_assert(is_communicator_v<MpiCommunicator> && has_iallreduce_v<MpiCommunicator> &&
+              has_allreduce_to_v<MpiCommunicator>);
 
 }  // namespace polyak
