@@ -184,6 +184,30 @@ def gbps(scalars, bytes_per_scalar, seconds):
     return scalars * bytes_per_scalar / seconds / 1e9
 
 
+def mpi_table(path, with_pytorch):
+    """The table of bench_mpi's JSON: polyak, the bare collective and the limit, paired."""
+    with open(path) as f:
+        paired = [run for run in json.load(f)["benchmarks"] if run["name"].startswith("mpi/paired/")]
+    print("\n### average_parameters against the bare MPI_Allreduce of the same bytes, 2 processes, "
+          "resnet50 layout (timed in turn in each round; medians)\n")
+    print("The limit is the bare collective plus the passes PyTorch's semantics add, timed apart in the same "
+          "round: the division by the group size (bf16: also the conversions to float and back). The "
+          "passes' bandwidth is this machine's, both processes running.\n")
+    print("| scalar | scalars | rounds | polyak ms | bare ms | passes ms | passes GB/s | limit / bare "
+          "| polyak / bare | polyak / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for run in paired:
+        parts = run["name"].split("/")
+        print(f"| {parts[2]} | {parts[4]} | {run['iterations']} | {run['polyak_ms']:.3f} | {run['bare_ms']:.3f} "
+              f"| {run['passes_ms']:.3f} | {run['passes_GBps']:.1f} | {run['limit']:.3f} "
+              f"| {run['median_ratio']:.3f} | {run['limit_ratio']:.3f} |")
+    mine = [run["polyak_ms"] / 1e3 for run in paired if run["name"].startswith("mpi/paired/float/resnet50/1e7/")]
+    if mine and with_pytorch:
+        gloo = pytorch_gloo_average("resnet50", 1e7)
+        print(f"\nPyTorch average_parameters over gloo, 1e7 float scalars: {gloo * 1e3:.2f} ms; "
+              f"PyTorch with gloo / polyak: {gloo / mine[0]:.1f}x")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("update_json")
@@ -192,8 +216,11 @@ def main():
     parser.add_argument("--no-pytorch", action="store_true", help="only the tables of polyak's own runs")
     parser.add_argument("--torch-json", help="bench_torch's JSON: the device average's table")
     args = parser.parse_args()
-    if args.torch_json and args.update_json == "-":
-        device_table(args.torch_json)
+    if args.update_json == "-":  # another benchmark's table alone
+        if args.mpi_json:
+            mpi_table(args.mpi_json, with_pytorch=False)
+        if args.torch_json:
+            device_table(args.torch_json)
         return 0
     polyak = polyak_medians(args.update_json)
 
@@ -249,21 +276,7 @@ def main():
                   f"| {gbps(size, 12 if parts[3] == 'float' else 10, seconds):.1f} |")
 
     if args.mpi_json:
-        with open(args.mpi_json) as f:
-            paired = [run for run in json.load(f)["benchmarks"] if run["name"].startswith("mpi/paired/")]
-        print("\n### average_parameters against the bare MPI_Allreduce of the same bytes, 2 processes, "
-              "resnet50 layout (paired, alternating; medians)\n")
-        print("| scalar | scalars | pairs | polyak ms | bare ms | median of the pairs' ratios |")
-        print("|---|---|---|---|---|---|")
-        for run in paired:
-            parts = run["name"].split("/")
-            print(f"| {parts[2]} | {parts[4]} | {run['iterations']} | {run['polyak_ms']:.3f} | {run['bare_ms']:.3f} "
-                  f"| {run['median_ratio']:.3f} |")
-        mine = [run["polyak_ms"] / 1e3 for run in paired if run["name"].startswith("mpi/paired/float/resnet50/1e7/")]
-        if mine:
-            gloo = pytorch_gloo_average("resnet50", 1e7)
-            print(f"\nPyTorch average_parameters over gloo, 1e7 float scalars: {gloo * 1e3:.2f} ms; "
-                  f"PyTorch with gloo / polyak: {gloo / mine[0]:.1f}x")
+        mpi_table(args.mpi_json, with_pytorch=True)
     if args.torch_json:
         device_table(args.torch_json)
 

@@ -266,7 +266,7 @@ struct CountingCommunicator {
 TEST_CASE(
     "tensors in one allocation and tensors apart reduce to the same bits, in the bare collective's calls",
     "[model_averaging]") {
-  // Chunks are 2^18 floats: these sizes put chunk boundaries inside tensors and between them.
+  // Chunks are 2^17 floats: these sizes put chunk boundaries inside tensors and between them.
   const std::vector<std::size_t> sizes = {300000, 5, 262144, 70000, 1};
   std::size_t total = 0;
   for (const std::size_t n : sizes) total += n;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The wire of the averagers (model_averaging.hpp, overlap.hpp): the type parameters travel in, and
 // the chunked transport that divides them by the group size and sums them over the group, with
-// PyTorch's bits, in the bare collective's 1 MB calls (Chunk::reduce says how).
+// PyTorch's bits, in calls of average_chunk_bytes (Chunk::reduce says how).
 #pragma once
 
 #include <algorithm>  // std::min, std::max
@@ -27,17 +27,16 @@ namespace detail {
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
-/// Bytes reduced per allreduce call. Open MPI's allreduce of one 40 MB buffer took 120 ms on 2 ranks
-/// here, in 1 MB pieces 13 ms (its temporary pages fault afresh on every large call); the buffers a
-/// 1 MB chunk is reduced into stay in cache from one chunk to the next (benchmarks/bench_mpi.cpp).
-inline constexpr std::size_t average_chunk_bytes = std::size_t{1} << 20;
+/// Bytes reduced per allreduce call. Large calls are slow (Open MPI's temporary pages fault afresh on
+/// each); at 512 KB a chunk, the buffers it is reduced into and the collective's own fit a 1 MB L2
+/// cache together (docs/distributed.md has the measurements).
+inline constexpr std::size_t average_chunk_bytes = std::size_t{512} << 10;
 
 /// Lists of at least this many wire bytes are summed first where the group size allows it
 /// (Chunk::reduce). Smaller ones are likely in cache already (the optimizer just wrote them), where
-/// the collective reads them at cache speed in place and dividing them there is the cheaper pass:
-/// 1.3-1.5 of the bare collective at 4 MB on 2 ranks here, against 1.5-2.0 summed first; at 40 MB
-/// and above the order reverses (benchmarks/bench_mpi.cpp). Between this machine's L2 (1 MB) and
-/// L3 (32 MB).
+/// the collective reads them in place at cache speed and dividing them there is the cheaper pass;
+/// larger ones come from memory, where summing out of place into a cached buffer is cheaper. 16 MB
+/// lies between common L2 and L3 sizes (docs/distributed.md).
 inline constexpr std::size_t sum_first_bytes = std::size_t{16} << 20;
 
 /// Division by the group size as PyTorch's average_parameters divides: IEEE division, rounded once.
@@ -189,7 +188,8 @@ class Chunk {
   };
 
   /// Divided in place and summed there where the chunk is one run of wire scalars (no copy);
-  /// else divided while packed into the reduce buffer, summed there, unpacked.
+  /// else divided while packed, summed into the reduce buffer (out of place where the communicator
+  /// can: the collective's own copy then does the packing's second half), unpacked.
   template <class Comm>
   void divide_then_sum(Comm& comm, const GroupDivisor<W>& divisor) {
     bool wire_only = true;
@@ -200,12 +200,18 @@ class Chunk {
       return;
     }
     reserve(reduced_);
+    std::vector<W>& packed = has_allreduce_to_v<Comm> ? gathered_ : reduced_;
+    reserve(packed);
     std::size_t at = 0;
     for (const Piece& piece : pieces_) {
-      piece.pack(piece.data, reduced_.data() + at, piece.n, divisor);
+      piece.pack(piece.data, packed.data() + at, piece.n, divisor);
       at += piece.n;
     }
-    comm.allreduce_sum(reduced_.data(), scalars_);
+    if constexpr (has_allreduce_to_v<Comm>) {
+      comm.allreduce_sum(gathered_.data(), reduced_.data(), scalars_);
+    } else {
+      comm.allreduce_sum(reduced_.data(), scalars_);
+    }
     at = 0;
     for (const Piece& piece : pieces_) {
       piece.unpack(reduced_.data() + at, piece.data, piece.n);
