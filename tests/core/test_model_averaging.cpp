@@ -332,9 +332,10 @@ TEST_CASE("bfloat16 comes off the wire rounded as Eigen rounds it, NaN and infin
   CHECK(in.size() > 65000);
 }
 
-TEST_CASE("average_parameters gives PyTorch's bits, divided by the group size then summed, for 2, 3, 4 and 8 "
-          "members",
-          "[model_averaging][reference]") {
+TEST_CASE(
+    "average_parameters gives PyTorch's bits, divided by the group size then summed, for 2, 3, 4 and 8 "
+    "members",
+    "[model_averaging][reference]") {
   // tests/reference/average_parameters.py: torch divides each member's scalars by n, the sum runs in
   // rank order (ThreadCommunicator's). 300001 scalars are averaged in place; 4.5 million (18 MB) are
   // summed first and scaled after for n = 2, 4, 8, unless a member holds a scalar where that would
@@ -368,8 +369,10 @@ TEST_CASE("average_parameters gives PyTorch's bits, divided by the group size th
           apart.emplace_back(sizes[k]);
           data = apart.back().data();
         }
-        for (std::size_t i = 0; i < sizes[k]; ++i) data[i] = polyak_test::average_parameters_scalar(r, at + i, extremes);
-        list.add("t" + std::to_string(k), polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
+        for (std::size_t i = 0; i < sizes[k]; ++i)
+          data[i] = polyak_test::average_parameters_scalar(r, at + i, extremes);
+        list.add("t" + std::to_string(k),
+                 polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
         at += sizes[k];
       }
       polyak::average_parameters(list, comm);
@@ -379,7 +382,8 @@ TEST_CASE("average_parameters gives PyTorch's bits, divided by the group size th
     REQUIRE(errors == std::vector<std::string>(static_cast<std::size_t>(n)));
     CHECK(polyak_test::fnv1a_words(results[0]) == expected);
     for (int r = 1; r < n; ++r)
-      CHECK(std::memcmp(results[0].data(), results[static_cast<std::size_t>(r)].data(), scalars * sizeof(float)) == 0);
+      CHECK(std::memcmp(results[0].data(), results[static_cast<std::size_t>(r)].data(),
+                        scalars * sizeof(float)) == 0);
     for (std::size_t v = c + 1; v < records.size() && records[v].kind == "value"; ++v) {
       const auto at = static_cast<std::size_t>(records[v].integer(0));
       const auto want = static_cast<float>(records[v].number(1));

@@ -50,8 +50,9 @@ std::string job_path(const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("average_parameters over MPI equals each rank's x / size summed by the bare MPI_Allreduce, bit for bit",
-          "[mpi]") {
+TEST_CASE(
+    "average_parameters over MPI equals each rank's x / size summed by the bare MPI_Allreduce, bit for bit",
+    "[mpi]") {
   // PyTorch's semantics with MPI's own order of summation: the expected values divide first and sum
   // with MPI_Allreduce in place, in the pieces polyak's chunks make. 300001 scalars are averaged in
   // place; 4.5 million are summed first (out of place) and scaled after where the group size is a
@@ -83,14 +84,16 @@ TEST_CASE("average_parameters over MPI equals each rank's x / size summed by the
         }
         for (std::size_t i = 0; i < sizes[k]; ++i)
           data[i] = polyak_test::average_parameters_scalar(r, at + i, extremes);
-        list.add("t" + std::to_string(k), polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
+        list.add("t" + std::to_string(k),
+                 polyak::TensorView<float>(data, {static_cast<std::int64_t>(sizes[k])}));
         at += sizes[k];
       }
       polyak::average_parameters(list, comm);
       std::size_t differ = 0;
       at = 0;
       for (const auto& tensor : list) {
-        differ += static_cast<std::size_t>(std::memcmp(tensor.data(), expected.data() + at, tensor.numel() * sizeof(float)) != 0);
+        differ += static_cast<std::size_t>(
+            std::memcmp(tensor.data(), expected.data() + at, tensor.numel() * sizeof(float)) != 0);
         at += tensor.numel();
       }
       CHECK(differ == 0);

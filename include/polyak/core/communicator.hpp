@@ -86,10 +86,10 @@ template <class C, class = void>
 struct has_allreduce_to : std::false_type {};
 template <class C>
 struct has_allreduce_to<
-    C, std::void_t<decltype(std::declval<C&>().allreduce_sum(std::declval<const float*>(), std::declval<float*>(),
-                                                              std::size_t{})),
+    C, std::void_t<decltype(std::declval<C&>().allreduce_sum(std::declval<const float*>(),
+                                                             std::declval<float*>(), std::size_t{})),
                    decltype(std::declval<C&>().allreduce_sum(std::declval<const double*>(),
-                                                              std::declval<double*>(), std::size_t{}))>>
+                                                             std::declval<double*>(), std::size_t{}))>>
     : std::true_type {};
 
 }  // namespace detail
@@ -273,8 +273,8 @@ class ThreadCommunicator {
     }
 
     const int size;
-    std::vector<Posted> posted;                          // each member's allreduce buffers and length
-    std::vector<std::pair<int, int>> split_request;     // each member's (color, key)
+    std::vector<Posted> posted;                      // each member's allreduce buffers and length
+    std::vector<std::pair<int, int>> split_request;  // each member's (color, key)
     std::vector<std::pair<std::shared_ptr<Group>, int>> split_result;  // per member: its new group and rank
     std::shared_ptr<Group> nonblocking;                      // the group iallreduce_sum's threads meet in
     std::vector<std::shared_future<void>> last_nonblocking;  // per member: its latest iallreduce_sum

@@ -30,10 +30,11 @@
 namespace polyak {
 
 /// Replaces every tensor of `params` by its mean over the members of `comm` (PyTorch's
-/// torch.distributed.algorithms.model_averaging.utils.average_parameters): divided by the group size
-/// first as PyTorch divides, then summed over the group, large tensors in place and small ones packed
-/// together (see detail::average_lists). Members whose lists differ
-/// in tensor count, sizes or scalar types all get std::invalid_argument, and nothing changes.
+/// torch.distributed.algorithms.model_averaging.utils.average_parameters), with PyTorch's bits for
+/// any group size: each scalar divided by the group size, then summed over the group in the
+/// communicator's order (docs/distributed.md says how it gets there fast; detail::average_lists).
+/// Members whose lists differ in tensor count, sizes or scalar types all get std::invalid_argument,
+/// and nothing changes.
 template <class T, class Comm>
 void average_parameters(const ParameterList<T>& params, Comm& comm) {
   detail::average_lists(comm, "average_parameters", params);

@@ -46,7 +46,9 @@ template <class W>
 class GroupDivisor {
  public:
   explicit GroupDivisor(int size)
-      : size_(static_cast<W>(size)), reciprocal_(W(1) / static_cast<W>(size)), power_of_two_((size & (size - 1)) == 0) {}
+      : size_(static_cast<W>(size)),
+        reciprocal_(W(1) / static_cast<W>(size)),
+        power_of_two_((size & (size - 1)) == 0) {}
 
   /// Whether x / size is x times the exact reciprocal 1 / size.
   bool power_of_two() const noexcept { return power_of_two_; }
