@@ -37,6 +37,47 @@ TEST_CASE("ThreadCommunicator refuses members that pass different lengths, on ev
   for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("elements"));
 }
 
+TEST_CASE("ThreadCommunicator sums out of place, leaving the input as it was", "[communicator]") {
+  std::vector<std::vector<float>> inputs(3), outputs(3);
+  const auto errors = on_threads(3, [&](ThreadCommunicator& comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    inputs[r].assign(7, static_cast<float>(r + 1));
+    outputs[r].assign(7, -1.0f);
+    comm.allreduce_sum(static_cast<const float*>(inputs[r].data()), outputs[r].data(), 7);
+  });
+  CHECK(errors == std::vector<std::string>(3));
+  for (std::size_t r = 0; r < 3; ++r) {
+    CHECK(inputs[r] == std::vector<float>(7, static_cast<float>(r + 1)));
+    CHECK(outputs[r] == std::vector<float>(7, 6.0f));
+  }
+}
+
+TEST_CASE(
+    "ThreadCommunicator refuses, on every member and writing nothing, float against double and a "
+    "member whose input and output overlap",
+    "[communicator][adversarial]") {
+  const auto mixed = on_threads(3, [](ThreadCommunicator& comm) {
+    if (comm.rank() == 1) {
+      std::vector<double> data(4, 1.0);
+      comm.allreduce_sum(data.data(), data.size());
+    } else {
+      std::vector<float> data(4, 1.0f);
+      comm.allreduce_sum(data.data(), data.size());
+    }
+  });
+  for (const auto& e : mixed) CHECK_THAT(e, Catch::Contains("float and double"));
+  std::vector<std::vector<float>> buffers(3);
+  const auto overlap_only = on_threads(3, [&](ThreadCommunicator& comm) {
+    auto& buffer = buffers[static_cast<std::size_t>(comm.rank())];
+    buffer.assign(200, 1.0f);
+    const float* in = buffer.data();
+    float* out = buffer.data() + (comm.rank() == 2 ? 50 : 100);  // member 2: in [0, 100), out [50, 150)
+    comm.allreduce_sum(in, out, 100);
+  });
+  for (const auto& e : overlap_only) CHECK_THAT(e, Catch::Contains("member 2's input and output overlap"));
+  for (const auto& buffer : buffers) CHECK(buffer == std::vector<float>(200, 1.0f));  // nothing written
+}
+
 TEST_CASE("split groups members by color and ranks them by key", "[communicator]") {
   std::vector<std::pair<int, int>> seen(4);  // per parent rank: (new rank, new size)
   std::vector<float> sums(4);

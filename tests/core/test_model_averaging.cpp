@@ -16,6 +16,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <pmmintrin.h>  // _MM_SET_DENORMALS_ZERO_MODE
+#include <xmmintrin.h>  // _MM_SET_FLUSH_ZERO_MODE
+#endif
+
 using polyak::HierarchicalModelAverager;
 using polyak::ParameterList;
 using polyak::PeriodicModelAverager;
@@ -392,4 +397,78 @@ TEST_CASE(
     }
   }
   CHECK(cases == 16);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+TEST_CASE("members that flush subnormals to zero still get the divide-first bits, and all the same ones",
+          "[model_averaging][adversarial]") {
+  // torch.set_flush_denormal(True) and -ffast-math set FTZ / DAZ, per thread. Summed first, these
+  // scalars (none outside the range check for 4 members) make a subnormal partial sum that flushes;
+  // divided first, each quotient is normal. 16 MB: the sum-first path's size.
+  const auto set_flush = [](bool on) {
+    _MM_SET_FLUSH_ZERO_MODE(on ? _MM_FLUSH_ZERO_ON : _MM_FLUSH_ZERO_OFF);
+    _MM_SET_DENORMALS_ZERO_MODE(on ? _MM_DENORMALS_ZERO_ON : _MM_DENORMALS_ZERO_OFF);
+  };
+  const std::size_t total = std::size_t{4} << 20, at = 5;
+  const float x[4] = {0x1p-123f, -1.75f * 0x1p-124f, 0x1p-124f, 0.0f};
+  for (const int flushing : {0xf, 0x1}) {  // every member, or member 0 alone
+    INFO("members flushing: mask " << flushing);
+    std::vector<std::vector<float>> data(4);
+    const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      set_flush(((flushing >> r) & 1) != 0);
+      data[r].assign(total, 0.0f);
+      data[r][at] = x[r];
+      ParameterList<float> list;
+      list.add("w", polyak::TensorView<float>(data[r].data(), {static_cast<std::int64_t>(total)}));
+      polyak::average_parameters(list, comm);
+      set_flush(false);
+    });
+    REQUIRE(errors == std::vector<std::string>(4));
+    // Divided first (x / 4 is exact and normal for each) and summed in rank order: 2^-126 + 2^-127 *
+    // ... = 2^-125 / 4 * (2 - 1.75 + 1) ... worked out: (2^-123 - 1.75 2^-124 + 2^-124) / 4 = 2^-126.
+    CHECK(data[0][at] == 0x1p-126f);
+    for (std::size_t r = 1; r < 4; ++r) CHECK(std::memcmp(&data[0][at], &data[r][at], sizeof(float)) == 0);
+  }
+}
+#endif
+
+namespace {
+
+/// The contract's minimum: in-place blocking sums only (no iallreduce_sum, no out-of-place form).
+struct BlockingOnly {
+  ThreadCommunicator inner;
+  int rank() const { return inner.rank(); }
+  int size() const { return inner.size(); }
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    inner.allreduce_sum(data, n);
+  }
+  BlockingOnly split(int color, int key) const { return {inner.split(color, key)}; }
+};
+static_assert(polyak::is_communicator_v<BlockingOnly> && !polyak::has_iallreduce_v<BlockingOnly> &&
+              !polyak::has_allreduce_to_v<BlockingOnly>);
+
+}  // namespace
+
+TEST_CASE("the blocking averagers work over a communicator without iallreduce_sum or an out-of-place sum",
+          "[model_averaging]") {
+  const auto errors = on_threads(4, [&](ThreadCommunicator& member) {
+    BlockingOnly comm{member};
+    Eigen::VectorXf w = Eigen::VectorXf::Constant(5, static_cast<float>(comm.rank()));
+    ParameterList<float> list;
+    list.add("w", w);
+    PeriodicModelAverager<BlockingOnly> periodic(/*period=*/1, /*warmup_steps=*/0, comm);
+    CHECK(periodic.average_parameters(list));
+    CHECK((w.array() == 1.5f).all());  // (0 + 1 + 2 + 3) / 4
+    w.setConstant(static_cast<float>(comm.rank()));
+    HierarchicalModelAverager<BlockingOnly> hierarchical({{1, 2}, {2, 4}}, /*warmup_steps=*/0, comm);
+    w.setConstant(static_cast<float>(comm.rank()));
+    CHECK(hierarchical.average_parameters(list) == 2);  // step 0: the whole group
+    CHECK((w.array() == 1.5f).all());
+    w.setConstant(static_cast<float>(comm.rank()));
+    CHECK(hierarchical.average_parameters(list) == 1);  // step 1: pairs
+    CHECK((w.array() == (comm.rank() < 2 ? 0.5f : 2.5f)).all());
+  });
+  CHECK(errors == std::vector<std::string>(4));
 }

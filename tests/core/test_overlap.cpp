@@ -13,6 +13,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -118,6 +119,28 @@ TEST_CASE("start_average_parameters and finish: the mean exactly where nothing m
     CHECK(seen[static_cast<std::size_t>(r)][2] == 2.5f + 0.5f * static_cast<float>(r));  // mean + own move
     CHECK(seen[static_cast<std::size_t>(r)][3] == 1.0f);  // pending once started
     CHECK(seen[static_cast<std::size_t>(r)][4] == 0.0f);  // not after finish
+  }
+}
+
+TEST_CASE("finish gives the mean exactly where nothing moved, infinities included",
+          "[model_averaging][overlap]") {
+  // x + (mean - x) would be inf - inf = NaN for an infinite scalar that did not move.
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<Eigen::VectorXf> seen(2);
+  const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+    Eigen::VectorXf w(3);
+    w << inf, (comm.rank() == 0 ? inf : 1.0f), -inf;
+    ParameterList<float> list;
+    list.add("w", w);
+    auto pending = polyak::start_average_parameters(list, comm);
+    pending.finish(list);
+    seen[static_cast<std::size_t>(comm.rank())] = w;
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  for (const auto& w : seen) {
+    CHECK(w[0] == inf);  // (inf / 2 + inf / 2), nothing moved
+    CHECK(w[1] == inf);  // inf / 2 + 1 / 2 on both; member 1's own 1 did not move either
+    CHECK(w[2] == -inf);
   }
 }
 

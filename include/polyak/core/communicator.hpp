@@ -16,7 +16,8 @@
 // Averaging is faster (and gives the same bits) where the communicator can also sum out of place:
 //     void allreduce_sum(const T* in, T* out, std::size_t n);  // out = the sum of all members' in;
 //                                                          // in unchanged, in and out apart
-// The collective then writes into a buffer that stays in cache instead of into the model.
+// The collective then writes into a buffer that stays in cache instead of into the model. polyak
+// calls one form on every member of a call (MPI wants MPI_IN_PLACE on all processes or on none).
 //
 // Overlapped averaging (polyak::Overlap) also needs a non-blocking allreduce:
 //     R iallreduce_sum(T* data, std::size_t n);  // starts it; R has void wait() (completes it, and
@@ -31,6 +32,7 @@
 #include <condition_variable>  // the barrier
 #include <cstddef>             // std::size_t
 #include <cstdint>             // std::int64_t
+#include <functional>          // std::less
 #include <future>              // iallreduce_sum's threads
 #include <map>
 #include <memory>  // std::shared_ptr
@@ -174,20 +176,31 @@ class ThreadCommunicator {
   }
 
   /// Collective: out[0, n) = the sum over the members of their in[0, n); `in` is left unchanged
-  /// unless it is `out`. Every member passes the same n (else every member throws).
+  /// unless it is `out`. Every member passes the same n and scalar type, and `in` and `out` the same
+  /// buffer or buffers apart; else every member throws InvalidArgument and no buffer is written.
   template <class T>
   void allreduce_sum(const T* in, T* out, std::size_t n) {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                   "polyak::ThreadCommunicator::allreduce_sum: float or double");
     Group& g = *group_;
-    g.posted[static_cast<std::size_t>(rank_)] = {in, out, n};
+    const std::less<const T*> before;  // a total order, also between unrelated buffers
+    const bool overlap = in != out && before(in, out + n) && before(out, in + n);
+    g.posted[static_cast<std::size_t>(rank_)] = {in, out, n, sizeof(T), overlap};
     g.barrier();
-    for (const Posted& other : g.posted) {
+    std::string problem;
+    for (std::size_t r = 0; r < g.posted.size() && problem.empty(); ++r) {
+      const Posted& other = g.posted[r];
       if (other.n != n) {
-        g.barrier();  // everyone has compared before anyone may post again
-        throw InvalidArgument("polyak::ThreadCommunicator::allreduce_sum: members passed " +
-                              std::to_string(n) + " and " + std::to_string(other.n) + " elements");
+        problem = "members passed " + std::to_string(n) + " and " + std::to_string(other.n) + " elements";
+      } else if (other.scalar_bytes != sizeof(T)) {
+        problem = "members passed float and double";
+      } else if (other.overlap) {
+        problem = "member " + std::to_string(r) + "'s input and output overlap";
       }
+    }
+    if (!problem.empty()) {
+      g.barrier();  // everyone has compared before anyone may post again
+      throw InvalidArgument("polyak::ThreadCommunicator::allreduce_sum: " + problem);
     }
     const std::size_t members = g.posted.size();
     const std::size_t begin = n * static_cast<std::size_t>(rank_) / members;
@@ -243,11 +256,14 @@ class ThreadCommunicator {
   }
 
  private:
-  /// One member's allreduce: what it adds, where the sum goes (the same buffer in place), how many.
+  /// One member's allreduce: what it adds, where the sum goes (the same buffer in place), how many
+  /// scalars of what size, and whether its buffers partly overlap (refused).
   struct Posted {
     const void* in = nullptr;
     void* out = nullptr;
     std::size_t n = 0;
+    std::size_t scalar_bytes = 0;
+    bool overlap = false;
   };
 
   /// What the members of one group share.

@@ -103,25 +103,27 @@ class ModelAverager {
   /// agreed, at the next step that does.
   template <class... Ts>
   void overlapped_step(Comm* start_group, const char* where, const ParameterList<Ts>&... lists) {
-    using W = detail::wire_t<Ts...>;
-    PendingAverage<Comm, W>& average = pending<W>();
-    const bool lands = landing_due_ && step_ - started_at_ >= delay_;
-    if (!lands && start_group == nullptr) {
-      float_.test();  // (progress for MPI, which moves data only inside its calls)
-      double_.test();
-      return;
-    }
-    std::string problem = wire_type_problem<W>();
-    if (problem.empty()) problem = average.finish_problem(lists...);
-    if (problem.empty() && start_group != nullptr && !lands && landing_due_)
-      problem = PendingAverage<Comm, W>::in_flight_refusal;
-    detail::check_same_layout(comm_, where, problem, lists...);  // the whole group: all go on, or none
-    average.apply(lists...);
-    landing_due_ = false;
-    if (start_group != nullptr) {
-      average.launch(*start_group, lists...);
-      started_at_ = step_;
-      landing_due_ = true;
+    if constexpr (has_iallreduce_v<Comm>) {  // (delay_ > 0 needs it: see the Overlap constructor)
+      using W = detail::wire_t<Ts...>;
+      PendingAverage<Comm, W>& average = pending<W>();
+      const bool lands = landing_due_ && step_ - started_at_ >= delay_;
+      if (!lands && start_group == nullptr) {
+        float_.test();  // (progress for MPI, which moves data only inside its calls)
+        double_.test();
+        return;
+      }
+      std::string problem = wire_type_problem<W>();
+      if (problem.empty()) problem = average.finish_problem(lists...);
+      if (problem.empty() && start_group != nullptr && !lands && landing_due_)
+        problem = PendingAverage<Comm, W>::in_flight_refusal;
+      detail::check_same_layout(comm_, where, problem, lists...);  // the whole group: all go on, or none
+      average.apply(lists...);
+      landing_due_ = false;
+      if (start_group != nullptr) {
+        average.launch(*start_group, lists...);
+        started_at_ = step_;
+        landing_due_ = true;
+      }
     }
   }
 

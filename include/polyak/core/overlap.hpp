@@ -158,7 +158,10 @@ class PendingAverage {
           for (std::size_t from = 0; from < tensor.numel(); from += block) {
             const std::size_t n = std::min(block, tensor.numel() - from);
             detail::to_wire(tensor.data() + from, updated, n);
-            for (std::size_t i = 0; i < n; ++i) updated[i] = mean_[at + i] + (updated[i] - snapshot_[at + i]);
+            for (std::size_t i = 0; i < n; ++i) {  // unchanged: the mean exactly (inf - inf is NaN)
+              const W mine = updated[i], taken = snapshot_[at + i];
+              updated[i] = mine == taken ? mean_[at + i] : mean_[at + i] + (mine - taken);
+            }
             detail::from_wire(updated, tensor.data() + from, n);
             at += n;
           }

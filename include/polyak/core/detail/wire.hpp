@@ -133,6 +133,21 @@ bool outside_exact_scaling(const W* x, std::size_t n, int k) {
   return outside != 0;
 }
 
+/// Whether this thread's floating-point unit flushes subnormal results or inputs to zero (x86's
+/// FTZ / DAZ, Arm's FZ: torch.set_flush_denormal(True), code built with -ffast-math). Then scaling
+/// after the sum is no longer dividing before it (a subnormal partial sum flushes in one order and
+/// not in the other), so such a member sends every chunk the divide-first way (agreed with the
+/// range check). Probed, not read from a register, so that it holds on every machine.
+inline bool flushes_subnormals() noexcept {
+  volatile float smallest_normal = std::numeric_limits<float>::min();
+  volatile float smallest_subnormal = std::numeric_limits<float>::denorm_min();
+  volatile double smallest_normal_double = std::numeric_limits<double>::min();
+  const float half = smallest_normal * 0.5f;      // 0 where results flush (FTZ)
+  const float twice = smallest_subnormal * 2.0f;  // 0 where inputs flush (DAZ)
+  const double half_double = smallest_normal_double * 0.5;
+  return half == 0.0f || twice == 0.0f || half_double == 0.0;
+}
+
 /// One chunk of the concatenated lists on its way to one allreduce call: its pieces (a tensor's
 /// scalars each) and the buffers it is packed and reduced into, which stay in cache from one chunk
 /// to the next. One per thread and wire type, reused: a step allocates nothing once one has run.
@@ -190,8 +205,9 @@ class Chunk {
   };
 
   /// Divided in place and summed there where the chunk is one run of wire scalars (no copy);
-  /// else divided while packed, summed into the reduce buffer (out of place where the communicator
-  /// can: the collective's own copy then does the packing's second half), unpacked.
+  /// else divided while packed into the reduce buffer, summed there, unpacked. Both sum in place, so
+  /// members that hold the chunk differently still make the same call (MPI wants MPI_IN_PLACE on
+  /// every process of a call or on none).
   template <class Comm>
   void divide_then_sum(Comm& comm, const GroupDivisor<W>& divisor) {
     bool wire_only = true;
@@ -202,18 +218,12 @@ class Chunk {
       return;
     }
     reserve(reduced_);
-    std::vector<W>& packed = has_allreduce_to_v<Comm> ? gathered_ : reduced_;
-    reserve(packed);
     std::size_t at = 0;
     for (const Piece& piece : pieces_) {
-      piece.pack(piece.data, packed.data() + at, piece.n, divisor);
+      piece.pack(piece.data, reduced_.data() + at, piece.n, divisor);
       at += piece.n;
     }
-    if constexpr (has_allreduce_to_v<Comm>) {
-      comm.allreduce_sum(gathered_.data(), reduced_.data(), scalars_);
-    } else {
-      comm.allreduce_sum(reduced_.data(), scalars_);
-    }
+    comm.allreduce_sum(reduced_.data(), scalars_);
     at = 0;
     for (const Piece& piece : pieces_) {
       piece.unpack(reduced_.data() + at, piece.data, piece.n);
@@ -224,8 +234,9 @@ class Chunk {
   /// For a group size 2^k, where x / 2^k is exact: summed out of place into the reduce buffer
   /// (the collective writes into memory that stays in cache, and reads the model where it lies),
   /// scaled by 2^-k on the way back. The same bits as dividing first wherever no member holds a
-  /// scalar outside_exact_scaling, which the members agree on (one allreduce of one scalar); where
-  /// one does, the chunk, still untouched, goes the divide_then_sum way on every member.
+  /// scalar outside_exact_scaling and none flushes subnormals, which the members agree on (one
+  /// allreduce of one scalar); otherwise the chunk, still untouched, goes the divide_then_sum way on
+  /// every member.
   template <class Comm>
   void sum_then_scale(Comm& comm, const GroupDivisor<W>& divisor) {
     reserve(reduced_);
@@ -247,7 +258,7 @@ class Chunk {
     }
     int k = 0;
     while ((std::size_t{1} << k) < static_cast<std::size_t>(divisor.size())) ++k;
-    W outside = outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
+    W outside = flushes_subnormals() || outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
     comm.allreduce_sum(&outside, 1);
     if (outside != W(0)) {
       divide_then_sum(comm, divisor);
