@@ -236,7 +236,8 @@ class Chunk {
   /// scaled by 2^-k on the way back. The same bits as dividing first wherever no member holds a
   /// scalar outside_exact_scaling and none flushes subnormals, which the members agree on (one
   /// allreduce of one scalar); otherwise the chunk, still untouched, goes the divide_then_sum way on
-  /// every member.
+  /// every member. The range check reads the chunk just before the collective does, which then
+  /// finds it in cache.
   template <class Comm>
   void sum_then_scale(Comm& comm, const GroupDivisor<W>& divisor) {
     reserve(reduced_);
@@ -250,15 +251,15 @@ class Chunk {
       }
       in = gathered_.data();
     }
+    int k = 0;
+    while ((std::size_t{1} << k) < static_cast<std::size_t>(divisor.size())) ++k;
+    W outside = flushes_subnormals() || outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
     if constexpr (has_allreduce_to_v<Comm>) {
       comm.allreduce_sum(in, reduced_.data(), scalars_);
     } else {
       std::copy_n(in, scalars_, reduced_.data());
       comm.allreduce_sum(reduced_.data(), scalars_);
     }
-    int k = 0;
-    while ((std::size_t{1} << k) < static_cast<std::size_t>(divisor.size())) ++k;
-    W outside = flushes_subnormals() || outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
     comm.allreduce_sum(&outside, 1);
     if (outside != W(0)) {
       divide_then_sum(comm, divisor);
