@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: MIT
+// polyak's communicator over a c10d process group, the one a libtorch trainer on several processes
+// already holds (Gloo on CPUs): the averagers, Overlap and ShardView run on it as on MPI.
+//
+//     auto store = c10::make_intrusive<c10d::TCPStore>(host, port, world_size, rank == 0);
+//     auto comm = polyak::libtorch::C10dCommunicator::gloo(store, rank, world_size);
+//     polyak::PeriodicModelAverager<polyak::libtorch::C10dCommunicator> averager(8, 100, comm);
+//
+// Host memory is wrapped as CPU tensors (torch::from_blob), never copied. split() builds each color's
+// subgroup as a new Gloo group on the store, under a prefix of its own.
+#pragma once
+
+// libtorch's headers declare the Gloo group only under USE_C10D_GLOO, which libtorch's CMake
+// package does not set for its users; Debian's libtorch is built with Gloo (its headers: libgloo-dev).
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO
+#endif
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>  // std::sort
+#include <chrono>
+#include <cstddef>  // std::size_t
+#include <cstdint>  // std::int64_t
+#include <memory>   // std::shared_ptr
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>  // std::move
+#include <vector>
+
+#include "polyak/core/communicator.hpp"
+#include "polyak/core/error.hpp"
+
+namespace polyak {
+namespace libtorch {
+
+/// A communicator (polyak/core/communicator.hpp) over a c10d process group. Every member must make
+/// the same calls in the same order, as with any process group.
+class C10dCommunicator {
+ public:
+  /// Wraps `group`, which stays usable by its other holders. `store` is the store the group was made
+  /// on: split() makes its subgroups there, as Gloo groups of `options` (the group's own devices and
+  /// timeout where it is a Gloo group).
+  C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::intrusive_ptr<c10d::Store> store,
+                   c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> options)
+      : group_(std::move(group)),
+        store_(std::move(store)),
+        options_(std::move(options)),
+        splits_(std::make_shared<std::int64_t>(0)) {
+    if (!group_ || !store_ || !options_)
+      throw InvalidArgument("polyak::libtorch::C10dCommunicator: a process group, its store and options");
+  }
+
+  /// Collective over the `size` processes that call it with the same store: a new Gloo group, this
+  /// process its member `rank`, on the loopback device by default (`hostname`: the address the
+  /// others reach this one at, for several machines).
+  static C10dCommunicator gloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                               const std::string& hostname = "127.0.0.1",
+                               std::chrono::milliseconds timeout = std::chrono::minutes(5)) {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(hostname));
+    auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+    return C10dCommunicator(std::move(group), store, std::move(options));
+  }
+
+  /// This process's rank in the group.
+  int rank() const { return group_->getRank(); }
+  /// How many processes the group holds.
+  int size() const { return group_->getSize(); }
+  /// The process group, for the caller's own collectives.
+  const c10::intrusive_ptr<c10d::ProcessGroup>& group() const noexcept { return group_; }
+
+  /// In place: data[0, n) becomes its sum over the group (the host memory itself is reduced).
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    start(data, n).wait();
+  }
+
+  /// A non-blocking sum in flight: wait() completes it (and rethrows what the group threw), test()
+  /// says whether it is complete. Destroying an incomplete request waits for it.
+  class Request {
+   public:
+    Request() = default;
+    /// Movable; the source is then complete.
+    Request(Request&&) noexcept = default;
+    /// Waits for this one's sum first, then takes `other`'s.
+    Request& operator=(Request&& other) noexcept {
+      if (this != &other) {
+        finish_quietly();
+        work_ = std::move(other.work_);
+      }
+      return *this;
+    }
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    ~Request() { finish_quietly(); }
+
+    /// Completes the sum; throws what the group reported.
+    void wait() {
+      if (!work_) return;
+      auto work = std::move(work_);
+      work->wait();
+    }
+    /// True once the sum is complete.
+    bool test() { return !work_ || work_->isCompleted(); }
+
+   private:
+    friend class C10dCommunicator;
+    explicit Request(c10::intrusive_ptr<c10d::Work> work) : work_(std::move(work)) {}
+    void finish_quietly() noexcept {
+      try {
+        wait();
+      } catch (...) {  // (a destructor reports nothing; wait() reports to those who ask)
+      }
+    }
+    c10::intrusive_ptr<c10d::Work> work_;
+  };
+
+  /// Starts allreduce_sum(data, n); `data` must stay untouched until the request completes.
+  template <class T>
+  Request iallreduce_sum(T* data, std::size_t n) {
+    return start(data, n);
+  }
+
+  /// Collective: the members that pass the same `color`, ranked by (key, rank), as a new Gloo group
+  /// on the store under a prefix of its own. Every member learns every member's (color, key) first,
+  /// so a negative color anywhere fails every member before any group is made.
+  C10dCommunicator split(int color, int key) const {
+    const int n = size(), me = rank();
+    std::vector<double> requests(2 * static_cast<std::size_t>(n), 0.0);
+    requests[2 * static_cast<std::size_t>(me)] = color;
+    requests[2 * static_cast<std::size_t>(me) + 1] = key;
+    start(requests.data(), requests.size()).wait();
+    std::vector<std::tuple<double, int>> members;  // (key, rank) of this color
+    for (int r = 0; r < n; ++r) {
+      const int c = static_cast<int>(requests[2 * static_cast<std::size_t>(r)]);  // exact: ints
+      if (c < 0) {
+        throw InvalidArgument("polyak::libtorch::C10dCommunicator::split: member " + std::to_string(r) +
+                              " passed color " + std::to_string(c) + "; colors must be >= 0");
+      }
+      if (c == color) members.emplace_back(requests[2 * static_cast<std::size_t>(r) + 1], r);
+    }
+    std::sort(members.begin(), members.end());
+    int sub_rank = 0;
+    while (std::get<1>(members[static_cast<std::size_t>(sub_rank)]) != me) ++sub_rank;
+    const std::int64_t split = ++*splits_;  // the same count on every member: splits are collective
+    auto store = c10::make_intrusive<c10d::PrefixStore>(
+        "polyak/split/" + std::to_string(split) + "/" + std::to_string(color), store_);
+    auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, sub_rank,
+                                                             static_cast<int>(members.size()), options_);
+    return C10dCommunicator(std::move(group), std::move(store), options_);
+  }
+
+ private:
+  template <class T>
+  Request start(T* data, std::size_t n) const {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "polyak::libtorch::C10dCommunicator: float or double");
+    if (n == 0) return Request();
+    std::vector<at::Tensor> tensors{torch::from_blob(
+        data, {static_cast<std::int64_t>(n)},
+        torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble))};
+    return Request(group_->allreduce(tensors));
+  }
+
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> options_;
+  std::shared_ptr<std::int64_t> splits_;  // how many splits this group made (shared by its copies)
+};
+
+static_assert(is_communicator_v<C10dCommunicator> && has_iallreduce_v<C10dCommunicator>);
+
+}  // namespace libtorch
+}  // namespace polyak

@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: MIT
+// C10dCommunicator over Gloo process groups, the members on threads of one process sharing an
+// in-memory store (c10d::HashStore): the communicator contract, and the averagers on it giving
+// ThreadCommunicator's bits.
+#include "polyak/torch/c10d.hpp"
+
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include "polyak/core/model_averaging.hpp"
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+using polyak::ParameterList;
+using polyak::libtorch::C10dCommunicator;
+
+namespace {
+
+/// Runs body(comm) on `size` threads, each a member of one Gloo group over a shared store; returns
+/// each member's exception text ("" where none).
+std::vector<std::string> on_gloo(int size, const std::function<void(C10dCommunicator&)>& body) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::string> errors(static_cast<std::size_t>(size));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto comm = C10dCommunicator::gloo(store, r, size, "127.0.0.1", std::chrono::seconds(60));
+        body(comm);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+}  // namespace
+
+TEST_CASE("C10dCommunicator sums host memory in place, blocking and not, and splits like MPI_Comm_split",
+          "[c10d]") {
+  for (const int n : {2, 4}) {
+    std::vector<std::vector<double>> sums(static_cast<std::size_t>(n));
+    std::vector<std::vector<int>> parts(static_cast<std::size_t>(n));
+    const auto errors = on_gloo(n, [&](C10dCommunicator& comm) {
+      const int r = comm.rank();
+      std::vector<double> data(1001), later(7, r + 1.0);
+      for (std::size_t i = 0; i < data.size(); ++i) data[i] = r * 10.0 + static_cast<double>(i);
+      const double* before = data.data();
+      auto request = comm.iallreduce_sum(later.data(), later.size());
+      comm.allreduce_sum(data.data(), data.size());
+      request.wait();
+      CHECK(data.data() == before);  // the caller's memory itself
+      data.push_back(later[0]);
+      sums[static_cast<std::size_t>(r)] = data;
+      C10dCommunicator part = comm.split(r % 2, -r);  // evens and odds, reversed
+      float value = static_cast<float>(r);
+      part.allreduce_sum(&value, 1);
+      parts[static_cast<std::size_t>(r)] = {part.rank(), part.size(), static_cast<int>(value)};
+    });
+    CHECK(errors == std::vector<std::string>(static_cast<std::size_t>(n)));
+    for (int r = 0; r < n; ++r) {
+      const auto& s = sums[static_cast<std::size_t>(r)];
+      REQUIRE(s.size() == 1002);
+      for (std::size_t i = 0; i < 1001; ++i)
+        CHECK(s[i] == 10.0 * n * (n - 1) / 2 + n * static_cast<double>(i));
+      CHECK(s[1001] == n * (n + 1) / 2.0);
+      int expected = 0;
+      for (int q = r % 2; q < n; q += 2) expected += q;
+      CHECK(parts[static_cast<std::size_t>(r)] == std::vector<int>{(n / 2 - 1) - r / 2, n / 2, expected});
+    }
+  }
+}
+
+TEST_CASE("C10dCommunicator::split refuses a negative color on every member, before any group is made",
+          "[c10d][adversarial]") {
+  const auto errors = on_gloo(3, [](C10dCommunicator& comm) { comm.split(comm.rank() == 1 ? -1 : 0, 0); });
+  for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("member 1 passed color -1"));
+}
+
+TEST_CASE(
+    "the averagers over Gloo give ThreadCommunicator's bits: average_parameters, periodic overlapped, "
+    "hierarchical with split",
+    "[c10d][model_averaging]") {
+  // Scalars whose sums are exact in any order (Gloo's ring adds in its own), divided by 4 exactly.
+  const auto run = [](auto&& on_members) {
+    std::vector<std::vector<float>> seen(4);
+    const auto errors = on_members([&](auto& comm) {
+      const int r = comm.rank();
+      Eigen::VectorXf w(300001);
+      for (Eigen::Index i = 0; i < w.size(); ++i) w[i] = static_cast<float>((r + 1) * (i % 1013));
+      ParameterList<float> list;
+      list.add("w", w);
+      auto& out = seen[static_cast<std::size_t>(r)];
+      polyak::average_parameters(list, comm);
+      out.insert(out.end(), w.data(), w.data() + 5);
+      using Comm = std::decay_t<decltype(comm)>;
+      polyak::PeriodicModelAverager<Comm> periodic(2, 0, comm, polyak::Overlap{1});
+      for (int step = 0; step < 6; ++step) {
+        w.array() += static_cast<float>(r + step);
+        periodic.average_parameters(list);
+        out.push_back(w[3]);
+      }
+      periodic.synchronize(list);
+      polyak::HierarchicalModelAverager<Comm> hierarchical({{1, 2}, {2, 4}}, 0, comm);
+      for (int step = 0; step < 4; ++step) {
+        w.array() += static_cast<float>(r);
+        hierarchical.average_parameters(list);
+        out.push_back(w[7]);
+      }
+    });
+    CHECK(errors == std::vector<std::string>(4));
+    return seen;
+  };
+  const auto gloo = run([](auto body) { return on_gloo(4, [&](C10dCommunicator& c) { body(c); }); });
+  const auto threads = run(
+      [](auto body) { return polyak_test::on_threads(4, [&](polyak::ThreadCommunicator& c) { body(c); }); });
+  CHECK(gloo == threads);
+  CHECK(gloo[0][1] == 2.5f);  // (1 + 2 + 3 + 4) / 4 times i = 1
+}
