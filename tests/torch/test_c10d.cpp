@@ -124,3 +124,41 @@ TEST_CASE(
   CHECK(gloo == threads);
   CHECK(gloo[0][1] == 2.5f);  // (1 + 2 + 3 + 4) / 4 times i = 1
 }
+
+TEST_CASE("C10dCommunicator's splits meet under prefixes of their own: again, nested, from a second wrapper",
+          "[c10d][adversarial]") {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::vector<float>> seen(4);
+  std::vector<std::string> errors(4);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto comm = C10dCommunicator::gloo(store, r, 4, "127.0.0.1", std::chrono::seconds(60));
+        auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(60));
+        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+        C10dCommunicator wrapper(comm.group(), store, options);  // a second wrapper of the same group
+        auto& out = seen[static_cast<std::size_t>(r)];
+        for (C10dCommunicator* from : {&comm, &comm, &wrapper}) {  // the same split twice, then the wrapper's
+          auto pair = from->split(r / 2, r);
+          float value = static_cast<float>(r + 1);
+          pair.allreduce_sum(&value, 1);
+          auto single = pair.split(pair.rank(), 0);  // nested: groups of one
+          float alone = static_cast<float>(r);
+          single.allreduce_sum(&alone, 1);
+          out.insert(out.end(), {value, alone, static_cast<float>(single.size())});
+        }
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(errors == std::vector<std::string>(4));
+  for (int r = 0; r < 4; ++r) {
+    const float pair_sum = r < 2 ? 3.0f : 7.0f;
+    const auto f = static_cast<float>(r);
+    CHECK(seen[static_cast<std::size_t>(r)] ==
+          std::vector<float>{pair_sum, f, 1, pair_sum, f, 1, pair_sum, f, 1});
+  }
+}

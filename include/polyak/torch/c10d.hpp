@@ -24,7 +24,6 @@
 #include <chrono>
 #include <cstddef>  // std::size_t
 #include <cstdint>  // std::int64_t
-#include <memory>   // std::shared_ptr
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -46,10 +45,7 @@ class C10dCommunicator {
   /// timeout where it is a Gloo group).
   C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::intrusive_ptr<c10d::Store> store,
                    c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> options)
-      : group_(std::move(group)),
-        store_(std::move(store)),
-        options_(std::move(options)),
-        splits_(std::make_shared<std::int64_t>(0)) {
+      : group_(std::move(group)), store_(std::move(store)), options_(std::move(options)) {
     if (!group_ || !store_ || !options_)
       throw InvalidArgument("polyak::libtorch::C10dCommunicator: a process group, its store and options");
   }
@@ -130,9 +126,13 @@ class C10dCommunicator {
   /// so a negative color anywhere fails every member before any group is made.
   C10dCommunicator split(int color, int key) const {
     const int n = size(), me = rank();
-    std::vector<double> requests(2 * static_cast<std::size_t>(n), 0.0);
+    std::vector<double> requests(2 * static_cast<std::size_t>(n) + 1, 0.0);
     requests[2 * static_cast<std::size_t>(me)] = color;
     requests[2 * static_cast<std::size_t>(me) + 1] = key;
+    // The split's number on the store, drawn by member 0 and learned by all in the same sum: unique
+    // on the store, also across separate wrappers of one group (a counter of their own would repeat
+    // a prefix, and a Gloo group must not meet where another met).
+    if (me == 0) requests.back() = static_cast<double>(store_->add("polyak/splits", 1));
     start(requests.data(), requests.size()).wait();
     std::vector<std::tuple<double, int>> members;  // (key, rank) of this color
     for (int r = 0; r < n; ++r) {
@@ -146,7 +146,7 @@ class C10dCommunicator {
     std::sort(members.begin(), members.end());
     int sub_rank = 0;
     while (std::get<1>(members[static_cast<std::size_t>(sub_rank)]) != me) ++sub_rank;
-    const std::int64_t split = ++*splits_;  // the same count on every member: splits are collective
+    const auto split = static_cast<std::int64_t>(requests.back());
     auto store = c10::make_intrusive<c10d::PrefixStore>(
         "polyak/split/" + std::to_string(split) + "/" + std::to_string(color), store_);
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, sub_rank,
@@ -169,7 +169,6 @@ class C10dCommunicator {
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> options_;
-  std::shared_ptr<std::int64_t> splits_;  // how many splits this group made (shared by its copies)
 };
 
 static_assert(is_communicator_v<C10dCommunicator> && has_iallreduce_v<C10dCommunicator>);
