@@ -4,6 +4,7 @@
 // one rank's test case early would leave the others waiting).
 #define CATCH_CONFIG_RUNNER
 #include "average_parameters_members.hpp"
+#include "averaging_scenario.hpp"
 #include "support.hpp"
 
 #include <catch2/catch.hpp>
@@ -467,6 +468,25 @@ TEST_CASE(
     CHECK(refused_at == fail_at);
     CHECK(unchanged);
   }
+}
+
+TEST_CASE("every averager and a sharded EMA's save and re-sliced load give over MPI the threads' bits",
+          "[mpi][model_averaging][distributed_checkpoint]") {
+  // The same scenario runs over Gloo in tests/torch/test_c10d.cpp, against the same threads.
+  MpiCommunicator comm = world();
+  const int n = comm.size(), r = comm.rank();
+  const auto mpi = polyak_test::averaging_scenario(comm, job_path("scenario.safetensors"));
+  std::vector<polyak_test::ScenarioResult> threads(static_cast<std::size_t>(n));
+  const auto errors = polyak_test::on_threads(n, [&](polyak::ThreadCommunicator& member) {
+    threads[static_cast<std::size_t>(member.rank())] = polyak_test::averaging_scenario(
+        member, job_path("scenario_threads_" + std::to_string(r) + ".safetensors"));
+  });
+  CHECK(errors == std::vector<std::string>(static_cast<std::size_t>(n)));
+  CHECK(mpi.values == threads[static_cast<std::size_t>(r)].values);
+  CHECK(mpi.saved == threads[static_cast<std::size_t>(r)].saved);
+  CHECK(mpi.reloaded == threads[static_cast<std::size_t>(r)].reloaded);
+  CHECK(mpi.saved.size() > 64 * sizeof(float));
+  CHECK(mpi.values.size() == 5 * (1 + 3 * 10 + 2 * 9));
 }
 
 int main(int argc, char** argv) {

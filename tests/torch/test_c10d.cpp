@@ -1,16 +1,23 @@
 // SPDX-License-Identifier: MIT
 // C10dCommunicator over Gloo process groups, the members on threads of one process sharing an
 // in-memory store (c10d::HashStore): the communicator contract, and the averagers on it giving
-// ThreadCommunicator's bits.
+// ThreadCommunicator's bits. The test cases tagged [.processes] run in separate processes started by
+// tests/torch/launch_processes.sh, as torchrun starts them (CTest: c10d.processes.*).
 #include "polyak/torch/c10d.hpp"
 
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "averaging_scenario.hpp"
 #include "polyak/core/model_averaging.hpp"
 #include "support.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <cstdlib>  // std::getenv
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <thread>
@@ -161,4 +168,112 @@ TEST_CASE("C10dCommunicator's splits meet under prefixes of their own: again, ne
     CHECK(seen[static_cast<std::size_t>(r)] ==
           std::vector<float>{pair_sum, f, 1, pair_sum, f, 1, pair_sum, f, 1});
   }
+}
+
+TEST_CASE("a moved-from C10dCommunicator still holds its group; options without a device are refused",
+          "[c10d][adversarial]") {
+  const auto errors = on_gloo(2, [](C10dCommunicator& comm) {
+    C10dCommunicator moved = std::move(comm);
+    float one = 1.0f;
+    comm.allreduce_sum(&one, 1);  // NOLINT(bugprone-use-after-move): what is tested
+    moved.allreduce_sum(&one, 1);
+    CHECK(one == 4.0f);
+    CHECK(comm.size() == 2);
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  auto options = c10d::ProcessGroupGloo::Options::create();
+  auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, 0, 1, [] {
+    auto o = c10d::ProcessGroupGloo::Options::create();
+    o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    return o;
+  }());
+  CHECK_THROWS_WITH(C10dCommunicator(group, store, options), Catch::Contains("name no device"));
+}
+
+TEST_CASE("C10dCommunicator sums nothing as a call of its own, so the members' next calls still pair",
+          "[c10d][adversarial]") {
+  std::vector<float> seen(3);
+  const auto errors = on_gloo(3, [&](C10dCommunicator& comm) {
+    float nothing = 5.0f, value = static_cast<float>(comm.rank() + 1);
+    comm.allreduce_sum(&nothing, 0);
+    comm.iallreduce_sum(&nothing, 0).wait();
+    comm.allreduce_sum(&value, 1);
+    CHECK(nothing == 5.0f);
+    seen[static_cast<std::size_t>(comm.rank())] = value;
+  });
+  CHECK(errors == std::vector<std::string>(3));
+  CHECK(seen == std::vector<float>{6.0f, 6.0f, 6.0f});
+}
+
+namespace {
+
+/// The store of a run that tests/torch/launch_processes.sh started: POLYAK_TEST_STORE is
+/// "file:<path>" (a FileStore) or "tcp:<folder>" (a TCPStore on a port rank 0's server picks and
+/// writes to <folder>/port, which the others wait for).
+c10::intrusive_ptr<c10d::Store> store_from_environment(const std::string& store, int rank, int size) {
+  if (store.rfind("file:", 0) == 0) return c10::make_intrusive<c10d::FileStore>(store.substr(5), size);
+  REQUIRE(store.rfind("tcp:", 0) == 0);
+  const std::filesystem::path folder = store.substr(4);
+  c10d::TCPStoreOptions options;
+  options.numWorkers = static_cast<std::size_t>(size);
+  options.timeout = std::chrono::seconds(60);
+  if (rank == 0) {
+    options.port = 0;  // any free port
+    options.isServer = true;
+    options.waitWorkers = false;  // (else it would wait before the others can know the port)
+    auto server = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", options);
+    std::ofstream(folder / "port.tmp") << server->getPort();
+    std::filesystem::rename(folder / "port.tmp", folder / "port");
+    return server;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!std::filesystem::exists(folder / "port")) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  int port = 0;
+  std::ifstream(folder / "port") >> port;
+  options.port = static_cast<std::uint16_t>(port);
+  return c10::make_intrusive<c10d::TCPStore>("127.0.0.1", options);
+}
+
+}  // namespace
+
+TEST_CASE("processes over Gloo: every averager and a sharded EMA's save and load give the threads' bits",
+          "[.processes][c10d]") {
+  const char* rank_text = std::getenv("RANK");
+  const char* size_text = std::getenv("WORLD_SIZE");
+  const char* store_text = std::getenv("POLYAK_TEST_STORE");
+  const char* folder_text = std::getenv("POLYAK_TEST_FOLDER");
+  REQUIRE((rank_text && size_text && store_text && folder_text));
+  const int r = std::stoi(rank_text), n = std::stoi(size_text);
+  const std::string folder = folder_text;
+  auto comm = C10dCommunicator::gloo(store_from_environment(store_text, r, n), r, n, "127.0.0.1",
+                                     std::chrono::seconds(60));
+  REQUIRE((comm.rank() == r && comm.size() == n));
+
+  // The same scenario as tests/mpi/test_mpi.cpp's, against the same threads: Gloo = threads = MPI.
+  const auto gloo = polyak_test::averaging_scenario(comm, folder + "/gloo.safetensors");
+  std::vector<polyak_test::ScenarioResult> threads(static_cast<std::size_t>(n));
+  const auto errors = polyak_test::on_threads(n, [&](polyak::ThreadCommunicator& member) {
+    threads[static_cast<std::size_t>(member.rank())] =
+        polyak_test::averaging_scenario(member, folder + "/threads_" + std::to_string(r) + ".safetensors");
+  });
+  CHECK(errors == std::vector<std::string>(static_cast<std::size_t>(n)));
+  CHECK(gloo.values == threads[static_cast<std::size_t>(r)].values);
+  CHECK(gloo.saved == threads[static_cast<std::size_t>(r)].saved);
+  CHECK(gloo.reloaded == threads[static_cast<std::size_t>(r)].reloaded);
+  CHECK(gloo.saved.size() > 64 * sizeof(float));
+
+  // Members that disagree all fail, before anything changes, and the group stays usable.
+  Eigen::VectorXf w = Eigen::VectorXf::Constant(r + 1 == n ? 11 : 10, 1.0f);
+  ParameterList<float> list;
+  list.add("w", w);
+  CHECK_THROWS_WITH(polyak::average_parameters(list, comm), Catch::Contains("rank " + std::to_string(n - 1)));
+  CHECK(w == Eigen::VectorXf::Constant(w.size(), 1.0f));
+  CHECK_THROWS_WITH(comm.split(r == 1 ? -1 : 0, 0), Catch::Contains("member 1 passed color -1"));
+  double one = 1.0;
+  comm.allreduce_sum(&one, 1);
+  CHECK(one == n);
 }

@@ -2,7 +2,9 @@
 // polyak's communicator over a c10d process group, the one a libtorch trainer on several processes
 // already holds (Gloo on CPUs): the averagers, Overlap and ShardView run on it as on MPI.
 //
-//     auto store = c10::make_intrusive<c10d::TCPStore>(host, port, world_size, rank == 0);
+//     c10d::TCPStoreOptions options;  // as torchrun's MASTER_ADDR / MASTER_PORT say
+//     options.port = port, options.isServer = rank == 0, options.numWorkers = world_size;
+//     auto store = c10::make_intrusive<c10d::TCPStore>(host, options);
 //     auto comm = polyak::libtorch::C10dCommunicator::gloo(store, rank, world_size);
 //     polyak::PeriodicModelAverager<polyak::libtorch::C10dCommunicator> averager(8, 100, comm);
 //
@@ -48,7 +50,17 @@ class C10dCommunicator {
       : group_(std::move(group)), store_(std::move(store)), options_(std::move(options)) {
     if (!group_ || !store_ || !options_)
       throw InvalidArgument("polyak::libtorch::C10dCommunicator: a process group, its store and options");
+    if (options_->devices.empty()) {  // (else the first split would fail, on some members only)
+      throw InvalidArgument(
+          "polyak::libtorch::C10dCommunicator: the Gloo options name no device "
+          "(c10d::ProcessGroupGloo::createDeviceForHostname)");
+    }
   }
+
+  // Copies share the group, as copies of an MPI communicator's handle do. There is no move: a
+  // moved-from communicator would hold no group, so "moving" copies and the source stays usable.
+  C10dCommunicator(const C10dCommunicator&) = default;
+  C10dCommunicator& operator=(const C10dCommunicator&) = default;
 
   /// Collective over the `size` processes that call it with the same store: a new Gloo group, this
   /// process its member `rank`, on the loopback device by default (`hostname`: the address the
@@ -69,7 +81,10 @@ class C10dCommunicator {
   /// The process group, for the caller's own collectives.
   const c10::intrusive_ptr<c10d::ProcessGroup>& group() const noexcept { return group_; }
 
-  /// In place: data[0, n) becomes its sum over the group (the host memory itself is reduced).
+  /// In place: data[0, n) becomes its sum over the group (the host memory itself is reduced). Every
+  /// member must pass the same n (also 0) and type: Gloo checks neither across processes, and a
+  /// mismatch ends the processes (std::terminate on Gloo's thread) or times out, as it does under
+  /// PyTorch.
   template <class T>
   void allreduce_sum(T* data, std::size_t n) {
     start(data, n).wait();
@@ -94,7 +109,8 @@ class C10dCommunicator {
     Request& operator=(const Request&) = delete;
     ~Request() { finish_quietly(); }
 
-    /// Completes the sum; throws what the group reported.
+    /// Completes the sum; throws what the group reported. The request is complete afterwards,
+    /// thrown or not, as an MPI request is null after MPI_Wait: a second wait() returns at once.
     void wait() {
       if (!work_) return;
       auto work = std::move(work_);
@@ -159,7 +175,8 @@ class C10dCommunicator {
   Request start(T* data, std::size_t n) const {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                   "polyak::libtorch::C10dCommunicator: float or double");
-    if (n == 0) return Request();
+    // n == 0 still goes to the group: a member that skipped it would pair its next call with the
+    // others' empty one.
     std::vector<at::Tensor> tensors{torch::from_blob(
         data, {static_cast<std::int64_t>(n)},
         torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kDouble))};
