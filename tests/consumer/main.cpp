@@ -1,10 +1,16 @@
 // SPDX-License-Identifier: MIT
 // A user's program: SWA over a tiny model. Linked with the checkpoint layer (CONSUMER_SAVES) it also
 // writes two checkpoints for the installed polyak-merge to average (`consumer write FOLDER`), and
-// checks the tool's output (`consumer check FILE`).
+// checks the tool's output (`consumer check FILE`). Linked with polyak::c10d (CONSUMER_C10D) it also
+// averages over a Gloo process group of one.
 #include <polyak/polyak.hpp>
 #ifdef CONSUMER_SAVES
 #include <polyak/checkpoint.hpp>
+#endif
+#ifdef CONSUMER_C10D
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include <polyak/torch/c10d.hpp>
 #endif
 
 #include <iostream>
@@ -42,6 +48,14 @@ int main(int argc, char** argv) {
     swa.update_parameters(model);
   }
   const float mean = swa.parameters()[0].data()[0];  // (1 + 2 + 3 + 4) / 4
+#ifdef CONSUMER_C10D
+  // A Gloo group of one process: its average is the model itself.
+  auto comm = polyak::libtorch::C10dCommunicator::gloo(c10::make_intrusive<c10d::HashStore>(), 0, 1);
+  swa.copy_to(model);
+  polyak::average_parameters(model, comm);
+  std::cout << "consumer: averaged over a Gloo group of " << comm.size() << "\n";
+  if (w[1] != 2.5f) return 1;
+#endif
   std::cout << "consumer: SWA mean " << mean << "\n";
 #ifdef CONSUMER_SAVES
   if (swa.state_dict().scalar<std::int64_t>("n_averaged") != 4) return 1;
