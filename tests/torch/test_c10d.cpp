@@ -4,6 +4,7 @@
 // ThreadCommunicator's bits. The test cases tagged [.processes] run in separate processes started by
 // tests/torch/launch_processes.sh, as torchrun starts them (CTest: c10d.processes.*).
 #include "polyak/torch/c10d.hpp"
+#include "polyak/torch/process_group_average.hpp"
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -276,4 +277,168 @@ TEST_CASE("processes over Gloo: every averager and a sharded EMA's save and load
   double one = 1.0;
   comm.allreduce_sum(&one, 1);
   CHECK(one == n);
+}
+
+namespace {
+
+/// Member r's tensors for the module average: float, double and bf16 (bf16 beside float goes to
+/// double here), values with few bits, so that their quarters sum exactly in any order.
+std::vector<at::Tensor> mixed_tensors(int r) {
+  const auto values = [r](std::int64_t n, int salt) {
+    return (torch::arange(n, torch::kDouble) * (r + 1) + salt).remainder(97) / 16 - 3;
+  };
+  return {values(3 * 5, 1).to(torch::kFloat).reshape({3, 5}), values(1000, 2), values(7, 3).to(torch::kBFloat16),
+          values(1, 4).to(torch::kFloat).reshape({}), values(0, 5).to(torch::kFloat)};
+}
+
+}  // namespace
+
+TEST_CASE("libtorch::average_parameters averages tensors in place over the group, as polyak's lists do",
+          "[c10d][process_group_average]") {
+  // Against polyak's own average_parameters over ThreadCommunicator on the same scalars (the MPI and
+  // Gloo paths equal that one, above): float, double and bf16 tensors, one call and in buckets.
+  for (const std::size_t bucket_bytes : {std::size_t{0}, std::size_t{64}}) {
+    CAPTURE(bucket_bytes);
+    std::vector<std::vector<at::Tensor>> gloo(4), lists(4);
+    const auto errors = on_gloo(4, [&](C10dCommunicator& comm) {
+      auto mine = mixed_tensors(comm.rank());
+      const void* before = mine[1].data_ptr();
+      polyak::libtorch::average_parameters(mine, *comm.group(), bucket_bytes);
+      CHECK(mine[1].data_ptr() == before);  // in place
+      gloo[static_cast<std::size_t>(comm.rank())] = mine;
+    });
+    CHECK(errors == std::vector<std::string>(4));
+    const auto list_errors = polyak_test::on_threads(4, [&](polyak::ThreadCommunicator& comm) {
+      auto mine = mixed_tensors(comm.rank());
+      Eigen::Map<Eigen::MatrixXf> a(mine[0].data_ptr<float>(), 5, 3);  // (row-major 3 x 5)
+      Eigen::Map<Eigen::VectorXd> b(mine[1].data_ptr<double>(), 1000);
+      Eigen::Map<Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, 1>> c(
+          reinterpret_cast<Eigen::bfloat16*>(mine[2].data_ptr()), 7);
+      Eigen::Map<Eigen::VectorXf> d(mine[3].data_ptr<float>(), 1);
+      ParameterList<float> floats;
+      floats.add("a", a).add("d", d);
+      ParameterList<double> doubles;
+      doubles.add("b", b);
+      ParameterList<Eigen::bfloat16> halves;
+      halves.add("c", c);
+      polyak::PeriodicModelAverager<polyak::ThreadCommunicator> averager(1, 0, comm);  // wire: double
+      averager.average_parameters(floats, doubles, halves);
+      lists[static_cast<std::size_t>(comm.rank())] = mine;
+    });
+    CHECK(list_errors == std::vector<std::string>(4));
+    for (std::size_t r = 0; r < 4; ++r) {
+      for (std::size_t i = 0; i < 5; ++i) {
+        CAPTURE(r, i);
+        CHECK(gloo[r][i].scalar_type() == lists[r][i].scalar_type());
+        CHECK(torch::equal(gloo[r][i], lists[r][i]));
+      }
+      CHECK(torch::equal(gloo[r][0], gloo[0][0]));
+    }
+    // A closed form: scalar 1 of tensor b is mean over r of ((1 * (r + 1) + 2) % 97) / 16 - 3.
+    CHECK(gloo[0][1][1].item<double>() == (3 + 4 + 5 + 6) / 4.0 / 16 - 3);
+  }
+}
+
+TEST_CASE("libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat does; Gloo refuses to sum it",
+          "[c10d][process_group_average]") {
+  // PyTorch would divide and sum in bf16 (its flat copy is bf16); libtorch 1.13's Gloo sums no bf16,
+  // so PyTorch's call fails there, and so does this one: on every member, changing nothing.
+  const auto x = (torch::arange(1, 2001, torch::kFloat) * 0.37f).to(torch::kBFloat16);
+  std::vector<int> unchanged(3, 0);
+  const auto errors = on_gloo(3, [&](C10dCommunicator& comm) {
+    std::vector<at::Tensor> mine{x.clone(), x.clone()};
+    try {
+      polyak::libtorch::average_parameters(mine, *comm.group(), 2000);  // a bucket a tensor
+    } catch (...) {
+      unchanged[static_cast<std::size_t>(comm.rank())] = torch::equal(mine[0], x) && torch::equal(mine[1], x);
+      throw;
+    }
+  });
+  for (const auto& e : errors) {
+    CHECK_THAT(e, Catch::Contains("allreduce of BFloat16 failed; nothing was averaged"));
+  }
+  CHECK(unchanged == std::vector<int>{1, 1, 1});
+}
+
+TEST_CASE("libtorch::average_parameters refuses on every member, changing nothing, where any member's tensors differ",
+          "[c10d][process_group_average][adversarial]") {
+  struct Case {
+    const char* what;
+    std::function<void(std::vector<at::Tensor>&, std::size_t&)> spoil;  // on member 1
+    const char* message;
+  };
+  const std::vector<Case> cases{
+      {"another shape", [](auto& t, auto&) { t[0] = t[0].reshape({5, 3}).clone(); }, "differ in count"},
+      {"another scalar type", [](auto& t, auto&) { t[1] = t[1].to(torch::kFloat); }, "differ in count"},
+      {"a tensor more", [](auto& t, auto&) { t.push_back(torch::zeros({2})); }, "differ in count"},
+      {"another bucket size", [](auto&, auto& bucket) { bucket = 128; }, "bucket_bytes"},
+      {"an integer tensor", [](auto& t, auto&) { t[1] = torch::zeros({1000}, torch::kLong); }, "rank 1 cannot"},
+      {"an undefined tensor", [](auto& t, auto&) { t[2] = at::Tensor(); }, "tensor 2 is undefined"},
+      {"a sparse tensor", [](auto& t, auto&) { t[1] = t[1].to_sparse(); }, "not dense"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.what);
+    std::vector<int> unchanged(3, 0);
+    const auto errors = on_gloo(3, [&](C10dCommunicator& comm) {
+      auto mine = mixed_tensors(comm.rank());
+      std::size_t bucket = 0;
+      if (comm.rank() == 1) c.spoil(mine, bucket);
+      std::vector<at::Tensor> before;
+      for (const auto& t : mine) before.push_back(t.defined() ? t.clone() : t);
+      try {
+        polyak::libtorch::average_parameters(mine, *comm.group(), bucket);
+      } catch (...) {
+        bool same = true;
+        for (std::size_t i = 0; i < mine.size(); ++i)
+          same = same && (!mine[i].defined() || torch::equal(mine[i].to_dense(), before[i].to_dense()));
+        unchanged[static_cast<std::size_t>(comm.rank())] = same;
+        throw;
+      }
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("nothing was averaged"));
+    CHECK_THAT(errors[0], Catch::Contains(c.message) || Catch::Contains("rank 1 cannot"));
+    CHECK_THAT(errors[1], Catch::Contains(c.message));
+    CHECK(unchanged == std::vector<int>{1, 1, 1});
+  }
+}
+
+TEST_CASE("libtorch::average_parameters over a module's parameters and over an empty list",
+          "[c10d][process_group_average]") {
+  std::vector<float> weights(2);
+  const auto errors = on_gloo(2, [&](C10dCommunicator& comm) {
+    torch::nn::Linear linear(3, 2);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : linear->parameters()) p.fill_(static_cast<float>(comm.rank() * 2 + 1));
+    }
+    polyak::libtorch::average_parameters(*linear, *comm.group());
+    weights[static_cast<std::size_t>(comm.rank())] = linear->weight[1][2].item<float>();
+    CHECK(linear->weight.requires_grad());
+    std::vector<at::Tensor> none;
+    polyak::libtorch::average_parameters(none, *comm.group());  // agreed, then nothing to do
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  CHECK(weights == std::vector<float>{2.0f, 2.0f});
+}
+
+TEST_CASE("libtorch::average_parameters on CUDA tensors", "[c10d][process_group_average][cuda]") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: the CUDA case of libtorch::average_parameters is skipped");
+    return;
+  }
+  std::vector<at::Tensor> seen(2);
+  const auto errors = on_gloo(2, [&](C10dCommunicator& comm) {
+    std::vector<at::Tensor> mine;
+    for (auto& t : mixed_tensors(comm.rank())) mine.push_back(t.to(torch::kCUDA));
+    polyak::libtorch::average_parameters(mine, *comm.group());
+    CHECK(mine[1].is_cuda());
+    seen[static_cast<std::size_t>(comm.rank())] = mine[1].cpu();
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  auto cpu = on_gloo(2, [&](C10dCommunicator& comm) {
+    auto mine = mixed_tensors(comm.rank());
+    polyak::libtorch::average_parameters(mine, *comm.group());
+    CHECK(torch::equal(mine[1], seen[static_cast<std::size_t>(comm.rank())]));
+  });
+  CHECK(cpu == std::vector<std::string>(2));
 }

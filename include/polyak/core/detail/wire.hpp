@@ -23,7 +23,9 @@ namespace polyak {
 namespace detail {
 
 /// The type parameters travel in: double if any list is double, else float (16-bit ones go up to
-/// float, as PyTorch's torch.cat up-casts, and come back rounded once).
+/// float, as PyTorch's torch.cat up-casts them beside a float tensor, and come back rounded once; a
+/// 16-bit-only model, which PyTorch sums in its own type, is summed in float too: MPI adds no 16-bit
+/// floats).
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
