@@ -1,12 +1,12 @@
 # Writes the ```cpp blocks of the README and the guides (the files in `documents`) into one translation
 # unit a kind, so that a test can compile them: the blocks' #include lines at the top, then the
-# context their snippets assume (context_core.hpp, context_mpi.hpp or context_torch.hpp, by what a
+# context their snippets assume (context_core.hpp, context_mpi.hpp, context_torch.hpp or context_c10d.hpp, by what a
 # block includes), then each block as the body of a function of its own. Every body line carries a
 # #line directive, so a compiler error names the file and the line. (One file a kind: each block
 # alone recompiled its headers, 11 times per build.) Sets POLYAK_README_KINDS to the kinds that have
 # blocks, and POLYAK_README_LINES_<kind> to where their blocks start (file:line).
 function(polyak_extract_readme_blocks documents out_dir)
-  foreach(kind core mpi torch)
+  foreach(kind core mpi torch c10d)
     set(includes_${kind} "")
     set(bodies_${kind} "")
     set(starts_${kind} "")
@@ -29,7 +29,9 @@ function(polyak_extract_readme_blocks documents out_dir)
     elseif(in_block AND line MATCHES "^``` *$")
       set(in_block OFF)
       set(kind core)
-      if(includes MATCHES "polyak/torch[/.]")
+      if(includes MATCHES "polyak/torch/(c10d|process_group_average)\\.hpp")
+        set(kind c10d)
+      elseif(includes MATCHES "polyak/torch[/.]")
         set(kind torch)
       elseif(includes MATCHES "polyak/mpi[/.]")
         set(kind mpi)
@@ -48,7 +50,7 @@ function(polyak_extract_readme_blocks documents out_dir)
   endforeach()
   endforeach()
   set(kinds "")
-  foreach(kind core mpi torch)
+  foreach(kind core mpi torch c10d)
     if(starts_${kind})
       set(source "// Generated from README.md and docs/*.md: their ${kind} blocks, compiled by the test readme.${kind}.\n")
       string(APPEND source "${includes_${kind}}#include \"context_${kind}.hpp\"\n${bodies_${kind}}")

@@ -287,8 +287,9 @@ std::vector<at::Tensor> mixed_tensors(int r) {
   const auto values = [r](std::int64_t n, int salt) {
     return (torch::arange(n, torch::kDouble) * (r + 1) + salt).remainder(97) / 16 - 3;
   };
-  return {values(3 * 5, 1).to(torch::kFloat).reshape({3, 5}), values(1000, 2), values(7, 3).to(torch::kBFloat16),
-          values(1, 4).to(torch::kFloat).reshape({}), values(0, 5).to(torch::kFloat)};
+  return {values(3 * 5, 1).to(torch::kFloat).reshape({3, 5}), values(1000, 2),
+          values(7, 3).to(torch::kBFloat16), values(1, 4).to(torch::kFloat).reshape({}),
+          values(0, 5).to(torch::kFloat)};
 }
 
 }  // namespace
@@ -339,8 +340,9 @@ TEST_CASE("libtorch::average_parameters averages tensors in place over the group
   }
 }
 
-TEST_CASE("libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat does; Gloo refuses to sum it",
-          "[c10d][process_group_average]") {
+TEST_CASE(
+    "libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat does; Gloo refuses to sum it",
+    "[c10d][process_group_average]") {
   // PyTorch would divide and sum in bf16 (its flat copy is bf16); libtorch 1.13's Gloo sums no bf16,
   // so PyTorch's call fails there, and so does this one: on every member, changing nothing.
   const auto x = (torch::arange(1, 2001, torch::kFloat) * 0.37f).to(torch::kBFloat16);
@@ -360,19 +362,26 @@ TEST_CASE("libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat
   CHECK(unchanged == std::vector<int>{1, 1, 1});
 }
 
-TEST_CASE("libtorch::average_parameters refuses on every member, changing nothing, where any member's tensors differ",
-          "[c10d][process_group_average][adversarial]") {
+TEST_CASE(
+    "libtorch::average_parameters refuses on every member, changing nothing, where any member's tensors "
+    "differ",
+    "[c10d][process_group_average][adversarial]") {
   struct Case {
     const char* what;
     std::function<void(std::vector<at::Tensor>&, std::size_t&)> spoil;  // on member 1
     const char* message;
   };
   const std::vector<Case> cases{
-      {"another shape", [](auto& t, auto&) { t[0] = t[0].reshape({5, 3}).clone(); }, "differ in count"},
+      {"another shape",
+       [](auto& t, auto&) {
+         t[0] = t[0].reshape({5, 3}).clone();
+       },
+       "differ in count"},
       {"another scalar type", [](auto& t, auto&) { t[1] = t[1].to(torch::kFloat); }, "differ in count"},
       {"a tensor more", [](auto& t, auto&) { t.push_back(torch::zeros({2})); }, "differ in count"},
       {"another bucket size", [](auto&, auto& bucket) { bucket = 128; }, "bucket_bytes"},
-      {"an integer tensor", [](auto& t, auto&) { t[1] = torch::zeros({1000}, torch::kLong); }, "rank 1 cannot"},
+      {"an integer tensor", [](auto& t, auto&) { t[1] = torch::zeros({1000}, torch::kLong); },
+       "rank 1 cannot"},
       {"an undefined tensor", [](auto& t, auto&) { t[2] = at::Tensor(); }, "tensor 2 is undefined"},
       {"a sparse tensor", [](auto& t, auto&) { t[1] = t[1].to_sparse(); }, "not dense"},
   };

@@ -101,19 +101,21 @@ inline void average_parameters(const std::vector<at::Tensor>& params, c10d::Proc
   const std::string who = "polyak::libtorch::average_parameters: ";
   const std::string problem = detail::local_problem(params);
   // (The agreement travels where the tensors are, so that an NCCL group can carry it.)
-  const at::Device device = !params.empty() && params[0].defined() ? params[0].device() : at::Device(torch::kCPU);
+  const at::Device device =
+      !params.empty() && params[0].defined() ? params[0].device() : at::Device(torch::kCPU);
   // One allreduce decides: each member's problem flag, and the layout's agreement.
   const int n = group.getSize(), me = group.getRank();
   std::vector<double> sums(static_cast<std::size_t>(polyak::detail::agreement_doubles + n), 0.0);
-  polyak::detail::put_agreement(problem.empty() ? detail::layout_of(params, bucket_bytes) : me + 1, sums.data());
+  polyak::detail::put_agreement(problem.empty() ? detail::layout_of(params, bucket_bytes) : me + 1,
+                                sums.data());
   sums[static_cast<std::size_t>(polyak::detail::agreement_doubles + me)] = problem.empty() ? 0.0 : 1.0;
   detail::GroupOfDoubles(group, device).allreduce_sum(sums.data(), sums.size());
   const std::vector<double> flags(sums.begin() + polyak::detail::agreement_doubles, sums.end());
   const std::string failing = polyak::detail::rank_list(flags);
   if (!failing.empty()) {
     throw InvalidArgument(who + polyak::detail::ranks_phrase(failing, "rank ", "ranks ") +
-                          " cannot average its tensors" + (problem.empty() ? "" : " (here: " + problem + ")") +
-                          "; nothing was averaged");
+                          " cannot average its tensors" +
+                          (problem.empty() ? "" : " (here: " + problem + ")") + "; nothing was averaged");
   }
   if (!polyak::detail::agreed(sums.data(), n)) {
     throw InvalidArgument(who +
@@ -131,7 +133,8 @@ inline void average_parameters(const std::vector<at::Tensor>& params, c10d::Proc
     // The bucket [first, last): at least one tensor, then while it stays within bucket_bytes.
     std::size_t last = first + 1, bytes = static_cast<std::size_t>(params[first].numel()) * element;
     while (last < params.size() &&
-           (bucket_bytes == 0 || bytes + static_cast<std::size_t>(params[last].numel()) * element <= bucket_bytes)) {
+           (bucket_bytes == 0 ||
+            bytes + static_cast<std::size_t>(params[last].numel()) * element <= bucket_bytes)) {
       bytes += static_cast<std::size_t>(params[last].numel()) * element;
       ++last;
     }
@@ -159,7 +162,8 @@ inline void average_parameters(const std::vector<at::Tensor>& params, c10d::Proc
 
 /// average_parameters over a module's parameters (module.parameters(), PyTorch's
 /// module.parameters() too: buffers such as batch norm's statistics are not averaged).
-inline void average_parameters(torch::nn::Module& module, c10d::ProcessGroup& group, std::size_t bucket_bytes = 0) {
+inline void average_parameters(torch::nn::Module& module, c10d::ProcessGroup& group,
+                               std::size_t bucket_bytes = 0) {
   average_parameters(module.parameters(), group, bucket_bytes);
 }
 
