@@ -25,6 +25,10 @@
 //                                                // bool test() (true once complete; drives progress)
 // `data` must stay untouched until the request completes; destroying an incomplete request waits.
 // Non-blocking calls are collective too, started in the same order on every member.
+//
+// And optionally, where one call costs much (a network round trip):
+//     static constexpr std::size_t average_chunk_bytes = ...;  // bytes per allreduce the averagers
+//                                                              // make (default 512 KB)
 #pragma once
 
 #include <algorithm>           // std::sort
@@ -99,6 +103,21 @@ struct has_allreduce_to<
 /// True when C also sums out of place, allreduce_sum(in, out, n), which averaging then uses.
 template <class C>
 inline constexpr bool has_allreduce_to_v = detail::has_allreduce_to<C>::value;
+
+namespace detail {
+
+template <class C, class = void>
+struct chunk_bytes_of : std::integral_constant<std::size_t, std::size_t{512} << 10> {};
+template <class C>
+struct chunk_bytes_of<C, std::void_t<decltype(C::average_chunk_bytes)>>
+    : std::integral_constant<std::size_t, C::average_chunk_bytes> {};
+
+}  // namespace detail
+
+/// Bytes per allreduce call the averagers make over C: C::average_chunk_bytes where C declares it,
+/// else 512 KB (a chunk, the buffers it is reduced into and MPI's own fit a 1 MB L2 cache together).
+template <class C>
+inline constexpr std::size_t average_chunk_bytes_v = detail::chunk_bytes_of<C>::value;
 
 /// A communicator between the threads of one process, with a real shared-memory allreduce: for
 /// local SGD on one machine and for testing distributed code without mpirun.

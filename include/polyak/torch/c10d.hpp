@@ -74,6 +74,12 @@ class C10dCommunicator {
     return C10dCommunicator(std::move(group), store, std::move(options));
   }
 
+  /// Bytes per allreduce call of the averagers (polyak/core/communicator.hpp): a Gloo call is a
+  /// round over TCP, milliseconds, so the model goes in few large calls, as PyTorch's one flat call
+  /// does (a model in one run of floats is reduced where it lies; else each chunk is packed into a
+  /// buffer of this size, kept per thread).
+  static constexpr std::size_t average_chunk_bytes = std::size_t{64} << 20;
+
   /// This process's rank in the group.
   int rank() const { return group_->getRank(); }
   /// How many processes the group holds.

@@ -29,10 +29,12 @@ namespace detail {
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
-/// Bytes reduced per allreduce call. Large calls are slow (Open MPI's temporary pages fault afresh on
-/// each); at 512 KB a chunk, the buffers it is reduced into and the collective's own fit a 1 MB L2
-/// cache together (docs/distributed.md has the measurements).
+/// Bytes reduced per allreduce call, unless the communicator says otherwise (average_chunk_bytes_v).
+/// Large calls are slow (Open MPI's temporary pages fault afresh on each); at 512 KB a chunk, the
+/// buffers it is reduced into and the collective's own fit a 1 MB L2 cache together
+/// (docs/distributed.md has the measurements).
 inline constexpr std::size_t average_chunk_bytes = std::size_t{512} << 10;
+static_assert(average_chunk_bytes == detail::chunk_bytes_of<void>::value);
 
 /// Lists of at least this many wire bytes are summed first where the group size allows it
 /// (Chunk::reduce). Smaller ones are likely in cache already (the optimizer just wrote them), where
@@ -181,15 +183,16 @@ class Chunk {
   /// Replaces the chunk's scalars by their sum over the group, each divided by the group size first
   /// (PyTorch's order, and its bits). Lists that are `large` (sum_first_bytes), of a group whose
   /// size is a power of two, are summed first and scaled after where the chunk is all wire scalars
-  /// (sum_then_scale); others are divided first (divide_then_sum). Every member takes the same way,
-  /// which depends only on the layout and the group size (the same on every member), and makes the
-  /// same calls. Leaves the chunk empty.
+  /// and the communicator sums out of place (sum_then_scale; without that a copy would cost what
+  /// it saves); others are divided first (divide_then_sum). Every member takes the same way, which
+  /// depends only on the layout, the group size and the communicator's type (the same on every
+  /// member), and makes the same calls. Leaves the chunk empty.
   template <class Comm>
   void reduce(Comm& comm, const GroupDivisor<W>& divisor, bool large) {
     bool wire_only = true;
     for (const Piece& piece : pieces_) wire_only = wire_only && piece.wire_type;
     if (scalars_ == 0) {
-    } else if (large && divisor.power_of_two() && wire_only) {
+    } else if (has_allreduce_to_v<Comm> && large && divisor.power_of_two() && wire_only) {
       sum_then_scale(comm, divisor);
     } else {
       divide_then_sum(comm, divisor);
@@ -256,11 +259,8 @@ class Chunk {
     int k = 0;
     while ((std::size_t{1} << k) < static_cast<std::size_t>(divisor.size())) ++k;
     W outside = flushes_subnormals() || outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
-    if constexpr (has_allreduce_to_v<Comm>) {
+    if constexpr (has_allreduce_to_v<Comm>) {  // (reduce() comes here only then)
       comm.allreduce_sum(in, reduced_.data(), scalars_);
-    } else {
-      std::copy_n(in, scalars_, reduced_.data());
-      comm.allreduce_sum(reduced_.data(), scalars_);
     }
     comm.allreduce_sum(&outside, 1);
     if (outside != W(0)) {
@@ -287,7 +287,7 @@ class Chunk {
   }
 
   void reserve(std::vector<W>& buffer) const {
-    if (buffer.size() < scalars_) buffer.resize(std::max(scalars_, average_chunk_bytes / sizeof(W)));
+    if (buffer.size() < scalars_) buffer.resize(scalars_);
   }
 
   std::vector<Piece> pieces_;
@@ -297,15 +297,15 @@ class Chunk {
 
 /// PyTorch's average_parameters: every tensor divided by the group size, summed over the group
 /// (its bits, for any group size). The lists' scalars, concatenated, are cut into chunks of
-/// average_chunk_bytes, one allreduce call a chunk, as the bare collective of the same bytes would
-/// make them; see Chunk::reduce for the ways a chunk goes.
+/// average_chunk_bytes_v<Comm>, one allreduce call a chunk, as the bare collective of the same bytes
+/// would make them; see Chunk::reduce for the ways a chunk goes.
 template <class Comm, class... Ts>
 void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
   static_assert(is_communicator_v<Comm>,
                 "polyak: the communicator needs rank(), size(), allreduce_sum(T*, n) and split(color, key)");
   using W = wire_t<Ts...>;
   check_same_layout(comm, where, std::string(), lists...);
-  constexpr std::size_t chunk_scalars = average_chunk_bytes / sizeof(W);
+  constexpr std::size_t chunk_scalars = average_chunk_bytes_v<Comm> / sizeof(W);
   const GroupDivisor<W> divisor(comm.size());
   const bool large = (std::size_t{0} + ... + lists.numel()) * sizeof(W) >= sum_first_bytes;
   Chunk<W>& chunk = Chunk<W>::for_this_thread();
