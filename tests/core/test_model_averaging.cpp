@@ -15,6 +15,7 @@
 #include <string>
 #include <thread>
 #include <vector>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <pmmintrin.h>  // _MM_SET_DENORMALS_ZERO_MODE
@@ -471,4 +472,40 @@ TEST_CASE("the blocking averagers work over a communicator without iallreduce_su
     CHECK((w.array() == (comm.rank() < 2 ? 0.5f : 2.5f)).all());
   });
   CHECK(errors == std::vector<std::string>(4));
+}
+
+namespace {
+
+/// A communicator that asks for 1 KB calls and records the length of each float sum it makes.
+struct SmallCalls {
+  static constexpr std::size_t average_chunk_bytes = 1024;
+  ThreadCommunicator inner;
+  std::vector<std::size_t>* float_calls;
+  int rank() const { return inner.rank(); }
+  int size() const { return inner.size(); }
+  template <class T>
+  void allreduce_sum(T* data, std::size_t n) {
+    if constexpr (std::is_same_v<T, float>) float_calls->push_back(n);
+    inner.allreduce_sum(data, n);
+  }
+  SmallCalls split(int color, int key) const { return {inner.split(color, key), float_calls}; }
+};
+static_assert(polyak::average_chunk_bytes_v<SmallCalls> == 1024 &&
+              polyak::average_chunk_bytes_v<BlockingOnly> == std::size_t{512} << 10);
+
+}  // namespace
+
+TEST_CASE("average_parameters calls the collective in the communicator's own chunk size",
+          "[model_averaging]") {
+  std::vector<std::vector<std::size_t>> calls(2);
+  const auto errors = on_threads(2, [&](ThreadCommunicator& member) {
+    SmallCalls comm{member, &calls[static_cast<std::size_t>(member.rank())]};
+    Eigen::VectorXf w = Eigen::VectorXf::Constant(1000, static_cast<float>(comm.rank()));
+    ParameterList<float> list;
+    list.add("w", w);
+    polyak::average_parameters(list, comm);
+    CHECK((w.array() == 0.5f).all());
+  });
+  CHECK(errors == std::vector<std::string>(2));
+  for (const auto& c : calls) CHECK(c == std::vector<std::size_t>{256, 256, 256, 232});  // 1 KB of floats
 }
