@@ -2,20 +2,31 @@
 # Starts N processes of a program the way torchrun starts a job on one machine: each learns RANK,
 # LOCAL_RANK and WORLD_SIZE from its environment, and the store to meet at from POLYAK_TEST_STORE
 # ("file:<path>" or "tcp:<folder>", see tests/torch/test_c10d.cpp), in a fresh folder
-# (POLYAK_TEST_FOLDER) removed afterwards. Fails if any process fails, showing each one's output.
+# (POLYAK_TEST_FOLDER) removed afterwards. Fails if any process fails, showing each failed one's
+# exit status and output. Stopped (INT, TERM, HUP), it stops its processes and removes the folder.
 #   usage: launch_processes.sh N file|tcp PROGRAM [ARGUMENT...]
 set -u
-[ $# -ge 3 ] || { echo "usage: $0 N file|tcp PROGRAM [ARGUMENT...]" >&2; exit 2; }
+usage="usage: $0 N file|tcp PROGRAM [ARGUMENT...] (N >= 1)"
+[ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
 n=$1 kind=$2
 shift 2
-folder=$(mktemp -d)
-trap 'rm -rf "$folder"' EXIT
+case $n in
+  '' | *[!0-9]* | 0*) echo "$0: N must be a whole number >= 1, not '$n'; $usage" >&2; exit 2 ;;
+esac
 case $kind in
-  file) store="file:$folder/store" ;;
-  tcp) store="tcp:$folder" ;;
+  file | tcp) ;;
   *) echo "$0: the store is file or tcp, not '$kind'" >&2; exit 2 ;;
 esac
+folder=$(mktemp -d)
 pids=""
+stop() {
+  for pid in $pids; do kill -TERM "$pid" 2>/dev/null; done
+  rm -rf "$folder"
+  exit 1
+}
+trap stop INT TERM HUP
+trap 'rm -rf "$folder"' EXIT
+if [ "$kind" = file ]; then store="file:$folder/store"; else store="tcp:$folder"; fi
 r=0
 while [ "$r" -lt "$n" ]; do
   RANK=$r LOCAL_RANK=$r WORLD_SIZE=$n POLYAK_TEST_STORE=$store POLYAK_TEST_FOLDER=$folder \
@@ -26,9 +37,12 @@ done
 failed=0
 r=0
 for pid in $pids; do
-  if ! wait "$pid"; then
+  wait "$pid"
+  status=$?
+  if [ "$status" -ne 0 ]; then
     failed=1
-    echo "== rank $r failed:"
+    if [ "$status" -gt 128 ]; then how="killed by signal $((status - 128))"; else how="exit status $status"; fi
+    echo "== rank $r failed ($how):"
     cat "$folder/output.$r"
   fi
   r=$((r + 1))

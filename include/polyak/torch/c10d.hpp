@@ -57,14 +57,18 @@ class C10dCommunicator {
     }
   }
 
-  // Copies share the group, as copies of an MPI communicator's handle do. There is no move: a
-  // moved-from communicator would hold no group, so "moving" copies and the source stays usable.
+  // Copies share the group, as copies of an MPI communicator's handle do, and are the same member:
+  // one thread at a time calls a member's collectives, in the group's order (two threads summing
+  // on copies at once would pair their calls at random). There is no move: a moved-from
+  // communicator would hold no group, so "moving" copies and the source stays usable.
   C10dCommunicator(const C10dCommunicator&) = default;
   C10dCommunicator& operator=(const C10dCommunicator&) = default;
 
   /// Collective over the `size` processes that call it with the same store: a new Gloo group, this
   /// process its member `rank`, on the loopback device by default (`hostname`: the address the
-  /// others reach this one at, for several machines).
+  /// others reach this one at, for several machines). The group meets on the store's keys as they
+  /// are, as c10d::ProcessGroupGloo's constructor does: for a second group on one store, pass a
+  /// c10d::PrefixStore of its own (or use split()), else the two fail to connect.
   static C10dCommunicator gloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                const std::string& hostname = "127.0.0.1",
                                std::chrono::milliseconds timeout = std::chrono::minutes(5)) {
@@ -89,8 +93,10 @@ class C10dCommunicator {
 
   /// In place: data[0, n) becomes its sum over the group (the host memory itself is reduced). Every
   /// member must pass the same n (also 0) and type: Gloo checks neither across processes, and a
-  /// mismatch ends the processes (std::terminate on Gloo's thread) or times out, as it does under
-  /// PyTorch.
+  /// mismatch ends the processes (std::terminate on Gloo's thread), times out, or, where the byte
+  /// counts happen to match (8 floats against 4 doubles), sums bytes as the wrong type without an
+  /// error, as it does under PyTorch. polyak's averagers agree on their layout before they sum, so
+  /// only direct calls can mismatch.
   template <class T>
   void allreduce_sum(T* data, std::size_t n) {
     start(data, n).wait();
@@ -173,7 +179,12 @@ class C10dCommunicator {
         "polyak/split/" + std::to_string(split) + "/" + std::to_string(color), store_);
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, sub_rank,
                                                              static_cast<int>(members.size()), options_);
-    return C10dCommunicator(std::move(group), std::move(store), options_);
+    C10dCommunicator part(std::move(group), std::move(store), options_);
+    // Returns once every member of the part has connected (a member that returned earlier and
+    // dropped its part would break the others' connecting; c10d's new_group waits alike).
+    double connected = 0;
+    part.allreduce_sum(&connected, 1);
+    return part;
   }
 
  private:

@@ -49,6 +49,13 @@ inline std::string local_problem(const std::vector<at::Tensor>& params) {
     const std::string which = "tensor " + std::to_string(i);
     if (!p.defined()) return which + " is undefined";
     if (p.layout() != torch::kStrided) return which + " is not dense (sparse tensors are not averaged)";
+    // What copy_ could not write back, found before any member moves anything.
+    if (!p.is_cpu() && !p.is_cuda())
+      return which + " is on " + p.device().str() + ", not a CPU or CUDA device";
+    if (p.is_inference())
+      return which + " is an inference tensor (made under InferenceMode): it cannot be updated";
+    if (at::has_internal_overlap(p) == at::MemOverlap::Yes)
+      return which + " has scalars sharing memory (an expanded view?): it cannot be written in place";
     if (!at::isFloatingType(p.scalar_type()))
       return which + " is " + std::string(c10::toString(p.scalar_type())) + ", not a floating-point type";
     if (p.device() != params[0].device())
@@ -93,7 +100,8 @@ inline std::uint64_t layout_of(const std::vector<at::Tensor>& params, std::size_
 /// buckets' tensors averaged, and says so.
 ///
 /// Every member must pass tensors of the same scalar types and shapes, in order, on one device each
-/// (the group's: CPU for Gloo, CUDA for NCCL), floating-point, dense, and the same bucket_bytes.
+/// (the group's: CPU for Gloo, CUDA for NCCL), floating-point, dense, writable in place (not an
+/// inference tensor, no expanded view), and the same bucket_bytes.
 /// Before any tensor moves, the members agree on that: where any member's tensors differ or cannot
 /// be averaged, every member throws polyak::InvalidArgument and nothing changes.
 inline void average_parameters(const std::vector<at::Tensor>& params, c10d::ProcessGroup& group,
@@ -144,11 +152,12 @@ inline void average_parameters(const std::vector<at::Tensor>& params, c10d::Proc
     bucket[0].div_(n);
     try {
       group.allreduce(bucket)->wait();
-    } catch (const c10::Error& e) {  // (Gloo sums no bf16, for one: PyTorch's call fails alike)
+    } catch (const std::exception& e) {  // Gloo sums no bf16; a member lost; a timeout
+      const auto* error = dynamic_cast<const c10::Error*>(&e);
       throw RuntimeError(who + "the group's allreduce of " + std::string(c10::toString(type)) + " failed" +
                          (first == 0 ? "; nothing was averaged"
                                      : "; tensors 0 to " + std::to_string(first - 1) + " were averaged") +
-                         ": " + e.what_without_backtrace());
+                         ": " + (error ? error->what_without_backtrace() : e.what()));
     }
     std::int64_t offset = 0;
     for (std::size_t i = first; i < last; ++i) {
