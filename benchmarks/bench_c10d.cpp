@@ -74,6 +74,9 @@ void paired(benchmark::State& state, double size) {
   auto& group = *world->group();
   const auto polyak_call = [&] { polyak::average_parameters(list, *world); };
   const auto tensor_call = [&] { polyak::libtorch::average_parameters(tensors, group); };
+  const auto bucket_call = [&] {
+    polyak::libtorch::average_parameters(tensors, group, std::size_t{64} << 20);
+  };
   const auto bare_call = [&] { world->allreduce_sum(arena.data(), arena.size()); };
   const auto division = [&] {
     float opaque = 1.0f;
@@ -81,10 +84,12 @@ void paired(benchmark::State& state, double size) {
     const float one = opaque;
     for (float& x : arena) x *= one;
   };
-  polyak_call(), tensor_call(), bare_call(), division();  // first touches
-  std::vector<double> ratios, tensor_ratios, limit_ratios, mine_s, tensor_s, bare_s, pass_s;
+  polyak_call(), tensor_call(), bucket_call(), bare_call(), division();  // first touches
+  std::vector<double> ratios, tensor_ratios, bucket_ratios, limit_ratios, mine_s, tensor_s, bucket_s, bare_s,
+      pass_s;
   for (auto _ : state) {
     double mine = 0, tensor = 0, bare = 0, pass = 0;
+    const double bucket = timed(bucket_call);
     switch (ratios.size() % 4) {  // each in each place in turn
       case 0:
         mine = timed(polyak_call), tensor = timed(tensor_call), bare = timed(bare_call),
@@ -105,11 +110,15 @@ void paired(benchmark::State& state, double size) {
     state.SetIterationTime(mine);
     ratios.push_back(mine / bare);
     tensor_ratios.push_back(tensor / bare);
+    bucket_ratios.push_back(bucket / bare);
+    bucket_s.push_back(bucket);
     limit_ratios.push_back(mine / (bare + pass));
     mine_s.push_back(mine), tensor_s.push_back(tensor), bare_s.push_back(bare), pass_s.push_back(pass);
   }
   state.counters["median_ratio"] = median(ratios);
   state.counters["tensor_ratio"] = median(tensor_ratios);
+  state.counters["bucket_ratio"] = median(bucket_ratios);
+  state.counters["bucket_ms"] = median(bucket_s) * 1e3;
   state.counters["limit_ratio"] = median(limit_ratios);
   state.counters["polyak_ms"] = median(mine_s) * 1e3;
   state.counters["tensor_ms"] = median(tensor_s) * 1e3;
