@@ -61,7 +61,9 @@ class C10dCommunicator {
   // one thread at a time calls a member's collectives, in the group's order (two threads summing
   // on copies at once would pair their calls at random). There is no move: a moved-from
   // communicator would hold no group, so "moving" copies and the source stays usable.
+  /// Another handle of the same member (see above).
   C10dCommunicator(const C10dCommunicator&) = default;
+  /// This handle becomes another's member (see above).
   C10dCommunicator& operator=(const C10dCommunicator&) = default;
 
   /// Collective over the `size` processes that call it with the same store: a new Gloo group, this

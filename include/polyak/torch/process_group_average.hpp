@@ -85,7 +85,14 @@ inline std::uint64_t layout_of(const std::vector<at::Tensor>& params, std::size_
 /// fresh and 3 ms into memory used before, on the 2-core VM docs/libtorch.md measures on), and
 /// the group's allreduce reads and writes it at once.
 inline at::Tensor bucket_buffer(at::ScalarType type, at::Device device, std::size_t numel) {
+#if defined(__clang__)  // (freed when its thread ends: that destructor is wanted)
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wexit-time-destructors"
+#endif
   thread_local at::Tensor buffer;
+#if defined(__clang__)
+#pragma clang diagnostic pop
+#endif
   const auto n = static_cast<std::int64_t>(numel);
   if (!buffer.defined() || buffer.scalar_type() != type || buffer.device() != device || buffer.numel() < n)
     buffer = torch::empty({n}, torch::TensorOptions().dtype(type).device(device));
@@ -128,8 +135,9 @@ inline void average_parameters(const std::vector<at::Tensor>& params, c10d::Proc
   // One allreduce decides: each member's problem flag, and the layout's agreement.
   const int n = group.getSize(), me = group.getRank();
   std::vector<double> sums(static_cast<std::size_t>(polyak::detail::agreement_doubles + n), 0.0);
-  polyak::detail::put_agreement(problem.empty() ? detail::layout_of(params, bucket_bytes) : me + 1,
-                                sums.data());
+  polyak::detail::put_agreement(
+      problem.empty() ? detail::layout_of(params, bucket_bytes) : static_cast<std::uint64_t>(me) + 1,
+      sums.data());
   sums[static_cast<std::size_t>(polyak::detail::agreement_doubles + me)] = problem.empty() ? 0.0 : 1.0;
   detail::GroupOfDoubles(group, device).allreduce_sum(sums.data(), sums.size());
   const std::vector<double> flags(sums.begin() + polyak::detail::agreement_doubles, sums.end());
