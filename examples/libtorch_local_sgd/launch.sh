@@ -9,7 +9,7 @@ set -u
 n=$1
 shift
 case $n in
-  '' | *[!0-9]* | 0*) echo "$0: N must be a whole number >= 1, not '$n'" >&2; exit 2 ;;
+  '' | *[!0-9]* | 0* | ????*) echo "$0: N must be a whole number in [1, 999], not '$n'" >&2; exit 2 ;;
 esac
 port=""
 for try in 1 2 3 4 5 6 7 8 9 10; do

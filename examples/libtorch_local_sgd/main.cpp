@@ -24,7 +24,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>  // std::getenv
+#include <cerrno>
+#include <cstdlib>  // std::getenv, std::strtol
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -50,7 +51,7 @@ struct Settings {
 struct Run {
   Score score;
   double seconds_per_epoch = 0;
-  std::int64_t averages = 0;
+  std::int64_t rounds = 0;  // the group's averaging rounds: gradients, models, and the final one
 };
 
 /// The slowest process's value (every member learns it).
@@ -105,15 +106,17 @@ Run train(const Settings& s, const Digits& data, const torch::Tensor& shard, std
         grads.clear();
         for (const auto& p : model->parameters()) grads.push_back(p.grad());
         polyak::libtorch::average_parameters(grads, *comm->group());
+        ++run.rounds;
       }
       // PyTorch's CosineAnnealingLR over the run (eta_min 0), by step.
       optimizer.param_groups()[0].options().set_lr(s.lr * (1 + std::cos(M_PI * step / steps)) / 2);
       optimizer.step();
-      if (averager && averager->average_parameters(params)) ++run.averages;  // polyak: at its steps
+      if (averager && averager->average_parameters(params)) ++run.rounds;  // polyak: at its steps
     }
   }
-  if (averager) averager->synchronize(params);          // polyak: lands an average still in flight
-  if (comm) polyak::average_parameters(params, *comm);  // one final average: every process ends equal
+  if (averager) averager->synchronize(params);  // polyak: lands an average still in flight
+  if (comm)
+    polyak::average_parameters(params, *comm), ++run.rounds;  // one final average: every process ends equal
   run.seconds_per_epoch =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / s.epochs;
   if (comm) run.seconds_per_epoch = slowest(*comm, run.seconds_per_epoch);
@@ -128,12 +131,17 @@ Run median_time(std::vector<Run> runs) {
   return runs[runs.size() / 2];
 }
 
-int environment_int(const char* name) {
-  const char* text = std::getenv(name);
-  if (!text)
-    throw std::runtime_error(std::string(name) +
-                             " is not set (start it with launch.sh, or torchrun's variables)");
-  return std::stoi(text);
+/// `text` as a whole number in [low, high], or an error naming `what`.
+long whole_number(const std::string& what, const char* text, long low, long high) {
+  if (!text) throw std::runtime_error(what + " is not set (start the program with launch.sh, or torchrun)");
+  char* end = nullptr;
+  errno = 0;
+  const long value = std::strtol(text, &end, 10);
+  if (end == text || *end != '\0' || errno == ERANGE || value < low || value > high) {
+    throw std::runtime_error(what + " must be a whole number in [" + std::to_string(low) + ", " +
+                             std::to_string(high) + "], not '" + text + "'");
+  }
+  return value;
 }
 
 }  // namespace
@@ -144,9 +152,10 @@ int main(int argc, char** argv) {
     std::string path = POLYAK_EXAMPLE_DATA "/digits.csv";
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
-      if ((arg == "--epochs" || arg == "--delay") && i + 1 < argc) {
-        const long value = std::stol(argv[++i]);
-        if (value < 1) throw std::runtime_error(arg + " must be >= 1");
+      if (arg == "--epochs" || arg == "--delay") {
+        // (The delay is at most the averaging period: checked here, not after two trainings.)
+        const long value =
+            whole_number(arg, i + 1 < argc ? argv[++i] : nullptr, 1, arg == "--epochs" ? 10000 : s.period);
         if (arg == "--epochs") s.epochs = static_cast<int>(value);
         if (arg == "--delay") s.delay = value;
       } else if (arg.rfind("--", 0) == 0) {
@@ -156,19 +165,23 @@ int main(int argc, char** argv) {
         path = arg;
       }
     }
-    const int rank = environment_int("RANK"), size = environment_int("WORLD_SIZE");
+    // Everything a process can find wrong by itself, before it meets the others (one that left
+    // while the others connect would leave them waiting).
+    const int size = static_cast<int>(whole_number("WORLD_SIZE", std::getenv("WORLD_SIZE"), 1, 1024));
+    const int rank = static_cast<int>(whole_number("RANK", std::getenv("RANK"), 0, size - 1));
     const char* host = std::getenv("MASTER_ADDR");
     c10d::TCPStoreOptions options;
-    options.port = static_cast<std::uint16_t>(environment_int("MASTER_PORT"));
+    options.port =
+        static_cast<std::uint16_t>(whole_number("MASTER_PORT", std::getenv("MASTER_PORT"), 1, 65535));
     options.isServer = rank == 0;
     options.numWorkers = static_cast<std::size_t>(size);
+    if (s.total_batch % size != 0)
+      throw std::runtime_error("the world size must divide the total batch of 32");
+    const Digits data = load_digits(path);
     auto store = c10::make_intrusive<c10d::TCPStore>(host ? host : "127.0.0.1", options);
     C10dCommunicator world = C10dCommunicator::gloo(store, rank, size);
     torch::set_num_threads(1);  // as torchrun sets OMP_NUM_THREADS=1: the processes share the cores
 
-    const Digits data = load_digits(path);
-    if (s.total_batch % size != 0)
-      throw std::runtime_error("the world size must divide the total batch of 32");
     const std::int64_t local_batch = s.total_batch / size;
     const auto n = static_cast<std::int64_t>(data.train.labels.size());
     const torch::Tensor shard = torch::arange(rank, n, size, torch::kLong);  // every size-th sample
@@ -186,16 +199,18 @@ int main(int argc, char** argv) {
           "post-local SGD of the digits CNN over Gloo: %d processes x %lld samples a step (%d in all), %d "
           "epochs\n",
           size, static_cast<long long>(local_batch), s.total_batch, s.epochs);
+      const std::int64_t steps = shard.size(0) / local_batch * s.epochs;
       std::printf(
-          "  %lld steps: %lld with gradient averaging (warm-up), then a model average every %lld steps\n",
-          static_cast<long long>(shard.size(0) / local_batch * s.epochs), static_cast<long long>(s.warmup),
-          static_cast<long long>(s.period));
+          "  %lld steps: %lld with gradient averaging (warm-up), then a model average every %lld steps%s\n",
+          static_cast<long long>(steps), static_cast<long long>(std::min(steps, s.warmup)),
+          static_cast<long long>(s.period),
+          steps <= s.warmup ? " (none: the warm-up is the whole run, so both runs are the same)" : "");
       std::printf("%-44s %-14s %-10s %-17s %s\n", "", "test accuracy", "test loss", "averaging rounds",
                   "ms per epoch");
       const std::string processes = std::to_string(size) + " processes";
       const auto row = [&](const std::string& name, const Run& run, bool distributed) {
         std::printf("%-44s %-14.2f %-10.4f %-17s %.2f\n", name.c_str(), 100 * run.score.accuracy,
-                    run.score.loss, distributed ? std::to_string(s.warmup + run.averages + 1).c_str() : "-",
+                    run.score.loss, distributed ? std::to_string(run.rounds).c_str() : "-",
                     1e3 * run.seconds_per_epoch);
       };
       row("post-local SGD, " + processes + ", blocking", blocking, true);

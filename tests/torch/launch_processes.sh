@@ -6,12 +6,12 @@
 # exit status and output. Stopped (INT, TERM, HUP), it stops its processes and removes the folder.
 #   usage: launch_processes.sh N file|tcp PROGRAM [ARGUMENT...]
 set -u
-usage="usage: $0 N file|tcp PROGRAM [ARGUMENT...] (N >= 1)"
+usage="usage: $0 N file|tcp PROGRAM [ARGUMENT...] (1 <= N <= 999)"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
 n=$1 kind=$2
 shift 2
 case $n in
-  '' | *[!0-9]* | 0*) echo "$0: N must be a whole number >= 1, not '$n'; $usage" >&2; exit 2 ;;
+  '' | *[!0-9]* | 0* | ????*) echo "$0: N must be a whole number in [1, 999], not '$n'; $usage" >&2; exit 2 ;;
 esac
 case $kind in
   file | tcp) ;;
