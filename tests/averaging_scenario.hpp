@@ -41,7 +41,7 @@ template <class Comm>
 ScenarioResult averaging_scenario(Comm& comm, const std::string& path) {
   const int n = comm.size(), r = comm.rank();
   ScenarioResult result;
-  Eigen::VectorXf w(100003);
+  Eigen::VectorXf w(4099);
   Eigen::VectorXd b(77);
   const auto reset = [&] {
     for (Eigen::Index i = 0; i < w.size(); ++i) w[i] = static_cast<float>((r + 1) * (i % 1013)) / 8;
