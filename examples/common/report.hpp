@@ -51,3 +51,18 @@ inline void print_scores(const std::vector<std::string>& names, const std::vecto
     }
   }
 }
+
+/// The SWA-and-EMA examples' table: each seed's {last SGD, SWA, EMA} scores, run by `train(seed)`,
+/// the SWA rows from epoch `swa_start` (counting from 0) of `epochs`, the EMA of decay `ema_decay`.
+template <class Seeds, class Train>
+void print_sgd_swa_ema(const Seeds& seeds, Train&& train, int swa_start, int epochs, double ema_decay) {
+  std::vector<std::vector<Score>> scores(3);
+  for (const auto seed : seeds) {
+    const std::vector<Score> run = train(seed);
+    for (std::size_t k = 0; k < 3; ++k) scores[k].push_back(run[k]);
+  }
+  char swa_name[64], ema_name[64];
+  std::snprintf(swa_name, sizeof swa_name, "SWA (epochs %d-%d) + update_bn", swa_start + 1, epochs);
+  std::snprintf(ema_name, sizeof ema_name, "EMA (decay %g) + update_bn", ema_decay);
+  print_scores({"last SGD", swa_name, ema_name}, scores, seeds.size());
+}

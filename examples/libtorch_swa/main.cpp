@@ -141,14 +141,8 @@ int main(int argc, char** argv) {
       "digits: %zu training and %zu test images; libtorch CNN conv8-BN-pool-fc32-BN-fc10; %d epochs, "
       "SWA from epoch %d; device %s (model and averages)\n",
       data.train.labels.size(), data.test.labels.size(), s.epochs, s.swa_start + 1, device.str().c_str());
-  std::vector<std::vector<Score>> scores(3);
-  for (const auto seed : s.seeds) {
-    const std::vector<Score> r = train(s, seed, data, device);
-    for (std::size_t k = 0; k < 3; ++k) scores[k].push_back(r[k]);
-  }
-  char swa_name[64], ema_name[64];
-  std::snprintf(swa_name, sizeof swa_name, "SWA (epochs %d-%d) + update_bn", s.swa_start + 1, s.epochs);
-  std::snprintf(ema_name, sizeof ema_name, "EMA (decay %g) + update_bn", s.ema_decay);
-  print_scores({"last SGD", swa_name, ema_name}, scores, s.seeds.size());
+  print_sgd_swa_ema(
+      s.seeds, [&](std::uint64_t seed) { return train(s, seed, data, device); }, s.swa_start, s.epochs,
+      s.ema_decay);
   return 0;
 }

@@ -20,7 +20,7 @@ using polyak::StateDict;
 using polyak_test::write_file;
 
 /// A state of one F32 tensor.
-StateDict one(const std::vector<float>& x, const std::string& name) {
+StateDict one_tensor(const std::vector<float>& x, const std::string& name) {
   StateDict sd;
   sd.insert(name, x.data(), {static_cast<std::int64_t>(x.size())});
   return sd;
@@ -32,11 +32,11 @@ TEST_CASE("a sharded checkpoint's index is checked before anything is read",
           "[merge][sharded][adversarial]") {
   const polyak_test::TemporaryFolder temporary("sharded_index");
   const std::string folder = temporary.path();
-  polyak::save_safetensors(folder + "/s1.safetensors", one({1, 2}, "w"));
-  StateDict two = one({3}, "b");
+  polyak::save_safetensors(folder + "/s1.safetensors", one_tensor({1, 2}, "w"));
+  StateDict two = one_tensor({3}, "b");
   two.insert("extra", std::vector<float>{1}.data(), {1});
   polyak::save_safetensors(folder + "/s2.safetensors", two);
-  polyak::save_safetensors(folder + "/dup.safetensors", one({5}, "w"));
+  polyak::save_safetensors(folder + "/dup.safetensors", one_tensor({5}, "w"));
   const std::string index = folder + "/model.safetensors.index.json";
   const auto refused = [&](const std::string& text, const std::string& fragment) {
     CAPTURE(text);
@@ -72,7 +72,7 @@ TEST_CASE("a reader of a checkpoint of many shards keeps few of them open", "[me
     for (int s = 0; s < 40; ++s) {
       const float value = static_cast<float>(model + s);
       const std::string file = "shard-" + std::to_string(s) + ".safetensors";
-      polyak::save_safetensors(dir + "/" + file, one({value, value}, "t" + std::to_string(s)));
+      polyak::save_safetensors(dir + "/" + file, one_tensor({value, value}, "t" + std::to_string(s)));
       weight_map += std::string(s == 0 ? "" : ", ") + "\"t" + std::to_string(s) + "\": \"" + file + "\"";
     }
     write_file(dir + "/model.safetensors.index.json", "{\"weight_map\": {" + weight_map + "}}");

@@ -2,7 +2,7 @@
 // A user's program: SWA over a tiny model. Linked with the checkpoint layer (CONSUMER_SAVES) it also
 // writes two checkpoints for the installed polyak-merge to average (`consumer write FOLDER`), and
 // checks the tool's output (`consumer check FILE`). Linked with polyak::c10d (CONSUMER_C10D) it also
-// averages over a Gloo process group of one.
+// averages over a Gloo process group of one; with polyak::dlib (CONSUMER_DLIB), the SWA of a dlib net.
 #include <polyak/polyak.hpp>
 #ifdef CONSUMER_SAVES
 #include <polyak/checkpoint.hpp>
@@ -11,6 +11,9 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <polyak/torch/c10d.hpp>
+#endif
+#ifdef CONSUMER_DLIB
+#include <polyak/dlib.hpp>
 #endif
 
 #include <iostream>
@@ -55,6 +58,21 @@ int main(int argc, char** argv) {
   polyak::average_parameters(model, comm);
   std::cout << "consumer: averaged over a Gloo group of " << comm.size() << "\n";
   if (w[1] != 2.5f) return 1;
+#endif
+#ifdef CONSUMER_DLIB
+  // A dlib net of one fully connected layer, set up by one forward pass: its average over two
+  // settings of its weights.
+  dlib::fc<2, dlib::input<dlib::matrix<float, 0, 1>>> net;
+  net(dlib::matrix<float, 0, 1>(3));
+  const auto params = polyak::dlib_dnn::parameters(net);
+  polyak::AveragedModel<float> net_swa(params);
+  for (const float value : {1.0f, 4.0f}) {
+    dlib::layer<0>(net).layer_details().get_layer_params() = value;
+    net_swa.update_parameters(params);
+  }
+  net_swa.copy_to(params);
+  std::cout << "consumer: the SWA of a dlib net's " << params[0].numel() << " parameters\n";
+  if (params[0].data()[0] != 2.5f) return 1;
 #endif
   std::cout << "consumer: SWA mean " << mean << "\n";
 #ifdef CONSUMER_SAVES

@@ -21,7 +21,7 @@ namespace {
 
 /// A small model: a column-major matrix, a vector, a 3-D tensor and a buffer, all of scalar T.
 template <class T>
-struct Model {
+struct MixedModel {
   // Zero first: Eigen leaves new storage uninitialized.
   Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> weight =
       Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>::Zero(3, 4);
@@ -64,7 +64,7 @@ std::vector<double> values_of(const ParameterList<S>& list) {
   return out;
 }
 
-/// Number of parameter scalars (the buffer is last in Model).
+/// Number of parameter scalars (the buffer is last in MixedModel).
 constexpr std::size_t parameter_scalars = 12 + 3 + 12;
 
 }  // namespace
@@ -72,7 +72,7 @@ constexpr std::size_t parameter_scalars = 12 + 3 + 12;
 TEMPLATE_TEST_CASE("SWA of k snapshots is their mean", "[averaged_model]", POLYAK_SCALAR_TYPES) {
   using Acc = polyak::accumulator_t<TestType>;
   std::mt19937 rng(7);
-  Model<TestType> model;
+  MixedModel<TestType> model;
   const auto list = model.list();
   AveragedModel<TestType> swa(list);
   CHECK(swa.n_averaged() == 0);
@@ -110,7 +110,7 @@ TEMPLATE_TEST_CASE("EMA matches its closed form, and averages buffers with use_b
   using Acc = polyak::accumulator_t<TestType>;
   const double decay = 0.8;
   std::mt19937 rng(11);
-  Model<TestType> model;
+  MixedModel<TestType> model;
   const auto list = model.list();
   AveragedModel<TestType, polyak::EMA> ema(list, polyak::EMA{decay}, /*use_buffers=*/true);
 
@@ -140,7 +140,7 @@ TEMPLATE_TEST_CASE("EMA matches its closed form, and averages buffers with use_b
 TEMPLATE_TEST_CASE("construction copies the model; the first update copies it again", "[averaged_model]",
                    POLYAK_SCALAR_TYPES) {
   std::mt19937 rng(3);
-  Model<TestType> model;
+  MixedModel<TestType> model;
   model.randomize(rng);
   const auto list = model.list();
   AveragedModel<TestType, polyak::EMA> ema(list, polyak::EMA{0.5});
@@ -169,7 +169,7 @@ TEST_CASE("a 16-bit model is averaged in float, where a 16-bit average would sta
 
 TEMPLATE_TEST_CASE("swap exchanges averaged and live values in place", "[averaged_model]", float, double) {
   std::mt19937 rng(5);
-  Model<TestType> model;
+  MixedModel<TestType> model;
   const auto list = model.list();
   AveragedModel<TestType> swa(list);
   for (int k = 0; k < 3; ++k) {
@@ -189,14 +189,14 @@ TEMPLATE_TEST_CASE("swap exchanges averaged and live values in place", "[average
 TEST_CASE("a model that differs is refused, naming the first differing tensor, and nothing changes",
           "[averaged_model]") {
   std::mt19937 rng(9);
-  Model<float> model;
+  MixedModel<float> model;
   model.randomize(rng);
   const auto list = model.list();
   AveragedModel<float> swa(list);
   swa.update_parameters(list);
   const auto before = values_of(swa.tensors());
 
-  Model<float> other;
+  MixedModel<float> other;
   other.randomize(rng);
   auto check_refused = [&](const ParameterList<float>& bad, const std::string& fragment) {
     CHECK_THROWS_WITH(swa.update_parameters(bad), Catch::Contains(fragment));
@@ -255,7 +255,7 @@ TEST_CASE("a model that differs is refused, naming the first differing tensor, a
 TEST_CASE("user averaging functions: in place, PyTorch-style returning, and multi-tensor",
           "[averaged_model]") {
   std::mt19937 rng(13);
-  Model<double> model;
+  MixedModel<double> model;
   const auto list = model.list();
 
   // "Keep a quarter of the old average", written three ways by a user and once by the library.
@@ -302,7 +302,7 @@ TEST_CASE("user averaging functions: in place, PyTorch-style returning, and mult
 
 TEST_CASE("an AveragedModel can be moved and keeps working", "[averaged_model]") {
   std::mt19937 rng(17);
-  Model<float> model;
+  MixedModel<float> model;
   model.randomize(rng);
   const auto list = model.list();
   AveragedModel<float> first(list);

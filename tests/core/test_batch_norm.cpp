@@ -57,7 +57,7 @@ struct BatchNormLayer {
 };
 
 /// A dynamic-size array: GCC 12 warns falsely (-Warray-bounds) on Eigen's fixed-size float packets.
-Eigen::ArrayXf array_of(std::initializer_list<float> values) {
+Eigen::ArrayXf floats_of(std::initializer_list<float> values) {
   return Eigen::Map<const Eigen::ArrayXf>(values.begin(), static_cast<Eigen::Index>(values.size()));
 }
 
@@ -194,7 +194,7 @@ TEST_CASE("update_bn restores every momentum when forward throws", "[batch_norm]
   CHECK_FALSE(second.momentum.has_value());
   CHECK(third.momentum == 0.05);
   // and the layers are back to their momentum rule
-  first.update(array_of({1, 1}), array_of({1, 1}), 2);
+  first.update(floats_of({1, 1}), floats_of({1, 1}), 2);
   CHECK(first.running_mean[0] == Approx(0.2));
 }
 
@@ -226,12 +226,13 @@ TEST_CASE("update_bn passes the batch whole and takes layers in any range", "[ba
 
 TEST_CASE("BatchNormStats refuses bad input and changes nothing", "[batch_norm]") {
   BatchNormStats<float> stats(3);
-  CHECK_THROWS_WITH(stats.update(array_of({0, 0}), array_of({1, 1}), 4),
+  CHECK_THROWS_WITH(stats.update(floats_of({0, 0}), floats_of({1, 1}), 4),
                     Catch::Contains("sizes 2 and 2 for 3 features"));
-  CHECK_THROWS_WITH(stats.update(array_of({0, 0, 0}), array_of({1, 1, 1}), 1), Catch::Contains("at least 2"));
+  CHECK_THROWS_WITH(stats.update(floats_of({0, 0, 0}), floats_of({1, 1, 1}), 1),
+                    Catch::Contains("at least 2"));
   CHECK_THROWS_WITH(BatchNormStats<float>(3, 1.5), Catch::Contains("momentum 1.5"));
   stats.momentum = -0.1;
-  CHECK_THROWS_WITH(stats.update(array_of({0, 0, 0}), array_of({1, 1, 1}), 4), Catch::Contains("momentum"));
+  CHECK_THROWS_WITH(stats.update(floats_of({0, 0, 0}), floats_of({1, 1, 1}), 4), Catch::Contains("momentum"));
   CHECK(stats.num_batches_tracked == 0);
   CHECK((stats.running_mean == 0).all());
   CHECK((stats.running_var == 1).all());
@@ -246,7 +247,7 @@ TEST_CASE("update_bn takes a layer listed twice once and restores its momentum",
   update_bn(batches,
             [&](int) {
               ++calls;
-              bn.update(array_of({1, 1}), array_of({1, 1}), 4);
+              bn.update(floats_of({1, 1}), floats_of({1, 1}), 4);
             },
             {&bn, &bn});
   CHECK(calls == 2);

@@ -21,11 +21,11 @@ namespace {
 
 /// A model of two tensors whose values at call k are a fixed function of k (and of `block`: with
 /// block b the values change only every b calls, on calls 1, b+1, 2b+1, ... counting from 0).
-struct Trajectory {
+struct ScriptedModel {
   Eigen::MatrixXd weight = Eigen::MatrixXd::Zero(3, 2);
   Eigen::VectorXd bias = Eigen::VectorXd::Zero(4);
   polyak::ParameterList<double> params;
-  Trajectory() {
+  ScriptedModel() {
     params.add("weight", weight);
     params.add("bias", bias);
   }
@@ -90,19 +90,19 @@ TEST_CASE("ScheduledEMA follows diffusers' EMAModel.step, step by step", "[ema_s
     for (const std::int64_t after : {std::int64_t{0}, std::int64_t{5}}) {
       CAPTURE(warmup, after);
       const double decay = 0.95, inv_gamma = 1.0, power = 0.75, min_decay = 0.1;
-      Trajectory model;
+      ScriptedModel model;
       model.set(0);
       std::vector<double> shadow(10);  // diffusers: the shadow parameters, copied at construction
       auto run = [&](auto avg_fn) {
         polyak::AveragedModel<double, decltype(avg_fn)> ema(model.params, avg_fn);
-        for (int j = 0; j < 10; ++j) shadow[static_cast<std::size_t>(j)] = Trajectory::value(0, j);
+        for (int j = 0; j < 10; ++j) shadow[static_cast<std::size_t>(j)] = ScriptedModel::value(0, j);
         double worst = 0;
         for (std::int64_t step = 1; step <= 60; ++step) {
           model.set(step);
           const double d = diffusers_decay(step, after, warmup, decay, inv_gamma, power, min_decay);
           for (int j = 0; j < 10; ++j) {
             auto& s = shadow[static_cast<std::size_t>(j)];
-            s -= (1 - d) * (s - Trajectory::value(step, j));
+            s -= (1 - d) * (s - ScriptedModel::value(step, j));
           }
           ema.update_parameters(model.params);
           for (int j = 0; j < 10; ++j) {
@@ -127,14 +127,14 @@ TEST_CASE("ScheduledEMA follows diffusers' EMAModel.step, step by step", "[ema_s
 TEST_CASE("ScheduledEMA with compound = false follows ema-pytorch's EMA.update", "[ema_schedules]") {
   const double beta = 0.99, inv_gamma = 1.0, power = 2.0 / 3.0, min_value = 0.0;
   const std::int64_t update_after_step = 7, update_every = 3;
-  Trajectory model;
+  ScriptedModel model;
   model.set(0);
   polyak::AveragedModel ema(model.params,
                             ScheduledEMA{InverseGammaDecay{beta, inv_gamma, power, min_value},
                                          {update_after_step, update_every, /*compound=*/false}});
   // ema-pytorch: a step counter from 0; the EMA copy starts as the model's.
   std::vector<double> shadow(10);
-  for (int j = 0; j < 10; ++j) shadow[static_cast<std::size_t>(j)] = Trajectory::value(0, j);
+  for (int j = 0; j < 10; ++j) shadow[static_cast<std::size_t>(j)] = ScriptedModel::value(0, j);
   std::int64_t counter = 0;
   double worst = 0;
   for (std::int64_t call = 0; call < 80; ++call) {
@@ -148,7 +148,7 @@ TEST_CASE("ScheduledEMA with compound = false follows ema-pytorch's EMA.update",
       if (step <= update_after_step) d = 0;  // copy_params_from_model_to_ema
       for (int j = 0; j < 10; ++j) {
         auto& s = shadow[static_cast<std::size_t>(j)];
-        s = s + (1 - d) * (Trajectory::value(call, j) - s);  // lerp_(current, 1 - decay)
+        s = s + (1 - d) * (ScriptedModel::value(call, j) - s);  // lerp_(current, 1 - decay)
       }
     }
     for (int j = 0; j < 10; ++j) {
@@ -165,7 +165,7 @@ TEST_CASE("update_every with compounding equals the every-step EMA when weights 
   const InverseGammaDecay schedule(0.995, 1.0, 0.75);
   for (const std::int64_t k : {std::int64_t{2}, std::int64_t{4}, std::int64_t{7}}) {
     CAPTURE(k);
-    Trajectory sparse_model, dense_model;
+    ScriptedModel sparse_model, dense_model;
     sparse_model.set(0, k);
     dense_model.set(0, k);
     polyak::AveragedModel sparse(sparse_model.params, ScheduledEMA{schedule, {3, k, true}});
@@ -185,7 +185,7 @@ TEST_CASE("update_every with compounding equals the every-step EMA when weights 
     CHECK(worst < 1e-12);
   }
   SECTION("without compounding, the memory is k times longer: the two differ") {
-    Trajectory a, b;
+    ScriptedModel a, b;
     polyak::AveragedModel compounded(a.params, ScheduledEMA{schedule, {0, 4, true}});
     polyak::AveragedModel plain(b.params, ScheduledEMA{schedule, {0, 4, false}});
     CHECK(compounded.avg_fn().decay_at(400) ==
@@ -199,7 +199,7 @@ TEST_CASE("ScheduledEMA refuses bad settings and a schedule's bad decay, changin
           "[ema_schedules]") {
   CHECK_THROWS_WITH(ScheduledEMA(WarmupDecay{}, {0, 0}), Catch::Contains("update_every"));
   CHECK_THROWS_WITH(ScheduledEMA(WarmupDecay{}, {-1, 1}), Catch::Contains("update_after_step"));
-  Trajectory model;
+  ScriptedModel model;
   model.set(0);
   polyak::AveragedModel ema(model.params, ScheduledEMA{[](std::int64_t t) { return t < 3 ? 0.5 : 1.5; }});
   model.set(1);

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Model averaging over ThreadCommunicator: four threads stand for four ranks.
+// RankModel averaging over ThreadCommunicator: four threads stand for four ranks.
 #include "polyak/core/model_averaging.hpp"
 
 #include "average_parameters_members.hpp"
@@ -31,14 +31,14 @@ namespace {
 
 using polyak_test::on_threads;
 
-using Model = polyak_test::RankModel;
+using polyak_test::RankModel;
 
 }  // namespace
 
 TEST_CASE("average_parameters replaces every tensor by its mean over the group", "[model_averaging]") {
-  std::vector<Model> models(4);
+  std::vector<RankModel> models(4);
   const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
-    Model& m = models[static_cast<std::size_t>(comm.rank())];
+    RankModel& m = models[static_cast<std::size_t>(comm.rank())];
     for (Eigen::Index i = 0; i < m.weight.size(); ++i)
       m.weight.data()[i] = static_cast<float>(comm.rank() * i);
     m.bias.setConstant(static_cast<float>(comm.rank() + 1));
@@ -80,7 +80,7 @@ TEST_CASE("16-bit and mixed-type lists are averaged in float or double and round
 }
 
 TEST_CASE("members whose parameter lists differ all get an error, and nothing changes", "[model_averaging]") {
-  std::vector<Model> models(4);
+  std::vector<RankModel> models(4);
   std::vector<Eigen::VectorXf> extra(4, Eigen::VectorXf::Zero(2));
   SECTION("a tensor more on one rank") {
     const auto errors = on_threads(4, [&](ThreadCommunicator& comm) {
@@ -111,7 +111,7 @@ TEST_CASE("members whose parameter lists differ all get an error, and nothing ch
 TEST_CASE("PeriodicModelAverager averages at PyTorch's steps", "[model_averaging]") {
   // period 3, warm-up 2: steps 2, 5, 8 average (step >= 2 and (step - 2) % 3 == 0).
   std::vector<std::vector<bool>> averaged(4);
-  std::vector<Model> models(4);
+  std::vector<RankModel> models(4);
   std::vector<std::int64_t> steps(4);
   on_threads(4, [&](ThreadCommunicator& comm) {
     const auto r = static_cast<std::size_t>(comm.rank());

@@ -27,7 +27,7 @@ namespace {
 
 using polyak_test::on_threads;
 
-using Model = polyak_test::RankModel;
+using polyak_test::RankModel;
 
 }  // namespace
 namespace {

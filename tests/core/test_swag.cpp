@@ -19,7 +19,7 @@
 
 namespace {
 
-using Model = polyak_test::SwagModel;
+using polyak_test::SwagModel;
 const auto stream = polyak_test::swag_stream;
 
 /// Mean and population variance of xs[0..n), two passes.
@@ -49,7 +49,7 @@ double deviation_at(const polyak::SWAG<double>& swag, std::int64_t k, std::size_
 
 TEST_CASE("SWAG's mean, variance and deviations are the stream's closed forms", "[swag]") {
   const auto xs = stream(6);
-  Model model;
+  SwagModel model;
   polyak::SWAG<double> swag(model.params, /*max_rank=*/3);
   for (std::size_t n = 1; n <= xs.size(); ++n) {
     model.set(xs[n - 1]);
@@ -156,7 +156,7 @@ TEST_CASE("SWAG's draws have the paper's covariance, within their sampling error
 
 TEST_CASE("SWAG draws are reproducible from the seed", "[swag][sample]") {
   const auto xs = stream(4);
-  Model model;
+  SwagModel model;
   polyak::SWAG<double> swag(model.params, 3);
   for (const auto& x : xs) {
     model.set(x);
@@ -173,7 +173,7 @@ TEST_CASE("SWAG draws are reproducible from the seed", "[swag][sample]") {
 }
 
 TEST_CASE("SWAG refuses bad settings, calls and models, and changes nothing", "[swag][adversarial]") {
-  Model model;
+  SwagModel model;
   CHECK_THROWS_AS(polyak::SWAG<double>(model.params, -1), polyak::InvalidArgument);
   CHECK_THROWS_AS(polyak::SWAG<double>(model.params, 5000), polyak::InvalidArgument);
   CHECK_THROWS_AS(polyak::SWAG<double>(model.params, 3, 0), polyak::InvalidArgument);
@@ -205,7 +205,7 @@ TEST_CASE("SWAG refuses bad settings, calls and models, and changes nothing", "[
 
 TEST_CASE("SWAG::copy_to writes the mean into the parameters, as AveragedModel::copy_to does", "[swag]") {
   const auto xs = stream(4);
-  Model model;
+  SwagModel model;
   polyak::SWAG<double> swag(model.params, 2);
   polyak::AveragedModel<double> swa(model.params);
   for (const auto& x : xs) {
@@ -215,11 +215,11 @@ TEST_CASE("SWAG::copy_to writes the mean into the parameters, as AveragedModel::
   }
   std::vector<double> mean, variance;
   moments(xs, xs.size(), mean, variance);
-  Model written;
+  SwagModel written;
   swag.copy_to(written.params);
   for (std::size_t j = 0; j < 10; ++j) CHECK(at(written.params, j) == Approx(mean[j]).epsilon(1e-14));
   CHECK(written.running_mean == Eigen::VectorXd::Constant(2, 7.0));  // buffers are not SWAG's
-  Model through_swa;
+  SwagModel through_swa;
   swa.copy_to(through_swa.params);
   CHECK(written.weight == through_swa.weight);  // the same bits: the mean is the SWA average
   CHECK(written.bias == through_swa.bias);

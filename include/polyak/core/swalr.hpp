@@ -85,32 +85,35 @@ class SWALR {
       : SWALR(optimizer, std::vector<double>(Access::size(optimizer), swa_lr), anneal_epochs, strategy,
               last_epoch) {}
 
-  /// Advances one epoch and writes the new rates into the optimizer.
+  /// Advances one epoch and writes the new rates into the optimizer. Where the optimizer refuses a
+  /// rate (dlib's trainer takes only positive ones), the scheduler's state is left as it was.
   void step() {
     detail::check_can_count(state_.step_count, "step_count", "polyak::SWALR::step");
     detail::check_can_count(state_.last_epoch, "last_epoch", "polyak::SWALR::step");
-    ++state_.step_count;
-    ++state_.last_epoch;
-    std::int64_t step = state_.step_count - 1;
-    if (state_.anneal_epochs == 0) step = std::max<std::int64_t>(1, step);
-    const double span = static_cast<double>(std::max<std::int64_t>(1, state_.anneal_epochs));
+    State next = state_;
+    ++next.step_count;
+    ++next.last_epoch;
+    std::int64_t step = next.step_count - 1;
+    if (next.anneal_epochs == 0) step = std::max<std::int64_t>(1, step);
+    const double span = static_cast<double>(std::max<std::int64_t>(1, next.anneal_epochs));
     const double prev_alpha = anneal(std::clamp(static_cast<double>(step - 1) / span, 0.0, 1.0));
     const double alpha = anneal(std::clamp(static_cast<double>(step) / span, 0.0, 1.0));
 
     const std::size_t groups = Access::size(optimizer_);
-    if (groups != state_.swa_lrs.size()) {
+    if (groups != next.swa_lrs.size()) {
       throw InvalidArgument("polyak::SWALR::step: the optimizer has " + std::to_string(groups) +
-                            " parameter groups, the scheduler " + std::to_string(state_.swa_lrs.size()));
+                            " parameter groups, the scheduler " + std::to_string(next.swa_lrs.size()));
     }
-    state_.last_lrs.resize(groups);
+    next.last_lrs.resize(groups);
     for (std::size_t g = 0; g < groups; ++g) {
-      const double swa_lr = state_.swa_lrs[g];
+      const double swa_lr = next.swa_lrs[g];
       const double lr = Access::get(optimizer_, g);
       // The rate this anneal started from, recovered from the current one (PyTorch's _get_initial_lr).
       const double initial = prev_alpha >= 1.0 ? swa_lr : (lr - prev_alpha * swa_lr) / (1.0 - prev_alpha);
-      state_.last_lrs[g] = swa_lr * alpha + initial * (1.0 - alpha);
-      Access::set(optimizer_, g, state_.last_lrs[g]);
+      next.last_lrs[g] = swa_lr * alpha + initial * (1.0 - alpha);
+      Access::set(optimizer_, g, next.last_lrs[g]);
     }
+    state_ = std::move(next);
   }
 
   /// The rates the last step wrote.
