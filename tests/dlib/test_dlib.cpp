@@ -52,7 +52,7 @@ TEST_CASE("parameters() is refused before dlib has made them", "[dlib]") {
   Net net;
   CHECK_THROWS_AS(polyak::dlib_dnn::parameters(net), std::invalid_argument);
   CHECK_THROWS_WITH(polyak::dlib_dnn::parameters(net),
-                    Catch::Contains("no parameters yet") && Catch::Contains("first forward pass"));
+                    Catch::Contains("has no parameters") && Catch::Contains("first forward pass"));
 }
 
 TEST_CASE("parameters() views each layer's tensor under its index and kind", "[dlib]") {
@@ -152,6 +152,30 @@ TEST_CASE("views of a net whose tensors dlib gave new storage are refused", "[dl
   CHECK_THROWS_AS(swa.update_parameters(params), std::invalid_argument);
   CHECK_THROWS_WITH(swa.copy_to(params), Catch::Contains("4.fc"));
   CHECK(polyak::dlib_dnn::parameters(net)[2].shape()[0] == 41);  // views made again see the new net
+}
+
+TEST_CASE("views of a tensor dlib reshaped in place are refused (from the hostile pass)", "[dlib]") {
+  // Two nets whose first layer holds 30 parameters, (5, 6) and (6, 5): dlib's deserialize keeps the
+  // storage of a tensor whose size stays, so only the extents tell the two apart.
+  using Six = dlib::loss_multiclass_log<dlib::fc<6, dlib::input<Sample>>>;
+  Six a, b;
+  dlib::layer<1>(b).layer_details().set_num_outputs(5);
+  a(samples(1, 4));
+  b(samples(1, 5));
+  const auto params = polyak::dlib_dnn::parameters(a);
+  REQUIRE(params[0].shape() == std::vector<std::int64_t>{5, 6, 1, 1});
+  polyak::AveragedModel<float> swa(params);
+  std::stringstream bytes;
+  dlib::serialize(b, bytes);
+  dlib::deserialize(a, bytes);
+  REQUIRE(dlib::layer<1>(a).layer_details().get_layer_params().num_samples() == 6);
+  CHECK_THROWS_AS(swa.update_parameters(params), std::invalid_argument);
+}
+
+TEST_CASE("parameters() refuses a net whose layers have none", "[dlib]") {
+  dlib::relu<dlib::input<Sample>> net;
+  net(samples(1, 3)[0]);
+  CHECK_THROWS_WITH(polyak::dlib_dnn::parameters(net), Catch::Contains("has none to average"));
 }
 
 TEST_CASE("SWALR anneals a dnn_trainer's learning rate as PyTorch's does", "[dlib]") {
@@ -291,6 +315,36 @@ TEST_CASE("update_bn refuses and changes nothing", "[dlib]") {
                       Catch::Contains("out of data"));
     unchanged();
   }
+}
+
+TEST_CASE("update_bn refuses a net that has never run, calling nothing (from the hostile pass)", "[dlib]") {
+  // dlib sets a net's layers up in its first forward pass; putting a bn_ layer back to its bytes
+  // from before it left the net broken (every later forward failed).
+  BnNet net;
+  int calls = 0;
+  const auto xs = samples(4, 3);
+  CHECK_THROWS_WITH(
+      polyak::dlib_dnn::update_bn(
+          std::vector<std::vector<Sample>>{xs}, [&](const std::vector<Sample>&) { ++calls; }, net),
+      Catch::Contains("never run"));
+  CHECK(calls == 0);
+  CHECK_NOTHROW(net(xs.begin(), xs.end()));
+}
+
+TEST_CASE("SWALR reads the rate a trainer's step still running has shrunk (from the hostile pass)",
+          "[dlib]") {
+  // A loss that rises on every step: the trainer's thread shrinks the rate tenfold on the fourth.
+  using Regression = dlib::loss_mean_squared<dlib::fc<1, dlib::input<Sample>>>;
+  Regression net;
+  dlib::dnn_trainer<Regression> trainer(net, dlib::sgd());
+  trainer.set_learning_rate(1e-9);
+  trainer.set_iterations_without_progress_threshold(4);
+  polyak::SWALR scheduler(trainer, 1e-10, 10, polyak::AnnealStrategy::Linear);
+  const auto xs = samples(64, 3);
+  for (int k = 1; k <= 4; ++k)
+    trainer.train_one_step(xs, std::vector<float>(64, 1000.0f * static_cast<float>(k * k)));
+  scheduler.step();  // reads 1e-10, after the shrink: the anneal from 1e-10 to 1e-10 stays there
+  CHECK(trainer.get_learning_rate() == Approx(1e-10));
 }
 
 TEST_CASE("update_bn on a net without bn_ layers calls nothing", "[dlib]") {

@@ -67,6 +67,14 @@ class SWALR {
     static_assert(std::is_integral_v<Epochs> && !std::is_same_v<Epochs, bool>,
                   "polyak::SWALR: anneal_epochs is a whole number of epochs (PyTorch raises on 1.7): pass an "
                   "integer");
+    if constexpr (std::is_unsigned_v<Epochs>) {
+      // (as unsigned long long, so that no narrower type meets a comparison it always passes)
+      if (static_cast<unsigned long long>(anneal_epochs) >
+          static_cast<unsigned long long>(std::numeric_limits<std::int64_t>::max())) {
+        throw InvalidArgument("polyak::SWALR: anneal_epochs must be at most 2^63 - 1, got " +
+                              std::to_string(anneal_epochs));
+      }
+    }
     State state;
     state.swa_lrs = std::move(swa_lrs);
     state.anneal_epochs = static_cast<std::int64_t>(anneal_epochs);

@@ -3,7 +3,8 @@
 // average over batches, for the weights the net holds now (typically averaged ones).
 //
 //     ema.copy_to(polyak::dlib_dnn::parameters(net));
-//     polyak::dlib_dnn::update_bn(batches, [&](const auto& batch) { net(batch.begin(), batch.end()); }, net);
+//     polyak::dlib_dnn::update_bn(
+//         batches, [&](const auto& batch) { net.subnet()(batch.begin(), batch.end()); }, net);
 //
 // Optional: needs dlib (CMake: link polyak::dlib); nothing else in polyak includes it.
 #pragma once
@@ -45,6 +46,7 @@ class BatchNormCounters {
     ::dlib::resizable_tensor tensor;
     ::dlib::alias_tensor alias;
     ::dlib::deserialize(tensor, in);
+    never_ran_ = tensor.size() == 0;
     ::dlib::deserialize(alias, in);
     ::dlib::deserialize(alias, in);
     for (int i = 0; i < 4; ++i) ::dlib::deserialize(tensor, in);
@@ -62,6 +64,8 @@ class BatchNormCounters {
   unsigned long updates() const { return updates_; }
   /// The window: the statistics average the last `window` batches, older ones decaying.
   unsigned long window() const { return window_; }
+  /// True for a layer dlib has not set up: no forward pass has reached it.
+  bool never_ran() const { return never_ran_; }
 
   /// Writes the layer back as it was read, with these counters.
   template <class Layer>
@@ -86,6 +90,7 @@ class BatchNormCounters {
   std::string saved_;
   std::size_t counters_at_ = 0, after_counters_ = 0;
   unsigned long updates_ = 0, window_ = 0;
+  bool never_ran_ = false;
 };
 
 /// The bn_ layers of a net, each with a way back to its state before update_bn.
@@ -126,13 +131,17 @@ struct CollectBatchNorms {
 /// PyTorch's with momentum None), then gives each layer back its window. dlib's batch statistics are
 /// its own: the batch mean, and the variance as dlib computes it.
 ///
-/// `forward(batch)` runs the net on one batch (`net(batch.begin(), batch.end())` for a vector of
-/// samples). dlib's bn_ computes and records batch statistics only on a batch of more than one
-/// sample (on one sample it normalises with the running ones), so every batch must hold at least
-/// two. Refused with std::invalid_argument, every layer left exactly as it was: no batches, a batch
-/// in which some bn_ layer recorded no statistics (one sample, or a `forward` that did not run the
-/// net). Where `forward` throws, every layer is put back as it was and the exception goes on. With
-/// no bn_ layer in the net it returns without calling `forward`.
+/// `forward(batch)` runs the net once on one batch: `net.subnet()(batch.begin(), batch.end())` for
+/// a vector of samples. (A loss net's `net(batch)` runs it in pieces of 128 samples: a batch of
+/// 256 is then two passes, refused, but one of 129 ends in a piece of one sample that dlib's bn_
+/// does not record, which no check here can see.) dlib's bn_ computes and records batch statistics only
+/// on a batch of more than one sample (on one sample it normalises with the running ones), so every
+/// batch must hold at least two. Refused with std::invalid_argument, every layer left exactly as it
+/// was: a net that has never run (dlib makes bn_'s parameters in the first forward pass: run the
+/// net or train a step first), no batches, a batch on which some bn_ layer recorded statistics not
+/// exactly once (one sample; a `forward` that did not run the net, or ran it twice). Where `forward`
+/// throws, every layer is put back as it was and the exception goes on. With no bn_ layer in the
+/// net it returns without calling `forward`.
 ///
 /// While a dnn_trainer trains `net`, wait for its thread first: pass trainer.get_net() (or call it
 /// before). Every bn_ layer's state passes through dlib's serialize and deserialize, which keep its
@@ -142,6 +151,13 @@ void update_bn(Batches&& batches, Forward&& forward, Net& net) {
   std::vector<detail::BatchNormLayer> layers;
   ::dlib::visit_computational_layers(net, detail::CollectBatchNorms{layers});
   if (layers.empty()) return;
+  for (const auto& layer : layers) {
+    if (layer.before.never_ran()) {
+      throw InvalidArgument(
+          "polyak::dlib_dnn::update_bn: the net has never run: dlib makes a bn_ layer's parameters in the "
+          "net's first forward pass (run the net on a batch, or train a step, first); nothing was changed");
+    }
+  }
 
   struct Restore {  // every layer comes back as it was unless the pass completes
     std::vector<detail::BatchNormLayer>& layers;

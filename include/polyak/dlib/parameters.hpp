@@ -16,6 +16,7 @@
 
 #include <cmath>    // std::isfinite
 #include <cstdint>  // std::int64_t
+#include <memory>   // std::make_shared
 #include <sstream>
 #include <string>
 #include <vector>
@@ -48,20 +49,39 @@ std::string kind_of(const Details& details) {
   return kind.empty() ? "layer" : kind;
 }
 
+/// What a view of a dlib tensor was made of: the tensor and its four extents. Storage alone does
+/// not tell a tensor apart from another of the same size: dlib's deserialize keeps the storage of a
+/// tensor whose element count stays, (5, 6) becoming (6, 5) included.
+struct ViewedTensor {
+  const ::dlib::tensor* tensor;
+  long long extents[4];
+
+  static long long extent(const ::dlib::tensor& t, int i) {
+    return i == 0 ? t.num_samples() : i == 1 ? t.k() : i == 2 ? t.nr() : t.nc();
+  }
+};
+
 /// A view of the tensor `tensor`, which dlib lays out row-major as (num_samples, k, nr, nc); it is
-/// checked before each use to still hold its elements where the view points (dlib's deserialize
-/// into the net gives a tensor new storage when its size changes).
+/// checked before each use to still hold its elements where the view points, in the same extents.
 inline TensorView<float> view_of(::dlib::tensor& tensor) {
-  ViewSource source{&tensor,
-                    [](const void* object, const void* data, std::size_t numel) {
-                      const auto& t = *static_cast<const ::dlib::tensor*>(object);
+  auto viewed = std::make_shared<ViewedTensor>();
+  viewed->tensor = &tensor;
+  for (int i = 0; i < 4; ++i) viewed->extents[i] = ViewedTensor::extent(tensor, i);
+  const ViewedTensor* object = viewed.get();
+  ViewSource source{object,
+                    [](const void* viewed_object, const void* data, std::size_t numel) {
+                      const auto& v = *static_cast<const ViewedTensor*>(viewed_object);
+                      const ::dlib::tensor& t = *v.tensor;
+                      for (int i = 0; i < 4; ++i) {
+                        if (ViewedTensor::extent(t, i) != v.extents[i]) return false;
+                      }
                       return t.size() == numel && static_cast<const void*>(t.host()) == data;
                     },
-                    nullptr};
+                    std::move(viewed)};
   return TensorView<float>(
       tensor.host(),
-      {static_cast<std::int64_t>(tensor.num_samples()), static_cast<std::int64_t>(tensor.k()),
-       static_cast<std::int64_t>(tensor.nr()), static_cast<std::int64_t>(tensor.nc())},
+      {static_cast<std::int64_t>(object->extents[0]), static_cast<std::int64_t>(object->extents[1]),
+       static_cast<std::int64_t>(object->extents[2]), static_cast<std::int64_t>(object->extents[3])},
       StorageOrder::RowMajor, std::move(source));
 }
 
@@ -74,7 +94,11 @@ inline TensorView<float> view_of(::dlib::tensor& tensor) {
 /// (an fc layer's weights and biases together), shaped (num_samples, k, nr, nc).
 ///
 /// dlib allocates a layer's parameters in the net's first forward pass: a net that has none yet is
-/// refused with std::invalid_argument (train one step, or run the net on a batch, first). dlib keeps
+/// refused with std::invalid_argument (train one step, or run the net on a batch, first), as is one
+/// none of whose layers has parameters. affine_ layers (batch norm made fixed for inference) are
+/// not listed: dlib gives them no parameter tensor. A view is checked before each use against the
+/// tensor it was made of (storage and extents): deserializing or assigning another net into `net`
+/// gives its tensors new storage or extents, and the next use of an older view is refused. dlib keeps
 /// batch norm's running statistics private, so they are not among the views: average the
 /// parameters, then recompute the statistics with polyak::dlib_dnn::update_bn.
 ///
@@ -90,8 +114,9 @@ ParameterList<float> parameters(Net& net) {
   });
   if (list.size() == 0) {
     throw InvalidArgument(
-        "polyak::dlib_dnn::parameters: the net has no parameters yet: dlib allocates a layer's parameters in "
-        "the net's first forward pass (train one step with the trainer, or run the net on a batch, first)");
+        "polyak::dlib_dnn::parameters: the net has no parameters: dlib allocates a layer's parameters in the "
+        "net's first forward pass (train one step with the trainer, or run the net on a batch, first), and a "
+        "net of layers without parameters has none to average");
   }
   return list;
 }
@@ -101,8 +126,11 @@ ParameterList<float> parameters(Net& net) {
 /// dnn_trainer::train_one_step hands the batch to the trainer's own thread and returns while that
 /// thread still updates the net; reading or writing the parameters then would race with it.
 /// synced() first waits for the thread to finish every step it was given (dlib's
-/// get_net(force_flush_to_disk::no), which also rethrows an error the thread met), then returns the
-/// views: pass synced(), never a copy of it kept from before, to update_parameters, copy_to, swap.
+/// get_net(force_flush_to_disk::no), which also rethrows an error the thread met; dlib 19.24 may
+/// report such an error one call late, as its own get_net does), then returns the views: pass
+/// synced(), never a copy of it kept from before, to update_parameters, copy_to, swap. Where the
+/// trainer has a synchronization file, get_net may also save the net there or, when the loss rose,
+/// reload an earlier one: a reload of other sizes makes the views refused, as parameters() says.
 ///
 /// Made after the trainer's first step (before it the net has no parameters: refused, see
 /// parameters()). Keeps a reference to the trainer, which must outlive it.
@@ -128,8 +156,9 @@ class TrainerParameters {
 
 namespace polyak {
 
-/// SWALR over a dlib::dnn_trainer: one group, the trainer's learning rate (get_learning_rate /
-/// set_learning_rate, which waits for the trainer's thread). dlib takes only a positive rate, so a
+/// SWALR over a dlib::dnn_trainer: one group, the trainer's learning rate, read after waiting for
+/// the trainer's thread (which may have shrunk it in a step still running) and written with
+/// set_learning_rate (which waits too). dlib takes only a positive rate, so a
 /// rate of zero or below (swa_lr 0) is refused with std::invalid_argument, and nothing is written.
 /// The trainer's own schedule goes on beside SWALR: set_learning_rate clears an explicit
 /// learning-rate schedule, and the trainer still shrinks the rate when the loss stops falling
@@ -141,6 +170,7 @@ struct learning_rates<::dlib::dnn_trainer<Net, Solver>> {
   static std::size_t size(const ::dlib::dnn_trainer<Net, Solver>&) { return 1; }
   /// The trainer's rate.
   static double get(const ::dlib::dnn_trainer<Net, Solver>& trainer, std::size_t) {
+    trainer.get_average_loss();  // (waits for the trainer's thread: get_learning_rate does not)
     return trainer.get_learning_rate();
   }
   /// Sets the trainer's rate; refuses one that is not positive and finite.
