@@ -28,18 +28,13 @@
 
 #include "layouts.hpp"
 #include "max_size_flag.hpp"
+#include "paired.hpp"
 
 namespace {
 
 using polyak::libtorch::C10dCommunicator;
 
 C10dCommunicator* world = nullptr;
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const std::size_t n = values.size();
-  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
-}
 
 /// Seconds `work` takes on the slower process, starting together.
 template <class Work>
@@ -125,12 +120,6 @@ void paired(benchmark::State& state, double size) {
   state.counters["bare_ms"] = median(bare_s) * 1e3;
   state.counters["passes_ms"] = median(pass_s) * 1e3;
 }
-
-class SilentReporter : public benchmark::BenchmarkReporter {
- public:
-  bool ReportContext(const Context&) override { return true; }
-  void ReportRuns(const std::vector<Run>&) override {}
-};
 
 }  // namespace
 

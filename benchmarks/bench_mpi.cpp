@@ -3,7 +3,7 @@
 // machine's noise cannot decide the comparison: each iteration times polyak and the bare collective
 // back to back (in alternating order), and the benchmark reports the median of the per-pair ratios.
 // The bare collective is what polyak's wire carries, in place, in the same pieces polyak sends
-// (detail::average_chunk_bytes). For a float model that is the model's own memory: its tensors (the
+// (detail::default_average_chunk_bytes). For a float model that is the model's own memory: its tensors (the
 // resnet50 layout) lie one after another in one allocation and the bare collective reduces that
 // allocation, because two equal buffers allocated apart differed by up to 14% here in an A/A run,
 // more than what is measured. A bf16 model's wire is floats, which MPI needs in a buffer of their
@@ -25,14 +25,9 @@
 
 #include "layouts.hpp"
 #include "max_size_flag.hpp"
+#include "paired.hpp"
 
 namespace {
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const std::size_t n = values.size();
-  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
-}
 
 /// Seconds `work` takes on the slower rank, starting together.
 template <class Work>
@@ -157,12 +152,6 @@ void latency(benchmark::State& state) {
   double sums[17] = {};
   for (auto _ : state) MPI_Allreduce(MPI_IN_PLACE, sums, 17, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
 }
-
-class SilentReporter : public benchmark::BenchmarkReporter {
- public:
-  bool ReportContext(const Context&) override { return true; }
-  void ReportRuns(const std::vector<Run>&) override {}
-};
 
 }  // namespace
 

@@ -66,34 +66,25 @@ ScenarioResult averaging_scenario(Comm& comm, const std::string& path) {
     w.array() += static_cast<float>(r + step) / 8;
     b.array() -= static_cast<double>(r * step) / 4;
   };
-  // Blocking, then overlapped with delay 1 and with delay = period.
-  for (const std::int64_t delay : {std::int64_t{0}, std::int64_t{1}, std::int64_t{3}}) {
+  // Trains `steps` steps from the reset model with `averager` after each, then synchronizes it.
+  const auto run = [&](auto averager, int steps) {
     reset();
-    auto averager = delay == 0 ? polyak::PeriodicModelAverager<Comm>(3, 1, comm)
-                               : polyak::PeriodicModelAverager<Comm>(3, 1, comm, polyak::Overlap{delay});
-    for (int step = 0; step < 9; ++step) {
+    for (int step = 0; step < steps; ++step) {
       train(step);
       averager.average_parameters(lw, lb);
       keep();
     }
     averager.synchronize(lw, lb);
     keep();
-  }
+  };
+  // Blocking, then overlapped with delay 1 and with delay = period.
+  run(polyak::PeriodicModelAverager<Comm>(3, 1, comm), 9);
+  for (const std::int64_t delay : {std::int64_t{1}, std::int64_t{3}})
+    run(polyak::PeriodicModelAverager<Comm>(3, 1, comm, polyak::Overlap{delay}), 9);
   // Hierarchical: pairs every 2 steps, everyone every 4 (a group of 2 pairs with itself).
   const std::vector<std::pair<std::int64_t, int>> levels{{2, n >= 4 ? 2 : 1}, {4, n}};
-  for (const std::int64_t delay : {std::int64_t{0}, std::int64_t{1}}) {
-    reset();
-    auto averager = delay == 0
-                        ? polyak::HierarchicalModelAverager<Comm>(levels, 0, comm)
-                        : polyak::HierarchicalModelAverager<Comm>(levels, 0, comm, polyak::Overlap{delay});
-    for (int step = 0; step < 8; ++step) {
-      train(step);
-      averager.average_parameters(lw, lb);
-      keep();
-    }
-    averager.synchronize(lw, lb);
-    keep();
-  }
+  run(polyak::HierarchicalModelAverager<Comm>(levels, 0, comm), 8);
+  run(polyak::HierarchicalModelAverager<Comm>(levels, 0, comm, polyak::Overlap{1}), 8);
 
   // A sharded EMA: rank r holds an uneven piece (rank 0 the most, the last possibly none).
   polyak::FlatLayout layout;

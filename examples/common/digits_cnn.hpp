@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "digits.hpp"
+#include "report.hpp"
 
 /// Conv2d(1, 8, 3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2) - Flatten - Linear(128, 32) -
 /// BatchNorm1d - ReLU - Linear(32, 10).
@@ -35,4 +36,13 @@ inline std::vector<torch::Tensor> batches_of(const torch::Tensor& images, std::i
   for (std::int64_t start = 0; start < images.size(0); start += size)
     batches.push_back(images.slice(0, start, std::min(images.size(0), start + size)));
   return batches;
+}
+
+/// Test accuracy and mean cross-entropy of `net` in eval mode on `images`, `labels`.
+inline Score evaluate(torch::nn::Sequential& net, const torch::Tensor& images, const torch::Tensor& labels) {
+  torch::NoGradGuard no_grad;
+  net->eval();
+  const torch::Tensor logits = net->forward(images);
+  return {logits.argmax(1).eq(labels).to(torch::kDouble).mean().item<double>(),
+          torch::nn::functional::cross_entropy(logits, labels).item<double>()};
 }

@@ -2,6 +2,7 @@
 // The examples' result tables: test scores over several seeds, as mean ± standard deviation.
 #pragma once
 
+#include <algorithm>  // std::sort
 #include <cmath>
 #include <cstdio>
 #include <numeric>
@@ -65,4 +66,12 @@ void print_sgd_swa_ema(const Seeds& seeds, Train&& train, int swa_start, int epo
   std::snprintf(swa_name, sizeof swa_name, "SWA (epochs %d-%d) + update_bn", swa_start + 1, epochs);
   std::snprintf(ema_name, sizeof ema_name, "EMA (decay %g) + update_bn", ema_decay);
   print_scores({"last SGD", swa_name, ema_name}, scores, seeds.size());
+}
+
+/// Of several runs of the same training, the one of median time (their seconds_per_epoch).
+template <class Run>
+Run median_time(std::vector<Run> runs) {
+  std::sort(runs.begin(), runs.end(),
+            [](const Run& a, const Run& b) { return a.seconds_per_epoch < b.seconds_per_epoch; });
+  return runs[runs.size() / 2];
 }

@@ -62,14 +62,6 @@ double slowest(C10dCommunicator& comm, double value) {
   return *std::max_element(all.begin(), all.end());
 }
 
-Score evaluate(torch::nn::Sequential& net, const torch::Tensor& images, const torch::Tensor& labels) {
-  torch::NoGradGuard no_grad;
-  net->eval();
-  const torch::Tensor logits = net->forward(images);
-  return {logits.argmax(1).eq(labels).to(torch::kDouble).mean().item<double>(),
-          torch::nn::functional::cross_entropy(logits, labels).item<double>()};
-}
-
 /// Trains on the samples `shard` (indices into the training set), `batch` a step. With a group of
 /// more than one process: gradients averaged during the warm-up, models every `period` steps after.
 Run train(const Settings& s, const Digits& data, const torch::Tensor& shard, std::int64_t batch,
@@ -122,13 +114,6 @@ Run train(const Settings& s, const Digits& data, const torch::Tensor& shard, std
   if (comm) run.seconds_per_epoch = slowest(*comm, run.seconds_per_epoch);
   run.score = evaluate(model, images_of(data.test), labels_of(data.test));
   return run;
-}
-
-/// The run of median time.
-Run median_time(std::vector<Run> runs) {
-  std::sort(runs.begin(), runs.end(),
-            [](const Run& a, const Run& b) { return a.seconds_per_epoch < b.seconds_per_epoch; });
-  return runs[runs.size() / 2];
 }
 
 /// `text` as a whole number in [low, high], or an error naming `what`.

@@ -37,14 +37,6 @@ struct Settings {
   std::vector<std::uint64_t> seeds{1, 2, 3};
 };
 
-Score evaluate(torch::nn::Sequential& net, const torch::Tensor& images, const torch::Tensor& labels) {
-  torch::NoGradGuard no_grad;
-  net->eval();
-  const torch::Tensor logits = net->forward(images);
-  return {logits.argmax(1).eq(labels).to(torch::kDouble).mean().item<double>(),
-          torch::nn::functional::cross_entropy(logits, labels).item<double>()};
-}
-
 /// Scores averaged weights: copied into a fresh network, batch-norm statistics recomputed for them.
 template <class Averaged>
 Score evaluate_average(const Averaged& averaged, const std::vector<torch::Tensor>& train_batches,

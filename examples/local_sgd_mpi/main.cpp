@@ -53,13 +53,6 @@ double cosine_lr(const Settings& s, std::int64_t step, std::int64_t steps) {
   return s.lr * (1 + std::cos(M_PI * static_cast<double>(step) / static_cast<double>(steps))) / 2;
 }
 
-/// The run of median time.
-Run median_time(std::vector<Run> runs) {
-  std::sort(runs.begin(), runs.end(),
-            [](const Run& a, const Run& b) { return a.seconds_per_epoch < b.seconds_per_epoch; });
-  return runs[runs.size() / 2];
-}
-
 /// Trains on `samples` (this rank's shard) with `batch` samples a step. With a communicator of more
 /// than one rank, it averages gradients during the warm-up and models every `period` steps after,
 /// blocking or, with `overlap`, overlapped.

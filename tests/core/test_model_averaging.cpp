@@ -276,7 +276,7 @@ TEST_CASE(
   const std::vector<std::size_t> sizes = {300000, 5, 262144, 70000, 1};
   std::size_t total = 0;
   for (const std::size_t n : sizes) total += n;
-  const std::size_t chunk = polyak::detail::average_chunk_bytes / sizeof(float);
+  const std::size_t chunk = polyak::detail::default_average_chunk_bytes / sizeof(float);
   std::vector<std::vector<float>> results(4);
   std::vector<int> calls(4, 0);
   const auto errors = on_threads(4, [&](ThreadCommunicator& member) {

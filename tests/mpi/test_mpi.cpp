@@ -67,7 +67,7 @@ TEST_CASE(
       std::vector<float> expected(scalars);
       for (std::size_t i = 0; i < scalars; ++i)
         expected[i] = polyak_test::average_parameters_scalar(r, i, extremes) / static_cast<float>(n);
-      constexpr std::size_t piece = polyak::detail::average_chunk_bytes / sizeof(float);
+      constexpr std::size_t piece = polyak::detail::default_average_chunk_bytes / sizeof(float);
       for (std::size_t done = 0; done < scalars; done += piece) {
         MPI_Allreduce(MPI_IN_PLACE, expected.data() + done, static_cast<int>(std::min(piece, scalars - done)),
                       MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
@@ -477,9 +477,12 @@ TEST_CASE("every averager and a sharded EMA's save and re-sliced load give over 
   const int n = comm.size(), r = comm.rank();
   const auto mpi = polyak_test::averaging_scenario(comm, job_path("scenario.safetensors"));
   std::vector<polyak_test::ScenarioResult> threads(static_cast<std::size_t>(n));
+  // The path before the threads: job_path is an MPI collective, which a thread of an MPI_Init
+  // process must not call (it did, once from each thread: collectives mismatched now and then,
+  // MPI_ERR_TRUNCATE or a hang).
+  const std::string threads_path = job_path("scenario_threads_" + std::to_string(r) + ".safetensors");
   const auto errors = polyak_test::on_threads(n, [&](polyak::ThreadCommunicator& member) {
-    threads[static_cast<std::size_t>(member.rank())] = polyak_test::averaging_scenario(
-        member, job_path("scenario_threads_" + std::to_string(r) + ".safetensors"));
+    threads[static_cast<std::size_t>(member.rank())] = polyak_test::averaging_scenario(member, threads_path);
   });
   CHECK(errors == std::vector<std::string>(static_cast<std::size_t>(n)));
   CHECK(mpi.values == threads[static_cast<std::size_t>(r)].values);

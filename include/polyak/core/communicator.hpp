@@ -106,8 +106,13 @@ inline constexpr bool has_allreduce_to_v = detail::has_allreduce_to<C>::value;
 
 namespace detail {
 
+/// Bytes per allreduce call where the communicator does not say. Large calls are slow (Open MPI's
+/// temporary pages fault afresh on each); at 512 KB a chunk, the buffers it is reduced into and the
+/// collective's own fit a 1 MB L2 cache together (docs/distributed.md has the measurements).
+inline constexpr std::size_t default_average_chunk_bytes = std::size_t{512} << 10;
+
 template <class C, class = void>
-struct chunk_bytes_of : std::integral_constant<std::size_t, std::size_t{512} << 10> {};
+struct chunk_bytes_of : std::integral_constant<std::size_t, default_average_chunk_bytes> {};
 template <class C>
 struct chunk_bytes_of<C, std::void_t<decltype(C::average_chunk_bytes)>>
     : std::integral_constant<std::size_t, C::average_chunk_bytes> {};

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The wire of the averagers (model_averaging.hpp, overlap.hpp): the type parameters travel in, and
 // the chunked transport that divides them by the group size and sums them over the group, with
-// PyTorch's bits, in calls of average_chunk_bytes (Chunk::reduce says how).
+// PyTorch's bits, in calls of average_chunk_bytes_v<Comm> bytes (Chunk::reduce says how).
 #pragma once
 
 #include <algorithm>  // std::min, std::max
@@ -29,12 +29,6 @@ namespace detail {
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
-/// Bytes reduced per allreduce call, unless the communicator says otherwise (average_chunk_bytes_v).
-/// Large calls are slow (Open MPI's temporary pages fault afresh on each); at 512 KB a chunk, the
-/// buffers it is reduced into and the collective's own fit a 1 MB L2 cache together
-/// (docs/distributed.md has the measurements).
-inline constexpr std::size_t average_chunk_bytes = std::size_t{512} << 10;
-static_assert(average_chunk_bytes == detail::chunk_bytes_of<void>::value);
 
 /// Lists of at least this many wire bytes are summed first where the group size allows it
 /// (Chunk::reduce). Smaller ones are likely in cache already (the optimizer just wrote them), where
