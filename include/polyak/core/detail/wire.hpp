@@ -29,7 +29,6 @@ namespace detail {
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
 
-
 /// Lists of at least this many wire bytes are summed first where the group size allows it
 /// (Chunk::reduce). Smaller ones are likely in cache already (the optimizer just wrote them), where
 /// the collective reads them in place at cache speed and dividing them there is the cheaper pass;
