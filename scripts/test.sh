@@ -21,6 +21,7 @@ for check in "${checks[@]}"; do
 done
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
   libbenchmark-dev nlohmann-json3-dev doxygen python3-numpy clang libclang-rt-14-dev libtorch-dev libgloo-dev libdlib-dev \
+  libblas-dev liblapack-dev libjpeg-dev \
   g++-mingw-w64-x86-64-posix
 
 jobs=$(nproc)

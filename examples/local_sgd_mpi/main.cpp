@@ -15,7 +15,7 @@
 
 #include <mpi.h>
 
-#include <algorithm>  // std::shuffle, std::sort
+#include <algorithm>  // std::shuffle
 #include <cmath>
 #include <cstdio>
 #include <numeric>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// RankModel averaging over ThreadCommunicator: four threads stand for four ranks.
+// Model averaging over ThreadCommunicator: four threads stand for four ranks.
 #include "polyak/core/model_averaging.hpp"
 
 #include "average_parameters_members.hpp"

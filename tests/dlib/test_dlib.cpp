@@ -91,13 +91,13 @@ TEST_CASE("SWA and EMA over a dnn_trainer equal the mean of the snapshots and th
   polyak::ParameterList<float> eigen_list;
   copies.reserve(shapes.size());
   for (std::size_t i = 0; i < shapes.size(); ++i) {
-    copies.emplace_back(static_cast<Eigen::Index>(shapes[i].size()));
+    copies.push_back(Eigen::VectorXf::Zero(static_cast<Eigen::Index>(shapes[i].size())));
     eigen_list.add(std::to_string(i), copies.back());
   }
   polyak::AveragedModel<float> eigen_swa(eigen_list);
   polyak::AveragedModel<float, polyak::EMA> eigen_ema(eigen_list, polyak::EMA{0.9});
 
-  std::vector<std::vector<double>> sums;
+  std::vector<std::vector<double>> sums, emas;
   const int steps = 7;
   for (int step = 0; step < steps; ++step) {
     trainer.train_one_step(xs, ys);
@@ -109,6 +109,9 @@ TEST_CASE("SWA and EMA over a dnn_trainer equal the mean of the snapshots and th
       sums[i].resize(snapshot[i].size());
       for (std::size_t j = 0; j < snapshot[i].size(); ++j) {
         sums[i][j] += snapshot[i][j];
+        if (emas.size() <= i) emas.resize(snapshot.size());
+        if (emas[i].size() < snapshot[i].size()) emas[i].assign(snapshot[i].size(), 0.0);
+        emas[i][j] = step == 0 ? snapshot[i][j] : 0.9 * emas[i][j] + 0.1 * snapshot[i][j];
         copies[i](static_cast<Eigen::Index>(j)) = snapshot[i][j];
       }
     }
@@ -132,6 +135,7 @@ TEST_CASE("SWA and EMA over a dnn_trainer equal the mean of the snapshots and th
   for (std::size_t i = 0; i < ema_values.size(); ++i) {
     for (std::size_t j = 0; j < ema_values[i].size(); ++j) {
       CHECK(ema_values[i][j] == copies[i](static_cast<Eigen::Index>(j)));
+      CHECK(ema_values[i][j] == Approx(emas[i][j]).epsilon(1e-5).margin(1e-6));  // closed form, in double
     }
   }
 }
@@ -170,6 +174,25 @@ TEST_CASE("views of a tensor dlib reshaped in place are refused (from the hostil
   dlib::deserialize(a, bytes);
   REQUIRE(dlib::layer<1>(a).layer_details().get_layer_params().num_samples() == 6);
   CHECK_THROWS_AS(swa.update_parameters(params), std::invalid_argument);
+}
+
+TEST_CASE("views of a net another was assigned to are refused, not read through freed layers (review)",
+          "[dlib]") {
+  // dlib's assignment moves the layers under the top one to new objects and frees the old ones;
+  // under the sanitizers a view that kept a layer's tensor would read freed memory here.
+  Net net, other;
+  {
+    dlib::dnn_trainer<Net> trainer(net, dlib::sgd());
+    trainer.train_one_step(samples(4, 4), labels(4));
+    dlib::dnn_trainer<Net> second(other, dlib::sgd());
+    second.train_one_step(samples(4, 4), labels(4));
+  }
+  const auto params = polyak::dlib_dnn::parameters(net);
+  polyak::AveragedModel<float> swa(params);
+  net = other;
+  CHECK_THROWS_AS(swa.update_parameters(params), std::invalid_argument);
+  const auto again = polyak::dlib_dnn::parameters(net);
+  CHECK_NOTHROW(swa.update_parameters(again));
 }
 
 TEST_CASE("parameters() refuses a net whose layers have none", "[dlib]") {
@@ -259,6 +282,29 @@ TEST_CASE("update_bn makes bn_'s statistics the mean of the batches' statistics"
     INFO("feature " << f << ": dlib " << out[static_cast<std::size_t>(f)] << ", sample variance "
                     << with_sample << ", population variance " << with_population);
     CHECK(out[static_cast<std::size_t>(f)] == Approx(with_sample).epsilon(1e-5));
+  }
+  // The counter is left at the batch count: one more training-mode batch weighs 1/(3+1).
+  const auto extra = samples(5, 3, 1.5f);
+  run(extra);
+  const std::vector<float> after_extra = infer(net, probe);
+  {
+    double m = 0, squares = 0, mean = 0, sample = 0;
+    const long f = 0;
+    for (const auto& x : extra) m += x(f);
+    m /= 5;
+    for (const auto& x : extra) squares += (x(f) - m) * (x(f) - m);
+    for (const auto& batch : batches) {
+      const double n = static_cast<double>(batch.size());
+      double bm = 0, bs = 0;
+      for (const auto& x : batch) bm += x(f);
+      bm /= n;
+      for (const auto& x : batch) bs += (x(f) - bm) * (x(f) - bm);
+      mean += bm / 3;
+      sample += bs / (n - 1) / 3;
+    }
+    mean = 0.75 * mean + 0.25 * m;
+    sample = 0.75 * sample + 0.25 * squares / 4;
+    CHECK(after_extra[0] == Approx((probe(0) - mean) / std::sqrt(sample + eps)).epsilon(1e-5));
   }
   // The window is the layer's again, and the views made before still hold.
   CHECK(static_cast<long>(dlib::layer<0>(net).layer_details().get_running_stats_window_size()) == window);

@@ -1,6 +1,6 @@
 # Writes the ```cpp blocks of the README and the guides (the files in `documents`) into one translation
 # unit a kind, so that a test can compile them: the blocks' #include lines at the top, then the
-# context their snippets assume (context_core.hpp, context_mpi.hpp, context_torch.hpp or context_c10d.hpp, by what a
+# context their snippets assume (context_core.hpp, context_mpi.hpp, context_torch.hpp, context_c10d.hpp or context_dlib.hpp, by what a
 # block includes), then each block as the body of a function of its own. Every body line carries a
 # #line directive, so a compiler error names the file and the line. (One file a kind: each block
 # alone recompiled its headers, 11 times per build.) Sets POLYAK_README_KINDS to the kinds that have

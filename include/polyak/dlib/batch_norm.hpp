@@ -136,11 +136,11 @@ struct CollectBatchNorms {
 /// 256 is then two passes, refused, but one of 129 ends in a piece of one sample that dlib's bn_
 /// does not record, which no check here can see.) dlib's bn_ computes and records batch statistics only
 /// on a batch of more than one sample (on one sample it normalises with the running ones), so every
-/// batch must hold at least two. Refused with std::invalid_argument, every layer left exactly as it
-/// was: a net that has never run (dlib makes bn_'s parameters in the first forward pass: run the
+/// batch must hold at least two. Refused with std::invalid_argument, every bn_ layer left exactly as
+/// it was: a net that has never run (dlib makes bn_'s parameters in the first forward pass: run the
 /// net or train a step first), no batches, a batch on which some bn_ layer recorded statistics not
 /// exactly once (one sample; a `forward` that did not run the net, or ran it twice). Where `forward`
-/// throws, every layer is put back as it was and the exception goes on. With no bn_ layer in the
+/// throws, every bn_ layer is put back as it was and the exception goes on. With no bn_ layer in the
 /// net it returns without calling `forward`.
 ///
 /// While a dnn_trainer trains `net`, wait for its thread first: pass trainer.get_net() (or call it
@@ -159,7 +159,7 @@ void update_bn(Batches&& batches, Forward&& forward, Net& net) {
     }
   }
 
-  struct Restore {  // every layer comes back as it was unless the pass completes
+  struct Restore {  // every bn_ layer comes back as it was unless the pass completes
     std::vector<detail::BatchNormLayer>& layers;
     bool done = false;
     ~Restore() {

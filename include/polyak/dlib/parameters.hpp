@@ -15,10 +15,12 @@
 #include <dlib/dnn.h>
 
 #include <cmath>    // std::isfinite
+#include <cstddef>  // std::size_t
 #include <cstdint>  // std::int64_t
 #include <memory>   // std::make_shared
 #include <sstream>
 #include <string>
+#include <utility>  // std::move
 #include <vector>
 
 #include "polyak/core/error.hpp"
@@ -49,11 +51,25 @@ std::string kind_of(const Details& details) {
   return kind.empty() ? "layer" : kind;
 }
 
-/// What a view of a dlib tensor was made of: the tensor and its four extents. Storage alone does
-/// not tell a tensor apart from another of the same size: dlib's deserialize keeps the storage of a
-/// tensor whose element count stays, (5, 6) becoming (6, 5) included.
-struct ViewedTensor {
-  const ::dlib::tensor* tensor;
+/// The parameter tensor of `net`'s computational layer `index` (as layer<index>(net) counts), or
+/// nullptr where that layer has none.
+template <class Net>
+::dlib::tensor* layer_tensor(Net& net, std::size_t index) {
+  ::dlib::tensor* found = nullptr;
+  ::dlib::visit_computational_layers(net, [&](std::size_t i, auto& details) {
+    if (i == index) found = &details.get_layer_params();
+  });
+  return found;
+}
+
+/// What a view of a layer's tensor was made of: the net, the layer and the tensor's four extents.
+/// The tensor is found again through the net at each check, never kept: dlib's assignment of a net
+/// moves the layers under the top one to new objects (and frees the old ones), and storage alone
+/// does not tell a tensor apart from another of the same size in other extents ((5, 6) and (6, 5)).
+template <class Net>
+struct ViewedLayer {
+  Net* net;
+  std::size_t index;
   long long extents[4];
 
   static long long extent(const ::dlib::tensor& t, int i) {
@@ -61,21 +77,25 @@ struct ViewedTensor {
   }
 };
 
-/// A view of the tensor `tensor`, which dlib lays out row-major as (num_samples, k, nr, nc); it is
-/// checked before each use to still hold its elements where the view points, in the same extents.
-inline TensorView<float> view_of(::dlib::tensor& tensor) {
-  auto viewed = std::make_shared<ViewedTensor>();
-  viewed->tensor = &tensor;
-  for (int i = 0; i < 4; ++i) viewed->extents[i] = ViewedTensor::extent(tensor, i);
-  const ViewedTensor* object = viewed.get();
+/// A view of layer `index`'s tensor `tensor`, which dlib lays out row-major as (num_samples, k,
+/// nr, nc); checked before each use to still be that layer's tensor, where the view points, in the
+/// same extents.
+template <class Net>
+TensorView<float> view_of(Net& net, std::size_t index, ::dlib::tensor& tensor) {
+  auto viewed = std::make_shared<ViewedLayer<Net>>();
+  viewed->net = &net;
+  viewed->index = index;
+  for (int i = 0; i < 4; ++i) viewed->extents[i] = ViewedLayer<Net>::extent(tensor, i);
+  const ViewedLayer<Net>* object = viewed.get();
   ViewSource source{object,
                     [](const void* viewed_object, const void* data, std::size_t numel) {
-                      const auto& v = *static_cast<const ViewedTensor*>(viewed_object);
-                      const ::dlib::tensor& t = *v.tensor;
+                      const auto& v = *static_cast<const ViewedLayer<Net>*>(viewed_object);
+                      const ::dlib::tensor* t = layer_tensor(*v.net, v.index);
+                      if (t == nullptr) return false;
                       for (int i = 0; i < 4; ++i) {
-                        if (ViewedTensor::extent(t, i) != v.extents[i]) return false;
+                        if (ViewedLayer<Net>::extent(*t, i) != v.extents[i]) return false;
                       }
-                      return t.size() == numel && static_cast<const void*>(t.host()) == data;
+                      return t->size() == numel && static_cast<const void*>(t->host()) == data;
                     },
                     std::move(viewed)};
   return TensorView<float>(
@@ -97,8 +117,10 @@ inline TensorView<float> view_of(::dlib::tensor& tensor) {
 /// refused with std::invalid_argument (train one step, or run the net on a batch, first), as is one
 /// none of whose layers has parameters. affine_ layers (batch norm made fixed for inference) are
 /// not listed: dlib gives them no parameter tensor. A view is checked before each use against the
-/// tensor it was made of (storage and extents): deserializing or assigning another net into `net`
-/// gives its tensors new storage or extents, and the next use of an older view is refused. dlib keeps
+/// layer it was made of, found again through `net`: where deserializing or assigning another net
+/// into `net` gave the layer's tensor new storage or other extents, the next use of an older view is
+/// refused; where the tensor kept both (a checkpoint of the same net loaded), the views see the
+/// loaded values. `net` itself must outlive its views, as any viewed object must. dlib keeps
 /// batch norm's running statistics private, so they are not among the views: average the
 /// parameters, then recompute the statistics with polyak::dlib_dnn::update_bn.
 ///
@@ -110,7 +132,7 @@ ParameterList<float> parameters(Net& net) {
   ::dlib::visit_computational_layers(net, [&](std::size_t index, auto& details) {
     ::dlib::tensor& params = details.get_layer_params();
     if (params.size() != 0)
-      list.add(std::to_string(index) + "." + detail::kind_of(details), detail::view_of(params));
+      list.add(std::to_string(index) + "." + detail::kind_of(details), detail::view_of(net, index, params));
   });
   if (list.size() == 0) {
     throw InvalidArgument(
