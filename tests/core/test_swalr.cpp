@@ -4,8 +4,10 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <iostream>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -101,4 +103,40 @@ TEST_CASE("SWALR drives any optimizer type through learning_rates", "[swalr]") {
   SWALR scheduler(optimizer, 0.05, 0);
   CHECK(optimizer.groups[0].learning_rate == 0.05);
   CHECK(optimizer.groups[1].learning_rate == 0.05);
+}
+
+namespace {
+/// An optimizer whose second group refuses rates below 0.01 (as dlib's trainer refuses 0).
+struct PickyOptimizer {
+  std::vector<double> rates;
+};
+}  // namespace
+
+template <>
+struct polyak::learning_rates<PickyOptimizer> {
+  static std::size_t size(const PickyOptimizer& o) { return o.rates.size(); }
+  static double get(const PickyOptimizer& o, std::size_t g) { return o.rates[g]; }
+  static void set(PickyOptimizer& o, std::size_t g, double lr) {
+    if (g == 1 && lr < 0.01) throw std::invalid_argument("group 1 takes no rate below 0.01");
+    o.rates[g] = lr;
+  }
+};
+
+TEST_CASE("SWALR's step is all or nothing where the optimizer refuses a rate", "[swalr]") {
+  PickyOptimizer optimizer{{0.1, 0.1}};
+  SWALR scheduler(optimizer, 0.0, 2, polyak::AnnealStrategy::Linear);  // 0.1 -> 0.05 -> 0
+  scheduler.step();
+  REQUIRE(optimizer.rates == std::vector<double>{0.05, 0.05});
+  const auto epoch = scheduler.last_epoch();
+  const auto last = scheduler.get_last_lr();
+  CHECK_THROWS_WITH(scheduler.step(), Catch::Contains("below 0.01"));
+  CHECK(optimizer.rates == std::vector<double>{0.05, 0.05});  // group 0 took its rate back
+  CHECK(scheduler.last_epoch() == epoch);
+  CHECK(scheduler.get_last_lr() == last);
+}
+
+TEST_CASE("SWALR names an unsigned anneal_epochs beyond int64 by its value", "[swalr]") {
+  std::vector<double> lrs{0.1};
+  CHECK_THROWS_WITH(SWALR(lrs, 0.01, std::uint64_t{1} << 63), Catch::Contains("9223372036854775808"));
+  CHECK(lrs == std::vector<double>{0.1});
 }

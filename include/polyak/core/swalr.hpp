@@ -25,7 +25,8 @@ enum class AnnealStrategy { Cos, Linear };
 
 /// How SWALR reads and writes an optimizer's per-group learning rates. Specialize it for your
 /// optimizer type with the three static functions below; polyak provides it for std::vector<double>
-/// (one entry per group) and, in polyak/torch/parameters.hpp, for libtorch's optimizers.
+/// (one entry per group), in polyak/torch/parameters.hpp for libtorch's optimizers and in
+/// polyak/dlib/parameters.hpp for dlib's dnn_trainer. `set` may refuse a rate by throwing.
 template <class Optimizer>
 struct learning_rates;
 
@@ -94,7 +95,8 @@ class SWALR {
               last_epoch) {}
 
   /// Advances one epoch and writes the new rates into the optimizer. Where the optimizer refuses a
-  /// rate (dlib's trainer takes only positive ones), the scheduler's state is left as it was.
+  /// rate (dlib's trainer takes only positive ones), every group gets its rate back and the
+  /// scheduler's state is left as it was.
   void step() {
     detail::check_can_count(state_.step_count, "step_count", "polyak::SWALR::step");
     detail::check_can_count(state_.last_epoch, "last_epoch", "polyak::SWALR::step");
@@ -113,13 +115,21 @@ class SWALR {
                             " parameter groups, the scheduler " + std::to_string(next.swa_lrs.size()));
     }
     next.last_lrs.resize(groups);
+    std::vector<double> current(groups);
     for (std::size_t g = 0; g < groups; ++g) {
       const double swa_lr = next.swa_lrs[g];
-      const double lr = Access::get(optimizer_, g);
+      current[g] = Access::get(optimizer_, g);
       // The rate this anneal started from, recovered from the current one (PyTorch's _get_initial_lr).
-      const double initial = prev_alpha >= 1.0 ? swa_lr : (lr - prev_alpha * swa_lr) / (1.0 - prev_alpha);
+      const double initial =
+          prev_alpha >= 1.0 ? swa_lr : (current[g] - prev_alpha * swa_lr) / (1.0 - prev_alpha);
       next.last_lrs[g] = swa_lr * alpha + initial * (1.0 - alpha);
-      Access::set(optimizer_, g, next.last_lrs[g]);
+    }
+    std::size_t written = 0;
+    try {
+      for (; written < groups; ++written) Access::set(optimizer_, written, next.last_lrs[written]);
+    } catch (...) {  // all groups or none: the ones written take their rates back
+      for (std::size_t g = 0; g < written; ++g) Access::set(optimizer_, g, current[g]);
+      throw;
     }
     state_ = std::move(next);
   }
