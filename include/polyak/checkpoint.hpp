@@ -5,6 +5,7 @@
 // polyak::checkpoint) and needs POSIX file calls.
 #pragma once
 
+#include "polyak/checkpoint/checkpoint_order.hpp"
 #include "polyak/checkpoint/distributed_checkpoint.hpp"
 #include "polyak/checkpoint/merge.hpp"
 #include "polyak/checkpoint/merge_options.hpp"

@@ -7,6 +7,7 @@
 #include <polyak/checkpoint/safetensors.hpp>
 #include <polyak/checkpoint/sharded_checkpoint.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -200,6 +201,64 @@ int main(int argc, char** argv) {
     expect(status != 0 && after == shard_bytes && polyak::CheckpointReader(sharded).tensors().size() == 3,
            "OUT " + inside.substr(folder.size()) + " (inside a sharded input) is refused, the input kept");
   }
+
+  // Issue 24, item 4: LAWA's last k and an EMA over files go in training order, not the command
+  // line's: ep1 ... ep12 listed as a glob lists them (ep1 ep10 ep11 ep12 ep2 ...).
+  const std::string lawa = folder + "/lawa";
+  std::filesystem::create_directories(lawa);
+  const auto snapshot = [&](const std::string& name, float w, const std::string& step) {
+    polyak::StateDict sd;
+    sd.insert("w", &w, {1});
+    if (!step.empty()) sd.metadata["step"] = step;
+    polyak::save_safetensors(lawa + "/" + name, sd);
+    return lawa + "/" + name;
+  };
+  std::vector<std::string> epochs;
+  for (int e = 1; e <= 12; ++e)
+    epochs.push_back(snapshot("ep" + std::to_string(e) + ".safetensors", float(e), ""));
+  std::vector<std::string> glob = epochs;
+  std::sort(glob.begin(), glob.end());
+  std::string listed;
+  for (const auto& path : glob) listed += " " + path;
+  const std::string lawa_out = folder + "/lawa_out.safetensors";
+  expect(run("--latest 5 " + lawa_out + listed + " >" + log) == 0 && w0(lawa_out) == 10.0f,
+         "--latest 5 of ep1..ep12 listed as a glob: the mean of epochs 8..12, 10 (not ep5..ep9's 7)");
+  const std::string printed = [&] {
+    std::ifstream in(log);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }();
+  expect(printed.find("ep8.safetensors\n  " + lawa + "/ep9.safetensors\n  " + lawa + "/ep10") !=
+                 std::string::npos &&
+             printed.find("ep7.safetensors") == std::string::npos,
+         "--latest prints the inputs it takes, in training order");
+  expect(run("--ema 0.5 " + lawa_out + " " + epochs[9] + " " + epochs[1] + " " + epochs[0] + " >/dev/null") ==
+                 0 &&
+             w0(lawa_out) == 5.75f,
+         "--ema 0.5 over ep10 ep2 ep1 folds ep1, ep2, ep10: ((1 + 2) / 2 + 10) / 2 = 5.75 (not 3.5)");
+  // Recorded steps decide over names; an order that cannot be known is refused, nothing written.
+  const std::string late = snapshot("a.safetensors", 30, "3000"),
+                    early = snapshot("b.safetensors", 20, "200"),
+                    earliest = snapshot("c.safetensors", 10, "10");
+  expect(run("--latest 2 " + lawa_out + " " + earliest + " " + early + " " + late + " >/dev/null") == 0 &&
+             w0(lawa_out) == 25.0f,
+         "--latest 2 by recorded steps 10, 200, 3000 over names c, b, a: (20 + 30) / 2 = 25");
+  std::filesystem::remove(lawa_out);
+  const auto unknown = [&](const std::string& args, const std::string& why) {
+    const int status = run(args + " 2>" + log + " >/dev/null");
+    std::ifstream in(log);
+    const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    expect(WIFEXITED(status) && WEXITSTATUS(status) == 1 && message.find(why) != std::string::npos &&
+               !std::filesystem::exists(lawa_out),
+           "refused, nothing written: " + args.substr(0, args.find(' ', 12)) + " with " + why);
+  };
+  unknown("--latest 2 " + lawa_out + " " + late + " " + epochs[0], "their order is unknown");
+  unknown("--ema 0.5 " + lawa_out + " " + late + " " + snapshot("d.safetensors", 1, "3000"),
+          "the same step 3000");
+  unknown("--latest 1 " + lawa_out + " " + epochs[6] + " " + snapshot("ep07.safetensors", 7, ""),
+          "the same position");
+  unknown("--latest 1 " + lawa_out + " " + epochs[0] + " " + epochs[0], "are one checkpoint");
+  unknown("--latest 1 " + lawa_out + " " + snapshot("e.safetensors", 1, "12abc") + " " + late,
+          "not a whole number");
 
   std::filesystem::remove_all(folder);
   return failures == 0 ? 0 : 1;

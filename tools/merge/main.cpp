@@ -5,18 +5,21 @@
 //   polyak-merge [OPTIONS] OUT IN1 IN2 ...
 //
 // Uniform by default; --weights gives each file a weight (finite, >= 0, not all 0; normalized to sum
-// 1); --ema folds the files in order into an exponential moving average (the first file starts it;
-// DECAY in [0, 1]); --latest K averages the last K inputs (LAWA: list the run's checkpoints in
-// order). --method task_arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic
-// against --base; slerp between two inputs), with --scale, --density, --drop, --seed and --t; the
-// weights are then each model's lambda. Inputs are safetensors files or Hugging Face sharded
-// checkpoints (an index file or its folder); OUT is laid out as the first input (a folder of
-// shards and an index, for a sharded one). Every floating-point tensor is computed in double and
-// rounded once to its own dtype; integer tensors (counters such as n_averaged) are taken from the
-// last input. Memory: a few pieces of one tensor (TIES: plus one float per scalar of the largest
-// tensor). Inputs that differ in tensor names, dtypes or shapes, and any argument it cannot read,
-// are refused with the problem named, and no output is written.
+// 1); --ema folds the files in training order into an exponential moving average (the earliest
+// starts it; DECAY in [0, 1]); --latest K averages the last K (LAWA). Training order is the step
+// each file records in its metadata ("step" or "global_step") where every one records one, else the
+// natural order of the names (ep2 before ep10), whatever order the command line lists them in; the
+// files taken are printed, in that order (polyak/checkpoint/checkpoint_order.hpp). --method
+// task_arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic against --base; slerp
+// between two inputs), with --scale, --density, --drop, --seed and --t; the weights are then each model's
+// lambda. Inputs are safetensors files or Hugging Face sharded checkpoints (an index file or its folder); OUT
+// is laid out as the first input (a folder of shards and an index, for a sharded one). Every floating-point
+// tensor is computed in double and rounded once to its own dtype; integer tensors (counters such as
+// n_averaged) are taken from the last input. Memory: a few pieces of one tensor (TIES: plus one float per
+// scalar of the largest tensor). Inputs that differ in tensor names, dtypes or shapes, and any argument it
+// cannot read, are refused with the problem named, and no output is written.
 #include "../common/number.hpp"
+#include <polyak/checkpoint/checkpoint_order.hpp>
 #include <polyak/checkpoint/merge.hpp>
 #include <polyak/checkpoint/safetensors.hpp>
 
@@ -42,8 +45,11 @@ const char* const usage_text =
     "  --weights W1,W2,...  one weight per input (finite; >= 0 and not all 0 for an average,\n"
     "                       normalized to sum 1; > 0 for ties; any sign for task-arithmetic and\n"
     "                       dare): each model's lambda in a merge\n"
-    "  --ema DECAY          an EMA over the inputs in order, DECAY in [0, 1] (an average)\n"
-    "  --latest K           the uniform average of the last K inputs (LAWA)\n"
+    "  --ema DECAY          an EMA over the inputs in training order, DECAY in [0, 1]\n"
+    "  --latest K           the uniform average of the last K inputs in training order (LAWA)\n"
+    "                       training order: by the step each input records in its metadata\n"
+    "                       (\"step\" or \"global_step\") if all do, else by name, digits as\n"
+    "                       numbers (ep2 before ep10); the inputs taken are printed\n"
     "  --method M           average (default), task_arithmetic (or task-arithmetic), ties, dare\n"
     "                       or slerp\n"
     "  --base PATH          the base model of task-arithmetic, ties and dare\n"
@@ -243,8 +249,22 @@ std::vector<double> ema_weights(double decay, std::size_t inputs) {
 
 int run(Arguments args) {
   std::vector<std::string> inputs = args.inputs;
+  if (args.latest > 0 || args.ema >= 0) {  // the merges whose result depends on the files' order
+    const polyak::CheckpointOrder order = polyak::order_checkpoints(inputs);
+    inputs = order.paths;
+    const std::size_t first = args.latest > 0 ? inputs.size() - static_cast<std::size_t>(args.latest) : 0;
+    std::printf("polyak-merge: %s, in order of %s:\n", args.latest > 0 ? "the latest inputs" : "an EMA over",
+                order.by_step ? "the steps they record" : "their names (digits as numbers)");
+    for (std::size_t i = first; i < inputs.size(); ++i) {
+      if (order.by_step) {
+        std::printf("  %s (step %llu)\n", inputs[i].c_str(), static_cast<unsigned long long>(order.steps[i]));
+      } else {
+        std::printf("  %s\n", inputs[i].c_str());
+      }
+    }
+    inputs.erase(inputs.begin(), inputs.begin() + static_cast<std::ptrdiff_t>(first));
+  }
   if (args.merge.method == polyak::MergeMethod::Average) {
-    if (args.latest > 0) inputs.erase(inputs.begin(), inputs.end() - args.latest);
     args.merge.weights =
         args.ema >= 0 ? ema_weights(args.ema, inputs.size()) : normalized(args.weights, inputs.size());
   }

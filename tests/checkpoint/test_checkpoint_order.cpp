@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: MIT
+// The training order of a run's checkpoints (checkpoint_order.hpp), which LAWA's last k and an EMA
+// over files depend on: recorded steps first, natural name order else; every ambiguity refused.
+#include "polyak/checkpoint/checkpoint_order.hpp"
+
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <unistd.h>  // symlink
+
+namespace {
+
+/// A fresh folder for this file's cases.
+std::string order_folder(const std::string& name) {
+  const std::string folder = polyak_test::temporary_path("order_" + name);
+  std::filesystem::remove_all(folder);
+  std::filesystem::create_directories(folder);
+  return folder;
+}
+
+/// A one-tensor checkpoint at folder/name, recording `metadata`.
+std::string snapshot(const std::string& folder, const std::string& name,
+                     const std::map<std::string, std::string>& metadata = {}) {
+  const float w = 1.0f;
+  polyak::StateDict sd;
+  sd.insert("w", &w, {1});
+  for (const auto& [key, value] : metadata) sd.metadata[key] = value;
+  const std::string path = folder + "/" + name;
+  polyak::save_safetensors(path, sd);
+  return path;
+}
+
+std::vector<std::string> file_names(const std::vector<std::string>& paths) {
+  std::vector<std::string> names;
+  for (const auto& p : paths) names.push_back(std::filesystem::path(p).filename().string());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("natural order reads digit runs as numbers", "[merge][order]") {
+  using polyak::natural_compare;
+  CHECK(natural_compare("ep2", "ep10") < 0);
+  CHECK(natural_compare("ep10", "ep2") > 0);
+  CHECK(natural_compare("ep9.safetensors", "ep10.safetensors") < 0);
+  CHECK(natural_compare("ep007", "ep7") == 0);  // the same position: order_checkpoints refuses the pair
+  CHECK(natural_compare("ep0", "ep00") == 0);
+  CHECK(natural_compare("a", "b") < 0);
+  CHECK(natural_compare("ep1", "ep1a") < 0);             // a prefix first
+  CHECK(natural_compare("run2/ep10", "run10/ep2") < 0);  // the first difference decides
+  CHECK(natural_compare("checkpoint-500/model.safetensors", "checkpoint-1000/model.safetensors") < 0);
+  CHECK(natural_compare("x18446744073709551616", "x18446744073709551615") > 0);  // beyond 64 bits
+  CHECK(natural_compare("ep\xff", "ep1") > 0);                                   // bytes compared unsigned
+}
+
+TEST_CASE("checkpoints are ordered by name, digits as numbers, whatever order they are given in",
+          "[merge][order]") {
+  const std::string folder = order_folder("names");
+  std::vector<std::string> paths;
+  for (int e = 1; e <= 12; ++e) paths.push_back(snapshot(folder, "ep" + std::to_string(e) + ".safetensors"));
+  std::vector<std::string> glob = paths;  // as a shell's glob lists them: by text
+  std::sort(glob.begin(), glob.end());
+  REQUIRE(file_names(glob)[1] == "ep10.safetensors");
+  const polyak::CheckpointOrder order = polyak::order_checkpoints(glob);
+  CHECK_FALSE(order.by_step);
+  CHECK(order.steps.empty());
+  CHECK(order.paths == paths);
+}
+
+TEST_CASE("recorded steps order checkpoints over their names", "[merge][order]") {
+  const std::string folder = order_folder("steps");
+  // Names that sort the other way: the step each records decides.
+  const std::string a = snapshot(folder, "a.safetensors", {{"step", "3000"}});
+  const std::string b = snapshot(folder, "b.safetensors", {{"global_step", "200"}});
+  const std::string c = snapshot(folder, "c.safetensors", {{"step", "10"}, {"global_step", "10"}});
+  const polyak::CheckpointOrder order = polyak::order_checkpoints({a, b, c});
+  CHECK(order.by_step);
+  CHECK(order.paths == std::vector<std::string>{c, b, a});
+  CHECK(order.steps == std::vector<std::uint64_t>{10, 200, 3000});
+  // The largest step there is.
+  const std::string big = snapshot(folder, "big.safetensors", {{"step", "18446744073709551615"}});
+  CHECK(polyak::order_checkpoints({big, a}).paths == std::vector<std::string>{a, big});
+}
+
+TEST_CASE("an order that cannot be known is refused, naming the files", "[merge][order][adversarial]") {
+  const std::string folder = order_folder("refused");
+  const std::string a = snapshot(folder, "ep1.safetensors", {{"step", "100"}});
+  const std::string b = snapshot(folder, "ep2.safetensors");
+  const std::string c = snapshot(folder, "ep3.safetensors", {{"step", "100"}});
+  const auto refused = [](const std::vector<std::string>& paths, const std::string& why) {
+    CHECK_THROWS_WITH(polyak::order_checkpoints(paths), Catch::Contains(why));
+  };
+  refused({}, "no checkpoints");
+  refused({a, b}, "does not: their order is unknown");
+  refused({a, c}, "record the same step 100");
+  const std::string seven = snapshot(folder, "ep7.safetensors"),
+                    oh_seven = snapshot(folder, "ep07.safetensors");
+  refused({seven, oh_seven}, "name the same position");
+  refused({seven, seven}, "are one checkpoint");
+  const std::string link = folder + "/link.safetensors";
+  REQUIRE(::symlink(seven.c_str(), link.c_str()) == 0);
+  refused({seven, link}, "are one checkpoint");  // another name of the same file
+  std::filesystem::create_hard_link(seven, folder + "/hard.safetensors");
+  refused({folder + "/hard.safetensors", seven}, "are one checkpoint");
+  for (const std::string bad : {"", "-1", "1.5", "1e3", " 7", "7 ", "0x10", "18446744073709551616",
+                                "99999999999999999999999", "+3"}) {
+    const std::string path = snapshot(folder, "bad.safetensors", {{"step", bad}});
+    refused({path, a}, "not a whole number");
+  }
+  const std::string both = snapshot(folder, "both.safetensors", {{"step", "5"}, {"global_step", "6"}});
+  refused({both}, "records step 5 and global_step 6");
+  refused({a, folder + "/missing.safetensors"}, "missing.safetensors");  // not there: the reader says so
+}
+
+TEST_CASE("a sharded checkpoint's step is its index's metadata", "[merge][order][sharded]") {
+  const std::string folder = order_folder("sharded");
+  const std::string shards = folder + "/late";
+  std::filesystem::create_directories(shards);
+  snapshot(shards, "model-00001-of-00001.safetensors");
+  std::ofstream(shards + "/model.safetensors.index.json")
+      << R"({"metadata": {"step": "900"}, "weight_map": {"w": "model-00001-of-00001.safetensors"}})";
+  const std::string early = snapshot(folder, "z_early.safetensors", {{"step", "50"}});
+  const polyak::CheckpointOrder order = polyak::order_checkpoints({shards, early});
+  CHECK(order.paths == std::vector<std::string>{early, shards});
+  CHECK(order.steps == std::vector<std::uint64_t>{50, 900});
+}
