@@ -175,6 +175,39 @@ int main(int argc, char** argv) {
          "dare, --density 1 keeps everything: 1 + (1 + 5) = 7");
   expect(run("--method dare --base " + a + " --density 0.5 --seed 4 " + out + " " + b + " " + c) == 0,
          "dare, --density 0.5 runs");
+  // Issue 24, item 1: mergekit's methods, on w[0] (inputs 1, 2, 6; base 1: task values 1 and 5).
+  const std::string two = " " + out + " " + b + " " + c;
+  expect(run("--method ties --base " + a + " --normalize false" + two) == 0 && w0(out) == 7.0f,
+         "ties --normalize false: 1 + (1 + 5) = 7");
+  expect(run("--method dare_ties --base " + a + two) == 0 && w0(out) == 7.0f,
+         "dare_ties, density 1: 1 + (1 + 5) = 7 (no normalizing)");
+  expect(run("--method breadcrumbs_ties --base " + a + " --normalize true" + two) == 0 && w0(out) == 4.0f,
+         "breadcrumbs_ties --normalize true: 1 + (1 + 5) / 2 = 4");
+  expect(run("--method della --base " + a + two) == 0 && w0(out) == 4.0f, "della, density 1: as ties, 4");
+  expect(run("--method model_stock --base " + a + two) == 0 && w0(out) == 4.0f,
+         "model_stock of parallel task vectors (every scalar 1 and 5 over the base): the mean, 4");
+  expect(run("--method nearswap --t 2 --base " + a + " " + out + " " + b) == 0 && w0(out) == 2.0f,
+         "nearswap, t 2, |x - b| = 1: the model, 2");
+  expect(run("--method sce --base " + a + two) == 0 && w0(out) > 1.0f && w0(out) < 6.0f,
+         "sce runs (its closed forms: test_merge_methods.cpp)");
+  expect(run("--method linear" + two) == 0 && w0(out) == 4.0f, "mergekit's linear is the average, 4");
+  std::filesystem::remove(out);  // (refused() counts the folder's files: the inputs alone)
+  refused("--method nearswap --base " + a + inputs.substr(0, inputs.rfind(' ')), "nearswap without --t");
+  refused("--method ties --base " + a + " --gamma 0.1" + inputs, "--gamma with ties");
+  refused("--method breadcrumbs --base " + a + " --epsilon 0.1" + inputs, "--epsilon with breadcrumbs");
+  refused("--method ties --base " + a + " --normalize yes" + inputs, "--normalize yes");
+  refused("--method dare --base " + a + " --rescale true" + inputs, "--rescale with dare");
+  refused("--method slerp --normalize true" + inputs, "--normalize with slerp");
+  refused("--method ties --base " + a + " --densities 0.5" + inputs, "one density for two inputs");
+  refused("--method ties --base " + a + " --densities 0.5,1.5" + inputs, "--densities 0.5,1.5");
+  refused("--method ties --base " + a + " --filter-wise" + inputs, "--filter-wise with ties");
+  refused("--method model_stock --base " + a + " --select-topk 0.5" + inputs,
+          "--select-topk with model_stock");
+  refused("--method della --base " + a + " --density 0.1" + inputs,
+          "della's density 0.1 within epsilon of 0");
+  refused("--method model_stock --base " + a + " --t 0.5" + inputs, "--t with model_stock");
+  refused("--method sce --base " + a + " --weights 1,2" + inputs, "--weights with sce");
+
   // A sharded input gives a sharded output: the index and its shards.
   const std::string sharded = folder + "/sharded";
   std::filesystem::create_directories(sharded);

@@ -9,7 +9,8 @@
 // starts it; DECAY in [0, 1]); --latest K averages the last K (LAWA). Training order is the step
 // each file records in its metadata ("step" or "global_step") where every one records one, else the
 // natural order of the names (ep2 before ep10), whatever order the command line lists them in; the
-// files taken are printed, in that order (polyak/checkpoint/checkpoint_order.hpp). --method
+// files taken are printed, in that order (polyak/checkpoint/checkpoint_order.hpp), and OUT is laid
+// out as the earliest of them. --method
 // task_arithmetic|ties|dare|slerp merges instead (ties, dare and task-arithmetic against --base; slerp
 // between two inputs), with --scale, --density, --drop, --seed and --t; the weights are then each model's
 // lambda. Inputs are safetensors files or Hugging Face sharded checkpoints (an index file or its folder); OUT
@@ -20,6 +21,7 @@
 // cannot read, are refused with the problem named, and no output is written.
 #include "../common/number.hpp"
 #include <polyak/checkpoint/checkpoint_order.hpp>
+#include <polyak/checkpoint/merge_options.hpp>
 #include <polyak/checkpoint/merge.hpp>
 #include <polyak/checkpoint/safetensors.hpp>
 
@@ -50,15 +52,27 @@ const char* const usage_text =
     "                       training order: by the step each input records in its metadata\n"
     "                       (\"step\" or \"global_step\") if all do, else by name, digits as\n"
     "                       numbers (ep2 before ep10); the inputs taken are printed\n"
-    "  --method M           average (default), task_arithmetic (or task-arithmetic), ties, dare\n"
-    "                       or slerp\n"
-    "  --base PATH          the base model of task-arithmetic, ties and dare\n"
-    "  --scale S            lambda on the merged task vector (default 1)\n"
-    "  --density D          ties, dare: the fraction of each task vector kept, in [0, 1]\n"
-    "                       (default 1; dare then drops with probability 1 - D)\n"
+    "  --method M           average (default; mergekit's linear), task_arithmetic (or\n"
+    "                       task-arithmetic), ties, dare, dare_linear, dare_ties, breadcrumbs,\n"
+    "                       breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce\n"
+    "                       (against --base) or slerp (formulas: polyak/checkpoint/merge_options.hpp)\n"
+    "  --base PATH          the base model of every method but average and slerp\n"
+    "  --scale S            lambda on the merged task vector (default 1; mergekit's lambda)\n"
+    "  --density D          the sparsified methods (ties, dare*, breadcrumbs*, della*): the\n"
+    "                       fraction of each task vector kept, in [0, 1] (default 1)\n"
+    "  --densities D1,...   one density per input instead\n"
     "  --drop P             dare: the drop probability, in [0, 1) (default 0; or --density)\n"
-    "  --seed N             dare: the seed of the drops (default 0)\n"
-    "  --t T                slerp: 0 gives IN1, 1 gives IN2 (default 0.5)\n"
+    "  --gamma G            breadcrumbs*: the fraction of largest magnitudes dropped (default 0.01)\n"
+    "  --epsilon E          della*: the spread of keep probabilities (default 0.15)\n"
+    "  --normalize BOOL     the task-vector methods: divide by the weights (true or false;\n"
+    "                       default: the method's, true for ties and della)\n"
+    "  --rescale BOOL       the sparsified methods but dare: keep each task vector's L1 norm\n"
+    "                       (default: true for dare_* and della*)\n"
+    "  --seed N             dare*, della*: the seed of the draws (default 0)\n"
+    "  --t T                slerp: 0 gives IN1, 1 gives IN2 (default 0.5); nearswap: the\n"
+    "                       sameness threshold, > 0 (required)\n"
+    "  --filter-wise        model_stock: an angle per row\n"
+    "  --select-topk F      sce: the fraction of highest-variance scalars kept, in (0, 1]\n"
     "  --                   what follows is file names, even if it starts with '-'\n"
     "  an option the method does not use is refused\n";
 
@@ -79,25 +93,41 @@ struct Arguments {
 };
 
 polyak::MergeMethod method_named(const std::string& name) {
-  if (name == "average") return polyak::MergeMethod::Average;
-  // mergekit's name, which the messages and the output's metadata use; the hyphen form too.
-  if (name == "task_arithmetic" || name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;
-  if (name == "ties") return polyak::MergeMethod::Ties;
-  if (name == "dare") return polyak::MergeMethod::Dare;
-  if (name == "slerp") return polyak::MergeMethod::Slerp;
-  throw UsageError("--method '" + name + "' is none of average, task_arithmetic, ties, dare, slerp");
+  polyak::MergeMethod method = polyak::MergeMethod::Average;
+  if (name == "task-arithmetic") return polyak::MergeMethod::TaskArithmetic;  // (the hyphen form too)
+  if (polyak::merge_method_named(name, method)) return method;
+  std::string names;
+  for (const polyak::MergeMethod m : polyak::all_merge_methods)
+    names += std::string(names.empty() ? "" : ", ") + polyak::to_string(m);
+  throw UsageError("--method '" + polyak::detail::visible(name) + "' is none of linear, " + names);
 }
 
 /// Whether `method` uses the command-line option `option`.
 bool uses(polyak::MergeMethod method, const std::string& option) {
   using polyak::MergeMethod;
+  using polyak::Sparsification;
+  const Sparsification sparsify = polyak::sparsification_of(method);
   if (option == "--method") return true;
   if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
-  if (option == "--weights") return method != MergeMethod::Slerp;
-  if (option == "--t") return method == MergeMethod::Slerp;
-  if (option == "--base" || option == "--scale") return polyak::needs_base(method);
-  if (option == "--density") return method == MergeMethod::Ties || method == MergeMethod::Dare;
-  return method == MergeMethod::Dare;  // --drop, --seed
+  if (option == "--weights") return method == MergeMethod::Average || polyak::is_task_vector_method(method);
+  if (option == "--t") return method == MergeMethod::Slerp || method == MergeMethod::NearSwap;
+  if (option == "--base") return polyak::needs_base(method);
+  if (option == "--scale" || option == "--normalize") return polyak::is_task_vector_method(method);
+  if (option == "--density" || option == "--densities") return sparsify != Sparsification::None;
+  if (option == "--rescale") return sparsify != Sparsification::None && method != MergeMethod::Dare;
+  if (option == "--gamma") return sparsify == Sparsification::Outliers;
+  if (option == "--epsilon") return sparsify == Sparsification::RankSampling;
+  if (option == "--seed")
+    return sparsify == Sparsification::Random || sparsify == Sparsification::RankSampling;
+  if (option == "--filter-wise") return method == MergeMethod::ModelStock;
+  if (option == "--select-topk") return method == MergeMethod::Sce;
+  return method == MergeMethod::Dare;  // --drop
+}
+
+bool truth_value(const std::string& value, const std::string& option) {
+  if (value == "true") return true;
+  if (value == "false") return false;
+  throw UsageError(option + " '" + polyak::detail::visible(value) + "' is neither true nor false");
 }
 
 double finite_number(std::string_view text, const char* what) {
@@ -106,6 +136,18 @@ double finite_number(std::string_view text, const char* what) {
     throw UsageError(std::string(what) + " '" + std::string(text) + "' is not a finite number");
   }
   return value;
+}
+
+/// A list of finite numbers, comma-separated; an empty item ("1,,1", "1,") is refused.
+std::vector<double> number_list(const std::string& value, const char* what) {
+  std::vector<double> numbers;
+  std::size_t start = 0;
+  for (;;) {
+    const std::size_t comma = value.find(',', start);
+    numbers.push_back(finite_number(std::string_view(value).substr(start, comma - start), what));
+    if (comma == std::string::npos) return numbers;
+    start = comma + 1;
+  }
 }
 
 Arguments parse(int argc, char** argv) {
@@ -121,8 +163,14 @@ Arguments parse(int argc, char** argv) {
       options_done = true;
     } else if (arg == "--help" || arg == "-h") {
       args.help = true;
+    } else if (arg == "--filter-wise") {
+      if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
+      seen.push_back(arg);
+      args.merge.filter_wise = true;
     } else if (arg == "--method" || arg == "--base" || arg == "--scale" || arg == "--density" ||
-               arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest") {
+               arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest" || arg == "--gamma" ||
+               arg == "--epsilon" || arg == "--normalize" || arg == "--rescale" || arg == "--densities" ||
+               arg == "--select-topk") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
       seen.push_back(arg);
@@ -139,6 +187,18 @@ Arguments parse(int argc, char** argv) {
         args.merge.drop = finite_number(value, "--drop");
       } else if (arg == "--t") {
         args.merge.t = finite_number(value, "--t");
+      } else if (arg == "--gamma") {
+        args.merge.gamma = finite_number(value, "--gamma");
+      } else if (arg == "--epsilon") {
+        args.merge.epsilon = finite_number(value, "--epsilon");
+      } else if (arg == "--select-topk") {
+        args.merge.select_topk = finite_number(value, "--select-topk");
+      } else if (arg == "--normalize") {
+        args.merge.normalize = truth_value(value, arg);
+      } else if (arg == "--rescale") {
+        args.merge.rescale = truth_value(value, arg);
+      } else if (arg == "--densities") {
+        args.merge.densities = number_list(value, "density");
       } else {
         std::uint64_t n = 0;
         const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), n);
@@ -161,14 +221,7 @@ Arguments parse(int argc, char** argv) {
       if (arg == "--weights") {
         if (weights_given) throw UsageError("--weights is given twice");
         weights_given = true;
-        std::size_t start = 0;
-        for (;;) {  // comma-separated; an empty item ("1,,1", "1,") is refused by finite_number
-          const std::size_t comma = value.find(',', start);
-          args.weights.push_back(
-              finite_number(std::string_view(value).substr(start, comma - start), "weight"));
-          if (comma == std::string::npos) break;
-          start = comma + 1;
-        }
+        args.weights = number_list(value, "weight");
       } else {
         if (ema_given) throw UsageError("--ema is given twice");
         ema_given = true;
@@ -187,6 +240,8 @@ Arguments parse(int argc, char** argv) {
     if (!uses(method, option)) throw UsageError(option + " is not an option of --method " + method_name);
   }
   if (weights_given && ema_given) throw UsageError("--weights and --ema exclude each other");
+  if (method == polyak::MergeMethod::NearSwap && std::find(seen.begin(), seen.end(), "--t") == seen.end())
+    throw UsageError("nearswap needs --t, its sameness threshold (mergekit's required t)");
   const bool average = method == polyak::MergeMethod::Average;
   if (args.latest > 0 && (weights_given || ema_given))
     throw UsageError("--latest takes no --weights or --ema");
@@ -250,27 +305,36 @@ std::vector<double> ema_weights(double decay, std::size_t inputs) {
 int run(Arguments args) {
   std::vector<std::string> inputs = args.inputs;
   if (args.latest > 0 || args.ema >= 0) {  // the merges whose result depends on the files' order
-    const polyak::CheckpointOrder order = polyak::order_checkpoints(inputs);
-    inputs = order.paths;
+    polyak::CheckpointOrder order = polyak::order_checkpoints(inputs);
     const std::size_t first = args.latest > 0 ? inputs.size() - static_cast<std::size_t>(args.latest) : 0;
     std::printf("polyak-merge: %s, in order of %s:\n", args.latest > 0 ? "the latest inputs" : "an EMA over",
                 order.by_step ? "the steps they record" : "their names (digits as numbers)");
-    for (std::size_t i = first; i < inputs.size(); ++i) {
+    for (std::size_t i = first; i < order.paths.size(); ++i) {
+      const std::string path = polyak::detail::visible(order.paths[i]);
       if (order.by_step) {
-        std::printf("  %s (step %llu)\n", inputs[i].c_str(), static_cast<unsigned long long>(order.steps[i]));
+        std::printf("  %s (step %llu)\n", path.c_str(), static_cast<unsigned long long>(order.steps[i]));
       } else {
-        std::printf("  %s\n", inputs[i].c_str());
+        std::printf("  %s\n", path.c_str());
       }
     }
-    inputs.erase(inputs.begin(), inputs.begin() + static_cast<std::ptrdiff_t>(first));
-  }
-  if (args.merge.method == polyak::MergeMethod::Average) {
+    std::fflush(stdout);
+    // The checkpoints merged are the ones opened and ordered (a file renamed over a path since is not).
+    std::vector<polyak::CheckpointReader> taken;
+    for (std::size_t i = first; i < order.checkpoints.size(); ++i)
+      taken.push_back(std::move(order.checkpoints[i]));
     args.merge.weights =
-        args.ema >= 0 ? ema_weights(args.ema, inputs.size()) : normalized(args.weights, inputs.size());
+        args.ema >= 0 ? ema_weights(args.ema, taken.size()) : normalized(args.weights, taken.size());
+    const std::size_t count = taken.size();
+    polyak::merge_checkpoints(std::move(taken), nullptr, args.merge, args.out);
+    std::printf("polyak-merge: %s of %zu checkpoints into %s\n", polyak::to_string(args.merge.method), count,
+                polyak::detail::visible(args.out).c_str());
+    return 0;
   }
+  if (args.merge.method == polyak::MergeMethod::Average)
+    args.merge.weights = normalized(args.weights, inputs.size());
   polyak::merge_checkpoints(inputs, args.base, args.merge, args.out);
   std::printf("polyak-merge: %s of %zu checkpoints into %s\n", polyak::to_string(args.merge.method),
-              inputs.size(), args.out.c_str());
+              inputs.size(), polyak::detail::visible(args.out).c_str());
   return 0;
 }
 

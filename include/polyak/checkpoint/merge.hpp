@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "polyak/checkpoint/detail/merge_methods.hpp"
@@ -23,21 +24,28 @@ namespace polyak {
 /// `base` ("" for none) is the base model of the methods that need one. Every input and the base
 /// must hold the same tensors (names, dtypes, shapes) as the first: otherwise, as for bad options,
 /// nothing is written and InvalidArgument names the difference. Metadata: the first input's (each
-/// shard's own, and the index's), plus "merge_method". `out` is written atomically, a folder whole
-/// (see detail::write_folder_atomically): a crash or a concurrent merge into the same `out` never
-/// leaves a mix of two merges. Refused before anything is written: an `out` that is one of the files
-/// the merge reads or a folder holding one (compared by identity, through links), an existing `out`
-/// folder holding anything but checkpoint files.
+/// shard's own, and the index's), less the training step it records ("step", "global_step": a
+/// merge is at no one step of training), plus "merge_method". `out` is written atomically, a folder
+/// whole (see detail::write_folder_atomically): a crash or a concurrent merge into the same `out`
+/// never leaves a mix of two merges. Refused before anything is written: an `out` that is one of the
+/// files the merge reads or a folder holding one (compared by identity, through links), an existing
+/// `out` folder holding anything but checkpoint files.
 inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
+                              const MergeOptions& options, const std::string& out);
+
+/// The same merge of checkpoints already open (order_checkpoints' readers, say): the files they
+/// opened are the ones merged, whatever has been renamed over their paths since. `base`: nullptr
+/// for none.
+inline void merge_checkpoints(std::vector<CheckpointReader> inputs, CheckpointReader* base,
                               const MergeOptions& options, const std::string& out) {
-  options.check(inputs.size(), !base.empty());
-  std::vector<CheckpointReader> readers;
-  for (const auto& path : inputs) readers.emplace_back(path);
-  if (!base.empty()) readers.emplace_back(base);
+  options.check(inputs.size(), base != nullptr);
+  std::vector<CheckpointReader> readers = std::move(inputs);
+  const std::size_t models = readers.size();
+  if (base != nullptr) readers.push_back(std::move(*base));
   const detail::TensorTable first = detail::table_of(readers.front());
   for (std::size_t r = 1; r < readers.size(); ++r) {
     const std::string difference = detail::first_table_difference(
-        first, inputs.front(), detail::table_of(readers[r]), readers[r].path());
+        first, readers.front().path(), detail::table_of(readers[r]), readers[r].path());
     if (!difference.empty()) throw InvalidArgument("polyak::merge_checkpoints: " + difference);
   }
   std::vector<std::string> read;  // every file the merge reads, kept apart from what it writes
@@ -45,9 +53,8 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
     for (auto& file : reader.files()) read.push_back(std::move(file));
   }
   detail::check_output_apart("polyak::merge_checkpoints", out, read);
-  const std::size_t models = inputs.size();
   detail::write_checkpoint_like(
-      readers.front(), out, {{"merge_method", polyak::to_string(options.method)}},
+      readers.front(), out, {{"merge_method", polyak::to_string(options.method)}}, {"step", "global_step"},
       [&](const CheckpointReader::Tensor& tensor) {
         const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
         return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
@@ -57,7 +64,18 @@ inline void merge_checkpoints(const std::vector<std::string>& inputs, const std:
       });
 }
 
-/// The same merge over StateDicts in memory: a new StateDict, each entry in the first's dtype.
+inline void merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
+                              const MergeOptions& options, const std::string& out) {
+  options.check(inputs.size(), !base.empty());
+  std::vector<CheckpointReader> readers;
+  for (const auto& path : inputs) readers.emplace_back(path);
+  std::vector<CheckpointReader> base_reader;
+  if (!base.empty()) base_reader.emplace_back(base);
+  merge_checkpoints(std::move(readers), base_reader.empty() ? nullptr : &base_reader.front(), options, out);
+}
+
+/// The same merge over StateDicts in memory: a new StateDict, each entry in the first's dtype, its
+/// metadata the first's less "step" and "global_step", plus "merge_method".
 inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, const StateDict* base,
                                    const MergeOptions& options) {
   options.check(inputs.size(), base != nullptr);
@@ -72,6 +90,8 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
   }
   StateDict result;
   result.metadata = all.front()->metadata;
+  result.metadata.erase("step");  // (as merge_checkpoints: a merge is at no one step of training)
+  result.metadata.erase("global_step");
   result.metadata["merge_method"] = polyak::to_string(options.method);
   for (const auto& entry : *all.front()) {
     const std::string& name = entry.first;  // (not a structured binding: the lambdas below capture it)
@@ -95,7 +115,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
     }
     std::size_t at = 0;
     detail::merge_tensor(
-        options, inputs.size(), name, tensor.numel(), tensor.dtype,
+        options, inputs.size(), name, tensor.shape, tensor.numel(), tensor.dtype,
         [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
           detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },

@@ -1,35 +1,74 @@
 // SPDX-License-Identifier: MIT
 // What a merge does: the methods and their settings, MergeOptions; the merges themselves are in
-// polyak/checkpoint/merge.hpp.
+// polyak/checkpoint/merge.hpp. The methods carry mergekit's names and parameter names.
 //
 // Per tensor, with models x_1..x_n, weights w_i (default 1) and, where a method needs one, a base b
 // with task vectors tau_i = x_i - b:
-//   Average         sum_i w_i x_i / sum_i w_i
-//   TaskArithmetic  b + scale sum_i w_i tau_i                          (Ilharco et al., 2023)
-//   Ties            b + scale sum_i w_i m_i tau_i / sum_i w_i m_i      (Yadav et al., 2023)
-//                   trim: each tau_i keeps its floor(density numel) largest magnitudes (ties at the
-//                   threshold broken by position, first kept), the rest 0; elect: the sign of
-//                   sum_i w_i trim(tau_i), + where that sum is 0; m_i = 1 where trim(tau_i) is
-//                   nonzero and has the elected sign; where no model agrees, b
-//   Dare            b + scale sum_i w_i d_i tau_i / (1 - drop)          (Yu et al., 2024)
-//                   drop = 1 - density (mergekit's setting) or `drop` (the paper's p);
-//                   d_i = 0 with probability `drop`, else 1, drawn per scalar from `seed`, the
-//                   tensor's name and i (so a tensor's draws do not depend on which others exist)
-//   Slerp           two models, per tensor: sin((1 - t) theta) / sin(theta) x_1 + sin(t theta) /
-//                   sin(theta) x_2, theta the angle between the flattened tensors; where they are
-//                   (anti)parallel (|cos theta| > 0.9995, mergekit's threshold) or one is zero, the
-//                   linear (1 - t) x_1 + t x_2
+//   Average (linear)  sum_i w_i x_i / sum_i w_i
+//   Slerp             two models, per tensor: sin((1 - t) theta) / sin(theta) x_1 + sin(t theta) /
+//                     sin(theta) x_2, theta the angle between the flattened tensors; where they are
+//                     (anti)parallel (|cos theta| > 0.9995, mergekit's threshold) or one is zero, the
+//                     linear (1 - t) x_1 + t x_2
+//
+// The task-vector family (mergekit's generalized task arithmetic): each tau_i is sparsified to k_i
+// tau_i (k_i in {0, 1} per scalar) and rescaled by s_i, then
+//   b + scale sum_i w_i s_i k_i e_i tau_i / D
+// with e_i = 1 without sign consensus, else 1 where sign(w_i s_i k_i tau_i) is the elected sign, the
+// sign of sum_i w_i s_i k_i tau_i (+ where it is 0; a zero never agrees); D = 1 unless `normalize`:
+// then sum_i w_i e_i (1 where that is 0) with consensus, sum_i w_i (1 where |.| < 1e-8) without.
+//   method            sparsified by       consensus  normalize  rescale   from
+//   TaskArithmetic    -                   -          no         -         Ilharco et al., 2023
+//   Ties              magnitude           sign       yes        no        Yadav et al., 2023
+//   DareLinear        random              -          no         yes       Yu et al., 2024
+//   DareTies          random              sign       no         yes       Yu et al., 2024
+//   Breadcrumbs       outliers            -          no         no        Davari & Belilovsky, 2024
+//   BreadcrumbsTies   outliers            sign       no         no        (the same, with TIES' signs)
+//   Della             rank sampling       sign       yes        yes       Deep et al., 2024
+//   DellaLinear       rank sampling       -          no         yes       (the same, without)
+//   Dare              random              -          no         1/(1-p)   polyak's first DARE: the
+//                                                                         paper's rescale
+// (normalize and rescale: each method's default, which `normalize` / `rescale` override.)
+// Ranks: by magnitude |tau| (NaN above everything, and carried into the result), equal magnitudes
+// ranked by position, the earlier one higher; d_i is model i's density.
+//   magnitude      keeps the floor(d_i numel) highest-ranked (none if that is 0; mergekit refuses)
+//   outliers       drops the floor(gamma numel) highest-ranked, then the lowest-ranked so that
+//                  floor(d_i numel) are kept (fewer dropped from the top where both cannot be met);
+//                  d_i = 1 keeps everything (mergekit's), gamma 0 drops none from the top (mergekit's
+//                  slice keeps nothing there)
+//   random         keeps each scalar with probability d_i, drawn u in [0, 1) per scalar in position
+//                  order, kept where u >= 1 - d_i, from `seed`, the tensor's name and i (a tensor's
+//                  draws do not depend on which others exist)
+//   rank sampling  within each row (the tensor as shape[0] rows; one row for a vector; mergekit ranks
+//                  along dimension 1), the scalar of ascending rank r of c keeps with probability
+//                  d_i - epsilon + 2 epsilon r / (c - 1) (d_i for c = 1), drawn as random
+//   rescale        s_i = ||tau_i||_1 / ||k_i tau_i||_1 (mergekit's L1 rescale; 1 where either is
+//                  below 1e-7); Dare's 1 / (1 - p), p = 1 - density or `drop`
+//   d_i >= 1 keeps everything, unrescaled; d_i = 0 keeps nothing.
+//
+// The others:
+//   ModelStock  b + t (mean_i x_i - b) with t = n c / (1 + (n - 1) c), c the mean over pairs i < j
+//               of cos(tau_i, tau_j) (|tau_i| |tau_j| taken as at least 1e-6, clamped to [-1, 1]):
+//               per tensor, or per row of its last dimension (filter_wise)   (Jang et al., 2024)
+//               n >= 2; a c that brings 1 + (n - 1) c within 1e-9 of zero is refused
+//   NearSwap    one model x and the base: b + w (x - b), w = min(1, t / |x - b|) (1 where x = b)
+//               (mergekit's, after alchemonaut's QuartetAnemoi)
+//   Sce         tau_i kept at the floor(select_topk m) scalars of highest variance across the models
+//               (population variance; m the count of nonzero variances; position breaks ties, earlier
+//               first; select_topk 1 keeps all), weighted by the mean square of each kept tau_i
+//               (normalized to sum 1; uniform where all are 0), signs elected from sum_i tau_i as in
+//               TIES, b + sum_i w_i e_i tau_i / sum_i w_i e_i   (FuseChat's SCE; mergekit's `sce`)
 // Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
 // bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a 1 MiB block and a
-// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, and for Ties two doubles per
-// scalar of the tensor being merged (its magnitudes, in double so that an F64 checkpoint's values
-// that float would round together still rank, and a copy to find the trim threshold).
+// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks; the sparsified methods add two
+// doubles per scalar of the tensor being merged (magnitudes, and a copy to select from) and one bit
+// per scalar and model (the kept scalars); Sce two doubles per scalar.
 #pragma once
 
 #include <algorithm>  // std::max_element
 #include <cmath>      // std::isfinite
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,21 +77,67 @@
 
 namespace polyak {
 
-/// The merge methods (their formulas: the header's comment).
-enum class MergeMethod { Average, TaskArithmetic, Ties, Dare, Slerp };
+/// The merge methods (their formulas: the header's comment; their names: to_string).
+enum class MergeMethod {
+  Average,          ///< "linear": the weighted mean
+  TaskArithmetic,   ///< "task_arithmetic"
+  Ties,             ///< "ties"
+  Dare,             ///< "dare": random drops rescaled by 1 / (1 - p), as the DARE paper
+  Slerp,            ///< "slerp"
+  DareLinear,       ///< "dare_linear": random drops, mergekit's L1 rescale
+  DareTies,         ///< "dare_ties"
+  Breadcrumbs,      ///< "breadcrumbs"
+  BreadcrumbsTies,  ///< "breadcrumbs_ties"
+  Della,            ///< "della"
+  DellaLinear,      ///< "della_linear"
+  ModelStock,       ///< "model_stock"
+  NearSwap,         ///< "nearswap"
+  Sce,              ///< "sce"
+};
+
+/// Every method, in declaration order (for tools that list them).
+inline constexpr MergeMethod all_merge_methods[] = {MergeMethod::Average,
+                                                    MergeMethod::TaskArithmetic,
+                                                    MergeMethod::Ties,
+                                                    MergeMethod::Dare,
+                                                    MergeMethod::Slerp,
+                                                    MergeMethod::DareLinear,
+                                                    MergeMethod::DareTies,
+                                                    MergeMethod::Breadcrumbs,
+                                                    MergeMethod::BreadcrumbsTies,
+                                                    MergeMethod::Della,
+                                                    MergeMethod::DellaLinear,
+                                                    MergeMethod::ModelStock,
+                                                    MergeMethod::NearSwap,
+                                                    MergeMethod::Sce};
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
 /// does not use (check()): a field left at its default is not used.
 struct MergeOptions {
   MergeMethod method = MergeMethod::Average;  ///< the method
-  std::vector<double> weights;  ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
-                                ///< (not Slerp)
-  double scale = 1.0;           ///< the lambda on the merged task vector (TaskArithmetic, Ties, Dare)
-  double density = 1.0;         ///< Ties, Dare: the fraction of each task vector kept, in [0, 1]
-                                ///< (mergekit's `density`; Dare drops with probability 1 - density)
-  double drop = 0.0;            ///< Dare: the drop probability, in [0, 1) (the paper's p; or density)
-  std::uint64_t seed = 0;       ///< Dare's draws
-  double t = 0.5;               ///< Slerp: 0 gives the first model, 1 the second
+  std::vector<double> weights;    ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
+                                  ///< (not Slerp, ModelStock, NearSwap, Sce)
+  double scale = 1.0;             ///< the lambda on the merged task vector (the task-vector family;
+                                  ///< mergekit's `lambda`)
+  double density = 1.0;           ///< the sparsified methods: the fraction of each task vector kept, in
+                                  ///< [0, 1] (Dare drops with probability 1 - density)
+  std::vector<double> densities;  ///< one density a model, overriding `density` (empty: `density`)
+  double drop = 0.0;              ///< Dare: the drop probability, in [0, 1) (the paper's p; or density)
+  double gamma = 0.01;            ///< Breadcrumbs*: the fraction of largest magnitudes dropped, in [0, 1]
+  double epsilon = 0.15;          ///< Della*: the spread of keep probabilities around the density, with
+                                  ///< 0 < density - epsilon and density + epsilon < 1 where density < 1
+  std::optional<bool> normalize;  ///< the task-vector family: divide by the weights (unset: the
+                                  ///< method's default, see the header)
+  std::optional<bool> rescale;    ///< the random and rank-sampled methods, Breadcrumbs*, Ties: mergekit's
+                                  ///< L1 rescale (unset: the method's default)
+  std::uint64_t seed = 0;         ///< the random draws (Dare*, Della*)
+  double t = 0.5;                 ///< Slerp: 0 gives the first model, 1 the second; NearSwap: the
+                                  ///< sameness threshold, finite and > 0 (the tools require it given)
+  bool filter_wise = false;       ///< ModelStock: an angle per row of the last dimension
+  double select_topk = 1.0;       ///< Sce: the fraction of highest-variance scalars kept, in (0, 1]
+
+  /// Model m's density: densities[m] where given, else density.
+  double density_of(std::size_t m) const { return densities.empty() ? density : densities[m]; }
 
   /// Refuses (InvalidArgument, naming it) options that do not fit `models` models with or without a
   /// base, and a setting the method does not use (away from its default), so that none is silently
@@ -60,7 +145,8 @@ struct MergeOptions {
   void check(std::size_t models, bool has_base) const;
 };
 
-/// The method's name, as the merged file's "merge_method" metadata and the tools write it.
+/// The method's name, mergekit's, as the merged file's "merge_method" metadata and the tools write
+/// it ("average" for Average, which mergekit calls "linear", and "dare" for polyak's first DARE).
 inline const char* to_string(MergeMethod method) {
   switch (method) {
     case MergeMethod::Average:
@@ -73,13 +159,87 @@ inline const char* to_string(MergeMethod method) {
       return "dare";
     case MergeMethod::Slerp:
       return "slerp";
+    case MergeMethod::DareLinear:
+      return "dare_linear";
+    case MergeMethod::DareTies:
+      return "dare_ties";
+    case MergeMethod::Breadcrumbs:
+      return "breadcrumbs";
+    case MergeMethod::BreadcrumbsTies:
+      return "breadcrumbs_ties";
+    case MergeMethod::Della:
+      return "della";
+    case MergeMethod::DellaLinear:
+      return "della_linear";
+    case MergeMethod::ModelStock:
+      return "model_stock";
+    case MergeMethod::NearSwap:
+      return "nearswap";
+    case MergeMethod::Sce:
+      return "sce";
   }
   return "?";
 }
 
-/// Whether `method` merges task vectors against a base model (task arithmetic, TIES, DARE).
+/// The method named `name` (to_string's names, and mergekit's "linear" for Average); false if none.
+inline bool merge_method_named(const std::string& name, MergeMethod& method) {
+  if (name == "linear") {
+    method = MergeMethod::Average;
+    return true;
+  }
+  for (const MergeMethod m : all_merge_methods) {
+    if (name == to_string(m)) {
+      method = m;
+      return true;
+    }
+  }
+  return false;
+}
+
+/// How a task-vector method sparsifies each task vector.
+enum class Sparsification { None, Magnitude, Random, Outliers, RankSampling };
+
+/// Whether `method` merges task vectors (mergekit's generalized task arithmetic, and Dare).
+inline bool is_task_vector_method(MergeMethod method) {
+  return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties ||
+         method == MergeMethod::Dare || method == MergeMethod::DareLinear ||
+         method == MergeMethod::DareTies || method == MergeMethod::Breadcrumbs ||
+         method == MergeMethod::BreadcrumbsTies || method == MergeMethod::Della ||
+         method == MergeMethod::DellaLinear;
+}
+
+/// How `method` (of the task-vector family) sparsifies.
+inline Sparsification sparsification_of(MergeMethod method) {
+  if (method == MergeMethod::Ties) return Sparsification::Magnitude;
+  if (method == MergeMethod::Dare || method == MergeMethod::DareLinear || method == MergeMethod::DareTies)
+    return Sparsification::Random;
+  if (method == MergeMethod::Breadcrumbs || method == MergeMethod::BreadcrumbsTies)
+    return Sparsification::Outliers;
+  if (method == MergeMethod::Della || method == MergeMethod::DellaLinear) return Sparsification::RankSampling;
+  return Sparsification::None;
+}
+
+/// Whether `method` elects a sign per scalar and merges only the task values that agree with it.
+inline bool uses_sign_consensus(MergeMethod method) {
+  return method == MergeMethod::Ties || method == MergeMethod::DareTies ||
+         method == MergeMethod::BreadcrumbsTies || method == MergeMethod::Della;
+}
+
+/// Whether `method` (of the task-vector family) divides by the weights unless told otherwise.
+inline bool normalizes_by_default(MergeMethod method) {
+  return method == MergeMethod::Ties || method == MergeMethod::Della;
+}
+
+/// Whether `method` (of the task-vector family) applies mergekit's L1 rescale unless told otherwise.
+inline bool rescales_by_default(MergeMethod method) {
+  return method == MergeMethod::DareLinear || method == MergeMethod::DareTies ||
+         method == MergeMethod::Della || method == MergeMethod::DellaLinear;
+}
+
+/// Whether `method` merges against a base model.
 inline bool needs_base(MergeMethod method) {
-  return method == MergeMethod::TaskArithmetic || method == MergeMethod::Ties || method == MergeMethod::Dare;
+  return is_task_vector_method(method) || method == MergeMethod::ModelStock ||
+         method == MergeMethod::NearSwap || method == MergeMethod::Sce;
 }
 
 inline void MergeOptions::check(std::size_t models, bool has_base) const {
@@ -87,30 +247,45 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
   const std::string name = to_string(o.method);
   const MergeMethod m = o.method;
+  const Sparsification sparsify = sparsification_of(m);
   if (models == 0) bad("no models");
   if (needs_base(m) && !has_base) bad(name + " needs a base model");
   if (!needs_base(m) && has_base) bad(name + " takes no base model");
   if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
-  if (m == MergeMethod::Ties && models > 64)
-    bad("ties merges at most 64 models, not " + std::to_string(models));
+  if (m == MergeMethod::NearSwap && models != 1)
+    bad("nearswap merges one model with the base, not " + std::to_string(models));
+  if (m == MergeMethod::ModelStock && models < 2)
+    bad("model_stock merges at least two models with the base, not " + std::to_string(models));
   const auto unused = [&](bool set, const char* setting) {
     if (set) bad(std::string(setting) + " is not a setting of " + name);
   };
   const MergeOptions defaults;
-  unused(!o.weights.empty() && m == MergeMethod::Slerp, "weights");
-  unused(!detail::exactly_equal(o.scale, defaults.scale) &&
-             (m == MergeMethod::Average || m == MergeMethod::Slerp),
-         "scale");
-  unused(
-      !detail::exactly_equal(o.density, defaults.density) && m != MergeMethod::Ties && m != MergeMethod::Dare,
-      "density");
+  const bool weighted = m == MergeMethod::Average || is_task_vector_method(m);
+  unused(!o.weights.empty() && !weighted, "weights");
+  unused(!detail::exactly_equal(o.scale, defaults.scale) && !is_task_vector_method(m), "scale");
+  unused(!detail::exactly_equal(o.density, defaults.density) && sparsify == Sparsification::None, "density");
+  unused(!o.densities.empty() && sparsify == Sparsification::None, "densities");
   unused(!detail::exactly_equal(o.drop, defaults.drop) && m != MergeMethod::Dare, "drop");
-  unused(o.seed != defaults.seed && m != MergeMethod::Dare, "seed");
-  unused(!detail::exactly_equal(o.t, defaults.t) && m != MergeMethod::Slerp, "t");
-  if (m == MergeMethod::Dare && o.density < 1 && o.drop > 0)
+  unused(!detail::exactly_equal(o.gamma, defaults.gamma) && sparsify != Sparsification::Outliers, "gamma");
+  unused(!detail::exactly_equal(o.epsilon, defaults.epsilon) && sparsify != Sparsification::RankSampling,
+         "epsilon");
+  unused(o.normalize.has_value() && !is_task_vector_method(m), "normalize");
+  unused(o.rescale.has_value() && (sparsify == Sparsification::None || m == MergeMethod::Dare), "rescale");
+  unused(o.seed != defaults.seed && sparsify != Sparsification::Random &&
+             sparsify != Sparsification::RankSampling,
+         "seed");
+  unused(!detail::exactly_equal(o.t, defaults.t) && m != MergeMethod::Slerp && m != MergeMethod::NearSwap,
+         "t");
+  unused(o.filter_wise && m != MergeMethod::ModelStock, "filter_wise");
+  unused(!detail::exactly_equal(o.select_topk, defaults.select_topk) && m != MergeMethod::Sce, "select_topk");
+  if (m == MergeMethod::Dare && (o.density < 1 || !o.densities.empty()) && o.drop > 0)
     bad("dare takes density (the fraction kept) or drop (its complement), not both");
+  if (!o.densities.empty() && !detail::exactly_equal(o.density, defaults.density))
+    bad("density and densities exclude each other");
   if (!o.weights.empty() && o.weights.size() != models)
     bad(std::to_string(o.weights.size()) + " weights for " + std::to_string(models) + " models");
+  if (!o.densities.empty() && o.densities.size() != models)
+    bad(std::to_string(o.densities.size()) + " densities for " + std::to_string(models) + " models");
   for (const double w : o.weights) {
     if (!std::isfinite(w)) bad("a weight is not finite");
     if (m == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
@@ -121,11 +296,26 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
     bad("the weights are all 0");
   }
   if (!std::isfinite(o.scale)) bad("scale is not finite");
-  if (!detail::in_unit_interval(o.density)) bad(detail::unit_interval_problem(o.density, "density"));
-  if (m == MergeMethod::Dare && !(o.density > 0))
-    bad("dare's density must be in (0, 1]: it keeps that fraction");
+  for (std::size_t i = 0; i < (o.densities.empty() ? 1 : o.densities.size()); ++i) {
+    const double d = o.densities.empty() ? o.density : o.densities[i];
+    if (!detail::in_unit_interval(d)) bad(detail::unit_interval_problem(d, "density"));
+    if (m == MergeMethod::Dare && !(d > 0)) bad("dare's density must be in (0, 1]: it keeps that fraction");
+    if (sparsify == Sparsification::RankSampling && d > 0 && d < 1 &&
+        !(d - o.epsilon > 0 && d + o.epsilon < 1)) {
+      bad("density " + detail::number_text(d) + " and epsilon " + detail::number_text(o.epsilon) +
+          ": density - epsilon and density + epsilon must lie in (0, 1)");
+    }
+  }
   if (!(o.drop >= 0 && o.drop < 1)) bad("drop must be in [0, 1)");
-  if (!detail::in_unit_interval(o.t)) bad(detail::unit_interval_problem(o.t, "t"));
+  if (!detail::in_unit_interval(o.gamma)) bad(detail::unit_interval_problem(o.gamma, "gamma"));
+  if (!(o.epsilon >= 0 && o.epsilon < 0.5)) bad("epsilon must be in [0, 0.5)");
+  if (m == MergeMethod::NearSwap) {
+    if (!(o.t > 0) || !std::isfinite(o.t))
+      bad("nearswap's t (the sameness threshold) must be finite and > 0");
+  } else if (!detail::in_unit_interval(o.t)) {
+    bad(detail::unit_interval_problem(o.t, "t"));
+  }
+  if (!(o.select_topk > 0 && o.select_topk <= 1)) bad("select_topk must be in (0, 1]");
 }
 
 }  // namespace polyak

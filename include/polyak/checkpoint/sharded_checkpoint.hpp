@@ -369,13 +369,15 @@ inline std::string foreign_in_checkpoint_folder(const std::string& folder) {
 /// model.safetensors.index.json. `writer_of(tensor)` gives each tensor's TensorWriter. Metadata: a
 /// file's or shard's own (from the same file of `layout`: {"format": "pt"}, which transformers'
 /// loader needs), the index's "metadata" with "total_size" of the new tensors; `extra` is added to
-/// each. Written atomically, the folder whole (write_folder_atomically): an existing `out` is
-/// replaced only at the end, and only if it is a sharded checkpoint and nothing else
-/// (foreign_in_checkpoint_folder; else refused).
+/// each, and the keys `dropped` are left out of each. Written atomically, the folder whole
+/// (write_folder_atomically): an existing `out` is replaced only at the end, and only if it is a sharded
+/// checkpoint and nothing else (foreign_in_checkpoint_folder; else refused).
 template <class WriterOf>
 void write_checkpoint_like(const CheckpointReader& layout, const std::string& out,
-                           const std::map<std::string, std::string>& extra, WriterOf&& writer_of) {
+                           const std::map<std::string, std::string>& extra,
+                           const std::vector<std::string>& dropped, WriterOf&& writer_of) {
   const auto with_extra = [&](std::map<std::string, std::string> metadata) {
+    for (const auto& key : dropped) metadata.erase(key);
     for (const auto& [key, value] : extra) metadata[key] = value;
     return metadata;
   };

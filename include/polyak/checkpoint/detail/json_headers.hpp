@@ -241,13 +241,20 @@ class SafetensorsHeaderEvents : public JsonEvents<SafetensorsHeaderEvents> {
 };
 
 /// A sharded checkpoint's index: {"metadata": {...}, "weight_map": {"tensor": "shard file", ...}};
-/// other keys are skipped. Metadata values are kept as text: strings as they are, non-negative
-/// integers and decimals as written; other values are skipped.
+/// other keys are skipped. Metadata values are kept as text: strings as they are, numbers as written,
+/// true, false and null as those words; objects and arrays are skipped, but for a training step's
+/// keys ("step", "global_step"), which are kept as "(an object)" / "(an array)": no step reads them
+/// as a number, so a checkpoint's order is refused rather than taken from its name.
 class ShardIndexEvents : public JsonEvents<ShardIndexEvents> {
  public:
   std::vector<std::pair<std::string, std::string>> weight_map;  ///< in the order written
   std::map<std::string, std::string> metadata;
   bool has_weight_map = false;
+
+  // (JsonEvents passes these without their text; the index keeps them as written)
+  bool null() { return scalar("null"); }
+  bool boolean(bool value) { return scalar(value ? "true" : "false"); }
+  bool number_integer(nlohmann::json::number_integer_t number) { return scalar(std::to_string(number)); }
 
   bool value(Kind kind, const std::string* text, std::uint64_t number) {
     if (depth() == 0) return true;
@@ -266,6 +273,8 @@ class ShardIndexEvents : public JsonEvents<ShardIndexEvents> {
         metadata[key_] = *text;
       } else if (kind == Kind::Unsigned) {
         metadata[key_] = std::to_string(number);
+      } else if ((kind == Kind::Object || kind == Kind::Array) && (key_ == "step" || key_ == "global_step")) {
+        metadata[key_] = kind == Kind::Object ? "(an object)" : "(an array)";
       }
     }
     return true;  // (anything deeper, or elsewhere: skipped)
@@ -280,6 +289,7 @@ class ShardIndexEvents : public JsonEvents<ShardIndexEvents> {
 
  private:
   enum class Part { WeightMap, Metadata, Other };
+  bool scalar(std::string text) { return value(Kind::Other, &text, 0); }
   std::string top_, key_;
   Part part_ = Part::Other;
 };

@@ -24,26 +24,12 @@
 #include "polyak/checkpoint/safetensors.hpp"
 #include "polyak/checkpoint/sharded_checkpoint.hpp"
 #include "polyak/checkpoint/merge_options.hpp"
+#include "polyak/checkpoint/detail/sparsify.hpp"
 #include "polyak/checkpoint/state_dict.hpp"
 
 namespace polyak {
 
 namespace detail {
-
-/// Dare's drop probability: 1 - density where density is set, else drop.
-inline double dare_drop(const MergeOptions& o) { return o.density < 1 ? 1 - o.density : o.drop; }
-
-}  // namespace detail
-
-namespace detail {
-
-/// FNV-1a of a name: part of Dare's seed, the same on every platform.
-inline std::uint64_t name_hash(const std::string& name) {
-  std::uint64_t h = 14695981039346656037ull;
-  for (const char c : name)
-    h = (h ^ static_cast<std::uint64_t>(static_cast<unsigned char>(c))) * 1099511628211ull;
-  return h;
-}
 
 /// Where a merge reads one tensor: read(m, begin, count, out) fills out with elements
 /// [begin, begin + count) of model m (m == models: the base) as doubles.
@@ -51,12 +37,6 @@ using TensorSource =
     std::function<void(std::size_t model, std::size_t begin, std::size_t count, double* out)>;
 
 inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
-
-/// A task value's magnitude as TIES ranks it: NaN ranks above everything (kept, and carried into the
-/// result as NaN), so that the ranking is a strict weak order whatever the inputs hold.
-inline double ties_magnitude(double tau) {
-  return std::isnan(tau) ? std::numeric_limits<double>::infinity() : std::abs(tau);
-}
 
 /// The smallest magnitude that rounds to infinity in `dtype` (round to nearest even): max + ulp / 2.
 inline double overflow_threshold(DType dtype) {
@@ -66,11 +46,15 @@ inline double overflow_threshold(DType dtype) {
   return std::numeric_limits<double>::infinity();  // F64 (and I64, which is not merged)
 }
 
-/// Merges one floating-point tensor of `numel` elements, calling emit(values, count) with the
-/// merged doubles piece by piece, in order.
+/// Whether a consensus-elected sign `sign` (+1 or -1) agrees with `value` (a zero never agrees).
+inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) || (value < 0 && sign < 0); }
+
+/// Merges one floating-point tensor of `numel` elements and shape `shape`, calling emit(values,
+/// count) with the merged doubles piece by piece, in order.
 template <class Emit>
-void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name, std::size_t numel,
-                  DType dtype, const TensorSource& read, Emit&& emit) {
+void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
+                  const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype,
+                  const TensorSource& read, Emit&& emit) {
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
   const double overflow = overflow_threshold(dtype);
@@ -92,37 +76,45 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
     }
   };
-  const bool has_base = needs_base(o.method);
+  const MergeMethod method = o.method;
+  const bool has_base = needs_base(method);
   std::vector<double> w = o.weights.empty() ? std::vector<double>(models, 1.0) : o.weights;
-  if (o.method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
+  if (method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
     const double largest = *std::max_element(w.begin(), w.end());
     double total = 0;
     for (double& x : w) total += (x /= largest);
     for (double& x : w) x /= total;
   }
-  std::vector<std::vector<double>> x(models, std::vector<double>(std::min(numel, merge_piece)));
-  std::vector<double> base(has_base ? std::min(numel, merge_piece) : 0), out(std::min(numel, merge_piece));
+  const std::size_t piece = std::min(numel, merge_piece);
+  std::vector<std::vector<double>> x(models, std::vector<double>(piece));
+  std::vector<double> base(has_base ? piece : 0), out(piece);
   const auto read_piece = [&](std::size_t begin, std::size_t count) {
     for (std::size_t m = 0; m < models; ++m) read(m, begin, count, x[m].data());
     if (has_base) read(models, begin, count, base.data());
   };
-
-  // Slerp's angle, and Ties' thresholds: a first pass over the tensor.
-  double s0 = 1 - o.t, s1 = o.t;
-  std::vector<double> threshold(models, 0.0);
-  std::vector<std::size_t> equal_allowed(models, 0), equal_seen(models, 0);
-  std::vector<bool> keep_all(models, false);
-  if (o.method == MergeMethod::Slerp) {
-    double dot = 0, aa = 0, bb = 0;
+  const auto for_each_piece = [&](auto&& body) {
     for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
       const std::size_t count = std::min(merge_piece, numel - begin);
       read_piece(begin, count);
+      body(begin, count);
+    }
+  };
+  const auto finish_piece = [&](std::size_t count) {
+    check_range(x, base, out.data(), count);
+    emit(static_cast<const double*>(out.data()), count);
+  };
+
+  // First passes over the whole tensor: what each method needs to know before it writes.
+  double s0 = 1 - o.t, s1 = o.t;  // Slerp's coefficients
+  if (method == MergeMethod::Slerp) {
+    double dot = 0, aa = 0, bb = 0;
+    for_each_piece([&](std::size_t, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
         dot += x[0][j] * x[1][j];
         aa += x[0][j] * x[0][j];
         bb += x[1][j] * x[1][j];
       }
-    }
+    });
     const double cosine = aa > 0 && bb > 0 ? dot / std::sqrt(aa * bb) : 1.0;  // a zero tensor: linear
     if (std::abs(cosine) <= 0.9995) {
       const double theta = std::acos(cosine), sine = std::sin(theta);
@@ -130,52 +122,110 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       s1 = std::sin(o.t * theta) / sine;
     }
   }
-  if (o.method == MergeMethod::Ties) {
-    const auto k = static_cast<std::size_t>(std::floor(o.density * static_cast<double>(numel)));
-    std::vector<double> magnitude(k < numel && k > 0 ? numel : 0);
-    for (std::size_t m = 0; m < models; ++m) {
-      if (k >= numel) {
-        keep_all[m] = true;
-        continue;
+  std::vector<KeptScalars> kept(is_task_vector_method(method) ? models : 0);
+  std::vector<double> piece_of_tau(piece), piece_of_base(piece);
+  for (std::size_t m = 0; m < kept.size(); ++m) {
+    kept[m] = kept_scalars(o, m, name, shape, numel, merge_piece,
+                           [&](std::size_t begin, std::size_t count, double* tau) {
+                             read(m, begin, count, tau);
+                             read(models, begin, count, piece_of_base.data());
+                             for (std::size_t j = 0; j < count; ++j) tau[j] -= piece_of_base[j];
+                           });
+  }
+  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t.
+  std::vector<double> stock_t;
+  const std::size_t stock_columns =
+      o.filter_wise && !shape.empty() && shape.back() > 0 ? static_cast<std::size_t>(shape.back()) : numel;
+  if (method == MergeMethod::ModelStock) {
+    const std::size_t groups = numel == 0 ? 0 : numel / stock_columns, pairs = models * (models - 1) / 2;
+    std::vector<double> dots(groups * pairs, 0.0), squares(groups * models, 0.0);
+    for_each_piece([&](std::size_t begin, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::size_t g = (begin + j) / stock_columns;
+        std::size_t pair = 0;
+        for (std::size_t a = 0; a < models; ++a) {
+          const double ta = x[a][j] - base[j];
+          squares[g * models + a] += ta * ta;
+          for (std::size_t b = a + 1; b < models; ++b) dots[g * pairs + pair++] += ta * (x[b][j] - base[j]);
+        }
       }
-      if (k == 0) {  // nothing kept: a threshold above every magnitude
-        threshold[m] = std::numeric_limits<double>::infinity();
-        continue;
+    });
+    stock_t.resize(groups);
+    const double n = static_cast<double>(models);
+    for (std::size_t g = 0; g < groups; ++g) {
+      double cosine = 0;
+      std::size_t pair = 0;
+      for (std::size_t a = 0; a < models; ++a) {
+        for (std::size_t b = a + 1; b < models; ++b) {
+          const double norms =
+              std::max(std::sqrt(squares[g * models + a]) * std::sqrt(squares[g * models + b]), 1e-6);
+          cosine += std::clamp(dots[g * pairs + pair++] / norms, -1.0, 1.0);
+        }
       }
-      for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
-        const std::size_t count = std::min(merge_piece, numel - begin);
-        read(m, begin, count, x[m].data());
-        read(models, begin, count, base.data());
-        for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = ties_magnitude(x[m][j] - base[j]);
+      cosine /= static_cast<double>(pairs);
+      const double denominator = 1 + (n - 1) * cosine;
+      if (std::abs(denominator) < 1e-9) {  // (at the pole, or so near it that t is rounding error)
+        throw InvalidArgument("polyak::merge: tensor '" + name + "': model_stock's mean cosine " +
+                              detail::number_text(cosine) + " makes 1 + (n - 1) cos " +
+                              detail::number_text(denominator) + ", within 1e-9 of 0: t is undefined");
       }
-      std::vector<double> sorted = magnitude;  // (the k-th largest; the order of `magnitude` is kept)
-      std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(k - 1), sorted.end(),
-                       std::greater<double>());
-      threshold[m] = sorted[k - 1];
-      const auto greater = static_cast<std::size_t>(
-          std::count_if(magnitude.begin(), magnitude.end(), [&](double v) { return v > threshold[m]; }));
-      equal_allowed[m] = k - greater;
+      stock_t[g] = n * cosine / denominator;
     }
   }
-
-  std::vector<std::mt19937_64> rngs;
-  const double drop = dare_drop(o);
-  if (o.method == MergeMethod::Dare) {
+  // Sce: the kept scalars (highest variance across the models) and each model's weight.
+  std::vector<bool> sce_keep;
+  if (method == MergeMethod::Sce) {
+    std::vector<double> variance(numel), scratch;
+    std::size_t nonzero = 0;
+    for_each_piece([&](std::size_t begin, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        double mean = 0, square = 0;
+        for (std::size_t m = 0; m < models; ++m) mean += x[m][j] - base[j];
+        mean /= static_cast<double>(models);
+        for (std::size_t m = 0; m < models; ++m)
+          square += (x[m][j] - base[j] - mean) * (x[m][j] - base[j] - mean);
+        const double v = rank_magnitude(square / static_cast<double>(models));
+        variance[begin + j] = v;
+        nonzero += v > 0;  // (a variance is >= 0; NaN ranks as infinity)
+      }
+    });
+    if (o.select_topk < 1) {
+      const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
+      keep_ranks(variance, numel - k, numel, sce_keep, scratch);
+    }
+    std::vector<double> squares(models, 0.0);
+    for_each_piece([&](std::size_t begin, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        if (!sce_keep.empty() && !sce_keep[begin + j]) continue;
+        for (std::size_t m = 0; m < models; ++m) {
+          const double tau = x[m][j] - base[j];
+          if (std::isfinite(tau)) squares[m] += tau * tau;
+        }
+      }
+    });
+    double total = 0;
+    for (double& square : squares) total += (square /= static_cast<double>(numel));
     for (std::size_t m = 0; m < models; ++m)
-      rngs.emplace_back(o.seed ^ name_hash(name) ^ (0x9e3779b97f4a7c15ull * (m + 1)));
+      w[m] = total > 0 ? squares[m] / total : 1.0 / static_cast<double>(models);
   }
-  for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
-    const std::size_t count = std::min(merge_piece, numel - begin);
-    read_piece(begin, count);
-    // The linear methods a model at a time over the piece (loops the compiler vectorizes), the
-    // others a scalar at a time.
-    if (o.method == MergeMethod::Average || o.method == MergeMethod::TaskArithmetic ||
-        o.method == MergeMethod::Slerp) {
-      const bool slerp = o.method == MergeMethod::Slerp, arithmetic = o.method == MergeMethod::TaskArithmetic;
-      double* result = out.data();
+
+  // The merge, piece by piece.
+  const bool normalize = o.normalize.value_or(normalizes_by_default(method));
+  const bool consensus = uses_sign_consensus(method);
+  double weight_sum = 0;  // the divisor of normalize without consensus
+  for (const double v : w) weight_sum += v;
+  if (std::abs(weight_sum) < 1e-8) weight_sum = 1;
+  std::vector<double> v(models);
+  for_each_piece([&](std::size_t begin, std::size_t count) {
+    double* result = out.data();
+    if (method == MergeMethod::Average || method == MergeMethod::Slerp ||
+        (method == MergeMethod::TaskArithmetic)) {
+      // The linear methods a model at a time over the piece (loops the compiler vectorizes).
+      const bool slerp = method == MergeMethod::Slerp, arithmetic = method == MergeMethod::TaskArithmetic;
+      const double divisor = arithmetic && normalize ? weight_sum : 1.0;
       std::fill(result, result + count, 0.0);
       for (std::size_t m = 0; m < models; ++m) {
-        const double weight = slerp ? (m == 0 ? s0 : s1) : arithmetic ? o.scale * w[m] : w[m];
+        const double weight = slerp ? (m == 0 ? s0 : s1) : arithmetic ? o.scale * w[m] / divisor : w[m];
         const double* xm = x[m].data();
         if (arithmetic) {
           const double* b = base.data();
@@ -187,60 +237,73 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       if (arithmetic) {
         for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
       }
-      check_range(x, base, out.data(), count);
-      emit(static_cast<const double*>(out.data()), count);
-      continue;
-    }
-    for (std::size_t j = 0; j < count; ++j) {
-      double value = 0;
-      switch (o.method) {
-        case MergeMethod::Dare: {
-          double delta = 0;
-          for (std::size_t m = 0; m < models; ++m) {
-            const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(rngs[m]);
-            if (u >= drop) delta += w[m] * (x[m][j] - base[j]) / (1 - drop);
-          }
-          value = base[j] + o.scale * delta;
-          break;
+    } else if (is_task_vector_method(method)) {
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::size_t at = begin + j;
+        double elect = 0;
+        bool nan = false;
+        for (std::size_t m = 0; m < models; ++m) {
+          const double tau = x[m][j] - base[j];
+          nan = nan || std::isnan(tau);
+          const bool keep = kept[m].keep.empty() || kept[m].keep[at];
+          v[m] = keep ? w[m] * kept[m].rescale * tau : 0.0;
+          elect += v[m];
         }
-        case MergeMethod::Ties: {
-          double elect = 0;
-          double trimmed[64];  // models <= 64 for Ties: checked by merge_tensors
-          bool nan = false;
-          for (std::size_t m = 0; m < models; ++m) {
-            const double tau = x[m][j] - base[j];
-            const double size = ties_magnitude(tau);
-            nan = nan || std::isnan(tau);
-            bool keep = keep_all[m] || size > threshold[m];
-            if (!keep && !(size < threshold[m]) && equal_seen[m] < equal_allowed[m]) {  // (== the threshold)
-              keep = true;
-              ++equal_seen[m];
-            }
-            trimmed[m] = keep ? tau : 0.0;
-            elect += w[m] * trimmed[m];
-          }
+        double sum = 0, divisor = weight_sum;
+        if (consensus) {
           const double sign = elect >= 0 ? 1.0 : -1.0;
-          double numerator = 0, denominator = 0;
+          divisor = 0;
           for (std::size_t m = 0; m < models; ++m) {
-            if ((trimmed[m] > 0 && sign > 0) || (trimmed[m] < 0 && sign < 0)) {
-              numerator += w[m] * trimmed[m];
-              denominator += w[m];
-            }
+            if (!agrees(v[m], sign)) continue;
+            sum += v[m];
+            divisor += w[m];
           }
-          value = base[j] + (denominator > 0 ? o.scale * numerator / denominator : 0.0);
-          if (nan) value = std::numeric_limits<double>::quiet_NaN();  // as arithmetic would carry it
-          break;
+          if (exactly_equal(divisor, 0.0)) divisor = 1;  // (mergekit's guard, exactly zero)
+        } else {
+          sum = elect;
         }
-        case MergeMethod::Average:  // (the linear methods were merged above)
-        case MergeMethod::TaskArithmetic:
-        case MergeMethod::Slerp:
-          break;
+        const double merged = base[j] + o.scale * (normalize ? sum / divisor : sum);
+        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : merged;  // as arithmetic carries it
       }
-      out[j] = value;
+    } else if (method == MergeMethod::ModelStock) {
+      const double n = static_cast<double>(models);
+      for (std::size_t j = 0; j < count; ++j) {
+        double mean = 0;
+        for (std::size_t m = 0; m < models; ++m) mean += x[m][j];
+        const double t = stock_t[(begin + j) / stock_columns];
+        result[j] = t * (mean / n) + (1 - t) * base[j];
+      }
+    } else if (method == MergeMethod::NearSwap) {
+      for (std::size_t j = 0; j < count; ++j) {
+        double weight = o.t / std::abs(base[j] - x[0][j]);
+        if (!std::isfinite(weight)) weight = 1;  // x = b (and NaN): the model's value
+        weight = std::clamp(weight, 0.0, 1.0);
+        result[j] = weight * x[0][j] + (1 - weight) * base[j];
+      }
+    } else {  // Sce
+      for (std::size_t j = 0; j < count; ++j) {
+        const bool keep = sce_keep.empty() || sce_keep[begin + j];
+        double elect = 0;
+        bool nan = false;
+        for (std::size_t m = 0; m < models; ++m) {
+          const double tau = x[m][j] - base[j];
+          nan = nan || std::isnan(tau);
+          v[m] = keep ? tau : 0.0;
+          elect += v[m];
+        }
+        const double sign = elect >= 0 ? 1.0 : -1.0;
+        double sum = 0, divisor = 0;
+        for (std::size_t m = 0; m < models; ++m) {
+          if (!agrees(v[m], sign)) continue;
+          sum += w[m] * v[m];
+          divisor += w[m];
+        }
+        if (exactly_equal(divisor, 0.0)) divisor = 1;  // (exactly zero)
+        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : base[j] + sum / divisor;
+      }
     }
-    check_range(x, base, out.data(), count);
-    emit(static_cast<const double*>(out.data()), count);
-  }
+    finish_piece(count);
+  });
 }
 
 /// The first difference between two tensor tables (names, dtypes, shapes), or "".
@@ -320,7 +383,7 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
-  merge_tensor(options, models, tensor.name, numel, tensor.dtype, read,
+  merge_tensor(options, models, tensor.name, tensor.shape, numel, tensor.dtype, read,
                [&](const double* values, std::size_t count) {
                  if ((filled + count) * element > pending.size()) {
                    flush(filled * element);

@@ -1,0 +1,300 @@
+// SPDX-License-Identifier: MIT
+// mergekit's methods beyond the first five (merge_options.hpp): DARE-TIES and linear DARE,
+// Breadcrumbs (and with TIES), DELLA (and linear), Model Stock, NearSwap, SCE, and the options they
+// share (per-model densities, normalize, rescale). Each against its formula worked by hand here
+// from the papers' and mergekit's definitions, on small tensors, with the cases each definition fixes;
+// each random method's keep rate within 5 standard deviations.
+#include "polyak/checkpoint/merge.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+using polyak::MergeMethod;
+using polyak::MergeOptions;
+using polyak::StateDict;
+
+StateDict tensor_of(const std::vector<float>& x, std::vector<std::int64_t> shape = {}) {
+  StateDict sd;
+  if (shape.empty()) shape = {static_cast<std::int64_t>(x.size())};
+  sd.insert("w", x.data(), shape);
+  return sd;
+}
+
+std::vector<double> merge_of(const std::vector<StateDict>& models, const StateDict& base,
+                             const MergeOptions& o) {
+  std::vector<const StateDict*> inputs;
+  for (const auto& m : models) inputs.push_back(&m);
+  return polyak::to_doubles(polyak::merge_state_dicts(inputs, &base, o).at("w"));
+}
+
+MergeOptions method(MergeMethod m) {
+  MergeOptions o;
+  o.method = m;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("Breadcrumbs drops the largest gamma and the smallest magnitudes", "[merge][breadcrumbs]") {
+  const StateDict base = tensor_of(std::vector<float>(10, 0.0f));
+  const StateDict one_to_ten = tensor_of({1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+  MergeOptions o = method(MergeMethod::Breadcrumbs);
+  o.density = 0.5;  // 5 kept; gamma 0.1: the top 1 dropped, then the 4 smallest
+  o.gamma = 0.1;
+  CHECK(merge_of({one_to_ten}, base, o) == std::vector<double>{0, 0, 0, 0, 5, 6, 7, 8, 9, 0});
+  o.gamma = 0;  // none dropped from the top (mergekit's slice [n_bot:-0] would keep nothing)
+  CHECK(merge_of({one_to_ten}, base, o) == std::vector<double>{0, 0, 0, 0, 0, 6, 7, 8, 9, 10});
+  o.gamma = 0.8;  // 8 from the top and 5 kept cannot both hold: 5 from the top, none from the bottom
+  CHECK(merge_of({one_to_ten}, base, o) == std::vector<double>{1, 2, 3, 4, 5, 0, 0, 0, 0, 0});
+  o.gamma = 0.1;
+  o.density = 1;  // everything, outliers too (mergekit's)
+  CHECK(merge_of({one_to_ten}, base, o) == std::vector<double>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+  o.density = 0.5;
+  o.rescale = true;  // the L1 norm kept: 55 / (5 + 6 + 7 + 8 + 9)
+  const auto rescaled = merge_of({one_to_ten}, base, o);
+  CHECK(rescaled[4] == Approx(5 * 55.0 / 35).epsilon(1e-7));
+  CHECK(rescaled[9] == 0);
+  // Equal magnitudes: the earlier position ranks higher. Four 2s, density 0.5, gamma 0.25: the
+  // highest (position 0) dropped, then the lowest (position 3).
+  o = method(MergeMethod::Breadcrumbs);
+  o.density = 0.5;
+  o.gamma = 0.25;
+  CHECK(merge_of({tensor_of({2, -2, 2, 2})}, tensor_of({0, 0, 0, 0}), o) == std::vector<double>{0, -2, 2, 0});
+  // A streamed tensor of many equal magnitudes: exactly floor(d n) kept, at the right positions.
+  const std::size_t n = 100000;  // magnitudes 1, 2, 3, 4 repeating; gamma 0.05 drops the first 5,000 fours
+  std::vector<float> x(n);
+  for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<float>(i % 4 + 1);
+  o.density = 0.5;
+  o.gamma = 0.05;  // keeps 50,000: the other 20,000 fours, all 25,000 threes and the first 5,000 twos
+  const auto kept = merge_of({tensor_of(x)}, tensor_of(std::vector<float>(n, 0.0f)), o);
+  std::size_t counts[5] = {0, 0, 0, 0, 0}, first_four = n, last_two = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto v = static_cast<std::size_t>(kept[i]);
+    REQUIRE((kept[i] == 0 || kept[i] == x[i]));
+    ++counts[v];
+    if (v == 4 && first_four == n) first_four = i;
+    if (v == 2) last_two = i;
+  }
+  CHECK(counts[4] == 20000);
+  CHECK(counts[3] == 25000);
+  CHECK(counts[2] == 5000);
+  CHECK(counts[1] == 0);
+  CHECK(first_four == 4 * 5000 + 3);  // the fours before it were the top 5,000
+  CHECK(last_two == 4 * 4999 + 1);    // the 5,000th two
+}
+
+TEST_CASE("sign consensus with and without normalizing: TIES, Breadcrumbs-TIES, DARE-TIES at density 1",
+          "[merge][ties]") {
+  const StateDict base = tensor_of({0, 0, 0, 0});
+  const std::vector<StateDict> models{tensor_of({3, -1, 2, -4}), tensor_of({-2, 2, 1, -1})};
+  // Elected signs from the sums 1, 1, 3, -5: +, +, +, -. The agreeing values: {3}, {2}, {2, 1}, {-4, -1}.
+  CHECK(merge_of(models, base, method(MergeMethod::BreadcrumbsTies)) == std::vector<double>{3, 2, 3, -5});
+  CHECK(merge_of(models, base, method(MergeMethod::DareTies)) == std::vector<double>{3, 2, 3, -5});
+  CHECK(merge_of(models, base, method(MergeMethod::Ties)) == std::vector<double>{3, 2, 1.5, -2.5});
+  MergeOptions o = method(MergeMethod::Ties);
+  o.normalize = false;
+  CHECK(merge_of(models, base, o) == std::vector<double>{3, 2, 3, -5});
+  o = method(MergeMethod::DareTies);
+  o.normalize = true;
+  CHECK(merge_of(models, base, o) == std::vector<double>{3, 2, 1.5, -2.5});
+  o = method(MergeMethod::Della);  // density 1: TIES (sign consensus, normalized)
+  CHECK(merge_of(models, base, o) == std::vector<double>{3, 2, 1.5, -2.5});
+  // Weights weigh the election: 3 * 1 < 2 * 2 elects - at element 0.
+  o = method(MergeMethod::BreadcrumbsTies);
+  o.weights = {1, 2};
+  CHECK(merge_of(models, base, o) == std::vector<double>{-4, 4, 4, -6});
+  // Per-model densities: the second model keeps nothing (its task vector is all zero).
+  o = method(MergeMethod::Ties);
+  o.densities = {1, 0};
+  CHECK(merge_of(models, base, o) == std::vector<double>{3, -1, 2, -4});
+  // 65 models (the former limit was 64): each +1, the mean 1.
+  std::vector<StateDict> many(65, tensor_of({1, 1, 1, 1}));
+  CHECK(merge_of(many, base, method(MergeMethod::Ties)) == std::vector<double>{1, 1, 1, 1});
+}
+
+TEST_CASE("normalize divides the task arithmetic by the weights", "[merge]") {
+  MergeOptions o = method(MergeMethod::TaskArithmetic);
+  o.normalize = true;
+  o.weights = {1, 3};
+  CHECK(merge_of({tensor_of({2}), tensor_of({4})}, tensor_of({1}), o) ==
+        std::vector<double>{1 + (1 * 1 + 3 * 3) / 4.0});
+  o = method(MergeMethod::DareLinear);  // density 1: task arithmetic, normalized on request
+  o.normalize = true;
+  o.weights = {1, -1};  // the weights sum to 0: divided by 1 (mergekit's guard)
+  CHECK(merge_of({tensor_of({2}), tensor_of({4})}, tensor_of({1}), o) == std::vector<double>{1 + (1 - 3)});
+}
+
+TEST_CASE("linear DARE and DARE-TIES: seeded drops, mergekit's L1 rescale", "[merge][dare]") {
+  const std::size_t n = 40000;
+  const StateDict zeros = tensor_of(std::vector<float>(n, 0.0f));
+  std::vector<float> signs(n);
+  for (std::size_t i = 0; i < n; ++i) signs[i] = i % 2 ? 1.0f : -1.0f;
+  const StateDict x = tensor_of(signs);
+  MergeOptions o = method(MergeMethod::DareLinear);
+  o.density = 0.3;
+  o.seed = 5;
+  const auto a = merge_of({x}, zeros, o);
+  std::size_t kept = 0;
+  for (const double v : a) kept += v != 0;
+  // Binomial(n, 0.3) within 5 sd; each kept value rescaled so the L1 norm stays n: n / kept.
+  const double mean = 0.3 * n, sd = std::sqrt(n * 0.3 * 0.7);
+  CHECK(std::abs(static_cast<double>(kept) - mean) < 5 * sd);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (a[i] != 0)
+      REQUIRE(a[i] == Approx(signs[i] * static_cast<double>(n) / static_cast<double>(kept)).epsilon(1e-6));
+  }
+  CHECK(merge_of({x}, zeros, o) == a);  // seeded: the same draws
+  o.seed = 6;
+  CHECK(merge_of({x}, zeros, o) != a);
+  o.rescale = false;  // unrescaled: each kept value as it was
+  for (const double v : merge_of({x}, zeros, o)) REQUIRE((v == 0 || std::abs(v) == 1));
+  o = method(MergeMethod::DareLinear);
+  o.density = 0;  // nothing kept: the base
+  CHECK(merge_of({x}, zeros, o) == std::vector<double>(n, 0.0));
+  // DARE-TIES: model draws independent, the sign elected from what survived.
+  o = method(MergeMethod::DareTies);
+  o.density = 0.5;
+  o.rescale = false;
+  o.seed = 9;
+  const StateDict plus = tensor_of(std::vector<float>(n, 1.0f)),
+                  minus = tensor_of(std::vector<float>(n, -1.0f));
+  std::size_t pos = 0, neg = 0;
+  for (const double v : merge_of({plus, minus}, zeros, o)) {
+    REQUIRE((v == 0 || v == 1 || v == -1));  // one sign wins; both dropped, or a tie (+1 - 1 = 0 elects +)
+    pos += v == 1;
+    neg += v == -1;
+  }
+  // + wins where the + model survives (P = 0.5); - only where + dropped and - kept (P = 0.25).
+  CHECK(std::abs(static_cast<double>(pos) - 0.5 * n) < 5 * std::sqrt(n * 0.25));
+  CHECK(std::abs(static_cast<double>(neg) - 0.25 * n) < 5 * std::sqrt(n * 0.25 * 0.75));
+}
+
+TEST_CASE("DELLA keeps by rank within each row, from density - epsilon to density + epsilon",
+          "[merge][della]") {
+  // 20,000 rows of 3: magnitudes 3, 1, 2 rank 2, 0, 1: kept with probability 0.9, 0.1 and 0.5
+  // (density 0.5, epsilon 0.4).
+  const std::size_t rows = 20000;
+  std::vector<float> x(rows * 3);
+  for (std::size_t r = 0; r < rows; ++r) {
+    x[3 * r] = 3;
+    x[3 * r + 1] = -1;
+    x[3 * r + 2] = 2;
+  }
+  MergeOptions o = method(MergeMethod::DellaLinear);
+  o.density = 0.5;
+  o.epsilon = 0.4;
+  o.rescale = false;
+  o.seed = 3;
+  const auto shape = std::vector<std::int64_t>{static_cast<std::int64_t>(rows), 3};
+  const auto merged =
+      merge_of({tensor_of(x, shape)}, tensor_of(std::vector<float>(rows * 3, 0.0f), shape), o);
+  double kept[3] = {0, 0, 0};
+  for (std::size_t i = 0; i < merged.size(); ++i) {
+    REQUIRE((merged[i] == 0 || merged[i] == x[i]));
+    kept[i % 3] += merged[i] != 0;
+  }
+  const double probability[3] = {0.9, 0.1, 0.5};
+  for (int c = 0; c < 3; ++c) {
+    CAPTURE(c);
+    CHECK(std::abs(kept[c] - probability[c] * rows) <
+          5 * std::sqrt(rows * probability[c] * (1 - probability[c])));
+  }
+  // A vector is one row: 10,000 equal magnitudes rank by position, earlier higher, so the first
+  // half keeps more often (mean probability 0.7) than the second (0.3).
+  const std::size_t n = 10000;
+  const auto flat =
+      merge_of({tensor_of(std::vector<float>(n, 1.0f))}, tensor_of(std::vector<float>(n, 0.0f)), o);
+  double first = 0, second = 0;
+  for (std::size_t i = 0; i < n; ++i) (i < n / 2 ? first : second) += flat[i];
+  CHECK(std::abs(first - 0.7 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
+  CHECK(std::abs(second - 0.3 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
+  // One column: the density itself.
+  const auto column = merge_of({tensor_of(std::vector<float>(n, 1.0f), {static_cast<std::int64_t>(n), 1})},
+                               tensor_of(std::vector<float>(n, 0.0f), {static_cast<std::int64_t>(n), 1}), o);
+  double ones = 0;
+  for (const double v : column) ones += v;
+  CHECK(std::abs(ones - 0.5 * n) < 5 * std::sqrt(n * 0.25));
+}
+
+TEST_CASE("Model Stock: t = n cos / (1 + (n - 1) cos) between the mean and the base",
+          "[merge][model_stock]") {
+  const MergeOptions o = method(MergeMethod::ModelStock);
+  const double t = 2 * (std::sqrt(2.0) - 1);  // two task vectors at 45 degrees: 2 c / (1 + c), c = 1/sqrt 2
+  auto result = merge_of({tensor_of({2, 1}), tensor_of({2, 2})}, tensor_of({1, 1}), o);
+  CHECK(result[0] == Approx(t * 2 + (1 - t) * 1).epsilon(1e-6));
+  CHECK(result[1] == Approx(t * 1.5 + (1 - t) * 1).epsilon(1e-6));
+  // Orthogonal task vectors: t = 0, the base; equal ones: t = 1, the mean.
+  CHECK(merge_of({tensor_of({1, 0, 0}), tensor_of({0, 1, 0}), tensor_of({0, 0, 1})}, tensor_of({0, 0, 0}),
+                 o) == std::vector<double>{0, 0, 0});
+  CHECK(merge_of({tensor_of({1, 2}), tensor_of({1, 2}), tensor_of({1, 2})}, tensor_of({0, 0}), o) ==
+        std::vector<double>{1, 2});
+  // Zero task vectors: |a||b| taken as 1e-6, cos 0, the base.
+  CHECK(merge_of({tensor_of({1, 1}), tensor_of({1, 1})}, tensor_of({1, 1}), o) == std::vector<double>{1, 1});
+  // Opposite task vectors of two models: 1 + (n - 1) cos = 0, refused.
+  CHECK_THROWS_WITH(merge_of({tensor_of({1, 2}), tensor_of({-1, -2})}, tensor_of({0, 0}), o),
+                    Catch::Contains("t is undefined"));
+  // filter_wise: a t per row of the last dimension.
+  MergeOptions rows = o;
+  rows.filter_wise = true;
+  result = merge_of({tensor_of({1, 0, 0, 1}, {2, 2}), tensor_of({1, 1, 0, 1}, {2, 2})},
+                    tensor_of({0, 0, 0, 0}, {2, 2}), rows);
+  CHECK(result[0] == Approx(t * 1).epsilon(1e-6));  // row 0: 45 degrees
+  CHECK(result[1] == Approx(t * 0.5).epsilon(1e-6));
+  CHECK(result[2] == 0);  // row 1: equal task vectors, the mean
+  CHECK(result[3] == 1);
+}
+
+TEST_CASE("NearSwap moves the base toward the model where they are within t", "[merge][nearswap]") {
+  MergeOptions o = method(MergeMethod::NearSwap);
+  o.t = 0.5;
+  // |b - x| = 0.1: weight min(1, 5) = 1, the model; 1: weight 0.5; 0: the model; 4: weight 1/8.
+  CHECK(merge_of({tensor_of({0.125f, 1, 3, 4})}, tensor_of({0, 0, 3, 0}), o) ==
+        std::vector<double>{0.125, 0.5, 3, 0.5});
+}
+
+TEST_CASE("SCE: the highest-variance scalars, weighted by mean square, TIES signs", "[merge][sce]") {
+  const StateDict base = tensor_of({0, 0, 0, 0});
+  const std::vector<StateDict> models{tensor_of({1, 2, 0, 4}), tensor_of({1, -2, 0, 2})};
+  // Variances 0, 4, 0, 1. Weights: (1 + 4 + 16) / 4 and (1 + 4 + 4) / 4, normalized: 0.7 and 0.3.
+  // Signs from the sums 2, 0, 0, 6: +, +, +, +; element 1 only the first agrees; element 2 nobody.
+  MergeOptions o = method(MergeMethod::Sce);
+  auto result = merge_of(models, base, o);
+  CHECK(result[0] == Approx(1));
+  CHECK(result[1] == Approx(2));
+  CHECK(result[2] == 0);
+  CHECK(result[3] == Approx(0.7 * 4 + 0.3 * 2));
+  // select_topk 0.5 of the 2 nonzero variances: element 1 alone; weights 1 and 1 (0.5 each).
+  o.select_topk = 0.5;
+  CHECK(merge_of(models, base, o) == std::vector<double>{0, 2, 0, 0});
+  // One model: every variance 0, nothing selected below 1: the base; at 1, the model.
+  CHECK(merge_of({models[0]}, base, o) == std::vector<double>{0, 0, 0, 0});
+  CHECK(merge_of({models[0]}, base, method(MergeMethod::Sce)) == std::vector<double>{1, 2, 0, 4});
+}
+
+TEST_CASE("the new methods take integer tensors from the last model and round once to bf16", "[merge]") {
+  StateDict base, a, b;
+  const Eigen::bfloat16 zero[1] = {Eigen::bfloat16(0.0f)};
+  const Eigen::bfloat16 one[1] = {Eigen::bfloat16(1.0f)};
+  const Eigen::bfloat16 near[1] = {Eigen::bfloat16(1.0078125f)};  // 1 + 2^-7, one bf16 ulp above 1
+  base.insert("w", zero, {1});
+  a.insert("w", one, {1});
+  b.insert("w", near, {1});
+  base.insert_scalar<std::int64_t>("n", 1);
+  a.insert_scalar<std::int64_t>("n", 2);
+  b.insert_scalar<std::int64_t>("n", 3);
+  // Model Stock of parallel task vectors is their mean, 1 + 2^-8: a tie, rounded to even (1).
+  const StateDict merged = polyak::merge_state_dicts({&a, &b}, &base, method(MergeMethod::ModelStock));
+  CHECK(merged.at("w").dtype == polyak::DType::BF16);
+  CHECK(polyak::to_doubles(merged.at("w"))[0] == 1.0);
+  CHECK(merged.scalar<std::int64_t>("n") == 3);
+  MergeOptions o = method(MergeMethod::NearSwap);
+  o.t = 1;
+  CHECK(polyak::merge_state_dicts({&b}, &base, o).scalar<std::int64_t>("n") == 3);
+}
