@@ -20,7 +20,7 @@ for check in "${checks[@]}"; do
   [[ " ${all_checks[*]} " == *" $check "* ]] || { echo "polyak: unknown check '$check' (${all_checks[*]})" >&2; exit 2; }
 done
 bash scripts/install-deps.sh g++ cmake make libeigen3-dev catch2 clang-format libopenmpi-dev openmpi-bin \
-  libbenchmark-dev nlohmann-json3-dev doxygen python3-numpy clang libclang-rt-14-dev libtorch-dev libgloo-dev libdlib-dev \
+  libbenchmark-dev nlohmann-json3-dev doxygen python3-numpy clang libclang-rt-14-dev libtorch-dev libgloo-dev libdlib-dev libyaml-cpp-dev \
   libblas-dev liblapack-dev libjpeg-dev \
   g++-mingw-w64-x86-64-posix
 

@@ -46,6 +46,7 @@
 //   d_i >= 1 keeps everything, unrescaled; d_i = 0 keeps nothing.
 //
 // The others:
+//   Passthrough one model's tensor as it is (rounded to the output's dtype; mergekit's layer slices)
 //   ModelStock  b + t (mean_i x_i - b) with t = n c / (1 + (n - 1) c), c the mean over pairs i < j
 //               of cos(tau_i, tau_j) (|tau_i| |tau_j| taken as at least 1e-6, clamped to [-1, 1]):
 //               per tensor, or per row of its last dimension (filter_wise)   (Jang et al., 2024)
@@ -93,6 +94,7 @@ enum class MergeMethod {
   ModelStock,       ///< "model_stock"
   NearSwap,         ///< "nearswap"
   Sce,              ///< "sce"
+  Passthrough,      ///< "passthrough": one model's tensor as it is (mergekit's, for layer slices)
 };
 
 /// Every method, in declaration order (for tools that list them).
@@ -109,14 +111,16 @@ inline constexpr MergeMethod all_merge_methods[] = {MergeMethod::Average,
                                                     MergeMethod::DellaLinear,
                                                     MergeMethod::ModelStock,
                                                     MergeMethod::NearSwap,
-                                                    MergeMethod::Sce};
+                                                    MergeMethod::Sce,
+                                                    MergeMethod::Passthrough};
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
 /// does not use (check()): a field left at its default is not used.
 struct MergeOptions {
   MergeMethod method = MergeMethod::Average;  ///< the method
-  std::vector<double> weights;    ///< one a model, finite (> 0 for Ties, >= 0 for Average); empty: all 1
-                                  ///< (not Slerp, ModelStock, NearSwap, Sce)
+  std::vector<double> weights;                ///< one a model, finite (>= 0 for Average; any sign else, the
+                                ///< sign consensus electing from the weighted values); empty: all 1
+                                ///< (not Slerp, ModelStock, NearSwap, Sce)
   double scale = 1.0;             ///< the lambda on the merged task vector (the task-vector family;
                                   ///< mergekit's `lambda`)
   double density = 1.0;           ///< the sparsified methods: the fraction of each task vector kept, in
@@ -177,6 +181,8 @@ inline const char* to_string(MergeMethod method) {
       return "nearswap";
     case MergeMethod::Sce:
       return "sce";
+    case MergeMethod::Passthrough:
+      return "passthrough";
   }
   return "?";
 }
@@ -252,6 +258,8 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   if (needs_base(m) && !has_base) bad(name + " needs a base model");
   if (!needs_base(m) && has_base) bad(name + " takes no base model");
   if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
+  if (m == MergeMethod::Passthrough && models != 1)
+    bad("passthrough copies one model's tensor, not " + std::to_string(models));
   if (m == MergeMethod::NearSwap && models != 1)
     bad("nearswap merges one model with the base, not " + std::to_string(models));
   if (m == MergeMethod::ModelStock && models < 2)
@@ -289,7 +297,6 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   for (const double w : o.weights) {
     if (!std::isfinite(w)) bad("a weight is not finite");
     if (m == MergeMethod::Average && w < 0) bad("average weights must be >= 0");
-    if (m == MergeMethod::Ties && !(w > 0)) bad("ties weights must be > 0");
   }
   if (m == MergeMethod::Average && !o.weights.empty() &&
       *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {

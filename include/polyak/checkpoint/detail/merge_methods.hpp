@@ -218,8 +218,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   std::vector<double> v(models);
   for_each_piece([&](std::size_t begin, std::size_t count) {
     double* result = out.data();
-    if (method == MergeMethod::Average || method == MergeMethod::Slerp ||
-        (method == MergeMethod::TaskArithmetic)) {
+    if (method == MergeMethod::Average || method == MergeMethod::Passthrough || method == MergeMethod::Slerp ||
+        method == MergeMethod::TaskArithmetic) {
       // The linear methods a model at a time over the piece (loops the compiler vectorizes).
       const bool slerp = method == MergeMethod::Slerp, arithmetic = method == MergeMethod::TaskArithmetic;
       const double divisor = arithmetic && normalize ? weight_sum : 1.0;

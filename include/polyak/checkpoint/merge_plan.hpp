@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: MIT
+// A merge planned tensor by tensor, as mergekit plans one from its YAML config: each output tensor
+// named, typed and merged from named tensors of several checkpoints by its own method and settings
+// (so that a setting can change per tensor name and per layer, and layers can be taken from several
+// models and renumbered), written as a Hugging Face folder: shards of at most a given size, their
+// model.safetensors.index.json, and the non-weight files (config.json, tokenizer files) the plan
+// names. tools/mergekit turns a mergekit config into a MergePlan.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>  // std::snprintf: the shard names
+#include <filesystem>
+#include <future>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "polyak/checkpoint/detail/files.hpp"
+#include "polyak/checkpoint/detail/merge_methods.hpp"
+#include "polyak/checkpoint/merge_options.hpp"
+#include "polyak/checkpoint/safetensors.hpp"
+#include "polyak/checkpoint/sharded_checkpoint.hpp"
+#include "polyak/core/error.hpp"
+
+namespace polyak {
+
+/// A tensor of one of a plan's checkpoints.
+struct TensorRef {
+  std::size_t checkpoint = 0;  ///< index into MergePlan::checkpoints
+  std::string name;            ///< the tensor's name there
+};
+
+/// One output tensor: what it is merged from, and how.
+struct PlannedTensor {
+  std::string name;               ///< its name in the output
+  DType dtype = DType::F32;       ///< its dtype in the output (floating point; an I64 tensor is copied)
+  std::vector<TensorRef> models;  ///< the models merged, in order (one for Passthrough)
+  std::optional<TensorRef> base;  ///< the base model, for the methods that need one
+  MergeOptions options;           ///< the method and its settings for this tensor
+};
+
+/// A whole merge: the checkpoints it reads and every output tensor, in output order.
+struct MergePlan {
+  std::vector<std::string> checkpoints;      ///< paths (safetensors files, sharded folders or indexes)
+  std::vector<PlannedTensor> tensors;        ///< the output, in order
+  std::map<std::string, std::string> files;  ///< other files written beside the weights: name, content
+  std::map<std::string, std::string> index_metadata;  ///< added to the index's "metadata"
+};
+
+/// The shard file name transformers gives shard `shard` (from 0) of `count`.
+inline std::string shard_file_name(std::size_t shard, std::size_t count) {
+  char name[64];
+  std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", shard + 1, count);
+  return name;
+}
+
+/// Which shard each tensor of sizes `bytes` goes to, in order: a new shard where the next tensor
+/// would take the current one past `max_shard_bytes` (a tensor larger than that alone in its own).
+inline std::vector<std::size_t> shard_assignment(const std::vector<std::uint64_t>& bytes,
+                                                 std::uint64_t max_shard_bytes) {
+  std::vector<std::size_t> shard(bytes.size(), 0);
+  std::uint64_t filled = 0;
+  std::size_t current = 0;
+  for (std::size_t t = 0; t < bytes.size(); ++t) {
+    if (filled > 0 && filled + bytes[t] > max_shard_bytes) {
+      ++current;
+      filled = 0;
+    }
+    shard[t] = current;
+    filled += bytes[t];
+  }
+  return shard;
+}
+
+namespace detail {
+
+/// Refuses (InvalidArgument, naming it) a plan that cannot run against `readers`, before anything is
+/// written: a tensor reference to a checkpoint or tensor that is not there, inputs of one output
+/// tensor that differ in shape, an output name given twice, options its method refuses.
+inline void check_plan(const MergePlan& plan, std::vector<CheckpointReader>& readers) {
+  const std::string who = "polyak::run_merge_plan: ";
+  std::map<std::string, int> names;
+  for (const auto& t : plan.tensors) {
+    if (!names.emplace(t.name, 0).second)
+      throw InvalidArgument(who + "the output tensor '" + t.name + "' twice");
+    t.options.check(t.models.size(), t.base.has_value());
+    const CheckpointReader::Tensor* first = nullptr;
+    std::vector<TensorRef> refs = t.models;
+    if (t.base) refs.push_back(*t.base);
+    for (const auto& ref : refs) {
+      if (ref.checkpoint >= readers.size())
+        throw InvalidArgument(who + "'" + t.name + "' reads no checkpoint");
+      const CheckpointReader::Tensor* found = readers[ref.checkpoint].find(ref.name);
+      if (found == nullptr) {
+        throw InvalidArgument(who + "'" + readers[ref.checkpoint].path() + "' has no tensor '" + ref.name +
+                              "' (for '" + t.name + "')");
+      }
+      if (first != nullptr && found->shape != first->shape) {
+        throw InvalidArgument(who + "'" + t.name + "': '" + ref.name + "' is " + shape_string(found->shape) +
+                              " in '" + readers[ref.checkpoint].path() + "', " + shape_string(first->shape) +
+                              " in the first model");
+      }
+      if (first != nullptr && (found->dtype == DType::I64) != (first->dtype == DType::I64)) {
+        throw InvalidArgument(who + "'" + t.name + "' is an integer tensor in one model and not another");
+      }
+      if (first == nullptr) first = found;
+    }
+  }
+}
+
+/// Writes planned tensor `t` to `fd`, streamed as write_merged_tensor does, each input read in its
+/// own dtype and the result rounded once to t.dtype.
+inline void write_planned_tensor(std::vector<CheckpointReader>& readers, const PlannedTensor& t, int fd,
+                                 const std::string& file) {
+  std::vector<TensorRef> refs = t.models;
+  if (t.base) refs.push_back(*t.base);
+  std::vector<const CheckpointReader::Tensor*> inputs;
+  for (const auto& ref : refs) inputs.push_back(readers[ref.checkpoint].find(ref.name));
+  if (inputs.front()->dtype == DType::I64) {  // a counter: the last model's
+    const TensorRef& last = t.models.back();
+    const StoredTensor copied = readers[last.checkpoint].read(*readers[last.checkpoint].find(last.name));
+    write_all(fd, copied.bytes.data(), copied.bytes.size(), file);
+    return;
+  }
+  const std::size_t numel = inputs.front()->numel(), out_element = dtype_size(t.dtype);
+  struct Cached {
+    std::size_t begin = 0, count = 0;
+    std::vector<std::byte> bytes;
+  };
+  std::vector<Cached> cache(refs.size());
+  const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
+    const CheckpointReader::Tensor& in = *inputs[m];
+    const std::size_t element = dtype_size(in.dtype);
+    const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
+    Cached& c = cache[m];
+    if (begin < c.begin || begin + count > c.begin + c.count) {
+      c.begin = begin;
+      c.count = std::min(block, numel - begin);
+      c.bytes.resize(c.count * element);
+      readers[refs[m].checkpoint].read_bytes(in, begin * element, c.count * element, c.bytes.data());
+    }
+    bytes_to_doubles(in.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
+  };
+  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / out_element);
+  std::vector<std::byte> pending(block * out_element), writing(block * out_element);
+  std::future<void> written;  // (after the buffers: destroyed first, it waits for the write)
+  const auto flush = [&](std::size_t bytes) {
+    if (written.valid()) written.get();
+    std::swap(pending, writing);
+    written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
+  };
+  std::size_t filled = 0;
+  merge_tensor(t.options, t.models.size(), t.name, inputs.front()->shape, numel, t.dtype, read,
+               [&](const double* values, std::size_t count) {
+                 if ((filled + count) * out_element > pending.size()) {
+                   flush(filled * out_element);
+                   filled = 0;
+                 }
+                 doubles_to_bytes(t.dtype, values, count, pending.data() + filled * out_element);
+                 filled += count;
+               });
+  flush(filled * out_element);
+  written.get();
+}
+
+/// What an existing output folder of run_merge_plan holds that it would not replace ("" for
+/// nothing): it is replaced whole only if it is empty or an earlier merge's output (it holds
+/// "mergekit_config.yml", as mergekit's outputs and this writer's do, or is a sharded checkpoint
+/// and nothing else).
+inline std::string foreign_in_merge_folder(const std::string& folder) {
+  std::error_code error;
+  if (std::filesystem::exists(std::filesystem::path(folder) / "mergekit_config.yml", error)) return {};
+  return foreign_in_checkpoint_folder(folder);
+}
+
+}  // namespace detail
+
+/// Runs `plan`: reads its checkpoints, merges each output tensor by its own options, and writes the
+/// folder `out`: shards of at most `max_shard_bytes` (a larger tensor alone in one) named as
+/// transformers names them, each with {"format": "pt"}; model.safetensors.index.json (its
+/// "metadata": "total_size" and plan.index_metadata); and plan.files. Everything is checked before
+/// anything is written (detail::check_plan; `out` apart from every file read, by identity); the
+/// folder is written whole beside `out` and put in its place in one step, replacing an existing
+/// `out` only if it is empty or an earlier merge's output (detail::foreign_in_merge_folder).
+inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::uint64_t max_shard_bytes) {
+  if (plan.tensors.empty()) throw InvalidArgument("polyak::run_merge_plan: no tensors to write");
+  if (max_shard_bytes == 0) throw InvalidArgument("polyak::run_merge_plan: a shard size of 0 bytes");
+  std::vector<CheckpointReader> readers;
+  for (const auto& path : plan.checkpoints) readers.emplace_back(path);
+  detail::check_plan(plan, readers);
+  std::vector<std::string> read;
+  for (const auto& reader : readers) {
+    for (auto& file : reader.files()) read.push_back(std::move(file));
+  }
+  detail::check_output_apart("polyak::run_merge_plan", out, read);
+  for (const auto& file : plan.files) {
+    const std::string& name = file.first;
+    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." ||
+        name == detail::sharded_index_name || name.rfind("model-", 0) == 0) {
+      throw InvalidArgument("polyak::run_merge_plan: '" + name + "' is not a file name the folder may hold");
+    }
+  }
+  std::vector<std::uint64_t> bytes;
+  for (const auto& t : plan.tensors) {
+    const CheckpointReader::Tensor& in = *readers[t.models.front().checkpoint].find(t.models.front().name);
+    bytes.push_back(in.numel() * dtype_size(in.dtype == DType::I64 ? DType::I64 : t.dtype));
+  }
+  const std::vector<std::size_t> shard_of = shard_assignment(bytes, max_shard_bytes);
+  const std::size_t shards = shard_of.back() + 1;
+  const std::string folder =
+      detail::folder_destination("polyak: writing '" + out + "'", out, detail::foreign_in_merge_folder);
+  detail::write_folder_atomically(
+      folder,
+      [&](const std::string& temporary) {
+        std::string weight_map;
+        std::uint64_t total = 0;
+        for (std::size_t shard = 0; shard < shards; ++shard) {
+          std::vector<detail::TensorWriter> writers;
+          const std::string file = shard_file_name(shard, shards);
+          for (std::size_t i = 0; i < plan.tensors.size(); ++i) {
+            if (shard_of[i] != shard) continue;
+            const PlannedTensor& t = plan.tensors[i];
+            const CheckpointReader::Tensor& in =
+                *readers[t.models.front().checkpoint].find(t.models.front().name);
+            writers.push_back(detail::TensorWriter{t.name, in.dtype == DType::I64 ? DType::I64 : t.dtype,
+                                                   in.shape, bytes[i],
+                                                   [&readers, &t](int fd, const std::string& path) {
+                                                     detail::write_planned_tensor(readers, t, fd, path);
+                                                   }});
+            weight_map += (weight_map.empty() ? "\n    " : ",\n    ") + detail::json_quoted(t.name) + ": " +
+                          detail::json_quoted(file);
+            total += bytes[i];
+          }
+          detail::write_safetensors((std::filesystem::path(temporary) / file).string(), {{"format", "pt"}},
+                                    writers);
+        }
+        std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total);
+        for (const auto& [key, value] : plan.index_metadata) {
+          if (key != "total_size")
+            text += ",\n    " + detail::json_quoted(key) + ": " + detail::json_quoted(value);
+        }
+        text += "\n  },\n  \"weight_map\": {" + weight_map + "\n  }\n}\n";
+        detail::write_atomically(
+            (std::filesystem::path(temporary) / detail::sharded_index_name).string(),
+            [&](int fd, const std::string& path) { detail::write_all(fd, text.data(), text.size(), path); });
+        for (const auto& file : plan.files) {
+          const std::string& content = file.second;  // (not a structured binding: the lambda captures it)
+          detail::write_atomically((std::filesystem::path(temporary) / file.first).string(),
+                                   [&content](int fd, const std::string& path) {
+                                     detail::write_all(fd, content.data(), content.size(), path);
+                                   });
+        }
+      },
+      detail::foreign_in_merge_folder);
+}
+
+}  // namespace polyak
