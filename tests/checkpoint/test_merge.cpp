@@ -588,7 +588,7 @@ TEST_CASE(
       if (added) CHECK(polyak_test::file_bytes(out + "/config.json") == "{}");
     }
   }
-  SECTION("NaN is carried by TIES as by arithmetic; F16 that rounds to inf through float is refused") {
+  SECTION("NaN is carried by TIES as by arithmetic; F16 rounded once, and refused at its edge") {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     const StateDict x = one({nan, 2}), y = one({1, 3}), zero = one({0, 0});
     MergeOptions ties = with(MergeMethod::Ties);
@@ -601,7 +601,10 @@ TEST_CASE(
     const Eigen::half h0[1] = {Eigen::half(0.0f)};
     half_zero.insert("w", h0, {1});
     MergeOptions arithmetic = with(MergeMethod::TaskArithmetic);
-    arithmetic.scale = 65519.999;  // below F16's rounding edge in double, 65520 (inf) through float
+    arithmetic.scale = 65519.999;  // below F16's rounding edge, 65520: rounded once, F16's largest
+    CHECK(polyak::to_doubles(polyak::merge_state_dicts({&half_model}, &half_zero, arithmetic).at("w"))[0] ==
+          65504);  // (through float it was 65520, infinity: issue 24's hostile pass made it round once)
+    arithmetic.scale = 65520;  // the edge itself: infinity, refused
     CHECK_THROWS_WITH(polyak::merge_state_dicts({&half_model}, &half_zero, arithmetic),
                       Catch::Contains("beyond F16's range"));
   }

@@ -298,3 +298,82 @@ TEST_CASE("the new methods take integer tensors from the last model and round on
   o.t = 1;
   CHECK(polyak::merge_state_dicts({&b}, &base, o).scalar<std::int64_t>("n") == 3);
 }
+
+// The hostile pass's cases (issue 24, item 1).
+TEST_CASE("16-bit outputs are rounded once: a value just past a halfway point rounds up",
+          "[merge][adversarial]") {
+  const auto one_value = [](polyak::DType dtype, float v) {
+    StateDict sd;
+    if (dtype == polyak::DType::BF16) {
+      const Eigen::bfloat16 x[1] = {Eigen::bfloat16(v)};
+      sd.insert("w", x, {1});
+    } else {
+      const Eigen::half x[1] = {Eigen::half(v)};
+      sd.insert("w", x, {1});
+    }
+    return sd;
+  };
+  MergeOptions o = method(MergeMethod::TaskArithmetic);
+  // 1 + (2^-8 + 2^-40) (2 - 1): above the halfway point 1 + 2^-8 between bf16's 1 and 1 + 2^-7.
+  // Through float it would be the halfway point itself, and round to even (1).
+  o.scale = std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  const StateDict b1 = one_value(polyak::DType::BF16, 1), b2 = one_value(polyak::DType::BF16, 2);
+  CHECK(polyak::to_doubles(polyak::merge_state_dicts({&b2}, &b1, o).at("w"))[0] == 1.0078125);
+  o.scale = std::ldexp(1.0, -11) + std::ldexp(1.0, -40);  // half: ulp 2^-10 at 1
+  const StateDict h1 = one_value(polyak::DType::F16, 1), h2 = one_value(polyak::DType::F16, 2);
+  CHECK(polyak::to_doubles(polyak::merge_state_dicts({&h2}, &h1, o).at("w"))[0] == 1 + std::ldexp(1.0, -10));
+  o.scale = std::ldexp(1.0, -11);  // exactly halfway: to even
+  CHECK(polyak::to_doubles(polyak::merge_state_dicts({&h2}, &h1, o).at("w"))[0] == 1.0);
+  o.scale = std::ldexp(1.0, -11) - std::ldexp(1.0, -40);  // just below: down
+  CHECK(polyak::to_doubles(polyak::merge_state_dicts({&h2}, &h1, o).at("w"))[0] == 1.0);
+}
+
+TEST_CASE("NaN ranks above infinity; both are carried into their own scalar only", "[merge][adversarial]") {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  StateDict x, zero;
+  const double values[4] = {inf, nan, 1, 2}, zeros[4] = {0, 0, 0, 0};
+  x.insert("w", values, {4});
+  zero.insert("w", zeros, {4});
+  MergeOptions o = method(MergeMethod::Ties);
+  o.density = 0.25;  // one kept: the NaN, not the infinity
+  const auto ties = merge_of({x}, zero, o);
+  CHECK(ties[0] == 0);
+  CHECK(std::isnan(ties[1]));
+  CHECK(ties[2] == 0);
+  CHECK(ties[3] == 0);
+  o = method(MergeMethod::Breadcrumbs);  // gamma 0.25 drops the top, the NaN (not the inf before it)
+  o.density = 0.75;
+  o.gamma = 0.25;
+  const auto crumbs = merge_of({x}, zero, o);
+  CHECK(crumbs[0] == inf);
+  CHECK(std::isnan(crumbs[1]));  // (dropped, and still NaN: carried as arithmetic would)
+  CHECK(crumbs[2] == 1);
+  CHECK(crumbs[3] == 2);
+  // Model Stock: the cosine from the finite task values; the NaN only in its own scalar.
+  StateDict a, b, base;
+  const double av[3] = {1, 0, nan}, bv[3] = {1, 1, 0}, basev[3] = {0, 0, 0};
+  a.insert("w", av, {3});
+  b.insert("w", bv, {3});
+  base.insert("w", basev, {3});
+  const double t = 2 * (std::sqrt(2.0) - 1);
+  const auto stock = merge_of({a, b}, base, method(MergeMethod::ModelStock));
+  CHECK(stock[0] == Approx(t).epsilon(1e-12));
+  CHECK(stock[1] == Approx(t * 0.5).epsilon(1e-12));
+  CHECK(std::isnan(stock[2]));
+}
+
+TEST_CASE("Model Stock and SCE on F64 values near 1e160 do not overflow", "[merge][adversarial]") {
+  StateDict a, b, base;
+  const double av[2] = {1e160, 0}, bv[2] = {1e160, 1e160}, basev[2] = {0, 0};
+  a.insert("w", av, {2});
+  b.insert("w", bv, {2});
+  base.insert("w", basev, {2});
+  const double t = 2 * (std::sqrt(2.0) - 1);  // 45 degrees, as at any scale
+  const auto stock = merge_of({a, b}, base, method(MergeMethod::ModelStock));
+  CHECK(stock[0] == Approx(t * 1e160).epsilon(1e-12));
+  CHECK(stock[1] == Approx(t * 0.5e160).epsilon(1e-12));
+  // SCE: weights 1e320 / 2 and 2e320 / 2 (mean squares), normalized 1/3 and 2/3; signs agree at 0.
+  const auto sce = merge_of({a, b}, base, method(MergeMethod::Sce));
+  CHECK(sce[0] == Approx(1e160).epsilon(1e-12));
+  CHECK(sce[1] == Approx(1e160).epsilon(1e-12));  // only the second is nonzero there: itself
+}

@@ -201,6 +201,8 @@ int main(int argc, char** argv) {
   refused("--method ties --base " + a + " --densities 0.5" + inputs, "one density for two inputs");
   refused("--method ties --base " + a + " --densities 0.5,1.5" + inputs, "--densities 0.5,1.5");
   refused("--method ties --base " + a + " --filter-wise" + inputs, "--filter-wise with ties");
+  refused("--method ties --base " + a + " --density 1 --densities 0.5,0.5" + inputs,
+          "--density 1 (the default) with --densities");
   refused("--method model_stock --base " + a + " --select-topk 0.5" + inputs,
           "--select-topk with model_stock");
   refused("--method della --base " + a + " --density 0.1" + inputs,

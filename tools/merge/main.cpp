@@ -240,6 +240,11 @@ Arguments parse(int argc, char** argv) {
     if (!uses(method, option)) throw UsageError(option + " is not an option of --method " + method_name);
   }
   if (weights_given && ema_given) throw UsageError("--weights and --ema exclude each other");
+  const auto given = [&](const char* option) {
+    return std::find(seen.begin(), seen.end(), option) != seen.end();
+  };
+  if (given("--density") && given("--densities"))
+    throw UsageError("--density and --densities exclude each other");
   if (method == polyak::MergeMethod::NearSwap && std::find(seen.begin(), seen.end(), "--t") == seen.end())
     throw UsageError("nearswap needs --t, its sameness threshold (mergekit's required t)");
   const bool average = method == polyak::MergeMethod::Average;

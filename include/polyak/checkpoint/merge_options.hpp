@@ -59,10 +59,13 @@
 //               (normalized to sum 1; uniform where all are 0), signs elected from sum_i tau_i as in
 //               TIES, b + sum_i w_i e_i tau_i / sum_i w_i e_i   (FuseChat's SCE; mergekit's `sce`)
 // Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
-// bf16 and fp16). Integer tensors (counters) are the last model's. Memory: a 1 MiB block and a
-// 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks; the sparsified methods add two
-// doubles per scalar of the tensor being merged (magnitudes, and a copy to select from) and one bit
-// per scalar and model (the kept scalars); Sce two doubles per scalar.
+// bf16 and fp16; through a float rounded to odd, so that no value rounds twice). Integer tensors
+// (counters) are the last model's. NaN and infinite task values: carried into their own scalar
+// (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's
+// cosines and SCE's weights). Memory: a 1 MiB block and a 16 Ki-scalar piece (in double) per model,
+// two 1 MiB output blocks; the sparsified methods and Sce add two 8-byte keys per scalar of the
+// tensor being merged (its magnitudes, and a copy to select from) and one bit per scalar and model
+// (the kept scalars); Model Stock one double per row (filter_wise) and one per pair of models.
 #pragma once
 
 #include <algorithm>  // std::max_element

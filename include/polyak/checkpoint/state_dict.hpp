@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "polyak/core/detail/number_text.hpp"
 #include "polyak/core/error.hpp"
 #include "polyak/core/scalar_type.hpp"
 #include "polyak/core/tensor_view.hpp"
@@ -174,8 +175,23 @@ inline void bytes_to_doubles(DType dtype, const std::byte* in, std::size_t count
   });
 }
 
-/// `count` doubles rounded once to `dtype` (I64 to the nearest integer; half and bfloat16 through
-/// Eigen's conversion from float, so double -> float -> 16 bits can round twice), into `out`.
+/// `value` as a float rounded to odd: toward zero, the last bit set where that was inexact. Rounding
+/// it on to half or bfloat16 (to nearest, even) gives `value` rounded once to those: a float keeps
+/// more than two bits beyond theirs, and the odd last bit says the value was not exactly a float
+/// (so a value just past a halfway point is not taken for the halfway point itself).
+inline float float_rounded_to_odd(double value) {
+  float f = static_cast<float>(value);  // nearest
+  if (!std::isfinite(value) || exactly_equal(static_cast<double>(f), value)) return f;
+  if (std::abs(static_cast<double>(f)) > std::abs(value)) f = std::nextafter(f, 0.0f);  // toward zero
+  std::uint32_t bits = 0;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits |= 1u;
+  std::memcpy(&f, &bits, sizeof bits);
+  return f;
+}
+
+/// `count` doubles rounded once to `dtype` (I64 to the nearest integer; half and bfloat16 through a
+/// float rounded to odd, float_rounded_to_odd), into `out`.
 inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, std::byte* out) {
   with_scalar_type(dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -183,8 +199,10 @@ inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, s
       T v;
       if constexpr (std::is_same_v<T, std::int64_t>) {
         v = static_cast<std::int64_t>(std::llround(in[i]));
-      } else {
+      } else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         v = static_cast<T>(in[i]);
+      } else {
+        v = static_cast<T>(float_rounded_to_odd(in[i]));
       }
       std::memcpy(out + i * sizeof(T), &v, sizeof(T));
     }

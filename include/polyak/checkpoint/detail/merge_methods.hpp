@@ -132,34 +132,26 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
                              for (std::size_t j = 0; j < count; ++j) tau[j] -= piece_of_base[j];
                            });
   }
-  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t.
+  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
+  // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
+  // sums are long double (no overflow from F64 task values near 1e160 where it is wider than
+  // double); a non-finite task value is left out of them (carried into its own scalar only).
   std::vector<double> stock_t;
   const std::size_t stock_columns =
       o.filter_wise && !shape.empty() && shape.back() > 0 ? static_cast<std::size_t>(shape.back()) : numel;
   if (method == MergeMethod::ModelStock) {
     const std::size_t groups = numel == 0 ? 0 : numel / stock_columns, pairs = models * (models - 1) / 2;
-    std::vector<double> dots(groups * pairs, 0.0), squares(groups * models, 0.0);
-    for_each_piece([&](std::size_t begin, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        const std::size_t g = (begin + j) / stock_columns;
-        std::size_t pair = 0;
-        for (std::size_t a = 0; a < models; ++a) {
-          const double ta = x[a][j] - base[j];
-          squares[g * models + a] += ta * ta;
-          for (std::size_t b = a + 1; b < models; ++b) dots[g * pairs + pair++] += ta * (x[b][j] - base[j]);
-        }
-      }
-    });
+    std::vector<long double> dots(pairs, 0.0L), squares(models, 0.0L);
+    std::vector<double> tau(models);
     stock_t.resize(groups);
     const double n = static_cast<double>(models);
-    for (std::size_t g = 0; g < groups; ++g) {
+    const auto finish_group = [&](std::size_t g) {
       double cosine = 0;
       std::size_t pair = 0;
       for (std::size_t a = 0; a < models; ++a) {
         for (std::size_t b = a + 1; b < models; ++b) {
-          const double norms =
-              std::max(std::sqrt(squares[g * models + a]) * std::sqrt(squares[g * models + b]), 1e-6);
-          cosine += std::clamp(dots[g * pairs + pair++] / norms, -1.0, 1.0);
+          const long double norms = std::max(std::sqrt(squares[a]) * std::sqrt(squares[b]), 1e-6L);
+          cosine += static_cast<double>(std::clamp(dots[pair++] / norms, -1.0L, 1.0L));
         }
       }
       cosine /= static_cast<double>(pairs);
@@ -170,43 +162,76 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
                               detail::number_text(denominator) + ", within 1e-9 of 0: t is undefined");
       }
       stock_t[g] = n * cosine / denominator;
-    }
+      std::fill(dots.begin(), dots.end(), 0.0L);
+      std::fill(squares.begin(), squares.end(), 0.0L);
+    };
+    for_each_piece([&](std::size_t begin, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        for (std::size_t a = 0; a < models; ++a) {
+          tau[a] = x[a][j] - base[j];
+          if (!std::isfinite(tau[a])) tau[a] = 0;  // (left out of the sums)
+        }
+        std::size_t pair = 0;
+        for (std::size_t a = 0; a < models; ++a) {
+          const auto ta = static_cast<long double>(tau[a]);
+          squares[a] += ta * ta;
+          for (std::size_t b = a + 1; b < models; ++b) dots[pair++] += ta * static_cast<long double>(tau[b]);
+        }
+        if ((begin + j + 1) % stock_columns == 0) finish_group((begin + j) / stock_columns);
+      }
+    });
   }
-  // Sce: the kept scalars (highest variance across the models) and each model's weight.
+  // Sce: the kept scalars (highest variance across the models) and each model's weight. Ranked by
+  // the standard deviation, which orders as the variance does, computed on the task values divided
+  // by their largest magnitude (no overflow), as rank_key (NaN above all).
   std::vector<bool> sce_keep;
   if (method == MergeMethod::Sce) {
-    std::vector<double> variance(numel), scratch;
+    std::vector<std::uint64_t> spread(numel), scratch;
     std::size_t nonzero = 0;
     for_each_piece([&](std::size_t begin, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
-        double mean = 0, square = 0;
-        for (std::size_t m = 0; m < models; ++m) mean += x[m][j] - base[j];
-        mean /= static_cast<double>(models);
-        for (std::size_t m = 0; m < models; ++m)
-          square += (x[m][j] - base[j] - mean) * (x[m][j] - base[j] - mean);
-        const double v = rank_magnitude(square / static_cast<double>(models));
-        variance[begin + j] = v;
-        nonzero += v > 0;  // (a variance is >= 0; NaN ranks as infinity)
+        double largest = 0;
+        bool nan = false;
+        for (std::size_t m = 0; m < models; ++m) {
+          const double tau = x[m][j] - base[j];
+          nan = nan || std::isnan(tau);
+          largest = std::max(largest, std::abs(tau));
+        }
+        double deviation = 0;
+        if (nan || std::isinf(largest)) {
+          deviation = std::numeric_limits<double>::quiet_NaN();
+        } else if (largest > 0) {
+          double mean = 0, square = 0;
+          for (std::size_t m = 0; m < models; ++m) mean += (x[m][j] - base[j]) / largest;
+          mean /= static_cast<double>(models);
+          for (std::size_t m = 0; m < models; ++m) {
+            const double d = (x[m][j] - base[j]) / largest - mean;
+            square += d * d;
+          }
+          deviation = largest * std::sqrt(square / static_cast<double>(models));
+        }
+        spread[begin + j] = rank_key(deviation);
+        nonzero += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
       }
     });
     if (o.select_topk < 1) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
-      keep_ranks(variance, numel - k, numel, sce_keep, scratch);
+      keep_ranks(spread, numel - k, numel, sce_keep, scratch);
     }
-    std::vector<double> squares(models, 0.0);
+    std::vector<long double> squares(models, 0.0L);  // (long double: no overflow from F64 values)
     for_each_piece([&](std::size_t begin, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
         if (!sce_keep.empty() && !sce_keep[begin + j]) continue;
         for (std::size_t m = 0; m < models; ++m) {
-          const double tau = x[m][j] - base[j];
+          const auto tau = static_cast<long double>(x[m][j] - base[j]);
           if (std::isfinite(tau)) squares[m] += tau * tau;
         }
       }
     });
-    double total = 0;
-    for (double& square : squares) total += (square /= static_cast<double>(numel));
+    long double total = 0;
+    for (long double& square : squares) total += (square /= static_cast<long double>(numel));
     for (std::size_t m = 0; m < models; ++m)
-      w[m] = total > 0 ? squares[m] / total : 1.0 / static_cast<double>(models);
+      w[m] = total > 0 ? static_cast<double>(squares[m] / total) : 1.0 / static_cast<double>(models);
   }
 
   // The merge, piece by piece.
@@ -218,8 +243,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   std::vector<double> v(models);
   for_each_piece([&](std::size_t begin, std::size_t count) {
     double* result = out.data();
-    if (method == MergeMethod::Average || method == MergeMethod::Passthrough || method == MergeMethod::Slerp ||
-        method == MergeMethod::TaskArithmetic) {
+    if (method == MergeMethod::Average || method == MergeMethod::Passthrough ||
+        method == MergeMethod::Slerp || method == MergeMethod::TaskArithmetic) {
       // The linear methods a model at a time over the piece (loops the compiler vectorizes).
       const bool slerp = method == MergeMethod::Slerp, arithmetic = method == MergeMethod::TaskArithmetic;
       const double divisor = arithmetic && normalize ? weight_sum : 1.0;

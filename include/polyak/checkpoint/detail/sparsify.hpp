@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>  // std::memcpy
 #include <limits>
 #include <random>
 #include <string>
@@ -40,16 +41,29 @@ inline double uniform_draw(std::mt19937_64& rng) {
   return std::generate_canonical<double, std::numeric_limits<double>::digits>(rng);
 }
 
-/// A task value's magnitude as the rank rules order it: NaN above everything (kept, and carried into
-/// the result as NaN), so that the order is a strict weak order whatever the inputs hold.
-inline double rank_magnitude(double tau) {
-  return std::isnan(tau) ? std::numeric_limits<double>::infinity() : std::abs(tau);
+/// A task value's magnitude as the rank rules order it: the bits of |tau| (for values >= 0 their
+/// order as integers is their order as numbers, infinity above every finite value), NaN (any
+/// payload) above infinity, so that the order is strict whatever the inputs hold.
+inline std::uint64_t rank_key(double tau) {
+  if (std::isnan(tau)) return 0x7ff8000000000000ull;
+  const double size = std::abs(tau);
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &size, sizeof bits);
+  return bits;
+}
+
+/// The magnitude a finite rank_key holds, and whether it is finite.
+inline bool finite_magnitude(std::uint64_t key, double& size) {
+  if (key >= 0x7ff0000000000000ull) return false;
+  std::memcpy(&size, &key, sizeof size);
+  return true;
 }
 
 /// keep[p] = whether scalar p's ascending rank lies in [lo, hi): ranks by `value`, equal values
 /// ranked by position, the earlier one higher. `scratch` is working memory (resized).
-inline void keep_ranks(const std::vector<double>& value, std::size_t lo, std::size_t hi,
-                       std::vector<bool>& keep, std::vector<double>& scratch) {
+template <class Key>
+void keep_ranks(const std::vector<Key>& value, std::size_t lo, std::size_t hi, std::vector<bool>& keep,
+                std::vector<Key>& scratch) {
   const std::size_t n = value.size();
   hi = std::min(hi, n);
   keep.assign(n, false);
@@ -58,34 +72,42 @@ inline void keep_ranks(const std::vector<double>& value, std::size_t lo, std::si
     keep.assign(n, true);
     return;
   }
-  // The boundary values: the lo-th and (hi - 1)-th smallest (-inf and +inf where there is none).
-  double low = -std::numeric_limits<double>::infinity(), high = std::numeric_limits<double>::infinity();
+  // The boundary values: the lo-th and (hi - 1)-th smallest (where there is none, every value is
+  // past it: `has_low` and `has_high` say).
+  const bool has_low = lo > 0, has_high = hi < n;
+  Key low{}, high{};
   scratch = value;
-  if (lo > 0) {
+  if (has_low) {
     std::nth_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(lo), scratch.end());
     low = scratch[lo];
   }
-  if (hi < n) {
+  if (has_high) {
     std::nth_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(hi - 1), scratch.end());
     high = scratch[hi - 1];
   }
+  const auto above_low = [&](Key v) { return !has_low || low < v; };
+  const auto below_high = [&](Key v) { return !has_high || v < high; };
   std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0;
-  for (const double v : value) {
-    less_low += v < low;
-    equal_low += exactly_equal(v, low);  // (exact ties are the point)
-    less_high += v < high;
-    equal_high += exactly_equal(v, high);
+  for (const Key v : value) {
+    if (has_low) {
+      less_low += v < low;
+      equal_low += !(v < low) && !(low < v);
+    }
+    if (has_high) {
+      less_high += v < high;
+      equal_high += !(v < high) && !(high < v);
+    }
   }
   // A value equal to a boundary: its rank is less(v) + equal(v) - 1 - (equal ones at earlier positions).
   std::size_t seen_low = 0, seen_high = 0;
   for (std::size_t p = 0; p < n; ++p) {
-    const double v = value[p];
-    if (v < low || v > high) continue;
-    if (v > low && v < high) {
+    const Key v = value[p];
+    if ((has_low && v < low) || (has_high && high < v)) continue;
+    if (above_low(v) && below_high(v)) {
       keep[p] = true;
       continue;
     }
-    const bool at_low = !(v > low);  // (v == low; where low == high, one count serves both)
+    const bool at_low = !above_low(v);  // (v == low; where low == high, one count serves both)
     const std::size_t rank =
         at_low ? less_low + equal_low - 1 - seen_low++ : less_high + equal_high - 1 - seen_high++;
     keep[p] = rank >= lo && rank < hi;
@@ -131,11 +153,11 @@ KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string
       }
     }
   } else {
-    std::vector<double> magnitude(numel), scratch;
+    std::vector<std::uint64_t> magnitude(numel), scratch;
     for (std::size_t begin = 0; begin < numel; begin += piece) {
       const std::size_t count = std::min(piece, numel - begin);
       tau_of(begin, count, tau.data());
-      for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = rank_magnitude(tau[j]);
+      for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = rank_key(tau[j]);
     }
     const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
     if (rule == Sparsification::Magnitude) {
@@ -152,7 +174,7 @@ KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string
       result.keep.assign(numel, false);
       std::vector<std::size_t> order(columns), rank(columns);
       for (std::size_t row = 0; row < rows; ++row) {
-        const double* v = magnitude.data() + row * columns;
+        const std::uint64_t* v = magnitude.data() + row * columns;
         for (std::size_t c = 0; c < columns; ++c) order[c] = c;
         std::sort(order.begin(), order.end(),
                   [v](std::size_t a, std::size_t b) { return v[a] < v[b] || (!(v[b] < v[a]) && a > b); });
@@ -167,9 +189,10 @@ KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string
       }
     }
     for (std::size_t p = 0; p < numel; ++p) {
-      if (std::isfinite(magnitude[p])) {
-        norm += magnitude[p];
-        kept_norm += result.keep[p] ? magnitude[p] : 0;
+      double size = 0;
+      if (finite_magnitude(magnitude[p], size)) {
+        norm += size;
+        kept_norm += result.keep[p] ? size : 0;
       }
     }
   }
