@@ -3,6 +3,7 @@
 // checkpoints, renamed, converted to its output dtype once; shards split at a byte limit; refusals
 // before anything is written.
 #include "polyak/checkpoint/merge_plan.hpp"
+#include "polyak/checkpoint/merge.hpp"
 
 #include "support.hpp"
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -93,11 +95,47 @@ TEST_CASE("a plan merges each tensor by its own options, renamed, in its output 
   polyak::run_merge_plan(plan, small, 8);
   CHECK(polyak::CheckpointReader(small).shards().size() == 4);
   CHECK(shard_of(small, 3, 4).scalar<std::int64_t>("n") == 7);
-  // An earlier merge's output (it holds mergekit_config.yml) is replaced whole.
+  // An earlier output (its manifest lists every file in it) is replaced whole...
   plan.tensors.pop_back();
   polyak::run_merge_plan(plan, small, 8);
   CHECK(polyak::CheckpointReader(small).shards().size() == 3);
   CHECK_FALSE(std::filesystem::exists(small + "/model-00004-of-00004.safetensors"));
+  // ...but not once the user has added a file to it, nor a folder that only looks like one (a merged
+  // model downloaded with its mergekit_config.yml).
+  std::ofstream(small + "/notes.txt") << "mine";
+  CHECK_THROWS_WITH(polyak::run_merge_plan(plan, small, 8), Catch::Contains("notes.txt"));
+  CHECK(std::filesystem::exists(small + "/notes.txt"));
+  const std::string downloaded = folder + "/downloaded";
+  std::filesystem::create_directories(downloaded);
+  std::filesystem::copy_file(plan.checkpoints[0], downloaded + "/model.safetensors");
+  std::ofstream(downloaded + "/mergekit_config.yml") << "merge_method: linear\n";
+  CHECK_THROWS(polyak::run_merge_plan(plan, downloaded, 8));
+  CHECK(std::filesystem::exists(downloaded + "/model.safetensors"));
+}
+
+TEST_CASE("an input written over in place while a merge reads it is refused, nothing written",
+          "[merge][plan][adversarial]") {
+  const std::string folder = plan_folder("changed");
+  const std::string x = two_tensors(folder, "x.safetensors", 1, 5),
+                    y = two_tensors(folder, "y.safetensors", 3, 7);
+  std::vector<polyak::CheckpointReader> readers;
+  readers.emplace_back(x);
+  readers.emplace_back(y);
+  // y written over in place (the same inode, one byte longer: a change the file's times alone might
+  // not show within the clock's tick) after it was opened, before the merge ends.
+  {
+    std::ifstream in(y, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    std::ofstream rewrite(y, std::ios::binary | std::ios::trunc);
+    rewrite << bytes << ' ';
+  }
+  CHECK_FALSE(readers[1].unchanged());
+  CHECK(readers[0].unchanged());
+  const std::string out = folder + "/out.safetensors";
+  CHECK_THROWS_WITH(polyak::merge_checkpoints(std::move(readers), nullptr, polyak::MergeOptions{}, out),
+                    Catch::Contains("was written over while the merge read it"));
+  CHECK_FALSE(std::filesystem::exists(out));
 }
 
 TEST_CASE("a plan that cannot run is refused before anything is written", "[merge][plan][adversarial]") {

@@ -304,8 +304,9 @@ int main(int argc, char** argv) {
     std::ifstream in(work + "/stderr.txt");
     const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-    expect(code != 0 && message.find(why) != std::string::npos && !fs::exists(target),
-           "refused, nothing written: " + why + " (exit " + std::to_string(code) + ")");
+    const bool ok = code != 0 && message.find(why) != std::string::npos && !fs::exists(target);
+    expect(ok, "refused, nothing written: " + why + " (exit " + std::to_string(code) + ")" +
+                   (ok ? std::string() : ": " + message.substr(0, message.find('\n'))));
   };
   const auto config = [&](const std::string& text) { return write("hostile.yml", text); };
   const std::string models = "models:\n  - model: " + m1 + "\n    parameters:\n      weight: 1\n";
@@ -376,6 +377,71 @@ int main(int argc, char** argv) {
   // A second run into the same OUT (an earlier merge's output) replaces it whole.
   expect(run(pass + " " + work + "/out_slerp") == 0 && read_output(work + "/out_slerp").tensors.size() == 18,
          "an earlier merge's output is replaced whole by the next merge");
+
+  // The hostile pass's cases (issue 24, item 2).
+  refused(
+      config("models:\n  - model: " + m1 +
+             "\n    parameters:\n      weight: &a [{filter: embed, value: *a}]\n" + "merge_method: linear\n"),
+      "nests filters deeper than 16 levels");
+  refused(config(models + "merge_method: linear\n---\nmerge_method: ties\n"), "2 YAML documents, not one");
+  refused(config("models:\n  - model: " + m1 + "\n    parameters:\n      weight: 010\n" +
+                 "merge_method: linear\n"),
+          "'010': a number YAML 1.1 (mergekit's reader) reads otherwise");
+  refused(config(models + "merge_method: ties\nbase_model: " + base + "\nparameters:\n  normalize: yes\n"),
+          "'yes': write true or false");
+  refused(config(models + "  - model: " + m1 + "/model.safetensors\n    parameters:\n      weight: 1\n" +
+                 "merge_method: linear\n"),
+          "is listed twice in models");  // a folder and its file: one model
+  {  // the dry run checks OUT as the run would: an input's folder is refused
+    const int status = run("--dry-run " + pass + " " + a);
+    std::ifstream in(work + "/stderr.txt");
+    const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    expect(status != 0 && message.find("which writing it would destroy") != std::string::npos,
+           "--dry-run refuses an OUT that is an input's folder, as the run would");
+  }
+  // filter: null is mergekit's None: it applies to every tensor (A + 3 (2 A)) / 4 = 7 A / 4.
+  const std::string null_filter =
+      write("null_filter.yml",
+            "models:\n  - model: " + a + "\n    parameters:\n      weight:\n        - filter: null\n" +
+                "          value: 1\n  - model: " + b + "\n    parameters:\n      weight: 3\n" +
+                "merge_method: linear\ndtype: float32\n");
+  expect(run(null_filter + " " + work + "/out_null") == 0, "filter: null applies to every tensor");
+  out = read_output(work + "/out_null");
+  all = out.ok && !out.tensors.empty();
+  for (const auto& [name, values] : out.tensors) {
+    for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.75 * base_value(name, j));
+  }
+  expect(all, "and the merge is (A + 3 (2 A)) / 4 = 7 A / 4 everywhere");
+  // Zero-padded layer numbers ("layers.00."): found by number, renumbered plainly.
+  {
+    polyak::StateDict padded;
+    const float w[2] = {1, 2}, v[2] = {3, 4};
+    padded.insert("model.layers.00.w", w, {2});
+    padded.insert("model.layers.01.w", v, {2});
+    fs::create_directories(work + "/padded");
+    polyak::save_safetensors(work + "/padded/model.safetensors", padded);
+  }
+  const std::string padded_config =
+      write("padded.yml", "slices:\n  - sources:\n    - model: " + work +
+                              "/padded\n      layer_range: [1, 2]\n" + "  - sources:\n    - model: " + work +
+                              "/padded\n      layer_range: [0, 1]\n" + "merge_method: passthrough\n");
+  out = Output();
+  expect(run(padded_config + " " + work + "/out_padded") == 0 &&
+             (out = read_output(work + "/out_padded")).ok &&
+             out.tensors["model.layers.0.w"] == std::vector<float>{3, 4} &&
+             out.tensors["model.layers.1.w"] == std::vector<float>{1, 2},
+         "zero-padded layers: layer 01 becomes layer 0, layer 00 layer 1");
+  // An OUT that holds a model of the user's, even one with a mergekit_config.yml (a merged model
+  // downloaded): refused, kept. An earlier output with a file the user added: refused, kept.
+  fs::create_directories(work + "/downloaded");
+  fs::copy_file(a + "/model.safetensors", work + "/downloaded/model.safetensors");
+  std::ofstream(work + "/downloaded/mergekit_config.yml") << "merge_method: slerp\n";
+  expect(run(pass + " " + work + "/downloaded") != 0 && fs::exists(work + "/downloaded/model.safetensors"),
+         "an OUT holding a downloaded merged model (with its mergekit_config.yml) is refused and kept");
+  std::ofstream(work + "/out_slerp/my_notes.txt") << "mine";
+  expect(run(pass + " " + work + "/out_slerp") != 0 && fs::exists(work + "/out_slerp/my_notes.txt") &&
+             fs::exists(work + "/out_slerp/model.safetensors.index.json"),
+         "an earlier output with a file the user added is refused, the file kept");
 
   fs::remove_all(work);
   return failures == 0 ? 0 : 1;

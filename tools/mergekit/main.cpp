@@ -79,9 +79,26 @@ Value scalar_value(const YAML::Node& node, const std::string& what) {
   if (!node.IsScalar()) throw UsageError(what + " is not a number or true/false" + where_of(node));
   const std::string text = node.Scalar();
   if (text == "true" || text == "false") return text == "true";
+  // Where YAML 1.1 (PyYAML, mergekit's reader) and 1.2 (yaml-cpp's) read a scalar otherwise, it is
+  // refused, so that a config never merges otherwise here than in mergekit: "010" (octal 8 in
+  // 1.1), "+2", "1_000", and true/false spelled "yes", "on", "True" and the like.
+  static const std::set<std::string> other_truths = {"y",  "Y",  "yes", "Yes",  "YES",  "n",     "N",
+                                                     "no", "No", "NO",  "True", "TRUE", "False", "FALSE",
+                                                     "on", "On", "ON",  "off",  "Off",  "OFF"};
+  if (other_truths.count(text))
+    throw UsageError(what + " '" + text + "': write true or false (YAML readers differ on it)" +
+                     where_of(node));
+  const std::size_t digits = text.find_first_not_of("+-");
+  const bool leading_zero = digits != std::string::npos && digits + 1 < text.size() && text[digits] == '0' &&
+                            text[digits + 1] >= '0' && text[digits + 1] <= '9';
+  if (leading_zero || text.find('_') != std::string::npos || (!text.empty() && text[0] == '+')) {
+    throw UsageError(what + " '" + polyak::detail::visible(text) +
+                     "': a number YAML 1.1 (mergekit's reader) reads otherwise; write it plainly" +
+                     where_of(node));
+  }
   double value = 0;
   if (!polyak_tools::parse_number(text, value) || !std::isfinite(value))
-    throw UsageError(what + " '" + polyak::detail::visible(text) + "' is not a finite number" +
+    throw UsageError(what + " '" + polyak::detail::visible(text) + "' is not a finite number or true/false" +
                      where_of(node));
   return value;
 }
@@ -89,7 +106,8 @@ Value scalar_value(const YAML::Node& node, const std::string& what) {
 /// mergekit's evaluate_setting: the value of a parameter setting for a tensor named `name` at layer
 /// position t (see the file comment); none where no conditional applies.
 std::optional<Value> evaluate(const YAML::Node& setting, const std::string& name, double t,
-                              const std::string& what) {
+                              const std::string& what, int depth = 0) {
+  if (depth > 16) throw UsageError(what + " nests filters deeper than 16 levels (an alias to itself?)");
   if (setting.IsScalar()) return scalar_value(setting, what);
   if (!setting.IsSequence() || setting.size() == 0)
     throw UsageError(what + " is neither a value, a gradient nor a list of filters" + where_of(setting));
@@ -121,9 +139,11 @@ std::optional<Value> evaluate(const YAML::Node& setting, const std::string& name
     }
     if (!condition["value"]) throw UsageError(what + ": a filter without a value" + where_of(condition));
     const YAML::Node filter = condition["filter"];
-    const std::string text = filter ? filter.as<std::string>() : std::string();
-    if (!filter || text == "*" || name.find(text) != std::string::npos)
-      return evaluate(condition["value"], name, t, what);
+    const bool none = !filter || filter.IsNull();  // (mergekit's filter None: every tensor)
+    if (!none && !filter.IsScalar()) throw UsageError(what + ": a filter is not a name" + where_of(filter));
+    const std::string text = none ? std::string() : filter.Scalar();
+    if (none || text == "*" || name.find(text) != std::string::npos)
+      return evaluate(condition["value"], name, t, what, depth + 1);
   }
   return std::nullopt;
 }
@@ -154,12 +174,13 @@ ParameterNames parameters_of(MergeMethod m) {
 
 /// A checkpoint read by the plan, and its tensors split into layers and the rest.
 struct Model {
-  std::string path, key;                                   // as given, and canonical
-  std::size_t index = 0;                                   // into the plan's checkpoints
-  std::vector<std::string> names;                          // every tensor, in order
-  std::map<std::string, polyak::DType> dtypes;             // by name
-  std::map<std::size_t, std::vector<std::string>> layers;  // layer number -> its tensors' names
-  std::vector<std::string> others;                         // tensors of no layer
+  std::string path;                                          // as given
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> key;  // its data files' identities, sorted
+  std::size_t index = 0;                                     // into the plan's checkpoints
+  std::vector<std::string> names;                            // every tensor, in order
+  std::map<std::string, polyak::DType> dtypes;               // by name
+  std::map<std::size_t, std::vector<std::string>> layers;    // layer number -> its tensors' names
+  std::vector<std::string> others;                           // tensors of no layer
 };
 
 /// Where a name has ".layers.N." (or starts "layers.N."): the prefix's end, N, the rest's start.
@@ -303,10 +324,19 @@ class Planner {
     }
   }
 
-  /// The model at `path`, read once (two spellings of one path are one model).
+  /// The model at `path`, read once: two paths of the same data files (through links, a folder and
+  /// its index or its model.safetensors) are one model.
   Model& model(const std::string& path) {
-    std::error_code error;
-    const std::string key = fs::weakly_canonical(fs::absolute(path), error).string();
+    const polyak::CheckpointReader reader(path);
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> key;
+    const std::vector<std::string> files = reader.files();
+    for (std::size_t f = reader.sharded() ? 1 : 0; f < files.size(); ++f) {  // (the data, not the index)
+      polyak::detail::FileId id;
+      if (!polyak::detail::file_id(files[f], id))
+        throw UsageError("cannot stat '" + polyak::detail::visible(files[f]) + "'");
+      key.emplace_back(id.device, id.inode);
+    }
+    std::sort(key.begin(), key.end());
     for (auto& m : models_) {
       if (m->key == key) return *m;
     }
@@ -314,7 +344,6 @@ class Planner {
     m->path = path;
     m->key = key;
     m->index = models_.size();
-    const polyak::CheckpointReader reader(path);
     for (const auto& t : reader.tensors()) {
       m->names.push_back(t.name);
       m->dtypes[t.name] = t.dtype;
@@ -596,10 +625,15 @@ class Planner {
                                           std::to_string(source.first + i) + " holds other tensors than '" +
                                           lead.model->path + "' layer " + std::to_string(lead.first + i));
         }
-        for (const auto& name : names) {
+        for (const auto& name : names) {  // each source's own name of it ("layers.07." stays so)
           std::vector<std::pair<const Source*, std::string>> inputs;
-          for (const auto& source : slice.sources)
-            inputs.emplace_back(&source, renumbered(name, source.first + i));
+          for (const auto& source : slice.sources) {
+            const auto& theirs = source.model->layers.at(source.first + i);
+            inputs.emplace_back(&source,
+                                *std::find_if(theirs.begin(), theirs.end(), [&](const std::string& n) {
+                                  return renumbered(n, 0) == renumbered(name, 0);
+                                }));
+          }
           plan_tensor(renumbered(name, out_layer), inputs, slice.parameters, position(i, count));
         }
       }
@@ -622,12 +656,22 @@ class Planner {
   polyak::MergePlan plan_;
 };
 
+/// A file's whole text; a file that cannot be read whole (a read error, a size that changes while it
+/// is read) is refused, never taken as shorter.
 std::string read_text(const std::string& path) {
+  std::error_code error;
+  if (!fs::is_regular_file(path, error))
+    throw UsageError("cannot read '" + polyak::detail::visible(path) + "': not a file");
+  const std::uintmax_t size = fs::file_size(path, error);
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw UsageError("cannot read '" + polyak::detail::visible(path) + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
+  if (!in || error) throw UsageError("cannot read '" + polyak::detail::visible(path) + "'");
+  std::string text(static_cast<std::size_t>(size), '\0');
+  in.read(text.data(), static_cast<std::streamsize>(size));
+  if (static_cast<std::uintmax_t>(in.gcount()) != size || in.bad() ||
+      in.peek() != std::ifstream::traits_type::eof())
+    throw polyak::RuntimeError("polyak-mergekit: '" + polyak::detail::visible(path) +
+                               "' could not be read whole");
+  return text;
 }
 
 /// The non-weight files of a model folder (config.json, tokenizer files), to copy beside the output.
@@ -726,7 +770,10 @@ int run(int argc, char** argv) {
   const std::string config_text = read_text(config_path);
   YAML::Node root;
   try {
-    root = YAML::Load(config_text);
+    const std::vector<YAML::Node> documents = YAML::LoadAll(config_text);
+    if (documents.size() != 1)
+      throw UsageError("the config holds " + std::to_string(documents.size()) + " YAML documents, not one");
+    root = documents.front();
   } catch (const YAML::Exception& e) {
     throw UsageError("the config is not YAML: " + std::string(e.what()));
   }
@@ -738,6 +785,7 @@ int run(int argc, char** argv) {
   plan.files["mergekit_config.yml"] = config_text;
   for (const auto& note : notes) std::printf("polyak-mergekit: note: %s\n", note.c_str());
   if (dry_run) {
+    polyak::check_merge_plan(plan, out, shard_size);  // (what the run would refuse, refused now)
     std::uint64_t total = 0;
     for (const auto& t : plan.tensors) {
       const polyak::CheckpointReader reader(plan.checkpoints[t.models.front().checkpoint]);

@@ -53,14 +53,19 @@ inline void merge_checkpoints(std::vector<CheckpointReader> inputs, CheckpointRe
     for (auto& file : reader.files()) read.push_back(std::move(file));
   }
   detail::check_output_apart("polyak::merge_checkpoints", out, read);
+  const std::string last = readers.front().tensors().empty()
+                               ? std::string()
+                               : readers.front().tensors().back().name;  // (written last)
   detail::write_checkpoint_like(
       readers.front(), out, {{"merge_method", polyak::to_string(options.method)}}, {"step", "global_step"},
       [&](const CheckpointReader::Tensor& tensor) {
         const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
-        return detail::TensorWriter{tensor.name, tensor.dtype, tensor.shape, size,
-                                    [&readers, &options, models, tensor](int fd, const std::string& file) {
-                                      detail::write_merged_tensor(readers, options, models, tensor, fd, file);
-                                    }};
+        return detail::TensorWriter{
+            tensor.name, tensor.dtype, tensor.shape, size,
+            [&readers, &options, &last, models, tensor](int fd, const std::string& file) {
+              detail::write_merged_tensor(readers, options, models, tensor, fd, file);
+              if (tensor.name == last) detail::check_inputs_unchanged(readers);  // (before OUT is kept)
+            }};
       });
 }
 

@@ -12,9 +12,11 @@
 #include <cstdint>
 #include <cstdio>  // std::snprintf: the shard names
 #include <filesystem>
+#include <fstream>  // the manifest of an earlier output
 #include <future>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -167,73 +169,113 @@ inline void write_planned_tensor(std::vector<CheckpointReader>& readers, const P
   written.get();
 }
 
+/// The file run_merge_plan writes into its output folder listing every file it wrote there: what
+/// tells its own earlier output (which it may replace) from a folder of the user's.
+inline constexpr const char* merge_plan_manifest = ".polyak-merge-files";
+
 /// What an existing output folder of run_merge_plan holds that it would not replace ("" for
-/// nothing): it is replaced whole only if it is empty or an earlier merge's output (it holds
-/// "mergekit_config.yml", as mergekit's outputs and this writer's do, or is a sharded checkpoint
-/// and nothing else).
+/// nothing): it is replaced whole only if it is empty, an earlier output of run_merge_plan holding
+/// only the files its manifest lists (a file the user added, a model downloaded there, is not
+/// replaced), or a sharded checkpoint and nothing else.
 inline std::string foreign_in_merge_folder(const std::string& folder) {
+  namespace fs = std::filesystem;
+  std::ifstream manifest(fs::path(folder) / merge_plan_manifest);
+  if (!manifest) return foreign_in_checkpoint_folder(folder);
+  std::set<std::string> listed{merge_plan_manifest};
+  for (std::string line; std::getline(manifest, line);) listed.insert(line);
   std::error_code error;
-  if (std::filesystem::exists(std::filesystem::path(folder) / "mergekit_config.yml", error)) return {};
-  return foreign_in_checkpoint_folder(folder);
+  for (const auto& entry : fs::directory_iterator(folder, error)) {
+    const std::string name = entry.path().filename().string();
+    if (!listed.count(name) || !entry.is_regular_file(error) || entry.is_symlink(error)) {
+      return "a file it did not write, '" + name + "'";
+    }
+  }
+  if (error) return "a folder it cannot list (" + error.message() + ")";
+  return {};
+}
+
+/// A plan checked against its checkpoints, opened, and where each tensor goes.
+struct PreparedPlan {
+  std::vector<CheckpointReader> readers;  ///< plan.checkpoints, open
+  std::vector<std::uint64_t> bytes;       ///< each output tensor's size
+  std::vector<std::size_t> shard_of;      ///< each output tensor's shard
+  std::string folder;                     ///< the output folder, checked as a destination
+};
+
+/// Everything run_merge_plan checks before it writes: the plan (check_plan), the shard size, the
+/// file names, `out` apart from every file read (by identity) and a destination it may replace.
+inline PreparedPlan prepare_plan(const MergePlan& plan, const std::string& out,
+                                 std::uint64_t max_shard_bytes) {
+  if (plan.tensors.empty()) throw InvalidArgument("polyak::run_merge_plan: no tensors to write");
+  if (max_shard_bytes == 0) throw InvalidArgument("polyak::run_merge_plan: a shard size of 0 bytes");
+  PreparedPlan prepared;
+  for (const auto& path : plan.checkpoints) prepared.readers.emplace_back(path);
+  check_plan(plan, prepared.readers);
+  std::vector<std::string> read;
+  for (const auto& reader : prepared.readers) {
+    for (auto& file : reader.files()) read.push_back(std::move(file));
+  }
+  check_output_apart("polyak::run_merge_plan", out, read);
+  for (const auto& file : plan.files) {
+    const std::string& name = file.first;
+    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." ||
+        name == sharded_index_name || name == merge_plan_manifest || name.rfind("model-", 0) == 0) {
+      throw InvalidArgument("polyak::run_merge_plan: '" + name + "' is not a file name the folder may hold");
+    }
+  }
+  for (const auto& t : plan.tensors) {
+    const CheckpointReader::Tensor& in =
+        *prepared.readers[t.models.front().checkpoint].find(t.models.front().name);
+    prepared.bytes.push_back(in.numel() * dtype_size(in.dtype == DType::I64 ? DType::I64 : t.dtype));
+  }
+  prepared.shard_of = shard_assignment(prepared.bytes, max_shard_bytes);
+  prepared.folder = folder_destination("polyak: writing '" + out + "'", out, foreign_in_merge_folder);
+  return prepared;
 }
 
 }  // namespace detail
 
+/// Checks `plan` and `out` as run_merge_plan does before it writes anything (the checkpoints opened
+/// and every tensor found, the options, the destination), and writes nothing: a dry run.
+inline void check_merge_plan(const MergePlan& plan, const std::string& out, std::uint64_t max_shard_bytes) {
+  (void)detail::prepare_plan(plan, out, max_shard_bytes);
+}
+
 /// Runs `plan`: reads its checkpoints, merges each output tensor by its own options, and writes the
 /// folder `out`: shards of at most `max_shard_bytes` (a larger tensor alone in one) named as
 /// transformers names them, each with {"format": "pt"}; model.safetensors.index.json (its
-/// "metadata": "total_size" and plan.index_metadata); and plan.files. Everything is checked before
-/// anything is written (detail::check_plan; `out` apart from every file read, by identity); the
-/// folder is written whole beside `out` and put in its place in one step, replacing an existing
-/// `out` only if it is empty or an earlier merge's output (detail::foreign_in_merge_folder).
+/// "metadata": "total_size" and plan.index_metadata); plan.files; and a manifest of them all
+/// (detail::merge_plan_manifest). Everything is checked before anything is written
+/// (check_merge_plan); the folder is written whole beside `out` and put in its place in one step,
+/// replacing an existing `out` only if it is empty or this function's earlier output with nothing
+/// added (detail::foreign_in_merge_folder); an input written over in place while it was read is
+/// refused (FormatError) and nothing is written.
 inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::uint64_t max_shard_bytes) {
-  if (plan.tensors.empty()) throw InvalidArgument("polyak::run_merge_plan: no tensors to write");
-  if (max_shard_bytes == 0) throw InvalidArgument("polyak::run_merge_plan: a shard size of 0 bytes");
-  std::vector<CheckpointReader> readers;
-  for (const auto& path : plan.checkpoints) readers.emplace_back(path);
-  detail::check_plan(plan, readers);
-  std::vector<std::string> read;
-  for (const auto& reader : readers) {
-    for (auto& file : reader.files()) read.push_back(std::move(file));
-  }
-  detail::check_output_apart("polyak::run_merge_plan", out, read);
-  for (const auto& file : plan.files) {
-    const std::string& name = file.first;
-    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." ||
-        name == detail::sharded_index_name || name.rfind("model-", 0) == 0) {
-      throw InvalidArgument("polyak::run_merge_plan: '" + name + "' is not a file name the folder may hold");
-    }
-  }
-  std::vector<std::uint64_t> bytes;
-  for (const auto& t : plan.tensors) {
-    const CheckpointReader::Tensor& in = *readers[t.models.front().checkpoint].find(t.models.front().name);
-    bytes.push_back(in.numel() * dtype_size(in.dtype == DType::I64 ? DType::I64 : t.dtype));
-  }
-  const std::vector<std::size_t> shard_of = shard_assignment(bytes, max_shard_bytes);
-  const std::size_t shards = shard_of.back() + 1;
-  const std::string folder =
-      detail::folder_destination("polyak: writing '" + out + "'", out, detail::foreign_in_merge_folder);
+  detail::PreparedPlan prepared = detail::prepare_plan(plan, out, max_shard_bytes);
+  std::vector<CheckpointReader>& readers = prepared.readers;
+  const std::size_t shards = prepared.shard_of.back() + 1;
   detail::write_folder_atomically(
-      folder,
+      prepared.folder,
       [&](const std::string& temporary) {
-        std::string weight_map;
+        std::string weight_map, manifest = std::string(detail::sharded_index_name) + "\n";
         std::uint64_t total = 0;
         for (std::size_t shard = 0; shard < shards; ++shard) {
           std::vector<detail::TensorWriter> writers;
           const std::string file = shard_file_name(shard, shards);
+          manifest += file + "\n";
           for (std::size_t i = 0; i < plan.tensors.size(); ++i) {
-            if (shard_of[i] != shard) continue;
+            if (prepared.shard_of[i] != shard) continue;
             const PlannedTensor& t = plan.tensors[i];
             const CheckpointReader::Tensor& in =
                 *readers[t.models.front().checkpoint].find(t.models.front().name);
             writers.push_back(detail::TensorWriter{t.name, in.dtype == DType::I64 ? DType::I64 : t.dtype,
-                                                   in.shape, bytes[i],
+                                                   in.shape, prepared.bytes[i],
                                                    [&readers, &t](int fd, const std::string& path) {
                                                      detail::write_planned_tensor(readers, t, fd, path);
                                                    }});
             weight_map += (weight_map.empty() ? "\n    " : ",\n    ") + detail::json_quoted(t.name) + ": " +
                           detail::json_quoted(file);
-            total += bytes[i];
+            total += prepared.bytes[i];
           }
           detail::write_safetensors((std::filesystem::path(temporary) / file).string(), {{"format", "pt"}},
                                     writers);
@@ -244,16 +286,19 @@ inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::u
             text += ",\n    " + detail::json_quoted(key) + ": " + detail::json_quoted(value);
         }
         text += "\n  },\n  \"weight_map\": {" + weight_map + "\n  }\n}\n";
-        detail::write_atomically(
-            (std::filesystem::path(temporary) / detail::sharded_index_name).string(),
-            [&](int fd, const std::string& path) { detail::write_all(fd, text.data(), text.size(), path); });
-        for (const auto& file : plan.files) {
-          const std::string& content = file.second;  // (not a structured binding: the lambda captures it)
-          detail::write_atomically((std::filesystem::path(temporary) / file.first).string(),
+        const auto write_file = [&temporary](const std::string& name, const std::string& content) {
+          detail::write_atomically((std::filesystem::path(temporary) / name).string(),
                                    [&content](int fd, const std::string& path) {
                                      detail::write_all(fd, content.data(), content.size(), path);
                                    });
+        };
+        write_file(detail::sharded_index_name, text);
+        for (const auto& file : plan.files) {
+          write_file(file.first, file.second);
+          manifest += file.first + "\n";
         }
+        write_file(detail::merge_plan_manifest, manifest);
+        detail::check_inputs_unchanged(readers);  // (before the folder is kept)
       },
       detail::foreign_in_merge_folder);
 }

@@ -297,6 +297,15 @@ class SafetensorsReader {
   /// Its header, checked.
   const SafetensorsHeader& header() const noexcept { return header_; }
 
+  /// Whether the file is as it was when this reader opened it (its identity, size and times of
+  /// change; a write in place changes them): a reader that copied its tensors checks this before
+  /// it keeps what it wrote. True while the file is closed (CheckpointReader checks a shard it opens
+  /// again).
+  bool unchanged() const {
+    detail::FileVersion now;
+    return !fd_ || (detail::file_version(fd_.get(), now) && now == opened_);
+  }
+
   /// Reads one tensor of header().
   StoredTensor read(const SafetensorsHeader::Entry& entry) {
     StoredTensor t;
@@ -340,6 +349,7 @@ class SafetensorsReader {
 
   void read_header() {
     if (!fd_) throw FormatError("polyak: cannot open '" + path_ + "': " + std::strerror(errno));
+    detail::file_version(fd_.get(), opened_);
     struct stat info {};
     if (::fstat(fd_.get(), &info) != 0) detail::fail_io("cannot stat", path_);
     if (!S_ISREG(info.st_mode)) throw FormatError("polyak: '" + path_ + "' is not a regular file");
@@ -357,6 +367,7 @@ class SafetensorsReader {
 
   std::string path_;
   detail::FileDescriptor fd_;
+  detail::FileVersion opened_;  // the file as it was opened
   SafetensorsHeader header_;
 };
 

@@ -6,6 +6,7 @@
 // polyak/checkpoint/merge.hpp streams through.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -104,6 +105,13 @@ class CheckpointReader {
     if (sharded_) out.push_back(path_);
     out.insert(out.end(), shard_paths_.begin(), shard_paths_.end());
     return out;
+  }
+
+  /// Whether every file it has open is as it was when opened (SafetensorsReader::unchanged; a
+  /// shard opened again is checked as it opens). A merge checks this before it keeps what it wrote:
+  /// a checkpoint written over in place while it was read is refused, not merged mixed.
+  bool unchanged() const {
+    return std::all_of(readers_.begin(), readers_.end(), [](const auto& r) { return r->unchanged(); });
   }
 
   /// The tensor named `name`; nullptr when there is none.

@@ -331,6 +331,17 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   });
 }
 
+/// Refuses (FormatError, naming it) a merge whose input was written over in place while it was
+/// read (CheckpointReader::unchanged): called after the last tensor, before the output is kept.
+inline void check_inputs_unchanged(const std::vector<CheckpointReader>& readers) {
+  for (const auto& reader : readers) {
+    if (!reader.unchanged()) {
+      throw FormatError("polyak: '" + reader.path() +
+                        "' was written over while the merge read it; nothing was written");
+    }
+  }
+}
+
 /// The first difference between two tensor tables (names, dtypes, shapes), or "".
 template <class A, class B>
 std::string first_table_difference(const A& a, const std::string& a_name, const B& b,
