@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT
-// Merging two checkpoints (polyak/checkpoint/merge.hpp) against the disk's bound, and its peak memory.
+// Merging checkpoints (polyak/checkpoint/merge.hpp) against the disk's bound, and its peak memory.
 //
-//   merge/<method>/<bytes>    merge_checkpoints of two float32 checkpoints of <bytes> each (64
-//                             tensors), in a child process: its time, its peak resident memory
-//                             (peak_rss_MB, from wait4), and bound_ratio: the time of the same I/O
-//                             without the arithmetic (both inputs read in 1 MiB blocks, one output's
-//                             bytes written and fsynced, as the merge does), run just before in the
+//   merge/<method>/<bytes>    merge_checkpoints, every method, of two float32 checkpoints of <bytes>
+//                             each (64 tensors; one for nearswap and passthrough), against a third
+//                             as the base where the method takes one, in a child process: its time,
+//                             its peak resident memory (peak_rss_MB, from wait4), and bound_ratio:
+//                             the time of the same I/O without the arithmetic (the same inputs read
+//                             in 1 MiB blocks, one output's bytes written and fsynced, as the merge
+//                             does), run just before in the
 //                             same iteration, over the merge's time. Each run starts after sync(),
 //                             so that no earlier write is still draining; the median of the
 //                             per-iteration ratios is the figure to quote.
@@ -38,9 +40,9 @@ constexpr int tensors = 64;
 
 std::string path_of(const std::string& name) { return "polyak_bench_merge_" + name; }
 
-/// A float32 checkpoint of about `bytes`, generated piece by piece as it is written (its maker
-/// holds no copy).
-void make_checkpoint(const std::string& path, double bytes, float offset) {
+/// A float32 checkpoint of about `bytes`, offset + sin(frequency (i + k)) for element i of tensor
+/// k, generated piece by piece as it is written (its maker holds no copy).
+void make_checkpoint(const std::string& path, double bytes, float offset, float frequency = 1.0f) {
   const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
   std::vector<polyak::detail::TensorWriter> writers;
   for (int k = 0; k < tensors; ++k) {
@@ -53,8 +55,8 @@ void make_checkpoint(const std::string& path, double bytes, float offset) {
                          for (std::size_t begin = 0; begin < per_tensor; begin += piece.size()) {
                            const std::size_t count = std::min(piece.size(), per_tensor - begin);
                            for (std::size_t i = 0; i < count; ++i)
-                             piece[i] = offset +
-                                        std::sin(static_cast<float>(begin + i + static_cast<std::size_t>(k)));
+                             piece[i] = offset + std::sin(frequency * static_cast<float>(
+                                                                   begin + i + static_cast<std::size_t>(k)));
                            polyak::detail::write_all(fd, piece.data(), count * 4, file);
                          }
                        }});
@@ -87,11 +89,11 @@ double in_child(Body&& body, double* seconds = nullptr) {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux reports KiB
 }
 
-/// The merge's I/O without its arithmetic: both inputs read, one output's bytes written, fsynced.
-void read_write(double bytes) {
+/// The merge's I/O without its arithmetic: its inputs read, one output's bytes written, fsynced.
+void read_write(const std::vector<std::string>& inputs, double bytes) {
   std::vector<char> block(1 << 20);
-  for (const auto& name : {"a", "b"}) {
-    const int fd = ::open(path_of(name).c_str(), O_RDONLY);
+  for (const auto& name : inputs) {
+    const int fd = ::open(name.c_str(), O_RDONLY);
     while (::read(fd, block.data(), block.size()) > 0) {
     }
     ::close(fd);
@@ -103,31 +105,46 @@ void read_write(double bytes) {
   ::close(out);
 }
 
-void merge(benchmark::State& state, polyak::MergeMethod method, double bytes) {
+/// Each method's settings here: the sparsified ones keep 20% (mergekit's examples' range), the rest
+/// their defaults.
+polyak::MergeOptions options_for(polyak::MergeMethod method) {
   polyak::MergeOptions options;
   options.method = method;
-  if (method == polyak::MergeMethod::Ties)
-    options.density = 0.2;  // (a method refuses settings it does not use)
-  const std::string base = method == polyak::MergeMethod::Ties ? path_of("b") : "";
+  const polyak::Sparsification rule = polyak::sparsification_of(method);
+  if (rule == polyak::Sparsification::RankSampling) {
+    options.density = 0.5;  // (della: density +- epsilon inside (0, 1))
+  } else if (rule != polyak::Sparsification::None) {
+    options.density = 0.2;
+  }
+  if (method == polyak::MergeMethod::NearSwap) options.t = 0.01;
+  if (method == polyak::MergeMethod::Sce) options.select_topk = 0.5;
+  return options;
+}
+
+void merge(benchmark::State& state, polyak::MergeMethod method, double bytes) {
+  const polyak::MergeOptions options = options_for(method);
+  const bool one = method == polyak::MergeMethod::NearSwap || method == polyak::MergeMethod::Passthrough;
+  const std::vector<std::string> models =
+      one ? std::vector<std::string>{path_of("a")} : std::vector<std::string>{path_of("a"), path_of("b")};
+  const std::string base = polyak::needs_base(method) ? path_of("c") : "";
+  std::vector<std::string> read = models;
+  if (!base.empty()) read.push_back(base);
   double peak = 0, ratio = 0;
   for (auto _ : state) {
     double bound = 0, seconds = 0;
     std::remove(path_of("copy").c_str());  // neither run pays for freeing the last one's output
     std::remove(path_of("out").c_str());
-    in_child([&] { read_write(bytes); }, &bound);
-    peak = std::max(
-        peak, in_child(
-                  [&] {
-                    polyak::merge_checkpoints({path_of("a"), path_of("b")}, base, options, path_of("out"));
-                  },
-                  &seconds));
+    in_child([&] { read_write(read, bytes); }, &bound);
+    peak = std::max(peak, in_child([&] { polyak::merge_checkpoints(models, base, options, path_of("out")); },
+                                   &seconds));
     ratio = bound / seconds;
     state.SetIterationTime(seconds);
   }
   state.counters["bound_ratio"] = ratio;
   state.counters["peak_rss_MB"] = peak;
   state.counters["largest_tensor_MB"] = bytes / tensors / 1e6;
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * 2 * bytes));
+  state.SetBytesProcessed(
+      static_cast<std::int64_t>(static_cast<double>(state.iterations()) * static_cast<double>(read.size()) * bytes));
 }
 
 void cat_bound(benchmark::State& state, double bytes) {
@@ -145,11 +162,12 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   make_checkpoint(path_of("a"), bytes, 0.0f);
   make_checkpoint(path_of("b"), bytes, 0.5f);
+  make_checkpoint(path_of("c"), bytes, 0.25f, 1.7f);  // the base: task vectors that are not parallel
   char size[16];
   std::snprintf(size, sizeof size, "%.0eB", bytes);
   const std::string tail = std::string("/") + size;
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
-  for (const auto method : {polyak::MergeMethod::Average, polyak::MergeMethod::Ties}) {
+  for (const auto method : polyak::all_merge_methods) {
     benchmark::RegisterBenchmark(("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge,
                                  method, bytes)
         ->UseManualTime()
@@ -157,6 +175,6 @@ int main(int argc, char** argv) {
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  for (const auto& name : {"a", "b", "out", "copy"}) std::remove(path_of(name).c_str());
+  for (const auto& name : {"a", "b", "c", "out", "copy"}) std::remove(path_of(name).c_str());
   return 0;
 }
