@@ -46,20 +46,21 @@ void make_checkpoint(const std::string& path, double bytes, float offset, float 
   const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
   std::vector<polyak::detail::TensorWriter> writers;
   for (int k = 0; k < tensors; ++k) {
-    writers.push_back({"layer" + std::to_string(k) + ".weight",
-                       polyak::DType::F32,
-                       {static_cast<std::int64_t>(per_tensor)},
-                       per_tensor * 4,
-                       [=](int fd, const std::string& file) {
-                         std::vector<float> piece(1 << 16);
-                         for (std::size_t begin = 0; begin < per_tensor; begin += piece.size()) {
-                           const std::size_t count = std::min(piece.size(), per_tensor - begin);
-                           for (std::size_t i = 0; i < count; ++i)
-                             piece[i] = offset + std::sin(frequency * static_cast<float>(
-                                                                   begin + i + static_cast<std::size_t>(k)));
-                           polyak::detail::write_all(fd, piece.data(), count * 4, file);
-                         }
-                       }});
+    writers.push_back(
+        {"layer" + std::to_string(k) + ".weight",
+         polyak::DType::F32,
+         {static_cast<std::int64_t>(per_tensor)},
+         per_tensor * 4,
+         [=](int fd, const std::string& file) {
+           std::vector<float> piece(1 << 16);
+           for (std::size_t begin = 0; begin < per_tensor; begin += piece.size()) {
+             const std::size_t count = std::min(piece.size(), per_tensor - begin);
+             for (std::size_t i = 0; i < count; ++i)
+               piece[i] =
+                   offset + std::sin(frequency * static_cast<float>(begin + i + static_cast<std::size_t>(k)));
+             polyak::detail::write_all(fd, piece.data(), count * 4, file);
+           }
+         }});
   }
   polyak::detail::write_safetensors(path, {}, writers);
 }
@@ -135,16 +136,16 @@ void merge(benchmark::State& state, polyak::MergeMethod method, double bytes) {
     std::remove(path_of("copy").c_str());  // neither run pays for freeing the last one's output
     std::remove(path_of("out").c_str());
     in_child([&] { read_write(read, bytes); }, &bound);
-    peak = std::max(peak, in_child([&] { polyak::merge_checkpoints(models, base, options, path_of("out")); },
-                                   &seconds));
+    peak = std::max(
+        peak, in_child([&] { polyak::merge_checkpoints(models, base, options, path_of("out")); }, &seconds));
     ratio = bound / seconds;
     state.SetIterationTime(seconds);
   }
   state.counters["bound_ratio"] = ratio;
   state.counters["peak_rss_MB"] = peak;
   state.counters["largest_tensor_MB"] = bytes / tensors / 1e6;
-  state.SetBytesProcessed(
-      static_cast<std::int64_t>(static_cast<double>(state.iterations()) * static_cast<double>(read.size()) * bytes));
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) *
+                                                    static_cast<double>(read.size()) * bytes));
 }
 
 void cat_bound(benchmark::State& state, double bytes) {
