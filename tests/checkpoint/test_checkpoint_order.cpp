@@ -136,7 +136,7 @@ TEST_CASE("a sharded checkpoint's step is its index's metadata", "[merge][order]
 }
 
 // The hostile pass's cases (issue 24, item 4).
-TEST_CASE("paths spelled differently order alike; an extension or a folder's index does not count",
+TEST_CASE("paths spelled differently order alike, an extension or a folder's index does not count",
           "[merge][order][adversarial]") {
   const std::string folder = order_folder("spelling");
   const std::string ep2 = snapshot(folder, "ep2.safetensors"), ep10 = snapshot(folder, "ep10.safetensors");
@@ -197,7 +197,7 @@ TEST_CASE("a sharded checkpoint's step: every record of it must be a whole numbe
   }
 }
 
-TEST_CASE("one checkpoint given twice is the same data files; a shared index is not",
+TEST_CASE("one checkpoint given twice is the same data files, a shared index is not",
           "[merge][order][adversarial]") {
   const std::string folder = order_folder("identity");
   const auto sharded = [&](const std::string& name) {

@@ -110,7 +110,7 @@ TEST_CASE("TIES keeps exactly floor(density n) scalars across streamed pieces", 
   CHECK(last_three == 4 * 9999 + 2);  // the 10,000th three
 }
 
-TEST_CASE("DARE: drop 0 is task arithmetic; drops are seeded and rescale", "[merge][dare]") {
+TEST_CASE("DARE: drop 0 is task arithmetic, drops are seeded and rescale", "[merge][dare]") {
   const StateDict base = one({1, 1, 1});
   const std::vector<StateDict> models{one({2, 3, 4}), one({0, 1, 5})};
   MergeOptions dare = with(MergeMethod::Dare);
@@ -133,7 +133,7 @@ TEST_CASE("DARE: drop 0 is task arithmetic; drops are seeded and rescale", "[mer
   CHECK(merged({ones}, &zeros, dare) != a);
 }
 
-TEST_CASE("SLERP: the arc between two tensors; parallel, opposite or zero ones linearly", "[merge][slerp]") {
+TEST_CASE("SLERP: the arc between two tensors, parallel, opposite or zero ones linearly", "[merge][slerp]") {
   MergeOptions slerp = with(MergeMethod::Slerp);
   const auto half = merged({one({1, 0}), one({0, 1})}, nullptr, slerp);
   CHECK(half[0] == Approx(std::sqrt(0.5)).epsilon(1e-7));

@@ -328,7 +328,7 @@ TEST_CASE("16-bit outputs are rounded once: a value just past a halfway point ro
   CHECK(polyak::to_doubles(polyak::merge_state_dicts({&h2}, &h1, o).at("w"))[0] == 1.0);
 }
 
-TEST_CASE("NaN ranks above infinity; both are carried into their own scalar only", "[merge][adversarial]") {
+TEST_CASE("NaN ranks above infinity, both are carried into their own scalar only", "[merge][adversarial]") {
   const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
   StateDict x, zero;
   const double values[4] = {inf, nan, 1, 2}, zeros[4] = {0, 0, 0, 0};

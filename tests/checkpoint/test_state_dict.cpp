@@ -31,7 +31,7 @@ TEST_CASE("a StateDict holds tensors row-major by logical index, whatever their 
   CHECK(row_major == std::vector<float>{1, 2, 3, 4, 5, 6});
 }
 
-TEST_CASE("names are unique and not empty; a missing tensor, another dtype or shape are FormatErrors",
+TEST_CASE("names are unique and not empty, a missing tensor, another dtype or shape are FormatErrors",
           "[state_dict]") {
   StateDict sd;
   sd.insert_scalar("n_averaged", std::int64_t{7});
@@ -47,7 +47,7 @@ TEST_CASE("names are unique and not empty; a missing tensor, another dtype or sh
   CHECK_THROWS_AS(sd.scalar<double>("missing"), polyak::FormatError);
 }
 
-TEST_CASE("merge prefixes names and metadata; extract takes them back", "[state_dict]") {
+TEST_CASE("merge prefixes names and metadata, extract takes them back", "[state_dict]") {
   StateDict inner;
   const std::vector<double> values = {1.5, -2.5};
   inner.insert("w", values.data(), {2});
@@ -67,7 +67,7 @@ TEST_CASE("merge prefixes names and metadata; extract takes them back", "[state_
   CHECK(names == std::vector<std::string>{"step", "ema.w"});  // the order inserted
 }
 
-TEST_CASE("a borrowed entry shows its memory's later values; owned() is a snapshot", "[state_dict]") {
+TEST_CASE("a borrowed entry shows its memory's later values, owned() is a snapshot", "[state_dict]") {
   Eigen::VectorXf weights(3);
   weights << 1, 2, 3;
   StateDict borrowed;

@@ -137,7 +137,7 @@ TEST_CASE("ScheduledEMA's settings travel with the checkpoint and must fit", "[e
   CHECK(loaded.avg_fn().cadence().update_every == 2);
 }
 
-TEST_CASE("SWAG's state round-trips through safetensors; hostile states are refused whole",
+TEST_CASE("SWAG's state round-trips through safetensors, hostile states are refused whole",
           "[swag][checkpoint][adversarial]") {
   const auto xs = polyak_test::swag_stream(5);
   polyak_test::SwagModel model;

@@ -137,7 +137,7 @@ TEMPLATE_TEST_CASE("EMA matches its closed form, and averages buffers with use_b
   CHECK(ema.buffers()[0].name() == "running_mean");
 }
 
-TEMPLATE_TEST_CASE("construction copies the model; the first update copies it again", "[averaged_model]",
+TEMPLATE_TEST_CASE("construction copies the model, the first update copies it again", "[averaged_model]",
                    POLYAK_SCALAR_TYPES) {
   std::mt19937 rng(3);
   MixedModel<TestType> model;

@@ -130,7 +130,7 @@ TEST_CASE("PeriodicModelAverager averages at PyTorch's steps", "[model_averaging
     CHECK((models[r].bias.array() == 22.5f + static_cast<float>(r + 1)).all());
 }
 
-TEST_CASE("HierarchicalModelAverager picks the largest dividing period; subgroups touch only themselves",
+TEST_CASE("HierarchicalModelAverager picks the largest dividing period, subgroups touch only themselves",
           "[model_averaging]") {
   // {2: pairs, 4: all four}, warm-up 1. Step 0 is warm-up; 2 and 6 average pairs; 4 and 8 the world.
   std::vector<std::vector<std::int64_t>> used(4);

@@ -497,7 +497,7 @@ TEST_CASE("a hierarchy whose groups do not nest, or hold one member, agrees over
   }
 }
 
-TEST_CASE("overlap_delay reports the overlap an averager was made with; blocking is 0", "[overlap]") {
+TEST_CASE("overlap_delay reports the overlap an averager was made with, blocking is 0", "[overlap]") {
   const auto errors = on_threads(2, [](ThreadCommunicator& comm) {
     const PeriodicModelAverager<ThreadCommunicator> blocking(4, 0, comm);
     const PeriodicModelAverager<ThreadCommunicator> overlapped(4, 0, comm, polyak::Overlap{3});

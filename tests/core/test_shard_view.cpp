@@ -29,7 +29,7 @@ FlatLayout model_layout() {
 
 }  // namespace
 
-TEST_CASE("FlatLayout lays tensors end to end; FlatLayout::of takes a list's names and shapes", "[shard]") {
+TEST_CASE("FlatLayout lays tensors end to end, FlatLayout::of takes a list's names and shapes", "[shard]") {
   const FlatLayout layout = model_layout();
   REQUIRE(layout.numel() == 31);
   const std::vector<std::size_t> offsets = {0, 15, 22, 30};

@@ -71,7 +71,7 @@ TEST_CASE("SWAG's mean, variance and deviations are the stream's closed forms", 
   CHECK(model.running_mean[0] == 7.0);
 }
 
-TEST_CASE("SWAG's mean is the SWA average, bit for bit; collect_every skips steps", "[swag]") {
+TEST_CASE("SWAG's mean is the SWA average, bit for bit, collect_every skips steps", "[swag]") {
   Eigen::VectorXf w(5);
   polyak::ParameterList<float> list;
   list.add("w", w);

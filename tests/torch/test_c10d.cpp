@@ -171,7 +171,7 @@ TEST_CASE("C10dCommunicator's splits meet under prefixes of their own: again, ne
   }
 }
 
-TEST_CASE("a moved-from C10dCommunicator still holds its group; options without a device are refused",
+TEST_CASE("a moved-from C10dCommunicator still holds its group, options without a device are refused",
           "[c10d][adversarial]") {
   const auto errors = on_gloo(2, [](C10dCommunicator& comm) {
     C10dCommunicator moved = std::move(comm);
@@ -341,7 +341,7 @@ TEST_CASE("libtorch::average_parameters averages tensors in place over the group
 }
 
 TEST_CASE(
-    "libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat does; Gloo refuses to sum it",
+    "libtorch::average_parameters keeps a bf16 model in bf16, as torch.cat does, Gloo refuses to sum it",
     "[c10d][process_group_average]") {
   // PyTorch would divide and sum in bf16 (its flat copy is bf16); libtorch 1.13's Gloo sums no bf16,
   // so PyTorch's call fails there, and so does this one: on every member, changing nothing.

@@ -450,7 +450,7 @@ TEST_CASE("the device average refuses a module that differs, and changes nothing
 // their dtype, and a module whose tensors were replaced (torch::load) or converted (module->to) is
 // read afresh at each call, never through a stale pointer: new tensors of the same kind are
 // averaged, converted ones refused.
-TEST_CASE("the device average: counters left out whatever their dtype; replaced tensors read afresh",
+TEST_CASE("the device average: counters left out whatever their dtype, replaced tensors read afresh",
           "[torch][device][adversarial]") {
   nn::Sequential model(nn::Linear(3, 2), nn::BatchNorm1d(2));
   model->to(torch::kDouble);  // num_batches_tracked becomes a double too

@@ -297,13 +297,16 @@ class SafetensorsReader {
   /// Its header, checked.
   const SafetensorsHeader& header() const noexcept { return header_; }
 
-  /// Whether the file is as it was when this reader opened it (its identity, size and times of
-  /// change; a write in place changes them): a reader that copied its tensors checks this before
-  /// it keeps what it wrote. True while the file is closed (CheckpointReader checks a shard it opens
+  /// Whether the file's bytes are as they were when this reader opened it, as far as the system
+  /// says: its identity, size and time of last modification (a write in place changes them; a new
+  /// file renamed over its path, or an unlink, changes only its inode's change time, and the bytes
+  /// this reader reads stay the old ones). A reader that copied its tensors checks this before it
+  /// keeps what it wrote. True while the file is closed (CheckpointReader checks a shard it opens
   /// again).
   bool unchanged() const {
     detail::FileVersion now;
-    return !fd_ || (detail::file_version(fd_.get(), now) && now == opened_);
+    return !fd_ || (detail::file_version(fd_.get(), now) && now.id == opened_.id &&
+                    now.size == opened_.size && now.modified_ns == opened_.modified_ns);
   }
 
   /// Reads one tensor of header().
