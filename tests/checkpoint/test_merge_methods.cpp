@@ -377,3 +377,57 @@ TEST_CASE("Model Stock and SCE on F64 values near 1e160 do not overflow", "[merg
   CHECK(sce[0] == Approx(1e160).epsilon(1e-12));
   CHECK(sce[1] == Approx(1e160).epsilon(1e-12));  // only the second is nonzero there: itself
 }
+
+TEST_CASE(
+    "NuSLERP: t from the weights, over the tensor, its rows or its columns, of task vectors with a base",
+    "[merge][nuslerp]") {
+  const double half = std::sqrt(0.5);
+  const auto nuslerp = [&](const std::vector<StateDict>& models, const StateDict* base,
+                           const MergeOptions& o) {
+    std::vector<const StateDict*> inputs;
+    for (const auto& m : models) inputs.push_back(&m);
+    return polyak::to_doubles(polyak::merge_state_dicts(inputs, base, o).at("w"));
+  };
+  MergeOptions o = method(MergeMethod::NuSlerp);
+  auto r = nuslerp({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o);  // a quarter circle, t = 0.5
+  CHECK(r[0] == Approx(half).epsilon(1e-7));
+  CHECK(r[1] == Approx(half).epsilon(1e-7));
+  o.weights = {1, 3};  // t = 3 / 4: sin(pi / 8) and sin(3 pi / 8)
+  r = nuslerp({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o);
+  CHECK(r[0] == Approx(std::sin(M_PI / 8)).epsilon(1e-7));
+  CHECK(r[1] == Approx(std::sin(3 * M_PI / 8)).epsilon(1e-7));
+  o.weights = {1, -1};  // the weights sum to 0: t = 0.5 (mergekit's)
+  r = nuslerp({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o);
+  CHECK(r[0] == Approx(half).epsilon(1e-7));
+  o.weights.clear();
+  const StateDict ones = tensor_of({1, 1});  // with a base: the task vectors e1 and e2
+  r = nuslerp({tensor_of({2, 1}), tensor_of({1, 2})}, &ones, o);
+  CHECK(r[0] == Approx(1 + half).epsilon(1e-7));
+  CHECK(r[1] == Approx(1 + half).epsilon(1e-7));
+  CHECK(nuslerp({tensor_of({1, 2}), tensor_of({2, 4})}, nullptr, o) ==
+        std::vector<double>{1.5, 3});  // parallel
+  // Not flattened: per row (row 0 a quarter circle, row 1 parallel, linear); row-wise: per column.
+  o.nuslerp_flatten = false;
+  r = nuslerp({tensor_of({1, 0, 1, 0}, {2, 2}), tensor_of({0, 1, 2, 0}, {2, 2})}, nullptr, o);
+  CHECK(r[0] == Approx(half).epsilon(1e-7));
+  CHECK(r[1] == Approx(half).epsilon(1e-7));
+  CHECK(r[2] == 1.5);
+  CHECK(r[3] == 0);
+  o.nuslerp_row_wise = true;
+  r = nuslerp({tensor_of({1, 1, 0, 0}, {2, 2}), tensor_of({0, 2, 1, 0}, {2, 2})}, nullptr, o);
+  CHECK(r[0] == Approx(half).epsilon(1e-7));  // column 0: (1, 0) and (0, 1)
+  CHECK(r[2] == Approx(half).epsilon(1e-7));
+  CHECK(r[1] == 1.5);  // column 1: (1, 0) and (2, 0), parallel
+  CHECK(r[3] == 0);
+  // Refused: three models; row-wise while flattened; its settings on another method.
+  o = method(MergeMethod::NuSlerp);
+  CHECK_THROWS_WITH(nuslerp({tensor_of({1}), tensor_of({1}), tensor_of({1})}, nullptr, o),
+                    Catch::Contains("nuslerp merges two models"));
+  o.nuslerp_row_wise = true;
+  CHECK_THROWS_WITH(nuslerp({tensor_of({1}), tensor_of({1})}, nullptr, o),
+                    Catch::Contains("nuslerp_row_wise takes nuslerp_flatten false"));
+  o = method(MergeMethod::Slerp);
+  o.nuslerp_flatten = false;
+  CHECK_THROWS_WITH(nuslerp({tensor_of({1}), tensor_of({1})}, nullptr, o),
+                    Catch::Contains("nuslerp_flatten is not a setting of slerp"));
+}

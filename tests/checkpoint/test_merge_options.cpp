@@ -42,7 +42,7 @@ TEST_CASE("every method's defaults are accepted with its models and base", "[mer
   CHECK(problem(defaults_for(MergeMethod::Slerp), 2, false).empty());
   for (const MergeMethod m : polyak::all_merge_methods) {  // every method, with a model count it takes
     CAPTURE(polyak::to_string(m));
-    const std::size_t models = m == MergeMethod::Slerp                                       ? 2
+    const std::size_t models = m == MergeMethod::Slerp || m == MergeMethod::NuSlerp          ? 2
                                : m == MergeMethod::NearSwap || m == MergeMethod::Passthrough ? 1
                                                                                              : 3;
     CHECK(problem(defaults_for(m), models, polyak::needs_base(m)).empty());

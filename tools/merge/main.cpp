@@ -55,7 +55,8 @@ const char* const usage_text =
     "  --method M           average (default; mergekit's linear), task_arithmetic (or\n"
     "                       task-arithmetic), ties, dare, dare_linear, dare_ties, breadcrumbs,\n"
     "                       breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce\n"
-    "                       (against --base) or slerp (formulas: polyak/checkpoint/merge_options.hpp)\n"
+    "                       (against --base), slerp or nuslerp (against --base if given; formulas:\n"
+    "                       polyak/checkpoint/merge_options.hpp)\n"
     "  --base PATH          the base model of every method but average and slerp\n"
     "  --scale S            lambda on the merged task vector (default 1; mergekit's lambda)\n"
     "  --density D          the sparsified methods (ties, dare*, breadcrumbs*, della*): the\n"
@@ -73,6 +74,8 @@ const char* const usage_text =
     "                       sameness threshold, > 0 (required)\n"
     "  --filter-wise        model_stock: an angle per row\n"
     "  --select-topk F      sce: the fraction of highest-variance scalars kept, in (0, 1]\n"
+    "  --nuslerp-flatten B  nuslerp: one angle a tensor (true, the default) or one a row\n"
+    "  --nuslerp-row-wise B nuslerp, not flattened: one angle a column\n"
     "  --                   what follows is file names, even if it starts with '-'\n"
     "  an option the method does not use is refused\n";
 
@@ -109,9 +112,12 @@ bool uses(polyak::MergeMethod method, const std::string& option) {
   const Sparsification sparsify = polyak::sparsification_of(method);
   if (option == "--method") return true;
   if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
-  if (option == "--weights") return method == MergeMethod::Average || polyak::is_task_vector_method(method);
+  if (option == "--weights")
+    return method == MergeMethod::Average || polyak::is_task_vector_method(method) ||
+           method == MergeMethod::NuSlerp;
   if (option == "--t") return method == MergeMethod::Slerp || method == MergeMethod::NearSwap;
-  if (option == "--base") return polyak::needs_base(method);
+  if (option == "--base") return polyak::needs_base(method) || polyak::takes_optional_base(method);
+  if (option == "--nuslerp-flatten" || option == "--nuslerp-row-wise") return method == MergeMethod::NuSlerp;
   if (option == "--scale" || option == "--normalize") return polyak::is_task_vector_method(method);
   if (option == "--density" || option == "--densities") return sparsify != Sparsification::None;
   if (option == "--rescale") return sparsify != Sparsification::None && method != MergeMethod::Dare;
@@ -170,7 +176,7 @@ Arguments parse(int argc, char** argv) {
     } else if (arg == "--method" || arg == "--base" || arg == "--scale" || arg == "--density" ||
                arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest" || arg == "--gamma" ||
                arg == "--epsilon" || arg == "--normalize" || arg == "--rescale" || arg == "--densities" ||
-               arg == "--select-topk") {
+               arg == "--select-topk" || arg == "--nuslerp-flatten" || arg == "--nuslerp-row-wise") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
       seen.push_back(arg);
@@ -197,6 +203,10 @@ Arguments parse(int argc, char** argv) {
         args.merge.normalize = truth_value(value, arg);
       } else if (arg == "--rescale") {
         args.merge.rescale = truth_value(value, arg);
+      } else if (arg == "--nuslerp-flatten") {
+        args.merge.nuslerp_flatten = truth_value(value, arg);
+      } else if (arg == "--nuslerp-row-wise") {
+        args.merge.nuslerp_row_wise = truth_value(value, arg);
       } else if (arg == "--densities") {
         args.merge.densities = number_list(value, "density");
       } else {

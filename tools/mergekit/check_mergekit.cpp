@@ -323,7 +323,7 @@ int main(int argc, char** argv) {
           "no weight for");
   refused(config(models + "merge_method: slerp\nbase_model: " + base + "\n"),
           "'weight' is not a parameter of slerp");
-  refused(config(models + "merge_method: nuslerp\n"), "merge_method 'nuslerp' is not a method polyak has");
+  refused(config(models + "merge_method: karcher\n"), "merge_method 'karcher' is not a method polyak has");
   refused(config(models + "merge_method: linear\nbase_model: " + base + "\n"), "linear takes no base_model");
   refused(config(models + "merge_method: ties\n"), "ties needs a base_model");
   refused(config(models + "merge_method: linear\nparameters:\n  normalize: false\n"), "always normalizes");
@@ -412,6 +412,17 @@ int main(int argc, char** argv) {
     for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.75 * base_value(name, j));
   }
   expect(all, "and the merge is (A + 3 (2 A)) / 4 = 7 A / 4 everywhere");
+  // NuSLERP of parallel models (B = 2 A) is linear: t = 3 / 4, A / 4 + 3 (2 A) / 4 = 7 A / 4.
+  const std::string nuslerp = write(
+      "nuslerp.yml", "models:\n  - model: " + a + "\n    parameters:\n      weight: 1\n" + "  - model: " + b +
+                         "\n    parameters:\n      weight: 3\n" + "merge_method: nuslerp\ndtype: float32\n");
+  expect(run(nuslerp + " " + work + "/out_nuslerp") == 0, "a nuslerp config runs");
+  out = read_output(work + "/out_nuslerp");
+  all = out.ok && !out.tensors.empty();
+  for (const auto& [name, values] : out.tensors) {
+    for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.75 * base_value(name, j));
+  }
+  expect(all, "and gives 7 A / 4 (parallel models: linear at t = 3 / 4)");
   // Zero-padded layer numbers ("layers.00."): found by number, renumbered plainly.
   {
     polyak::StateDict padded;

@@ -59,7 +59,7 @@ const char* const usage_text =
     "  --dry-run         print the plan (tensors, methods, parameters, output size); write nothing\n"
     "  --shard-size B    the largest shard, in bytes (default 5000000000, mergekit's 5B)\n"
     "  methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
-    "  breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce, slerp, passthrough\n";
+    "  breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce, slerp, nuslerp, passthrough\n";
 
 /// A config or command line that cannot be run: the message, the usage, exit 2.
 struct UsageError : std::runtime_error {
@@ -169,6 +169,7 @@ ParameterNames parameters_of(MergeMethod m) {
   if (m == MergeMethod::Slerp || m == MergeMethod::NearSwap) p.per_method = {"t"};
   if (m == MergeMethod::ModelStock) p.per_method = {"filter_wise"};
   if (m == MergeMethod::Sce) p.per_method = {"int8_mask", "select_topk"};
+  if (m == MergeMethod::NuSlerp) p = {{"weight"}, {"nuslerp_flatten", "nuslerp_row_wise"}};
   return p;
 }
 
@@ -239,7 +240,8 @@ class Planner {
                has_slices = static_cast<bool>(root_["slices"]);
     if (has_models == has_slices) throw UsageError("the config needs exactly one of models and slices");
     if (root_["base_model"]) base_ = &model(required_string(root_, "base_model"));
-    if (base_ && !polyak::needs_base(method_) && method_ != MergeMethod::Slerp)
+    if (base_ && !polyak::needs_base(method_) && !polyak::takes_optional_base(method_) &&
+        method_ != MergeMethod::Slerp)
       throw UsageError("merge_method " + method_name + " takes no base_model");
     if (!base_ && polyak::needs_base(method_) && method_ != MergeMethod::Slerp)
       throw UsageError("merge_method " + method_name + " needs a base_model");
@@ -472,6 +474,8 @@ class Planner {
       if (key == "t") o.t = number(value, key, out);
       if (key == "filter_wise") o.filter_wise = truth(value, key, out);
       if (key == "select_topk") o.select_topk = number(value, key, out);
+      if (key == "nuslerp_flatten") o.nuslerp_flatten = truth(value, key, out);
+      if (key == "nuslerp_row_wise") o.nuslerp_row_wise = truth(value, key, out);
     }
     try {
       o.check(planned.models.size(), planned.base.has_value());
@@ -730,6 +734,8 @@ std::string options_text(const polyak::MergeOptions& o) {
   if (o.method == MergeMethod::Slerp || o.method == MergeMethod::NearSwap) text << " t " << o.t;
   if (o.filter_wise) text << " filter_wise";
   if (o.method == MergeMethod::Sce) text << " select_topk " << o.select_topk;
+  if (!o.nuslerp_flatten) text << " nuslerp_flatten false";
+  if (o.nuslerp_row_wise) text << " nuslerp_row_wise";
   return text.str();
 }
 

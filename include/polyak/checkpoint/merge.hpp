@@ -120,7 +120,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
     }
     std::size_t at = 0;
     detail::merge_tensor(
-        options, inputs.size(), name, tensor.shape, tensor.numel(), tensor.dtype,
+        options, inputs.size(), name, tensor.shape, tensor.numel(), tensor.dtype, base != nullptr,
         [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
           detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },

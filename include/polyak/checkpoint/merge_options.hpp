@@ -46,6 +46,13 @@
 //   d_i >= 1 keeps everything, unrescaled; d_i = 0 keeps nothing.
 //
 // The others:
+//   NuSlerp     two models, t = w_2 / (w_1 + w_2) (0.5 where |w_1 + w_2| < 1e-6): with a base, b +
+//               nuslerp(tau_1, tau_2), else nuslerp(x_1, x_2); nuslerp(v_1, v_2) = (sin((1 - t)
+//               theta) v_1 + sin(t theta) v_2) / sin(theta), theta the angle between v_1 and v_2
+//               (each divided by its norm, taken as at least 1e-7), linear (1 - t) v_1 + t v_2 where
+//               |sin theta| < 1e-8; over the flattened tensor (nuslerp_flatten, the default), else per
+//               row of the last dimension, or per column (the first dimension: nuslerp_row_wise)
+//               (mergekit's `nuslerp`)
 //   Passthrough one model's tensor as it is (rounded to the output's dtype; mergekit's layer slices)
 //   ModelStock  b + t (mean_i x_i - b) with t = n c / (1 + (n - 1) c), c the mean over pairs i < j
 //               of cos(tau_i, tau_j) (|tau_i| |tau_j| taken as at least 1e-6, clamped to [-1, 1]):
@@ -98,6 +105,7 @@ enum class MergeMethod {
   NearSwap,         ///< "nearswap"
   Sce,              ///< "sce"
   Passthrough,      ///< "passthrough": one model's tensor as it is (mergekit's, for layer slices)
+  NuSlerp,          ///< "nuslerp": slerp by weights, of models or of task vectors, per tensor or row
 };
 
 /// Every method, in declaration order (for tools that list them).
@@ -115,7 +123,8 @@ inline constexpr MergeMethod all_merge_methods[] = {MergeMethod::Average,
                                                     MergeMethod::ModelStock,
                                                     MergeMethod::NearSwap,
                                                     MergeMethod::Sce,
-                                                    MergeMethod::Passthrough};
+                                                    MergeMethod::Passthrough,
+                                                    MergeMethod::NuSlerp};
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
 /// does not use (check()): a field left at its default is not used.
@@ -142,6 +151,8 @@ struct MergeOptions {
                                   ///< sameness threshold, finite and > 0 (the tools require it given)
   bool filter_wise = false;       ///< ModelStock: an angle per row of the last dimension
   double select_topk = 1.0;       ///< Sce: the fraction of highest-variance scalars kept, in (0, 1]
+  bool nuslerp_flatten = true;    ///< NuSlerp: one angle for the whole tensor (else per row or column)
+  bool nuslerp_row_wise = false;  ///< NuSlerp, not flattened: vectors along the first dimension
 
   /// Model m's density: densities[m] where given, else density.
   double density_of(std::size_t m) const { return densities.empty() ? density : densities[m]; }
@@ -186,6 +197,8 @@ inline const char* to_string(MergeMethod method) {
       return "sce";
     case MergeMethod::Passthrough:
       return "passthrough";
+    case MergeMethod::NuSlerp:
+      return "nuslerp";
   }
   return "?";
 }
@@ -251,6 +264,9 @@ inline bool needs_base(MergeMethod method) {
          method == MergeMethod::NearSwap || method == MergeMethod::Sce;
 }
 
+/// Whether `method` takes a base model if one is given (NuSlerp: its task vectors) but needs none.
+inline bool takes_optional_base(MergeMethod method) { return method == MergeMethod::NuSlerp; }
+
 inline void MergeOptions::check(std::size_t models, bool has_base) const {
   const MergeOptions& o = *this;
   const auto bad = [](const std::string& why) { throw InvalidArgument("polyak::merge: " + why); };
@@ -259,7 +275,9 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   const Sparsification sparsify = sparsification_of(m);
   if (models == 0) bad("no models");
   if (needs_base(m) && !has_base) bad(name + " needs a base model");
-  if (!needs_base(m) && has_base) bad(name + " takes no base model");
+  if (!needs_base(m) && !takes_optional_base(m) && has_base) bad(name + " takes no base model");
+  if (m == MergeMethod::NuSlerp && models != 2)
+    bad("nuslerp merges two models (and a base, if given), not " + std::to_string(models));
   if (m == MergeMethod::Slerp && models != 2) bad("slerp merges two models, not " + std::to_string(models));
   if (m == MergeMethod::Passthrough && models != 1)
     bad("passthrough copies one model's tensor, not " + std::to_string(models));
@@ -271,7 +289,7 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
     if (set) bad(std::string(setting) + " is not a setting of " + name);
   };
   const MergeOptions defaults;
-  const bool weighted = m == MergeMethod::Average || is_task_vector_method(m);
+  const bool weighted = m == MergeMethod::Average || is_task_vector_method(m) || m == MergeMethod::NuSlerp;
   unused(!o.weights.empty() && !weighted, "weights");
   unused(!detail::exactly_equal(o.scale, defaults.scale) && !is_task_vector_method(m), "scale");
   unused(!detail::exactly_equal(o.density, defaults.density) && sparsify == Sparsification::None, "density");
@@ -289,6 +307,9 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
          "t");
   unused(o.filter_wise && m != MergeMethod::ModelStock, "filter_wise");
   unused(!detail::exactly_equal(o.select_topk, defaults.select_topk) && m != MergeMethod::Sce, "select_topk");
+  unused(!o.nuslerp_flatten && m != MergeMethod::NuSlerp, "nuslerp_flatten");
+  unused(o.nuslerp_row_wise && m != MergeMethod::NuSlerp, "nuslerp_row_wise");
+  if (o.nuslerp_row_wise && o.nuslerp_flatten) bad("nuslerp_row_wise takes nuslerp_flatten false");
   if (m == MergeMethod::Dare && (o.density < 1 || !o.densities.empty()) && o.drop > 0)
     bad("dare takes density (the fraction kept) or drop (its complement), not both");
   if (!o.densities.empty() && !detail::exactly_equal(o.density, defaults.density))

@@ -156,8 +156,8 @@ inline void write_planned_tensor(std::vector<CheckpointReader>& readers, const P
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;
-  merge_tensor(t.options, t.models.size(), t.name, inputs.front()->shape, numel, t.dtype, read,
-               [&](const double* values, std::size_t count) {
+  merge_tensor(t.options, t.models.size(), t.name, inputs.front()->shape, numel, t.dtype, t.base.has_value(),
+               read, [&](const double* values, std::size_t count) {
                  if ((filled + count) * out_element > pending.size()) {
                    flush(filled * out_element);
                    filled = 0;

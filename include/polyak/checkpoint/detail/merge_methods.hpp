@@ -50,10 +50,11 @@ inline double overflow_threshold(DType dtype) {
 inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) || (value < 0 && sign < 0); }
 
 /// Merges one floating-point tensor of `numel` elements and shape `shape`, calling emit(values,
-/// count) with the merged doubles piece by piece, in order.
+/// count) with the merged doubles piece by piece, in order. `with_base`: read(models, ...) reads a
+/// base model (needed by needs_base methods, optional for takes_optional_base ones).
 template <class Emit>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
-                  const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype,
+                  const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype, bool with_base,
                   const TensorSource& read, Emit&& emit) {
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
@@ -77,7 +78,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
   const MergeMethod method = o.method;
-  const bool has_base = needs_base(method);
+  const bool has_base = needs_base(method) || (takes_optional_base(method) && with_base);
   std::vector<double> w = o.weights.empty() ? std::vector<double>(models, 1.0) : o.weights;
   if (method == MergeMethod::Average) {  // normalized, divided by the largest first: no overflow
     const double largest = *std::max_element(w.begin(), w.end());
@@ -120,6 +121,43 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       const double theta = std::acos(cosine), sine = std::sin(theta);
       s0 = std::sin((1 - o.t) * theta) / sine;
       s1 = std::sin(o.t * theta) / sine;
+    }
+  }
+  // NuSlerp: per group of scalars (the tensor; each row of the last dimension; each column of the
+  // first, row-wise), the two coefficients of its vectors (task vectors where a base is given).
+  std::vector<double> nu_s0, nu_s1;
+  std::size_t nu_groups = 1, nu_inner = 0;  // group of scalar i: i / last (rows), i % inner (columns)
+  const auto nu_group = [&](std::size_t i) {
+    if (o.nuslerp_flatten || nu_groups == 1) return std::size_t{0};
+    return o.nuslerp_row_wise ? i % nu_inner : i / nu_inner;
+  };
+  if (method == MergeMethod::NuSlerp) {
+    const double total = w[0] + w[1];
+    const double t = std::abs(total) < 1e-6 ? 0.5 : w[1] / total;
+    if (!o.nuslerp_flatten && shape.size() >= 2 && numel > 0) {
+      nu_inner = o.nuslerp_row_wise ? numel / static_cast<std::size_t>(shape.front())
+                                    : static_cast<std::size_t>(shape.back());
+      nu_groups = o.nuslerp_row_wise ? nu_inner : numel / nu_inner;
+    }
+    std::vector<double> dot(nu_groups, 0.0), aa(nu_groups, 0.0), bb(nu_groups, 0.0);
+    for_each_piece([&](std::size_t begin, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        const double b = has_base ? base[j] : 0.0, v0 = x[0][j] - b, v1 = x[1][j] - b;
+        const std::size_t g = nu_group(begin + j);
+        dot[g] += v0 * v1;
+        aa[g] += v0 * v0;
+        bb[g] += v1 * v1;
+      }
+    });
+    nu_s0.assign(nu_groups, 1 - t);
+    nu_s1.assign(nu_groups, t);
+    for (std::size_t g = 0; g < nu_groups; ++g) {
+      const double cosine = std::clamp(
+          dot[g] / (std::max(std::sqrt(aa[g]), 1e-7) * std::max(std::sqrt(bb[g]), 1e-7)), -1.0, 1.0);
+      const double theta = std::acos(cosine), sine = std::sin(theta);
+      if (std::abs(sine) < 1e-8) continue;  // (nearly) colinear: linear
+      nu_s0[g] = std::sin((1 - t) * theta) / sine;
+      nu_s1[g] = std::sin(t * theta) / sine;
     }
   }
   std::vector<KeptScalars> kept(is_task_vector_method(method) ? models : 0);
@@ -298,6 +336,12 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         const double t = stock_t[(begin + j) / stock_columns];
         result[j] = t * (mean / n) + (1 - t) * base[j];
       }
+    } else if (method == MergeMethod::NuSlerp) {
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::size_t g = nu_group(begin + j);
+        const double b = has_base ? base[j] : 0.0;
+        result[j] = b + nu_s0[g] * (x[0][j] - b) + nu_s1[g] * (x[1][j] - b);
+      }
     } else if (method == MergeMethod::NearSwap) {
       for (std::size_t j = 0; j < count; ++j) {
         double weight = o.t / std::abs(base[j] - x[0][j]);
@@ -419,7 +463,7 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
-  merge_tensor(options, models, tensor.name, tensor.shape, numel, tensor.dtype, read,
+  merge_tensor(options, models, tensor.name, tensor.shape, numel, tensor.dtype, readers.size() > models, read,
                [&](const double* values, std::size_t count) {
                  if ((filled + count) * element > pending.size()) {
                    flush(filled * element);
