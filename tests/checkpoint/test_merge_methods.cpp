@@ -431,3 +431,125 @@ TEST_CASE(
   CHECK_THROWS_WITH(nuslerp({tensor_of({1}), tensor_of({1})}, nullptr, o),
                     Catch::Contains("nuslerp_flatten is not a setting of slerp"));
 }
+
+namespace {
+
+std::vector<double> merged_without_base(const std::vector<StateDict>& models, const StateDict* base,
+                                        const MergeOptions& o) {
+  std::vector<const StateDict*> inputs;
+  for (const auto& m : models) inputs.push_back(&m);
+  return polyak::to_doubles(polyak::merge_state_dicts(inputs, base, o).at("w"));
+}
+
+}  // namespace
+
+TEST_CASE("Multi-SLERP: the weighted mean direction, scaled by the weighted mean norm",
+          "[merge][multislerp]") {
+  const double half = std::sqrt(0.5);
+  MergeOptions o = method(MergeMethod::MultiSlerp);
+  // Directions e1 and e2, norms 1 and 3, weights 1/2: the direction (e1 + e2) / sqrt 2, the norm 2
+  // (the linear mean would be (0.5, 1.5)).
+  auto r = merged_without_base({tensor_of({1, 0}), tensor_of({0, 3})}, nullptr, o);
+  CHECK(r[0] == Approx(2 * half).epsilon(1e-7));
+  CHECK(r[1] == Approx(2 * half).epsilon(1e-7));
+  o.weights = {1, 3};  // normalized to 1/4, 3/4: direction (1, 3) / sqrt 10, norm 1/4 + 9/4
+  r = merged_without_base({tensor_of({1, 0}), tensor_of({0, 3})}, nullptr, o);
+  CHECK(r[0] == Approx(2.5 / std::sqrt(10.0)).epsilon(1e-7));
+  CHECK(r[1] == Approx(7.5 / std::sqrt(10.0)).epsilon(1e-7));
+  o.normalize_weights = false;  // weights 1, 3 as given: direction (1, 3) / sqrt 10, norm 1 + 9
+  r = merged_without_base({tensor_of({1, 0}), tensor_of({0, 3})}, nullptr, o);
+  CHECK(r[0] == Approx(10 / std::sqrt(10.0)).epsilon(1e-7));
+  CHECK(r[1] == Approx(30 / std::sqrt(10.0)).epsilon(1e-7));
+  // Three models, and a base: task vectors (2, 0, 0), (0, 2, 0), (0, 0, 2) about (1, 1, 1).
+  o = method(MergeMethod::MultiSlerp);
+  const StateDict ones = tensor_of({1, 1, 1});
+  r = merged_without_base({tensor_of({3, 1, 1}), tensor_of({1, 3, 1}), tensor_of({1, 1, 3})}, &ones, o);
+  for (const double x : r) CHECK(x == Approx(1 + 2 / std::sqrt(3.0)).epsilon(1e-7));
+  // Two antipodal models of equal weight: mergekit's linear fallback; three: refused.
+  CHECK(merged_without_base({tensor_of({1, 0}), tensor_of({-2, 0})}, nullptr, o) ==
+        std::vector<double>{-0.5, 0});
+  CHECK_THROWS_WITH(
+      merged_without_base({tensor_of({1, 0}), tensor_of({-1, 0}), tensor_of({0, 0})}, nullptr, o),
+      Catch::Contains("no spherical mean"));
+  // One model: its tensor, with a base too.
+  const StateDict one_one = tensor_of({1, 1});
+  CHECK(merged_without_base({tensor_of({3, -4})}, &one_one, o) == std::vector<double>{3, -4});
+  // A zero model: its direction is zero; the others' mean, its norm counted as 0.
+  r = merged_without_base({tensor_of({2, 0}), tensor_of({0, 0})}, nullptr, o);
+  CHECK(r[0] == Approx(1).epsilon(1e-7));
+  CHECK(r[1] == 0);
+  // Refused: weights that sum to 0 (normalize_weights divides by them), eps <= 0, its settings elsewhere.
+  o.weights = {1, -1};
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
+                    Catch::Contains("weights sum to 0"));
+  o = method(MergeMethod::MultiSlerp);
+  o.eps = 0;
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
+                    Catch::Contains("eps must be finite and > 0"));
+  o = method(MergeMethod::NuSlerp);
+  o.normalize_weights = false;
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
+                    Catch::Contains("normalize_weights is not a setting of nuslerp"));
+}
+
+TEST_CASE("Karcher mean: the geodesic mean of the directions, scaled by the mean norm", "[merge][karcher]") {
+  MergeOptions o = method(MergeMethod::Karcher);
+  // Directions at 0, 0 and 90 degrees on a circle (norms 1, 2, 3): the Karcher mean is at their
+  // mean angle, 30 degrees (the Euclidean mean's direction is atan(1 / 2), 26.6 degrees); the norm 2.
+  const std::vector<StateDict> circle = {tensor_of({1, 0}), tensor_of({2, 0}), tensor_of({0, 3})};
+  auto r = merged_without_base(circle, nullptr, o);
+  CHECK(r[0] == Approx(std::sqrt(3.0)).epsilon(1e-6));
+  CHECK(r[1] == Approx(1.0).epsilon(1e-6));
+  o.max_iter = 0;  // no step: the normalized Euclidean mean, (2, 1) / sqrt 5, times 2
+  r = merged_without_base(circle, nullptr, o);
+  CHECK(r[0] == Approx(4 / std::sqrt(5.0)).epsilon(1e-7));
+  CHECK(r[1] == Approx(2 / std::sqrt(5.0)).epsilon(1e-7));
+  // In five dimensions, converged (tol 0, 200 steps): the directions' log map at the result sums to 0
+  // (the mean's defining condition, computed here from the inputs), and its norm is the mean norm.
+  o = method(MergeMethod::Karcher);
+  o.tol = 0;
+  o.max_iter = 200;
+  const std::vector<std::vector<float>> xs = {{1, 0.2f, -0.3f, 0.1f, 0.5f},
+                                              {0.4f, 1, 0.1f, -0.2f, 0},
+                                              {0.3f, 0.1f, 2, 0.4f, -0.1f},
+                                              {1, 1, 1, 0, 0.3f}};
+  std::vector<StateDict> models;
+  for (const auto& x : xs) models.push_back(tensor_of(x));
+  r = merged_without_base(models, nullptr, o);
+  double length = 0, mean_norm = 0;
+  for (const double x : r) length += x * x;
+  length = std::sqrt(length);
+  std::vector<double> gradient(5, 0.0);
+  for (const auto& x : xs) {
+    double norm = 0, dot = 0;
+    for (std::size_t j = 0; j < 5; ++j) norm += double{x[j]} * x[j];
+    norm = std::sqrt(norm);
+    mean_norm += norm / 4;
+    for (std::size_t j = 0; j < 5; ++j) dot += x[j] / norm * r[j] / length;
+    const double theta = std::acos(dot);
+    for (std::size_t j = 0; j < 5; ++j)
+      gradient[j] += theta / std::sin(theta) * (x[j] / norm - dot * r[j] / length);
+  }
+  for (const double g : gradient) CHECK(std::abs(g) < 1e-6);  // (the output is float32)
+  CHECK(length == Approx(mean_norm).epsilon(1e-6));
+  // A zero model: left out of the directions, counted in the norms' mean ((0 + 1 + 1) / 3).
+  o = method(MergeMethod::Karcher);
+  r = merged_without_base({tensor_of({0, 0}), tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o);
+  CHECK(r[0] == Approx(2.0 / 3 * std::sqrt(0.5)).epsilon(1e-7));
+  CHECK(r[1] == Approx(2.0 / 3 * std::sqrt(0.5)).epsilon(1e-7));
+  CHECK(merged_without_base({tensor_of({0, 0}), tensor_of({0, 0})}, nullptr, o) == std::vector<double>{0, 0});
+  CHECK(merged_without_base({tensor_of({3, -4})}, nullptr, o) == std::vector<double>{3, -4});
+  // Antipodal directions: no unique mean, refused; no base; its settings elsewhere.
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({-1, 0})}, nullptr, o),
+                    Catch::Contains("the mean is not unique"));
+  const StateDict zeros = tensor_of({0, 0});
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, &zeros, o),
+                    Catch::Contains("karcher takes no base model"));
+  o.weights = {1, 2};
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
+                    Catch::Contains("weights is not a setting of karcher"));
+  o = method(MergeMethod::MultiSlerp);
+  o.tol = 1e-3;
+  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
+                    Catch::Contains("tol is not a setting of multislerp"));
+}

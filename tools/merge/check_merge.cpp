@@ -49,6 +49,14 @@ float w0(const std::string& path) {
   return v;
 }
 
+/// Every element of h (F16) in `path`, as floats.
+std::vector<float> h_of(const std::string& path) {
+  const auto sd = polyak::load_safetensors(path);
+  std::vector<float> values;
+  for (const double x : polyak::to_doubles(sd.at("h"))) values.push_back(static_cast<float>(x));
+  return values;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -191,6 +199,11 @@ int main(int argc, char** argv) {
   expect(run("--method sce --base " + a + two) == 0 && w0(out) > 1.0f && w0(out) < 6.0f,
          "sce runs (its closed forms: test_merge_methods.cpp)");
   expect(run("--method linear" + two) == 0 && w0(out) == 4.0f, "mergekit's linear is the average, 4");
+  expect(run("--method multislerp --weights 1,3 --base " + a + " --eps 1e-9" + two) == 0 && w0(out) == 5.0f,
+         "multislerp of parallel task vectors 1 and 5, weights 1/4, 3/4: 1 + (1 + 15) / 4 = 5");
+  expect(
+      run("--method karcher --max-iter 3 --tol 0.001" + two) == 0 && h_of(out) == std::vector<float>(4, 8.0f),
+      "karcher of parallel h, 4 and 12 everywhere: their direction at the mean norm, 8");
   std::filesystem::remove(out);  // (refused() counts the folder's files: the inputs alone)
   refused("--method nearswap --base " + a + inputs.substr(0, inputs.rfind(' ')), "nearswap without --t");
   refused("--method ties --base " + a + " --gamma 0.1" + inputs, "--gamma with ties");
@@ -198,6 +211,14 @@ int main(int argc, char** argv) {
   refused("--method ties --base " + a + " --normalize yes" + inputs, "--normalize yes");
   refused("--method dare --base " + a + " --rescale true" + inputs, "--rescale with dare");
   refused("--method slerp --normalize true" + inputs, "--normalize with slerp");
+  refused("--method karcher --weights 1,2,3" + inputs, "--weights with karcher (equal weights)");
+  refused("--method karcher --base " + a + inputs, "--base with karcher");
+  refused("--method karcher --max-iter 2.5" + inputs, "--max-iter 2.5");
+  refused("--method karcher --tol -1" + inputs, "--tol -1");
+  refused("--method multislerp --weights 1,-1,0" + inputs, "multislerp weights summing to 0");
+  refused("--method multislerp --eps 0" + inputs, "--eps 0");
+  refused("--method nuslerp --eps 1e-9" + inputs, "--eps with nuslerp");
+  refused("--method multislerp --max-iter 3" + inputs, "--max-iter with multislerp");
   refused("--method ties --base " + a + " --densities 0.5" + inputs, "one density for two inputs");
   refused("--method ties --base " + a + " --densities 0.5,1.5" + inputs, "--densities 0.5,1.5");
   refused("--method ties --base " + a + " --filter-wise" + inputs, "--filter-wise with ties");

@@ -55,8 +55,8 @@ const char* const usage_text =
     "  --method M           average (default; mergekit's linear), task_arithmetic (or\n"
     "                       task-arithmetic), ties, dare, dare_linear, dare_ties, breadcrumbs,\n"
     "                       breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce\n"
-    "                       (against --base), slerp or nuslerp (against --base if given; formulas:\n"
-    "                       polyak/checkpoint/merge_options.hpp)\n"
+    "                       (against --base), slerp, nuslerp or multislerp (against --base if\n"
+    "                       given), karcher (formulas: polyak/checkpoint/merge_options.hpp)\n"
     "  --base PATH          the base model of every method but average and slerp\n"
     "  --scale S            lambda on the merged task vector (default 1; mergekit's lambda)\n"
     "  --density D          the sparsified methods (ties, dare*, breadcrumbs*, della*): the\n"
@@ -76,6 +76,10 @@ const char* const usage_text =
     "  --select-topk F      sce: the fraction of highest-variance scalars kept, in (0, 1]\n"
     "  --nuslerp-flatten B  nuslerp: one angle a tensor (true, the default) or one a row\n"
     "  --nuslerp-row-wise B nuslerp, not flattened: one angle a column\n"
+    "  --normalize-weights B multislerp: divide the weights by their sum (default true)\n"
+    "  --eps E              multislerp: the guard added to norms, > 0 (default 1e-8)\n"
+    "  --max-iter N         karcher: the most steps, in [0, 1000000] (default 10)\n"
+    "  --tol T              karcher: the convergence tolerance, >= 0 (default 1e-5)\n"
     "  --                   what follows is file names, even if it starts with '-'\n"
     "  an option the method does not use is refused\n";
 
@@ -114,7 +118,9 @@ bool uses(polyak::MergeMethod method, const std::string& option) {
   if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
   if (option == "--weights")
     return method == MergeMethod::Average || polyak::is_task_vector_method(method) ||
-           method == MergeMethod::NuSlerp;
+           method == MergeMethod::NuSlerp || method == MergeMethod::MultiSlerp;
+  if (option == "--normalize-weights" || option == "--eps") return method == MergeMethod::MultiSlerp;
+  if (option == "--max-iter" || option == "--tol") return method == MergeMethod::Karcher;
   if (option == "--t") return method == MergeMethod::Slerp || method == MergeMethod::NearSwap;
   if (option == "--base") return polyak::needs_base(method) || polyak::takes_optional_base(method);
   if (option == "--nuslerp-flatten" || option == "--nuslerp-row-wise") return method == MergeMethod::NuSlerp;
@@ -176,7 +182,8 @@ Arguments parse(int argc, char** argv) {
     } else if (arg == "--method" || arg == "--base" || arg == "--scale" || arg == "--density" ||
                arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest" || arg == "--gamma" ||
                arg == "--epsilon" || arg == "--normalize" || arg == "--rescale" || arg == "--densities" ||
-               arg == "--select-topk" || arg == "--nuslerp-flatten" || arg == "--nuslerp-row-wise") {
+               arg == "--select-topk" || arg == "--nuslerp-flatten" || arg == "--nuslerp-row-wise" ||
+               arg == "--normalize-weights" || arg == "--eps" || arg == "--max-iter" || arg == "--tol") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
       seen.push_back(arg);
@@ -207,6 +214,17 @@ Arguments parse(int argc, char** argv) {
         args.merge.nuslerp_flatten = truth_value(value, arg);
       } else if (arg == "--nuslerp-row-wise") {
         args.merge.nuslerp_row_wise = truth_value(value, arg);
+      } else if (arg == "--normalize-weights") {
+        args.merge.normalize_weights = truth_value(value, arg);
+      } else if (arg == "--eps") {
+        args.merge.eps = finite_number(value, "--eps");
+      } else if (arg == "--tol") {
+        args.merge.tol = finite_number(value, "--tol");
+      } else if (arg == "--max-iter") {
+        const double n = finite_number(value, "--max-iter");
+        if (!(n >= 0 && n <= 1000000) || std::floor(n) != n)
+          throw UsageError("--max-iter '" + value + "' is not a whole number in [0, 1000000]");
+        args.merge.max_iter = static_cast<long long>(n);
       } else if (arg == "--densities") {
         args.merge.densities = number_list(value, "density");
       } else {

@@ -323,7 +323,8 @@ int main(int argc, char** argv) {
           "no weight for");
   refused(config(models + "merge_method: slerp\nbase_model: " + base + "\n"),
           "'weight' is not a parameter of slerp");
-  refused(config(models + "merge_method: karcher\n"), "merge_method 'karcher' is not a method polyak has");
+  refused(config(models + "merge_method: arcee_fusion\n"),
+          "merge_method 'arcee_fusion' is not a method polyak has");
   refused(config(models + "merge_method: linear\nbase_model: " + base + "\n"), "linear takes no base_model");
   refused(config(models + "merge_method: ties\n"), "ties needs a base_model");
   refused(config(models + "merge_method: linear\nparameters:\n  normalize: false\n"), "always normalizes");
@@ -423,6 +424,47 @@ int main(int argc, char** argv) {
     for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.75 * base_value(name, j));
   }
   expect(all, "and gives 7 A / 4 (parallel models: linear at t = 3 / 4)");
+  // Multi-SLERP of the same: direction A's, norm (|A| + 3 |2 A|) / 4: 7 A / 4 again. Karcher (equal
+  // weights): direction A's, norm the mean of |A| and |2 A|: 3 A / 2. A weight for karcher: refused.
+  const std::string multislerp =
+      write("multislerp.yml", "models:\n  - model: " + a + "\n    parameters:\n      weight: 1\n" +
+                                  "  - model: " + b + "\n    parameters:\n      weight: 3\n" +
+                                  "merge_method: multislerp\nparameters:\n  eps: 1e-9\ndtype: float32\n");
+  expect(run(multislerp + " " + work + "/out_multislerp") == 0, "a multislerp config runs");
+  out = read_output(work + "/out_multislerp");
+  all = out.ok && !out.tensors.empty();
+  for (const auto& [name, values] : out.tensors) {
+    for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.75 * base_value(name, j));
+  }
+  expect(all, "and gives 7 A / 4");
+  const std::string karcher =
+      write("karcher.yml", "models:\n  - model: " + a + "\n  - model: " + b +
+                               "\nmerge_method: karcher\nparameters:\n  max_iter: 5\n" +
+                               "  tol: 1e-7\ndtype: float32\n");
+  expect(run(karcher + " " + work + "/out_karcher") == 0, "a karcher config runs");
+  out = read_output(work + "/out_karcher");
+  all = out.ok && !out.tensors.empty();
+  for (const auto& [name, values] : out.tensors) {
+    for (std::size_t j = 0; j < values.size(); ++j) all = all && close(values[j], 1.5 * base_value(name, j));
+  }
+  expect(all, "and gives 3 A / 2");
+  const std::string weighted_karcher =
+      write("weighted_karcher.yml", "models:\n  - model: " + a + "\n    parameters:\n      weight: 1\n" +
+                                        "  - model: " + b + "\nmerge_method: karcher\n");
+  const auto said = [&](const std::string& text) {
+    std::ifstream in(work + "/stderr.txt");
+    const std::string all_text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return all_text.find(text) != std::string::npos;
+  };
+  expect(run(weighted_karcher + " " + work + "/out_weighted_karcher") != 0 && said("weight") &&
+             !fs::exists(work + "/out_weighted_karcher"),
+         "a weight given to karcher (which weights equally) is refused, nothing written");
+  const std::string fractional =
+      write("fractional.yml", "models:\n  - model: " + a + "\n  - model: " + b +
+                                  "\nmerge_method: karcher\nparameters:\n  max_iter: 2.5\n");
+  expect(run(fractional + " " + work + "/out_fractional") != 0 && said("max_iter") &&
+             !fs::exists(work + "/out_fractional"),
+         "max_iter 2.5 is refused, nothing written");
   // Zero-padded layer numbers ("layers.00."): found by number, renumbered plainly.
   {
     polyak::StateDict padded;

@@ -59,7 +59,8 @@ const char* const usage_text =
     "  --dry-run         print the plan (tensors, methods, parameters, output size); write nothing\n"
     "  --shard-size B    the largest shard, in bytes (default 5000000000, mergekit's 5B)\n"
     "  methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
-    "  breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce, slerp, nuslerp, passthrough\n";
+    "  breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce, slerp, nuslerp, multislerp,\n"
+    "  karcher, passthrough\n";
 
 /// A config or command line that cannot be run: the message, the usage, exit 2.
 struct UsageError : std::runtime_error {
@@ -170,6 +171,8 @@ ParameterNames parameters_of(MergeMethod m) {
   if (m == MergeMethod::ModelStock) p.per_method = {"filter_wise"};
   if (m == MergeMethod::Sce) p.per_method = {"int8_mask", "select_topk"};
   if (m == MergeMethod::NuSlerp) p = {{"weight"}, {"nuslerp_flatten", "nuslerp_row_wise"}};
+  if (m == MergeMethod::MultiSlerp) p = {{"weight"}, {"normalize_weights", "eps"}};
+  if (m == MergeMethod::Karcher) p.per_method = {"max_iter", "tol"};
   return p;
 }
 
@@ -476,6 +479,15 @@ class Planner {
       if (key == "select_topk") o.select_topk = number(value, key, out);
       if (key == "nuslerp_flatten") o.nuslerp_flatten = truth(value, key, out);
       if (key == "nuslerp_row_wise") o.nuslerp_row_wise = truth(value, key, out);
+      if (key == "normalize_weights") o.normalize_weights = truth(value, key, out);
+      if (key == "eps") o.eps = number(value, key, out);
+      if (key == "tol") o.tol = number(value, key, out);
+      if (key == "max_iter") {
+        const double n = number(value, key, out);
+        if (!(n >= 0 && n <= 1000000) || std::floor(n) != n)
+          throw UsageError("max_iter for '" + out + "' is not a whole number in [0, 1000000]");
+        o.max_iter = static_cast<long long>(n);
+      }
     }
     try {
       o.check(planned.models.size(), planned.base.has_value());
@@ -736,6 +748,9 @@ std::string options_text(const polyak::MergeOptions& o) {
   if (o.method == MergeMethod::Sce) text << " select_topk " << o.select_topk;
   if (!o.nuslerp_flatten) text << " nuslerp_flatten false";
   if (o.nuslerp_row_wise) text << " nuslerp_row_wise";
+  if (!o.normalize_weights) text << " normalize_weights false";
+  if (o.method == MergeMethod::MultiSlerp) text << " eps " << o.eps;
+  if (o.method == MergeMethod::Karcher) text << " max_iter " << o.max_iter << " tol " << o.tol;
   return text.str();
 }
 

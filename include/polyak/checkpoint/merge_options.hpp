@@ -53,6 +53,20 @@
 //               |sin theta| < 1e-8; over the flattened tensor (nuslerp_flatten, the default), else per
 //               row of the last dimension, or per column (the first dimension: nuslerp_row_wise)
 //               (mergekit's `nuslerp`)
+//   MultiSlerp  n models, on the sphere about the weighted mean of their directions (of their task
+//               vectors where a base is given): units u_i = v_i / (|v_i| + eps), weights w_i (divided
+//               by their sum where normalize_weights), m = sum_i w_i u_i; mergekit's exponential map
+//               of the tangent sum_i w_i (u_i - <u_i, m^> m^) at m^ = m / |m|, a tangent that is 0
+//               identically, leaves cos(eps) m^ sum_i w_i |v_i| (plus the base). |m| < eps: the
+//               linear sum_i w_i v_i for two models, refused for more. One model: its tensor
+//               (mergekit's `multislerp`)
+//   Karcher     n models, weighted equally: the Karcher (Frechet) mean on the unit sphere of the
+//               directions of those whose norm exceeds tol, scaled by the mean of all the norms;
+//               at most max_iter steps of the exponential map from the normalized Euclidean mean,
+//               until the tangent is shorter than tol; a direction antipodal to the iterate (the mean
+//               not unique) is refused. One model: its tensor   (mergekit's `karcher`)
+//               Both are computed from the models' Gram matrix (polyak/checkpoint/detail/
+//               spherical_means.hpp): one pass to read it, one to write.
 //   Passthrough one model's tensor as it is (rounded to the output's dtype; mergekit's layer slices)
 //   ModelStock  b + t (mean_i x_i - b) with t = n c / (1 + (n - 1) c), c the mean over pairs i < j
 //               of cos(tau_i, tau_j) (|tau_i| |tau_j| taken as at least 1e-6, clamped to [-1, 1]):
@@ -106,6 +120,8 @@ enum class MergeMethod {
   Sce,              ///< "sce"
   Passthrough,      ///< "passthrough": one model's tensor as it is (mergekit's, for layer slices)
   NuSlerp,          ///< "nuslerp": slerp by weights, of models or of task vectors, per tensor or row
+  MultiSlerp,       ///< "multislerp": spherical barycentric interpolation of n models
+  Karcher,          ///< "karcher": the Karcher mean of the models' directions, scaled by their norms
 };
 
 /// Every method, in declaration order (for tools that list them).
@@ -124,7 +140,9 @@ inline constexpr MergeMethod all_merge_methods[] = {MergeMethod::Average,
                                                     MergeMethod::NearSwap,
                                                     MergeMethod::Sce,
                                                     MergeMethod::Passthrough,
-                                                    MergeMethod::NuSlerp};
+                                                    MergeMethod::NuSlerp,
+                                                    MergeMethod::MultiSlerp,
+                                                    MergeMethod::Karcher};
 
 /// What to merge, and how (see the header's comment for the formulas). A method refuses a setting it
 /// does not use (check()): a field left at its default is not used.
@@ -132,7 +150,7 @@ struct MergeOptions {
   MergeMethod method = MergeMethod::Average;  ///< the method
   std::vector<double> weights;                ///< one a model, finite (>= 0 for Average; any sign else, the
                                 ///< sign consensus electing from the weighted values); empty: all 1
-                                ///< (not Slerp, ModelStock, NearSwap, Sce)
+                                ///< (not Slerp, ModelStock, NearSwap, Sce, Passthrough, Karcher)
   double scale = 1.0;             ///< the lambda on the merged task vector (the task-vector family;
                                   ///< mergekit's `lambda`)
   double density = 1.0;           ///< the sparsified methods: the fraction of each task vector kept, in
@@ -153,6 +171,10 @@ struct MergeOptions {
   double select_topk = 1.0;       ///< Sce: the fraction of highest-variance scalars kept, in (0, 1]
   bool nuslerp_flatten = true;    ///< NuSlerp: one angle for the whole tensor (else per row or column)
   bool nuslerp_row_wise = false;  ///< NuSlerp, not flattened: vectors along the first dimension
+  bool normalize_weights = true;  ///< MultiSlerp: divide the weights by their sum (which must not be 0)
+  double eps = 1e-8;              ///< MultiSlerp: the guard added to norms, finite and > 0
+  long long max_iter = 10;        ///< Karcher: the most steps, in [0, 1e6]
+  double tol = 1e-5;              ///< Karcher: the convergence tolerance (on angles, norms), finite, >= 0
 
   /// Model m's density: densities[m] where given, else density.
   double density_of(std::size_t m) const { return densities.empty() ? density : densities[m]; }
@@ -199,6 +221,10 @@ inline const char* to_string(MergeMethod method) {
       return "passthrough";
     case MergeMethod::NuSlerp:
       return "nuslerp";
+    case MergeMethod::MultiSlerp:
+      return "multislerp";
+    case MergeMethod::Karcher:
+      return "karcher";
   }
   return "?";
 }
@@ -264,8 +290,10 @@ inline bool needs_base(MergeMethod method) {
          method == MergeMethod::NearSwap || method == MergeMethod::Sce;
 }
 
-/// Whether `method` takes a base model if one is given (NuSlerp: its task vectors) but needs none.
-inline bool takes_optional_base(MergeMethod method) { return method == MergeMethod::NuSlerp; }
+/// Whether `method` takes a base model if one is given (merging its task vectors) but needs none.
+inline bool takes_optional_base(MergeMethod method) {
+  return method == MergeMethod::NuSlerp || method == MergeMethod::MultiSlerp;
+}
 
 inline void MergeOptions::check(std::size_t models, bool has_base) const {
   const MergeOptions& o = *this;
@@ -289,7 +317,8 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
     if (set) bad(std::string(setting) + " is not a setting of " + name);
   };
   const MergeOptions defaults;
-  const bool weighted = m == MergeMethod::Average || is_task_vector_method(m) || m == MergeMethod::NuSlerp;
+  const bool weighted = m == MergeMethod::Average || is_task_vector_method(m) || m == MergeMethod::NuSlerp ||
+                        m == MergeMethod::MultiSlerp;
   unused(!o.weights.empty() && !weighted, "weights");
   unused(!detail::exactly_equal(o.scale, defaults.scale) && !is_task_vector_method(m), "scale");
   unused(!detail::exactly_equal(o.density, defaults.density) && sparsify == Sparsification::None, "density");
@@ -310,6 +339,13 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   unused(!o.nuslerp_flatten && m != MergeMethod::NuSlerp, "nuslerp_flatten");
   unused(o.nuslerp_row_wise && m != MergeMethod::NuSlerp, "nuslerp_row_wise");
   if (o.nuslerp_row_wise && o.nuslerp_flatten) bad("nuslerp_row_wise takes nuslerp_flatten false");
+  unused(!o.normalize_weights && m != MergeMethod::MultiSlerp, "normalize_weights");
+  unused(!detail::exactly_equal(o.eps, defaults.eps) && m != MergeMethod::MultiSlerp, "eps");
+  unused(o.max_iter != defaults.max_iter && m != MergeMethod::Karcher, "max_iter");
+  unused(!detail::exactly_equal(o.tol, defaults.tol) && m != MergeMethod::Karcher, "tol");
+  if (!(o.eps > 0) || !std::isfinite(o.eps)) bad("eps must be finite and > 0");
+  if (o.max_iter < 0 || o.max_iter > 1000000) bad("max_iter must be in [0, 1000000]");
+  if (!(o.tol >= 0) || !std::isfinite(o.tol)) bad("tol must be finite and >= 0");
   if (m == MergeMethod::Dare && (o.density < 1 || !o.densities.empty()) && o.drop > 0)
     bad("dare takes density (the fraction kept) or drop (its complement), not both");
   if (!o.densities.empty() && !detail::exactly_equal(o.density, defaults.density))
@@ -325,6 +361,12 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
   if (m == MergeMethod::Average && !o.weights.empty() &&
       *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
     bad("the weights are all 0");
+  }
+  if (m == MergeMethod::MultiSlerp && o.normalize_weights && !o.weights.empty()) {
+    double total = 0;
+    for (const double w : o.weights) total += w;
+    if (!(std::abs(total) > 0) || !std::isfinite(total))
+      bad("multislerp's weights sum to " + detail::number_text(total) + ": normalize_weights divides by it");
   }
   if (!std::isfinite(o.scale)) bad("scale is not finite");
   for (std::size_t i = 0; i < (o.densities.empty() ? 1 : o.densities.size()); ++i) {

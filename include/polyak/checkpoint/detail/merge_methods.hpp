@@ -25,6 +25,7 @@
 #include "polyak/checkpoint/sharded_checkpoint.hpp"
 #include "polyak/checkpoint/merge_options.hpp"
 #include "polyak/checkpoint/detail/sparsify.hpp"
+#include "polyak/checkpoint/detail/spherical_means.hpp"
 #include "polyak/checkpoint/state_dict.hpp"
 
 namespace polyak {
@@ -159,6 +160,41 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       nu_s0[g] = std::sin((1 - t) * theta) / sine;
       nu_s1[g] = std::sin(t * theta) / sine;
     }
+  }
+  // MultiSlerp, Karcher: the Gram matrix of the models' vectors (task vectors where a base is given,
+  // and more than one model), then the coefficients on them. In long double, as Model Stock's (no
+  // overflow from F64 values near 1e160); a non-finite value is left out (carried into its scalar).
+  std::vector<double> span;  // the merged tensor: (base +) sum_i span[i] (x_i - base)
+  const bool spherical = method == MergeMethod::MultiSlerp || method == MergeMethod::Karcher;
+  const bool span_base = has_base && models > 1;
+  if (spherical) {
+    std::vector<long double> gram(models * models, 0.0L);
+    std::vector<long double> v(models);
+    for_each_piece([&](std::size_t, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        for (std::size_t a = 0; a < models; ++a) {
+          v[a] = static_cast<long double>(span_base ? x[a][j] - base[j] : x[a][j]);
+          if (!std::isfinite(v[a])) v[a] = 0;
+        }
+        for (std::size_t a = 0; a < models; ++a)
+          for (std::size_t b = a; b < models; ++b) gram[a * models + b] += v[a] * v[b];
+      }
+    });
+    // Both methods are homogeneous of degree 1 in the vectors, so coefficients computed on the
+    // vectors scaled by a power of two apply to them unscaled: where the largest squared norm leaves
+    // double's range (F64 values beyond 1e154 or below 1e-154), the matrix is scaled into it (eps and
+    // tol then act at that scale).
+    long double largest = 0;
+    for (std::size_t a = 0; a < models; ++a) largest = std::max(largest, gram[a * models + a]);
+    int exponent = 0;
+    if (largest > 0x1p1000L || (largest > 0 && largest < 0x1p-1000L)) std::frexp(largest, &exponent);
+    Gram g{models, std::vector<double>(models * models)};
+    for (std::size_t a = 0; a < models; ++a)
+      for (std::size_t b = a; b < models; ++b)
+        g.at[a * models + b] = g.at[b * models + a] =
+            static_cast<double>(std::ldexp(gram[a * models + b], -exponent));
+    span = method == MergeMethod::MultiSlerp ? multislerp_coefficients(g, w, o.normalize_weights, o.eps, name)
+                                             : karcher_coefficients(g, o.max_iter, o.tol, name);
   }
   std::vector<KeptScalars> kept(is_task_vector_method(method) ? models : 0);
   std::vector<double> piece_of_tau(piece), piece_of_base(piece);
@@ -335,6 +371,19 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t m = 0; m < models; ++m) mean += x[m][j];
         const double t = stock_t[(begin + j) / stock_columns];
         result[j] = t * (mean / n) + (1 - t) * base[j];
+      }
+    } else if (spherical) {
+      std::fill(result, result + count, 0.0);
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = x[m].data();
+        if (span_base) {
+          for (std::size_t j = 0; j < count; ++j) result[j] += span[m] * (xm[j] - base[j]);
+        } else {
+          for (std::size_t j = 0; j < count; ++j) result[j] += span[m] * xm[j];
+        }
+      }
+      if (span_base) {
+        for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
       }
     } else if (method == MergeMethod::NuSlerp) {
       for (std::size_t j = 0; j < count; ++j) {
