@@ -114,59 +114,14 @@ inline void check_plan(const MergePlan& plan, std::vector<CheckpointReader>& rea
   }
 }
 
-/// Writes planned tensor `t` to `fd`, streamed as write_merged_tensor does, each input read in its
-/// own dtype and the result rounded once to t.dtype.
+/// Writes planned tensor `t` to `fd` (write_merged_stream: each input read in its own dtype, the
+/// result rounded once to t.dtype).
 inline void write_planned_tensor(std::vector<CheckpointReader>& readers, const PlannedTensor& t, int fd,
                                  const std::string& file) {
-  std::vector<TensorRef> refs = t.models;
-  if (t.base) refs.push_back(*t.base);
-  std::vector<const CheckpointReader::Tensor*> inputs;
-  for (const auto& ref : refs) inputs.push_back(readers[ref.checkpoint].find(ref.name));
-  if (inputs.front()->dtype == DType::I64) {  // a counter: the last model's
-    const TensorRef& last = t.models.back();
-    const StoredTensor copied = readers[last.checkpoint].read(*readers[last.checkpoint].find(last.name));
-    write_all(fd, copied.bytes.data(), copied.bytes.size(), file);
-    return;
-  }
-  const std::size_t numel = inputs.front()->numel(), out_element = dtype_size(t.dtype);
-  struct Cached {
-    std::size_t begin = 0, count = 0;
-    std::vector<std::byte> bytes;
-  };
-  std::vector<Cached> cache(refs.size());
-  const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
-    const CheckpointReader::Tensor& in = *inputs[m];
-    const std::size_t element = dtype_size(in.dtype);
-    const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
-    Cached& c = cache[m];
-    if (begin < c.begin || begin + count > c.begin + c.count) {
-      c.begin = begin;
-      c.count = std::min(block, numel - begin);
-      c.bytes.resize(c.count * element);
-      readers[refs[m].checkpoint].read_bytes(in, begin * element, c.count * element, c.bytes.data());
-    }
-    bytes_to_doubles(in.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
-  };
-  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / out_element);
-  std::vector<std::byte> pending(block * out_element), writing(block * out_element);
-  std::future<void> written;  // (after the buffers: destroyed first, it waits for the write)
-  const auto flush = [&](std::size_t bytes) {
-    if (written.valid()) written.get();
-    std::swap(pending, writing);
-    written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
-  };
-  std::size_t filled = 0;
-  merge_tensor(t.options, t.models.size(), t.name, inputs.front()->shape, numel, t.dtype, t.base.has_value(),
-               read, [&](const double* values, std::size_t count) {
-                 if ((filled + count) * out_element > pending.size()) {
-                   flush(filled * out_element);
-                   filled = 0;
-                 }
-                 doubles_to_bytes(t.dtype, values, count, pending.data() + filled * out_element);
-                 filled += count;
-               });
-  flush(filled * out_element);
-  written.get();
+  std::vector<StreamedInput> inputs;
+  for (const auto& ref : t.models) inputs.push_back({ref.checkpoint, readers[ref.checkpoint].find(ref.name)});
+  if (t.base) inputs.push_back({t.base->checkpoint, readers[t.base->checkpoint].find(t.base->name)});
+  write_merged_stream(readers, inputs, t.models.size(), t.options, t.name, t.dtype, fd, file);
 }
 
 /// The file run_merge_plan writes into its output folder listing every file it wrote there: what

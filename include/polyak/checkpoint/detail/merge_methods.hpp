@@ -472,39 +472,51 @@ inline TensorTable table_of(const StateDict& sd) {
 
 namespace detail {
 
-/// Merges one tensor of `readers` (the models, then the base) and writes it to `fd`. Reads and
-/// writes go in blocks of 1 MiB, each model's block kept, the arithmetic in pieces of merge_piece:
-/// a system call a block, not a piece, which is most of what a merge costs beyond its I/O.
-inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const MergeOptions& options,
-                                std::size_t models, const CheckpointReader::Tensor& tensor, int fd,
+/// One input of a streamed merge: a tensor of one of the readers.
+struct StreamedInput {
+  std::size_t reader = 0;                            ///< index into the readers
+  const CheckpointReader::Tensor* tensor = nullptr;  ///< one of its tensors
+};
+
+/// Merges one tensor from `inputs` (the models' tensors, then the base's where there is one) and
+/// writes it to `fd`, rounded once to `dtype`; each input is read in its own dtype. Reads and writes
+/// go in blocks of 1 MiB, each input's block kept, the arithmetic in pieces of merge_piece: a system
+/// call a block, not a piece, which is most of what a merge costs beyond its I/O. An integer tensor
+/// (a counter) is the last model's, copied.
+inline void write_merged_stream(std::vector<CheckpointReader>& readers,
+                                const std::vector<StreamedInput>& inputs, std::size_t models,
+                                const MergeOptions& options, const std::string& name, DType dtype, int fd,
                                 const std::string& file) {
-  if (tensor.dtype == DType::I64) {  // a counter: the last model's
-    auto& last = readers[models - 1];
-    const StoredTensor t = last.read(*last.find(tensor.name));
-    write_all(fd, t.bytes.data(), t.bytes.size(), file);
+  const CheckpointReader::Tensor& first = *inputs.front().tensor;
+  if (first.dtype == DType::I64) {
+    const StreamedInput& last = inputs[models - 1];
+    const StoredTensor copied = readers[last.reader].read(*last.tensor);
+    write_all(fd, copied.bytes.data(), copied.bytes.size(), file);
     return;
   }
-  const std::size_t element = dtype_size(tensor.dtype), numel = tensor.numel();
-  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
+  const std::size_t numel = first.numel(), out_element = dtype_size(dtype);
   struct Cached {
     std::size_t begin = 0, count = 0;
     std::vector<std::byte> bytes;
   };
-  std::vector<Cached> cache(readers.size());
+  std::vector<Cached> cache(inputs.size());
   const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
+    const CheckpointReader::Tensor& in = *inputs[m].tensor;
+    const std::size_t element = dtype_size(in.dtype);
+    const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
     Cached& c = cache[m];
     if (begin < c.begin || begin + count > c.begin + c.count) {
       c.begin = begin;
       c.count = std::min(block, numel - begin);
       c.bytes.resize(c.count * element);
-      readers[m].read_bytes(*readers[m].find(tensor.name), begin * element, c.count * element,
-                            c.bytes.data());
+      readers[inputs[m].reader].read_bytes(in, begin * element, c.count * element, c.bytes.data());
     }
-    bytes_to_doubles(tensor.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
+    bytes_to_doubles(in.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
   };
   // Two output blocks: one filled here while the other is written on a second thread, so that the
   // kernel's copies into the page cache overlap the reading and arithmetic of the next block.
-  std::vector<std::byte> pending(block * element), writing(block * element);
+  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / out_element);
+  std::vector<std::byte> pending(block * out_element), writing(block * out_element);
   std::future<void> written;  // (after the buffers: destroyed first, it waits for the write)
   const auto flush = [&](std::size_t bytes) {
     if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
@@ -512,17 +524,26 @@ inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const Me
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
-  merge_tensor(options, models, tensor.name, tensor.shape, numel, tensor.dtype, readers.size() > models, read,
+  merge_tensor(options, models, name, first.shape, numel, dtype, inputs.size() > models, read,
                [&](const double* values, std::size_t count) {
-                 if ((filled + count) * element > pending.size()) {
-                   flush(filled * element);
+                 if ((filled + count) * out_element > pending.size()) {
+                   flush(filled * out_element);
                    filled = 0;
                  }
-                 doubles_to_bytes(tensor.dtype, values, count, pending.data() + filled * element);
+                 doubles_to_bytes(dtype, values, count, pending.data() + filled * out_element);
                  filled += count;
                });
-  flush(filled * element);
+  flush(filled * out_element);
   written.get();
+}
+
+/// Merges tensor `tensor` of `readers` (the models, then the base) into `fd`, in its dtype.
+inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const MergeOptions& options,
+                                std::size_t models, const CheckpointReader::Tensor& tensor, int fd,
+                                const std::string& file) {
+  std::vector<StreamedInput> inputs;
+  for (std::size_t r = 0; r < readers.size(); ++r) inputs.push_back({r, readers[r].find(tensor.name)});
+  write_merged_stream(readers, inputs, models, options, tensor.name, tensor.dtype, fd, file);
 }
 
 }  // namespace detail
