@@ -212,8 +212,8 @@ inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::u
   detail::write_folder_atomically(
       prepared.folder,
       [&](const std::string& temporary) {
-        std::string weight_map, manifest = std::string(detail::sharded_index_name) + "\n";
-        std::uint64_t total = 0;
+        std::string manifest = std::string(detail::sharded_index_name) + "\n";
+        detail::IndexText index;
         for (std::size_t shard = 0; shard < shards; ++shard) {
           std::vector<detail::TensorWriter> writers;
           const std::string file = shard_file_name(shard, shards);
@@ -228,19 +228,12 @@ inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::u
                                                    [&readers, &t](int fd, const std::string& path) {
                                                      detail::write_planned_tensor(readers, t, fd, path);
                                                    }});
-            weight_map += (weight_map.empty() ? "\n    " : ",\n    ") + detail::json_quoted(t.name) + ": " +
-                          detail::json_quoted(file);
-            total += prepared.bytes[i];
+            index.add(t.name, file, prepared.bytes[i]);
           }
           detail::write_safetensors((std::filesystem::path(temporary) / file).string(), {{"format", "pt"}},
                                     writers);
         }
-        std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total);
-        for (const auto& [key, value] : plan.index_metadata) {
-          if (key != "total_size")
-            text += ",\n    " + detail::json_quoted(key) + ": " + detail::json_quoted(value);
-        }
-        text += "\n  },\n  \"weight_map\": {" + weight_map + "\n  }\n}\n";
+        const std::string text = index.text(plan.index_metadata);
         const auto write_file = [&temporary](const std::string& name, const std::string& content) {
           detail::write_atomically((std::filesystem::path(temporary) / name).string(),
                                    [&content](int fd, const std::string& path) {

@@ -331,6 +331,31 @@ class CheckpointReader {
 
 namespace detail {
 
+/// A sharded checkpoint's index text, built as its shards are written: add() each tensor in order,
+/// then text(metadata): {"metadata": {"total_size": the bytes added, metadata's other keys},
+/// "weight_map": {tensor: shard file}} (the one writer of that text).
+class IndexText {
+ public:
+  /// Tensor `name`, of `bytes` bytes, is in the shard file `shard`.
+  void add(const std::string& name, const std::string& shard, std::uint64_t bytes) {
+    weight_map_ +=
+        (weight_map_.empty() ? "\n    " : ",\n    ") + json_quoted(name) + ": " + json_quoted(shard);
+    total_ += bytes;
+  }
+  /// The index's text, `metadata` ("total_size" in it ignored: the bytes added) in its "metadata".
+  std::string text(const std::map<std::string, std::string>& metadata) const {
+    std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total_);
+    for (const auto& [key, value] : metadata) {
+      if (key != "total_size") text += ",\n    " + json_quoted(key) + ": " + json_quoted(value);
+    }
+    return text + "\n  },\n  \"weight_map\": {" + weight_map_ + "\n  }\n}\n";
+  }
+
+ private:
+  std::string weight_map_;  // (text built in one pass: see json_quoted)
+  std::uint64_t total_ = 0;
+};
+
 /// What an existing folder holds that a sharded checkpoint writer would not have written ("" for
 /// nothing): the folder may be replaced whole only if it is empty, or holds an index that parses and
 /// the shards it names, and nothing else (a file of the user's, a subfolder, a shard the index does
@@ -401,26 +426,18 @@ void write_checkpoint_like(const CheckpointReader& layout, const std::string& ou
   write_folder_atomically(
       folder,
       [&](const std::string& temporary) {
-        std::string weight_map;  // (text built in one pass: see json_quoted)
-        std::uint64_t total = 0;
+        IndexText index;
         for (std::size_t shard = 0; shard < layout.shards().size(); ++shard) {
           std::vector<TensorWriter> writers;
-          const std::string file = json_quoted(layout.shards()[shard]);
           for (const auto& tensor : layout.tensors()) {
             if (tensor.shard != shard) continue;
             writers.push_back(writer_of(tensor));
-            weight_map +=
-                (weight_map.empty() ? "\n    " : ",\n    ") + json_quoted(tensor.name) + ": " + file;
-            total += writers.back().size;
+            index.add(tensor.name, layout.shards()[shard], writers.back().size);
           }
           write_safetensors((std::filesystem::path(temporary) / layout.shards()[shard]).string(),
                             with_extra(layout.shard_metadata(shard)), writers);
         }
-        std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total);
-        for (const auto& [key, value] : with_extra(layout.metadata())) {
-          if (key != "total_size") text += ",\n    " + json_quoted(key) + ": " + json_quoted(value);
-        }
-        text += "\n  },\n  \"weight_map\": {" + weight_map + "\n  }\n}\n";
+        const std::string text = index.text(with_extra(layout.metadata()));
         write_atomically(
             (std::filesystem::path(temporary) / sharded_index_name).string(),
             [&](int fd, const std::string& file) { write_all(fd, text.data(), text.size(), file); });
