@@ -178,13 +178,13 @@ ParameterNames parameters_of(MergeMethod m) {
 
 /// A checkpoint read by the plan, and its tensors split into layers and the rest.
 struct Model {
-  std::string path;                                          // as given
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> key;  // its data files' identities, sorted
-  std::size_t index = 0;                                     // into the plan's checkpoints
-  std::vector<std::string> names;                            // every tensor, in order
-  std::map<std::string, polyak::DType> dtypes;               // by name
-  std::map<std::size_t, std::vector<std::string>> layers;    // layer number -> its tensors' names
-  std::vector<std::string> others;                           // tensors of no layer
+  std::string path;                                        // as given
+  std::vector<polyak::detail::FileId> key;                 // its data files' identities, sorted
+  std::size_t index = 0;                                   // into the plan's checkpoints
+  std::vector<std::string> names;                          // every tensor, in order
+  std::map<std::string, polyak::DType> dtypes;             // by name
+  std::map<std::size_t, std::vector<std::string>> layers;  // layer number -> its tensors' names
+  std::vector<std::string> others;                         // tensors of no layer
 };
 
 /// Where a name has ".layers.N." (or starts "layers.N."): the prefix's end, N, the rest's start.
@@ -333,15 +333,7 @@ class Planner {
   /// its index or its model.safetensors) are one model.
   Model& model(const std::string& path) {
     const polyak::CheckpointReader reader(path);
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> key;
-    const std::vector<std::string> files = reader.files();
-    for (std::size_t f = reader.sharded() ? 1 : 0; f < files.size(); ++f) {  // (the data, not the index)
-      polyak::detail::FileId id;
-      if (!polyak::detail::file_id(files[f], id))
-        throw UsageError("cannot stat '" + polyak::detail::visible(files[f]) + "'");
-      key.emplace_back(id.device, id.inode);
-    }
-    std::sort(key.begin(), key.end());
+    const std::vector<polyak::detail::FileId> key = polyak::detail::data_file_ids(reader);
     for (auto& m : models_) {
       if (m->key == key) return *m;
     }

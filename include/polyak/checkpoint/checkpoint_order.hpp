@@ -163,17 +163,7 @@ inline CheckpointOrder order_checkpoints(const std::vector<std::string>& paths) 
     opened.emplace_back(path);
     const CheckpointReader& checkpoint = opened.back();
     steps.push_back(recorded_step(checkpoint));
-    std::vector<detail::FileId> ids;
-    const std::vector<std::string> files = checkpoint.files();
-    for (std::size_t f = checkpoint.sharded() ? 1 : 0; f < files.size(); ++f) {  // (not the index)
-      detail::FileId id;
-      if (!detail::file_id(files[f], id))
-        throw InvalidArgument(who + "cannot stat '" + detail::visible(files[f]) + "'");
-      ids.push_back(id);
-    }
-    std::sort(ids.begin(), ids.end(), [](const detail::FileId& a, const detail::FileId& b) {
-      return a.device < b.device || (a.device == b.device && a.inode < b.inode);
-    });
+    std::vector<detail::FileId> ids = detail::data_file_ids(checkpoint);
     for (std::size_t other = 0; other < data_files.size(); ++other) {
       if (data_files[other] == ids) {
         throw InvalidArgument(who + "'" + detail::visible(path) + "' and '" + detail::visible(paths[other]) +

@@ -331,6 +331,21 @@ class CheckpointReader {
 
 namespace detail {
 
+/// The identities of `checkpoint`'s data files (its shards, or its one file; not an index), sorted:
+/// two paths name one checkpoint (through links; a folder, its index, its model.safetensors) where
+/// these are equal. InvalidArgument where one cannot be reached.
+inline std::vector<FileId> data_file_ids(const CheckpointReader& checkpoint) {
+  std::vector<FileId> ids;
+  const std::vector<std::string> files = checkpoint.files();
+  for (std::size_t f = checkpoint.sharded() ? 1 : 0; f < files.size(); ++f) {
+    FileId id;
+    if (!file_id(files[f], id)) throw InvalidArgument("polyak: cannot stat '" + files[f] + "'");
+    ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
 /// A sharded checkpoint's index text, built as its shards are written: add() each tensor in order,
 /// then text(metadata): {"metadata": {"total_size": the bytes added, metadata's other keys},
 /// "weight_map": {tensor: shard file}} (the one writer of that text).

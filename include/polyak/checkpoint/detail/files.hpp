@@ -194,6 +194,9 @@ struct FileId {
   std::uint64_t device = 0, inode = 0;
   bool operator==(const FileId& other) const { return device == other.device && inode == other.inode; }
   bool operator!=(const FileId& other) const { return !(*this == other); }
+  bool operator<(const FileId& other) const {
+    return device < other.device || (device == other.device && inode < other.inode);
+  }
 };
 
 /// The identity of what `path` names; false when nothing is there (or it cannot be reached).
