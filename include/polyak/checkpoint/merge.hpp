@@ -56,14 +56,15 @@ inline void merge_checkpoints(std::vector<CheckpointReader> inputs, CheckpointRe
   const std::string last = readers.front().tensors().empty()
                                ? std::string()
                                : readers.front().tensors().back().name;  // (written last)
+  detail::MergeBuffers buffers;  // (the tensors are written one after another)
   detail::write_checkpoint_like(
       readers.front(), out, {{"merge_method", polyak::to_string(options.method)}}, {"step", "global_step"},
       [&](const CheckpointReader::Tensor& tensor) {
         const std::size_t size = tensor.numel() * dtype_size(tensor.dtype);
         return detail::TensorWriter{
             tensor.name, tensor.dtype, tensor.shape, size,
-            [&readers, &options, &last, models, tensor](int fd, const std::string& file) {
-              detail::write_merged_tensor(readers, options, models, tensor, fd, file);
+            [&readers, &options, &last, &buffers, models, tensor](int fd, const std::string& file) {
+              detail::write_merged_tensor(readers, options, models, tensor, fd, file, buffers);
               if (tensor.name == last) detail::check_inputs_unchanged(readers);  // (before OUT is kept)
             }};
       });
@@ -98,6 +99,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
   result.metadata.erase("step");  // (as merge_checkpoints: a merge is at no one step of training)
   result.metadata.erase("global_step");
   result.metadata["merge_method"] = polyak::to_string(options.method);
+  detail::MergeWorkspace work;  // (reused from one tensor to the next)
   for (const auto& entry : *all.front()) {
     const std::string& name = entry.first;  // (not a structured binding: the lambdas below capture it)
     const StoredTensor& tensor = entry.second;
@@ -128,7 +130,8 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
           detail::doubles_to_bytes(tensor.dtype, out, count,
                                    merged.bytes.data() + at * dtype_size(tensor.dtype));
           at += count;
-        });
+        },
+        work);
     result.insert(name, std::move(merged));
   }
   return result;

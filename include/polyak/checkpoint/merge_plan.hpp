@@ -117,11 +117,11 @@ inline void check_plan(const MergePlan& plan, std::vector<CheckpointReader>& rea
 /// Writes planned tensor `t` to `fd` (write_merged_stream: each input read in its own dtype, the
 /// result rounded once to t.dtype).
 inline void write_planned_tensor(std::vector<CheckpointReader>& readers, const PlannedTensor& t, int fd,
-                                 const std::string& file) {
+                                 const std::string& file, MergeBuffers& buffers) {
   std::vector<StreamedInput> inputs;
   for (const auto& ref : t.models) inputs.push_back({ref.checkpoint, readers[ref.checkpoint].find(ref.name)});
   if (t.base) inputs.push_back({t.base->checkpoint, readers[t.base->checkpoint].find(t.base->name)});
-  write_merged_stream(readers, inputs, t.models.size(), t.options, t.name, t.dtype, fd, file);
+  write_merged_stream(readers, inputs, t.models.size(), t.options, t.name, t.dtype, fd, file, buffers);
 }
 
 /// The file run_merge_plan writes into its output folder listing every file it wrote there: what
@@ -214,6 +214,7 @@ inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::u
       [&](const std::string& temporary) {
         std::string manifest = std::string(detail::sharded_index_name) + "\n";
         detail::IndexText index;
+        detail::MergeBuffers buffers;  // (the tensors are written one after another)
         for (std::size_t shard = 0; shard < shards; ++shard) {
           std::vector<detail::TensorWriter> writers;
           const std::string file = shard_file_name(shard, shards);
@@ -223,11 +224,11 @@ inline void run_merge_plan(const MergePlan& plan, const std::string& out, std::u
             const PlannedTensor& t = plan.tensors[i];
             const CheckpointReader::Tensor& in =
                 *readers[t.models.front().checkpoint].find(t.models.front().name);
-            writers.push_back(detail::TensorWriter{t.name, in.dtype == DType::I64 ? DType::I64 : t.dtype,
-                                                   in.shape, prepared.bytes[i],
-                                                   [&readers, &t](int fd, const std::string& path) {
-                                                     detail::write_planned_tensor(readers, t, fd, path);
-                                                   }});
+            writers.push_back(detail::TensorWriter{
+                t.name, in.dtype == DType::I64 ? DType::I64 : t.dtype, in.shape, prepared.bytes[i],
+                [&readers, &t, &buffers](int fd, const std::string& path) {
+                  detail::write_planned_tensor(readers, t, fd, path, buffers);
+                }});
             index.add(t.name, file, prepared.bytes[i]);
           }
           detail::write_safetensors((std::filesystem::path(temporary) / file).string(), {{"format", "pt"}},

@@ -56,7 +56,7 @@ inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) |
 template <class Emit>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype, bool with_base,
-                  const TensorSource& read, Emit&& emit) {
+                  const TensorSource& read, Emit&& emit, MergeWorkspace& work) {
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
   const double overflow = overflow_threshold(dtype);
@@ -196,15 +196,18 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     span = method == MergeMethod::MultiSlerp ? multislerp_coefficients(g, w, o.normalize_weights, o.eps, name)
                                              : karcher_coefficients(g, o.max_iter, o.tol, name);
   }
-  std::vector<KeptScalars> kept(is_task_vector_method(method) ? models : 0);
+  std::vector<KeptScalars>& kept = work.kept;
+  kept.resize(is_task_vector_method(method) ? models : 0);
   std::vector<double> piece_of_tau(piece), piece_of_base(piece);
   for (std::size_t m = 0; m < kept.size(); ++m) {
-    kept[m] = kept_scalars(o, m, name, shape, numel, merge_piece,
-                           [&](std::size_t begin, std::size_t count, double* tau) {
-                             read(m, begin, count, tau);
-                             read(models, begin, count, piece_of_base.data());
-                             for (std::size_t j = 0; j < count; ++j) tau[j] -= piece_of_base[j];
-                           });
+    kept_scalars(
+        o, m, name, shape, numel, merge_piece,
+        [&](std::size_t begin, std::size_t count, double* tau) {
+          read(m, begin, count, tau);
+          read(models, begin, count, piece_of_base.data());
+          for (std::size_t j = 0; j < count; ++j) tau[j] -= piece_of_base[j];
+        },
+        work, kept[m]);
   }
   // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
   // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
@@ -260,7 +263,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // by their largest magnitude (no overflow), as rank_key (NaN above all).
   std::vector<bool> sce_keep;
   if (method == MergeMethod::Sce) {
-    std::vector<std::uint64_t> spread(numel), scratch;
+    std::vector<std::uint64_t>&spread = work.keys, &scratch = work.scratch;
+    spread.resize(numel);
     std::size_t nonzero = 0;
     for_each_piece([&](std::size_t begin, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
@@ -478,6 +482,15 @@ struct StreamedInput {
   const CheckpointReader::Tensor* tensor = nullptr;  ///< one of its tensors
 };
 
+/// The blocks a streamed merge reads into and writes from, kept from one tensor to the next: fresh
+/// ones cost a page fault every 4 KiB (zeroed by the kernel, then by the vector), which on a virtual
+/// machine took half the time of an average of two checkpoints.
+struct MergeBuffers {
+  std::vector<std::vector<std::byte>> inputs;  ///< one block an input
+  std::vector<std::byte> pending, writing;     ///< the output block being filled, and the one written
+  MergeWorkspace work;                         ///< the whole-tensor passes' memory
+};
+
 /// Merges one tensor from `inputs` (the models' tensors, then the base's where there is one) and
 /// writes it to `fd`, rounded once to `dtype`; each input is read in its own dtype. Reads and writes
 /// go in blocks of 1 MiB, each input's block kept, the arithmetic in pieces of merge_piece: a system
@@ -486,7 +499,7 @@ struct StreamedInput {
 inline void write_merged_stream(std::vector<CheckpointReader>& readers,
                                 const std::vector<StreamedInput>& inputs, std::size_t models,
                                 const MergeOptions& options, const std::string& name, DType dtype, int fd,
-                                const std::string& file) {
+                                const std::string& file, MergeBuffers& buffers) {
   const CheckpointReader::Tensor& first = *inputs.front().tensor;
   if (first.dtype == DType::I64) {
     const StreamedInput& last = inputs[models - 1];
@@ -496,43 +509,48 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   }
   const std::size_t numel = first.numel(), out_element = dtype_size(dtype);
   struct Cached {
-    std::size_t begin = 0, count = 0;
-    std::vector<std::byte> bytes;
+    std::size_t begin = 0, count = 0;  // the elements in the input's block
   };
   std::vector<Cached> cache(inputs.size());
+  if (buffers.inputs.size() < inputs.size()) buffers.inputs.resize(inputs.size());
   const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
     const CheckpointReader::Tensor& in = *inputs[m].tensor;
     const std::size_t element = dtype_size(in.dtype);
     const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
     Cached& c = cache[m];
+    std::vector<std::byte>& bytes = buffers.inputs[m];
     if (begin < c.begin || begin + count > c.begin + c.count) {
       c.begin = begin;
       c.count = std::min(block, numel - begin);
-      c.bytes.resize(c.count * element);
-      readers[inputs[m].reader].read_bytes(in, begin * element, c.count * element, c.bytes.data());
+      if (bytes.size() < c.count * element) bytes.resize(c.count * element);
+      readers[inputs[m].reader].read_bytes(in, begin * element, c.count * element, bytes.data());
     }
-    bytes_to_doubles(in.dtype, c.bytes.data() + (begin - c.begin) * element, count, values);
+    bytes_to_doubles(in.dtype, bytes.data() + (begin - c.begin) * element, count, values);
   };
   // Two output blocks: one filled here while the other is written on a second thread, so that the
   // kernel's copies into the page cache overlap the reading and arithmetic of the next block.
   const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / out_element);
-  std::vector<std::byte> pending(block * out_element), writing(block * out_element);
-  std::future<void> written;  // (after the buffers: destroyed first, it waits for the write)
+  std::vector<std::byte>&pending = buffers.pending, &writing = buffers.writing;
+  if (pending.size() < block * out_element) pending.resize(block * out_element);
+  if (writing.size() < block * out_element) writing.resize(block * out_element);
+  std::future<void> written;  // (destroyed before return: it waits for the write)
   const auto flush = [&](std::size_t bytes) {
     if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
     std::swap(pending, writing);
     written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
-  merge_tensor(options, models, name, first.shape, numel, dtype, inputs.size() > models, read,
-               [&](const double* values, std::size_t count) {
-                 if ((filled + count) * out_element > pending.size()) {
-                   flush(filled * out_element);
-                   filled = 0;
-                 }
-                 doubles_to_bytes(dtype, values, count, pending.data() + filled * out_element);
-                 filled += count;
-               });
+  merge_tensor(
+      options, models, name, first.shape, numel, dtype, inputs.size() > models, read,
+      [&](const double* values, std::size_t count) {
+        if ((filled + count) * out_element > pending.size()) {
+          flush(filled * out_element);
+          filled = 0;
+        }
+        doubles_to_bytes(dtype, values, count, pending.data() + filled * out_element);
+        filled += count;
+      },
+      buffers.work);
   flush(filled * out_element);
   written.get();
 }
@@ -540,10 +558,10 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
 /// Merges tensor `tensor` of `readers` (the models, then the base) into `fd`, in its dtype.
 inline void write_merged_tensor(std::vector<CheckpointReader>& readers, const MergeOptions& options,
                                 std::size_t models, const CheckpointReader::Tensor& tensor, int fd,
-                                const std::string& file) {
+                                const std::string& file, MergeBuffers& buffers) {
   std::vector<StreamedInput> inputs;
   for (std::size_t r = 0; r < readers.size(); ++r) inputs.push_back({r, readers[r].find(tensor.name)});
-  write_merged_stream(readers, inputs, models, options, tensor.name, tensor.dtype, fd, file);
+  write_merged_stream(readers, inputs, models, options, tensor.name, tensor.dtype, fd, file, buffers);
 }
 
 }  // namespace detail

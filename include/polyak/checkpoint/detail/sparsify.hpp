@@ -120,20 +120,31 @@ struct KeptScalars {
   double rescale = 1.0;    ///< s_i
 };
 
-/// The kept scalars of model `m` under `o` (a task-vector method), given `tau_of(begin, count, out)`,
-/// which fills out with task values [begin, begin + count) of model m. `shape` gives Della's rows.
+/// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
+/// a fresh vector of a tensor's size costs a page fault every 4 KiB, which on a virtual machine
+/// cost more than the selection it holds.
+struct MergeWorkspace {
+  std::vector<std::uint64_t> keys;     ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
+  std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
+  std::vector<KeptScalars> kept;       ///< per model
+};
+
+/// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
+/// `tau_of(begin, count, out)`, which fills out with task values [begin, begin + count) of model m.
+/// `shape` gives Della's rows; `work` holds the rank keys.
 template <class TauOf>
-KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
-                         const std::vector<std::int64_t>& shape, std::size_t numel, std::size_t piece,
-                         TauOf&& tau_of) {
-  KeptScalars result;
+void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
+                  const std::vector<std::int64_t>& shape, std::size_t numel, std::size_t piece,
+                  TauOf&& tau_of, MergeWorkspace& work, KeptScalars& result) {
+  result.keep.clear();
+  result.rescale = 1.0;
   const Sparsification rule = sparsification_of(o.method);
   const double density = o.density_of(m);
-  if (rule == Sparsification::None) return result;
+  if (rule == Sparsification::None) return;
   const bool legacy_dare = o.method == MergeMethod::Dare;
   const double drop = legacy_dare && o.densities.empty() && !(o.density < 1) ? o.drop : 1 - density;
   if (legacy_dare) result.rescale = 1 / (1 - drop);
-  if (!legacy_dare && density >= 1) return result;  // everything, unrescaled
+  if (!legacy_dare && density >= 1) return;  // everything, unrescaled
   std::vector<double> tau(std::min(numel, piece));
   double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
   if (rule == Sparsification::Random) {
@@ -153,7 +164,8 @@ KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string
       }
     }
   } else {
-    std::vector<std::uint64_t> magnitude(numel), scratch;
+    std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
+    magnitude.resize(numel);
     for (std::size_t begin = 0; begin < numel; begin += piece) {
       const std::size_t count = std::min(piece, numel - begin);
       tau_of(begin, count, tau.data());
@@ -198,7 +210,6 @@ KeptScalars kept_scalars(const MergeOptions& o, std::size_t m, const std::string
   }
   if (!legacy_dare && o.rescale.value_or(rescales_by_default(o.method)) && norm >= 1e-7 && kept_norm >= 1e-7)
     result.rescale = norm / kept_norm;
-  return result;
 }
 
 }  // namespace detail
