@@ -553,3 +553,29 @@ TEST_CASE("Karcher mean: the geodesic mean of the directions, scaled by the mean
   CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
                     Catch::Contains("tol is not a setting of multislerp"));
 }
+
+TEST_CASE("the random methods' draws are independent across models and neighbouring scalars",
+          "[merge][dare]") {
+  // Two identical task vectors of ones, each kept with probability 1/2, unrescaled: a merged scalar
+  // is k_1 + k_2. Independent draws: both kept (2) and neither (0) each a quarter of the scalars;
+  // neighbours both kept in a quarter of the pairs; each within 5 sd of its binomial mean.
+  const std::size_t n = 100000;
+  const StateDict ones = tensor_of(std::vector<float>(n, 1.0f)),
+                  zeros = tensor_of(std::vector<float>(n, 0.0f));
+  MergeOptions o = method(MergeMethod::DareLinear);
+  o.density = 0.5;
+  o.rescale = false;
+  o.seed = 2026;
+  const std::vector<double> r = merge_of({ones, ones}, zeros, o);
+  std::size_t both = 0, neither = 0, neighbours = 0;
+  for (std::size_t p = 0; p < n; ++p) {
+    both += r[p] == 2;
+    neither += r[p] == 0;
+    neighbours += p + 1 < n && r[p] >= 1 && r[p + 1] >= 1 && r[p] != 2 && r[p + 1] != 2;  // (k_1 or k_2)
+  }
+  const double sd = std::sqrt(static_cast<double>(n) * 0.25 * 0.75);
+  CHECK(std::abs(static_cast<double>(both) - 0.25 * n) < 5 * sd);
+  CHECK(std::abs(static_cast<double>(neither) - 0.25 * n) < 5 * sd);
+  // Exactly one kept at p and at p + 1: probability 1/2 each, 1/4 both (pairs overlap: a looser sd).
+  CHECK(std::abs(static_cast<double>(neighbours) - 0.25 * n) < 5 * 2 * sd);
+}

@@ -35,9 +35,10 @@
 //                  floor(d_i numel) are kept (fewer dropped from the top where both cannot be met);
 //                  d_i = 1 keeps everything (mergekit's), gamma 0 drops none from the top (mergekit's
 //                  slice keeps nothing there)
-//   random         keeps each scalar with probability d_i, drawn u in [0, 1) per scalar in position
-//                  order, kept where u >= 1 - d_i, from `seed`, the tensor's name and i (a tensor's
-//                  draws do not depend on which others exist)
+//   random         keeps each scalar with probability d_i: u in [0, 1) drawn per scalar, kept where
+//                  u >= 1 - d_i; u is SplitMix64's output at step p + 1 (p the scalar's position)
+//                  from a key of `seed`, the tensor's name and i (detail::uniform_draw: a tensor's
+//                  draws do not depend on which others exist, nor on the order they are drawn in)
 //   rank sampling  within each row (the tensor as shape[0] rows; one row for a vector; mergekit ranks
 //                  along dimension 1), the scalar of ascending rank r of c keeps with probability
 //                  d_i - epsilon + 2 epsilon r / (c - 1) (d_i for c = 1), drawn as random

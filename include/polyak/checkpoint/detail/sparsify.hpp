@@ -10,8 +10,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>  // std::memcpy
-#include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -30,15 +28,26 @@ inline std::uint64_t name_hash(const std::string& name) {
   return h;
 }
 
-/// The draws of model `m` for the tensor `name`: its own stream, so that a tensor's draws do not
-/// depend on which other tensors or models exist.
-inline std::mt19937_64 draws_for(std::uint64_t seed, const std::string& name, std::size_t m) {
-  return std::mt19937_64(seed ^ name_hash(name) ^ (0x9e3779b97f4a7c15ull * (m + 1)));
+/// SplitMix64's output function (Steele, Lea and Flood, 2014): a bijection of 64-bit words whose
+/// outputs at consecutive inputs pass BigCrush.
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
-/// A uniform draw in [0, 1).
-inline double uniform_draw(std::mt19937_64& rng) {
-  return std::generate_canonical<double, std::numeric_limits<double>::digits>(rng);
+/// The key of model `m`'s draws for the tensor `name`: a stream of its own, so that a tensor's
+/// draws do not depend on which other tensors or models exist.
+inline std::uint64_t draw_key(std::uint64_t seed, const std::string& name, std::size_t m) {
+  return mix64(seed + mix64(name_hash(name) + mix64(static_cast<std::uint64_t>(m) + 1)));
+}
+
+/// The uniform draw in [0, 1) of scalar `position` under `key`: SplitMix64's output at step
+/// position + 1 from state `key`. Counter-based: any scalar's draw is computed without those before
+/// it (pieces of a tensor can be drawn in any order, on any thread), in a few instructions (the
+/// mt19937_64 + generate_canonical it replaced took 15 ns a draw, half of a DARE merge).
+inline double uniform_draw(std::uint64_t key, std::uint64_t position) {
+  return static_cast<double>(mix64(key + (position + 1) * 0x9e3779b97f4a7c15ull) >> 11) * 0x1p-53;
 }
 
 /// A task value's magnitude as the rank rules order it: the bits of |tau| (for values >= 0 their
@@ -148,13 +157,13 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   std::vector<double> tau(std::min(numel, piece));
   double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
   if (rule == Sparsification::Random) {
-    std::mt19937_64 rng = draws_for(o.seed, name, m);
+    const std::uint64_t key = draw_key(o.seed, name, m);
     result.keep.assign(numel, false);
     for (std::size_t begin = 0; begin < numel; begin += piece) {
       const std::size_t count = std::min(piece, numel - begin);
       tau_of(begin, count, tau.data());
       for (std::size_t j = 0; j < count; ++j) {
-        const bool keep = uniform_draw(rng) >= drop && density > 0;
+        const bool keep = uniform_draw(key, begin + j) >= drop && density > 0;
         result.keep[begin + j] = keep;
         const double size = std::abs(tau[j]);
         if (std::isfinite(size)) {
@@ -182,7 +191,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
       const std::size_t columns = numel / rows;
-      std::mt19937_64 rng = draws_for(o.seed, name, m);
+      const std::uint64_t key = draw_key(o.seed, name, m);
       result.keep.assign(numel, false);
       std::vector<std::size_t> order(columns), rank(columns);
       for (std::size_t row = 0; row < rows; ++row) {
@@ -196,7 +205,8 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
               columns > 1 ? 2 * o.epsilon * static_cast<double>(rank[c]) / static_cast<double>(columns - 1)
                           : o.epsilon;
           const double keep_probability = density - o.epsilon + spread;
-          result.keep[row * columns + c] = uniform_draw(rng) >= 1 - keep_probability && density > 0;
+          result.keep[row * columns + c] =
+              uniform_draw(key, row * columns + c) >= 1 - keep_probability && density > 0;
         }
       }
     }
