@@ -8,10 +8,12 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -578,4 +580,37 @@ TEST_CASE("the random methods' draws are independent across models and neighbour
   CHECK(std::abs(static_cast<double>(neither) - 0.25 * n) < 5 * sd);
   // Exactly one kept at p and at p + 1: probability 1/2 each, 1/4 both (pairs overlap: a looser sd).
   CHECK(std::abs(static_cast<double>(neighbours) - 0.25 * n) < 5 * 2 * sd);
+}
+
+TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucket included",
+          "[merge][ties]") {
+  // keep_ranks against the definition: sort positions by (key, later position first), keep the ranks
+  // in [lo, hi). Keys: many duplicates in one bucket, spread over buckets, NaN's and infinity's keys.
+  std::uint64_t state = 7;
+  const auto next = [&] { return state = polyak::detail::mix64(state); };
+  for (int trial = 0; trial < 6; ++trial) {
+    std::vector<std::uint64_t> keys(3000);
+    for (auto& k : keys) {
+      const std::uint64_t r = next();
+      k = trial % 3 == 0   ? (r % 5)  // one bucket, duplicates
+          : trial % 3 == 1 ? polyak::detail::rank_key(static_cast<double>(r % 1000) / 7)  // spread
+                           : (r % 10 == 0   ? 0x7ff8000000000000ull
+                              : r % 10 == 1 ? 0x7ff0000000000000ull
+                                            : r >> 2);
+    }
+    std::vector<std::size_t> order(keys.size());
+    for (std::size_t p = 0; p < order.size(); ++p) order[p] = p;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return keys[a] < keys[b] || (keys[a] == keys[b] && a > b);
+    });
+    for (const auto& [lo, hi] : std::vector<std::pair<std::size_t, std::size_t>>{
+             {0, 1}, {1500, 3000}, {17, 2999}, {2999, 3000}, {1000, 1001}}) {
+      std::vector<bool> keep, expected(keys.size(), false);
+      std::vector<std::uint64_t> scratch;
+      for (std::size_t r = lo; r < hi; ++r) expected[order[r]] = true;
+      polyak::detail::keep_ranks(keys, lo, hi, keep, scratch);
+      CAPTURE(trial, lo, hi);
+      CHECK(keep == expected);
+    }
+  }
 }
