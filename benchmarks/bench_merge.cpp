@@ -12,6 +12,12 @@
 //                             so that no earlier write is still draining; the median of the
 //                             per-iteration ratios is the figure to quote.
 //   bound/cat/<bytes>         `cat IN1 IN2 > /dev/null`: reading alone
+//   safetensors/save/<bytes>  save_safetensors of a float32 state of <bytes> (64 tensors, held in
+//                             memory), against `dd if=/dev/zero bs=1M conv=fsync` writing and fsyncing
+//                             as many bytes, run just before in the same iteration: dd_ratio = dd's
+//                             time / polyak's
+//   safetensors/load/<bytes>  load_safetensors of that file into memory, against `dd bs=1M` reading it
+//                             to /dev/null, likewise paired
 // All read warm files (the page cache holds them after they are made): the bound is this machine's
 // memory and file system, not a cold disk.
 //
@@ -156,6 +162,46 @@ void cat_bound(benchmark::State& state, double bytes) {
   state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * 2 * bytes));
 }
 
+/// save_safetensors (load_safetensors) of a state of `bytes` against dd writing and fsyncing (reading)
+/// the same bytes, in the same iteration.
+void safetensors_io(benchmark::State& state, bool save, double bytes) {
+  polyak::StateDict sd;
+  if (save) {
+    const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
+    std::vector<float> values(per_tensor);
+    for (int k = 0; k < tensors; ++k) {
+      for (std::size_t i = 0; i < per_tensor; ++i) values[i] = std::sin(static_cast<float>(i + k));
+      sd.insert("layer" + std::to_string(k) + ".weight", values.data(),
+                {static_cast<std::int64_t>(per_tensor)});
+    }
+  }
+  const auto megabytes = static_cast<long>(bytes / (1 << 20));
+  const std::string dd = save ? "dd if=/dev/zero of=" + path_of("copy") +
+                                    " bs=1M count=" + std::to_string(megabytes) + " conv=fsync status=none"
+                              : "dd if=" + path_of("a") + " of=/dev/null bs=1M status=none";
+  double ratio = 0;
+  for (auto _ : state) {
+    double bound = 0, seconds = 0;
+    std::remove(path_of("copy").c_str());
+    std::remove(path_of("saved").c_str());
+    in_child([&] { (void)!std::system(dd.c_str()); }, &bound);
+    in_child(
+        [&] {
+          if (save) {
+            polyak::save_safetensors(path_of("saved"), sd);
+          } else {
+            const polyak::StateDict loaded = polyak::load_safetensors(path_of("a"));
+            benchmark::DoNotOptimize(loaded.size());
+          }
+        },
+        &seconds);
+    ratio = bound / seconds;
+    state.SetIterationTime(seconds);
+  }
+  state.counters["dd_ratio"] = ratio;
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * bytes));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -168,6 +214,12 @@ int main(int argc, char** argv) {
   std::snprintf(size, sizeof size, "%.0eB", bytes);
   const std::string tail = std::string("/") + size;
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
+  for (const bool save : {true, false}) {
+    benchmark::RegisterBenchmark(((save ? "safetensors/save" : "safetensors/load") + tail).c_str(),
+                                 safetensors_io, save, bytes)
+        ->UseManualTime()
+        ->Iterations(1);
+  }
   for (const auto method : polyak::all_merge_methods) {
     benchmark::RegisterBenchmark(("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge,
                                  method, bytes)
@@ -176,6 +228,6 @@ int main(int argc, char** argv) {
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  for (const auto& name : {"a", "b", "c", "out", "copy"}) std::remove(path_of(name).c_str());
+  for (const auto& name : {"a", "b", "c", "out", "copy", "saved"}) std::remove(path_of(name).c_str());
   return 0;
 }
