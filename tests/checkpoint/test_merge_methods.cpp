@@ -480,6 +480,9 @@ TEST_CASE("Multi-SLERP: the weighted mean direction, scaled by the weighted mean
   r = merged_without_base({tensor_of({2, 0}), tensor_of({0, 0})}, nullptr, o);
   CHECK(r[0] == Approx(1).epsilon(1e-7));
   CHECK(r[1] == 0);
+  // One model of weight 0: its tensor (the weights' sum is not divided by).
+  o.weights = {0};
+  CHECK(merged_without_base({tensor_of({3, -4})}, nullptr, o) == std::vector<double>{3, -4});
   // Refused: weights that sum to 0 (normalize_weights divides by them), eps <= 0, its settings elsewhere.
   o.weights = {1, -1};
   CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, nullptr, o),
@@ -541,9 +544,16 @@ TEST_CASE("Karcher mean: the geodesic mean of the directions, scaled by the mean
   CHECK(r[1] == Approx(2.0 / 3 * std::sqrt(0.5)).epsilon(1e-7));
   CHECK(merged_without_base({tensor_of({0, 0}), tensor_of({0, 0})}, nullptr, o) == std::vector<double>{0, 0});
   CHECK(merged_without_base({tensor_of({3, -4})}, nullptr, o) == std::vector<double>{3, -4});
-  // Antipodal directions: no unique mean, refused; no base; its settings elsewhere.
-  CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({-1, 0})}, nullptr, o),
-                    Catch::Contains("the mean is not unique"));
+  // Antipodal directions (two scalars of opposite sign): the Euclidean mean is zero, so the first
+  // direction starts; the antipode adds nothing (mergekit's term is 0 there): the first direction at
+  // the mean norm, 1.5. Tol 0 runs (a tangent of length 0 stops it), identical models give the model.
+  CHECK(merged_without_base({tensor_of({1, 0}), tensor_of({-2, 0})}, nullptr, o) ==
+        std::vector<double>{1.5, 0});
+  CHECK(merged_without_base({tensor_of({-3}), tensor_of({1})}, nullptr, o) == std::vector<double>{-2});
+  o.tol = 0;
+  CHECK(merged_without_base({tensor_of({1, 2, 3, 4}), tensor_of({1, 2, 3, 4})}, nullptr, o) ==
+        std::vector<double>{1, 2, 3, 4});
+  o = method(MergeMethod::Karcher);
   const StateDict zeros = tensor_of({0, 0});
   CHECK_THROWS_WITH(merged_without_base({tensor_of({1, 0}), tensor_of({0, 1})}, &zeros, o),
                     Catch::Contains("karcher takes no base model"));
@@ -613,4 +623,66 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
       CHECK(keep == expected);
     }
   }
+}
+
+namespace {
+
+StateDict f64_of(const std::vector<double>& x) {
+  StateDict sd;
+  sd.insert("w", x.data(), {static_cast<std::int64_t>(x.size())});
+  return sd;
+}
+
+}  // namespace
+
+TEST_CASE("the spherical methods at the edges of double's range, and near antipodes",
+          "[merge][multislerp][karcher][nuslerp]") {
+  // A model of norm 1e-155 beside one of norm 1 (their Gram entries would leave double's range), with
+  // eps and tol far below it: the geodesic midpoint of the two directions at the mean norm, for both.
+  const std::vector<double> a = {1, 2, 3, 4}, b = {1e-155, -1e-155, 2e-155, 0};
+  const double na = std::sqrt(30.0), nb = std::sqrt(6.0) * 1e-155;
+  std::vector<double> mid(4);
+  double length = 0;
+  for (std::size_t j = 0; j < 4; ++j) length += std::pow(mid[j] = a[j] / na + b[j] / nb, 2);
+  for (double& x : mid) x *= (na + nb) / 2 / std::sqrt(length);
+  MergeOptions o = method(MergeMethod::Karcher);
+  o.tol = 1e-300;
+  auto r = merged_without_base({f64_of(a), f64_of(b)}, nullptr, o);
+  for (std::size_t j = 0; j < 4; ++j) CHECK(r[j] == Approx(mid[j]).epsilon(1e-9));
+  o = method(MergeMethod::MultiSlerp);
+  o.eps = 1e-300;
+  r = merged_without_base({f64_of(a), f64_of(b)}, nullptr, o);
+  for (std::size_t j = 0; j < 4; ++j) CHECK(r[j] == Approx(mid[j]).epsilon(1e-9));
+  // A zero model with a tiny eps: the linear fallback's sign is the weights', not flipped.
+  o.normalize_weights = false;
+  o.weights = {1, -1};
+  r = merged_without_base({f64_of({0, 0, 0, 0}), f64_of({-2, 1, 0.5, 3})}, nullptr, o);
+  CHECK(r == std::vector<double>{-2, 1, 0.5, 3});
+  // Nearly antipodal: v and -1.5 v, weights 1/2: |m| = |r_1 - r_2| / 2 (r_i = |v_i| / (|v_i| + eps))
+  // is about 1e-8, far below the cosines' cancellation; read from the tensor, the result is
+  // -cos(eps) (0.1 + 0.15) / 2 v^ (the helper found |result| 0.119 where 0.125 is right).
+  std::vector<double> v(1000), minus(1000);
+  double nv = 0;
+  for (std::size_t j = 0; j < v.size(); ++j)
+    nv += std::pow(v[j] = std::sin(0.37 * static_cast<double>(j) + 1), 2);
+  nv = std::sqrt(nv);
+  for (std::size_t j = 0; j < v.size(); ++j) minus[j] = -1.5 * (v[j] *= 0.1 / nv);
+  o = method(MergeMethod::MultiSlerp);
+  r = merged_without_base({f64_of(v), f64_of(minus)}, nullptr, o);
+  double worst = 0;
+  for (std::size_t j = 0; j < v.size(); ++j) worst = std::max(worst, std::abs(r[j] - (-0.125 / 0.1) * v[j]));
+  CHECK(worst < 1e-9);
+  // NuSLERP: a NaN is carried into its own scalar, the others merged without it; F64 values near
+  // 1e300 do not overflow its sums; weights whose sum overflows give t = 1/2.
+  o = method(MergeMethod::NuSlerp);
+  r = merged_without_base({f64_of({std::nan(""), 1, 0}), f64_of({0, 0, 1})}, nullptr, o);
+  CHECK(std::isnan(r[0]));
+  CHECK(r[1] == Approx(std::sqrt(0.5)).epsilon(1e-12));
+  CHECK(r[2] == Approx(std::sqrt(0.5)).epsilon(1e-12));
+  r = merged_without_base({f64_of({1e300, 0}), f64_of({0, 1e300})}, nullptr, o);
+  CHECK(r[0] == Approx(std::sqrt(0.5) * 1e300).epsilon(1e-12));
+  o.weights = {1e308, 1e308};
+  r = merged_without_base({f64_of({1, 0}), f64_of({0, 1})}, nullptr, o);
+  CHECK(r[0] == Approx(std::sqrt(0.5)).epsilon(1e-12));
+  CHECK(r[1] == Approx(std::sqrt(0.5)).epsilon(1e-12));
 }

@@ -204,6 +204,12 @@ int main(int argc, char** argv) {
   expect(
       run("--method karcher --max-iter 3 --tol 0.001" + two) == 0 && h_of(out) == std::vector<float>(4, 8.0f),
       "karcher of parallel h, 4 and 12 everywhere: their direction at the mean norm, 8");
+  // From the hostile pass: tol 0 stops at a tangent of length 0 (it divided 0 by 0); weights whose
+  // sum overflows give nuslerp t = 1/2 (it gave t = 0, the first model).
+  expect(run("--method karcher --tol 0" + two) == 0 && h_of(out) == std::vector<float>(4, 8.0f),
+         "karcher --tol 0 runs: 8");
+  expect(run("--method nuslerp --weights 1e308,1e308" + two) == 0 && h_of(out) == std::vector<float>(4, 8.0f),
+         "nuslerp --weights 1e308,1e308: t = 1/2, parallel h: 8");
   std::filesystem::remove(out);  // (refused() counts the folder's files: the inputs alone)
   refused("--method nearswap --base " + a + inputs.substr(0, inputs.rfind(' ')), "nearswap without --t");
   refused("--method ties --base " + a + " --gamma 0.1" + inputs, "--gamma with ties");

@@ -64,10 +64,12 @@
 //   Karcher     n models, weighted equally: the Karcher (Frechet) mean on the unit sphere of the
 //               directions of those whose norm exceeds tol, scaled by the mean of all the norms;
 //               at most max_iter steps of the exponential map from the normalized Euclidean mean,
-//               until the tangent is shorter than tol; a direction antipodal to the iterate (the mean
-//               not unique) is refused. One model: its tensor   (mergekit's `karcher`)
-//               Both are computed from the models' Gram matrix (polyak/checkpoint/detail/
-//               spherical_means.hpp): one pass to read it, one to write.
+//               until the tangent is no longer than tol; a direction antipodal to the iterate (sin
+//               theta < 1e-6) adds nothing, as mergekit's exact antipode (two scalars of opposite
+//               sign merge). One model: its tensor   (mergekit's `karcher`)
+//               Both are computed from the models' norms and cosines (polyak/checkpoint/detail/
+//               spherical_means.hpp): one pass to read them, one to write (and, for a multislerp
+//               mean so short that the cosines lose it to cancellation, one to read its norm).
 //   Passthrough one model's tensor as it is (rounded to the output's dtype; mergekit's layer slices)
 //   ModelStock  b + t (mean_i x_i - b) with t = n c / (1 + (n - 1) c), c the mean over pairs i < j
 //               of cos(tau_i, tau_j) (|tau_i| |tau_j| taken as at least 1e-6, clamped to [-1, 1]):
@@ -83,11 +85,14 @@
 // Each scalar is computed in double and rounded once to the tensor's dtype (bf16 and fp16 stay
 // bf16 and fp16; through a float rounded to odd, so that no value rounds twice). Integer tensors
 // (counters) are the last model's. NaN and infinite task values: carried into their own scalar
-// (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's
-// cosines and SCE's weights). Memory: a 1 MiB block and a 16 Ki-scalar piece (in double) per model,
-// two 1 MiB output blocks; the sparsified methods and Sce add two 8-byte keys per scalar of the
-// tensor being merged (its magnitudes, and a copy to select from) and one bit per scalar and model
-// (the kept scalars); Model Stock one double per row (filter_wise) and one per pair of models.
+// (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's,
+// NuSlerp's and the spherical methods' inner products, and SCE's weights). Memory: a 1 MiB block and
+// a 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, kept from one tensor to the
+// next; the sparsified methods and Sce add an 8-byte key per scalar of the largest tensor (its
+// magnitudes; the selection copies the boundary's bucket of them) and one bit per scalar and model
+// (the kept scalars), Della 16 bytes per scalar of a row; Model Stock one double per row
+// (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
+// doubles per row or column.
 #pragma once
 
 #include <algorithm>  // std::max_element
@@ -363,7 +368,7 @@ inline void MergeOptions::check(std::size_t models, bool has_base) const {
       *std::max_element(o.weights.begin(), o.weights.end()) <= 0) {
     bad("the weights are all 0");
   }
-  if (m == MergeMethod::MultiSlerp && o.normalize_weights && !o.weights.empty()) {
+  if (m == MergeMethod::MultiSlerp && o.normalize_weights && !o.weights.empty() && models > 1) {
     double total = 0;
     for (const double w : o.weights) total += w;
     if (!(std::abs(total) > 0) || !std::isfinite(total))

@@ -133,17 +133,26 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     return o.nuslerp_row_wise ? i % nu_inner : i / nu_inner;
   };
   if (method == MergeMethod::NuSlerp) {
-    const double total = w[0] + w[1];
-    const double t = std::abs(total) < 1e-6 ? 0.5 : w[1] / total;
+    double total = w[0] + w[1], second = w[1];
+    if (!std::isfinite(total)) {  // (weights near 1e308: their ratio, from the weights halved)
+      total = w[0] / 2 + w[1] / 2;
+      second = w[1] / 2;
+    }
+    const double t = std::abs(total) < 1e-6 ? 0.5 : second / total;
     if (!o.nuslerp_flatten && shape.size() >= 2 && numel > 0) {
       nu_inner = o.nuslerp_row_wise ? numel / static_cast<std::size_t>(shape.front())
                                     : static_cast<std::size_t>(shape.back());
       nu_groups = o.nuslerp_row_wise ? nu_inner : numel / nu_inner;
     }
-    std::vector<double> dot(nu_groups, 0.0), aa(nu_groups, 0.0), bb(nu_groups, 0.0);
+    // The sums in long double (no overflow from F64 values near 1e300); a non-finite value is left
+    // out of them (carried into its own scalar), as Model Stock's and the spherical methods'.
+    std::vector<long double> dot(nu_groups, 0.0L), aa(nu_groups, 0.0L), bb(nu_groups, 0.0L);
     for_each_piece([&](std::size_t begin, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
-        const double b = has_base ? base[j] : 0.0, v0 = x[0][j] - b, v1 = x[1][j] - b;
+        const double b = has_base ? base[j] : 0.0;
+        auto v0 = static_cast<long double>(x[0][j] - b), v1 = static_cast<long double>(x[1][j] - b);
+        if (!std::isfinite(v0)) v0 = 0;
+        if (!std::isfinite(v1)) v1 = 0;
         const std::size_t g = nu_group(begin + j);
         dot[g] += v0 * v1;
         aa[g] += v0 * v0;
@@ -153,48 +162,70 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     nu_s0.assign(nu_groups, 1 - t);
     nu_s1.assign(nu_groups, t);
     for (std::size_t g = 0; g < nu_groups; ++g) {
-      const double cosine = std::clamp(
-          dot[g] / (std::max(std::sqrt(aa[g]), 1e-7) * std::max(std::sqrt(bb[g]), 1e-7)), -1.0, 1.0);
+      const double cosine = std::clamp(static_cast<double>(dot[g] / (std::max(std::sqrt(aa[g]), 1e-7L) *
+                                                                     std::max(std::sqrt(bb[g]), 1e-7L))),
+                                       -1.0, 1.0);
       const double theta = std::acos(cosine), sine = std::sin(theta);
       if (std::abs(sine) < 1e-8) continue;  // (nearly) colinear: linear
       nu_s0[g] = std::sin((1 - t) * theta) / sine;
       nu_s1[g] = std::sin(t * theta) / sine;
     }
   }
-  // MultiSlerp, Karcher: the Gram matrix of the models' vectors (task vectors where a base is given,
-  // and more than one model), then the coefficients on them. In long double, as Model Stock's (no
-  // overflow from F64 values near 1e160); a non-finite value is left out (carried into its scalar).
+  // MultiSlerp, Karcher: the models' norms and cosines (of their task vectors where a base is given,
+  // and more than one model), then the coefficients on them. The inner products in long double, as
+  // Model Stock's (no overflow from F64 values near 1e160); a non-finite value is left out (carried
+  // into its scalar).
   std::vector<double> span;  // the merged tensor: (base +) sum_i span[i] (x_i - base)
   const bool spherical = method == MergeMethod::MultiSlerp || method == MergeMethod::Karcher;
   const bool span_base = has_base && models > 1;
-  if (spherical) {
-    std::vector<long double> gram(models * models, 0.0L);
-    std::vector<long double> v(models);
+  if (spherical && models == 1) span = {1.0};
+  if (spherical && models > 1) {
+    const auto vector_at = [&](std::size_t a, std::size_t j) {
+      const double v = span_base ? x[a][j] - base[j] : x[a][j];
+      return std::isfinite(v) ? static_cast<long double>(v) : 0.0L;
+    };
+    std::vector<long double> gram(models * models, 0.0L), v(models);
     for_each_piece([&](std::size_t, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
-        for (std::size_t a = 0; a < models; ++a) {
-          v[a] = static_cast<long double>(span_base ? x[a][j] - base[j] : x[a][j]);
-          if (!std::isfinite(v[a])) v[a] = 0;
-        }
+        for (std::size_t a = 0; a < models; ++a) v[a] = vector_at(a, j);
         for (std::size_t a = 0; a < models; ++a)
           for (std::size_t b = a; b < models; ++b) gram[a * models + b] += v[a] * v[b];
       }
     });
     // Both methods are homogeneous of degree 1 in the vectors, so coefficients computed on the
-    // vectors scaled by a power of two apply to them unscaled: where the largest squared norm leaves
-    // double's range (F64 values beyond 1e154 or below 1e-154), the matrix is scaled into it (eps and
-    // tol then act at that scale).
+    // vectors scaled by a power of two apply to them unscaled: where the largest norm leaves
+    // double's comfortable range (F64 values beyond 1e300 or below 1e-300), the norms are scaled
+    // into it (eps and tol then act at that scale).
+    std::vector<long double> norms(models);
     long double largest = 0;
-    for (std::size_t a = 0; a < models; ++a) largest = std::max(largest, gram[a * models + a]);
+    for (std::size_t a = 0; a < models; ++a)
+      largest = std::max(largest, norms[a] = std::sqrt(gram[a * models + a]));
     int exponent = 0;
     if (largest > 0x1p1000L || (largest > 0 && largest < 0x1p-1000L)) std::frexp(largest, &exponent);
-    Gram g{models, std::vector<double>(models * models)};
-    for (std::size_t a = 0; a < models; ++a)
-      for (std::size_t b = a; b < models; ++b)
-        g.at[a * models + b] = g.at[b * models + a] =
-            static_cast<double>(std::ldexp(gram[a * models + b], -exponent));
-    span = method == MergeMethod::MultiSlerp ? multislerp_coefficients(g, w, o.normalize_weights, o.eps, name)
-                                             : karcher_coefficients(g, o.max_iter, o.tol, name);
+    Sphere sphere{std::vector<double>(models), std::vector<double>(models * models, 0.0)};
+    for (std::size_t a = 0; a < models; ++a) {
+      sphere.norms[a] = static_cast<double>(std::ldexp(norms[a], -exponent));
+      for (std::size_t b = a; b < models; ++b) {
+        const long double product = norms[a] * norms[b];
+        const double cosine =
+            product > 0 ? std::clamp(static_cast<double>(gram[a * models + b] / product), -1.0, 1.0) : 0.0;
+        sphere.cosines[a * models + b] = sphere.cosines[b * models + a] = cosine;
+      }
+    }
+    const ExactNorm exact = [&](const std::vector<double>& c) {  // |sum_i c_i v_i|, at the norms' scale
+      long double sum = 0;
+      for_each_piece([&](std::size_t, std::size_t count) {
+        for (std::size_t j = 0; j < count; ++j) {
+          long double value = 0;
+          for (std::size_t a = 0; a < models; ++a) value += static_cast<long double>(c[a]) * vector_at(a, j);
+          sum += value * value;
+        }
+      });
+      return static_cast<double>(std::ldexp(std::sqrt(sum), -exponent));
+    };
+    span = method == MergeMethod::MultiSlerp
+               ? multislerp_coefficients(sphere, w, o.normalize_weights, o.eps, exact, name)
+               : karcher_coefficients(sphere, o.max_iter, o.tol);
   }
   std::vector<KeptScalars>& kept = work.kept;
   kept.resize(is_task_vector_method(method) ? models : 0);
