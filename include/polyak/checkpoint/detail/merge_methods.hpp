@@ -229,7 +229,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   std::vector<KeptScalars>& kept = work.kept;
   kept.resize(is_task_vector_method(method) ? models : 0);
-  std::vector<double> piece_of_tau(piece), piece_of_base(piece);
+  std::vector<double> piece_of_base(piece);
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
         o, m, name, shape, numel, merge_piece,

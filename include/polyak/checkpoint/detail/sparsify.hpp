@@ -70,14 +70,16 @@ inline bool finite_magnitude(std::uint64_t key, double& size) {
 }
 
 /// The k-th smallest (from 0) of `value` (k < value.size()), by radix selection: a histogram of
-/// the top 16 bits finds the bucket that holds it, and std::nth_element runs on that bucket's values
-/// alone (copied to `scratch`). Rank keys of a tensor's magnitudes spread over many buckets (the
-/// exponent and 4 bits of mantissa), so selection touches a fraction of the tensor: nth_element on
-/// all of it was a fifth of a TIES merge.
+/// the top 16 bits (in `counts`, computed where it is empty) finds the bucket that holds it, and
+/// std::nth_element runs on that bucket's values alone (copied to `scratch`). Rank keys of a
+/// tensor's magnitudes spread over many buckets (the exponent and 4 bits of mantissa), so selection
+/// touches a fraction of the tensor: nth_element on all of it was a fifth of a TIES merge.
 inline std::uint64_t kth_smallest(const std::vector<std::uint64_t>& value, std::size_t k,
-                                  std::vector<std::uint64_t>& scratch) {
-  std::vector<std::size_t> counts(std::size_t{1} << 16, 0);
-  for (const std::uint64_t v : value) ++counts[v >> 48];
+                                  std::vector<std::uint64_t>& scratch, std::vector<std::size_t>& counts) {
+  if (counts.empty()) {  // (the histogram, once for both boundaries)
+    counts.assign(std::size_t{1} << 16, 0);
+    for (const std::uint64_t v : value) ++counts[v >> 48];
+  }
   std::size_t below = 0, bucket = 0;
   while (below + counts[bucket] <= k) below += counts[bucket++];
   scratch.clear();
@@ -106,8 +108,9 @@ inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, 
   // past it: `has_low` and `has_high` say).
   const bool has_low = lo > 0, has_high = hi < n;
   Key low{}, high{};
-  if (has_low) low = kth_smallest(value, lo, scratch);
-  if (has_high) high = kth_smallest(value, hi - 1, scratch);
+  std::vector<std::size_t> counts;
+  if (has_low) low = kth_smallest(value, lo, scratch, counts);
+  if (has_high) high = kth_smallest(value, hi - 1, scratch, counts);
   const auto above_low = [&](Key v) { return !has_low || low < v; };
   const auto below_high = [&](Key v) { return !has_high || v < high; };
   std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0;
