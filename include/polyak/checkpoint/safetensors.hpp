@@ -314,6 +314,8 @@ class SafetensorsReader {
     StoredTensor t;
     t.dtype = entry.dtype;
     t.shape = entry.shape;
+    t.bytes.reserve(entry.end - entry.begin);
+    detail::advise_huge_pages(t.bytes.data(), entry.end - entry.begin);  // (before the first touch)
     t.bytes.resize(entry.end - entry.begin);
     read_bytes(entry, 0, t.bytes.size(), t.bytes.data());
     return t;

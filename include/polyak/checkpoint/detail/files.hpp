@@ -33,6 +33,7 @@ this platform is not POSIX. The core (polyak/polyak.hpp) does not need it."
 #include <unistd.h>    // write, pwrite, fsync, close, getpid
 #if defined(__linux__)
 #include <sys/syscall.h>  // renameat2: RENAME_EXCHANGE replaces a folder in one step
+#include <sys/mman.h>     // madvise: tensors read into huge pages
 #endif
 
 #include "polyak/core/error.hpp"
@@ -198,6 +199,23 @@ struct FileId {
     return device < other.device || (device == other.device && inode < other.inode);
   }
 };
+
+/// Asks the kernel to back [data, data + size) with transparent huge pages, before its first touch:
+/// reading a tensor into fresh memory faults every 4 KiB page in, which on a virtual machine cost more
+/// than the read itself (load_safetensors of 1 GB, 4.3 s). Linux only, and only where the system
+/// leaves huge pages to madvise (the default); elsewhere, and for tensors under 4 MiB, nothing.
+inline void advise_huge_pages(void* data, std::size_t size) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t page = 4096;
+  if (size < (std::size_t{4} << 20)) return;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(data) + page - 1) & ~(page - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(data) + size) & ~(page - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // (advice only)
+#else
+  (void)data;
+  (void)size;
+#endif
+}
 
 /// The identity of what `path` names; false when nothing is there (or it cannot be reached).
 inline bool file_id(const std::string& path, FileId& id) {
