@@ -88,9 +88,10 @@
 // (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's,
 // NuSlerp's and the spherical methods' inner products, and SCE's weights). Memory: a 1 MiB block and
 // a 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, kept from one tensor to the
-// next; the sparsified methods and Sce add an 8-byte key per scalar of the largest tensor (its
+// next; the ranked methods and Sce add an 8-byte key per scalar of the largest tensor (its
 // magnitudes; the selection copies the boundary's bucket of them) and one bit per scalar and model
-// (the kept scalars), Della 16 bytes per scalar of a row; Model Stock one double per row
+// (the kept scalars; the random methods draw as they merge and keep none), Della 16 bytes per
+// scalar of a row; Model Stock one double per row
 // (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
 // doubles per row or column.
 #pragma once

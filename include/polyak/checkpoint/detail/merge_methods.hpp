@@ -379,7 +379,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t m = 0; m < models; ++m) {
           const double tau = x[m][j] - base[j];
           nan = nan || std::isnan(tau);
-          const bool keep = kept[m].keep.empty() || kept[m].keep[at];
+          const bool keep = kept[m].kept(at);
           v[m] = keep ? w[m] * kept[m].rescale * tau : 0.0;
           elect += v[m];
         }

@@ -142,8 +142,17 @@ inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, 
 
 /// The whole-tensor work of sparsifying model m's task vector: its kept scalars and its rescale.
 struct KeptScalars {
-  std::vector<bool> keep;  ///< one bit a scalar; empty: every scalar is kept
+  std::vector<bool> keep;  ///< one bit a scalar; empty (and not `drawn`): every scalar is kept
   double rescale = 1.0;    ///< s_i
+  bool drawn = false;      ///< the random rule: kept where uniform_draw(key, position) >= drop, drawn as
+                           ///< the merge goes (no bits held; no pass of its own unless it rescales)
+  std::uint64_t key = 0;   ///< the draws' key (drawn)
+  double drop = 0;         ///< the drop probability (drawn)
+
+  /// Whether the scalar at `position` is kept.
+  bool kept(std::size_t position) const {
+    return drawn ? uniform_draw(key, position) >= drop : keep.empty() || keep[position];
+  }
 };
 
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
@@ -165,6 +174,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   TauOf&& tau_of, MergeWorkspace& work, KeptScalars& result) {
   result.keep.clear();
   result.rescale = 1.0;
+  result.drawn = false;
   const Sparsification rule = sparsification_of(o.method);
   const double density = o.density_of(m);
   if (rule == Sparsification::None) return;
@@ -176,14 +186,16 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   std::vector<double> tau(std::min(numel, piece));
   double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
   if (rule == Sparsification::Random) {
-    const std::uint64_t key = draw_key(o.seed, name, m);
-    result.keep.assign(numel, false);
-    for (std::size_t begin = 0; begin < numel; begin += piece) {
+    // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); this pass reads
+    // the task vector only for the L1 norms of the rescale.
+    result.drawn = true;
+    result.key = draw_key(o.seed, name, m);
+    result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
+    for (std::size_t begin = 0; rescale && begin < numel; begin += piece) {
       const std::size_t count = std::min(piece, numel - begin);
       tau_of(begin, count, tau.data());
       for (std::size_t j = 0; j < count; ++j) {
-        const bool keep = uniform_draw(key, begin + j) >= drop && density > 0;
-        result.keep[begin + j] = keep;
+        const bool keep = result.kept(begin + j);
         const double size = std::abs(tau[j]);
         if (std::isfinite(size)) {
           norm += size;
