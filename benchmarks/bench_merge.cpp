@@ -7,17 +7,23 @@
 //                             its peak resident memory (peak_rss_MB, from wait4), and bound_ratio:
 //                             the time of the same I/O without the arithmetic (the same inputs read
 //                             in 1 MiB blocks, one output's bytes written and fsynced, as the merge
-//                             does), run just before in the
-//                             same iteration, over the merge's time. Each run starts after sync(),
-//                             so that no earlier write is still draining; the median of the
-//                             per-iteration ratios is the figure to quote.
+//                             does), run just before in the same iteration, over the merge's time.
+//                             Each run starts after sync(), so that no earlier write is still
+//                             draining; the median of the per-iteration ratios is the figure to quote.
+//   merge4/<method>/<bytes>   the same with four models, for the methods that take more than two
 //   bound/cat/<bytes>         `cat IN1 IN2 > /dev/null`: reading alone
 //   safetensors/save/<bytes>  save_safetensors of a float32 state of <bytes> (64 tensors, held in
-//                             memory), against `dd if=/dev/zero bs=1M conv=fsync` writing and fsyncing
-//                             as many bytes, run just before in the same iteration: dd_ratio = dd's
-//                             time / polyak's
-//   safetensors/load/<bytes>  load_safetensors of that file into memory, against `dd bs=1M` reading it
-//                             to /dev/null, likewise paired
+//                             memory), timed in this process, against `dd if=/dev/zero bs=1M
+//                             conv=fsync` writing and fsyncing as many bytes, run just before in the
+//                             same iteration: dd_ratio = dd's time / polyak's
+//   safetensors/load/<bytes>  load_safetensors of that file into fresh memory, timed in this process
+//                             (the state freed after the clock stops), against `dd bs=1M` reading it
+//                             to /dev/null, likewise paired; limit_ratio adds to dd's time what
+//                             faulting in as much fresh memory costs (measured in the same iteration,
+//                             allocated as the load allocates): what a load that materializes its
+//                             tensors cannot go below, and dd, reusing one buffer, never pays
+//   safetensors/read_into/<bytes>  a SafetensorsReader reading each tensor of that file into memory
+//                             the caller already holds (read_bytes), against the same dd
 // All read warm files (the page cache holds them after they are made): the bound is this machine's
 // memory and file system, not a cold disk.
 //
@@ -128,11 +134,26 @@ polyak::MergeOptions options_for(polyak::MergeMethod method) {
   return options;
 }
 
-void merge(benchmark::State& state, polyak::MergeMethod method, double bytes) {
+/// How many models `method` merges here: one (nearswap, passthrough), two, or `most` where it takes
+/// more than two.
+std::size_t models_for(polyak::MergeMethod method, std::size_t most) {
+  using M = polyak::MergeMethod;
+  if (method == M::NearSwap || method == M::Passthrough) return 1;
+  if (method == M::Slerp || method == M::NuSlerp) return 2;
+  return most;
+}
+
+/// The inputs of a merge of `count` models: a, b, then d, e (c is the base).
+std::vector<std::string> model_paths(std::size_t count) {
+  std::vector<std::string> paths;
+  for (const char* name : {"a", "b", "d", "e"}) paths.push_back(path_of(name));
+  paths.resize(count);
+  return paths;
+}
+
+void merge(benchmark::State& state, polyak::MergeMethod method, std::size_t model_count, double bytes) {
   const polyak::MergeOptions options = options_for(method);
-  const bool one = method == polyak::MergeMethod::NearSwap || method == polyak::MergeMethod::Passthrough;
-  const std::vector<std::string> models =
-      one ? std::vector<std::string>{path_of("a")} : std::vector<std::string>{path_of("a"), path_of("b")};
+  const std::vector<std::string> models = model_paths(model_count);
   const std::string base = polyak::needs_base(method) ? path_of("c") : "";
   std::vector<std::string> read = models;
   if (!base.empty()) read.push_back(base);
@@ -162,39 +183,97 @@ void cat_bound(benchmark::State& state, double bytes) {
   state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * 2 * bytes));
 }
 
-/// save_safetensors (load_safetensors) of a state of `bytes` against dd writing and fsyncing (reading)
-/// the same bytes, in the same iteration.
-void safetensors_io(benchmark::State& state, bool save, double bytes) {
+/// The time `body` takes, after sync() (no earlier write still draining), in seconds.
+template <class Body>
+double timed(Body&& body) {
+  ::sync();
+  const auto start = std::chrono::steady_clock::now();
+  body();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// Runs a shell command (dd), which must succeed.
+void run(const std::string& command) {
+  if (std::system(command.c_str()) != 0) throw std::runtime_error("bench_merge: '" + command + "' failed");
+}
+
+std::string dd_reading(const std::string& path) {
+  return "dd if=" + path + " of=/dev/null bs=1M status=none";
+}
+
+/// save_safetensors of a state of `bytes` against dd writing and fsyncing the same bytes, in the same
+/// iteration.
+void safetensors_save(benchmark::State& state, double bytes) {
   polyak::StateDict sd;
-  if (save) {
-    const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
-    std::vector<float> values(per_tensor);
-    for (int k = 0; k < tensors; ++k) {
-      for (std::size_t i = 0; i < per_tensor; ++i) values[i] = std::sin(static_cast<float>(i + k));
-      sd.insert("layer" + std::to_string(k) + ".weight", values.data(),
-                {static_cast<std::int64_t>(per_tensor)});
-    }
+  const auto per_tensor = static_cast<std::size_t>(bytes / 4 / tensors);
+  std::vector<float> values(per_tensor);
+  for (int k = 0; k < tensors; ++k) {
+    for (std::size_t i = 0; i < per_tensor; ++i) values[i] = std::sin(static_cast<float>(i + k));
+    sd.insert("layer" + std::to_string(k) + ".weight", values.data(),
+              {static_cast<std::int64_t>(per_tensor)});
   }
-  const auto megabytes = static_cast<long>(bytes / (1 << 20));
-  const std::string dd = save ? "dd if=/dev/zero of=" + path_of("copy") +
-                                    " bs=1M count=" + std::to_string(megabytes) + " conv=fsync status=none"
-                              : "dd if=" + path_of("a") + " of=/dev/null bs=1M status=none";
+  const std::string dd = "dd if=/dev/zero of=" + path_of("copy") +
+                         " bs=1M count=" + std::to_string(static_cast<long>(bytes / (1 << 20))) +
+                         " conv=fsync status=none";
   double ratio = 0;
   for (auto _ : state) {
-    double bound = 0, seconds = 0;
-    std::remove(path_of("copy").c_str());
+    std::remove(path_of("copy").c_str());  // neither run pays for freeing the last one's output
     std::remove(path_of("saved").c_str());
-    in_child([&] { (void)!std::system(dd.c_str()); }, &bound);
-    in_child(
-        [&] {
-          if (save) {
-            polyak::save_safetensors(path_of("saved"), sd);
-          } else {
-            const polyak::StateDict loaded = polyak::load_safetensors(path_of("a"));
-            benchmark::DoNotOptimize(loaded.size());
-          }
-        },
-        &seconds);
+    const double bound = timed([&] { run(dd); });
+    const double seconds = timed([&] { polyak::save_safetensors(path_of("saved"), sd); });
+    ratio = bound / seconds;
+    state.SetIterationTime(seconds);
+  }
+  state.counters["dd_ratio"] = ratio;
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * bytes));
+}
+
+/// load_safetensors of checkpoint a (fresh memory) against dd reading it, and against dd plus the
+/// first touch of as much fresh memory, allocated as the load allocates it.
+void safetensors_load(benchmark::State& state, double bytes) {
+  const polyak::SafetensorsHeader header = polyak::read_safetensors_header(path_of("a"));
+  double ratio = 0, limit_ratio = 0;
+  for (auto _ : state) {
+    const double bound = timed([&] { run(dd_reading(path_of("a"))); });
+    double touch = 0, seconds = 0;
+    {
+      std::vector<std::vector<std::byte>> fresh(header.entries.size());
+      touch = timed([&] {
+        for (std::size_t e = 0; e < fresh.size(); ++e) {
+          const std::size_t size = header.entries[e].end - header.entries[e].begin;
+          fresh[e].reserve(size);
+          polyak::detail::advise_huge_pages(fresh[e].data(), size);
+          fresh[e].resize(size);
+        }
+      });
+    }  // (freed after the clock stops, as the loaded state below)
+    {
+      polyak::StateDict loaded;
+      seconds = timed([&] { loaded = polyak::load_safetensors(path_of("a")); });
+    }
+    ratio = bound / seconds;
+    limit_ratio = (bound + touch) / seconds;
+    state.SetIterationTime(seconds);
+  }
+  state.counters["dd_ratio"] = ratio;
+  state.counters["limit_ratio"] = limit_ratio;
+  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * bytes));
+}
+
+/// A SafetensorsReader reading every tensor of checkpoint a into memory held from before (the
+/// public read_bytes), against dd reading the file.
+void safetensors_read_into(benchmark::State& state, double bytes) {
+  const polyak::SafetensorsHeader header = polyak::read_safetensors_header(path_of("a"));
+  std::vector<std::vector<std::byte>> held;
+  for (const auto& entry : header.entries) held.emplace_back(entry.end - entry.begin);
+  double ratio = 0;
+  for (auto _ : state) {
+    const double bound = timed([&] { run(dd_reading(path_of("a"))); });
+    const double seconds = timed([&] {
+      polyak::SafetensorsReader reader(path_of("a"));
+      for (std::size_t e = 0; e < held.size(); ++e)
+        reader.read_bytes(reader.header().entries[e], 0, held[e].size(), held[e].data());
+    });
     ratio = bound / seconds;
     state.SetIterationTime(seconds);
   }
@@ -210,26 +289,35 @@ int main(int argc, char** argv) {
   make_checkpoint(path_of("a"), bytes, 0.0f);
   make_checkpoint(path_of("b"), bytes, 0.5f);
   make_checkpoint(path_of("c"), bytes, 0.25f, 1.7f);  // the base: task vectors that are not parallel
+  make_checkpoint(path_of("d"), bytes, 0.75f, 1.3f);
+  make_checkpoint(path_of("e"), bytes, -0.25f, 0.9f);
   char size[16];
   std::snprintf(size, sizeof size, "%.0eB", bytes);
   const std::string tail = std::string("/") + size;
   benchmark::RegisterBenchmark(("bound/cat" + tail).c_str(), cat_bound, bytes)->UseRealTime()->Iterations(1);
-  for (const auto method : polyak::all_merge_methods) {
-    benchmark::RegisterBenchmark(("merge/" + std::string(polyak::to_string(method)) + tail).c_str(), merge,
-                                 method, bytes)
-        ->UseManualTime()
-        ->Iterations(1);
+  for (const std::size_t most : {2, 4}) {
+    for (const auto method : polyak::all_merge_methods) {
+      const std::size_t count = models_for(method, most);
+      if (most == 4 && count < 4) continue;
+      const std::string group = most == 4 ? "merge4/" : "merge/";
+      benchmark::RegisterBenchmark((group + polyak::to_string(method) + tail).c_str(), merge, method, count,
+                                   bytes)
+          ->UseManualTime()
+          ->Iterations(1);
+    }
   }
-  // (After the merges: the saved state, 1 GB, stays in this process's resident memory once freed, and
-  // a forked child's peak resident memory would count it.)
-  for (const bool save : {true, false}) {
-    benchmark::RegisterBenchmark(((save ? "safetensors/save" : "safetensors/load") + tail).c_str(),
-                                 safetensors_io, save, bytes)
-        ->UseManualTime()
-        ->Iterations(1);
-  }
+  benchmark::RegisterBenchmark(("safetensors/save" + tail).c_str(), safetensors_save, bytes)
+      ->UseManualTime()
+      ->Iterations(1);
+  benchmark::RegisterBenchmark(("safetensors/load" + tail).c_str(), safetensors_load, bytes)
+      ->UseManualTime()
+      ->Iterations(1);
+  benchmark::RegisterBenchmark(("safetensors/read_into" + tail).c_str(), safetensors_read_into, bytes)
+      ->UseManualTime()
+      ->Iterations(1);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  for (const auto& name : {"a", "b", "c", "out", "copy", "saved"}) std::remove(path_of(name).c_str());
+  for (const auto& name : {"a", "b", "c", "d", "e", "out", "copy", "saved"})
+    std::remove(path_of(name).c_str());
   return 0;
 }

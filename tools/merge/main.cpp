@@ -80,6 +80,8 @@ const char* const usage_text =
     "  --eps E              multislerp: the guard added to norms, > 0 (default 1e-8)\n"
     "  --max-iter N         karcher: the most steps, in [0, 1000000] (default 10)\n"
     "  --tol T              karcher: the convergence tolerance, >= 0 (default 1e-5)\n"
+    "  --num-threads N      the threads that merge a tensor's pieces, in [0, 64] (default 0:\n"
+    "                       the machine's, at most 4); the bytes written do not depend on it\n"
     "  --                   what follows is file names, even if it starts with '-'\n"
     "  an option the method does not use is refused\n";
 
@@ -114,7 +116,7 @@ bool uses(polyak::MergeMethod method, const std::string& option) {
   using polyak::MergeMethod;
   using polyak::Sparsification;
   const Sparsification sparsify = polyak::sparsification_of(method);
-  if (option == "--method") return true;
+  if (option == "--method" || option == "--num-threads") return true;
   if (option == "--ema" || option == "--latest") return method == MergeMethod::Average;
   if (option == "--weights")
     return method == MergeMethod::Average || polyak::is_task_vector_method(method) ||
@@ -183,7 +185,8 @@ Arguments parse(int argc, char** argv) {
                arg == "--drop" || arg == "--seed" || arg == "--t" || arg == "--latest" || arg == "--gamma" ||
                arg == "--epsilon" || arg == "--normalize" || arg == "--rescale" || arg == "--densities" ||
                arg == "--select-topk" || arg == "--nuslerp-flatten" || arg == "--nuslerp-row-wise" ||
-               arg == "--normalize-weights" || arg == "--eps" || arg == "--max-iter" || arg == "--tol") {
+               arg == "--normalize-weights" || arg == "--eps" || arg == "--max-iter" || arg == "--tol" ||
+               arg == "--num-threads") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       if (std::find(seen.begin(), seen.end(), arg) != seen.end()) throw UsageError(arg + " is given twice");
       seen.push_back(arg);
@@ -225,6 +228,12 @@ Arguments parse(int argc, char** argv) {
         if (!(n >= 0 && n <= 1000000) || std::floor(n) != n)
           throw UsageError("--max-iter '" + value + "' is not a whole number in [0, 1000000]");
         args.merge.max_iter = static_cast<long long>(n);
+      } else if (arg == "--num-threads") {
+        const double n = finite_number(value, "--num-threads");
+        if (!(n >= 0 && n <= 64) || std::floor(n) != n)
+          throw UsageError("--num-threads '" + polyak::detail::visible(value) +
+                           "' is not a whole number in [0, 64]");
+        args.merge.threads = static_cast<unsigned>(n);
       } else if (arg == "--densities") {
         args.merge.densities = number_list(value, "density");
       } else {

@@ -53,11 +53,13 @@ namespace fs = std::filesystem;
 using polyak::MergeMethod;
 
 const char* const usage_text =
-    "usage: polyak-mergekit [--dry-run] [--shard-size BYTES] CONFIG OUT\n"
+    "usage: polyak-mergekit [--dry-run] [--shard-size BYTES] [--num-threads N] CONFIG OUT\n"
     "  runs the mergekit config CONFIG (YAML) over local checkpoints and writes the Hugging Face\n"
     "  folder OUT (written only if all goes well)\n"
     "  --dry-run         print the plan (tensors, methods, parameters, output size); write nothing\n"
     "  --shard-size B    the largest shard, in bytes (default 5000000000, mergekit's 5B)\n"
+    "  --num-threads N   the threads that merge a tensor's pieces, in [0, 64] (default 0: the\n"
+    "                    machine's, at most 4); the bytes written do not depend on it\n"
     "  methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
     "  breadcrumbs_ties, della, della_linear, model_stock, nearswap, sce, slerp, nuslerp, multislerp,\n"
     "  karcher, passthrough\n";
@@ -750,7 +752,8 @@ int run(int argc, char** argv) {
   bool dry_run = false;
   std::uint64_t shard_size = 5000000000ull;
   std::vector<std::string> positional;
-  bool options_done = false, shard_given = false;
+  bool options_done = false, shard_given = false, threads_given = false;
+  unsigned threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
@@ -772,6 +775,16 @@ int run(int argc, char** argv) {
       if (!polyak_tools::parse_number(value, bytes) || bytes < 1)
         throw UsageError("--shard-size '" + polyak::detail::visible(value) + "' is not a whole number >= 1");
       shard_size = static_cast<std::uint64_t>(bytes);
+    } else if (arg == "--num-threads") {
+      if (threads_given) throw UsageError("--num-threads is given twice");
+      if (i + 1 >= argc) throw UsageError("--num-threads needs a value");
+      threads_given = true;
+      const std::string value = argv[++i];
+      std::int64_t n = 0;
+      if (!polyak_tools::parse_number(value, n) || n < 0 || n > 64)
+        throw UsageError("--num-threads '" + polyak::detail::visible(value) +
+                         "' is not a whole number in [0, 64]");
+      threads = static_cast<unsigned>(n);
     } else {
       throw UsageError("unknown option '" + polyak::detail::visible(arg) +
                        "' (a file named so goes after --)");
@@ -793,6 +806,7 @@ int run(int argc, char** argv) {
   Planner planner(root);
   std::vector<std::string> notes;
   polyak::MergePlan plan = planner.plan(notes);
+  for (auto& t : plan.tensors) t.options.threads = threads;
   if (planner.files_from() != nullptr)
     plan.files = other_files(planner.files_from()->path, planner.output_layers());
   plan.files["mergekit_config.yml"] = config_text;

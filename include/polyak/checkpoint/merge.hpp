@@ -123,7 +123,7 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
     std::size_t at = 0;
     detail::merge_tensor(
         options, inputs.size(), name, tensor.shape, tensor.numel(), tensor.dtype, base != nullptr,
-        [&](std::size_t m, std::size_t begin, std::size_t count, double* out) {
+        [&](std::size_t, std::size_t m, std::size_t begin, std::size_t count, double* out) {  // (any lane)
           detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },
         [&](const double* out, std::size_t count) {

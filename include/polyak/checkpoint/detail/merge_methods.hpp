@@ -12,8 +12,10 @@
 #include <future>  // the output blocks written on a second thread
 #include <limits>
 #include <map>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,12 +34,22 @@ namespace polyak {
 
 namespace detail {
 
-/// Where a merge reads one tensor: read(m, begin, count, out) fills out with elements
-/// [begin, begin + count) of model m (m == models: the base) as doubles.
-using TensorSource =
-    std::function<void(std::size_t model, std::size_t begin, std::size_t count, double* out)>;
+/// Where a merge reads one tensor: read(lane, m, begin, count, out) fills out with elements
+/// [begin, begin + count) of model m (m == models: the base) as doubles, for `lane` (< merge_lanes):
+/// calls for different lanes come from different threads at once.
+using TensorSource = std::function<void(std::size_t lane, std::size_t model, std::size_t begin,
+                                        std::size_t count, double* out)>;
 
-inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
+/// The scalars one thread merges at a time (several pieces: a thread is started a span, and a 1 MiB
+/// block of every input dtype but F64 lies within one span of one lane).
+inline constexpr std::size_t merge_lane_span = std::size_t{1} << 19;
+
+/// How many threads merge a tensor's pieces under `o`: o.threads, or where it is 0 the machine's
+/// hardware threads, at most 4 (at least 1).
+inline std::size_t merge_lanes(const MergeOptions& o) {
+  if (o.threads > 0) return o.threads;
+  return std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4);
+}
 
 /// The smallest magnitude that rounds to infinity in `dtype` (round to nearest even): max + ulp / 2.
 inline double overflow_threshold(DType dtype) {
@@ -51,7 +63,8 @@ inline double overflow_threshold(DType dtype) {
 inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) || (value < 0 && sign < 0); }
 
 /// Merges one floating-point tensor of `numel` elements and shape `shape`, calling emit(values,
-/// count) with the merged doubles piece by piece, in order. `with_base`: read(models, ...) reads a
+/// count) with the merged doubles piece by piece, in order (on the calling thread; the last pass's
+/// arithmetic runs on merge_lanes(o) threads). `with_base`: read(lane, models, ...) reads a
 /// base model (needed by needs_base methods, optional for takes_optional_base ones).
 template <class Emit>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
@@ -87,12 +100,24 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     for (double& x : w) total += (x /= largest);
     for (double& x : w) x /= total;
   }
-  const std::size_t piece = std::min(numel, merge_piece);
-  std::vector<std::vector<double>> x(models, std::vector<double>(piece));
-  std::vector<double> base(has_base ? piece : 0), out(piece);
+  // Each lane's buffers (lane 0's serve the first passes too), kept in `work` from one tensor to the
+  // next. A tensor of one span or less is merged by one thread.
+  const std::size_t piece = std::min(numel, merge_piece), lane_span = std::min(numel, merge_lane_span);
+  const std::size_t lane_count = numel > merge_lane_span ? merge_lanes(o) : 1;
+  std::vector<MergeLane>& lanes = work.lanes;
+  if (lanes.size() < lane_count) lanes.resize(lane_count);
+  for (std::size_t l = 0; l < lane_count; ++l) {
+    lanes[l].x.resize(models);
+    for (auto& piece_of_model : lanes[l].x) piece_of_model.resize(piece);
+    lanes[l].base.resize(has_base ? piece : 0);
+    lanes[l].out.resize(lane_span);
+    lanes[l].v.resize(models);
+  }
+  std::vector<std::vector<double>>& x = lanes[0].x;
+  std::vector<double>& base = lanes[0].base;
   const auto read_piece = [&](std::size_t begin, std::size_t count) {
-    for (std::size_t m = 0; m < models; ++m) read(m, begin, count, x[m].data());
-    if (has_base) read(models, begin, count, base.data());
+    for (std::size_t m = 0; m < models; ++m) read(0, m, begin, count, x[m].data());
+    if (has_base) read(0, models, begin, count, base.data());
   };
   const auto for_each_piece = [&](auto&& body) {
     for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
@@ -101,9 +126,31 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       body(begin, count);
     }
   };
-  const auto finish_piece = [&](std::size_t count) {
-    check_range(x, base, out.data(), count);
-    emit(static_cast<const double*>(out.data()), count);
+  // The elementwise passes in spans of lane_span scalars, lane_count at a time: span(l, begin, end)
+  // for each, the round's first on this thread, the others each on a thread of its own; then, on
+  // this thread, after_round(round, spans) with the spans of the round in order. A thread's error is
+  // rethrown here, the earliest span's first (each thread is waited for before an error leaves).
+  const auto in_lanes = [&](auto&& span_body, auto&& after_round) {
+    for (std::size_t round = 0; round < numel; round += lane_count * lane_span) {
+      std::vector<std::future<void>> helpers;
+      for (std::size_t l = 1; l < lane_count && round + l * lane_span < numel; ++l) {
+        const std::size_t begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
+        helpers.push_back(
+            std::async(std::launch::async, [&span_body, l, begin, end] { span_body(l, begin, end); }));
+      }
+      span_body(std::size_t{0}, round, std::min(round + lane_span, numel));
+      for (auto& helper : helpers) helper.get();
+      after_round(round, helpers.size() + 1);
+    }
+  };
+  // body(l, begin, count) for every piece, spread over the lanes (in no order between spans).
+  const auto for_each_piece_in_lanes = [&](auto&& body) {
+    in_lanes(
+        [&](std::size_t l, std::size_t begin, std::size_t end) {
+          for (std::size_t at = begin; at < end; at += merge_piece)
+            body(l, at, std::min(merge_piece, end - at));
+        },
+        [](std::size_t, std::size_t) {});
   };
 
   // First passes over the whole tensor: what each method needs to know before it writes.
@@ -229,16 +276,17 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   std::vector<KeptScalars>& kept = work.kept;
   kept.resize(is_task_vector_method(method) ? models : 0);
-  std::vector<double> piece_of_base(piece);
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
-        o, m, name, shape, numel, merge_piece,
-        [&](std::size_t begin, std::size_t count, double* tau) {
-          read(m, begin, count, tau);
-          read(models, begin, count, piece_of_base.data());
-          for (std::size_t j = 0; j < count; ++j) tau[j] -= piece_of_base[j];
+        o, m, name, shape, numel,
+        [&](std::size_t l, std::size_t begin, std::size_t count) {  // model m's task values, in lane l
+          double* tau = lanes[l].x[m].data();
+          read(l, m, begin, count, tau);
+          read(l, models, begin, count, lanes[l].base.data());
+          for (std::size_t j = 0; j < count; ++j) tau[j] -= lanes[l].base[j];
+          return static_cast<const double*>(tau);
         },
-        work, kept[m]);
+        for_each_piece_in_lanes, work, kept[m]);
   }
   // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
   // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
@@ -296,13 +344,18 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   if (method == MergeMethod::Sce) {
     std::vector<std::uint64_t>&spread = work.keys, &scratch = work.scratch;
     spread.resize(numel);
-    std::size_t nonzero = 0;
-    for_each_piece([&](std::size_t begin, std::size_t count) {
+    std::vector<std::size_t> nonzero_in(lane_count, 0);  // (a count a lane, added after)
+    for_each_piece_in_lanes([&](std::size_t l, std::size_t begin, std::size_t count) {
+      const std::vector<std::vector<double>>& xs = lanes[l].x;
+      const std::vector<double>& bs = lanes[l].base;
+      for (std::size_t m = 0; m < models; ++m) read(l, m, begin, count, lanes[l].x[m].data());
+      read(l, models, begin, count, lanes[l].base.data());
+      std::size_t nonzero_here = 0;
       for (std::size_t j = 0; j < count; ++j) {
         double largest = 0;
         bool nan = false;
         for (std::size_t m = 0; m < models; ++m) {
-          const double tau = x[m][j] - base[j];
+          const double tau = xs[m][j] - bs[j];
           nan = nan || std::isnan(tau);
           largest = std::max(largest, std::abs(tau));
         }
@@ -311,18 +364,21 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           deviation = std::numeric_limits<double>::quiet_NaN();
         } else if (largest > 0) {
           double mean = 0, square = 0;
-          for (std::size_t m = 0; m < models; ++m) mean += (x[m][j] - base[j]) / largest;
+          for (std::size_t m = 0; m < models; ++m) mean += (xs[m][j] - bs[j]) / largest;
           mean /= static_cast<double>(models);
           for (std::size_t m = 0; m < models; ++m) {
-            const double d = (x[m][j] - base[j]) / largest - mean;
+            const double d = (xs[m][j] - bs[j]) / largest - mean;
             square += d * d;
           }
           deviation = largest * std::sqrt(square / static_cast<double>(models));
         }
         spread[begin + j] = rank_key(deviation);
-        nonzero += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
+        nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
       }
+      nonzero_in[l] += nonzero_here;  // (once a piece: the lanes' counts share a cache line)
     });
+    std::size_t nonzero = 0;
+    for (const std::size_t n : nonzero_in) nonzero += n;
     if (o.select_topk < 1) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       keep_ranks(spread, numel - k, numel, sce_keep, scratch);
@@ -349,9 +405,11 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   double weight_sum = 0;  // the divisor of normalize without consensus
   for (const double v : w) weight_sum += v;
   if (std::abs(weight_sum) < 1e-8) weight_sum = 1;
-  std::vector<double> v(models);
-  for_each_piece([&](std::size_t begin, std::size_t count) {
-    double* result = out.data();
+  // Merges scalars [begin, begin + count) of the piece in `lane` into result.
+  const auto merge_piece_into = [&](MergeLane& lane, std::size_t begin, std::size_t count, double* result) {
+    const std::vector<std::vector<double>>& xs = lane.x;
+    const std::vector<double>& bs = lane.base;
+    std::vector<double>& vs = lane.v;
     if (method == MergeMethod::Average || method == MergeMethod::Passthrough ||
         method == MergeMethod::Slerp || method == MergeMethod::TaskArithmetic) {
       // The linear methods a model at a time over the piece (loops the compiler vectorizes).
@@ -360,16 +418,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       std::fill(result, result + count, 0.0);
       for (std::size_t m = 0; m < models; ++m) {
         const double weight = slerp ? (m == 0 ? s0 : s1) : arithmetic ? o.scale * w[m] / divisor : w[m];
-        const double* xm = x[m].data();
+        const double* xm = xs[m].data();
         if (arithmetic) {
-          const double* b = base.data();
+          const double* b = bs.data();
           for (std::size_t j = 0; j < count; ++j) result[j] += weight * (xm[j] - b[j]);
         } else {
           for (std::size_t j = 0; j < count; ++j) result[j] += weight * xm[j];
         }
       }
       if (arithmetic) {
-        for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
+        for (std::size_t j = 0; j < count; ++j) result[j] += bs[j];
       }
     } else if (is_task_vector_method(method)) {
       for (std::size_t j = 0; j < count; ++j) {
@@ -377,61 +435,61 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         double elect = 0;
         bool nan = false;
         for (std::size_t m = 0; m < models; ++m) {
-          const double tau = x[m][j] - base[j];
+          const double tau = xs[m][j] - bs[j];
           nan = nan || std::isnan(tau);
           const bool keep = kept[m].kept(at);
-          v[m] = keep ? w[m] * kept[m].rescale * tau : 0.0;
-          elect += v[m];
+          vs[m] = keep ? w[m] * kept[m].rescale * tau : 0.0;
+          elect += vs[m];
         }
         double sum = 0, divisor = weight_sum;
         if (consensus) {
           const double sign = elect >= 0 ? 1.0 : -1.0;
           divisor = 0;
           for (std::size_t m = 0; m < models; ++m) {
-            if (!agrees(v[m], sign)) continue;
-            sum += v[m];
+            if (!agrees(vs[m], sign)) continue;
+            sum += vs[m];
             divisor += w[m];
           }
           if (exactly_equal(divisor, 0.0)) divisor = 1;  // (mergekit's guard, exactly zero)
         } else {
           sum = elect;
         }
-        const double merged = base[j] + o.scale * (normalize ? sum / divisor : sum);
+        const double merged = bs[j] + o.scale * (normalize ? sum / divisor : sum);
         result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : merged;  // as arithmetic carries it
       }
     } else if (method == MergeMethod::ModelStock) {
       const double n = static_cast<double>(models);
       for (std::size_t j = 0; j < count; ++j) {
         double mean = 0;
-        for (std::size_t m = 0; m < models; ++m) mean += x[m][j];
+        for (std::size_t m = 0; m < models; ++m) mean += xs[m][j];
         const double t = stock_t[(begin + j) / stock_columns];
-        result[j] = t * (mean / n) + (1 - t) * base[j];
+        result[j] = t * (mean / n) + (1 - t) * bs[j];
       }
     } else if (spherical) {
       std::fill(result, result + count, 0.0);
       for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = x[m].data();
+        const double* xm = xs[m].data();
         if (span_base) {
-          for (std::size_t j = 0; j < count; ++j) result[j] += span[m] * (xm[j] - base[j]);
+          for (std::size_t j = 0; j < count; ++j) result[j] += span[m] * (xm[j] - bs[j]);
         } else {
           for (std::size_t j = 0; j < count; ++j) result[j] += span[m] * xm[j];
         }
       }
       if (span_base) {
-        for (std::size_t j = 0; j < count; ++j) result[j] += base[j];
+        for (std::size_t j = 0; j < count; ++j) result[j] += bs[j];
       }
     } else if (method == MergeMethod::NuSlerp) {
       for (std::size_t j = 0; j < count; ++j) {
         const std::size_t g = nu_group(begin + j);
-        const double b = has_base ? base[j] : 0.0;
-        result[j] = b + nu_s0[g] * (x[0][j] - b) + nu_s1[g] * (x[1][j] - b);
+        const double b = has_base ? bs[j] : 0.0;
+        result[j] = b + nu_s0[g] * (xs[0][j] - b) + nu_s1[g] * (xs[1][j] - b);
       }
     } else if (method == MergeMethod::NearSwap) {
       for (std::size_t j = 0; j < count; ++j) {
-        double weight = o.t / std::abs(base[j] - x[0][j]);
+        double weight = o.t / std::abs(bs[j] - xs[0][j]);
         if (!std::isfinite(weight)) weight = 1;  // x = b (and NaN): the model's value
         weight = std::clamp(weight, 0.0, 1.0);
-        result[j] = weight * x[0][j] + (1 - weight) * base[j];
+        result[j] = weight * xs[0][j] + (1 - weight) * bs[j];
       }
     } else {  // Sce
       for (std::size_t j = 0; j < count; ++j) {
@@ -439,23 +497,43 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         double elect = 0;
         bool nan = false;
         for (std::size_t m = 0; m < models; ++m) {
-          const double tau = x[m][j] - base[j];
+          const double tau = xs[m][j] - bs[j];
           nan = nan || std::isnan(tau);
-          v[m] = keep ? tau : 0.0;
-          elect += v[m];
+          vs[m] = keep ? tau : 0.0;
+          elect += vs[m];
         }
         const double sign = elect >= 0 ? 1.0 : -1.0;
         double sum = 0, divisor = 0;
         for (std::size_t m = 0; m < models; ++m) {
-          if (!agrees(v[m], sign)) continue;
-          sum += w[m] * v[m];
+          if (!agrees(vs[m], sign)) continue;
+          sum += w[m] * vs[m];
           divisor += w[m];
         }
         if (exactly_equal(divisor, 0.0)) divisor = 1;  // (exactly zero)
-        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : base[j] + sum / divisor;
+        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : bs[j] + sum / divisor;
       }
     }
-    finish_piece(count);
+  };
+  // The pass in spans of merge_lane_span scalars: each lane (a thread) merges a span of its own,
+  // reading through blocks of its own; then the spans are emitted in order. A scalar's arithmetic is
+  // the same whichever thread does it: the bytes do not depend on the number of threads.
+  const auto merge_span = [&](std::size_t l, std::size_t begin, std::size_t end) {
+    MergeLane& lane = lanes[l];
+    for (std::size_t at = begin; at < end; at += merge_piece) {
+      const std::size_t count = std::min(merge_piece, end - at);
+      for (std::size_t m = 0; m < models; ++m) read(l, m, at, count, lane.x[m].data());
+      if (has_base) read(l, models, at, count, lane.base.data());
+      double* result = lane.out.data() + (at - begin);
+      merge_piece_into(lane, at, count, result);
+      check_range(lane.x, lane.base, result, count);
+    }
+  };
+  in_lanes(merge_span, [&](std::size_t round, std::size_t spans) {
+    for (std::size_t l = 0; l < spans; ++l) {
+      const std::size_t begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
+      for (std::size_t at = begin; at < end; at += merge_piece)
+        emit(static_cast<const double*>(lanes[l].out.data() + (at - begin)), std::min(merge_piece, end - at));
+    }
   });
 }
 
@@ -517,9 +595,9 @@ struct StreamedInput {
 /// ones cost a page fault every 4 KiB (zeroed by the kernel, then by the vector), which on a virtual
 /// machine took half the time of an average of two checkpoints.
 struct MergeBuffers {
-  std::vector<std::vector<std::byte>> inputs;  ///< one block an input
-  std::vector<std::byte> pending, writing;     ///< the output block being filled, and the one written
-  MergeWorkspace work;                         ///< the whole-tensor passes' memory
+  std::vector<std::vector<std::vector<std::byte>>> inputs;  ///< one block an input, a set a lane
+  std::vector<std::byte> pending, writing;  ///< the output block being filled, and the one written
+  MergeWorkspace work;                      ///< the whole-tensor passes' memory
 };
 
 /// Merges one tensor from `inputs` (the models' tensors, then the base's where there is one) and
@@ -542,18 +620,27 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   struct Cached {
     std::size_t begin = 0, count = 0;  // the elements in the input's block
   };
-  std::vector<Cached> cache(inputs.size());
-  if (buffers.inputs.size() < inputs.size()) buffers.inputs.resize(inputs.size());
-  const TensorSource read = [&](std::size_t m, std::size_t begin, std::size_t count, double* values) {
+  // Each lane (thread) reads through blocks of its own; the readers, which open and close shards,
+  // one thread at a time.
+  const std::size_t lanes = merge_lanes(options);
+  std::vector<std::vector<Cached>> cache(lanes, std::vector<Cached>(inputs.size()));
+  if (buffers.inputs.size() < lanes) buffers.inputs.resize(lanes);
+  for (auto& blocks : buffers.inputs) {
+    if (blocks.size() < inputs.size()) blocks.resize(inputs.size());
+  }
+  std::mutex reading;
+  const TensorSource read = [&](std::size_t lane, std::size_t m, std::size_t begin, std::size_t count,
+                                double* values) {
     const CheckpointReader::Tensor& in = *inputs[m].tensor;
     const std::size_t element = dtype_size(in.dtype);
     const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / element);
-    Cached& c = cache[m];
-    std::vector<std::byte>& bytes = buffers.inputs[m];
+    Cached& c = cache[lane][m];
+    std::vector<std::byte>& bytes = buffers.inputs[lane][m];
     if (begin < c.begin || begin + count > c.begin + c.count) {
       c.begin = begin;
       c.count = std::min(block, numel - begin);
       if (bytes.size() < c.count * element) bytes.resize(c.count * element);
+      const std::lock_guard<std::mutex> one_reader(reading);
       readers[inputs[m].reader].read_bytes(in, begin * element, c.count * element, bytes.data());
     }
     bytes_to_doubles(in.dtype, bytes.data() + (begin - c.begin) * element, count, values);

@@ -21,6 +21,9 @@ namespace polyak {
 
 namespace detail {
 
+/// The scalars a merge's arithmetic takes at a time (as doubles, one piece a model: a few hundred KB).
+inline constexpr std::size_t merge_piece = std::size_t{1} << 14;
+
 /// FNV-1a of a name: part of the random methods' seed, the same on every platform.
 inline std::uint64_t name_hash(const std::string& name) {
   std::uint64_t h = 14695981039346656037ull;
@@ -155,6 +158,15 @@ struct KeptScalars {
   }
 };
 
+/// One thread's buffers in a merge's last pass: a piece of each model (and of the base), and the
+/// merged scalars of its span.
+struct MergeLane {
+  std::vector<std::vector<double>> x;  ///< a piece of each model
+  std::vector<double> base;            ///< the base's piece
+  std::vector<double> out;             ///< the span's merged scalars
+  std::vector<double> v;               ///< a scalar's values, one a model
+};
+
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
 /// a fresh vector of a tensor's size costs a page fault every 4 KiB, which on a virtual machine
 /// cost more than the selection it holds.
@@ -163,15 +175,18 @@ struct MergeWorkspace {
   std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
   std::vector<KeptScalars> kept;       ///< per model
   std::vector<std::pair<std::uint64_t, std::uint64_t>> ranked;  ///< Della: a row's (key, ~position)
+  std::vector<MergeLane> lanes;                                 ///< the last pass's, one a thread
 };
 
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
-/// `tau_of(begin, count, out)`, which fills out with task values [begin, begin + count) of model m.
-/// `shape` gives Della's rows; `work` holds the rank keys.
-template <class TauOf>
+/// `tau_of(lane, begin, count)`, which returns model m's task values [begin, begin + count) (at most a
+/// piece) in lane `lane`'s memory, and for_each_piece(body), which calls body(lane, begin, count) for
+/// every piece of the tensor, spread over threads (lanes). `shape` gives Della's rows; `work` holds
+/// the rank keys.
+template <class TauOf, class ForEachPiece>
 void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
-                  const std::vector<std::int64_t>& shape, std::size_t numel, std::size_t piece,
-                  TauOf&& tau_of, MergeWorkspace& work, KeptScalars& result) {
+                  const std::vector<std::int64_t>& shape, std::size_t numel, TauOf&& tau_of,
+                  ForEachPiece&& for_each_piece, MergeWorkspace& work, KeptScalars& result) {
   result.keep.clear();
   result.rescale = 1.0;
   result.drawn = false;
@@ -183,7 +198,6 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   if (legacy_dare) result.rescale = 1 / (1 - drop);
   if (!legacy_dare && density >= 1) return;  // everything, unrescaled
   const bool rescale = !legacy_dare && o.rescale.value_or(rescales_by_default(o.method));
-  std::vector<double> tau(std::min(numel, piece));
   double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
   if (rule == Sparsification::Random) {
     // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); this pass reads
@@ -191,9 +205,9 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     result.drawn = true;
     result.key = draw_key(o.seed, name, m);
     result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
-    for (std::size_t begin = 0; rescale && begin < numel; begin += piece) {
-      const std::size_t count = std::min(piece, numel - begin);
-      tau_of(begin, count, tau.data());
+    for (std::size_t begin = 0; rescale && begin < numel; begin += merge_piece) {  // (in order: a sum)
+      const std::size_t count = std::min(merge_piece, numel - begin);
+      const double* tau = tau_of(std::size_t{0}, begin, count);
       for (std::size_t j = 0; j < count; ++j) {
         const bool keep = result.kept(begin + j);
         const double size = std::abs(tau[j]);
@@ -206,11 +220,10 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   } else {
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
     magnitude.resize(numel);
-    for (std::size_t begin = 0; begin < numel; begin += piece) {
-      const std::size_t count = std::min(piece, numel - begin);
-      tau_of(begin, count, tau.data());
+    for_each_piece([&](std::size_t lane, std::size_t begin, std::size_t count) {  // (each its own keys)
+      const double* tau = tau_of(lane, begin, count);
       for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = rank_key(tau[j]);
-    }
+    });
     const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
     if (rule == Sparsification::Magnitude) {
       keep_ranks(magnitude, numel - kept_count, numel, result.keep, scratch);
