@@ -147,7 +147,8 @@ bool truth_value(const std::string& value, const std::string& option) {
 double finite_number(std::string_view text, const char* what) {
   double value = 0;
   if (!polyak_tools::parse_number(text, value) || !std::isfinite(value)) {
-    throw UsageError(std::string(what) + " '" + std::string(text) + "' is not a finite number");
+    throw UsageError(std::string(what) + " '" + polyak::detail::visible(std::string(text)) +
+                     "' is not a finite number");
   }
   return value;
 }

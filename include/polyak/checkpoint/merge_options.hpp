@@ -93,7 +93,9 @@
 // (the kept scalars; the random methods draw as they merge and keep none), Della 16 bytes per
 // scalar of a row; Model Stock one double per row
 // (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
-// doubles per row or column.
+// doubles per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has
+// spans of 2^19 scalars) adds its span's merged doubles (4 MB), a piece per model and a 1 MiB block
+// per input.
 #pragma once
 
 #include <algorithm>  // std::max_element
@@ -184,8 +186,10 @@ struct MergeOptions {
   double tol = 1e-5;              ///< Karcher: the convergence tolerance (on angles, norms), finite, >= 0
   unsigned threads = 0;           ///< the threads that merge a tensor's pieces, at most 64: 0 (the
                                   ///< default) the machine's hardware threads, at most 4; 1 merges on
-                                  ///< the calling thread alone. Each holds about 4 MB and 1 MiB an
-                                  ///< input. The bytes written do not depend on it.
+                                  ///< the calling thread alone; never more than a tensor has spans
+                                  ///< of 2^19 scalars, and fewer where the system starts no more.
+                                  ///< Each holds about 4 MB and 1 MiB an input. The bytes written do
+                                  ///< not depend on it.
 
   /// Model m's density: densities[m] where given, else density.
   double density_of(std::size_t m) const { return densities.empty() ? density : densities[m]; }

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -103,7 +104,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // Each lane's buffers (lane 0's serve the first passes too), kept in `work` from one tensor to the
   // next. A tensor of one span or less is merged by one thread.
   const std::size_t piece = std::min(numel, merge_piece), lane_span = std::min(numel, merge_lane_span);
-  const std::size_t lane_count = numel > merge_lane_span ? merge_lanes(o) : 1;
+  const std::size_t tensor_spans = numel == 0 ? 1 : (numel + merge_lane_span - 1) / merge_lane_span;
+  const std::size_t lane_count = std::min(merge_lanes(o), tensor_spans);  // (no buffers for lanes left idle)
   std::vector<MergeLane>& lanes = work.lanes;
   if (lanes.size() < lane_count) lanes.resize(lane_count);
   for (std::size_t l = 0; l < lane_count; ++l) {
@@ -127,20 +129,27 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
   // The elementwise passes in spans of lane_span scalars, lane_count at a time: span(l, begin, end)
-  // for each, the round's first on this thread, the others each on a thread of its own; then, on
-  // this thread, after_round(round, spans) with the spans of the round in order. A thread's error is
-  // rethrown here, the earliest span's first (each thread is waited for before an error leaves).
+  // for each, the round's first on this thread, the others each on a thread of its own (or, where
+  // the system starts no more threads, on this one too); then, on this thread, after_round(round,
+  // spans) with the spans of the round in order. A thread's error is rethrown here, the earliest
+  // span's first (each thread is waited for before an error leaves).
   const auto in_lanes = [&](auto&& span_body, auto&& after_round) {
     for (std::size_t round = 0; round < numel; round += lane_count * lane_span) {
       std::vector<std::future<void>> helpers;
-      for (std::size_t l = 1; l < lane_count && round + l * lane_span < numel; ++l) {
-        const std::size_t begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
-        helpers.push_back(
-            std::async(std::launch::async, [&span_body, l, begin, end] { span_body(l, begin, end); }));
+      std::size_t used = 1;
+      for (; used < lane_count && round + used * lane_span < numel; ++used) {
+        const std::size_t l = used, begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
+        try {
+          helpers.push_back(
+              std::async(std::launch::async, [&span_body, l, begin, end] { span_body(l, begin, end); }));
+        } catch (const std::system_error&) {  // (a process or container limit on threads)
+          helpers.push_back(
+              std::async(std::launch::deferred, [&span_body, l, begin, end] { span_body(l, begin, end); }));
+        }
       }
       span_body(std::size_t{0}, round, std::min(round + lane_span, numel));
-      for (auto& helper : helpers) helper.get();
-      after_round(round, helpers.size() + 1);
+      for (auto& helper : helpers) helper.get();  // (a deferred one runs here, on this thread)
+      after_round(round, used);
     }
   };
   // body(l, begin, count) for every piece, spread over the lanes (in no order between spans).
@@ -622,7 +631,8 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   };
   // Each lane (thread) reads through blocks of its own; the readers, which open and close shards,
   // one thread at a time.
-  const std::size_t lanes = merge_lanes(options);
+  const std::size_t lanes = std::min(
+      merge_lanes(options), std::max<std::size_t>(1, (numel + merge_lane_span - 1) / merge_lane_span));
   std::vector<std::vector<Cached>> cache(lanes, std::vector<Cached>(inputs.size()));
   if (buffers.inputs.size() < lanes) buffers.inputs.resize(lanes);
   for (auto& blocks : buffers.inputs) {
