@@ -665,7 +665,11 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   const auto flush = [&](std::size_t bytes) {
     if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
     std::swap(pending, writing);
-    written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
+    try {
+      written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
+    } catch (const std::system_error&) {  // (no thread to be had, ulimit -u: written here, in turn)
+      write_all(fd, writing.data(), bytes, file);
+    }
   };
   std::size_t filled = 0;  // elements in `pending`
   merge_tensor(
@@ -680,7 +684,7 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
       },
       buffers.work);
   flush(filled * out_element);
-  written.get();
+  if (written.valid()) written.get();
 }
 
 /// Merges tensor `tensor` of `readers` (the models, then the base) into `fd`, in its dtype.
