@@ -157,6 +157,14 @@ TEST_CASE("the thread count is checked: 0 to 64", "[merge][threads]") {
   const bool same = polyak::merge_state_dicts({&a, &b}, nullptr, o).at("big").bytes ==
                     polyak::merge_state_dicts({&a, &b}, nullptr, MergeOptions{}).at("big").bytes;
   CHECK(same);
-  CHECK(polyak::detail::merge_lanes(MergeOptions{}) >= 1);
-  CHECK(polyak::detail::merge_lanes(MergeOptions{}) <= 4);
+  using polyak::detail::merge_lanes;
+  constexpr std::size_t span = polyak::detail::merge_lane_span;
+  CHECK(merge_lanes(MergeOptions{}, 100 * span) >= 1);
+  CHECK(merge_lanes(MergeOptions{}, 100 * span) <= 4);
+  CHECK(merge_lanes(o, 0) == 1);  // as many lanes as spans, and an empty tensor one
+  CHECK(merge_lanes(o, span) == 1);
+  CHECK(merge_lanes(o, span + 1) == 2);
+  CHECK(merge_lanes(o, 100 * span) == 64);
+  o.threads = 1;
+  CHECK(merge_lanes(o, 100 * span) == 1);
 }

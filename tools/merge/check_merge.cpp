@@ -220,6 +220,10 @@ int main(int argc, char** argv) {
   refused("--method karcher --weights 1,2,3" + inputs, "--weights with karcher (equal weights)");
   refused("--method karcher --base " + a + inputs, "--base with karcher");
   refused("--method karcher --max-iter 2.5" + inputs, "--max-iter 2.5");
+  refused("--method karcher --max-iter 1e1" + inputs, "--max-iter 1e1 (a whole number written as one)");
+  refused("--num-threads 4.0" + inputs, "--num-threads 4.0");
+  refused("--num-threads 1e1" + inputs, "--num-threads 1e1");
+  refused("--num-threads 65" + inputs, "--num-threads 65");
   refused("--method karcher --tol -1" + inputs, "--tol -1");
   refused("--method multislerp --weights 1,-1,0" + inputs, "multislerp weights summing to 0");
   refused("--method multislerp --eps 0" + inputs, "--eps 0");

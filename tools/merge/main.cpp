@@ -153,6 +153,17 @@ double finite_number(std::string_view text, const char* what) {
   return value;
 }
 
+/// A whole number in [0, most], written as one ("1e1" and "4.0" are refused, as polyak-mergekit
+/// refuses them).
+std::int64_t whole_number(const std::string& text, const std::string& what, std::int64_t most) {
+  std::int64_t value = 0;
+  if (!polyak_tools::parse_number(text, value) || value < 0 || value > most) {
+    throw UsageError(what + " '" + polyak::detail::visible(text) + "' is not a whole number in [0, " +
+                     std::to_string(most) + "]");
+  }
+  return value;
+}
+
 /// A list of finite numbers, comma-separated; an empty item ("1,,1", "1,") is refused.
 std::vector<double> number_list(const std::string& value, const char* what) {
   std::vector<double> numbers;
@@ -225,16 +236,9 @@ Arguments parse(int argc, char** argv) {
       } else if (arg == "--tol") {
         args.merge.tol = finite_number(value, "--tol");
       } else if (arg == "--max-iter") {
-        const double n = finite_number(value, "--max-iter");
-        if (!(n >= 0 && n <= 1000000) || std::floor(n) != n)
-          throw UsageError("--max-iter '" + value + "' is not a whole number in [0, 1000000]");
-        args.merge.max_iter = static_cast<long long>(n);
+        args.merge.max_iter = static_cast<long long>(whole_number(value, arg, 1000000));
       } else if (arg == "--num-threads") {
-        const double n = finite_number(value, "--num-threads");
-        if (!(n >= 0 && n <= 64) || std::floor(n) != n)
-          throw UsageError("--num-threads '" + polyak::detail::visible(value) +
-                           "' is not a whole number in [0, 64]");
-        args.merge.threads = static_cast<unsigned>(n);
+        args.merge.threads = static_cast<unsigned>(whole_number(value, arg, 64));
       } else if (arg == "--densities") {
         args.merge.densities = number_list(value, "density");
       } else {
@@ -243,7 +247,7 @@ Arguments parse(int argc, char** argv) {
         if (error != std::errc() || end != value.data() + value.size() || value.empty() ||
             (arg == "--latest" &&
              (n < 1 || n > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())))) {
-          throw UsageError(arg + " '" + value + "' is not a whole number " +
+          throw UsageError(arg + " '" + polyak::detail::visible(value) + "' is not a whole number " +
                            (arg == "--seed" ? "in [0, 2^64)" : ">= 1"));
         }
         if (arg == "--seed") {

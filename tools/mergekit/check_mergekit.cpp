@@ -364,6 +364,11 @@ int main(int argc, char** argv) {
                  "/short\n    parameters:\n      weight: 1\nmerge_method: ties\nbase_model: " + base + "\n"),
           "has no tensor 'lm_head.weight'");
   refused("--shard-size 0 " + pass, "--shard-size '0' is not a whole number >= 1");
+  refused("--shard-size 9 --shard-size 9 " + pass, "--shard-size is given twice");
+  refused("--num-threads 65 " + pass, "--num-threads '65' is not a whole number in [0, 64]");
+  refused("--num-threads -1 " + pass, "--num-threads '-1' is not a whole number in [0, 64]");
+  refused("--num-threads 2 --num-threads 2 " + pass, "--num-threads is given twice");
+  refused("--num-threads 1.5 " + pass, "--num-threads '1.5' is not a whole number in [0, 64]");
   refused("--bogus " + pass, "unknown option '--bogus'");
   refused(work + "/missing.yml", "cannot read");
   // OUT an existing folder of the user's: refused, its files kept; OUT an input: refused.

@@ -37,6 +37,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -754,6 +755,18 @@ int run(int argc, char** argv) {
   std::vector<std::string> positional;
   bool options_done = false, shard_given = false, threads_given = false;
   unsigned threads = 0;
+  // The whole number after option argv[i], given once, in [least, most].
+  const auto whole_once = [&](int& i, bool& given, std::int64_t least, std::int64_t most, const char* range) {
+    const std::string option = argv[i];
+    if (given) throw UsageError(option + " is given twice");
+    if (i + 1 >= argc) throw UsageError(option + " needs a value");
+    given = true;
+    const std::string value = argv[++i];
+    std::int64_t n = 0;
+    if (!polyak_tools::parse_number(value, n) || n < least || n > most)
+      throw UsageError(option + " '" + polyak::detail::visible(value) + "' is not a whole number " + range);
+    return n;
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
@@ -767,24 +780,10 @@ int run(int argc, char** argv) {
       if (dry_run) throw UsageError("--dry-run is given twice");
       dry_run = true;
     } else if (arg == "--shard-size") {
-      if (shard_given) throw UsageError("--shard-size is given twice");
-      if (i + 1 >= argc) throw UsageError("--shard-size needs a value");
-      shard_given = true;
-      const std::string value = argv[++i];
-      std::int64_t bytes = 0;
-      if (!polyak_tools::parse_number(value, bytes) || bytes < 1)
-        throw UsageError("--shard-size '" + polyak::detail::visible(value) + "' is not a whole number >= 1");
-      shard_size = static_cast<std::uint64_t>(bytes);
+      shard_size = static_cast<std::uint64_t>(
+          whole_once(i, shard_given, 1, std::numeric_limits<std::int64_t>::max(), ">= 1"));
     } else if (arg == "--num-threads") {
-      if (threads_given) throw UsageError("--num-threads is given twice");
-      if (i + 1 >= argc) throw UsageError("--num-threads needs a value");
-      threads_given = true;
-      const std::string value = argv[++i];
-      std::int64_t n = 0;
-      if (!polyak_tools::parse_number(value, n) || n < 0 || n > 64)
-        throw UsageError("--num-threads '" + polyak::detail::visible(value) +
-                         "' is not a whole number in [0, 64]");
-      threads = static_cast<unsigned>(n);
+      threads = static_cast<unsigned>(whole_once(i, threads_given, 0, 64, "in [0, 64]"));
     } else {
       throw UsageError("unknown option '" + polyak::detail::visible(arg) +
                        "' (a file named so goes after --)");

@@ -36,7 +36,7 @@ namespace polyak {
 namespace detail {
 
 /// Where a merge reads one tensor: read(lane, m, begin, count, out) fills out with elements
-/// [begin, begin + count) of model m (m == models: the base) as doubles, for `lane` (< merge_lanes):
+/// [begin, begin + count) of model m (m == models: the base) as doubles, for `lane` (< merge_lanes()):
 /// calls for different lanes come from different threads at once.
 using TensorSource = std::function<void(std::size_t lane, std::size_t model, std::size_t begin,
                                         std::size_t count, double* out)>;
@@ -45,11 +45,15 @@ using TensorSource = std::function<void(std::size_t lane, std::size_t model, std
 /// block of every input dtype but F64 lies within one span of one lane).
 inline constexpr std::size_t merge_lane_span = std::size_t{1} << 19;
 
-/// How many threads merge a tensor's pieces under `o`: o.threads, or where it is 0 the machine's
-/// hardware threads, at most 4 (at least 1).
-inline std::size_t merge_lanes(const MergeOptions& o) {
-  if (o.threads > 0) return o.threads;
-  return std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4);
+/// How many threads (lanes) merge a tensor of `numel` scalars under `o`: o.threads, or where it is 0
+/// the machine's hardware threads, at most 4 (at least 1); never more than the tensor has spans of
+/// merge_lane_span (no buffers for lanes left idle). The one rule for it: merge_tensor's lanes and
+/// a streamed source's per-lane blocks must agree.
+inline std::size_t merge_lanes(const MergeOptions& o, std::size_t numel) {
+  const std::size_t threads =
+      o.threads > 0 ? o.threads : std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4);
+  const std::size_t spans = numel == 0 ? 1 : (numel + merge_lane_span - 1) / merge_lane_span;
+  return std::min(threads, spans);
 }
 
 /// The smallest magnitude that rounds to infinity in `dtype` (round to nearest even): max + ulp / 2.
@@ -65,7 +69,7 @@ inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) |
 
 /// Merges one floating-point tensor of `numel` elements and shape `shape`, calling emit(values,
 /// count) with the merged doubles piece by piece, in order (on the calling thread; the last pass's
-/// arithmetic runs on merge_lanes(o) threads). `with_base`: read(lane, models, ...) reads a
+/// arithmetic runs on merge_lanes(o, numel) threads). `with_base`: read(lane, models, ...) reads a
 /// base model (needed by needs_base methods, optional for takes_optional_base ones).
 template <class Emit>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
@@ -104,8 +108,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // Each lane's buffers (lane 0's serve the first passes too), kept in `work` from one tensor to the
   // next. A tensor of one span or less is merged by one thread.
   const std::size_t piece = std::min(numel, merge_piece), lane_span = std::min(numel, merge_lane_span);
-  const std::size_t tensor_spans = numel == 0 ? 1 : (numel + merge_lane_span - 1) / merge_lane_span;
-  const std::size_t lane_count = std::min(merge_lanes(o), tensor_spans);  // (no buffers for lanes left idle)
+  const std::size_t lane_count = merge_lanes(o, numel);
   std::vector<MergeLane>& lanes = work.lanes;
   if (lanes.size() < lane_count) lanes.resize(lane_count);
   for (std::size_t l = 0; l < lane_count; ++l) {
@@ -117,14 +120,15 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   std::vector<std::vector<double>>& x = lanes[0].x;
   std::vector<double>& base = lanes[0].base;
-  const auto read_piece = [&](std::size_t begin, std::size_t count) {
-    for (std::size_t m = 0; m < models; ++m) read(0, m, begin, count, x[m].data());
-    if (has_base) read(0, models, begin, count, base.data());
+  // Every model's piece [begin, begin + count), and the base's, into lane l's buffers.
+  const auto read_lane = [&](std::size_t l, std::size_t begin, std::size_t count) {
+    for (std::size_t m = 0; m < models; ++m) read(l, m, begin, count, lanes[l].x[m].data());
+    if (has_base) read(l, models, begin, count, lanes[l].base.data());
   };
-  const auto for_each_piece = [&](auto&& body) {
+  const auto for_each_piece = [&](auto&& body) {  // (serial, in lane 0's buffers: x and base)
     for (std::size_t begin = 0; begin < numel; begin += merge_piece) {
       const std::size_t count = std::min(merge_piece, numel - begin);
-      read_piece(begin, count);
+      read_lane(0, begin, count);
       body(begin, count);
     }
   };
@@ -357,8 +361,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     for_each_piece_in_lanes([&](std::size_t l, std::size_t begin, std::size_t count) {
       const std::vector<std::vector<double>>& xs = lanes[l].x;
       const std::vector<double>& bs = lanes[l].base;
-      for (std::size_t m = 0; m < models; ++m) read(l, m, begin, count, lanes[l].x[m].data());
-      read(l, models, begin, count, lanes[l].base.data());
+      read_lane(l, begin, count);  // (SCE needs its base)
       std::size_t nonzero_here = 0;
       for (std::size_t j = 0; j < count; ++j) {
         double largest = 0;
@@ -530,8 +533,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     MergeLane& lane = lanes[l];
     for (std::size_t at = begin; at < end; at += merge_piece) {
       const std::size_t count = std::min(merge_piece, end - at);
-      for (std::size_t m = 0; m < models; ++m) read(l, m, at, count, lane.x[m].data());
-      if (has_base) read(l, models, at, count, lane.base.data());
+      read_lane(l, at, count);
       double* result = lane.out.data() + (at - begin);
       merge_piece_into(lane, at, count, result);
       check_range(lane.x, lane.base, result, count);
@@ -631,8 +633,7 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   };
   // Each lane (thread) reads through blocks of its own; the readers, which open and close shards,
   // one thread at a time.
-  const std::size_t lanes = std::min(
-      merge_lanes(options), std::max<std::size_t>(1, (numel + merge_lane_span - 1) / merge_lane_span));
+  const std::size_t lanes = merge_lanes(options, numel);
   std::vector<std::vector<Cached>> cache(lanes, std::vector<Cached>(inputs.size()));
   if (buffers.inputs.size() < lanes) buffers.inputs.resize(lanes);
   for (auto& blocks : buffers.inputs) {
