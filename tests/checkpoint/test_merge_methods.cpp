@@ -217,6 +217,17 @@ TEST_CASE("DELLA keeps by rank within each row, from density - epsilon to densit
   for (std::size_t i = 0; i < n; ++i) (i < n / 2 ? first : second) += flat[i];
   CHECK(std::abs(first - 0.7 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
   CHECK(std::abs(second - 0.3 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
+  // Distinct magnitudes n - i, signs alternating: rank n - 1 - i, the same halves by value.
+  std::vector<float> falling(n);
+  for (std::size_t i = 0; i < n; ++i) falling[i] = static_cast<float>(n - i) * (i % 2 ? -1.0f : 1.0f);
+  const auto ranked = merge_of({tensor_of(falling)}, tensor_of(std::vector<float>(n, 0.0f)), o);
+  first = second = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    REQUIRE((ranked[i] == 0 || ranked[i] == falling[i]));
+    (i < n / 2 ? first : second) += ranked[i] != 0;
+  }
+  CHECK(std::abs(first - 0.7 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
+  CHECK(std::abs(second - 0.3 * n / 2) < 5 * std::sqrt(n / 2 * 0.25));
   // One column: the density itself.
   const auto column = merge_of({tensor_of(std::vector<float>(n, 1.0f), {static_cast<std::int64_t>(n), 1})},
                                tensor_of(std::vector<float>(n, 0.0f), {static_cast<std::int64_t>(n), 1}), o);
@@ -621,6 +632,39 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
       polyak::detail::keep_ranks(keys, lo, hi, keep, scratch);
       CAPTURE(trial, lo, hi);
       CHECK(keep == expected);
+    }
+  }
+}
+
+TEST_CASE("DELLA's row order: the radix sort agrees with std::stable_sort, equal keys in order",
+          "[merge][della]") {
+  // Keys: one digit shared by all (skipped passes), every byte varied, duplicates, NaN's and
+  // infinity's keys, 0; sizes on both sides of the small-row cut (256) and 0.
+  std::uint64_t state = 11;
+  const auto next = [&] { return state = polyak::detail::mix64(state); };
+  using Pair = std::pair<std::uint64_t, std::uint64_t>;
+  for (const std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{255}, std::size_t{256},
+                              std::size_t{5000}, std::size_t{100000}}) {
+    for (int trial = 0; trial < 4; ++trial) {
+      std::vector<Pair> items(n), scratch;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::uint64_t r = next();
+        std::uint64_t key = r >> 12;          // trial 3: NaN's, infinity's keys, 0, and the rest
+        if (trial == 0) key = (r % 7) << 40;  // few values, one byte varies
+        if (trial == 1) key = r;              // every byte
+        if (trial == 2) key = polyak::detail::rank_key(static_cast<float>(r % 100000) / 3);  // floats
+        if (trial == 3 && r % 4 == 0) key = 0x7ff8000000000000ull;
+        if (trial == 3 && r % 4 == 1) key = 0x7ff0000000000000ull;
+        if (trial == 3 && r % 4 == 2) key = 0;
+        items[i] = {key, i};
+      }
+      std::vector<Pair> expected = items;
+      std::stable_sort(expected.begin(), expected.end(),
+                       [](const Pair& a, const Pair& b) { return a.first < b.first; });
+      polyak::detail::stable_sort_by_key(items, scratch);
+      CAPTURE(n, trial);
+      const bool same = items == expected;
+      CHECK(same);
     }
   }
 }
