@@ -90,12 +90,11 @@
 // a 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, kept from one tensor to the
 // next; the ranked methods and Sce add an 8-byte key per scalar of the largest tensor (its
 // magnitudes; the selection copies the boundary's bucket of them) and one bit per scalar and model
-// (the kept scalars; the random methods draw as they merge and keep none), Della 16 bytes per
-// scalar of a row; Model Stock one double per row
-// (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
-// doubles per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has
-// spans of 2^19 scalars) adds its span's merged doubles (4 MB), a piece per model and a 1 MiB block
-// per input.
+// (the kept scalars; the random methods draw as they merge and keep none), Della 32 bytes per
+// scalar of a row (its (key, position) pairs and the radix sort's second array); Model Stock one double per
+// row (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two doubles
+// per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has spans of 2^19
+// scalars) adds its span's merged doubles (4 MB), a piece per model and a 1 MiB block per input.
 #pragma once
 
 #include <algorithm>  // std::max_element
