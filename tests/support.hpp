@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // What the tests share: a temporary folder of their own (under the system's temporary directory,
 // unique to the process and to each call, removed when done), a file's bytes, members of a
-// ThreadCommunicator on threads, and a rank's small model.
+// ThreadCommunicator on threads, a rank's small model, and a body run under a limit on threads.
 #pragma once
 
 #include <atomic>
@@ -14,7 +14,9 @@
 #include <thread>
 #include <vector>
 
-#include <unistd.h>  // getpid
+#include <sys/resource.h>  // setrlimit
+#include <sys/wait.h>      // waitpid
+#include <unistd.h>        // getpid, fork, setuid
 
 #include <Eigen/Core>
 
@@ -98,6 +100,41 @@ inline std::vector<std::string> on_threads(int size,
   }
   for (auto& t : threads) t.join();
   return errors;
+}
+
+/// How a body run by with_thread_limit ended.
+enum class Limited {
+  passed,       ///< it returned true
+  failed,       ///< it returned false or threw
+  crashed,      ///< it died (std::terminate, a signal)
+  not_limited,  ///< the limit could not be imposed (root that cannot become nobody): not run
+};
+
+/// Runs body() in a child process whose user may hold at most `threads` threads (RLIMIT_NPROC, as a
+/// container's pids limit or `ulimit -u` sets it; a root child first becomes user nobody, whom the
+/// limit binds, where root ignores it). The child ends with _exit: no exit handlers (LeakSanitizer
+/// would need a thread). The body must not use Catch's assertions (another process); it reports by
+/// its return value.
+inline Limited with_thread_limit(rlim_t threads, const std::function<bool()>& body) {
+  const pid_t child = ::fork();
+  if (child < 0) return Limited::not_limited;
+  if (child == 0) {
+    if (::geteuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) ::_exit(77);
+    const rlimit limit{threads, threads};
+    if (::geteuid() == 0 || ::setrlimit(RLIMIT_NPROC, &limit) != 0) ::_exit(77);
+    bool ok = false;
+    try {
+      ok = body();
+    } catch (...) {
+    }
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  while (::waitpid(child, &status, 0) < 0) {
+  }
+  if (!WIFEXITED(status)) return Limited::crashed;
+  if (WEXITSTATUS(status) == 77) return Limited::not_limited;
+  return WEXITSTATUS(status) == 0 ? Limited::passed : Limited::failed;
 }
 
 }  // namespace polyak_test

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -145,6 +146,37 @@ TEST_CASE("an overflow in a later span is refused as on one thread, nothing writ
   for (const auto& entry : std::filesystem::directory_iterator(folder.path()))
     entries += !entry.is_directory();
   CHECK(entries == 3);  // m, b and the user's file: no temporary left
+}
+
+TEST_CASE("where the system starts no thread, a merge runs its spans on the calling thread, same bytes",
+          "[merge][threads]") {
+  // One thread for the user, the process's own: no helper thread and no output writer can start.
+  polyak_test::TemporaryFolder folder("merge_threads_limit");
+  std::filesystem::permissions(folder.path(), std::filesystem::perms::all);  // (nobody writes here)
+  const StateDict a = model(0, true), b = model(1, true), base = model(3, true);
+  polyak::save_safetensors(folder / "a.safetensors", a);
+  polyak::save_safetensors(folder / "b.safetensors", b);
+  polyak::save_safetensors(folder / "base.safetensors", base);
+  const std::vector<std::string> paths = {folder / "a.safetensors", folder / "b.safetensors"};
+  const MergeOptions serial = options_for(MergeMethod::Ties, 1), wide = options_for(MergeMethod::Ties, 4);
+  const std::string expected_file = [&] {
+    polyak::merge_checkpoints(paths, folder / "base.safetensors", serial, folder / "serial.safetensors");
+    return polyak_test::file_bytes(folder / "serial.safetensors");
+  }();
+  const auto expected = polyak::merge_state_dicts({&a, &b}, &base, serial);
+  const polyak_test::Limited result = polyak_test::with_thread_limit(1, [&] {
+    const StateDict merged = polyak::merge_state_dicts({&a, &b}, &base, wide);
+    bool in_memory = true;
+    for (const char* name : {"big", "wide", "half", "small"})
+      in_memory = in_memory && merged.at(name).bytes == expected.at(name).bytes;
+    polyak::merge_checkpoints(paths, folder / "base.safetensors", wide, folder / "limited.safetensors");
+    return in_memory && polyak_test::file_bytes(folder / "limited.safetensors") == expected_file;
+  });
+  if (result == polyak_test::Limited::not_limited) {
+    WARN("skipped: no limit on threads could be imposed here (root that cannot become nobody)");
+    return;
+  }
+  CHECK(result == polyak_test::Limited::passed);
 }
 
 TEST_CASE("the thread count is checked: 0 to 64", "[merge][threads]") {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "polyak/core/averaged_model.hpp"
+#include "support.hpp"
 
 TEST_CASE("ThreadPool runs each part once, part 0 on the calling thread", "[thread_pool]") {
   for (const int threads : {1, 2, 3, 5}) {
@@ -32,6 +33,24 @@ TEST_CASE("ThreadPool refuses fewer than one thread", "[thread_pool]") {
   CHECK_THROWS_AS(polyak::ThreadPool(0), polyak::InvalidArgument);
   CHECK_THROWS_WITH(polyak::ThreadPool(0), Catch::Contains("threads 0 < 1"));
   CHECK_THROWS_WITH(polyak::ThreadPool(-3), Catch::Contains("threads -3 < 1"));
+}
+
+TEST_CASE("a pool the system starts fewer workers for throws, its started workers joined", "[thread_pool]") {
+  // Two threads for the user: the process's own and one worker of the three asked for. Before, the
+  // started worker, still joinable when the constructor threw, ended the process (std::terminate).
+  const polyak_test::Limited result = polyak_test::with_thread_limit(2, [] {
+    try {
+      polyak::ThreadPool pool(4);
+      return false;  // (a limit that did not bind)
+    } catch (const polyak::RuntimeError& e) {
+      return std::string(e.what()).find("of 3 worker threads") != std::string::npos;
+    }
+  });
+  if (result == polyak_test::Limited::not_limited) {
+    WARN("skipped: no limit on threads could be imposed here (root that cannot become nobody)");
+    return;
+  }
+  CHECK(result == polyak_test::Limited::passed);
 }
 
 TEST_CASE("a part's exception is rethrown by run, after every part has finished, and the pool goes on",

@@ -118,6 +118,13 @@ int main(int argc, char** argv) {
   refused("--weights 1,1 --ema 0.5" + inputs, "--weights with --ema");
   refused("--ema 0.5 --ema 0.6" + inputs, "--ema twice");
   refused("--bogus" + inputs, "an unknown option");
+  refused("'--x\x1b[31m'" + inputs, "an unknown option holding an escape byte");
+  {
+    std::ifstream in(log);
+    const std::string message((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    expect(message.find('\x1b') == std::string::npos && message.find("--x\\x1b[31m") != std::string::npos,
+           "an unknown option is shown with its escape byte written out, not sent to the terminal");
+  }
   refused("out.safetensors", "no input");
   refused(a + " " + a + " " + b, "OUT is an input");
   // Issue 16: the merge methods' arguments.

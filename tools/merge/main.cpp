@@ -272,7 +272,8 @@ Arguments parse(int argc, char** argv) {
           throw UsageError("--ema decay " + value + " is outside [0, 1]");
       }
     } else {
-      throw UsageError("unknown option '" + arg + "' (a file named so goes after --)");
+      throw UsageError("unknown option '" + polyak::detail::visible(arg) +
+                       "' (a file named so goes after --)");
     }
   }
   if (args.help) return args;
@@ -309,7 +310,7 @@ Arguments parse(int argc, char** argv) {
   if (!args.base.empty()) read.push_back(args.base);
   for (const auto& input : read) {  // (by name too: an OUT that does not exist yet has no identity)
     if (std::filesystem::path(input).lexically_normal() == std::filesystem::path(args.out).lexically_normal())
-      throw UsageError("OUT '" + args.out + "' is also an input");
+      throw UsageError("OUT '" + polyak::detail::visible(args.out) + "' is also an input");
   }
   try {
     polyak::check_output_apart(args.out, read);  // (merge_checkpoints checks every shard of them too)

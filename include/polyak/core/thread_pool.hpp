@@ -14,6 +14,7 @@
 #include <mutex>
 #include <stdexcept>  // std::invalid_argument
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -25,23 +26,24 @@ namespace polyak {
 /// thread runs part 0 itself. Not for concurrent use by several callers.
 class ThreadPool {
  public:
-  /// `threads` >= 1 in all, the caller included: ThreadPool(2) starts one worker.
+  /// `threads` >= 1 in all, the caller included: ThreadPool(2) starts one worker. Where the system
+  /// starts fewer (a process or container limit on threads), throws RuntimeError, the workers
+  /// already started stopped and joined.
   explicit ThreadPool(int threads) : size_(threads) {
     if (threads < 1) throw InvalidArgument("polyak::ThreadPool: threads " + std::to_string(threads) + " < 1");
-    for (int part = 1; part < threads; ++part) workers_.emplace_back([this, part] { work(part); });
+    try {
+      for (int part = 1; part < threads; ++part) workers_.emplace_back([this, part] { work(part); });
+    } catch (const std::system_error& e) {  // (a joinable std::thread destroyed would std::terminate)
+      stop();
+      throw RuntimeError("polyak::ThreadPool: the system started " + std::to_string(workers_.size()) +
+                         " of " + std::to_string(threads - 1) + " worker threads (" + e.what() + ")");
+    }
   }
 
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    start_.notify_all();
-    for (auto& worker : workers_) worker.join();
-  }
+  ~ThreadPool() { stop(); }
 
   /// How many parts a job is split into: the workers and the caller.
   int size() const noexcept { return size_; }
@@ -76,6 +78,16 @@ class ThreadPool {
   }
 
  private:
+  // Tells the workers to return, and joins them.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    start_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+
   void work(int part) {
     std::int64_t seen = 0;
     for (;;) {
