@@ -5,6 +5,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <csignal>  // kill
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -107,6 +109,7 @@ enum class Limited {
   passed,       ///< it returned true
   failed,       ///< it returned false or threw
   crashed,      ///< it died (std::terminate, a signal)
+  hung,         ///< it had not ended after the seconds allowed (killed)
   not_limited,  ///< the limit could not be imposed (root that cannot become nobody): not run
 };
 
@@ -114,8 +117,8 @@ enum class Limited {
 /// container's pids limit or `ulimit -u` sets it; a root child first becomes user nobody, whom the
 /// limit binds, where root ignores it). The child ends with _exit: no exit handlers (LeakSanitizer
 /// would need a thread). The body must not use Catch's assertions (another process); it reports by
-/// its return value.
-inline Limited with_thread_limit(rlim_t threads, const std::function<bool()>& body) {
+/// its return value; one that has not ended after `seconds` is killed.
+inline Limited with_thread_limit(rlim_t threads, const std::function<bool()>& body, int seconds = 60) {
   const pid_t child = ::fork();
   if (child < 0) return Limited::not_limited;
   if (child == 0) {
@@ -130,7 +133,13 @@ inline Limited with_thread_limit(rlim_t threads, const std::function<bool()>& bo
     ::_exit(ok ? 0 : 1);
   }
   int status = 0;
-  while (::waitpid(child, &status, 0) < 0) {
+  for (int waited_ms = 0; ::waitpid(child, &status, WNOHANG) == 0; waited_ms += 10) {
+    if (waited_ms >= 1000 * seconds) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, &status, 0);
+      return Limited::hung;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   if (!WIFEXITED(status)) return Limited::crashed;
   if (WEXITSTATUS(status) == 77) return Limited::not_limited;

@@ -116,3 +116,35 @@ TEST_CASE("ThreadCommunicator's non-blocking sums run beside blocking ones and r
     CHECK_THAT(failures[static_cast<std::size_t>(r)], Catch::Contains("members passed"));
   }
 }
+
+TEST_CASE("a non-blocking sum the system starts no thread for runs in wait(), no member left waiting",
+          "[communicator][overlap]") {
+  // Four threads for the user: the process's, two members' and one non-blocking sum's; the other
+  // member's sum gets no thread. Before, its iallreduce_sum threw and the first member's sum waited
+  // for it forever. (Tried three times: a test beside this one may hold nobody's threads a moment.)
+  polyak_test::Limited result = polyak_test::Limited::failed;
+  for (int attempt = 0;
+       attempt < 3 && result != polyak_test::Limited::passed && result != polyak_test::Limited::not_limited;
+       ++attempt) {
+    result = polyak_test::with_thread_limit(
+        4,
+        [] {
+          std::vector<std::vector<double>> seen(2);
+          const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+            std::vector<double> a(100, comm.rank() + 1.0), b(10, 1.0);
+            auto sum = comm.iallreduce_sum(a.data(), a.size());
+            comm.allreduce_sum(b.data(), b.size());  // meanwhile, a blocking one
+            sum.wait();
+            seen[static_cast<std::size_t>(comm.rank())] = {a[0], a[99], b[0]};
+          });
+          const std::vector<double> expected{3.0, 3.0, 2.0};
+          return errors == std::vector<std::string>(2) && seen[0] == expected && seen[1] == expected;
+        },
+        20);
+  }
+  if (result == polyak_test::Limited::not_limited) {
+    WARN("skipped: no limit on threads could be imposed here (root that cannot become nobody)");
+    return;
+  }
+  CHECK(result == polyak_test::Limited::passed);
+}

@@ -43,6 +43,7 @@
 #include <mutex>
 #include <stdexcept>  // std::invalid_argument
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <utility>  // std::pair
 #include <vector>
@@ -134,8 +135,10 @@ inline constexpr std::size_t average_chunk_bytes_v = detail::chunk_bytes_of<C>::
 /// order, and writes the sum into every buffer; so all members get bit-identical results. Members
 /// that pass different lengths all get std::invalid_argument. iallreduce_sum runs the same sum on a
 /// thread of its own, among a second group that only non-blocking calls use, so blocking calls may
-/// go on meanwhile; a member's non-blocking calls run one after another, in the order started. A
-/// copy of a ThreadCommunicator is the same member.
+/// go on meanwhile; a member's non-blocking calls run one after another, in the order started. Where
+/// the system starts no thread for it (a process or container limit), the sum runs in wait() on the
+/// waiting thread instead (test() says false until then), so that the other members are not left
+/// waiting for a member whose call failed. A copy of a ThreadCommunicator is the same member.
 class ThreadCommunicator {
  public:
   /// A non-blocking allreduce in flight. wait() completes it and rethrows what the sum threw; test()
@@ -247,10 +250,15 @@ class ThreadCommunicator {
     if (!g.nonblocking) g.nonblocking = std::make_shared<Group>(g.size);
     ThreadCommunicator member(g.nonblocking, rank_);
     std::shared_future<void>& previous = g.last_nonblocking[static_cast<std::size_t>(rank_)];
-    previous = std::async(std::launch::async, [member, data, n, before = previous]() mutable {
-                 if (before.valid()) before.wait();  // this member's earlier calls first, in order
-                 member.allreduce_sum(data, n);
-               }).share();
+    auto sum = [member, data, n, before = previous]() mutable {
+      if (before.valid()) before.wait();  // this member's earlier calls first, in order
+      member.allreduce_sum(data, n);
+    };
+    try {
+      previous = std::async(std::launch::async, sum).share();
+    } catch (const std::system_error&) {  // (no thread to be had: run in wait(), on the waiting thread)
+      previous = std::async(std::launch::deferred, std::move(sum)).share();
+    }
     return Request(previous);
   }
 
