@@ -43,11 +43,11 @@
 #include <mutex>
 #include <stdexcept>  // std::invalid_argument
 #include <string>
-#include <system_error>
 #include <type_traits>
 #include <utility>  // std::pair
 #include <vector>
 
+#include "polyak/core/detail/start_or_defer.hpp"
 #include "polyak/core/error.hpp"
 
 namespace polyak {
@@ -254,11 +254,7 @@ class ThreadCommunicator {
       if (before.valid()) before.wait();  // this member's earlier calls first, in order
       member.allreduce_sum(data, n);
     };
-    try {
-      previous = std::async(std::launch::async, sum).share();
-    } catch (const std::system_error&) {  // (no thread to be had: run in wait(), on the waiting thread)
-      previous = std::async(std::launch::deferred, std::move(sum)).share();
-    }
+    previous = detail::start_or_defer(std::move(sum)).share();
     return Request(previous);
   }
 

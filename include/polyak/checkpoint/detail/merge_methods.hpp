@@ -15,13 +15,13 @@
 #include <mutex>
 #include <random>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "polyak/core/detail/number_text.hpp"
+#include "polyak/core/detail/start_or_defer.hpp"
 #include "polyak/core/error.hpp"
 #include "polyak/core/scalar_type.hpp"
 #include "polyak/checkpoint/safetensors.hpp"
@@ -143,13 +143,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       std::size_t used = 1;
       for (; used < lane_count && round + used * lane_span < numel; ++used) {
         const std::size_t l = used, begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
-        try {
-          helpers.push_back(
-              std::async(std::launch::async, [&span_body, l, begin, end] { span_body(l, begin, end); }));
-        } catch (const std::system_error&) {  // (a process or container limit on threads)
-          helpers.push_back(
-              std::async(std::launch::deferred, [&span_body, l, begin, end] { span_body(l, begin, end); }));
-        }
+        helpers.push_back(start_or_defer([&span_body, l, begin, end] { span_body(l, begin, end); }));
       }
       span_body(std::size_t{0}, round, std::min(round + lane_span, numel));
       for (auto& helper : helpers) helper.get();  // (a deferred one runs here, on this thread)
@@ -666,11 +660,7 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
   const auto flush = [&](std::size_t bytes) {
     if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
     std::swap(pending, writing);
-    try {
-      written = std::async(std::launch::async, [&, bytes] { write_all(fd, writing.data(), bytes, file); });
-    } catch (const std::system_error&) {  // (no thread to be had, ulimit -u: written here, in turn)
-      write_all(fd, writing.data(), bytes, file);
-    }
+    written = start_or_defer([&, bytes] { write_all(fd, writing.data(), bytes, file); });
   };
   std::size_t filled = 0;  // elements in `pending`
   merge_tensor(
