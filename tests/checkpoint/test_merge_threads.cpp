@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -146,6 +147,39 @@ TEST_CASE("an overflow in a later span is refused as on one thread, nothing writ
   for (const auto& entry : std::filesystem::directory_iterator(folder.path()))
     entries += !entry.is_directory();
   CHECK(entries == 3);  // m, b and the user's file: no temporary left
+}
+
+TEST_CASE("of errors in several spans, the earliest is reported, whatever the thread count",
+          "[merge][threads]") {
+  // Overflows (task values 1e30 and more, lambda 1e10) at the end of span 1 and in spans 2 and 3 of
+  // four: with 2 threads spans 1 and 3 are the second lane's, span 2 the first's; with 3, each is a
+  // lane's own. Span 1 is otherwise NaN (carried, not refused, but checked one by one: slow), so the
+  // first lane meets its error in span 2 before the second meets span 1's. Every merge must report
+  // span 1's value, 3e40 (the others: 1e40, 2e40), as the serial merge finds it first.
+  std::vector<float> zero(4 * span, 0.0f), one = zero;
+  std::fill(one.begin() + span, one.begin() + 2 * span, std::numeric_limits<float>::quiet_NaN());
+  one[2 * span - 1] = 3e30f;
+  one[2 * span + 17] = 1e30f;
+  one[3 * span + 1] = 2e30f;
+  StateDict m, b;
+  m.insert("w", one.data(), {static_cast<std::int64_t>(one.size())});
+  b.insert("w", zero.data(), {static_cast<std::int64_t>(zero.size())});
+  std::vector<std::string> messages;
+  for (const unsigned threads : {1u, 2u, 3u, 4u}) {
+    MergeOptions o;
+    o.method = MergeMethod::TaskArithmetic;
+    o.scale = 1e10;
+    o.threads = threads;
+    try {
+      static_cast<void>(polyak::merge_state_dicts({&m}, &b, o));
+      FAIL("the overflow was not refused on " << threads << " threads");
+    } catch (const polyak::InvalidArgument& e) {
+      messages.push_back(e.what());
+    }
+  }
+  REQUIRE(messages.size() == 4);
+  CHECK_THAT(messages[0], Catch::Contains("merges to 2.99999"));  // (3e30f is 2.99999989e30)
+  for (std::size_t k = 1; k < messages.size(); ++k) CHECK(messages[k] == messages[0]);
 }
 
 TEST_CASE("where the system starts no thread, a merge runs its spans on the calling thread, same bytes",

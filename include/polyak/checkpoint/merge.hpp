@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstring>  // std::memcpy
 #include <string>
 #include <utility>
 #include <vector>
@@ -120,16 +121,13 @@ inline StateDict merge_state_dicts(const std::vector<const StateDict*>& inputs, 
       if (t.contiguous() == nullptr) reordered[m] = t.owned();
       sources.push_back(t.contiguous() != nullptr ? t.contiguous() : reordered[m].bytes.data());
     }
-    std::size_t at = 0;
     detail::merge_tensor(
         options, inputs.size(), name, tensor.shape, tensor.numel(), tensor.dtype, base != nullptr,
         [&](std::size_t, std::size_t m, std::size_t begin, std::size_t count, double* out) {  // (any lane)
           detail::bytes_to_doubles(tensor.dtype, sources[m] + begin * element, count, out);
         },
-        [&](const double* out, std::size_t count) {
-          detail::doubles_to_bytes(tensor.dtype, out, count,
-                                   merged.bytes.data() + at * dtype_size(tensor.dtype));
-          at += count;
+        [&](const std::byte* out, std::size_t begin, std::size_t count) {  // (from any lane)
+          std::memcpy(merged.bytes.data() + begin * element, out, count * element);
         },
         work);
     result.insert(name, std::move(merged));

@@ -165,7 +165,9 @@ namespace detail {
 
 /// `count` elements of `dtype` at `in` as doubles (exact for every dtype; I64 up to 2^53).
 inline void bytes_to_doubles(DType dtype, const std::byte* in, std::size_t count, double* out) {
-  with_scalar_type(dtype, [&](auto zero) {
+  // (captured by value: a byte store may alias a captured reference, which the compiler would then
+  // reload every element instead of vectorizing the loop)
+  with_scalar_type(dtype, [in, count, out](auto zero) {
     using T = decltype(zero);
     for (std::size_t i = 0; i < count; ++i) {
       T v;
@@ -193,18 +195,25 @@ inline float float_rounded_to_odd(double value) {
 /// `count` doubles rounded once to `dtype` (I64 to the nearest integer; half and bfloat16 through a
 /// float rounded to odd, float_rounded_to_odd), into `out`.
 inline void doubles_to_bytes(DType dtype, const double* in, std::size_t count, std::byte* out) {
-  with_scalar_type(dtype, [&](auto zero) {
+  with_scalar_type(dtype, [in, count, out](auto zero) {  // (by value, as bytes_to_doubles)
     using T = decltype(zero);
-    for (std::size_t i = 0; i < count; ++i) {
-      T v;
-      if constexpr (std::is_same_v<T, std::int64_t>) {
-        v = static_cast<std::int64_t>(std::llround(in[i]));
-      } else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        v = static_cast<T>(in[i]);
-      } else {
-        v = static_cast<T>(float_rounded_to_odd(in[i]));
+    // In blocks through an array of T: a loop of stores into bytes is not vectorized, a conversion
+    // into an array and one copy of it are.
+    constexpr std::size_t block = 64;
+    T converted[block];
+    for (std::size_t begin = 0; begin < count; begin += block) {
+      const std::size_t n = std::min(block, count - begin);
+      const double* from = in + begin;
+      for (std::size_t i = 0; i < n; ++i) {
+        if constexpr (std::is_same_v<T, std::int64_t>) {
+          converted[i] = static_cast<std::int64_t>(std::llround(from[i]));
+        } else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+          converted[i] = static_cast<T>(from[i]);
+        } else {
+          converted[i] = static_cast<T>(float_rounded_to_odd(from[i]));
+        }
       }
-      std::memcpy(out + i * sizeof(T), &v, sizeof(T));
+      std::memcpy(out + begin * sizeof(T), converted, n * sizeof(T));
     }
   });
 }

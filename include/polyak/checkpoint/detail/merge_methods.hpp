@@ -4,12 +4,14 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <future>  // the output blocks written on a second thread
+#include <future>  // the lanes after the first, each on a thread of its own
 #include <limits>
 #include <map>
 #include <mutex>
@@ -19,6 +21,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <sys/types.h>  // off_t
+#include <unistd.h>     // lseek
 
 #include "polyak/core/detail/number_text.hpp"
 #include "polyak/core/detail/start_or_defer.hpp"
@@ -67,21 +72,27 @@ inline double overflow_threshold(DType dtype) {
 /// Whether a consensus-elected sign `sign` (+1 or -1) agrees with `value` (a zero never agrees).
 inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) || (value < 0 && sign < 0); }
 
-/// Merges one floating-point tensor of `numel` elements and shape `shape`, calling emit(values,
-/// count) with the merged doubles piece by piece, in order (on the calling thread; the last pass's
-/// arithmetic runs on merge_lanes(o, numel) threads). `with_base`: read(lane, models, ...) reads a
-/// base model (needed by needs_base methods, optional for takes_optional_base ones).
-template <class Emit>
+/// Merges one floating-point tensor of `numel` elements and shape `shape`, calling store(bytes,
+/// begin, count) with its scalars [begin, begin + count) merged and rounded once to `dtype`
+/// (doubles_to_bytes), each scalar once, in spans of at most merge_lane_span: from
+/// merge_lanes(o, numel) threads at once (this one among them), in no order between threads. `with_base`:
+/// read(lane, models, ...) reads a base model (needed by needs_base methods, optional for takes_optional_base
+/// ones).
+template <class Store>
 void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype, bool with_base,
-                  const TensorSource& read, Emit&& emit, MergeWorkspace& work) {
+                  const TensorSource& read, Store&& store, MergeWorkspace& work) {
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
   const double overflow = overflow_threshold(dtype);
   const auto check_range = [&](const std::vector<std::vector<double>>& xs, const std::vector<double>& b,
                                const double* values, std::size_t count) {
+    const double surely_finite = overflow * (1 - 0x1p-20);  // (below it, finite once rounded)
+    std::size_t near_or_beyond = 0;                         // (a count first: a loop the compiler vectorizes)
+    for (std::size_t j = 0; j < count; ++j) near_or_beyond += !(std::abs(values[j]) < surely_finite);
+    if (near_or_beyond == 0) return;
     for (std::size_t j = 0; j < count; ++j) {
-      if (std::abs(values[j]) < overflow * (1 - 0x1p-20)) continue;  // surely finite once rounded
+      if (std::abs(values[j]) < surely_finite) continue;
       std::byte rounded[8];  // else round it as it will be written (F16 and BF16 go through float)
       double back = 0;
       doubles_to_bytes(dtype, values + j, 1, rounded);
@@ -115,7 +126,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     lanes[l].x.resize(models);
     for (auto& piece_of_model : lanes[l].x) piece_of_model.resize(piece);
     lanes[l].base.resize(has_base ? piece : 0);
-    lanes[l].out.resize(lane_span);
+    lanes[l].out.resize(piece);
+    lanes[l].out_bytes.resize(lane_span * dtype_size(dtype));
     lanes[l].v.resize(models);
   }
   std::vector<std::vector<double>>& x = lanes[0].x;
@@ -132,32 +144,47 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       body(begin, count);
     }
   };
-  // The elementwise passes in spans of lane_span scalars, lane_count at a time: span(l, begin, end)
-  // for each, the round's first on this thread, the others each on a thread of its own (or, where
-  // the system starts no more threads, on this one too); then, on this thread, after_round(round,
-  // spans) with the spans of the round in order. A thread's error is rethrown here, the earliest
-  // span's first (each thread is waited for before an error leaves).
-  const auto in_lanes = [&](auto&& span_body, auto&& after_round) {
-    for (std::size_t round = 0; round < numel; round += lane_count * lane_span) {
-      std::vector<std::future<void>> helpers;
-      std::size_t used = 1;
-      for (; used < lane_count && round + used * lane_span < numel; ++used) {
-        const std::size_t l = used, begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
-        helpers.push_back(start_or_defer([&span_body, l, begin, end] { span_body(l, begin, end); }));
+  // The elementwise passes in spans of lane_span scalars: span_body(l, begin, end) for each, lane l
+  // taking spans l, l + lane_count, ... in order, lane 0 on this thread and the others each on a
+  // thread of its own (or, where the system starts no more threads, on this one after lane 0). A
+  // lane stops at its first error, and before any span past another lane's error; the earliest
+  // span's error is rethrown here once every lane has stopped (the same error whatever the timing:
+  // the lane of the earliest failing span reaches it).
+  const auto in_lanes = [&](auto&& span_body) {
+    std::atomic<std::size_t> failed_at{numel};  // the first scalar of the earliest span that threw
+    std::vector<std::exception_ptr> errors(lane_count);
+    std::vector<std::size_t> error_at(lane_count, numel);
+    const auto run_lane = [&](std::size_t l) {
+      for (std::size_t begin = l * lane_span; begin < numel; begin += lane_count * lane_span) {
+        if (begin > failed_at.load()) return;
+        try {
+          span_body(l, begin, std::min(begin + lane_span, numel));
+        } catch (...) {
+          errors[l] = std::current_exception();
+          error_at[l] = begin;
+          std::size_t seen = failed_at.load();
+          while (begin < seen && !failed_at.compare_exchange_weak(seen, begin)) {
+          }
+          return;
+        }
       }
-      span_body(std::size_t{0}, round, std::min(round + lane_span, numel));
-      for (auto& helper : helpers) helper.get();  // (a deferred one runs here, on this thread)
-      after_round(round, used);
+    };
+    std::vector<std::future<void>> helpers;
+    for (std::size_t l = 1; l < lane_count; ++l)
+      helpers.push_back(start_or_defer([&run_lane, l] { run_lane(l); }));
+    run_lane(0);
+    for (auto& helper : helpers) helper.get();  // (a deferred one runs here, on this thread)
+    std::size_t first = lane_count;
+    for (std::size_t l = 0; l < lane_count; ++l) {
+      if (errors[l] && (first == lane_count || error_at[l] < error_at[first])) first = l;
     }
+    if (first < lane_count) std::rethrow_exception(errors[first]);
   };
   // body(l, begin, count) for every piece, spread over the lanes (in no order between spans).
   const auto for_each_piece_in_lanes = [&](auto&& body) {
-    in_lanes(
-        [&](std::size_t l, std::size_t begin, std::size_t end) {
-          for (std::size_t at = begin; at < end; at += merge_piece)
-            body(l, at, std::min(merge_piece, end - at));
-        },
-        [](std::size_t, std::size_t) {});
+    in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
+      for (std::size_t at = begin; at < end; at += merge_piece) body(l, at, std::min(merge_piece, end - at));
+    });
   };
 
   // First passes over the whole tensor: what each method needs to know before it writes.
@@ -421,12 +448,17 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       // The linear methods a model at a time over the piece (loops the compiler vectorizes).
       const bool slerp = method == MergeMethod::Slerp, arithmetic = method == MergeMethod::TaskArithmetic;
       const double divisor = arithmetic && normalize ? weight_sum : 1.0;
-      std::fill(result, result + count, 0.0);
       for (std::size_t m = 0; m < models; ++m) {
         const double weight = slerp ? (m == 0 ? s0 : s1) : arithmetic ? o.scale * w[m] / divisor : w[m];
         const double* xm = xs[m].data();
-        if (arithmetic) {
-          const double* b = bs.data();
+        const double* b = bs.data();
+        if (m == 0) {  // (0 + the first term: the sum from 0, as before, without a pass to zero it)
+          if (arithmetic) {
+            for (std::size_t j = 0; j < count; ++j) result[j] = 0.0 + weight * (xm[j] - b[j]);
+          } else {
+            for (std::size_t j = 0; j < count; ++j) result[j] = 0.0 + weight * xm[j];
+          }
+        } else if (arithmetic) {
           for (std::size_t j = 0; j < count; ++j) result[j] += weight * (xm[j] - b[j]);
         } else {
           for (std::size_t j = 0; j < count; ++j) result[j] += weight * xm[j];
@@ -521,24 +553,20 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
   // The pass in spans of merge_lane_span scalars: each lane (a thread) merges a span of its own,
-  // reading through blocks of its own; then the spans are emitted in order. A scalar's arithmetic is
-  // the same whichever thread does it: the bytes do not depend on the number of threads.
-  const auto merge_span = [&](std::size_t l, std::size_t begin, std::size_t end) {
+  // reading through blocks of its own, rounds it to dtype and stores it. A scalar's arithmetic is the
+  // same whichever thread does it: the bytes do not depend on the number of threads.
+  const std::size_t out_element = dtype_size(dtype);
+  in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
     MergeLane& lane = lanes[l];
     for (std::size_t at = begin; at < end; at += merge_piece) {
       const std::size_t count = std::min(merge_piece, end - at);
       read_lane(l, at, count);
-      double* result = lane.out.data() + (at - begin);
+      double* result = lane.out.data();
       merge_piece_into(lane, at, count, result);
       check_range(lane.x, lane.base, result, count);
+      doubles_to_bytes(dtype, result, count, lane.out_bytes.data() + (at - begin) * out_element);
     }
-  };
-  in_lanes(merge_span, [&](std::size_t round, std::size_t spans) {
-    for (std::size_t l = 0; l < spans; ++l) {
-      const std::size_t begin = round + l * lane_span, end = std::min(begin + lane_span, numel);
-      for (std::size_t at = begin; at < end; at += merge_piece)
-        emit(static_cast<const double*>(lanes[l].out.data() + (at - begin)), std::min(merge_piece, end - at));
-    }
+    store(static_cast<const std::byte*>(lane.out_bytes.data()), begin, end - begin);
   });
 }
 
@@ -596,19 +624,19 @@ struct StreamedInput {
   const CheckpointReader::Tensor* tensor = nullptr;  ///< one of its tensors
 };
 
-/// The blocks a streamed merge reads into and writes from, kept from one tensor to the next: fresh
-/// ones cost a page fault every 4 KiB (zeroed by the kernel, then by the vector), which on a virtual
-/// machine took half the time of an average of two checkpoints.
+/// The blocks a streamed merge reads into, kept from one tensor to the next: fresh ones cost a page
+/// fault every 4 KiB (zeroed by the kernel, then by the vector), which on a virtual machine took half
+/// the time of an average of two checkpoints.
 struct MergeBuffers {
   std::vector<std::vector<std::vector<std::byte>>> inputs;  ///< one block an input, a set a lane
-  std::vector<std::byte> pending, writing;  ///< the output block being filled, and the one written
-  MergeWorkspace work;                      ///< the whole-tensor passes' memory
+  MergeWorkspace work;                                      ///< the lanes' and whole-tensor passes' memory
 };
 
 /// Merges one tensor from `inputs` (the models' tensors, then the base's where there is one) and
-/// writes it to `fd`, rounded once to `dtype`; each input is read in its own dtype. Reads and writes
-/// go in blocks of 1 MiB, each input's block kept, the arithmetic in pieces of merge_piece: a system
-/// call a block, not a piece, which is most of what a merge costs beyond its I/O. An integer tensor
+/// writes it to `fd` (a file, at its offset, which it leaves past the tensor), rounded once to
+/// `dtype`; each input is read in its own dtype. Reads go in blocks of 1 MiB, each input's block
+/// kept, writes a lane's span at a time, the arithmetic in pieces of merge_piece: a system call a
+/// block, not a piece, which is most of what a merge costs beyond its I/O. An integer tensor
 /// (a counter) is the last model's, copied.
 inline void write_merged_stream(std::vector<CheckpointReader>& readers,
                                 const std::vector<StreamedInput>& inputs, std::size_t models,
@@ -650,32 +678,20 @@ inline void write_merged_stream(std::vector<CheckpointReader>& readers,
     }
     bytes_to_doubles(in.dtype, bytes.data() + (begin - c.begin) * element, count, values);
   };
-  // Two output blocks: one filled here while the other is written on a second thread, so that the
-  // kernel's copies into the page cache overlap the reading and arithmetic of the next block.
-  const std::size_t block = std::max(merge_piece, (std::size_t{1} << 20) / out_element);
-  std::vector<std::byte>&pending = buffers.pending, &writing = buffers.writing;
-  if (pending.size() < block * out_element) pending.resize(block * out_element);
-  if (writing.size() < block * out_element) writing.resize(block * out_element);
-  std::future<void> written;  // (destroyed before return: it waits for the write)
-  const auto flush = [&](std::size_t bytes) {
-    if (written.valid()) written.get();  // the previous block is on its way (its error rethrown here)
-    std::swap(pending, writing);
-    written = start_or_defer([&, bytes] { write_all(fd, writing.data(), bytes, file); });
-  };
-  std::size_t filled = 0;  // elements in `pending`
+  // Each lane writes its spans where they go in the file (pwrite), so that the kernel's copies into
+  // the page cache run on every lane, beside the others' reading and arithmetic; the file offset is
+  // then moved past the tensor, as a sequential write would have left it.
+  const off_t start = ::lseek(fd, 0, SEEK_CUR);
+  if (start < 0) fail_io("cannot find the write position in", file);
+  const auto at = static_cast<std::uint64_t>(start);
   merge_tensor(
       options, models, name, first.shape, numel, dtype, inputs.size() > models, read,
-      [&](const double* values, std::size_t count) {
-        if ((filled + count) * out_element > pending.size()) {
-          flush(filled * out_element);
-          filled = 0;
-        }
-        doubles_to_bytes(dtype, values, count, pending.data() + filled * out_element);
-        filled += count;
+      [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
+        pwrite_all(fd, bytes, count * out_element, at + begin * out_element, file);
       },
       buffers.work);
-  flush(filled * out_element);
-  if (written.valid()) written.get();
+  if (::lseek(fd, static_cast<off_t>(at + numel * out_element), SEEK_SET) < 0)
+    fail_io("cannot move the write position in", file);
 }
 
 /// Merges tensor `tensor` of `readers` (the models, then the base) into `fd`, in its dtype.

@@ -198,7 +198,8 @@ struct KeptScalars {
 struct MergeLane {
   std::vector<std::vector<double>> x;  ///< a piece of each model
   std::vector<double> base;            ///< the base's piece
-  std::vector<double> out;             ///< the span's merged scalars
+  std::vector<double> out;             ///< a piece's merged scalars
+  std::vector<std::byte> out_bytes;    ///< the span's, rounded to the output's dtype
   std::vector<double> v;               ///< a scalar's values, one a model
 };
 
