@@ -128,7 +128,9 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     lanes[l].base.resize(has_base ? piece : 0);
     lanes[l].out.resize(piece);
     lanes[l].out_bytes.resize(lane_span * dtype_size(dtype));
-    lanes[l].v.resize(models);
+    lanes[l].v.resize(models * piece);  // (a piece a model: the task-vector methods' kept values)
+    for (auto* scratch : {&lanes[l].elect, &lanes[l].sum, &lanes[l].divisor}) scratch->resize(piece);
+    lanes[l].nan.resize(piece);
   }
   std::vector<std::vector<double>>& x = lanes[0].x;
   std::vector<double>& base = lanes[0].base;
@@ -468,32 +470,58 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t j = 0; j < count; ++j) result[j] += bs[j];
       }
     } else if (is_task_vector_method(method)) {
-      for (std::size_t j = 0; j < count; ++j) {
-        const std::size_t at = begin + j;
-        double elect = 0;
-        bool nan = false;
-        for (std::size_t m = 0; m < models; ++m) {
-          const double tau = xs[m][j] - bs[j];
-          nan = nan || std::isnan(tau);
-          const bool keep = kept[m].kept(at);
-          vs[m] = keep ? w[m] * kept[m].rescale * tau : 0.0;
-          elect += vs[m];
-        }
-        double sum = 0, divisor = weight_sum;
-        if (consensus) {
-          const double sign = elect >= 0 ? 1.0 : -1.0;
-          divisor = 0;
-          for (std::size_t m = 0; m < models; ++m) {
-            if (!agrees(vs[m], sign)) continue;
-            sum += vs[m];
-            divisor += w[m];
+      // A model at a time over the piece (loops the compiler vectorizes), each scalar's sums taken in
+      // the order of one scalar at a time: elect = 0 + v_0 + v_1 + ..., then the agreeing terms from
+      // 0 (adding 0 where one disagrees leaves a sum that is never -0 unchanged).
+      double *elect = lane.elect.data(), *sum = lane.sum.data(), *divisor = lane.divisor.data();
+      unsigned char* nan = lane.nan.data();
+      std::fill(elect, elect + count, 0.0);
+      std::fill(nan, nan + count, static_cast<unsigned char>(0));
+      const double* b = bs.data();
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = xs[m].data();
+        double* vm = vs.data() + m * piece;
+        const KeptScalars& k = kept[m];
+        const double factor = w[m] * k.rescale;
+        const auto task_values = [&](auto&& keep) {
+          for (std::size_t j = 0; j < count; ++j) {
+            const double tau = xm[j] - b[j];
+            nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+            vm[j] = keep(begin + j) ? factor * tau : 0.0;
+            elect[j] += vm[j];
           }
-          if (exactly_equal(divisor, 0.0)) divisor = 1;  // (mergekit's guard, exactly zero)
+        };
+        if (k.drawn) {
+          task_values([&k](std::size_t at) { return uniform_draw(k.key, at) >= k.drop; });
+        } else if (k.keep.empty()) {
+          task_values([](std::size_t) { return true; });
         } else {
-          sum = elect;
+          task_values([&k](std::size_t at) { return static_cast<bool>(k.keep[at]); });
         }
-        const double merged = bs[j] + o.scale * (normalize ? sum / divisor : sum);
-        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : merged;  // as arithmetic carries it
+      }
+      if (consensus) {
+        std::fill(sum, sum + count, 0.0);
+        std::fill(divisor, divisor + count, 0.0);
+        for (std::size_t m = 0; m < models; ++m) {
+          const double* vm = vs.data() + m * piece;
+          const double weight = w[m];
+          for (std::size_t j = 0; j < count; ++j) {
+            const bool agreeing = agrees(vm[j], elect[j] >= 0 ? 1.0 : -1.0);
+            sum[j] += agreeing ? vm[j] : 0.0;
+            divisor[j] += agreeing ? weight : 0.0;
+          }
+        }
+        for (std::size_t j = 0; j < count; ++j) {
+          const double d =
+              exactly_equal(divisor[j], 0.0) ? 1.0 : divisor[j];  // (mergekit's guard, exactly 0)
+          const double merged = b[j] + o.scale * (normalize ? sum[j] / d : sum[j]);
+          result[j] = nan[j] ? std::numeric_limits<double>::quiet_NaN() : merged;  // as arithmetic carries it
+        }
+      } else {
+        for (std::size_t j = 0; j < count; ++j) {
+          const double merged = b[j] + o.scale * (normalize ? elect[j] / weight_sum : elect[j]);
+          result[j] = nan[j] ? std::numeric_limits<double>::quiet_NaN() : merged;
+        }
       }
     } else if (method == MergeMethod::ModelStock) {
       const double n = static_cast<double>(models);

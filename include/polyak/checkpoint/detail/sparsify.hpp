@@ -196,11 +196,13 @@ struct KeptScalars {
 /// One thread's buffers in a merge's last pass: a piece of each model (and of the base), and the
 /// merged scalars of its span.
 struct MergeLane {
-  std::vector<std::vector<double>> x;  ///< a piece of each model
-  std::vector<double> base;            ///< the base's piece
-  std::vector<double> out;             ///< a piece's merged scalars
-  std::vector<std::byte> out_bytes;    ///< the span's, rounded to the output's dtype
-  std::vector<double> v;               ///< a scalar's values, one a model
+  std::vector<std::vector<double>> x;       ///< a piece of each model
+  std::vector<double> base;                 ///< the base's piece
+  std::vector<double> out;                  ///< a piece's merged scalars
+  std::vector<std::byte> out_bytes;         ///< the span's, rounded to the output's dtype
+  std::vector<double> v;                    ///< a piece of each model's kept task values (or a scalar's)
+  std::vector<double> elect, sum, divisor;  ///< the task-vector methods' sums over the models, a piece
+  std::vector<unsigned char> nan;           ///< whether a scalar's task values hold a NaN, a piece
 };
 
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
