@@ -87,14 +87,15 @@
 // (counters) are the last model's. NaN and infinite task values: carried into their own scalar
 // (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's,
 // NuSlerp's and the spherical methods' inner products, and SCE's weights). Memory: a 1 MiB block and
-// a 16 Ki-scalar piece (in double) per model, two 1 MiB output blocks, kept from one tensor to the
-// next; the ranked methods and Sce add an 8-byte key per scalar of the largest tensor (its
+// a 16 Ki-scalar piece (in double) per model, a span of 2^19 output scalars in the output's dtype
+// (2 MB in float), kept from one tensor to the next; the ranked methods and Sce add an 8-byte key per scalar of the largest tensor (its
 // magnitudes; the selection copies the boundary's bucket of them) and one bit per scalar and model
 // (the kept scalars; the random methods draw as they merge and keep none), Della 32 bytes per
 // scalar of a row (its (key, position) pairs and the radix sort's second array); Model Stock one double per
 // row (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two doubles
 // per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has spans of 2^19
-// scalars) adds its span's merged doubles (4 MB), a piece per model and a 1 MiB block per input.
+// scalars) adds its span's output scalars (2 MB in float), two pieces per model and a 1 MiB block per
+// input.
 #pragma once
 
 #include <algorithm>  // std::max_element
@@ -187,8 +188,8 @@ struct MergeOptions {
                                   ///< default) the machine's hardware threads, at most 4; 1 merges on
                                   ///< the calling thread alone; never more than a tensor has spans
                                   ///< of 2^19 scalars, and fewer where the system starts no more.
-                                  ///< Each holds about 4 MB and 1 MiB an input. The bytes written do
-                                  ///< not depend on it.
+                                  ///< Each holds a span of output (2 MB in float), and 1 MiB and two
+                                  ///< pieces an input. The bytes written do not depend on it.
 
   /// Model m's density: densities[m] where given, else density.
   double density_of(std::size_t m) const { return densities.empty() ? density : densities[m]; }
