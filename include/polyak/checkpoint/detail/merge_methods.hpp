@@ -189,17 +189,57 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     });
   };
 
+  // The sums of a whole-tensor pass, on the lanes and independent of their number: each span of
+  // lane_span scalars sums its own part from zero, partial(lane, begin, end, part), and the parts
+  // are added in span order here, add(total, part), from `zero`. A tensor of one span sums in scalar
+  // order, as one accumulator does (0 + a sum taken from 0 is that sum: such a sum is never -0).
+  const auto sum_in_spans = [&](auto zero, auto&& partial, auto&& add) {
+    using Part = decltype(zero);
+    std::vector<Part> parts(numel == 0 ? 0 : (numel + lane_span - 1) / lane_span, zero);
+    in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
+      Part part = zero;  // (summed on this thread's stack: the parts of two lanes share cache lines)
+      partial(l, begin, end, part);
+      parts[begin / lane_span] = std::move(part);
+    });
+    Part total = zero;
+    for (const Part& part : parts) add(total, part);
+    return total;
+  };
+  // body(lane, begin, count) for every piece of [begin, end), read into lane l's buffers.
+  const auto read_pieces = [&](std::size_t l, std::size_t begin, std::size_t end, auto&& body) {
+    for (std::size_t at = begin; at < end; at += merge_piece) {
+      const std::size_t count = std::min(merge_piece, end - at);
+      read_lane(l, at, count);
+      body(lanes[l], at, count);
+    }
+  };
+
   // First passes over the whole tensor: what each method needs to know before it writes.
   double s0 = 1 - o.t, s1 = o.t;  // Slerp's coefficients
   if (method == MergeMethod::Slerp) {
-    double dot = 0, aa = 0, bb = 0;
-    for_each_piece([&](std::size_t, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        dot += x[0][j] * x[1][j];
-        aa += x[0][j] * x[0][j];
-        bb += x[1][j] * x[1][j];
-      }
-    });
+    struct Dots {
+      double dot = 0, aa = 0, bb = 0;
+    };
+    const Dots sums = sum_in_spans(
+        Dots{},
+        [&](std::size_t l, std::size_t begin, std::size_t end, Dots& part) {
+          double dot = 0, aa = 0, bb = 0;  // (in registers)
+          read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+            const double *x0 = lane.x[0].data(), *x1 = lane.x[1].data();
+            for (std::size_t j = 0; j < count; ++j) {
+              dot += x0[j] * x1[j];
+              aa += x0[j] * x0[j];
+              bb += x1[j] * x1[j];
+            }
+          });
+          part = {dot, aa, bb};
+        },
+        [](Dots& total, const Dots& part) {
+          total.dot += part.dot;
+          total.aa += part.aa;
+          total.bb += part.bb;
+        });
+    const double dot = sums.dot, aa = sums.aa, bb = sums.bb;
     const double cosine = aa > 0 && bb > 0 ? dot / std::sqrt(aa * bb) : 1.0;  // a zero tensor: linear
     if (std::abs(cosine) <= 0.9995) {
       const double theta = std::acos(cosine), sine = std::sin(theta);
@@ -263,18 +303,26 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   const bool span_base = has_base && models > 1;
   if (spherical && models == 1) span = {1.0};
   if (spherical && models > 1) {
-    const auto vector_at = [&](std::size_t a, std::size_t j) {
-      const double v = span_base ? x[a][j] - base[j] : x[a][j];
+    const auto vector_at = [&](const MergeLane& lane, std::size_t a, std::size_t j) {
+      const double v = span_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
       return std::isfinite(v) ? static_cast<long double>(v) : 0.0L;
     };
-    std::vector<long double> gram(models * models, 0.0L), v(models);
-    for_each_piece([&](std::size_t, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        for (std::size_t a = 0; a < models; ++a) v[a] = vector_at(a, j);
-        for (std::size_t a = 0; a < models; ++a)
-          for (std::size_t b = a; b < models; ++b) gram[a * models + b] += v[a] * v[b];
-      }
-    });
+    const auto add_all = [](std::vector<long double>& total, const std::vector<long double>& part) {
+      for (std::size_t i = 0; i < total.size(); ++i) total[i] += part[i];
+    };
+    const std::vector<long double> gram = sum_in_spans(
+        std::vector<long double>(models * models, 0.0L),
+        [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
+          std::vector<long double> v(models);
+          read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+            for (std::size_t j = 0; j < count; ++j) {
+              for (std::size_t a = 0; a < models; ++a) v[a] = vector_at(lane, a, j);
+              for (std::size_t a = 0; a < models; ++a)
+                for (std::size_t b = a; b < models; ++b) part[a * models + b] += v[a] * v[b];
+            }
+          });
+        },
+        add_all);
     // Both methods are homogeneous of degree 1 in the vectors, so coefficients computed on the
     // vectors scaled by a power of two apply to them unscaled: where the largest norm leaves
     // double's comfortable range (F64 values beyond 1e300 or below 1e-300), the norms are scaled
@@ -296,14 +344,21 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
     }
     const ExactNorm exact = [&](const std::vector<double>& c) {  // |sum_i c_i v_i|, at the norms' scale
-      long double sum = 0;
-      for_each_piece([&](std::size_t, std::size_t count) {
-        for (std::size_t j = 0; j < count; ++j) {
-          long double value = 0;
-          for (std::size_t a = 0; a < models; ++a) value += static_cast<long double>(c[a]) * vector_at(a, j);
-          sum += value * value;
-        }
-      });
+      const long double sum = sum_in_spans(
+          0.0L,
+          [&](std::size_t l, std::size_t begin, std::size_t end, long double& part) {
+            long double sum = 0;  // (in a register)
+            read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+              for (std::size_t j = 0; j < count; ++j) {
+                long double value = 0;
+                for (std::size_t a = 0; a < models; ++a)
+                  value += static_cast<long double>(c[a]) * vector_at(lane, a, j);
+                sum += value * value;
+              }
+            });
+            part = sum;
+          },
+          [](long double& total, long double part) { total += part; });
       return static_cast<double>(std::ldexp(std::sqrt(sum), -exponent));
     };
     span = method == MergeMethod::MultiSlerp
@@ -322,7 +377,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           for (std::size_t j = 0; j < count; ++j) tau[j] -= lanes[l].base[j];
           return static_cast<const double*>(tau);
         },
-        for_each_piece_in_lanes, work, kept[m]);
+        for_each_piece_in_lanes, sum_in_spans, work, kept[m]);
   }
   // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
   // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
@@ -418,16 +473,22 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       keep_ranks(spread, numel - k, numel, sce_keep, scratch);
     }
-    std::vector<long double> squares(models, 0.0L);  // (long double: no overflow from F64 values)
-    for_each_piece([&](std::size_t begin, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        if (!sce_keep.empty() && !sce_keep[begin + j]) continue;
-        for (std::size_t m = 0; m < models; ++m) {
-          const auto tau = static_cast<long double>(x[m][j] - base[j]);
-          if (std::isfinite(tau)) squares[m] += tau * tau;
-        }
-      }
-    });
+    std::vector<long double> squares = sum_in_spans(  // (long double: no overflow from F64 values)
+        std::vector<long double>(models, 0.0L),
+        [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
+          read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t at, std::size_t count) {
+            for (std::size_t j = 0; j < count; ++j) {
+              if (!sce_keep.empty() && !sce_keep[at + j]) continue;
+              for (std::size_t m = 0; m < models; ++m) {
+                const auto tau = static_cast<long double>(lane.x[m][j] - lane.base[j]);
+                if (std::isfinite(tau)) part[m] += tau * tau;
+              }
+            }
+          });
+        },
+        [](std::vector<long double>& total, const std::vector<long double>& part) {
+          for (std::size_t m = 0; m < total.size(); ++m) total[m] += part[m];
+        });
     long double total = 0;
     for (long double& square : squares) total += (square /= static_cast<long double>(numel));
     for (std::size_t m = 0; m < models; ++m)

@@ -220,12 +220,14 @@ struct MergeWorkspace {
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
 /// `tau_of(lane, begin, count)`, which returns model m's task values [begin, begin + count) (at most a
 /// piece) in lane `lane`'s memory, and for_each_piece(body), which calls body(lane, begin, count) for
-/// every piece of the tensor, spread over threads (lanes). `shape` gives Della's rows; `work` holds
-/// the rank keys.
-template <class TauOf, class ForEachPiece>
+/// every piece of the tensor, spread over threads (lanes), and sum_in_spans(zero, partial, add),
+/// merge_tensor's sums in spans on the lanes (partial(lane, begin, end, part)). `shape` gives Della's
+/// rows; `work` holds the rank keys.
+template <class TauOf, class ForEachPiece, class SumInSpans>
 void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, TauOf&& tau_of,
-                  ForEachPiece&& for_each_piece, MergeWorkspace& work, KeptScalars& result) {
+                  ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, MergeWorkspace& work,
+                  KeptScalars& result) {
   result.keep.clear();
   result.rescale = 1.0;
   result.drawn = false;
@@ -240,21 +242,37 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
   if (rule == Sparsification::Random) {
     // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); this pass reads
-    // the task vector only for the L1 norms of the rescale.
+    // the task vector only for the L1 norms of the rescale (summed in spans, on the lanes).
     result.drawn = true;
     result.key = draw_key(o.seed, name, m);
     result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
-    for (std::size_t begin = 0; rescale && begin < numel; begin += merge_piece) {  // (in order: a sum)
-      const std::size_t count = std::min(merge_piece, numel - begin);
-      const double* tau = tau_of(std::size_t{0}, begin, count);
-      for (std::size_t j = 0; j < count; ++j) {
-        const bool keep = result.kept(begin + j);
-        const double size = std::abs(tau[j]);
-        if (std::isfinite(size)) {
-          norm += size;
-          kept_norm += keep ? size : 0;
-        }
-      }
+    if (rescale) {
+      using Norms = std::pair<double, double>;  // (the L1 norm, and the kept scalars')
+      const Norms norms = sum_in_spans(
+          Norms{0.0, 0.0},
+          [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
+            const std::uint64_t key = result.key;  // (in locals: stores through `part` could alias them)
+            double all = 0, kept = 0;
+            for (std::size_t at = begin; at < end; at += merge_piece) {
+              const std::size_t count = std::min(merge_piece, end - at);
+              const double* tau = tau_of(lane, at, count);
+              for (std::size_t j = 0; j < count; ++j) {
+                const bool keep = uniform_draw(key, at + j) >= drop;  // (result.kept: drawn)
+                const double size = std::abs(tau[j]);
+                if (std::isfinite(size)) {
+                  all += size;
+                  kept += keep ? size : 0;
+                }
+              }
+            }
+            part = {all, kept};
+          },
+          [](Norms& total, const Norms& part) {
+            total.first += part.first;
+            total.second += part.second;
+          });
+      norm = norms.first;
+      kept_norm = norms.second;
     }
   } else {
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
