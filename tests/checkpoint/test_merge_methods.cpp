@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -632,6 +633,24 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
       polyak::detail::keep_ranks(keys, lo, hi, keep, scratch);
       CAPTURE(trial, lo, hi);
       CHECK(keep == expected);
+      // In spans of 64 (and 128) on three threads, lane l taking spans l, l + 3, ...: the equal ones
+      // at a boundary spread over many spans, counted span by span.
+      for (const std::size_t span : {std::size_t{64}, std::size_t{128}}) {
+        const auto on_threads = [&](auto&& body) {
+          std::vector<std::thread> lanes;
+          for (std::size_t l = 0; l < 3; ++l) {
+            lanes.emplace_back([&body, &keys, span, l] {
+              for (std::size_t begin = l * span; begin < keys.size(); begin += 3 * span)
+                body(l, begin, std::min(begin + span, keys.size()));
+            });
+          }
+          for (auto& lane : lanes) lane.join();
+        };
+        std::vector<bool> threaded;
+        polyak::detail::keep_ranks(keys, lo, hi, threaded, scratch, 3, span, on_threads);
+        CAPTURE(span);
+        CHECK(threaded == expected);
+      }
     }
   }
 }

@@ -377,7 +377,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           for (std::size_t j = 0; j < count; ++j) tau[j] -= lanes[l].base[j];
           return static_cast<const double*>(tau);
         },
-        for_each_piece_in_lanes, sum_in_spans, work, kept[m]);
+        for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, kept[m]);
   }
   // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
   // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
@@ -471,7 +471,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     for (const std::size_t n : nonzero_in) nonzero += n;
     if (o.select_topk < 1) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
-      keep_ranks(spread, numel - k, numel, sce_keep, scratch);
+      keep_ranks(spread, numel - k, numel, sce_keep, scratch, lane_count, lane_span, in_lanes);
     }
     std::vector<long double> squares = sum_in_spans(  // (long double: no overflow from F64 values)
         std::vector<long double>(models, 0.0L),

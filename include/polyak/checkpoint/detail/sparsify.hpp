@@ -73,28 +73,6 @@ inline bool finite_magnitude(std::uint64_t key, double& size) {
   return true;
 }
 
-/// The k-th smallest (from 0) of `value` (k < value.size()), by radix selection: a histogram of
-/// the top 16 bits (in `counts`, computed where it is empty) finds the bucket that holds it, and
-/// std::nth_element runs on that bucket's values alone (copied to `scratch`). Rank keys of a
-/// tensor's magnitudes spread over many buckets (the exponent and 4 bits of mantissa), so selection
-/// touches a fraction of the tensor: nth_element on all of it was a fifth of a TIES merge.
-inline std::uint64_t kth_smallest(const std::vector<std::uint64_t>& value, std::size_t k,
-                                  std::vector<std::uint64_t>& scratch, std::vector<std::size_t>& counts) {
-  if (counts.empty()) {  // (the histogram, once for both boundaries)
-    counts.assign(std::size_t{1} << 16, 0);
-    for (const std::uint64_t v : value) ++counts[v >> 48];
-  }
-  std::size_t below = 0, bucket = 0;
-  while (below + counts[bucket] <= k) below += counts[bucket++];
-  scratch.clear();
-  for (const std::uint64_t v : value) {
-    if ((v >> 48) == bucket) scratch.push_back(v);
-  }
-  const auto at = scratch.begin() + static_cast<std::ptrdiff_t>(k - below);
-  std::nth_element(scratch.begin(), at, scratch.end());
-  return *at;
-}
-
 /// Sorts `items` (pairs whose .first is an unsigned 64-bit key) by key, ascending, equal keys kept
 /// in their order: a least-significant-digit radix sort, 8 bits a pass, skipping each digit that
 /// every key shares (the high bits of magnitudes of one size, the low ones of a float's widened
@@ -131,8 +109,18 @@ void stable_sort_by_key(std::vector<Pair>& items, std::vector<Pair>& scratch) {
 
 /// keep[p] = whether scalar p's ascending rank lies in [lo, hi): ranks by `value`, equal values
 /// ranked by position, the earlier one higher. `scratch` is working memory (resized).
-inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
-                       std::vector<bool>& keep, std::vector<std::uint64_t>& scratch) {
+///
+/// The passes over the values run in spans: for_each_span(body) calls body(lane, begin, end) for
+/// every span [k * span, min((k + 1) * span, n)), lane < lanes, from several threads at once; `span`
+/// is a multiple of 64 (or at least n), so that no two spans' bits share a word of `keep`. The
+/// boundary values are found by radix selection: a histogram of the top 16 bits finds the bucket
+/// that holds each, and std::nth_element runs on that bucket's values alone (nth_element on all of
+/// them was a fifth of a TIES merge). A value equal to a boundary is ranked by the equal ones before
+/// it, counted span by span: the result does not depend on the spans or the threads.
+template <class ForEachSpan>
+void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
+                std::vector<bool>& keep, std::vector<std::uint64_t>& scratch, std::size_t lanes,
+                std::size_t span, ForEachSpan&& for_each_span) {
   using Key = std::uint64_t;
   const std::size_t n = value.size();
   hi = std::min(hi, n);
@@ -142,40 +130,96 @@ inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, 
     keep.assign(n, true);
     return;
   }
+  constexpr std::size_t buckets = std::size_t{1} << 16;
+  std::vector<std::vector<std::size_t>> lane_counts(lanes);  // (a histogram a lane, added after)
+  for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+    std::vector<std::size_t>& count = lane_counts[l];
+    if (count.empty()) count.assign(buckets, 0);
+    for (std::size_t p = begin; p < end; ++p) ++count[value[p] >> 48];
+  });
+  std::vector<std::size_t> counts(buckets, 0);
+  for (const auto& count : lane_counts) {
+    for (std::size_t b = 0; b < count.size(); ++b) counts[b] += count[b];
+  }
+  // The k-th smallest value (from 0), with how many values are below it and equal to it.
+  std::vector<std::vector<Key>> lane_bucket(lanes);
+  const auto select = [&](std::size_t k, std::size_t& less, std::size_t& equal) {
+    std::size_t below = 0, bucket = 0;
+    while (below + counts[bucket] <= k) below += counts[bucket++];
+    for (auto& values : lane_bucket) values.clear();
+    for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+      std::vector<Key>& values = lane_bucket[l];
+      for (std::size_t p = begin; p < end; ++p) {
+        if ((value[p] >> 48) == bucket) values.push_back(value[p]);
+      }
+    });
+    scratch.clear();
+    for (const auto& values : lane_bucket) scratch.insert(scratch.end(), values.begin(), values.end());
+    const auto at = scratch.begin() + static_cast<std::ptrdiff_t>(k - below);
+    std::nth_element(scratch.begin(), at, scratch.end());
+    const Key kth = *at;
+    less = below;
+    equal = 0;
+    for (const Key v : scratch) {
+      less += v < kth;
+      equal += v == kth;
+    }
+    return kth;
+  };
   // The boundary values: the lo-th and (hi - 1)-th smallest (where there is none, every value is
   // past it: `has_low` and `has_high` say).
   const bool has_low = lo > 0, has_high = hi < n;
   Key low{}, high{};
-  std::vector<std::size_t> counts;
-  if (has_low) low = kth_smallest(value, lo, scratch, counts);
-  if (has_high) high = kth_smallest(value, hi - 1, scratch, counts);
-  const auto above_low = [&](Key v) { return !has_low || low < v; };
-  const auto below_high = [&](Key v) { return !has_high || v < high; };
   std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0;
-  for (const Key v : value) {
-    if (has_low) {
-      less_low += v < low;
-      equal_low += !(v < low) && !(low < v);
+  if (has_low) low = select(lo, less_low, equal_low);
+  if (has_high) high = select(hi - 1, less_high, equal_high);
+  const auto at_low = [&](Key v) { return has_low && v == low; };  // (where low == high, low serves)
+  const auto at_high = [&](Key v) { return has_high && v == high && !at_low(v); };
+  // Every value strictly between the boundaries kept; a boundary's equal ones counted a span.
+  const std::size_t spans = (n + span - 1) / span;
+  std::vector<std::size_t> low_in(spans, 0), high_in(spans, 0);
+  for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {
+    std::size_t lows = 0, highs = 0;
+    for (std::size_t p = begin; p < end; ++p) {
+      const Key v = value[p];
+      if ((!has_low || low < v) && (!has_high || v < high)) keep[p] = true;  // (a bit set where kept only)
+      lows += at_low(v);
+      highs += at_high(v);
     }
-    if (has_high) {
-      less_high += v < high;
-      equal_high += !(v < high) && !(high < v);
-    }
+    low_in[begin / span] = lows;
+    high_in[begin / span] = highs;
+  });
+  // A value equal to a boundary: its rank is less + equal - 1 - (equal ones at earlier positions).
+  std::vector<std::size_t> low_before(spans, 0), high_before(spans, 0);
+  for (std::size_t k = 1; k < spans; ++k) {
+    low_before[k] = low_before[k - 1] + low_in[k - 1];
+    high_before[k] = high_before[k - 1] + high_in[k - 1];
   }
-  // A value equal to a boundary: its rank is less(v) + equal(v) - 1 - (equal ones at earlier positions).
-  std::size_t seen_low = 0, seen_high = 0;
-  for (std::size_t p = 0; p < n; ++p) {
-    const Key v = value[p];
-    if ((has_low && v < low) || (has_high && high < v)) continue;
-    if (above_low(v) && below_high(v)) {
-      keep[p] = true;
-      continue;
+  for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {
+    const std::size_t k = begin / span;
+    if (low_in[k] == 0 && high_in[k] == 0) return;
+    std::size_t seen_low = low_before[k], seen_high = high_before[k];
+    for (std::size_t p = begin; p < end; ++p) {
+      const Key v = value[p];
+      std::size_t rank = 0;
+      if (at_low(v)) {
+        rank = less_low + equal_low - 1 - seen_low++;
+      } else if (at_high(v)) {
+        rank = less_high + equal_high - 1 - seen_high++;
+      } else {
+        continue;
+      }
+      keep[p] = rank >= lo && rank < hi;
     }
-    const bool at_low = !above_low(v);  // (v == low; where low == high, one count serves both)
-    const std::size_t rank =
-        at_low ? less_low + equal_low - 1 - seen_low++ : less_high + equal_high - 1 - seen_high++;
-    keep[p] = rank >= lo && rank < hi;
-  }
+  });
+}
+
+/// keep_ranks on this thread alone (one span).
+inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
+                       std::vector<bool>& keep, std::vector<std::uint64_t>& scratch) {
+  const std::size_t n = value.size(), span = std::max<std::size_t>(64, (n + 63) / 64 * 64);
+  keep_ranks(value, lo, hi, keep, scratch, 1, span,
+             [n](auto&& body) { body(std::size_t{0}, std::size_t{0}, n); });
 }
 
 /// The whole-tensor work of sparsifying model m's task vector: its kept scalars and its rescale.
@@ -220,14 +264,16 @@ struct MergeWorkspace {
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
 /// `tau_of(lane, begin, count)`, which returns model m's task values [begin, begin + count) (at most a
 /// piece) in lane `lane`'s memory, and for_each_piece(body), which calls body(lane, begin, count) for
-/// every piece of the tensor, spread over threads (lanes), and sum_in_spans(zero, partial, add),
-/// merge_tensor's sums in spans on the lanes (partial(lane, begin, end, part)). `shape` gives Della's
-/// rows; `work` holds the rank keys.
-template <class TauOf, class ForEachPiece, class SumInSpans>
+/// every piece of the tensor, spread over threads (lanes), sum_in_spans(zero, partial, add),
+/// merge_tensor's sums in spans on the lanes (partial(lane, begin, end, part)), and
+/// for_each_span(body), which calls body(lane, begin, end) for every span of `span` scalars (a
+/// multiple of 64, or the tensor), lane < lanes, from several threads at once. `shape` gives
+/// Della's rows; `work` holds the rank keys.
+template <class TauOf, class ForEachPiece, class SumInSpans, class ForEachSpan>
 void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, TauOf&& tau_of,
-                  ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, MergeWorkspace& work,
-                  KeptScalars& result) {
+                  ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, std::size_t lanes,
+                  std::size_t span, ForEachSpan&& for_each_span, MergeWorkspace& work, KeptScalars& result) {
   result.keep.clear();
   result.rescale = 1.0;
   result.drawn = false;
@@ -283,11 +329,12 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     });
     const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
     if (rule == Sparsification::Magnitude) {
-      keep_ranks(magnitude, numel - kept_count, numel, result.keep, scratch);
+      keep_ranks(magnitude, numel - kept_count, numel, result.keep, scratch, lanes, span, for_each_span);
     } else if (rule == Sparsification::Outliers) {
       std::size_t top = static_cast<std::size_t>(std::floor(o.gamma * static_cast<double>(numel)));
       top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
-      keep_ranks(magnitude, numel - kept_count - top, numel - top, result.keep, scratch);
+      keep_ranks(magnitude, numel - kept_count - top, numel - top, result.keep, scratch, lanes, span,
+                 for_each_span);
     } else {  // rank sampling, row by row
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
