@@ -141,20 +141,24 @@ void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::si
   for (const auto& count : lane_counts) {
     for (std::size_t b = 0; b < count.size(); ++b) counts[b] += count[b];
   }
-  // The k-th smallest value (from 0), with how many values are below it and equal to it.
-  std::vector<std::vector<Key>> lane_bucket(lanes);
+  // The k-th smallest value (from 0), with how many values are below it and equal to it. The
+  // bucket's values are gathered into `scratch`, each lane at its own place (from its histogram).
+  std::vector<std::size_t> cursor(lanes);
   const auto select = [&](std::size_t k, std::size_t& less, std::size_t& equal) {
     std::size_t below = 0, bucket = 0;
     while (below + counts[bucket] <= k) below += counts[bucket++];
-    for (auto& values : lane_bucket) values.clear();
+    scratch.resize(counts[bucket]);
+    for (std::size_t l = 0, at = 0; l < lanes; ++l) {
+      cursor[l] = at;
+      at += lane_counts[l].empty() ? 0 : lane_counts[l][bucket];
+    }
     for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
-      std::vector<Key>& values = lane_bucket[l];
+      std::size_t next = cursor[l];  // (a local: the lanes' cursors share a cache line)
       for (std::size_t p = begin; p < end; ++p) {
-        if ((value[p] >> 48) == bucket) values.push_back(value[p]);
+        if ((value[p] >> 48) == bucket) scratch[next++] = value[p];
       }
+      cursor[l] = next;
     });
-    scratch.clear();
-    for (const auto& values : lane_bucket) scratch.insert(scratch.end(), values.begin(), values.end());
     const auto at = scratch.begin() + static_cast<std::ptrdiff_t>(k - below);
     std::nth_element(scratch.begin(), at, scratch.end());
     const Key kth = *at;
