@@ -347,16 +347,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       const long double sum = sum_in_spans(
           0.0L,
           [&](std::size_t l, std::size_t begin, std::size_t end, long double& part) {
-            long double sum = 0;  // (in a register)
+            long double squares = 0;  // (in a register)
             read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
               for (std::size_t j = 0; j < count; ++j) {
                 long double value = 0;
                 for (std::size_t a = 0; a < models; ++a)
                   value += static_cast<long double>(c[a]) * vector_at(lane, a, j);
-                sum += value * value;
+                squares += value * value;
               }
             });
-            part = sum;
+            part = squares;
           },
           [](long double& total, long double part) { total += part; });
       return static_cast<double>(std::ldexp(std::sqrt(sum), -exponent));
