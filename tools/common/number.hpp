@@ -3,6 +3,7 @@
 #pragma once
 
 #include <charconv>
+#include <cstdint>
 #include <string_view>
 #include <system_error>
 
@@ -17,6 +18,12 @@ bool parse_number(std::string_view text, T& value) {
   if (text.empty() || error != std::errc() || end != text.data() + text.size()) return false;
   value = parsed;
   return true;
+}
+
+/// Reads `text` whole as a count: digits only, so that "-0" is refused as "-1" is (std::from_chars
+/// takes a minus sign, and -0 would read as 0).
+inline bool parse_count(std::string_view text, std::int64_t& value) {
+  return !text.empty() && text.front() >= '0' && text.front() <= '9' && parse_number(text, value);
 }
 
 }  // namespace polyak_tools

@@ -231,6 +231,7 @@ int main(int argc, char** argv) {
   refused("--num-threads 4.0" + inputs, "--num-threads 4.0");
   refused("--num-threads 1e1" + inputs, "--num-threads 1e1");
   refused("--num-threads 65" + inputs, "--num-threads 65");
+  refused("--num-threads -0" + inputs, "--num-threads '-0' is not a whole number in [0, 64]");
   refused("--method karcher --tol -1" + inputs, "--tol -1");
   refused("--method multislerp --weights 1,-1,0" + inputs, "multislerp weights summing to 0");
   refused("--method multislerp --eps 0" + inputs, "--eps 0");

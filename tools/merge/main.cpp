@@ -157,7 +157,7 @@ double finite_number(std::string_view text, const char* what) {
 /// refuses them).
 std::int64_t whole_number(const std::string& text, const std::string& what, std::int64_t most) {
   std::int64_t value = 0;
-  if (!polyak_tools::parse_number(text, value) || value < 0 || value > most) {
+  if (!polyak_tools::parse_count(text, value) || value < 0 || value > most) {
     throw UsageError(what + " '" + polyak::detail::visible(text) + "' is not a whole number in [0, " +
                      std::to_string(most) + "]");
   }

@@ -341,6 +341,9 @@ int main(int argc, char** argv) {
   refused(config("slices:\n  - sources:\n    - model: " + a +
                  "\n      layer_range: [2, 1]\nmerge_method: passthrough\n"),
           "needs first < end");
+  refused(config("slices:\n  - sources:\n    - model: " + a +
+                 "\n      layer_range: [-0, 2]\nmerge_method: passthrough\n"),
+          "a layer_range bound is not a whole number >= 0");
   refused(config(models + "merge_method: ties\nbase_model: " + base + "\nmodels: []\n"),
           "'models' appears twice");
   refused(config("models:\n  - model: " + m1 + "\n    parameters:\n      weight: 1\n      weight: 2\n" +
@@ -367,6 +370,7 @@ int main(int argc, char** argv) {
   refused("--shard-size 9 --shard-size 9 " + pass, "--shard-size is given twice");
   refused("--num-threads 65 " + pass, "--num-threads '65' is not a whole number in [0, 64]");
   refused("--num-threads -1 " + pass, "--num-threads '-1' is not a whole number in [0, 64]");
+  refused("--num-threads -0 " + pass, "--num-threads '-0' is not a whole number in [0, 64]");
   refused("--num-threads 2 --num-threads 2 " + pass, "--num-threads is given twice");
   refused("--num-threads 1.5 " + pass, "--num-threads '1.5' is not a whole number in [0, 64]");
   refused("--bogus " + pass, "unknown option '--bogus'");

@@ -592,7 +592,7 @@ class Planner {
           throw UsageError("a source's layer_range is not [first, end]" + where_of(s));
         std::int64_t bounds[2] = {0, 0};
         for (int i = 0; i < 2; ++i) {
-          if (!range[i].IsScalar() || !polyak_tools::parse_number(range[i].Scalar(), bounds[i]) ||
+          if (!range[i].IsScalar() || !polyak_tools::parse_count(range[i].Scalar(), bounds[i]) ||
               bounds[i] < 0)
             throw UsageError("a layer_range bound is not a whole number >= 0" + where_of(range));
         }
@@ -763,7 +763,7 @@ int run(int argc, char** argv) {
     given = true;
     const std::string value = argv[++i];
     std::int64_t n = 0;
-    if (!polyak_tools::parse_number(value, n) || n < least || n > most)
+    if (!polyak_tools::parse_count(value, n) || n < least || n > most)
       throw UsageError(option + " '" + polyak::detail::visible(value) + "' is not a whole number " + range);
     return n;
   };
