@@ -260,8 +260,8 @@ struct MergeWorkspace {
   std::vector<std::uint64_t> keys;     ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
   std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
   std::vector<KeptScalars> kept;       ///< per model
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranked;          ///< Della: a row's (key, position)
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranked_scratch;  ///< the radix sort's other half
+  /// Della: a row's (key, position) pairs, and the radix sort's other half, one a lane
+  std::vector<std::vector<std::pair<std::uint64_t, std::uint64_t>>> ranked, ranked_scratch;
   std::vector<MergeLane> lanes;                                         ///< the last pass's, one a thread
 };
 
@@ -339,37 +339,68 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
       keep_ranks(magnitude, numel - kept_count - top, numel - top, result.keep, scratch, lanes, span,
                  for_each_span);
-    } else {  // rank sampling, row by row
+    } else {  // rank sampling, row by row, the rows spread over the lanes
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
       const std::size_t columns = numel / rows;
       const std::uint64_t key = draw_key(o.seed, name, m);
       result.keep.assign(numel, false);
-      // Each row's (key, position) pairs, laid out from the last position to the first and sorted
-      // stably by key: ascending magnitude, equal ones the later position first (the earlier ranks
-      // higher). Contiguous pairs, not indices compared through the keys; a radix sort, not std::sort.
-      std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked;
-      for (std::size_t row = 0; row < rows; ++row) {
-        const std::uint64_t* v = magnitude.data() + row * columns;
-        ranked.resize(columns);
-        for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
-        stable_sort_by_key(ranked, work.ranked_scratch);
-        for (std::size_t r = 0; r < columns; ++r) {
-          const std::size_t at = row * columns + static_cast<std::size_t>(ranked[r].second);
-          const double spread =
-              columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
-                          : o.epsilon;
-          const double keep_probability = density - o.epsilon + spread;
-          result.keep[at] = uniform_draw(key, at) >= 1 - keep_probability && density > 0;
+      // A row's kept scalars are marked in their keys' top bit, which no rank key sets (|tau| has
+      // no sign): a lane writes only its rows' keys, where the bits of `keep` of two rows may share
+      // a word. The marks move into `keep` afterwards, span by span.
+      constexpr std::uint64_t kept_mark = std::uint64_t{1} << 63;
+      if (work.ranked.size() < lanes) work.ranked.resize(lanes), work.ranked_scratch.resize(lanes);
+      if (columns > 0) for_each_span([&](std::size_t lane, std::size_t begin, std::size_t end) {
+        // Each row's (key, position) pairs, laid out from the last position to the first and sorted
+        // stably by key: ascending magnitude, equal ones the later position first (the earlier
+        // ranks higher). Contiguous pairs, not indices compared through the keys; a radix sort.
+        std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked[lane];
+        for (std::size_t row = (begin + columns - 1) / columns; row < rows && row * columns < end; ++row) {
+          std::uint64_t* v = magnitude.data() + row * columns;  // (the rows that start in the span)
+          ranked.resize(columns);
+          for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
+          stable_sort_by_key(ranked, work.ranked_scratch[lane]);
+          for (std::size_t r = 0; r < columns; ++r) {
+            const std::size_t at = static_cast<std::size_t>(ranked[r].second);
+            const double spread =
+                columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
+                            : o.epsilon;
+            const double keep_probability = density - o.epsilon + spread;
+            if (uniform_draw(key, row * columns + at) >= 1 - keep_probability && density > 0)
+              v[at] |= kept_mark;
+          }
         }
-      }
+      });
+      for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {  // (spans share no word)
+        for (std::size_t p = begin; p < end; ++p) {
+          if (magnitude[p] & kept_mark) {
+            magnitude[p] &= ~kept_mark;
+            result.keep[p] = true;
+          }
+        }
+      });
     }
-    for (std::size_t p = 0; rescale && p < numel; ++p) {  // (the norms only where they are used)
-      double size = 0;
-      if (finite_magnitude(magnitude[p], size)) {
-        norm += size;
-        kept_norm += result.keep[p] ? size : 0;
-      }
+    if (rescale) {  // the L1 norms (only where they are used), summed in spans
+      using Norms = std::pair<double, double>;
+      const Norms norms = sum_in_spans(
+          Norms{0.0, 0.0},
+          [&](std::size_t, std::size_t begin, std::size_t end, Norms& part) {
+            double all = 0, kept = 0;
+            for (std::size_t p = begin; p < end; ++p) {
+              double size = 0;
+              if (finite_magnitude(magnitude[p], size)) {
+                all += size;
+                kept += result.keep[p] ? size : 0;
+              }
+            }
+            part = {all, kept};
+          },
+          [](Norms& total, const Norms& part) {
+            total.first += part.first;
+            total.second += part.second;
+          });
+      norm = norms.first;
+      kept_norm = norms.second;
     }
   }
   if (rescale && norm >= 1e-7 && kept_norm >= 1e-7) result.rescale = norm / kept_norm;
