@@ -3,9 +3,9 @@
 // machine's noise cannot decide the comparison: each iteration times polyak and the bare collective
 // back to back (in alternating order), and the benchmark reports the median of the per-pair ratios.
 // The bare collective is what polyak's wire carries, in place, in the same pieces polyak sends
-// (detail::default_average_chunk_bytes). For a float model that is the model's own memory: its tensors (the
-// resnet50 layout) lie one after another in one allocation and the bare collective reduces that
-// allocation, because two equal buffers allocated apart differed by up to 14% here in an A/A run,
+// (average_chunk_bytes_v<MpiCommunicator>). For a float model that is the model's own memory: its
+// tensors (the resnet50 layout) lie one after another in one allocation and the bare collective
+// reduces that allocation, because two equal buffers allocated apart differed by up to 14% here in an A/A run,
 // more than what is measured. A bf16 model's wire is floats, which MPI needs in a buffer of their
 // own: the bare collective reduces a float buffer of the model's scalar count. Run on 2 ranks:
 //   mpirun -np 2 bench_mpi [--polyak_max_size=1e8] [--benchmark_out=...]
@@ -40,11 +40,11 @@ double timed(Work&& work) {
   return seconds;
 }
 
-/// The bare collective: the buffer's floats in place, in 1 MB pieces, its fastest here (one
-/// MPI_Allreduce of a whole 40 MB buffer took 9 times as long; pieces of 256 KB, 512 KB, 1 MB and
-/// 2 MB took 1.08, 1.02, 1.00 and 0.99 as long), whatever polyak's own chunks are.
+/// The bare collective: the buffer's floats in place, in the pieces polyak's chunks make (1 MB), the
+/// fastest here (one MPI_Allreduce of a whole 40 MB buffer took 9 times as long; against 1 MB
+/// pieces, 512 KB ones took 1.11 times as long, 2 MB 1.01-1.04, 4 MB 1.09-1.10).
 void bare_allreduce(std::vector<float>& buffer) {
-  constexpr std::size_t piece = (std::size_t{1} << 20) / sizeof(float);
+  constexpr std::size_t piece = polyak::average_chunk_bytes_v<polyak::MpiCommunicator> / sizeof(float);
   for (std::size_t done = 0; done < buffer.size(); done += piece) {
     MPI_Allreduce(MPI_IN_PLACE, buffer.data() + done, static_cast<int>(std::min(piece, buffer.size() - done)),
                   MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);

@@ -272,8 +272,9 @@ struct CountingCommunicator {
 TEST_CASE(
     "tensors in one allocation and tensors apart reduce to the same bits, in the bare collective's calls",
     "[model_averaging]") {
-  // Chunks are 2^17 floats: these sizes put chunk boundaries inside tensors and between them.
-  const std::vector<std::size_t> sizes = {300000, 5, 262144, 70000, 1};
+  // Chunks are 2^18 floats: these sizes put a chunk boundary inside a tensor (at 262144) and one
+  // between two (at 524288), and chunks that hold several tensors.
+  const std::vector<std::size_t> sizes = {300000, 5, 224283, 70000, 1};
   std::size_t total = 0;
   for (const std::size_t n : sizes) total += n;
   const std::size_t chunk = polyak::detail::default_average_chunk_bytes / sizeof(float);
@@ -343,9 +344,9 @@ TEST_CASE(
     "members",
     "[model_averaging][reference]") {
   // tests/reference/average_parameters.py: torch divides each member's scalars by n, the sum runs in
-  // rank order (ThreadCommunicator's). 300001 scalars are averaged in place; 4.5 million (18 MB) are
-  // summed first and scaled after for n = 2, 4, 8, unless a member holds a scalar where that would
-  // change a bit (the `extremes` cases). Odd members hold their tensors apart, even ones in one run.
+  // rank order (ThreadCommunicator's). 300001 and 4.5 million (18 MB) scalars, with and without
+  // extremes (where summing first and scaling after, even by an exact 2^-k, would change a bit).
+  // Odd members hold their tensors apart, even ones in one run.
   const auto records = polyak_test::read_records("average_parameters.txt");
   int cases = 0;
   for (std::size_t c = 0; c < records.size(); ++c) {
@@ -404,8 +405,7 @@ TEST_CASE(
 TEST_CASE("members that flush subnormals to zero still get the divide-first bits, and all the same ones",
           "[model_averaging][adversarial]") {
   // torch.set_flush_denormal(True) and -ffast-math set FTZ / DAZ, per thread. Summed first, these
-  // scalars (none outside the range check for 4 members) make a subnormal partial sum that flushes;
-  // divided first, each quotient is normal. 16 MB: the sum-first path's size.
+  // scalars would make a subnormal partial sum that flushes; divided first, each quotient is normal.
   const auto set_flush = [](bool on) {
     _MM_SET_FLUSH_ZERO_MODE(on ? _MM_FLUSH_ZERO_ON : _MM_FLUSH_ZERO_OFF);
     _MM_SET_DENORMALS_ZERO_MODE(on ? _MM_DENORMALS_ZERO_ON : _MM_DENORMALS_ZERO_OFF);
@@ -447,8 +447,7 @@ struct BlockingOnly {
   }
   BlockingOnly split(int color, int key) const { return {inner.split(color, key)}; }
 };
-static_assert(polyak::is_communicator_v<BlockingOnly> && !polyak::has_iallreduce_v<BlockingOnly> &&
-              !polyak::has_allreduce_to_v<BlockingOnly>);
+static_assert(polyak::is_communicator_v<BlockingOnly> && !polyak::has_iallreduce_v<BlockingOnly>);
 
 }  // namespace
 
@@ -491,7 +490,7 @@ struct SmallCalls {
   SmallCalls split(int color, int key) const { return {inner.split(color, key), float_calls}; }
 };
 static_assert(polyak::average_chunk_bytes_v<SmallCalls> == 1024 &&
-              polyak::average_chunk_bytes_v<BlockingOnly> == std::size_t{512} << 10);
+              polyak::average_chunk_bytes_v<BlockingOnly> == std::size_t{1} << 20);
 
 }  // namespace
 

@@ -55,10 +55,9 @@ TEST_CASE(
     "average_parameters over MPI equals each rank's x / size summed by the bare MPI_Allreduce, bit for bit",
     "[mpi]") {
   // PyTorch's semantics with MPI's own order of summation: the expected values divide first and sum
-  // with MPI_Allreduce in place, in the pieces polyak's chunks make. 300001 scalars are averaged in
-  // place; 4.5 million are summed first (out of place) and scaled after where the group size is a
-  // power of two, with extremes that send some chunks back the divide-first way. Odd ranks hold
-  // their tensors apart.
+  // with MPI_Allreduce in place, in the pieces polyak's chunks make. 300001 and 4.5 million
+  // scalars, with and without extremes (where summing first and scaling after would change a bit).
+  // Odd ranks hold their tensors apart.
   MpiCommunicator comm = world();
   const int r = comm.rank(), n = comm.size();
   for (const std::size_t scalars : {std::size_t{300001}, std::size_t{4500000}}) {
@@ -67,7 +66,7 @@ TEST_CASE(
       std::vector<float> expected(scalars);
       for (std::size_t i = 0; i < scalars; ++i)
         expected[i] = polyak_test::average_parameters_scalar(r, i, extremes) / static_cast<float>(n);
-      constexpr std::size_t piece = polyak::detail::default_average_chunk_bytes / sizeof(float);
+      constexpr std::size_t piece = polyak::average_chunk_bytes_v<MpiCommunicator> / sizeof(float);
       for (std::size_t done = 0; done < scalars; done += piece) {
         MPI_Allreduce(MPI_IN_PLACE, expected.data() + done, static_cast<int>(std::min(piece, scalars - done)),
                       MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);

@@ -165,7 +165,6 @@ class MpiCommunicator {
   int rank_ = 0, size_ = 1;
 };
 
-static_assert(is_communicator_v<MpiCommunicator> && has_iallreduce_v<MpiCommunicator> &&
-              has_allreduce_to_v<MpiCommunicator>);
+static_assert(is_communicator_v<MpiCommunicator> && has_iallreduce_v<MpiCommunicator>);
 
 }  // namespace polyak

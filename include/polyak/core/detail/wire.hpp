@@ -8,7 +8,6 @@
 #include <cstddef>    // std::size_t
 #include <cstdint>    // std::uint16_t, std::uint32_t: bf16's bits
 #include <cstring>    // std::memcpy: bf16's bits
-#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>  // std::declval
@@ -28,13 +27,6 @@ namespace detail {
 /// floats).
 template <class... Ts>
 using wire_t = std::conditional_t<(std::is_same_v<accumulator_t<Ts>, double> || ...), double, float>;
-
-/// Lists of at least this many wire bytes are summed first where the group size allows it
-/// (Chunk::reduce). Smaller ones are likely in cache already (the optimizer just wrote them), where
-/// the collective reads them in place at cache speed and dividing them there is the cheaper pass;
-/// larger ones come from memory, where summing out of place into a cached buffer is cheaper. 16 MB
-/// lies between common L2 and L3 sizes (docs/distributed.md).
-inline constexpr std::size_t sum_first_bytes = std::size_t{16} << 20;
 
 /// Division by the group size as PyTorch's average_parameters divides: IEEE division, rounded once.
 /// Where the size is a power of two its reciprocal is exact and x * (1 / size) is the same number
@@ -105,46 +97,6 @@ void from_wire(const W* in, T* out, std::size_t n) {
   }
 }
 
-/// Whether some x / size, for a group size 2^k, might differ from x summed first and scaled by
-/// 2^-k after: true where a scalar x != 0 is below 2^k times the smallest normal (x / size would
-/// round, below the normal range) or finite above the largest / 2^(k+1) (a sum could overflow
-/// where the divided one does not). Outside those ranges scaling by 2^-k is exact and commutes
-/// with every rounding of the sum (infinities and NaN included), so both orders give the same bits.
-/// Read on bits, so that it vectorizes.
-template <class W>
-bool outside_exact_scaling(const W* x, std::size_t n, int k) {
-  using Bits = std::conditional_t<std::is_same_v<W, float>, std::uint32_t, std::uint64_t>;
-  constexpr int mantissa_bits = std::numeric_limits<W>::digits - 1;
-  constexpr Bits exponent_mask = (Bits{1} << (sizeof(W) * 8 - 1 - mantissa_bits)) - 1;  // 255, 2047
-  const auto low = static_cast<Bits>(k);
-  const auto high = static_cast<Bits>(exponent_mask - 2 - static_cast<Bits>(k));
-  Bits outside = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    Bits bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    const Bits exponent = (bits >> mantissa_bits) & exponent_mask;
-    const Bits magnitude = bits << 1;
-    outside |= static_cast<Bits>((exponent <= low) & (magnitude != 0)) |
-               static_cast<Bits>((exponent >= high) & (exponent != exponent_mask));
-  }
-  return outside != 0;
-}
-
-/// Whether this thread's floating-point unit flushes subnormal results or inputs to zero (x86's
-/// FTZ / DAZ, Arm's FZ: torch.set_flush_denormal(True), code built with -ffast-math). Then scaling
-/// after the sum is no longer dividing before it (a subnormal partial sum flushes in one order and
-/// not in the other), so such a member sends every chunk the divide-first way (agreed with the
-/// range check). Probed, not read from a register, so that it holds on every machine.
-inline bool flushes_subnormals() noexcept {
-  volatile float smallest_normal = std::numeric_limits<float>::min();
-  volatile float smallest_subnormal = std::numeric_limits<float>::denorm_min();
-  volatile double smallest_normal_double = std::numeric_limits<double>::min();
-  const float half = smallest_normal * 0.5f;      // 0 where results flush (FTZ)
-  const float twice = smallest_subnormal * 2.0f;  // 0 where inputs flush (DAZ)
-  const double half_double = smallest_normal_double * 0.5;
-  return half == 0.0f || twice == 0.0f || half_double == 0.0;
-}
-
 /// One chunk of the concatenated lists on its way to one allreduce call: its pieces (a tensor's
 /// scalars each) and the buffers it is packed and reduced into, which stay in cache from one chunk
 /// to the next. One per thread and wire type, reused: a step allocates nothing once one has run.
@@ -174,21 +126,35 @@ class Chunk {
   }
 
   /// Replaces the chunk's scalars by their sum over the group, each divided by the group size first
-  /// (PyTorch's order, and its bits). Lists that are `large` (sum_first_bytes), of a group whose
-  /// size is a power of two, are summed first and scaled after where the chunk is all wire scalars
-  /// and the communicator sums out of place (sum_then_scale; without that a copy would cost what
-  /// it saves); others are divided first (divide_then_sum). Every member takes the same way, which
-  /// depends only on the layout, the group size and the communicator's type (the same on every
-  /// member), and makes the same calls. Leaves the chunk empty.
+  /// (PyTorch's order, and its bits, for any group size). Divided in place and summed there where
+  /// the chunk is one run of wire scalars (no copy); else divided while packed into the reduce
+  /// buffer, summed there, unpacked. Both sum in place, so members that hold the chunk differently
+  /// still make the same call (MPI wants MPI_IN_PLACE on every process of a call or on none). The
+  /// division reads the chunk into cache just before the collective reads it there, so it costs a
+  /// pass over cache, not over memory: summing first out of place and scaling after (with a range
+  /// check agreed to keep the bits) was 15-40% slower on one VM (docs/distributed.md). Leaves the
+  /// chunk empty.
   template <class Comm>
-  void reduce(Comm& comm, const GroupDivisor<W>& divisor, bool large) {
+  void reduce(Comm& comm, const GroupDivisor<W>& divisor) {
+    if (scalars_ == 0) return clear();
     bool wire_only = true;
     for (const Piece& piece : pieces_) wire_only = wire_only && piece.wire_type;
-    if (scalars_ == 0) {
-    } else if (has_allreduce_to_v<Comm> && large && divisor.power_of_two() && wire_only) {
-      sum_then_scale(comm, divisor);
+    if (W* run = wire_only ? one_run() : nullptr) {
+      to_wire(run, run, scalars_, divisor);
+      comm.allreduce_sum(run, scalars_);
     } else {
-      divide_then_sum(comm, divisor);
+      if (reduced_.size() < scalars_) reduced_.resize(scalars_);
+      std::size_t at = 0;
+      for (const Piece& piece : pieces_) {
+        piece.pack(piece.data, reduced_.data() + at, piece.n, divisor);
+        at += piece.n;
+      }
+      comm.allreduce_sum(reduced_.data(), scalars_);
+      at = 0;
+      for (const Piece& piece : pieces_) {
+        piece.unpack(reduced_.data() + at, piece.data, piece.n);
+        at += piece.n;
+      }
     }
     clear();
   }
@@ -202,74 +168,6 @@ class Chunk {
     void (*unpack)(const W* in, void* out, std::size_t n);
   };
 
-  /// Divided in place and summed there where the chunk is one run of wire scalars (no copy);
-  /// else divided while packed into the reduce buffer, summed there, unpacked. Both sum in place, so
-  /// members that hold the chunk differently still make the same call (MPI wants MPI_IN_PLACE on
-  /// every process of a call or on none).
-  template <class Comm>
-  void divide_then_sum(Comm& comm, const GroupDivisor<W>& divisor) {
-    bool wire_only = true;
-    for (const Piece& piece : pieces_) wire_only = wire_only && piece.wire_type;
-    if (W* run = wire_only ? one_run() : nullptr) {
-      to_wire(run, run, scalars_, divisor);
-      comm.allreduce_sum(run, scalars_);
-      return;
-    }
-    reserve(reduced_);
-    std::size_t at = 0;
-    for (const Piece& piece : pieces_) {
-      piece.pack(piece.data, reduced_.data() + at, piece.n, divisor);
-      at += piece.n;
-    }
-    comm.allreduce_sum(reduced_.data(), scalars_);
-    at = 0;
-    for (const Piece& piece : pieces_) {
-      piece.unpack(reduced_.data() + at, piece.data, piece.n);
-      at += piece.n;
-    }
-  }
-
-  /// For a group size 2^k, where x / 2^k is exact: summed out of place into the reduce buffer
-  /// (the collective writes into memory that stays in cache, and reads the model where it lies),
-  /// scaled by 2^-k on the way back. The same bits as dividing first wherever no member holds a
-  /// scalar outside_exact_scaling and none flushes subnormals, which the members agree on (one
-  /// allreduce of one scalar); otherwise the chunk, still untouched, goes the divide_then_sum way on
-  /// every member. The range check reads the chunk just before the collective does, which then
-  /// finds it in cache.
-  template <class Comm>
-  void sum_then_scale(Comm& comm, const GroupDivisor<W>& divisor) {
-    reserve(reduced_);
-    const W* in = one_run();
-    if (in == nullptr) {  // the pieces lie apart: gathered first
-      reserve(gathered_);
-      std::size_t at = 0;
-      for (const Piece& piece : pieces_) {
-        std::copy_n(static_cast<const W*>(piece.data), piece.n, gathered_.data() + at);
-        at += piece.n;
-      }
-      in = gathered_.data();
-    }
-    int k = 0;
-    while ((std::size_t{1} << k) < static_cast<std::size_t>(divisor.size())) ++k;
-    W outside = flushes_subnormals() || outside_exact_scaling(in, scalars_, k) ? W(1) : W(0);
-    if constexpr (has_allreduce_to_v<Comm>) {  // (reduce() comes here only then)
-      comm.allreduce_sum(in, reduced_.data(), scalars_);
-    }
-    comm.allreduce_sum(&outside, 1);
-    if (outside != W(0)) {
-      divide_then_sum(comm, divisor);
-      return;
-    }
-    const W reciprocal = divisor.reciprocal();
-    std::size_t at = 0;
-    for (const Piece& piece : pieces_) {
-      W* out = static_cast<W*>(piece.data);
-      const W* sum = reduced_.data() + at;
-      for (std::size_t i = 0; i < piece.n; ++i) out[i] = sum[i] * reciprocal;
-      at += piece.n;
-    }
-  }
-
   /// The chunk's scalars where they are one run in memory (of wire scalars, by the caller's
   /// check), else nullptr.
   W* one_run() const noexcept {
@@ -279,19 +177,15 @@ class Chunk {
     return static_cast<W*>(pieces_.front().data);
   }
 
-  void reserve(std::vector<W>& buffer) const {
-    if (buffer.size() < scalars_) buffer.resize(scalars_);
-  }
-
   std::vector<Piece> pieces_;
-  std::vector<W> reduced_, gathered_;
+  std::vector<W> reduced_;
   std::size_t scalars_ = 0;
 };
 
 /// PyTorch's average_parameters: every tensor divided by the group size, summed over the group
 /// (its bits, for any group size). The lists' scalars, concatenated, are cut into chunks of
 /// average_chunk_bytes_v<Comm>, one allreduce call a chunk, as the bare collective of the same bytes
-/// would make them; see Chunk::reduce for the ways a chunk goes.
+/// would make them; see Chunk::reduce.
 template <class Comm, class... Ts>
 void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... lists) {
   static_assert(is_communicator_v<Comm>,
@@ -300,7 +194,6 @@ void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... li
   check_same_layout(comm, where, std::string(), lists...);
   constexpr std::size_t chunk_scalars = average_chunk_bytes_v<Comm> / sizeof(W);
   const GroupDivisor<W> divisor(comm.size());
-  const bool large = (std::size_t{0} + ... + lists.numel()) * sizeof(W) >= sum_first_bytes;
   Chunk<W>& chunk = Chunk<W>::for_this_thread();
   chunk.clear();
   const auto cut = [&](const auto& list) {
@@ -309,12 +202,12 @@ void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... li
         const std::size_t length = std::min(chunk_scalars - chunk.scalars(), tensor.numel() - from);
         chunk.add(tensor.data() + from, length);
         from += length;
-        if (chunk.scalars() == chunk_scalars) chunk.reduce(comm, divisor, large);
+        if (chunk.scalars() == chunk_scalars) chunk.reduce(comm, divisor);
       }
     }
   };
   (cut(lists), ...);
-  chunk.reduce(comm, divisor, large);
+  chunk.reduce(comm, divisor);
 }
 
 /// What an incomplete request is where the communicator has no iallreduce_sum: averaging without
