@@ -5,9 +5,10 @@
 // The bare collective is what polyak's wire carries, in place, in the same pieces polyak sends
 // (average_chunk_bytes_v<MpiCommunicator>). For a float model that is the model's own memory: its
 // tensors (the resnet50 layout) lie one after another in one allocation and the bare collective
-// reduces that allocation, because two equal buffers allocated apart differed by up to 14% here in an A/A run,
-// more than what is measured. A bf16 model's wire is floats, which MPI needs in a buffer of their
-// own: the bare collective reduces a float buffer of the model's scalar count. Run on 2 ranks:
+// reduces that allocation, because two equal buffers allocated apart differed by up to 14% here in
+// an A/A run, more than what is measured. A bf16 model's wire is floats, which MPI needs in a buffer
+// of their own: the bare collective reduces a float buffer of the model's scalar count. Run on 2
+// ranks:
 //   mpirun -np 2 bench_mpi [--polyak_max_size=1e8] [--benchmark_out=...]
 // Every rank runs every benchmark with fixed iteration counts (collectives must pair up); rank 0
 // reports. A pair's time is the slower rank's (both ranks' times are reduced with MPI_MAX).

@@ -105,7 +105,8 @@ TEST_CASE("DELLA's rows, spread over threads, keep by their ranks as one row at 
   std::vector<float> x(numel);
   for (std::size_t i = 0; i < numel; ++i)
     x[i] = static_cast<float>((i * 7919) % 613) * ((i * 31) % 5 == 0 ? -0.5f : 0.25f);
-  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(rows), static_cast<std::int64_t>(columns)};
+  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(rows),
+                                           static_cast<std::int64_t>(columns)};
   StateDict model_x, zero;
   model_x.insert("w", x.data(), shape);
   const std::vector<float> zeros(numel, 0.0f);

@@ -262,7 +262,7 @@ struct MergeWorkspace {
   std::vector<KeptScalars> kept;       ///< per model
   /// Della: a row's (key, position) pairs, and the radix sort's other half, one a lane
   std::vector<std::vector<std::pair<std::uint64_t, std::uint64_t>>> ranked, ranked_scratch;
-  std::vector<MergeLane> lanes;                                         ///< the last pass's, one a thread
+  std::vector<MergeLane> lanes;  ///< the last pass's, one a thread
 };
 
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
@@ -349,28 +349,33 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       // no sign): a lane writes only its rows' keys, where the bits of `keep` of two rows may share
       // a word. The marks move into `keep` afterwards, span by span.
       constexpr std::uint64_t kept_mark = std::uint64_t{1} << 63;
-      if (work.ranked.size() < lanes) work.ranked.resize(lanes), work.ranked_scratch.resize(lanes);
-      if (columns > 0) for_each_span([&](std::size_t lane, std::size_t begin, std::size_t end) {
-        // Each row's (key, position) pairs, laid out from the last position to the first and sorted
-        // stably by key: ascending magnitude, equal ones the later position first (the earlier
-        // ranks higher). Contiguous pairs, not indices compared through the keys; a radix sort.
-        std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked[lane];
-        for (std::size_t row = (begin + columns - 1) / columns; row < rows && row * columns < end; ++row) {
-          std::uint64_t* v = magnitude.data() + row * columns;  // (the rows that start in the span)
-          ranked.resize(columns);
-          for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
-          stable_sort_by_key(ranked, work.ranked_scratch[lane]);
-          for (std::size_t r = 0; r < columns; ++r) {
-            const std::size_t at = static_cast<std::size_t>(ranked[r].second);
-            const double spread =
-                columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
-                            : o.epsilon;
-            const double keep_probability = density - o.epsilon + spread;
-            if (uniform_draw(key, row * columns + at) >= 1 - keep_probability && density > 0)
-              v[at] |= kept_mark;
+      if (work.ranked.size() < lanes) {
+        work.ranked.resize(lanes);
+        work.ranked_scratch.resize(lanes);
+      }
+      if (columns > 0) {  // (an empty tensor has no rows to rank)
+        for_each_span([&](std::size_t lane, std::size_t begin, std::size_t end) {
+          // Each row's (key, position) pairs, laid out from the last position to the first and sorted
+          // stably by key: ascending magnitude, equal ones the later position first (the earlier
+          // ranks higher). Contiguous pairs, not indices compared through the keys; a radix sort.
+          std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked[lane];
+          for (std::size_t row = (begin + columns - 1) / columns; row < rows && row * columns < end; ++row) {
+            std::uint64_t* v = magnitude.data() + row * columns;  // (the rows that start in the span)
+            ranked.resize(columns);
+            for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
+            stable_sort_by_key(ranked, work.ranked_scratch[lane]);
+            for (std::size_t r = 0; r < columns; ++r) {
+              const std::size_t at = static_cast<std::size_t>(ranked[r].second);
+              const double spread =
+                  columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
+                              : o.epsilon;
+              const double keep_probability = density - o.epsilon + spread;
+              if (uniform_draw(key, row * columns + at) >= 1 - keep_probability && density > 0)
+                v[at] |= kept_mark;
+            }
           }
-        }
-      });
+        });
+      }
       for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {  // (spans share no word)
         for (std::size_t p = begin; p < end; ++p) {
           if (magnitude[p] & kept_mark) {
