@@ -155,6 +155,76 @@ TEST_CASE("DELLA's rows, spread over threads, keep by their ranks as one row at 
   }
 }
 
+TEST_CASE("Model Stock's rows, summed on threads, give each row its own t, on any thread count",
+          "[merge][threads][model_stock]") {
+  // filter_wise: t = n cos / (1 + (n - 1) cos) per row, cos the mean pairwise cosine of the rows'
+  // task vectors; rows of 1001 over three spans, the rows straddling the spans' edges, and a
+  // one-group tensor of three spans (summed in spans). The reference sums each row on its own.
+  const std::size_t rows = 1100, columns = 1001, numel = rows * columns, models = 3;
+  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(rows),
+                                           static_cast<std::int64_t>(columns)};
+  std::vector<std::vector<float>> x(models + 1, std::vector<float>(numel));  // (the last: the base)
+  for (std::size_t m = 0; m <= models; ++m) {
+    for (std::size_t i = 0; i < numel; ++i) {
+      const double row = static_cast<double>(i / columns);
+      x[m][i] = static_cast<float>(std::sin(static_cast<double>(i) * (0.3 + 0.07 * static_cast<double>(m))) +
+                                   (m == models ? 0.0 : 0.001 * row * static_cast<double>(m + 1)));
+    }
+  }
+  std::vector<StateDict> inputs(models + 1);
+  for (std::size_t m = 0; m <= models; ++m) {
+    inputs[m].insert("w", x[m].data(), shape);
+    inputs[m].insert("flat", x[m].data(), {static_cast<std::int64_t>(numel)});
+  }
+  const auto t_of = [&](std::size_t begin, std::size_t end) {
+    std::vector<double> dot(models * models, 0.0);
+    for (std::size_t i = begin; i < end; ++i) {
+      for (std::size_t a = 0; a < models; ++a)
+        for (std::size_t b = 0; b < models; ++b)
+          dot[a * models + b] +=
+              (static_cast<double>(x[a][i]) - x[models][i]) * (static_cast<double>(x[b][i]) - x[models][i]);
+    }
+    double cosine = 0;
+    for (std::size_t a = 0; a < models; ++a)
+      for (std::size_t b = a + 1; b < models; ++b)
+        cosine += dot[a * models + b] / std::sqrt(dot[a * models + a] * dot[b * models + b]);
+    cosine /= 3.0;  // (3 pairs)
+    return 3.0 * cosine / (1 + 2 * cosine);
+  };
+  std::vector<double> row_t(rows);
+  for (std::size_t r = 0; r < rows; ++r) row_t[r] = t_of(r * columns, (r + 1) * columns);
+  const double flat_t = t_of(0, numel);
+  MergeOptions o;
+  o.method = MergeMethod::ModelStock;
+  o.filter_wise = true;
+  std::vector<float> first_w, first_flat;
+  for (const unsigned threads : {1u, 2u, 3u}) {
+    o.threads = threads;
+    const StateDict merged =
+        polyak::merge_state_dicts({&inputs[0], &inputs[1], &inputs[2]}, &inputs[models], o);
+    std::vector<float> w(numel), flat(numel);
+    merged.copy_to("w", w.data(), shape);
+    merged.copy_to("flat", flat.data(), {static_cast<std::int64_t>(numel)});
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < numel; ++i) {
+      const double mean = (static_cast<double>(x[0][i]) + x[1][i] + x[2][i]) / 3.0;
+      const double t = row_t[i / columns];
+      const double expected = t * mean + (1 - t) * x[models][i];
+      const double expected_flat = flat_t * mean + (1 - flat_t) * x[models][i];
+      wrong += std::abs(w[i] - expected) > 1e-5 * (1 + std::abs(expected));
+      wrong += std::abs(flat[i] - expected_flat) > 1e-5 * (1 + std::abs(expected_flat));
+    }
+    CAPTURE(threads);
+    CHECK(wrong == 0);
+    if (threads == 1) {
+      first_w = w;
+      first_flat = flat;
+    }
+    CHECK(w == first_w);  // (the same bytes on any thread count)
+    CHECK(flat == first_flat);
+  }
+}
+
 TEST_CASE("a streamed merge writes the same file on 1 and 3 threads, in every dtype", "[merge][threads]") {
   polyak_test::TemporaryFolder folder("merge_threads");
   const std::vector<std::string> paths = {folder / "a.safetensors", folder / "b.safetensors"};

@@ -379,26 +379,45 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         },
         for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, kept[m]);
   }
-  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. Groups are
-  // contiguous: each one's sums are kept only until it ends (memory: the models' pairs, once). The
-  // sums are long double (no overflow from F64 task values near 1e160 where it is wider than
-  // double); a non-finite task value is left out of them (carried into its own scalar only).
+  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. The sums
+  // are long double (no overflow from F64 task values near 1e160 where it is wider than double); a
+  // non-finite task value is left out of them (carried into its own scalar only). A tensor that is
+  // one group is summed in spans on the lanes (sum_in_spans); rows are summed each on one lane (the
+  // rows that start in its spans), in scalar order.
   std::vector<double> stock_t;
   const std::size_t stock_columns =
       o.filter_wise && !shape.empty() && shape.back() > 0 ? static_cast<std::size_t>(shape.back()) : numel;
   if (method == MergeMethod::ModelStock) {
     const std::size_t groups = numel == 0 ? 0 : numel / stock_columns, pairs = models * (models - 1) / 2;
-    std::vector<long double> dots(pairs, 0.0L), squares(models, 0.0L);
-    std::vector<double> tau(models);
     stock_t.resize(groups);
     const double n = static_cast<double>(models);
-    const auto finish_group = [&](std::size_t g) {
+    // sums[0, pairs): the models' pairwise dot products; sums[pairs + a]: model a's squared norm.
+    const auto add_sums = [&](std::size_t l, std::size_t begin, std::size_t end,
+                              std::vector<long double>& sums) {
+      double* tau = lanes[l].v.data();  // (a scalar's task values: `models` of its models * piece)
+      read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+        for (std::size_t j = 0; j < count; ++j) {
+          for (std::size_t a = 0; a < models; ++a) {
+            tau[a] = lane.x[a][j] - lane.base[j];
+            if (!std::isfinite(tau[a])) tau[a] = 0;  // (left out of the sums)
+          }
+          std::size_t pair = 0;
+          for (std::size_t a = 0; a < models; ++a) {
+            const auto ta = static_cast<long double>(tau[a]);
+            sums[pairs + a] += ta * ta;
+            for (std::size_t b = a + 1; b < models; ++b)
+              sums[pair++] += ta * static_cast<long double>(tau[b]);
+          }
+        }
+      });
+    };
+    const auto t_of = [&](const std::vector<long double>& sums) {
       double cosine = 0;
       std::size_t pair = 0;
       for (std::size_t a = 0; a < models; ++a) {
         for (std::size_t b = a + 1; b < models; ++b) {
-          const long double norms = std::max(std::sqrt(squares[a]) * std::sqrt(squares[b]), 1e-6L);
-          cosine += static_cast<double>(std::clamp(dots[pair++] / norms, -1.0L, 1.0L));
+          const long double norms = std::max(std::sqrt(sums[pairs + a]) * std::sqrt(sums[pairs + b]), 1e-6L);
+          cosine += static_cast<double>(std::clamp(sums[pair++] / norms, -1.0L, 1.0L));
         }
       }
       cosine /= static_cast<double>(pairs);
@@ -408,25 +427,29 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
                               detail::number_text(cosine) + " makes 1 + (n - 1) cos " +
                               detail::number_text(denominator) + ", within 1e-9 of 0: t is undefined");
       }
-      stock_t[g] = n * cosine / denominator;
-      std::fill(dots.begin(), dots.end(), 0.0L);
-      std::fill(squares.begin(), squares.end(), 0.0L);
+      return n * cosine / denominator;
     };
-    for_each_piece([&](std::size_t begin, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        for (std::size_t a = 0; a < models; ++a) {
-          tau[a] = x[a][j] - base[j];
-          if (!std::isfinite(tau[a])) tau[a] = 0;  // (left out of the sums)
+    const std::vector<long double> zero(pairs + models, 0.0L);
+    if (groups == 1) {
+      stock_t[0] = t_of(sum_in_spans(
+          zero,
+          [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
+            add_sums(l, begin, end, part);
+          },
+          [](std::vector<long double>& total, const std::vector<long double>& part) {
+            for (std::size_t i = 0; i < total.size(); ++i) total[i] += part[i];
+          }));
+    } else if (groups > 1) {
+      in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
+        std::vector<long double> sums;
+        for (std::size_t g = (begin + stock_columns - 1) / stock_columns;
+             g < groups && g * stock_columns < end; ++g) {
+          sums = zero;
+          add_sums(l, g * stock_columns, (g + 1) * stock_columns, sums);
+          stock_t[g] = t_of(sums);
         }
-        std::size_t pair = 0;
-        for (std::size_t a = 0; a < models; ++a) {
-          const auto ta = static_cast<long double>(tau[a]);
-          squares[a] += ta * ta;
-          for (std::size_t b = a + 1; b < models; ++b) dots[pair++] += ta * static_cast<long double>(tau[b]);
-        }
-        if ((begin + j + 1) % stock_columns == 0) finish_group((begin + j) / stock_columns);
-      }
-    });
+      });
+    }
   }
   // Sce: the kept scalars (highest variance across the models) and each model's weight. Ranked by
   // the standard deviation, which orders as the variance does, computed on the task values divided
