@@ -225,6 +225,58 @@ TEST_CASE("Model Stock's rows, summed on threads, give each row its own t, on an
   }
 }
 
+TEST_CASE("NuSLERP's rows, summed on threads, each get their own angle, on any thread count",
+          "[merge][threads][nuslerp]") {
+  // Not flattened: one angle a row of 1001 (rows straddle the three spans' edges); flattened, one
+  // angle for the tensor, summed in spans. The reference: slerp at t = 1/2 from each row's sums.
+  const std::size_t rows = 1100, columns = 1001, numel = rows * columns;
+  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(rows),
+                                           static_cast<std::int64_t>(columns)};
+  std::vector<float> a(numel), b(numel);
+  for (std::size_t i = 0; i < numel; ++i) {
+    const double turn = 0.001 * static_cast<double>(i / columns);  // (the rows' angles differ)
+    a[i] = static_cast<float>(std::sin(static_cast<double>(i) * 0.37));
+    b[i] = static_cast<float>(std::cos(turn) * a[i] +
+                              std::sin(turn + 0.2) * std::cos(static_cast<double>(i) * 0.11));
+  }
+  StateDict model_a, model_b;
+  model_a.insert("w", a.data(), shape);
+  model_b.insert("w", b.data(), shape);
+  const auto slerp_of = [&](std::size_t begin, std::size_t end, std::vector<double>& out) {
+    double dot = 0, aa = 0, bb = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+      dot += static_cast<double>(a[i]) * b[i];
+      aa += static_cast<double>(a[i]) * a[i];
+      bb += static_cast<double>(b[i]) * b[i];
+    }
+    const double theta = std::acos(std::clamp(dot / std::sqrt(aa * bb), -1.0, 1.0));
+    const double s = std::sin(theta / 2) / std::sin(theta);
+    for (std::size_t i = begin; i < end; ++i) out[i] = s * (static_cast<double>(a[i]) + b[i]);
+  };
+  std::vector<double> by_row(numel), whole(numel);
+  for (std::size_t r = 0; r < rows; ++r) slerp_of(r * columns, (r + 1) * columns, by_row);
+  slerp_of(0, numel, whole);
+  MergeOptions o;
+  o.method = MergeMethod::NuSlerp;
+  for (const bool flatten : {false, true}) {
+    o.nuslerp_flatten = flatten;
+    const std::vector<double>& expected = flatten ? whole : by_row;
+    std::vector<float> first;
+    for (const unsigned threads : {1u, 2u, 3u}) {
+      o.threads = threads;
+      std::vector<float> merged(numel);
+      polyak::merge_state_dicts({&model_a, &model_b}, nullptr, o).copy_to("w", merged.data(), shape);
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < numel; ++i)
+        wrong += std::abs(merged[i] - expected[i]) > 1e-5 * (1 + std::abs(expected[i]));
+      CAPTURE(flatten, threads);
+      CHECK(wrong == 0);
+      if (threads == 1) first = merged;
+      CHECK(merged == first);
+    }
+  }
+}
+
 TEST_CASE("a streamed merge writes the same file on 1 and 3 threads, in every dtype", "[merge][threads]") {
   polyak_test::TemporaryFolder folder("merge_threads");
   const std::vector<std::string> paths = {folder / "a.safetensors", folder / "b.safetensors"};

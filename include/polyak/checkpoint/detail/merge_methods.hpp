@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <exception>
 #include <cmath>
@@ -268,20 +269,62 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       nu_groups = o.nuslerp_row_wise ? nu_inner : numel / nu_inner;
     }
     // The sums in long double (no overflow from F64 values near 1e300); a non-finite value is left
-    // out of them (carried into its own scalar), as Model Stock's and the spherical methods'.
+    // out of them (carried into its own scalar), as Model Stock's and the spherical methods'. One
+    // group (the tensor flattened) is summed in spans on the lanes; rows each on the lane whose span
+    // they start in, in scalar order; columns (row-wise) on this thread, in scalar order.
     std::vector<long double> dot(nu_groups, 0.0L), aa(nu_groups, 0.0L), bb(nu_groups, 0.0L);
-    for_each_piece([&](std::size_t begin, std::size_t count) {
-      for (std::size_t j = 0; j < count; ++j) {
-        const double b = has_base ? base[j] : 0.0;
-        auto v0 = static_cast<long double>(x[0][j] - b), v1 = static_cast<long double>(x[1][j] - b);
-        if (!std::isfinite(v0)) v0 = 0;
-        if (!std::isfinite(v1)) v1 = 0;
-        const std::size_t g = nu_group(begin + j);
-        dot[g] += v0 * v1;
-        aa[g] += v0 * v0;
-        bb[g] += v1 * v1;
-      }
-    });
+    using Sums = std::array<long double, 3>;  // dot, aa, bb
+    const auto add = [](Sums& sums, long double v0, long double v1) {
+      if (!std::isfinite(v0)) v0 = 0;
+      if (!std::isfinite(v1)) v1 = 0;
+      sums[0] += v0 * v1;
+      sums[1] += v0 * v0;
+      sums[2] += v1 * v1;
+    };
+    // Adds the pairs of scalars [begin, end) to `sums`, read in lane l.
+    const auto add_range = [&](std::size_t l, std::size_t begin, std::size_t end, Sums& sums) {
+      read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+        for (std::size_t j = 0; j < count; ++j) {
+          const double b = has_base ? lane.base[j] : 0.0;
+          add(sums, static_cast<long double>(lane.x[0][j] - b), static_cast<long double>(lane.x[1][j] - b));
+        }
+      });
+    };
+    if (nu_groups == 1) {  // (flattened, or one row)
+      const Sums sums = sum_in_spans(
+          Sums{0.0L, 0.0L, 0.0L},
+          [&](std::size_t l, std::size_t begin, std::size_t end, Sums& part) {
+            add_range(l, begin, end, part);
+          },
+          [](Sums& sum, const Sums& part) {
+            for (std::size_t k = 0; k < 3; ++k) sum[k] += part[k];
+          });
+      dot[0] = sums[0];
+      aa[0] = sums[1];
+      bb[0] = sums[2];
+    } else if (!o.nuslerp_row_wise) {
+      in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
+        for (std::size_t g = (begin + nu_inner - 1) / nu_inner; g < nu_groups && g * nu_inner < end; ++g) {
+          Sums sums{0.0L, 0.0L, 0.0L};
+          add_range(l, g * nu_inner, (g + 1) * nu_inner, sums);
+          dot[g] = sums[0];
+          aa[g] = sums[1];
+          bb[g] = sums[2];
+        }
+      });
+    } else {
+      for_each_piece([&](std::size_t begin, std::size_t count) {
+        for (std::size_t j = 0; j < count; ++j) {
+          const double b = has_base ? base[j] : 0.0;
+          const std::size_t g = nu_group(begin + j);
+          Sums sums{dot[g], aa[g], bb[g]};
+          add(sums, static_cast<long double>(x[0][j] - b), static_cast<long double>(x[1][j] - b));
+          dot[g] = sums[0];
+          aa[g] = sums[1];
+          bb[g] = sums[2];
+        }
+      });
+    }
     nu_s0.assign(nu_groups, 1 - t);
     nu_s1.assign(nu_groups, t);
     for (std::size_t g = 0; g < nu_groups; ++g) {
