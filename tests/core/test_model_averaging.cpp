@@ -8,6 +8,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -106,6 +108,70 @@ TEST_CASE("members whose parameter lists differ all get an error, and nothing ch
     for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("differ"));
   }
   for (std::size_t r = 0; r < 4; ++r) CHECK((models[r].bias.array() == static_cast<float>(r)).all());
+}
+
+TEST_CASE("a tensor in two lists of one call, or lists of other types on one member, are refused by all",
+          "[model_averaging][adversarial]") {
+  // Two lists that share a tensor would average it twice (beyond one chunk, silently); a member
+  // whose extra list is empty but of another type would send its values in another wire type.
+  const std::size_t n = (std::size_t{1} << 18) + 1000;  // (more than one chunk)
+  SECTION("one list passed twice") {
+    std::vector<std::vector<float>> w(3, std::vector<float>(n));
+    const auto errors = on_threads(3, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      std::fill(w[r].begin(), w[r].end(), static_cast<float>(r));
+      ParameterList<float> list;
+      list.add("w", polyak::TensorView<float>(w[r].data(), {static_cast<std::int64_t>(n)}));
+      PeriodicModelAverager<ThreadCommunicator> averager(1, 0, comm);
+      averager.average_parameters(list, list);
+    });
+    for (const auto& e : errors) {
+      CHECK_THAT(e, Catch::Contains("nothing was averaged"));
+      CHECK_THAT(e, Catch::Contains("tensor 'w' of list 2 shares memory with tensor 'w' of list 1"));
+    }
+    for (std::size_t r = 0; r < 3; ++r)
+      CHECK(std::count(w[r].begin(), w[r].end(), static_cast<float>(r)) == n);
+  }
+  SECTION("an empty list of doubles on one member only") {
+    std::vector<std::vector<float>> w(2, std::vector<float>(n));
+    const auto errors = on_threads(2, [&](ThreadCommunicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      std::fill(w[r].begin(), w[r].end(), 2.0f);
+      ParameterList<float> list;
+      list.add("w", polyak::TensorView<float>(w[r].data(), {static_cast<std::int64_t>(n)}));
+      PeriodicModelAverager<ThreadCommunicator> averager(1, 0, comm);
+      if (r == 0) {
+        averager.average_parameters(list, ParameterList<double>());
+      } else {
+        averager.average_parameters(list);
+      }
+    });
+    for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("the list of rank 1 differs from rank 0's"));
+    CHECK_THAT(errors[1], Catch::Contains("rank 1 passed lists of F32 where rank 0 passed lists of "
+                                          "F32, F64"));
+    for (std::size_t r = 0; r < 2; ++r) CHECK(std::count(w[r].begin(), w[r].end(), 2.0f) == n);
+  }
+}
+
+TEST_CASE("a zero's sign survives the average: -0 stays -0, alone and summed", "[model_averaging]") {
+  // PyTorch (and MPI) leave a group of one alone and sum -0 + -0 to -0; a sum from +0 would not.
+  for (const int members : {1, 2, 3}) {
+    std::vector<std::vector<float>> w(static_cast<std::size_t>(members),
+                                      std::vector<float>{-0.0f, 0.0f, -1.0f});
+    const auto errors = on_threads(members, [&](ThreadCommunicator& comm) {
+      ParameterList<float> list;
+      list.add("w", polyak::TensorView<float>(w[static_cast<std::size_t>(comm.rank())].data(), {3}));
+      polyak::average_parameters(list, comm);
+    });
+    REQUIRE(errors == std::vector<std::string>(static_cast<std::size_t>(members)));
+    for (const auto& values : w) {
+      CAPTURE(members);
+      CHECK(std::signbit(values[0]));
+      CHECK(values[0] == 0.0f);
+      CHECK_FALSE(std::signbit(values[1]));
+      CHECK(values[2] == -1.0f);
+    }
+  }
 }
 
 TEST_CASE("PeriodicModelAverager averages at PyTorch's steps", "[model_averaging]") {

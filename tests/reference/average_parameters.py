@@ -7,8 +7,8 @@ Run with Debian's python3-torch (PyTorch 1.13):  /usr/bin/python3 tests/referenc
 torch.distributed.algorithms.model_averaging.utils.average_parameters concatenates the parameters,
 divides them by the group size (`flat_params /= world_size`) and sums them over the group
 (`dist.all_reduce`). Here torch divides each member's concatenated float32 parameters itself, and
-the sum runs in rank order from zero, as polyak::ThreadCommunicator adds (a process group would add
-in its own order). Members hold scalars from a formula that the C++ test repeats:
+the sum runs in rank order from member 0's value, as polyak::ThreadCommunicator adds (a process
+group would add in its own order; a sum from zero would turn -0 into +0). Members hold scalars from a formula that the C++ test repeats:
 
   h = (i * 2654435761 + r * 40503 + 12345) mod 2^32;  h ^= h >> 15;  h = h * 2246822519 mod 2^32;
   h ^= h >> 13;  x = (h >> 8) * 2^-21 - 4            (exact in float32)
@@ -68,17 +68,17 @@ def main():
     lines = ["# Written by average_parameters.py with torch " + torch.__version__ + "; see it for the format."]
     for n in (2, 3, 4, 8):
         for scalars, extremes in ((300001, 0), (300001, 1), (4500000, 0), (4500000, 1)):
-            total = torch.zeros(scalars, dtype=torch.float32)
-            multiplied = torch.zeros(scalars, dtype=torch.float32)
-            summed = torch.zeros(scalars, dtype=torch.float32)
             reciprocal = torch.tensor(1.0, dtype=torch.float32) / n
             for r in range(n):
                 x = member(r, scalars, extremes)
                 flat = x.clone()
                 flat /= n  # PyTorch's average_parameters
-                total += flat
-                multiplied += x * reciprocal
-                summed += x
+                if r == 0:  # (the sums start at member 0's values, not at zero: -0 stays -0)
+                    total, multiplied, summed = flat, x * reciprocal, x.clone()
+                else:
+                    total += flat
+                    multiplied += x * reciprocal
+                    summed += x
             result = total.numpy()
             bits = result.view(np.uint32)
             differs = int(np.count_nonzero(bits != multiplied.numpy().view(np.uint32)))

@@ -343,7 +343,10 @@ int main(int argc, char** argv) {
           "needs first < end");
   refused(config("slices:\n  - sources:\n    - model: " + a +
                  "\n      layer_range: [-0, 2]\nmerge_method: passthrough\n"),
-          "a layer_range bound is not a whole number >= 0");
+          "a layer_range bound '-0' is not a whole number >= 0");
+  refused(config("slices:\n  - sources:\n    - model: " + a +
+                 "\n      layer_range: [01, 3]\nmerge_method: passthrough\n"),
+          "a layer_range bound '01': a number YAML 1.1 (mergekit's reader) reads otherwise");
   refused(config(models + "merge_method: ties\nbase_model: " + base + "\nmodels: []\n"),
           "'models' appears twice");
   refused(config("models:\n  - model: " + m1 + "\n    parameters:\n      weight: 1\n      weight: 2\n" +

@@ -592,9 +592,16 @@ class Planner {
           throw UsageError("a source's layer_range is not [first, end]" + where_of(s));
         std::int64_t bounds[2] = {0, 0};
         for (int i = 0; i < 2; ++i) {
-          if (!range[i].IsScalar() || !polyak_tools::parse_count(range[i].Scalar(), bounds[i]) ||
-              bounds[i] < 0)
+          if (!range[i].IsScalar())
             throw UsageError("a layer_range bound is not a whole number >= 0" + where_of(range));
+          const std::string text = range[i].Scalar();
+          if (text.size() > 1 && text[0] == '0')  // (YAML 1.1 reads "010" as octal 8)
+            throw UsageError("a layer_range bound '" + polyak::detail::visible(text) +
+                             "': a number YAML 1.1 (mergekit's reader) reads otherwise; write it plainly" +
+                             where_of(range));
+          if (!polyak_tools::parse_count(text, bounds[i]))
+            throw UsageError("a layer_range bound '" + polyak::detail::visible(text) +
+                             "' is not a whole number >= 0" + where_of(range));
         }
         if (bounds[0] >= bounds[1])
           throw UsageError("a layer_range [first, end] needs first < end" + where_of(range));

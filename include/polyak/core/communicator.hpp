@@ -209,8 +209,8 @@ class ThreadCommunicator {
     const std::size_t begin = n * static_cast<std::size_t>(rank_) / members;
     const std::size_t end = n * (static_cast<std::size_t>(rank_) + 1) / members;
     for (std::size_t i = begin; i < end; ++i) {
-      T sum = 0;
-      for (const Posted& other : g.posted) sum += static_cast<const T*>(other.in)[i];
+      T sum = static_cast<const T*>(g.posted.front().in)[i];  // (not 0 + ...: -0 stays -0, as in MPI)
+      for (std::size_t r = 1; r < members; ++r) sum += static_cast<const T*>(g.posted[r].in)[i];
       for (const Posted& other : g.posted) static_cast<T*>(other.out)[i] = sum;
     }
     g.barrier();  // no member returns before every slice of its buffer is written

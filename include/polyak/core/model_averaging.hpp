@@ -34,7 +34,8 @@ namespace polyak {
 /// any group size: each scalar divided by the group size, then summed over the group in the
 /// communicator's order (docs/distributed.md says how it gets there fast; detail::average_lists).
 /// Members whose lists differ in tensor count, sizes or scalar types all get std::invalid_argument,
-/// and nothing changes.
+/// and nothing changes. The bits need IEEE arithmetic: code built with -ffast-math may divide by
+/// multiplying by 1 / size, and over MPI a rank that flushes subnormals sums in its own mode.
 template <class T, class Comm>
 void average_parameters(const ParameterList<T>& params, Comm& comm) {
   detail::average_lists(comm, "average_parameters", params);

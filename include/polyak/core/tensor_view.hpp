@@ -349,6 +349,19 @@ class ParameterList {
     return {};
   }
 
+  /// The name of this list's tensor whose memory overlaps the `bytes` bytes at `begin`, or nullptr:
+  /// the averagers refuse a tensor listed in two lists of one call, as add() refuses one listed
+  /// twice in one list (it would be averaged twice).
+  const std::string* overlapping(const void* begin, std::size_t bytes) const {
+    const auto first = reinterpret_cast<std::uintptr_t>(begin), last = first + bytes;
+    if (first == last) return nullptr;
+    const auto next = ranges_.upper_bound(first);  // (ranges within a list are disjoint)
+    if (next != ranges_.end() && next->first < last) return &entries_[next->second.second].name();
+    if (next != ranges_.begin() && std::prev(next)->second.first > first)
+      return &entries_[std::prev(next)->second.second].name();
+    return nullptr;
+  }
+
   /// Throws InvalidArgument naming the first tensor whose storage moved since its view was made.
   void check_storage() const {
     const std::string problem = stale_view();

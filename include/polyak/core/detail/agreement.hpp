@@ -171,9 +171,54 @@ std::string problems_of_all(Comm& comm, const std::string& problem) {
   return ranks_phrase(ranks, "rank ", "ranks ") + " failed" + (problem.empty() ? "" : "; here: " + problem);
 }
 
+/// Where a tensor of one list shares memory with a tensor of an earlier list of the same call, what
+/// to refuse ("" for none): it would be averaged twice. Allocates nothing when there is none.
+template <class T>
+const std::string* overlapping_in(const void* list, const void* begin, std::size_t bytes) {
+  return static_cast<const ParameterList<T>*>(list)->overlapping(begin, bytes);
+}
+template <class... Ts>
+std::string shared_across_lists(const ParameterList<Ts>&... lists) {
+  constexpr std::size_t count = sizeof...(Ts);
+  if constexpr (count < 2) {
+    return {};
+  } else {
+    const void* const addresses[count] = {static_cast<const void*>(&lists)...};
+    const std::string* (*const queries[count])(const void*, const void*,
+                                               std::size_t) = {&overlapping_in<Ts>...};
+    std::string problem;
+    std::size_t j = 0;
+    const auto against_earlier = [&](const auto& list) {
+      for (const auto& tensor : list) {
+        const std::size_t bytes = tensor.numel() * sizeof(*tensor.data());
+        for (std::size_t i = 0; i < j && problem.empty(); ++i) {
+          if (const std::string* other = queries[i](addresses[i], tensor.data(), bytes)) {
+            problem = "tensor '" + tensor.name() + "' of list " + std::to_string(j + 1) +
+                      " shares memory with tensor '" + *other + "' of list " + std::to_string(i + 1) +
+                      ": it would be averaged twice; list a tensor once";
+          }
+        }
+      }
+      ++j;
+    };
+    (against_earlier(lists), ...);
+    return problem;
+  }
+}
+
+/// "F32, BF16": the scalar types of the lists of a call, empty ones too (they set the type
+/// the values travel in, which every member must share).
+template <class... Ts>
+std::string list_types() {
+  std::string types;
+  ((types += (types.empty() ? "" : ", ") + std::string(dtype_name(dtype_of<Ts>()))), ...);
+  return types;
+}
+
 /// Collective: returns when every member passed lists of the same layout (names, scalar types,
-/// storage orders, shapes, in order), views whose storage has not moved, and no `refusal` of its own
-/// (a member's local reason not to go on: "" for none); otherwise throws InvalidArgument on every
+/// storage orders, shapes, in order; lists of the same scalar types, empty ones too), views whose
+/// storage has not moved, no tensor in two of its lists, and no `refusal` of its own (a member's
+/// local reason not to go on: "" for none); otherwise throws InvalidArgument on every
 /// member, before any value moves, naming the ranks that refused, differ from rank 0 or hold stale
 /// views and, on each of them, its own problem. So that a local failure is never a lone throw beside
 /// a peer waiting in the collective, a caller finds its local reasons first and passes them here.
@@ -187,13 +232,17 @@ void check_same_layout(Comm& comm, const char* where, const std::string& refusal
                        const ParameterList<Ts>&... lists) {
   LayoutHash hash;
   (describe(hash, lists), ...);
+  const char* const types[] = {dtype_name(dtype_of<Ts>())..., ""};
+  for (const char* type : types) hash.put(type, std::char_traits<char>::length(type) + 1);  // (with its NUL)
   std::string stale;
   ((stale = stale.empty() ? lists.stale_view() : stale), ...);
+  const std::string shared = refusal.empty() ? shared_across_lists(lists...) : std::string();
+  const std::string& refused_here = refusal.empty() ? shared : refusal;
 
   double sums[agreement_doubles + 2] = {};
   put_agreement(hash.value, sums);
   sums[agreement_doubles] = stale.empty() ? 0.0 : 1.0;
-  sums[agreement_doubles + 1] = refusal.empty() ? 0.0 : 1.0;
+  sums[agreement_doubles + 1] = refused_here.empty() ? 0.0 : 1.0;
   comm.allreduce_sum(sums, agreement_doubles + 2);
   const bool same_layout = agreed(sums, comm.size()) && sums[agreement_doubles] < 0.5;
   if (same_layout && sums[agreement_doubles + 1] < 0.5) return;
@@ -216,13 +265,18 @@ void check_same_layout(Comm& comm, const char* where, const std::string& refusal
           [&](std::size_t i) { return reference[i].spec(); }, "rank 0");
       if (difference.empty() && !complete) difference = "rank 0's description of its list could not be read";
     }
+    const std::string reference_types = text_of_rank0(comm, list_types<Ts...>());
+    if (difference.empty() && reference_types != list_types<Ts...>()) {
+      difference = label + " passed lists of " + list_types<Ts...>() + " where rank 0 passed lists of " +
+                   reference_types + " (empty ones count: they set the type the values travel in)";
+    }
   }
   const std::size_t size = static_cast<std::size_t>(comm.size()),
                     rank = static_cast<std::size_t>(comm.rank());
   std::vector<double> flags(3 * size, 0.0);
   flags[rank] = !difference.empty() && stale.empty() ? 1.0 : 0.0;
   flags[size + rank] = stale.empty() ? 0.0 : 1.0;
-  flags[2 * size + rank] = refusal.empty() ? 0.0 : 1.0;
+  flags[2 * size + rank] = refused_here.empty() ? 0.0 : 1.0;
   comm.allreduce_sum(flags.data(), flags.size());
   const auto ranks_of = [&](std::size_t kind) {
     return rank_list(std::vector<double>(flags.begin() + static_cast<std::ptrdiff_t>(kind * size),
@@ -240,7 +294,7 @@ void check_same_layout(Comm& comm, const char* where, const std::string& refusal
     parts.push_back("views on " + ranks_phrase(moved, "rank ", "ranks ") + " point at storage that moved");
   std::string message = std::string("polyak::") + where + ": nothing was averaged:";
   for (std::size_t i = 0; i < parts.size(); ++i) message += (i == 0 ? " " : "; ") + parts[i];
-  if (!refusal.empty()) message += "; here, on " + label + ": " + refusal;
+  if (!refused_here.empty()) message += "; here, on " + label + ": " + refused_here;
   if (!difference.empty()) message += "; here, on " + label + ": " + difference;
   throw InvalidArgument(message);
 }

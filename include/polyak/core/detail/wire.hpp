@@ -191,8 +191,10 @@ void average_lists(Comm& comm, const char* where, const ParameterList<Ts>&... li
   static_assert(is_communicator_v<Comm>,
                 "polyak: the communicator needs rank(), size(), allreduce_sum(T*, n) and split(color, key)");
   using W = wire_t<Ts...>;
-  check_same_layout(comm, where, std::string(), lists...);
   constexpr std::size_t chunk_scalars = average_chunk_bytes_v<Comm> / sizeof(W);
+  static_assert(chunk_scalars >= 1,
+                "polyak: the communicator's average_chunk_bytes must hold one scalar (8 bytes)");
+  check_same_layout(comm, where, std::string(), lists...);
   const GroupDivisor<W> divisor(comm.size());
   Chunk<W>& chunk = Chunk<W>::for_this_thread();
   chunk.clear();
