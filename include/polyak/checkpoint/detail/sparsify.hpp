@@ -345,9 +345,11 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       const std::size_t columns = numel / rows;
       const std::uint64_t key = draw_key(o.seed, name, m);
       result.keep.assign(numel, false);
-      // A row's kept scalars are marked in their keys' top bit, which no rank key sets (|tau| has
-      // no sign): a lane writes only its rows' keys, where the bits of `keep` of two rows may share
-      // a word. The marks move into `keep` afterwards, span by span.
+      // A row's kept scalars go into `keep` where the row owns the word of bits (64 positions
+      // from a multiple of 64); in the words it may share with its neighbours (at most one at
+      // each end), they are marked in their keys' top bit instead, which no rank key sets (|tau|
+      // has no sign), and move into `keep` afterwards, span by span. (Marking every key was a
+      // random write over the whole row's keys: 1.7x slower on rows of 4 million.)
       constexpr std::uint64_t kept_mark = std::uint64_t{1} << 63;
       if (work.ranked.size() < lanes) {
         work.ranked.resize(lanes);
@@ -361,6 +363,9 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
           std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked[lane];
           for (std::size_t row = (begin + columns - 1) / columns; row < rows && row * columns < end; ++row) {
             std::uint64_t* v = magnitude.data() + row * columns;  // (the rows that start in the span)
+            const std::size_t start = row * columns, stop = start + columns;
+            const std::size_t owned_from = std::min(stop, (start + 63) / 64 * 64);  // [from, to): own words
+            const std::size_t owned_to = std::max(owned_from, stop / 64 * 64);
             ranked.resize(columns);
             for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
             stable_sort_by_key(ranked, work.ranked_scratch[lane]);
@@ -370,8 +375,13 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
                               : o.epsilon;
               const double keep_probability = density - o.epsilon + spread;
-              if (uniform_draw(key, row * columns + at) >= 1 - keep_probability && density > 0)
+              const std::size_t position = start + at;
+              if (!(uniform_draw(key, position) >= 1 - keep_probability && density > 0)) continue;
+              if (position >= owned_from && position < owned_to) {
+                result.keep[position] = true;
+              } else {
                 v[at] |= kept_mark;
+              }
             }
           }
         });
