@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>  // std::memcpy
 #include <string>
+#include <tuple>  // std::tie
 #include <utility>
 #include <vector>
 
@@ -289,7 +290,12 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   if (legacy_dare) result.rescale = 1 / (1 - drop);
   if (!legacy_dare && density >= 1) return;  // everything, unrescaled
   const bool rescale = !legacy_dare && o.rescale.value_or(rescales_by_default(o.method));
-  double norm = 0, kept_norm = 0;  // the L1 norms (finite values; a NaN stays at its scalar)
+  double norm = 0, kept_norm = 0;           // the L1 norms (finite values; a NaN stays at its scalar)
+  using Norms = std::pair<double, double>;  // (norm, kept_norm), as the lanes sum them
+  const auto add_norms = [](Norms& total, const Norms& part) {
+    total.first += part.first;
+    total.second += part.second;
+  };
   if (rule == Sparsification::Random) {
     // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); this pass reads
     // the task vector only for the L1 norms of the rescale (summed in spans, on the lanes).
@@ -297,7 +303,6 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     result.key = draw_key(o.seed, name, m);
     result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
     if (rescale) {
-      using Norms = std::pair<double, double>;  // (the L1 norm, and the kept scalars')
       const Norms norms = sum_in_spans(
           Norms{0.0, 0.0},
           [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
@@ -317,12 +322,8 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
             }
             part = {all, kept};
           },
-          [](Norms& total, const Norms& part) {
-            total.first += part.first;
-            total.second += part.second;
-          });
-      norm = norms.first;
-      kept_norm = norms.second;
+          add_norms);
+      std::tie(norm, kept_norm) = norms;
     }
   } else {
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
@@ -396,7 +397,6 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       });
     }
     if (rescale) {  // the L1 norms (only where they are used), summed in spans
-      using Norms = std::pair<double, double>;
       const Norms norms = sum_in_spans(
           Norms{0.0, 0.0},
           [&](std::size_t, std::size_t begin, std::size_t end, Norms& part) {
@@ -410,12 +410,8 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
             }
             part = {all, kept};
           },
-          [](Norms& total, const Norms& part) {
-            total.first += part.first;
-            total.second += part.second;
-          });
-      norm = norms.first;
-      kept_norm = norms.second;
+          add_norms);
+      std::tie(norm, kept_norm) = norms;
     }
   }
   if (rescale && norm >= 1e-7 && kept_norm >= 1e-7) result.rescale = norm / kept_norm;
