@@ -606,8 +606,8 @@ TEST_CASE("the random methods' draws are independent across models and neighbour
 
 TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucket included",
           "[merge][ties]") {
-  // keep_ranks against the definition: sort positions by (key, later position first), keep the ranks
-  // in [lo, hi). Keys: many duplicates in one bucket, spread over buckets, NaN's and infinity's keys.
+  // rank_window against the definition: sort positions by (key, later position first), keep the
+  // ranks in [lo, hi). Keys: many duplicates in one bucket, spread over buckets, NaN's and infinity's keys.
   std::uint64_t state = 7;
   const auto next = [&] { return state = polyak::detail::mix64(state); };
   for (int trial = 0; trial < 6; ++trial) {
@@ -626,16 +626,20 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
       return keys[a] < keys[b] || (keys[a] == keys[b] && a > b);
     });
     for (const auto& [lo, hi] : std::vector<std::pair<std::size_t, std::size_t>>{
-             {0, 1}, {1500, 3000}, {17, 2999}, {2999, 3000}, {1000, 1001}}) {
-      std::vector<bool> keep, expected(keys.size(), false);
+             {0, 1}, {1500, 3000}, {17, 2999}, {2999, 3000}, {1000, 1001}, {0, 3000}, {5, 5}, {0, 0}}) {
+      std::vector<bool> expected(keys.size(), false);
       std::vector<std::uint64_t> scratch;
       for (std::size_t r = lo; r < hi; ++r) expected[order[r]] = true;
-      polyak::detail::keep_ranks(keys, lo, hi, keep, scratch);
+      const auto kept = [&keys](const polyak::detail::RankWindow& window) {
+        std::vector<bool> keep(keys.size());
+        for (std::size_t p = 0; p < keys.size(); ++p) keep[p] = window.contains(keys[p], p);
+        return keep;
+      };
       CAPTURE(trial, lo, hi);
-      CHECK(keep == expected);
-      // In spans of 64 (and 128) on three threads, lane l taking spans l, l + 3, ...: the equal ones
+      CHECK(kept(polyak::detail::rank_window(keys, lo, hi, scratch)) == expected);
+      // In spans of 64 (100, 128) on three threads, lane l taking spans l, l + 3, ...: the equal ones
       // at a boundary spread over many spans, counted span by span.
-      for (const std::size_t span : {std::size_t{64}, std::size_t{128}}) {
+      for (const std::size_t span : {std::size_t{64}, std::size_t{100}, std::size_t{128}}) {
         const auto on_threads = [&](auto&& body) {
           std::vector<std::thread> lanes;
           for (std::size_t l = 0; l < 3; ++l) {
@@ -646,10 +650,8 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
           }
           for (auto& lane : lanes) lane.join();
         };
-        std::vector<bool> threaded;
-        polyak::detail::keep_ranks(keys, lo, hi, threaded, scratch, 3, span, on_threads);
         CAPTURE(span);
-        CHECK(threaded == expected);
+        CHECK(kept(polyak::detail::rank_window(keys, lo, hi, scratch, 3, span, on_threads)) == expected);
       }
     }
   }

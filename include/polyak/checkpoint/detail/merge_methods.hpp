@@ -497,7 +497,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // Sce: the kept scalars (highest variance across the models) and each model's weight. Ranked by
   // the standard deviation, which orders as the variance does, computed on the task values divided
   // by their largest magnitude (no overflow), as rank_key (NaN above all).
-  std::vector<bool> sce_keep;
+  bool sce_all = true;  // else kept where sce_window holds the scalar's spread (work.keys)
+  RankWindow sce_window;
   if (method == MergeMethod::Sce) {
     std::vector<std::uint64_t>&spread = work.keys, &scratch = work.scratch;
     spread.resize(numel);
@@ -537,14 +538,15 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     for (const std::size_t n : nonzero_in) nonzero += n;
     if (o.select_topk < 1) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
-      keep_ranks(spread, numel - k, numel, sce_keep, scratch, lane_count, lane_span, in_lanes);
+      sce_all = false;
+      sce_window = rank_window(spread, numel - k, numel, scratch, lane_count, lane_span, in_lanes);
     }
     std::vector<long double> squares = sum_in_spans(  // (long double: no overflow from F64 values)
         std::vector<long double>(models, 0.0L),
         [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
           read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t at, std::size_t count) {
             for (std::size_t j = 0; j < count; ++j) {
-              if (!sce_keep.empty() && !sce_keep[at + j]) continue;
+              if (!sce_all && !sce_window.contains(spread[at + j], at + j)) continue;
               for (std::size_t m = 0; m < models; ++m) {
                 const auto tau = static_cast<long double>(lane.x[m][j] - lane.base[j]);
                 if (std::isfinite(tau)) part[m] += tau * tau;
@@ -610,20 +612,23 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         double* vm = vs.data() + m * piece;
         const KeptScalars& k = kept[m];
         const double factor = w[m] * k.rescale;
-        const auto task_values = [&](auto&& keep) {
+        const auto task_values = [&](auto&& keep) {  // keep(tau, position)
           for (std::size_t j = 0; j < count; ++j) {
             const double tau = xm[j] - b[j];
             nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-            vm[j] = keep(begin + j) ? factor * tau : 0.0;
+            vm[j] = keep(tau, begin + j) ? factor * tau : 0.0;
             elect[j] += vm[j];
           }
         };
         if (k.drawn) {
-          task_values([&k](std::size_t at) { return uniform_draw(k.key, at) >= k.drop; });
+          task_values([&k](double, std::size_t at) { return uniform_draw(k.key, at) >= k.drop; });
+        } else if (k.ranked) {                 // (the key the rank rules gave this task value)
+          const RankWindow window = k.window;  // (a local: stores to vm could alias it)
+          task_values([&window](double tau, std::size_t at) { return window.contains(rank_key(tau), at); });
         } else if (k.keep.empty()) {
-          task_values([](std::size_t) { return true; });
+          task_values([](double, std::size_t) { return true; });
         } else {
-          task_values([&k](std::size_t at) { return static_cast<bool>(k.keep[at]); });
+          task_values([&k](double, std::size_t at) { return static_cast<bool>(k.keep[at]); });
         }
       }
       if (consensus) {
@@ -686,7 +691,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
     } else {  // Sce
       for (std::size_t j = 0; j < count; ++j) {
-        const bool keep = sce_keep.empty() || sce_keep[begin + j];
+        const bool keep = sce_all || sce_window.contains(work.keys[begin + j], begin + j);
         double elect = 0;
         bool nan = false;
         for (std::size_t m = 0; m < models; ++m) {

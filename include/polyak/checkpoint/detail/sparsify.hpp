@@ -108,29 +108,51 @@ void stable_sort_by_key(std::vector<Pair>& items, std::vector<Pair>& scratch) {
   }
 }
 
-/// keep[p] = whether scalar p's ascending rank lies in [lo, hi): ranks by `value`, equal values
-/// ranked by position, the earlier one higher. `scratch` is working memory (resized).
+/// The scalars whose ascending rank lies in [lo, hi), held as bounds on their keys rather than a bit
+/// a scalar: ranks by key, equal keys ranked by position, the earlier one higher. So a key strictly
+/// between the boundary keys is in the window, and of the keys equal to a boundary, those on the
+/// window's side of a cut position. A merge asks it of each scalar's key as it goes (setting a bit a
+/// scalar in a std::vector<bool> was a quarter of a TIES merge).
+struct RankWindow {
+  bool has_low = false, has_high = false;  ///< whether ranks below lo (at or past hi) exist at all
+  std::uint64_t low = 0, high = 0;         ///< the lo-th and the (hi - 1)-th smallest keys
+  std::size_t low_until = 0;               ///< a key equal to `low` is in the window at positions < low_until
+  std::size_t high_from = 0;  ///< a key equal to `high` is in the window at positions >= high_from
+
+  /// Whether the scalar at `position`, of key `key`, ranks within the window.
+  bool contains(std::uint64_t key, std::size_t position) const {  // (no branches: `&`, `|` on bools)
+    const bool above_low = !has_low | (low < key) | ((key == low) & (position < low_until));
+    const bool below_high = !has_high | (key < high) | ((key == high) & (position >= high_from));
+    return above_low & below_high;
+  }
+};
+
+/// The window of the ranks [lo, hi) of `value` (a key a scalar; RankWindow says how equal keys
+/// rank). `scratch` is working memory (resized).
 ///
 /// The passes over the values run in spans: for_each_span(body) calls body(lane, begin, end) for
-/// every span [k * span, min((k + 1) * span, n)), lane < lanes, from several threads at once; `span`
-/// is a multiple of 64 (or at least n), so that no two spans' bits share a word of `keep`. The
-/// boundary values are found by radix selection: a histogram of the top 16 bits finds the bucket
-/// that holds each, and std::nth_element runs on that bucket's values alone (nth_element on all of
-/// them was a fifth of a TIES merge). A value equal to a boundary is ranked by the equal ones before
-/// it, counted span by span: the result does not depend on the spans or the threads.
+/// every span [k * span, min((k + 1) * span, n)), lane < lanes, from several threads at once. The
+/// boundary keys are found by radix selection: a histogram of the top 16 bits finds the bucket that
+/// holds each, and std::nth_element runs on that bucket's keys alone (nth_element on all of them
+/// was a fifth of a TIES merge). Where a boundary's equal keys are split by the window, a pass
+/// counts them span by span to find the cut: the result does not depend on the spans or threads.
 template <class ForEachSpan>
-void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
-                std::vector<bool>& keep, std::vector<std::uint64_t>& scratch, std::size_t lanes,
-                std::size_t span, ForEachSpan&& for_each_span) {
+RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
+                       std::vector<std::uint64_t>& scratch, std::size_t lanes, std::size_t span,
+                       ForEachSpan&& for_each_span) {
   using Key = std::uint64_t;
   const std::size_t n = value.size();
   hi = std::min(hi, n);
-  keep.assign(n, false);
-  if (lo >= hi) return;
-  if (lo == 0 && hi == n) {
-    keep.assign(n, true);
-    return;
+  RankWindow window;
+  if (lo >= hi) {  // empty: no key reaches the low boundary
+    window.has_low = true;
+    window.low = ~Key{0};
+    window.low_until = 0;
+    return window;
   }
+  window.has_low = lo > 0;
+  window.has_high = hi < n;
+  if (!window.has_low && !window.has_high) return window;  // every rank
   constexpr std::size_t buckets = std::size_t{1} << 16;
   std::vector<std::vector<std::size_t>> lane_counts(lanes);  // (a histogram a lane, added after)
   for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
@@ -142,8 +164,8 @@ void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::si
   for (const auto& count : lane_counts) {
     for (std::size_t b = 0; b < count.size(); ++b) counts[b] += count[b];
   }
-  // The k-th smallest value (from 0), with how many values are below it and equal to it. The
-  // bucket's values are gathered into `scratch`, each lane at its own place (from its histogram).
+  // The k-th smallest key (from 0), with how many keys are below it and equal to it. The bucket's
+  // keys are gathered into `scratch`, each lane at its own place (from its histogram).
   std::vector<std::size_t> cursor(lanes);
   const auto select = [&](std::size_t k, std::size_t& less, std::size_t& equal) {
     std::size_t below = 0, bucket = 0;
@@ -171,75 +193,70 @@ void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::si
     }
     return kth;
   };
-  // The boundary values: the lo-th and (hi - 1)-th smallest (where there is none, every value is
-  // past it: `has_low` and `has_high` say).
-  const bool has_low = lo > 0, has_high = hi < n;
-  Key low{}, high{};
+  // The keys equal to a boundary rank from less + equal - 1 (the first by position) down to less:
+  // the i-th of them (from 0, by position) ranks at or above lo while i <= less + equal - 1 - lo,
+  // and below hi from i >= less + equal - hi on.
   std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0;
-  if (has_low) low = select(lo, less_low, equal_low);
-  if (has_high) high = select(hi - 1, less_high, equal_high);
-  const auto at_low = [&](Key v) { return has_low && v == low; };  // (where low == high, low serves)
-  const auto at_high = [&](Key v) { return has_high && v == high && !at_low(v); };
-  // Every value strictly between the boundaries kept; a boundary's equal ones counted a span.
+  std::size_t last_low = 0, first_high = 0;  // the indices (among the equal keys) of the cuts
+  if (window.has_low) {
+    window.low = select(lo, less_low, equal_low);
+    last_low = less_low + equal_low - 1 - lo;
+  }
+  if (window.has_high) {
+    window.high = select(hi - 1, less_high, equal_high);
+    first_high = less_high + equal_high - hi;
+  }
+  const bool cut_low = window.has_low && last_low + 1 < equal_low;  // (else every equal one is in)
+  const bool cut_high = window.has_high && first_high > 0;
+  window.low_until = n;
+  window.high_from = 0;
+  if (!cut_low && !cut_high) return window;
+  // The positions of the cuts: the equal keys counted span by span, then the span of each cut
+  // scanned for it.
   const std::size_t spans = (n + span - 1) / span;
   std::vector<std::size_t> low_in(spans, 0), high_in(spans, 0);
   for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {
     std::size_t lows = 0, highs = 0;
     for (std::size_t p = begin; p < end; ++p) {
-      const Key v = value[p];
-      if ((!has_low || low < v) && (!has_high || v < high)) keep[p] = true;  // (a bit set where kept only)
-      lows += at_low(v);
-      highs += at_high(v);
+      lows += cut_low && value[p] == window.low;
+      highs += cut_high && value[p] == window.high;
     }
     low_in[begin / span] = lows;
     high_in[begin / span] = highs;
   });
-  // A value equal to a boundary: its rank is less + equal - 1 - (equal ones at earlier positions).
-  std::vector<std::size_t> low_before(spans, 0), high_before(spans, 0);
-  for (std::size_t k = 1; k < spans; ++k) {
-    low_before[k] = low_before[k - 1] + low_in[k - 1];
-    high_before[k] = high_before[k - 1] + high_in[k - 1];
-  }
-  for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {
-    const std::size_t k = begin / span;
-    if (low_in[k] == 0 && high_in[k] == 0) return;
-    std::size_t seen_low = low_before[k], seen_high = high_before[k];
-    for (std::size_t p = begin; p < end; ++p) {
-      const Key v = value[p];
-      std::size_t rank = 0;
-      if (at_low(v)) {
-        rank = less_low + equal_low - 1 - seen_low++;
-      } else if (at_high(v)) {
-        rank = less_high + equal_high - 1 - seen_high++;
-      } else {
-        continue;
-      }
-      keep[p] = rank >= lo && rank < hi;
+  // The position of the index-th (from 0) key equal to `key`, from the counts `in` of each span.
+  const auto position_of = [&](Key key, std::size_t index, const std::vector<std::size_t>& in) {
+    std::size_t k = 0;
+    while (index >= in[k]) index -= in[k++];
+    for (std::size_t p = k * span;; ++p) {
+      if (value[p] == key && index-- == 0) return p;
     }
-  });
+  };
+  if (cut_low) window.low_until = position_of(window.low, last_low + 1, low_in);
+  if (cut_high) window.high_from = position_of(window.high, first_high, high_in);
+  return window;
 }
 
-/// keep_ranks on this thread alone (one span).
-inline void keep_ranks(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
-                       std::vector<bool>& keep, std::vector<std::uint64_t>& scratch) {
-  const std::size_t n = value.size(), span = std::max<std::size_t>(64, (n + 63) / 64 * 64);
-  keep_ranks(value, lo, hi, keep, scratch, 1, span,
-             [n](auto&& body) { body(std::size_t{0}, std::size_t{0}, n); });
+/// rank_window on this thread alone (one span).
+inline RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
+                              std::vector<std::uint64_t>& scratch) {
+  const std::size_t n = value.size(), span = std::max<std::size_t>(1, n);
+  return rank_window(value, lo, hi, scratch, 1, span,
+                     [n](auto&& body) { body(std::size_t{0}, std::size_t{0}, n); });
 }
 
 /// The whole-tensor work of sparsifying model m's task vector: its kept scalars and its rescale.
+/// Neither ranked, nor drawn, and no bits: every scalar is kept.
 struct KeptScalars {
-  std::vector<bool> keep;  ///< one bit a scalar; empty (and not `drawn`): every scalar is kept
+  bool ranked = false;     ///< the rank rules (magnitude, outliers): kept where
+                           ///< window.contains(rank_key(tau), position), tau its task value
+  RankWindow window;       ///< (ranked)
+  std::vector<bool> keep;  ///< Della's rank sampling: one bit a scalar
   double rescale = 1.0;    ///< s_i
   bool drawn = false;      ///< the random rule: kept where uniform_draw(key, position) >= drop, drawn as
                            ///< the merge goes (no bits held; no pass of its own unless it rescales)
   std::uint64_t key = 0;   ///< the draws' key (drawn)
   double drop = 0;         ///< the drop probability (drawn)
-
-  /// Whether the scalar at `position` is kept.
-  bool kept(std::size_t position) const {
-    return drawn ? uniform_draw(key, position) >= drop : keep.empty() || keep[position];
-  }
 };
 
 /// One thread's buffers in a merge's last pass: a piece of each model (and of the base), and the
@@ -279,6 +296,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, TauOf&& tau_of,
                   ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, std::size_t lanes,
                   std::size_t span, ForEachSpan&& for_each_span, MergeWorkspace& work, KeptScalars& result) {
+  result.ranked = false;
   result.keep.clear();
   result.rescale = 1.0;
   result.drawn = false;
@@ -312,7 +330,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
               const std::size_t count = std::min(merge_piece, end - at);
               const double* tau = tau_of(lane, at, count);
               for (std::size_t j = 0; j < count; ++j) {
-                const bool keep = uniform_draw(key, at + j) >= drop;  // (result.kept: drawn)
+                const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
                 const double size = std::abs(tau[j]);
                 if (std::isfinite(size)) {
                   all += size;
@@ -334,12 +352,14 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     });
     const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
     if (rule == Sparsification::Magnitude) {
-      keep_ranks(magnitude, numel - kept_count, numel, result.keep, scratch, lanes, span, for_each_span);
+      result.ranked = true;
+      result.window = rank_window(magnitude, numel - kept_count, numel, scratch, lanes, span, for_each_span);
     } else if (rule == Sparsification::Outliers) {
       std::size_t top = static_cast<std::size_t>(std::floor(o.gamma * static_cast<double>(numel)));
       top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
-      keep_ranks(magnitude, numel - kept_count - top, numel - top, result.keep, scratch, lanes, span,
-                 for_each_span);
+      result.ranked = true;
+      result.window =
+          rank_window(magnitude, numel - kept_count - top, numel - top, scratch, lanes, span, for_each_span);
     } else {  // rank sampling, row by row, the rows spread over the lanes
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
@@ -405,7 +425,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
               double size = 0;
               if (finite_magnitude(magnitude[p], size)) {
                 all += size;
-                kept += result.keep[p] ? size : 0;
+                kept += (result.ranked ? result.window.contains(magnitude[p], p) : result.keep[p]) ? size : 0;
               }
             }
             part = {all, kept};
