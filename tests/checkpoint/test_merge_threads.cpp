@@ -98,59 +98,86 @@ TEST_CASE("every method merges the same bytes on 1 and 2 threads", "[merge][thre
 TEST_CASE("DELLA's rows, spread over threads, keep by their ranks as one row at a time would",
           "[merge][threads][della]") {
   // Rows of 1001 (no multiple of 64: a row's bits share words of the kept mask with its neighbours')
-  // over three spans, rows straddling the spans' edges; magnitudes repeat within a row, so that the
-  // ties rank by position. The reference ranks each row with std::stable_sort, on its own.
+  // over three spans, rows straddling the spans' edges. Most draws are decided by the bounds of
+  // their key's bucket on their rank, the rest by the rank; so the values: magnitudes that repeat
+  // within a row (the ties rank by position, and buckets hold many equal keys); spread over many
+  // sizes, zeros among them (most draws decided by the bounds); every magnitude equal (one bucket,
+  // every draw by its rank); and epsilon 0 (one keep probability for every rank).
+  // The reference ranks each row with std::stable_sort, on its own.
   const std::size_t rows = 1100, columns = 1001, numel = rows * columns;
   REQUIRE(numel > 2 * span);
-  std::vector<float> x(numel);
-  for (std::size_t i = 0; i < numel; ++i)
-    x[i] = static_cast<float>((i * 7919) % 613) * ((i * 31) % 5 == 0 ? -0.5f : 0.25f);
   const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(rows),
                                            static_cast<std::int64_t>(columns)};
-  StateDict model_x, zero;
-  model_x.insert("w", x.data(), shape);
-  const std::vector<float> zeros(numel, 0.0f);
-  zero.insert("w", zeros.data(), shape);
-  MergeOptions o;
-  o.method = MergeMethod::DellaLinear;
-  o.density = 0.4;
-  o.epsilon = 0.3;
-  o.seed = 17;
-  // The kept scalars: per row, rank r ascending by magnitude (equal ones: the later position
-  // first), kept where the draw is at least 1 - (density - epsilon + 2 epsilon r / (columns - 1)).
-  std::vector<bool> keep(numel);
-  const std::uint64_t key = polyak::detail::draw_key(o.seed, "w", 0);
-  double norm = 0, kept_norm = 0;
-  std::vector<std::size_t> order(columns);
-  for (std::size_t row = 0; row < rows; ++row) {
-    const float* v = x.data() + row * columns;
-    for (std::size_t c = 0; c < columns; ++c) order[c] = columns - 1 - c;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](std::size_t a, std::size_t b) { return std::abs(v[a]) < std::abs(v[b]); });
-    for (std::size_t r = 0; r < columns; ++r) {
-      const std::size_t at = row * columns + order[r];
-      const double p = o.density - o.epsilon + 2 * o.epsilon * static_cast<double>(r) / (columns - 1.0);
-      keep[at] = polyak::detail::uniform_draw(key, at) >= 1 - p;
-    }
-  }
-  for (std::size_t i = 0; i < numel; ++i) {
-    norm += std::abs(x[i]);
-    kept_norm += keep[i] ? std::abs(x[i]) : 0;
-  }
-  for (const bool rescale : {false, true}) {
-    o.rescale = rescale;
-    const double factor = rescale ? norm / kept_norm : 1.0;  // (summed in another order: to 1e-6)
-    for (const unsigned threads : {1u, 2u, 3u}) {
-      o.threads = threads;
-      std::vector<float> merged(numel);
-      polyak::merge_state_dicts({&model_x}, &zero, o).copy_to("w", merged.data(), shape);
-      std::size_t wrong = 0;
-      for (std::size_t i = 0; i < numel; ++i) {
-        const double expected = keep[i] ? x[i] * factor : 0.0;
-        wrong += std::abs(merged[i] - expected) > 1e-6 * std::abs(expected);
+  struct Case {
+    const char* values;
+    double epsilon;
+    bool both_rescales;
+  };
+  for (const Case& c : {Case{"repeating", 0.3, true}, Case{"spread", 0.3, false}, Case{"equal", 0.3, false},
+                        Case{"spread", 0.0, false}}) {
+    std::vector<float> x(numel);
+    const std::string values = c.values;
+    for (std::size_t i = 0; i < numel; ++i) {
+      if (values == "repeating") {
+        x[i] = static_cast<float>((i * 7919) % 613) * ((i * 31) % 5 == 0 ? -0.5f : 0.25f);
+      } else if (values == "spread") {  // (a sine's values over a range of exponents; a zero in 13)
+        x[i] = i % 13 == 0 ? 0.0f
+                           : static_cast<float>(std::sin(static_cast<double>(i) * 0.7) *
+                                                std::exp2(static_cast<double>(i % 29) - 14));
+      } else {
+        x[i] = i % 2 == 0 ? 1.5f : -1.5f;
       }
-      CAPTURE(rescale, threads);
-      CHECK(wrong == 0);
+    }
+    StateDict model_x, zero;
+    model_x.insert("w", x.data(), shape);
+    const std::vector<float> zeros(numel, 0.0f);
+    zero.insert("w", zeros.data(), shape);
+    MergeOptions o;
+    o.method = MergeMethod::DellaLinear;
+    o.density = 0.4;
+    o.epsilon = c.epsilon;
+    o.seed = 17;
+    // The kept scalars: per row, rank r ascending by magnitude (equal ones: the later position
+    // first), kept where the draw is at least 1 - (density - epsilon + 2 epsilon r / (columns - 1)).
+    std::vector<bool> keep(numel);
+    const std::uint64_t key = polyak::detail::draw_key(o.seed, "w", 0);
+    double norm = 0, kept_norm = 0;
+    std::vector<std::size_t> order(columns);
+    for (std::size_t row = 0; row < rows; ++row) {
+      const float* v = x.data() + row * columns;
+      for (std::size_t k = 0; k < columns; ++k) order[k] = columns - 1 - k;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::size_t a, std::size_t b) { return std::abs(v[a]) < std::abs(v[b]); });
+      for (std::size_t r = 0; r < columns; ++r) {
+        const std::size_t at = row * columns + order[r];
+        const double p = o.density - o.epsilon + 2 * o.epsilon * static_cast<double>(r) / (columns - 1.0);
+        keep[at] = polyak::detail::uniform_draw(key, at) >= 1 - p;
+      }
+    }
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < numel; ++i) {
+      norm += std::abs(x[i]);
+      kept_norm += keep[i] ? std::abs(x[i]) : 0;
+      kept += keep[i];
+    }
+    CAPTURE(c.values, c.epsilon);
+    CHECK(std::abs(static_cast<double>(kept) - 0.4 * numel) < 5 * std::sqrt(numel * 0.4 * 0.6));
+    for (const bool rescale : {true, false}) {
+      if (!rescale && !c.both_rescales) continue;
+      o.rescale = rescale;
+      const double factor = rescale ? norm / kept_norm : 1.0;  // (summed in another order: to 1e-6)
+      for (const unsigned threads : {1u, 2u, 3u}) {
+        o.threads = threads;
+        std::vector<float> merged(numel);
+        polyak::merge_state_dicts({&model_x}, &zero, o).copy_to("w", merged.data(), shape);
+        std::size_t wrong = 0;
+        for (std::size_t i = 0; i < numel; ++i) {
+          const double expected = keep[i] ? x[i] * factor : 0.0;
+          wrong += std::abs(merged[i] - expected) > 1e-6 * std::abs(expected);
+        }
+        CAPTURE(rescale, threads);
+        CHECK(wrong == 0);
+      }
     }
   }
 }

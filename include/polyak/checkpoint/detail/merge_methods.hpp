@@ -616,7 +616,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           for (std::size_t j = 0; j < count; ++j) {
             const double tau = xm[j] - b[j];
             nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-            vm[j] = keep(tau, begin + j) ? factor * tau : 0.0;
+            vm[j] = kept_or_zero(keep(tau, begin + j), factor * tau);
             elect[j] += vm[j];
           }
         };
@@ -625,10 +625,10 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         } else if (k.ranked) {                 // (the key the rank rules gave this task value)
           const RankWindow window = k.window;  // (a local: stores to vm could alias it)
           task_values([&window](double tau, std::size_t at) { return window.contains(rank_key(tau), at); });
-        } else if (k.keep.empty()) {
+        } else if (k.bits.empty()) {
           task_values([](double, std::size_t) { return true; });
         } else {
-          task_values([&k](double, std::size_t at) { return static_cast<bool>(k.keep[at]); });
+          task_values([&k](double, std::size_t at) { return k.bit(at); });
         }
       }
       if (consensus) {

@@ -56,6 +56,16 @@ inline double uniform_draw(std::uint64_t key, std::uint64_t position) {
   return static_cast<double>(mix64(key + (position + 1) * 0x9e3779b97f4a7c15ull) >> 11) * 0x1p-53;
 }
 
+/// `value` where `kept`, else +0, without a branch (whether a scalar is kept is often a coin toss,
+/// which a branch mispredicts half the time).
+inline double kept_or_zero(bool kept, double value) {
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits &= std::uint64_t{0} - std::uint64_t{kept};
+  std::memcpy(&value, &bits, sizeof bits);
+  return value;
+}
+
 /// A task value's magnitude as the rank rules order it: the bits of |tau| (for values >= 0 their
 /// order as integers is their order as numbers, infinity above every finite value), NaN (any
 /// payload) above infinity, so that the order is strict whatever the inputs hold.
@@ -248,15 +258,18 @@ inline RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size
 /// The whole-tensor work of sparsifying model m's task vector: its kept scalars and its rescale.
 /// Neither ranked, nor drawn, and no bits: every scalar is kept.
 struct KeptScalars {
-  bool ranked = false;     ///< the rank rules (magnitude, outliers): kept where
-                           ///< window.contains(rank_key(tau), position), tau its task value
-  RankWindow window;       ///< (ranked)
-  std::vector<bool> keep;  ///< Della's rank sampling: one bit a scalar
-  double rescale = 1.0;    ///< s_i
-  bool drawn = false;      ///< the random rule: kept where uniform_draw(key, position) >= drop, drawn as
-                           ///< the merge goes (no bits held; no pass of its own unless it rescales)
-  std::uint64_t key = 0;   ///< the draws' key (drawn)
-  double drop = 0;         ///< the drop probability (drawn)
+  bool ranked = false;              ///< the rank rules (magnitude, outliers): kept where
+                                    ///< window.contains(rank_key(tau), position), tau its task value
+  RankWindow window;                ///< (ranked)
+  std::vector<std::uint64_t> bits;  ///< Della's rank sampling: kept where bit(position)
+  double rescale = 1.0;             ///< s_i
+  bool drawn = false;     ///< the random rule: kept where uniform_draw(key, position) >= drop, drawn as
+                          ///< the merge goes (no bits held; no pass of its own unless it rescales)
+  std::uint64_t key = 0;  ///< the draws' key (drawn)
+  double drop = 0;        ///< the drop probability (drawn)
+
+  /// Bit p % 64 of word p / 64 of `bits`: whether Della keeps the scalar at p.
+  bool bit(std::size_t p) const { return ((bits[p / 64] >> (p % 64)) & 1) != 0; }
 };
 
 /// One thread's buffers in a merge's last pass: a piece of each model (and of the base), and the
@@ -271,6 +284,16 @@ struct MergeLane {
   std::vector<unsigned char> nan;           ///< whether a scalar's task values hold a NaN, a piece
 };
 
+/// One thread's working memory for DELLA's rows (kept_scalars): a row's keys counted by bucket, and
+/// the buckets ranked exactly.
+struct DellaRow {
+  std::vector<std::size_t> count, below;         ///< a bucket's keys, and the keys in buckets below it
+  std::vector<std::pair<double, double>> draws;  ///< a bucket's draws: kept from, dropped below
+  std::vector<unsigned char> unsure;  ///< whether a bucket holds a draw its ranks' bounds leave open
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> pairs;  ///< the unsure buckets' (key, column)
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranked, sort_scratch;  ///< one bucket's, sorted
+};
+
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
 /// a fresh vector of a tensor's size costs a page fault every 4 KiB, which on a virtual machine
 /// cost more than the selection it holds.
@@ -278,9 +301,8 @@ struct MergeWorkspace {
   std::vector<std::uint64_t> keys;     ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
   std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
   std::vector<KeptScalars> kept;       ///< per model
-  /// Della: a row's (key, position) pairs, and the radix sort's other half, one a lane
-  std::vector<std::vector<std::pair<std::uint64_t, std::uint64_t>>> ranked, ranked_scratch;
-  std::vector<MergeLane> lanes;  ///< the last pass's, one a thread
+  std::vector<DellaRow> rows;          ///< Della's, one a lane
+  std::vector<MergeLane> lanes;        ///< the last pass's, one a thread
 };
 
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
@@ -297,7 +319,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, std::size_t lanes,
                   std::size_t span, ForEachSpan&& for_each_span, MergeWorkspace& work, KeptScalars& result) {
   result.ranked = false;
-  result.keep.clear();
+  result.bits.clear();
   result.rescale = 1.0;
   result.drawn = false;
   const Sparsification rule = sparsification_of(o.method);
@@ -365,43 +387,115 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
       const std::size_t columns = numel / rows;
       const std::uint64_t key = draw_key(o.seed, name, m);
-      result.keep.assign(numel, false);
-      // A row's kept scalars go into `keep` where the row owns the word of bits (64 positions
-      // from a multiple of 64); in the words it may share with its neighbours (at most one at
-      // each end), they are marked in their keys' top bit instead, which no rank key sets (|tau|
-      // has no sign), and move into `keep` afterwards, span by span. (Marking every key was a
-      // random write over the whole row's keys: 1.7x slower on rows of 4 million.)
+      result.bits.assign((numel + 63) / 64, 0);
+      // A row's kept scalars go into `bits` where the row owns the word (64 positions from a
+      // multiple of 64); in the words it may share with its neighbours (at most one at each end),
+      // they are marked in their keys' top bit instead, which no rank key sets (|tau| has no sign),
+      // and move into `bits` afterwards, span by span. Both without a branch on the draw, which is
+      // a coin toss.
       constexpr std::uint64_t kept_mark = std::uint64_t{1} << 63;
-      if (work.ranked.size() < lanes) {
-        work.ranked.resize(lanes);
-        work.ranked_scratch.resize(lanes);
-      }
-      if (columns > 0) {  // (an empty tensor has no rows to rank)
+      if (work.rows.size() < lanes) work.rows.resize(lanes);
+      // The draw of scalar `position` keeps it where it is at least threshold(r), r its rank in the
+      // row: a function of r that is monotonic in floating point too (each step rounds monotonically).
+      const auto threshold = [&](std::size_t r) {
+        const double spread = columns > 1
+                                  ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
+                                  : o.epsilon;
+        return 1 - (density - o.epsilon + spread);
+      };
+      const auto bit_width = [](std::uint64_t x) {
+        std::size_t bits = 0;
+        for (; x != 0; x >>= 1) ++bits;
+        return bits;
+      };
+      // Buckets of keys, some 16 scalars a bucket (at most 2^14 of them: in L2): a scalar's bucket bounds its
+      // rank, and the threshold at both bounds decides most draws without the rank itself.
+      const std::size_t bucket_bits = std::clamp<std::size_t>(bit_width(columns), 5, 18) - 4;
+      if (columns > 0 && density > 0) {  // (an empty tensor has no rows; density 0 keeps nothing)
         for_each_span([&](std::size_t lane, std::size_t begin, std::size_t end) {
-          // Each row's (key, position) pairs, laid out from the last position to the first and sorted
-          // stably by key: ascending magnitude, equal ones the later position first (the earlier
-          // ranks higher). Contiguous pairs, not indices compared through the keys; a radix sort.
-          std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranked = work.ranked[lane];
+          DellaRow& scratch_of_row = work.rows[lane];
+          std::vector<std::size_t>&count = scratch_of_row.count, &below = scratch_of_row.below;
+          std::vector<std::pair<double, double>>& draws = scratch_of_row.draws;
+          std::vector<unsigned char>& unsure = scratch_of_row.unsure;
           for (std::size_t row = (begin + columns - 1) / columns; row < rows && row * columns < end; ++row) {
             std::uint64_t* v = magnitude.data() + row * columns;  // (the rows that start in the span)
             const std::size_t start = row * columns, stop = start + columns;
             const std::size_t owned_from = std::min(stop, (start + 63) / 64 * 64);  // [from, to): own words
             const std::size_t owned_to = std::max(owned_from, stop / 64 * 64);
-            ranked.resize(columns);
-            for (std::size_t c = 0; c < columns; ++c) ranked[c] = {v[columns - 1 - c], columns - 1 - c};
-            stable_sort_by_key(ranked, work.ranked_scratch[lane]);
-            for (std::size_t r = 0; r < columns; ++r) {
-              const std::size_t at = static_cast<std::size_t>(ranked[r].second);
-              const double spread =
-                  columns > 1 ? 2 * o.epsilon * static_cast<double>(r) / static_cast<double>(columns - 1)
-                              : o.epsilon;
-              const double keep_probability = density - o.epsilon + spread;
+            const auto store = [&](std::size_t at, bool kept) {  // column `at`'s decision
               const std::size_t position = start + at;
-              if (!(uniform_draw(key, position) >= 1 - keep_probability && density > 0)) continue;
               if (position >= owned_from && position < owned_to) {
-                result.keep[position] = true;
+                result.bits[position / 64] |= std::uint64_t{kept} << (position % 64);
               } else {
-                v[at] |= kept_mark;
+                v[at] |= std::uint64_t{kept} << 63;  // (kept_mark where kept)
+              }
+            };
+            std::uint64_t least = ~std::uint64_t{0}, most = 0;
+            for (std::size_t c = 0; c < columns; ++c) {
+              least = std::min(least, v[c]);
+              most = std::max(most, v[c]);
+            }
+            const std::size_t width = bit_width(most - least);
+            const std::size_t shift = width > bucket_bits ? width - bucket_bits : 0;
+            const auto bucket_of = [&](std::uint64_t k) {
+              return static_cast<std::size_t>((k - least) >> shift);
+            };
+            const std::size_t buckets = std::size_t{1} << bucket_bits;
+            count.assign(buckets, 0);
+            for (std::size_t c = 0; c < columns; ++c) ++count[bucket_of(v[c])];
+            // The draws decided by their bucket's ranks [below, below + count): kept where the draw
+            // reaches the threshold at both ends, not where it reaches neither; the rest wait.
+            below.resize(buckets);
+            draws.resize(buckets);
+            for (std::size_t b = 0, at = 0; b < buckets; ++b) {
+              below[b] = at;
+              at += count[b];
+              if (count[b] == 0) continue;
+              const double at_low = threshold(below[b]), at_high = threshold(at - 1);
+              draws[b] = {std::max(at_low, at_high), std::min(at_low, at_high)};
+            }
+            unsure.assign(buckets, 0);
+            bool any_unsure = false;
+            for (std::size_t c = 0; c < columns; ++c) {
+              const std::size_t b = bucket_of(v[c]);
+              const double u = uniform_draw(key, start + c);
+              const bool kept = u >= draws[b].first;
+              const bool doubtful = !kept & (u >= draws[b].second);
+              unsure[b] |= static_cast<unsigned char>(doubtful);
+              any_unsure |= doubtful;
+              store(c, kept);
+            }
+            if (!any_unsure) continue;
+            // The buckets with a doubtful draw, ranked exactly: their (key, column) pairs, each bucket's
+            // laid out from its last column to its first and sorted stably by key (ascending
+            // magnitude; equal ones the later column first, the earlier ranking higher). Every one
+            // of their draws is taken again by its rank (the same decision where it was sure).
+            std::vector<std::pair<std::uint64_t, std::uint64_t>>&pairs = scratch_of_row.pairs,
+                                                 &ranked = scratch_of_row.ranked,
+                                                 &sort_scratch = scratch_of_row.sort_scratch;
+            const auto size_of = [&](std::size_t b) {
+              return (b + 1 < buckets ? below[b + 1] : columns) - below[b];
+            };
+            std::size_t total = 0;  // count[b] becomes the end of unsure bucket b's place in `pairs`
+            for (std::size_t b = 0; b < buckets; ++b) {
+              if (unsure[b] != 0) count[b] = total += size_of(b);
+            }
+            pairs.resize(total);
+            // Filled from each place's end, the first column first: a bucket's pairs run from its last
+            // column to its first, and count[b] ends at its place's start.
+            for (std::size_t c = 0; c < columns; ++c) {
+              const std::uint64_t k = v[c] & ~kept_mark;
+              const std::size_t b = bucket_of(k);
+              if (unsure[b] != 0) pairs[--count[b]] = {k, c};
+            }
+            for (std::size_t b = 0; b < buckets; ++b) {
+              if (unsure[b] == 0) continue;
+              const auto first = pairs.begin() + static_cast<std::ptrdiff_t>(count[b]);
+              ranked.assign(first, first + static_cast<std::ptrdiff_t>(size_of(b)));
+              stable_sort_by_key(ranked, sort_scratch);
+              for (std::size_t i = 0; i < ranked.size(); ++i) {
+                const auto at = static_cast<std::size_t>(ranked[i].second);
+                store(at, uniform_draw(key, start + at) >= threshold(below[b] + i));
               }
             }
           }
@@ -409,9 +503,9 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       }
       for_each_span([&](std::size_t, std::size_t begin, std::size_t end) {  // (spans share no word)
         for (std::size_t p = begin; p < end; ++p) {
-          if (magnitude[p] & kept_mark) {
+          if (magnitude[p] & kept_mark) {  // (a rare branch: marks lie in the rows' shared words only)
             magnitude[p] &= ~kept_mark;
-            result.keep[p] = true;
+            result.bits[p / 64] |= std::uint64_t{1} << (p % 64);
           }
         }
       });
@@ -425,7 +519,8 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
               double size = 0;
               if (finite_magnitude(magnitude[p], size)) {
                 all += size;
-                kept += (result.ranked ? result.window.contains(magnitude[p], p) : result.keep[p]) ? size : 0;
+                kept += kept_or_zero(result.ranked ? result.window.contains(magnitude[p], p) : result.bit(p),
+                                     size);
               }
             }
             part = {all, kept};
