@@ -89,9 +89,11 @@
 // NuSlerp's and the spherical methods' inner products, and SCE's weights). Memory: a 1 MiB block and
 // a 16 Ki-scalar piece (in double) per model, a span of 2^19 output scalars in the output's dtype
 // (2 MB in float), kept from one tensor to the next; the ranked methods and Sce add an 8-byte key per scalar
-// of the largest tensor (its magnitudes; the selection copies the boundary's bucket of them) and one bit per
-// scalar and model (the kept scalars; the random methods draw as they merge and keep none), Della 32 bytes
-// per scalar of a row (its (key, position) pairs and the radix sort's second array); Model Stock one double
+// of the largest tensor (its magnitudes; the selection copies the boundary's bucket of them; the kept
+// scalars are a window of keys, asked as the merge goes), Della also one bit per scalar and model (the
+// kept scalars; the random methods draw as they merge and keep none) and, per thread, counts for up to
+// 2^14 buckets of a row's keys (33 bytes each) and 48 bytes per scalar of the buckets it ranks exactly
+// (few; a whole row where its magnitudes are all equal); Model Stock one double
 // per row (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
 // doubles per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has spans of
 // 2^19 scalars) adds its span's output scalars (2 MB in float), two pieces per model and a 1 MiB block per
