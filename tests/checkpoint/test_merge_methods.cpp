@@ -751,3 +751,98 @@ TEST_CASE("the spherical methods at the edges of double's range, and near antipo
   CHECK(r[0] == Approx(std::sqrt(0.5)).epsilon(1e-12));
   CHECK(r[1] == Approx(std::sqrt(0.5)).epsilon(1e-12));
 }
+
+TEST_CASE("the models' inner products: the same merge at every scale, summed in double or past its range",
+          "[merge][multislerp][karcher][model_stock][adversarial]") {
+  // Multi-SLERP and Karcher are homogeneous of degree 1 in the models' vectors, so inputs scaled by
+  // 2^k merge to the result scaled by 2^k (eps and tol far below every norm here); so is Model Stock
+  // at scales where its guard (|a| |b| at least 1e-6, mergekit's) leaves its angles alone: k > 0.
+  // The inner products are summed in double while the vectors' squared norms lie in [2^-800, 2^800]
+  // (scales 2^-390 and 2^390), in long double past that: at 2^-600 every square underflows
+  // double's range (a Gram matrix of zeros), at 2^600 overflows it.
+  const std::vector<std::vector<double>> xs = {
+      {1, 0.5, -0.25, 2, 0.75, -1}, {0.5, 1, 1.5, -0.5, 0.25, 1}, {-0.75, 0.5, 1, 1, 2, 0.5}};
+  const auto scaled = [](std::vector<double> x, int k) {
+    for (double& v : x) v = std::ldexp(v, k);
+    return x;
+  };
+  const auto models_at = [&](int k) {
+    std::vector<StateDict> models;
+    for (const auto& x : xs) models.push_back(f64_of(scaled(x, k)));
+    return models;
+  };
+  MergeOptions karcher = method(MergeMethod::Karcher), multislerp = method(MergeMethod::MultiSlerp);
+  karcher.tol = 1e-250;
+  multislerp.eps = 1e-300;
+  const std::vector<double> karcher_at_1 = merged_without_base(models_at(0), nullptr, karcher);
+  const std::vector<double> multislerp_at_1 = merged_without_base(models_at(0), nullptr, multislerp);
+  const std::vector<double> base_x = {0.25, -0.5, 0.125, 1, -1, 0.5};
+  const StateDict base_at_1 = f64_of(base_x);
+  const std::vector<double> stock_at_1 = merge_of(models_at(0), base_at_1, method(MergeMethod::ModelStock));
+  // Model Stock's rows (filter_wise): row 0 at 1, row 1 at 2^k; each row its own t.
+  const auto stock_rows_at = [&](int k) {
+    std::vector<StateDict> models;
+    for (const auto& x : xs) {
+      std::vector<double> rows = x;
+      for (const double v : scaled(x, k)) rows.push_back(v);
+      StateDict sd;
+      sd.insert("w", rows.data(), {2, static_cast<std::int64_t>(x.size())});
+      models.push_back(std::move(sd));
+    }
+    std::vector<double> base_rows = base_x;
+    for (const double v : scaled(base_x, k)) base_rows.push_back(v);
+    StateDict base;
+    base.insert("w", base_rows.data(), {2, static_cast<std::int64_t>(xs[0].size())});
+    MergeOptions rows = method(MergeMethod::ModelStock);
+    rows.filter_wise = true;
+    return merge_of(models, base, rows);
+  };
+  for (const int k : {-600, -390, 390, 600}) {
+    INFO("scale 2^" << k);
+    const std::vector<double> karcher_at_k = merged_without_base(models_at(k), nullptr, karcher);
+    const std::vector<double> multislerp_at_k = merged_without_base(models_at(k), nullptr, multislerp);
+    const std::vector<double> stock_at_k =
+        merge_of(models_at(k), f64_of(scaled(base_x, k)), method(MergeMethod::ModelStock));
+    const std::vector<double> rows_at_k = stock_rows_at(k);
+    for (std::size_t j = 0; j < xs[0].size(); ++j) {
+      CHECK(std::ldexp(karcher_at_k[j], -k) == Approx(karcher_at_1[j]).epsilon(1e-12));
+      CHECK(std::ldexp(multislerp_at_k[j], -k) == Approx(multislerp_at_1[j]).epsilon(1e-12));
+      if (k < 0) continue;
+      CHECK(std::ldexp(stock_at_k[j], -k) == Approx(stock_at_1[j]).epsilon(1e-12));
+      CHECK(rows_at_k[j] == Approx(stock_at_1[j]).epsilon(1e-12));
+      CHECK(std::ldexp(rows_at_k[xs[0].size() + j], -k) == Approx(stock_at_1[j]).epsilon(1e-12));
+    }
+  }
+}
+
+TEST_CASE("the models' inner products are summed with each addition's rounding carried",
+          "[merge][model_stock]") {
+  // Products 2^70, 1, -2^70, 1 (x = (2^35, 1, -2^35, 1), y = (2^35, 1, 2^35, 1)): their sum is 2,
+  // where a double or a long double summed in order keeps 1 (2^70 + 1 rounds to 2^70 in both); the
+  // four products added at once (in four interleaved sums), or one at a time.
+  const double big = std::ldexp(1.0, 35);
+  const std::vector<double> x = {big, 1, -big, 1}, y = {big, 1, big, 1};
+  for (const std::size_t count : {std::size_t{4}, std::size_t{1}}) {
+    polyak::detail::ProductSums sums(2);
+    for (std::size_t j = 0; j < 4; j += count) {
+      const double* v[] = {x.data() + j, y.data() + j};
+      sums.add(v, count);
+    }
+    CHECK(sums.at(0, 1) == 2);
+    CHECK(sums.in_range());
+    polyak::detail::ProductSums total(2);
+    total.add(sums);
+    CHECK(total.at(0, 1) == 2);
+  }
+  // A vector of zeros holds (its Gram entries are 0); one whose squares underflow does not.
+  polyak::detail::ProductSums zeros(2);
+  const std::vector<double> zero = {0.0, -0.0}, tiny = {1e-200, 0};
+  const double* v[] = {zero.data(), tiny.data()};
+  zeros.add(v, 2);
+  CHECK_FALSE(zeros.in_range());
+  const double* w[] = {zero.data(), zero.data()};
+  polyak::detail::ProductSums all_zero(2);
+  all_zero.add(w, 2);
+  CHECK(all_zero.in_range());
+  CHECK(all_zero.at(0, 1) == 0);
+}

@@ -33,6 +33,7 @@
 #include "polyak/checkpoint/safetensors.hpp"
 #include "polyak/checkpoint/sharded_checkpoint.hpp"
 #include "polyak/checkpoint/merge_options.hpp"
+#include "polyak/checkpoint/detail/product_sums.hpp"
 #include "polyak/checkpoint/detail/sparsify.hpp"
 #include "polyak/checkpoint/detail/spherical_means.hpp"
 #include "polyak/checkpoint/state_dict.hpp"
@@ -215,6 +216,74 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
 
+  // The Gram matrix (n x n, row-major, long double) of the models' vectors over scalars [begin, end),
+  // read in lane l: their task vectors where `minus_base`, a non-finite value left out (as 0). The
+  // products in double with compensated sums (product_sums.hpp), added to `part`; in long double by
+  // add_gram_in_long_double where a vector's magnitudes leave the range those hold (F64 values).
+  const auto add_gram = [&](std::size_t l, std::size_t begin, std::size_t end, bool minus_base,
+                            ProductSums& part) {
+    std::vector<const double*> v(models);
+    read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t, std::size_t count) {
+      for (std::size_t a = 0; a < models; ++a) {
+        double* xa = lane.x[a].data();  // (the vector formed in place)
+        for (std::size_t j = 0; j < count; ++j) {
+          const double value = minus_base ? xa[j] - lane.base[j] : xa[j];
+          xa[j] = std::isfinite(value) ? value : 0.0;
+        }
+        v[a] = xa;
+      }
+      part.add(v.data(), count);
+    });
+  };
+  const auto add_gram_in_long_double = [&](std::size_t l, std::size_t begin, std::size_t end, bool minus_base,
+                                           std::vector<long double>& part) {
+    std::vector<long double> v(models);
+    read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+      for (std::size_t j = 0; j < count; ++j) {
+        for (std::size_t a = 0; a < models; ++a) {
+          const double value = minus_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
+          v[a] = std::isfinite(value) ? static_cast<long double>(value) : 0.0L;
+        }
+        for (std::size_t a = 0; a < models; ++a)
+          for (std::size_t b = a; b < models; ++b) part[a * models + b] += v[a] * v[b];
+      }
+    });
+    for (std::size_t a = 0; a < models; ++a)
+      for (std::size_t b = 0; b < a; ++b) part[a * models + b] = part[b * models + a];
+  };
+  // The Gram matrix over the whole tensor, summed in spans on the lanes.
+  const auto whole_gram = [&](bool minus_base) {
+    const ProductSums sums = sum_in_spans(
+        ProductSums(models),
+        [&](std::size_t l, std::size_t begin, std::size_t end, ProductSums& part) {
+          add_gram(l, begin, end, minus_base, part);
+        },
+        [](ProductSums& total, const ProductSums& part) { total.add(part); });
+    if (sums.in_range()) return sums.gram();
+    return sum_in_spans(
+        std::vector<long double>(models * models, 0.0L),
+        [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
+          add_gram_in_long_double(l, begin, end, minus_base, part);
+        },
+        [](std::vector<long double>& total, const std::vector<long double>& part) {
+          for (std::size_t i = 0; i < total.size(); ++i) total[i] += part[i];
+        });
+  };
+
+  // The Gram matrix over scalars [begin, end) alone (a row), on lane l, into `gram` (`sums`: memory
+  // reused from one row to the next).
+  const auto range_gram = [&](std::size_t l, std::size_t begin, std::size_t end, bool minus_base,
+                              ProductSums& sums, std::vector<long double>& gram) {
+    sums.clear();
+    add_gram(l, begin, end, minus_base, sums);
+    if (sums.in_range()) {
+      gram = sums.gram();
+    } else {
+      gram.assign(models * models, 0.0L);
+      add_gram_in_long_double(l, begin, end, minus_base, gram);
+    }
+  };
+
   // First passes over the whole tensor: what each method needs to know before it writes.
   double s0 = 1 - o.t, s1 = o.t;  // Slerp's coefficients
   if (method == MergeMethod::Slerp) {
@@ -268,48 +337,26 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
                                     : static_cast<std::size_t>(shape.back());
       nu_groups = o.nuslerp_row_wise ? nu_inner : numel / nu_inner;
     }
-    // The sums in long double (no overflow from F64 values near 1e300); a non-finite value is left
-    // out of them (carried into its own scalar), as Model Stock's and the spherical methods'. One
-    // group (the tensor flattened) is summed in spans on the lanes; rows each on the lane whose span
-    // they start in, in scalar order; columns (row-wise) on this thread, in scalar order.
+    // The sums of the Gram matrix (add_gram: a non-finite value is left out of them, carried into
+    // its own scalar, as Model Stock's and the spherical methods'). One group (the tensor flattened)
+    // is summed in spans on the lanes; rows each on the lane whose span they start in; columns
+    // (row-wise) on this thread, in scalar order, in long double (no overflow from F64 values near
+    // 1e300).
     std::vector<long double> dot(nu_groups, 0.0L), aa(nu_groups, 0.0L), bb(nu_groups, 0.0L);
-    using Sums = std::array<long double, 3>;  // dot, aa, bb
-    const auto add = [](Sums& sums, long double v0, long double v1) {
-      if (!std::isfinite(v0)) v0 = 0;
-      if (!std::isfinite(v1)) v1 = 0;
-      sums[0] += v0 * v1;
-      sums[1] += v0 * v0;
-      sums[2] += v1 * v1;
-    };
-    // Adds the pairs of scalars [begin, end) to `sums`, read in lane l.
-    const auto add_range = [&](std::size_t l, std::size_t begin, std::size_t end, Sums& sums) {
-      read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
-        for (std::size_t j = 0; j < count; ++j) {
-          const double b = has_base ? lane.base[j] : 0.0;
-          add(sums, static_cast<long double>(lane.x[0][j] - b), static_cast<long double>(lane.x[1][j] - b));
-        }
-      });
+    const auto keep_gram = [&](std::size_t g, const std::vector<long double>& gram) {
+      aa[g] = gram[0];
+      dot[g] = gram[1];
+      bb[g] = gram[3];
     };
     if (nu_groups == 1) {  // (flattened, or one row)
-      const Sums sums = sum_in_spans(
-          Sums{0.0L, 0.0L, 0.0L},
-          [&](std::size_t l, std::size_t begin, std::size_t end, Sums& part) {
-            add_range(l, begin, end, part);
-          },
-          [](Sums& sum, const Sums& part) {
-            for (std::size_t k = 0; k < 3; ++k) sum[k] += part[k];
-          });
-      dot[0] = sums[0];
-      aa[0] = sums[1];
-      bb[0] = sums[2];
+      keep_gram(0, whole_gram(has_base));
     } else if (!o.nuslerp_row_wise) {
       in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
+        ProductSums sums(models);
+        std::vector<long double> gram;
         for (std::size_t g = (begin + nu_inner - 1) / nu_inner; g < nu_groups && g * nu_inner < end; ++g) {
-          Sums sums{0.0L, 0.0L, 0.0L};
-          add_range(l, g * nu_inner, (g + 1) * nu_inner, sums);
-          dot[g] = sums[0];
-          aa[g] = sums[1];
-          bb[g] = sums[2];
+          range_gram(l, g * nu_inner, (g + 1) * nu_inner, has_base, sums, gram);
+          keep_gram(g, gram);
         }
       });
     } else {
@@ -317,11 +364,12 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t j = 0; j < count; ++j) {
           const double b = has_base ? base[j] : 0.0;
           const std::size_t g = nu_group(begin + j);
-          Sums sums{dot[g], aa[g], bb[g]};
-          add(sums, static_cast<long double>(x[0][j] - b), static_cast<long double>(x[1][j] - b));
-          dot[g] = sums[0];
-          aa[g] = sums[1];
-          bb[g] = sums[2];
+          auto v0 = static_cast<long double>(x[0][j] - b), v1 = static_cast<long double>(x[1][j] - b);
+          if (!std::isfinite(v0)) v0 = 0;
+          if (!std::isfinite(v1)) v1 = 0;
+          dot[g] += v0 * v1;
+          aa[g] += v0 * v0;
+          bb[g] += v1 * v1;
         }
       });
     }
@@ -338,9 +386,9 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   }
   // MultiSlerp, Karcher: the models' norms and cosines (of their task vectors where a base is given,
-  // and more than one model), then the coefficients on them. The inner products in long double, as
-  // Model Stock's (no overflow from F64 values near 1e160); a non-finite value is left out (carried
-  // into its scalar).
+  // and more than one model), then the coefficients on them. The inner products in double with
+  // compensated sums, or in long double where F64 magnitudes leave double's range for them (near
+  // 1e160); a non-finite value is left out (carried into its scalar).
   std::vector<double> span;  // the merged tensor: (base +) sum_i span[i] (x_i - base)
   const bool spherical = method == MergeMethod::MultiSlerp || method == MergeMethod::Karcher;
   const bool span_base = has_base && models > 1;
@@ -350,22 +398,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       const double v = span_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
       return std::isfinite(v) ? static_cast<long double>(v) : 0.0L;
     };
-    const auto add_all = [](std::vector<long double>& total, const std::vector<long double>& part) {
-      for (std::size_t i = 0; i < total.size(); ++i) total[i] += part[i];
-    };
-    const std::vector<long double> gram = sum_in_spans(
-        std::vector<long double>(models * models, 0.0L),
-        [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
-          std::vector<long double> v(models);
-          read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
-            for (std::size_t j = 0; j < count; ++j) {
-              for (std::size_t a = 0; a < models; ++a) v[a] = vector_at(lane, a, j);
-              for (std::size_t a = 0; a < models; ++a)
-                for (std::size_t b = a; b < models; ++b) part[a * models + b] += v[a] * v[b];
-            }
-          });
-        },
-        add_all);
+    const std::vector<long double> gram = whole_gram(span_base);
     // Both methods are homogeneous of degree 1 in the vectors, so coefficients computed on the
     // vectors scaled by a power of two apply to them unscaled: where the largest norm leaves
     // double's comfortable range (F64 values beyond 1e300 or below 1e-300), the norms are scaled
@@ -422,11 +455,10 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         },
         for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, kept[m]);
   }
-  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t. The sums
-  // are long double (no overflow from F64 task values near 1e160 where it is wider than double); a
-  // non-finite task value is left out of them (carried into its own scalar only). A tensor that is
-  // one group is summed in spans on the lanes (sum_in_spans); rows are summed each on one lane (the
-  // rows that start in its spans), in scalar order.
+  // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t, from the
+  // Gram matrix of the task vectors (add_gram: a non-finite task value is left out of it, carried
+  // into its own scalar only). A tensor that is one group is summed in spans on the lanes
+  // (whole_gram); rows are summed each on one lane (the rows that start in its spans).
   std::vector<double> stock_t;
   const std::size_t stock_columns =
       o.filter_wise && !shape.empty() && shape.back() > 0 ? static_cast<std::size_t>(shape.back()) : numel;
@@ -434,33 +466,13 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     const std::size_t groups = numel == 0 ? 0 : numel / stock_columns, pairs = models * (models - 1) / 2;
     stock_t.resize(groups);
     const double n = static_cast<double>(models);
-    // sums[0, pairs): the models' pairwise dot products; sums[pairs + a]: model a's squared norm.
-    const auto add_sums = [&](std::size_t l, std::size_t begin, std::size_t end,
-                              std::vector<long double>& sums) {
-      double* tau = lanes[l].v.data();  // (a scalar's task values: `models` of its models * piece)
-      read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
-        for (std::size_t j = 0; j < count; ++j) {
-          for (std::size_t a = 0; a < models; ++a) {
-            tau[a] = lane.x[a][j] - lane.base[j];
-            if (!std::isfinite(tau[a])) tau[a] = 0;  // (left out of the sums)
-          }
-          std::size_t pair = 0;
-          for (std::size_t a = 0; a < models; ++a) {
-            const auto ta = static_cast<long double>(tau[a]);
-            sums[pairs + a] += ta * ta;
-            for (std::size_t b = a + 1; b < models; ++b)
-              sums[pair++] += ta * static_cast<long double>(tau[b]);
-          }
-        }
-      });
-    };
-    const auto t_of = [&](const std::vector<long double>& sums) {
+    const auto t_of = [&](const std::vector<long double>& gram) {
       double cosine = 0;
-      std::size_t pair = 0;
       for (std::size_t a = 0; a < models; ++a) {
         for (std::size_t b = a + 1; b < models; ++b) {
-          const long double norms = std::max(std::sqrt(sums[pairs + a]) * std::sqrt(sums[pairs + b]), 1e-6L);
-          cosine += static_cast<double>(std::clamp(sums[pair++] / norms, -1.0L, 1.0L));
+          const long double norms =
+              std::max(std::sqrt(gram[a * models + a]) * std::sqrt(gram[b * models + b]), 1e-6L);
+          cosine += static_cast<double>(std::clamp(gram[a * models + b] / norms, -1.0L, 1.0L));
         }
       }
       cosine /= static_cast<double>(pairs);
@@ -472,24 +484,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
       return n * cosine / denominator;
     };
-    const std::vector<long double> zero(pairs + models, 0.0L);
     if (groups == 1) {
-      stock_t[0] = t_of(sum_in_spans(
-          zero,
-          [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
-            add_sums(l, begin, end, part);
-          },
-          [](std::vector<long double>& total, const std::vector<long double>& part) {
-            for (std::size_t i = 0; i < total.size(); ++i) total[i] += part[i];
-          }));
+      stock_t[0] = t_of(whole_gram(true));
     } else if (groups > 1) {
       in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
-        std::vector<long double> sums;
+        ProductSums sums(models);
+        std::vector<long double> gram;
         for (std::size_t g = (begin + stock_columns - 1) / stock_columns;
              g < groups && g * stock_columns < end; ++g) {
-          sums = zero;
-          add_sums(l, g * stock_columns, (g + 1) * stock_columns, sums);
-          stock_t[g] = t_of(sums);
+          range_gram(l, g * stock_columns, (g + 1) * stock_columns, true, sums, gram);
+          stock_t[g] = t_of(gram);
         }
       });
     }
@@ -677,10 +681,19 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t j = 0; j < count; ++j) result[j] += bs[j];
       }
     } else if (method == MergeMethod::NuSlerp) {
-      for (std::size_t j = 0; j < count; ++j) {
+      // A run of scalars that share their group's coefficients at a time (the tensor, a row), not a
+      // division a scalar for its group; columns (row-wise) are a group a scalar.
+      const bool by_column = nu_groups > 1 && !o.nuslerp_flatten && o.nuslerp_row_wise;
+      for (std::size_t j = 0; j < count;) {
         const std::size_t g = nu_group(begin + j);
-        const double b = has_base ? bs[j] : 0.0;
-        result[j] = b + nu_s0[g] * (xs[0][j] - b) + nu_s1[g] * (xs[1][j] - b);
+        const std::size_t stop = by_column       ? j + 1
+                                 : nu_groups > 1 ? std::min(count, (g + 1) * nu_inner - begin)
+                                                 : count;
+        const double first = nu_s0[g], second = nu_s1[g];
+        for (; j < stop; ++j) {
+          const double b = has_base ? bs[j] : 0.0;
+          result[j] = b + first * (xs[0][j] - b) + second * (xs[1][j] - b);
+        }
       }
     } else if (method == MergeMethod::NearSwap) {
       for (std::size_t j = 0; j < count; ++j) {
