@@ -846,3 +846,34 @@ TEST_CASE("the models' inner products are summed with each addition's rounding c
   CHECK(all_zero.in_range());
   CHECK(all_zero.at(0, 1) == 0);
 }
+
+TEST_CASE("NuSLERP of antipodal vectors is the linear mix: its cosine is exactly -1",
+          "[merge][nuslerp][adversarial]") {
+  // The helper's case: a cosine one rounding from -1 (2^-53: products rounded to double) makes
+  // sin(theta) 1.5e-8, past NuSLERP's colinear guard (1e-8), and the merge some 10^7 times too large.
+  MergeOptions o = method(MergeMethod::NuSlerp);
+  CHECK(merged_without_base({f64_of({0.1}), f64_of({-0.3})}, nullptr, o)[0] == Approx(-0.1).epsilon(1e-12));
+  const std::vector<double> x = {0.1, 0.7, 1.3, -0.45, 2.2};
+  std::vector<double> minus;
+  for (const double v : x) minus.push_back(-0.3 * v);
+  auto r = merged_without_base({f64_of(x), f64_of(minus)}, nullptr, o);
+  for (std::size_t j = 0; j < x.size(); ++j)
+    CHECK(r[j] == Approx(0.5 * x[j] + 0.5 * minus[j]).epsilon(1e-12));
+  // Rows of one column (nuslerp_flatten false): each row's two scalars are parallel or antipodal,
+  // so each row is the linear mix.
+  const std::size_t rows = 1000;
+  std::vector<double> a(rows), b(rows);
+  for (std::size_t i = 0; i < rows; ++i) {
+    a[i] = std::sin(0.7 * static_cast<double>(i) + 1) * static_cast<double>(1 + i % 7);
+    b[i] = std::cos(1.3 * static_cast<double>(i)) * static_cast<double>(1 + i % 5);
+  }
+  StateDict sa, sb;
+  sa.insert("w", a.data(), {static_cast<std::int64_t>(rows), 1});
+  sb.insert("w", b.data(), {static_cast<std::int64_t>(rows), 1});
+  o.nuslerp_flatten = false;
+  r = merged_without_base({sa, sb}, nullptr, o);
+  std::size_t off = 0;
+  for (std::size_t i = 0; i < rows; ++i)
+    off += !(std::abs(r[i] - (0.5 * a[i] + 0.5 * b[i])) <= 1e-12 * (std::abs(a[i]) + std::abs(b[i])));
+  CHECK(off == 0);
+}

@@ -337,26 +337,55 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
                                     : static_cast<std::size_t>(shape.back());
       nu_groups = o.nuslerp_row_wise ? nu_inner : numel / nu_inner;
     }
-    // The sums of the Gram matrix (add_gram: a non-finite value is left out of them, carried into
-    // its own scalar, as Model Stock's and the spherical methods'). One group (the tensor flattened)
-    // is summed in spans on the lanes; rows each on the lane whose span they start in; columns
-    // (row-wise) on this thread, in scalar order, in long double (no overflow from F64 values near
-    // 1e300).
+    // The sums in long double, not add_gram's double: where the two vectors are antipodal, one
+    // rounding of a product in double leaves the cosine 2^-53 from -1, sin(theta) 1.5e-8, past the
+    // colinear guard below (1e-8), and the coefficients near 1 / (2 cos(theta / 2)), some 10^7
+    // (long double's products keep the cosine at -1). No overflow from F64 values near 1e300; a
+    // non-finite value is left out (carried into its own scalar), as Model Stock's and the
+    // spherical methods'. One group (the tensor flattened) is summed in spans on the lanes; rows
+    // each on the lane whose span they start in, in scalar order; columns (row-wise) on this
+    // thread, in scalar order.
     std::vector<long double> dot(nu_groups, 0.0L), aa(nu_groups, 0.0L), bb(nu_groups, 0.0L);
-    const auto keep_gram = [&](std::size_t g, const std::vector<long double>& gram) {
-      aa[g] = gram[0];
-      dot[g] = gram[1];
-      bb[g] = gram[3];
+    using Sums = std::array<long double, 3>;  // dot, aa, bb
+    const auto add = [](Sums& sums, long double v0, long double v1) {
+      if (!std::isfinite(v0)) v0 = 0;
+      if (!std::isfinite(v1)) v1 = 0;
+      sums[0] += v0 * v1;
+      sums[1] += v0 * v0;
+      sums[2] += v1 * v1;
+    };
+    // Adds the pairs of scalars [begin, end) to `sums`, read in lane l (summed in a local: in
+    // registers, not through the caller's memory).
+    const auto add_range = [&](std::size_t l, std::size_t begin, std::size_t end, Sums& sums) {
+      Sums local = sums;
+      read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
+        for (std::size_t j = 0; j < count; ++j) {
+          const double b = has_base ? lane.base[j] : 0.0;
+          add(local, static_cast<long double>(lane.x[0][j] - b), static_cast<long double>(lane.x[1][j] - b));
+        }
+      });
+      sums = local;
     };
     if (nu_groups == 1) {  // (flattened, or one row)
-      keep_gram(0, whole_gram(has_base));
+      const Sums sums = sum_in_spans(
+          Sums{0.0L, 0.0L, 0.0L},
+          [&](std::size_t l, std::size_t begin, std::size_t end, Sums& part) {
+            add_range(l, begin, end, part);
+          },
+          [](Sums& sum, const Sums& part) {
+            for (std::size_t k = 0; k < 3; ++k) sum[k] += part[k];
+          });
+      dot[0] = sums[0];
+      aa[0] = sums[1];
+      bb[0] = sums[2];
     } else if (!o.nuslerp_row_wise) {
       in_lanes([&](std::size_t l, std::size_t begin, std::size_t end) {
-        ProductSums sums(models);
-        std::vector<long double> gram;
         for (std::size_t g = (begin + nu_inner - 1) / nu_inner; g < nu_groups && g * nu_inner < end; ++g) {
-          range_gram(l, g * nu_inner, (g + 1) * nu_inner, has_base, sums, gram);
-          keep_gram(g, gram);
+          Sums sums{0.0L, 0.0L, 0.0L};
+          add_range(l, g * nu_inner, (g + 1) * nu_inner, sums);
+          dot[g] = sums[0];
+          aa[g] = sums[1];
+          bb[g] = sums[2];
         }
       });
     } else {
@@ -364,12 +393,11 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         for (std::size_t j = 0; j < count; ++j) {
           const double b = has_base ? base[j] : 0.0;
           const std::size_t g = nu_group(begin + j);
-          auto v0 = static_cast<long double>(x[0][j] - b), v1 = static_cast<long double>(x[1][j] - b);
-          if (!std::isfinite(v0)) v0 = 0;
-          if (!std::isfinite(v1)) v1 = 0;
-          dot[g] += v0 * v1;
-          aa[g] += v0 * v0;
-          bb[g] += v1 * v1;
+          Sums sums{dot[g], aa[g], bb[g]};
+          add(sums, static_cast<long double>(x[0][j] - b), static_cast<long double>(x[1][j] - b));
+          dot[g] = sums[0];
+          aa[g] = sums[1];
+          bb[g] = sums[2];
         }
       });
     }
