@@ -689,11 +689,15 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       }
     } else if (method == MergeMethod::ModelStock) {
       const double n = static_cast<double>(models);
-      for (std::size_t j = 0; j < count; ++j) {
-        double mean = 0;
-        for (std::size_t m = 0; m < models; ++m) mean += xs[m][j];
-        const double t = stock_t[(begin + j) / stock_columns];
-        result[j] = t * (mean / n) + (1 - t) * bs[j];
+      for (std::size_t j = 0; j < count;) {  // (a run of a row's scalars at a time, as NuSlerp's)
+        const std::size_t g = (begin + j) / stock_columns;
+        const std::size_t stop = std::min(count, (g + 1) * stock_columns - begin);
+        const double t = stock_t[g];
+        for (; j < stop; ++j) {
+          double mean = 0;
+          for (std::size_t m = 0; m < models; ++m) mean += xs[m][j];
+          result[j] = t * (mean / n) + (1 - t) * bs[j];
+        }
       }
     } else if (spherical) {
       std::fill(result, result + count, 0.0);
