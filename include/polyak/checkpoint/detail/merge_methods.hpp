@@ -235,15 +235,17 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       part.add(v.data(), count);
     });
   };
+  // Model a's vector at scalar j of a lane's piece, in long double (as add_gram forms it).
+  const auto vector_at = [](const MergeLane& lane, std::size_t a, std::size_t j, bool minus_base) {
+    const double value = minus_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
+    return std::isfinite(value) ? static_cast<long double>(value) : 0.0L;
+  };
   const auto add_gram_in_long_double = [&](std::size_t l, std::size_t begin, std::size_t end, bool minus_base,
                                            std::vector<long double>& part) {
     std::vector<long double> v(models);
     read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t, std::size_t count) {
       for (std::size_t j = 0; j < count; ++j) {
-        for (std::size_t a = 0; a < models; ++a) {
-          const double value = minus_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
-          v[a] = std::isfinite(value) ? static_cast<long double>(value) : 0.0L;
-        }
+        for (std::size_t a = 0; a < models; ++a) v[a] = vector_at(lane, a, j, minus_base);
         for (std::size_t a = 0; a < models; ++a)
           for (std::size_t b = a; b < models; ++b) part[a * models + b] += v[a] * v[b];
       }
@@ -422,10 +424,6 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   const bool span_base = has_base && models > 1;
   if (spherical && models == 1) span = {1.0};
   if (spherical && models > 1) {
-    const auto vector_at = [&](const MergeLane& lane, std::size_t a, std::size_t j) {
-      const double v = span_base ? lane.x[a][j] - lane.base[j] : lane.x[a][j];
-      return std::isfinite(v) ? static_cast<long double>(v) : 0.0L;
-    };
     const std::vector<long double> gram = whole_gram(span_base);
     // Both methods are homogeneous of degree 1 in the vectors, so coefficients computed on the
     // vectors scaled by a power of two apply to them unscaled: where the largest norm leaves
@@ -456,7 +454,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
               for (std::size_t j = 0; j < count; ++j) {
                 long double value = 0;
                 for (std::size_t a = 0; a < models; ++a)
-                  value += static_cast<long double>(c[a]) * vector_at(lane, a, j);
+                  value += static_cast<long double>(c[a]) * vector_at(lane, a, j, span_base);
                 squares += value * value;
               }
             });

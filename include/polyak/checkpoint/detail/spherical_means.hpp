@@ -4,11 +4,11 @@
 // models' vectors v_1..v_n, so each is held as n coefficients on their directions and each inner
 // product is read from the cosines: one pass over the tensor computes them (merge_methods.hpp: in
 // double with compensated sums, product_sums.hpp), the iterations cost O(n^2) a step whatever the
-// tensor's size, and a last pass writes
-// sum_i c_i v_i. Norms and cosines, not the Gram matrix itself: they stay in double's range whatever
-// the models' scales (a model of norm 1e-155 beside one of norm 1). A norm computed from the cosines
-// of a vector much shorter than its coefficients loses precision to cancellation (about 1e-8 of
-// them); where multislerp's mean is that short, its norm is read from the tensor instead.
+// tensor's size, and a last pass writes sum_i c_i v_i. Norms and cosines, not the Gram matrix
+// itself: they stay in double's range whatever the models' scales (a model of norm 1e-155 beside
+// one of norm 1). A norm computed from the cosines of a vector much shorter than its coefficients
+// loses precision to cancellation (about 1e-8 of them); where multislerp's mean is that short, its
+// norm is read from the tensor instead.
 #pragma once
 
 #include <algorithm>
