@@ -753,10 +753,12 @@ TEST_CASE("the spherical methods at the edges of double's range, and near antipo
 }
 
 TEST_CASE("the models' inner products: the same merge at every scale, summed in double or past its range",
-          "[merge][multislerp][karcher][model_stock][adversarial]") {
+          "[merge][multislerp][karcher][model_stock][sce][adversarial]") {
   // Multi-SLERP and Karcher are homogeneous of degree 1 in the models' vectors, so inputs scaled by
   // 2^k merge to the result scaled by 2^k (eps and tol far below every norm here); so is Model Stock
-  // at scales where its guard (|a| |b| at least 1e-6, mergekit's) leaves its angles alone: k > 0.
+  // at scales where its guard (|a| |b| at least 1e-6, mergekit's) leaves its angles alone: k > 0;
+  // and SCE, whose weights are ratios of the models' sums of squares (its kept scalars too: ranked by
+  // the spread, which scales with them).
   // The inner products are summed in double while the vectors' squared norms lie in [2^-800, 2^800]
   // (scales 2^-390 and 2^390), in long double past that: at 2^-600 every square underflows
   // double's range (a Gram matrix of zeros), at 2^600 overflows it.
@@ -779,6 +781,9 @@ TEST_CASE("the models' inner products: the same merge at every scale, summed in 
   const std::vector<double> base_x = {0.25, -0.5, 0.125, 1, -1, 0.5};
   const StateDict base_at_1 = f64_of(base_x);
   const std::vector<double> stock_at_1 = merge_of(models_at(0), base_at_1, method(MergeMethod::ModelStock));
+  MergeOptions sce = method(MergeMethod::Sce);
+  sce.select_topk = 0.5;
+  const std::vector<double> sce_at_1 = merge_of(models_at(0), base_at_1, sce);
   // Model Stock's rows (filter_wise): row 0 at 1, row 1 at 2^k; each row its own t.
   const auto stock_rows_at = [&](int k) {
     std::vector<StateDict> models;
@@ -804,7 +809,9 @@ TEST_CASE("the models' inner products: the same merge at every scale, summed in 
     const std::vector<double> stock_at_k =
         merge_of(models_at(k), f64_of(scaled(base_x, k)), method(MergeMethod::ModelStock));
     const std::vector<double> rows_at_k = stock_rows_at(k);
+    const std::vector<double> sce_at_k = merge_of(models_at(k), f64_of(scaled(base_x, k)), sce);
     for (std::size_t j = 0; j < xs[0].size(); ++j) {
+      CHECK(std::ldexp(sce_at_k[j], -k) == Approx(sce_at_1[j]).epsilon(1e-12));
       CHECK(std::ldexp(karcher_at_k[j], -k) == Approx(karcher_at_1[j]).epsilon(1e-12));
       CHECK(std::ldexp(multislerp_at_k[j], -k) == Approx(multislerp_at_1[j]).epsilon(1e-12));
       if (k < 0) continue;

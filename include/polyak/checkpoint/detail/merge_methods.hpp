@@ -133,6 +133,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     lanes[l].v.resize(models * piece);  // (a piece a model: the task-vector methods' kept values)
     for (auto* scratch : {&lanes[l].elect, &lanes[l].sum, &lanes[l].divisor}) scratch->resize(piece);
     lanes[l].nan.resize(piece);
+    lanes[l].kept.resize(method == MergeMethod::Sce ? piece : 0);
   }
   std::vector<std::vector<double>>& x = lanes[0].x;
   std::vector<double>& base = lanes[0].base;
@@ -529,39 +530,68 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // by their largest magnitude (no overflow), as rank_key (NaN above all).
   bool sce_all = true;  // else kept where sce_window holds the scalar's spread (work.keys)
   RankWindow sce_window;
+  // Whether each scalar of a piece in `lane` is kept, into the lane's buffer (once for all the models).
+  const auto sce_kept = [&](MergeLane& lane, std::size_t begin, std::size_t count) {
+    unsigned char* mask = lane.kept.data();
+    const RankWindow window = sce_window;  // (a local: stores to mask could alias it)
+    const std::uint64_t* keys = work.keys.data() + begin;
+    if (sce_all) {
+      std::fill(mask, mask + count, static_cast<unsigned char>(1));
+    } else {
+      for (std::size_t j = 0; j < count; ++j) mask[j] = window.contains(keys[j], begin + j);
+    }
+    return static_cast<const unsigned char*>(mask);
+  };
   if (method == MergeMethod::Sce) {
     std::vector<std::uint64_t>&spread = work.keys, &scratch = work.scratch;
     spread.resize(numel);
     std::vector<std::size_t> nonzero_in(lane_count, 0);  // (a count a lane, added after)
+    work.key_counts.start(lane_count);                   // (counted as they are written, for rank_window)
     for_each_piece_in_lanes([&](std::size_t l, std::size_t begin, std::size_t count) {
-      const std::vector<std::vector<double>>& xs = lanes[l].x;
-      const std::vector<double>& bs = lanes[l].base;
+      MergeLane& lane = lanes[l];
       read_lane(l, begin, count);  // (SCE needs its base)
+      // A model at a time over the piece (loops the compiler vectorizes), each scalar's operations
+      // those of one scalar at a time, in the same order: the largest magnitude, then the mean and
+      // the sum of squares of the task values divided by it. Lanes where they do not apply (NaN,
+      // infinity, all zero) compute what is then not taken.
+      double *largest = lane.elect.data(), *mean = lane.sum.data(), *square = lane.divisor.data();
+      unsigned char* nan = lane.nan.data();
+      const double* b = lane.base.data();
+      std::fill(largest, largest + count, 0.0);
+      std::fill(nan, nan + count, static_cast<unsigned char>(0));
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = lane.x[m].data();
+        for (std::size_t j = 0; j < count; ++j) {
+          const double tau = xm[j] - b[j];
+          nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+          largest[j] = std::max(largest[j], std::abs(tau));
+        }
+      }
+      std::fill(mean, mean + count, 0.0);
+      std::fill(square, square + count, 0.0);
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = lane.x[m].data();
+        for (std::size_t j = 0; j < count; ++j) mean[j] += (xm[j] - b[j]) / largest[j];
+      }
+      for (std::size_t j = 0; j < count; ++j) mean[j] /= static_cast<double>(models);
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = lane.x[m].data();
+        for (std::size_t j = 0; j < count; ++j) {
+          const double d = (xm[j] - b[j]) / largest[j] - mean[j];
+          square[j] += d * d;
+        }
+      }
       std::size_t nonzero_here = 0;
       for (std::size_t j = 0; j < count; ++j) {
-        double largest = 0;
-        bool nan = false;
-        for (std::size_t m = 0; m < models; ++m) {
-          const double tau = xs[m][j] - bs[j];
-          nan = nan || std::isnan(tau);
-          largest = std::max(largest, std::abs(tau));
-        }
-        double deviation = 0;
-        if (nan || std::isinf(largest)) {
-          deviation = std::numeric_limits<double>::quiet_NaN();
-        } else if (largest > 0) {
-          double mean = 0, square = 0;
-          for (std::size_t m = 0; m < models; ++m) mean += (xs[m][j] - bs[j]) / largest;
-          mean /= static_cast<double>(models);
-          for (std::size_t m = 0; m < models; ++m) {
-            const double d = (xs[m][j] - bs[j]) / largest - mean;
-            square += d * d;
-          }
-          deviation = largest * std::sqrt(square / static_cast<double>(models));
-        }
+        const double deviation =
+            nan[j] != 0 || std::isinf(largest[j]) ? std::numeric_limits<double>::quiet_NaN()
+            : largest[j] > 0 ? largest[j] * std::sqrt(square[j] / static_cast<double>(models))
+                             : 0.0;
         spread[begin + j] = rank_key(deviation);
         nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
       }
+      std::size_t* counts = work.key_counts.lanes[l].data();
+      for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(spread[begin + j])];
       nonzero_in[l] += nonzero_here;  // (once a piece: the lanes' counts share a cache line)
     });
     std::size_t nonzero = 0;
@@ -569,24 +599,51 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     if (o.select_topk < 1) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       sce_all = false;
-      sce_window = rank_window(spread, numel - k, numel, scratch, lane_count, lane_span, in_lanes);
+      sce_window =
+          rank_window(spread, numel - k, numel, scratch, lane_count, lane_span, in_lanes, &work.key_counts);
     }
-    std::vector<long double> squares = sum_in_spans(  // (long double: no overflow from F64 values)
-        std::vector<long double>(models, 0.0L),
-        [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
-          read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t at, std::size_t count) {
-            for (std::size_t j = 0; j < count; ++j) {
-              if (!sce_all && !sce_window.contains(spread[at + j], at + j)) continue;
-              for (std::size_t m = 0; m < models; ++m) {
-                const auto tau = static_cast<long double>(lane.x[m][j] - lane.base[j]);
-                if (std::isfinite(tau)) part[m] += tau * tau;
+    // Each model's sum of squares over the kept scalars, a non-finite task value left out: in
+    // double with compensated sums (product_sums.hpp), in long double where a model's lie beyond
+    // the range those hold (F64 values). The task values kept are formed in the lane's buffers.
+    const ProductSums sums = sum_in_spans(
+        ProductSums(models),
+        [&](std::size_t l, std::size_t begin, std::size_t end, ProductSums& part) {
+          std::vector<const double*> v(models);
+          read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
+            const unsigned char* in_window = sce_kept(lane, at, count);
+            for (std::size_t m = 0; m < models; ++m) {
+              double* xm = lane.x[m].data();
+              const double* b = lane.base.data();
+              for (std::size_t j = 0; j < count; ++j) {
+                const double tau = xm[j] - b[j];
+                xm[j] = kept_or_zero((in_window[j] != 0) & std::isfinite(tau), tau);
               }
+              v[m] = xm;
             }
+            part.add_squares(v.data(), count);
           });
         },
-        [](std::vector<long double>& total, const std::vector<long double>& part) {
-          for (std::size_t m = 0; m < total.size(); ++m) total[m] += part[m];
-        });
+        [](ProductSums& total, const ProductSums& part) { total.add(part); });
+    std::vector<long double> squares(models);
+    for (std::size_t m = 0; m < models; ++m) squares[m] = sums.at(m, m);
+    if (!sums.in_range()) {
+      squares = sum_in_spans(
+          std::vector<long double>(models, 0.0L),
+          [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
+            read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t at, std::size_t count) {
+              for (std::size_t j = 0; j < count; ++j) {
+                if (!sce_all && !sce_window.contains(spread[at + j], at + j)) continue;
+                for (std::size_t m = 0; m < models; ++m) {
+                  const auto tau = static_cast<long double>(lane.x[m][j] - lane.base[j]);
+                  if (std::isfinite(tau)) part[m] += tau * tau;
+                }
+              }
+            });
+          },
+          [](std::vector<long double>& total, const std::vector<long double>& part) {
+            for (std::size_t m = 0; m < total.size(); ++m) total[m] += part[m];
+          });
+    }
     long double total = 0;
     for (long double& square : squares) total += (square /= static_cast<long double>(numel));
     for (std::size_t m = 0; m < models; ++m)
@@ -732,26 +789,38 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         weight = std::clamp(weight, 0.0, 1.0);
         result[j] = weight * xs[0][j] + (1 - weight) * bs[j];
       }
-    } else {  // Sce
+    } else {  // Sce, a model at a time over the piece as the task-vector methods above, each scalar's
+              // sums in the order of one scalar at a time (elect, then the agreeing terms, from 0)
+      double *elect = lane.elect.data(), *sum = lane.sum.data(), *divisor = lane.divisor.data();
+      unsigned char* nan = lane.nan.data();
+      const double* b = bs.data();
+      const unsigned char* in_window = sce_kept(lane, begin, count);
+      std::fill(elect, elect + count, 0.0);
+      std::fill(nan, nan + count, static_cast<unsigned char>(0));
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* xm = xs[m].data();
+        double* vm = vs.data() + m * piece;
+        for (std::size_t j = 0; j < count; ++j) {
+          const double tau = xm[j] - b[j];
+          nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+          vm[j] = kept_or_zero(in_window[j] != 0, tau);
+          elect[j] += vm[j];
+        }
+      }
+      std::fill(sum, sum + count, 0.0);
+      std::fill(divisor, divisor + count, 0.0);
+      for (std::size_t m = 0; m < models; ++m) {
+        const double* vm = vs.data() + m * piece;
+        const double weight = w[m];
+        for (std::size_t j = 0; j < count; ++j) {
+          const bool agreeing = agrees(vm[j], elect[j] >= 0 ? 1.0 : -1.0);
+          sum[j] += agreeing ? weight * vm[j] : 0.0;
+          divisor[j] += agreeing ? weight : 0.0;
+        }
+      }
       for (std::size_t j = 0; j < count; ++j) {
-        const bool keep = sce_all || sce_window.contains(work.keys[begin + j], begin + j);
-        double elect = 0;
-        bool nan = false;
-        for (std::size_t m = 0; m < models; ++m) {
-          const double tau = xs[m][j] - bs[j];
-          nan = nan || std::isnan(tau);
-          vs[m] = keep ? tau : 0.0;
-          elect += vs[m];
-        }
-        const double sign = elect >= 0 ? 1.0 : -1.0;
-        double sum = 0, divisor = 0;
-        for (std::size_t m = 0; m < models; ++m) {
-          if (!agrees(vs[m], sign)) continue;
-          sum += w[m] * vs[m];
-          divisor += w[m];
-        }
-        if (exactly_equal(divisor, 0.0)) divisor = 1;  // (exactly zero)
-        result[j] = nan ? std::numeric_limits<double>::quiet_NaN() : bs[j] + sum / divisor;
+        const double d = exactly_equal(divisor[j], 0.0) ? 1.0 : divisor[j];  // (exactly zero)
+        result[j] = nan[j] ? std::numeric_limits<double>::quiet_NaN() : b[j] + sum[j] / d;
       }
     }
   };

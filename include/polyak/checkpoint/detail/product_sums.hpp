@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: MIT
-// The inner products of a few vectors (the models' task vectors, piece by piece) summed in double,
-// each addition's rounding error carried beside its sum: loops the compiler vectorizes, where the
-// long double sums they replace ran on the x87 unit through memory (three quarters of a four-model
-// Multi-SLERP merge). The products are those of doubles, each rounded once; the sums lose about one
-// rounding of their total whatever their length (long double's lost up to one of its own, 2^-64,
-// an addition). They hold while every vector's squared norm lies in [2^-800, 2^800] (or the vector
-// is zero): no product nor sum then overflows (each is at most the product of two norms), and the
-// products that underflow (each below 2^-1022, an error below 2^-1074) add up to under 2^-230 of the
-// product of two norms even over 2^40 scalars. Past that range (F64 values only) the caller sums
-// again in long double.
+// The inner products of a few vectors (the models' task vectors, piece by piece; SCE's sums of
+// squares) summed in double, each addition's rounding error carried beside its sum: loops the compiler
+// vectorizes, where the long double sums they replace ran on the x87 unit through memory (three
+// quarters of a four-model Multi-SLERP merge). The products are those of doubles, each rounded once;
+// the sums lose about one rounding of their total whatever their length (long double's lost up to one
+// of its own, 2^-64, an addition). They hold while every vector's squared norm lies in [2^-800, 2^800]
+// (or the vector is zero): no product nor sum then overflows (each is at most the product of two
+// norms), and the products that underflow (each below 2^-1022, an error below 2^-1074) add up to under
+// 2^-230 of the product of two norms even over 2^40 scalars. Past that range (F64 values only) the
+// caller sums again in long double.
 #pragma once
 
 #include <algorithm>
@@ -46,14 +46,15 @@ class ProductSums {
   /// Adds scalars [0, count) of each vector: v[a] points at vector a's (finite values).
   void add(const double* const* v, std::size_t count) {
     for (std::size_t a = 0; a < vectors_; ++a) {
-      std::uint64_t bits = 0;  // (an OR of the magnitudes' bits: 0 while every value is +-0)
-      for (std::size_t j = 0; j < count; ++j) {
-        std::uint64_t value = 0;
-        std::memcpy(&value, v[a] + j, sizeof value);
-        bits |= value << 1;  // (the sign bit shifted out)
-      }
-      bits_[a] |= bits;
+      note_nonzero(a, v[a], count);
       for (std::size_t b = a; b < vectors_; ++b) add_products(v[a], v[b], count, sums_[a * vectors_ + b]);
+    }
+  }
+  /// Adds the squares alone (v_a v_a; the sums of a != b are left as they are, unused).
+  void add_squares(const double* const* v, std::size_t count) {
+    for (std::size_t a = 0; a < vectors_; ++a) {
+      note_nonzero(a, v[a], count);
+      add_products(v[a], v[a], count, sums_[a * vectors_ + a]);
     }
   }
   /// Adds a part summed apart.
@@ -85,6 +86,16 @@ class ProductSums {
   }
 
  private:
+  /// Notes in bits_[a] whether any of the `count` values of vector a is nonzero.
+  void note_nonzero(std::size_t a, const double* values, std::size_t count) {
+    std::uint64_t bits = 0;  // (an OR of the magnitudes' bits: 0 while every value is +-0)
+    for (std::size_t j = 0; j < count; ++j) {
+      std::uint64_t value = 0;
+      std::memcpy(&value, values + j, sizeof value);
+      bits |= value << 1;  // (the sign bit shifted out)
+    }
+    bits_[a] |= bits;
+  }
   /// Adds sum_j a[j] b[j] to `total`, in four interleaved sums (no chain of dependent additions).
   static void add_products(const double* a, const double* b, std::size_t count, CompensatedSum& total) {
     constexpr std::size_t ways = 4;

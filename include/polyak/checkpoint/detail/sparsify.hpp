@@ -137,19 +137,35 @@ struct RankWindow {
   }
 };
 
+/// Rank keys counted by their top 16 bits, a histogram a lane (threads count apart; the sum is the
+/// same whatever the lanes). The pass that writes a tensor's keys counts them here as it goes, so that
+/// selection does not read them once more for it; kept in MergeWorkspace, its memory reused.
+struct KeyCounts {
+  static constexpr std::size_t buckets = std::size_t{1} << 16;
+  std::vector<std::vector<std::size_t>> lanes;  ///< lanes[l][b]: the keys lane l counted in bucket b
+
+  /// Zero counts for `lane_count` lanes.
+  void start(std::size_t lane_count) {
+    lanes.resize(lane_count);
+    for (auto& count : lanes) count.assign(buckets, 0);
+  }
+  static std::size_t bucket(std::uint64_t key) { return static_cast<std::size_t>(key >> 48); }
+};
+
 /// The window of the ranks [lo, hi) of `value` (a key a scalar; RankWindow says how equal keys
 /// rank). `scratch` is working memory (resized).
 ///
 /// The passes over the values run in spans: for_each_span(body) calls body(lane, begin, end) for
 /// every span [k * span, min((k + 1) * span, n)), lane < lanes, from several threads at once. The
-/// boundary keys are found by radix selection: a histogram of the top 16 bits finds the bucket that
-/// holds each, and std::nth_element runs on that bucket's keys alone (nth_element on all of them
-/// was a fifth of a TIES merge). Where a boundary's equal keys are split by the window, a pass
+/// boundary keys are found by radix selection: a histogram of the top 16 bits (`counted`, where the
+/// caller counted every key there, else a pass here) finds the bucket that holds each, one pass
+/// gathers those buckets' keys, and std::nth_element runs on them alone (nth_element on all of
+/// them was a fifth of a TIES merge). Where a boundary's equal keys are split by the window, a pass
 /// counts them span by span to find the cut: the result does not depend on the spans or threads.
 template <class ForEachSpan>
 RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, std::size_t hi,
                        std::vector<std::uint64_t>& scratch, std::size_t lanes, std::size_t span,
-                       ForEachSpan&& for_each_span) {
+                       ForEachSpan&& for_each_span, const KeyCounts* counted = nullptr) {
   using Key = std::uint64_t;
   const std::size_t n = value.size();
   hi = std::min(hi, n);
@@ -163,43 +179,74 @@ RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, 
   window.has_low = lo > 0;
   window.has_high = hi < n;
   if (!window.has_low && !window.has_high) return window;  // every rank
-  constexpr std::size_t buckets = std::size_t{1} << 16;
-  std::vector<std::vector<std::size_t>> lane_counts(lanes);  // (a histogram a lane, added after)
-  for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
-    std::vector<std::size_t>& count = lane_counts[l];
-    if (count.empty()) count.assign(buckets, 0);
-    for (std::size_t p = begin; p < end; ++p) ++count[value[p] >> 48];
-  });
+  constexpr std::size_t buckets = KeyCounts::buckets;
+  KeyCounts counting;
+  if (counted == nullptr) {
+    counting.lanes.resize(lanes);
+    for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+      std::vector<std::size_t>& count = counting.lanes[l];
+      if (count.empty()) count.assign(buckets, 0);
+      for (std::size_t p = begin; p < end; ++p) ++count[KeyCounts::bucket(value[p])];
+    });
+    counted = &counting;
+  }
+  const std::vector<std::vector<std::size_t>>& lane_counts = counted->lanes;
   std::vector<std::size_t> counts(buckets, 0);
   for (const auto& count : lane_counts) {
     for (std::size_t b = 0; b < count.size(); ++b) counts[b] += count[b];
   }
-  // The k-th smallest key (from 0), with how many keys are below it and equal to it. The bucket's
-  // keys are gathered into `scratch`, each lane at its own place (from its histogram).
-  std::vector<std::size_t> cursor(lanes);
-  const auto select = [&](std::size_t k, std::size_t& less, std::size_t& equal) {
-    std::size_t below = 0, bucket = 0;
+  const auto lane_count_of = [&](std::size_t l, std::size_t b) {
+    return l < lane_counts.size() && !lane_counts[l].empty() ? lane_counts[l][b] : std::size_t{0};
+  };
+  // The bucket of the k-th smallest key (from 0), and how many keys lie in buckets below it.
+  const auto bucket_of_rank = [&](std::size_t k, std::size_t& below) {
+    std::size_t bucket = 0;
+    below = 0;
     while (below + counts[bucket] <= k) below += counts[bucket++];
-    scratch.resize(counts[bucket]);
-    for (std::size_t l = 0, at = 0; l < lanes; ++l) {
-      cursor[l] = at;
-      at += lane_counts[l].empty() ? 0 : lane_counts[l][bucket];
+    return bucket;
+  };
+  std::size_t below_low = 0, below_high = 0;
+  const std::size_t low_bucket = window.has_low ? bucket_of_rank(lo, below_low) : buckets;
+  const std::size_t high_bucket = window.has_high ? bucket_of_rank(hi - 1, below_high) : buckets;
+  // Both boundaries' buckets gathered in one pass: the low one's keys in scratch[0, counts[low]),
+  // the high one's after them (where it is another bucket), each lane at its own place (from its
+  // histogram), in position order within a lane.
+  const std::size_t first = low_bucket != buckets ? low_bucket : high_bucket;
+  const std::size_t second =
+      low_bucket != buckets && high_bucket != buckets && high_bucket != low_bucket ? high_bucket : buckets;
+  const std::size_t first_size = counts[first];
+  scratch.resize(first_size + (second != buckets ? counts[second] : 0));
+  std::vector<std::size_t> cursor(lanes), second_cursor(lanes);
+  for (std::size_t l = 0, at = 0, second_at = first_size; l < lanes; ++l) {
+    cursor[l] = at;
+    at += lane_count_of(l, first);
+    second_cursor[l] = second_at;
+    if (second != buckets) second_at += lane_count_of(l, second);
+  }
+  for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+    std::size_t next = cursor[l], second_next = second_cursor[l];  // (locals: the lanes' share a line)
+    for (std::size_t p = begin; p < end; ++p) {
+      const std::size_t b = KeyCounts::bucket(value[p]);
+      if (b == first) scratch[next++] = value[p];
+      if (b == second) scratch[second_next++] = value[p];
     }
-    for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
-      std::size_t next = cursor[l];  // (a local: the lanes' cursors share a cache line)
-      for (std::size_t p = begin; p < end; ++p) {
-        if ((value[p] >> 48) == bucket) scratch[next++] = value[p];
-      }
-      cursor[l] = next;
-    });
-    const auto at = scratch.begin() + static_cast<std::ptrdiff_t>(k - below);
-    std::nth_element(scratch.begin(), at, scratch.end());
+    cursor[l] = next;
+    second_cursor[l] = second_next;
+  });
+  // The k-th smallest key (from 0), with how many keys are below it and equal to it, from its
+  // bucket's keys (reordered by nth_element; `below`: the keys in buckets below it).
+  const auto select = [&](std::size_t k, std::size_t bucket, std::size_t below, std::size_t& less,
+                          std::size_t& equal) {
+    const auto from = scratch.begin() + static_cast<std::ptrdiff_t>(bucket == first ? 0 : first_size);
+    const auto to = from + static_cast<std::ptrdiff_t>(counts[bucket]);
+    const auto at = from + static_cast<std::ptrdiff_t>(k - below);
+    std::nth_element(from, at, to);
     const Key kth = *at;
     less = below;
     equal = 0;
-    for (const Key v : scratch) {
-      less += v < kth;
-      equal += v == kth;
+    for (auto v = from; v != to; ++v) {
+      less += *v < kth;
+      equal += *v == kth;
     }
     return kth;
   };
@@ -209,11 +256,11 @@ RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, 
   std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0;
   std::size_t last_low = 0, first_high = 0;  // the indices (among the equal keys) of the cuts
   if (window.has_low) {
-    window.low = select(lo, less_low, equal_low);
+    window.low = select(lo, low_bucket, below_low, less_low, equal_low);
     last_low = less_low + equal_low - 1 - lo;
   }
   if (window.has_high) {
-    window.high = select(hi - 1, less_high, equal_high);
+    window.high = select(hi - 1, high_bucket, below_high, less_high, equal_high);
     first_high = less_high + equal_high - hi;
   }
   const bool cut_low = window.has_low && last_low + 1 < equal_low;  // (else every equal one is in)
@@ -282,6 +329,7 @@ struct MergeLane {
   std::vector<double> v;                    ///< a piece of each model's kept task values (or a scalar's)
   std::vector<double> elect, sum, divisor;  ///< the task-vector methods' sums over the models, a piece
   std::vector<unsigned char> nan;           ///< whether a scalar's task values hold a NaN, a piece
+  std::vector<unsigned char> kept;          ///< whether a scalar is kept (Sce's window), a piece
 };
 
 /// One thread's working memory for DELLA's rows (kept_scalars): a row's keys counted by bucket, and
@@ -300,6 +348,7 @@ struct DellaRow {
 struct MergeWorkspace {
   std::vector<std::uint64_t> keys;     ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
   std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
+  KeyCounts key_counts;                ///< the keys' histogram, a lane, counted as they are written
   std::vector<KeptScalars> kept;       ///< per model
   std::vector<DellaRow> rows;          ///< Della's, one a lane
   std::vector<MergeLane> lanes;        ///< the last pass's, one a thread
@@ -368,20 +417,27 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   } else {
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
     magnitude.resize(numel);
+    const bool by_rank = rule == Sparsification::Magnitude || rule == Sparsification::Outliers;
+    if (by_rank) work.key_counts.start(lanes);  // (counted as the keys are written, for rank_window)
     for_each_piece([&](std::size_t lane, std::size_t begin, std::size_t count) {  // (each its own keys)
       const double* tau = tau_of(lane, begin, count);
-      for (std::size_t j = 0; j < count; ++j) magnitude[begin + j] = rank_key(tau[j]);
+      std::uint64_t* key = magnitude.data() + begin;
+      for (std::size_t j = 0; j < count; ++j) key[j] = rank_key(tau[j]);
+      if (!by_rank) return;
+      std::size_t* counts = work.key_counts.lanes[lane].data();
+      for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(key[j])];
     });
     const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
     if (rule == Sparsification::Magnitude) {
       result.ranked = true;
-      result.window = rank_window(magnitude, numel - kept_count, numel, scratch, lanes, span, for_each_span);
+      result.window = rank_window(magnitude, numel - kept_count, numel, scratch, lanes, span, for_each_span,
+                                  &work.key_counts);
     } else if (rule == Sparsification::Outliers) {
       std::size_t top = static_cast<std::size_t>(std::floor(o.gamma * static_cast<double>(numel)));
       top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
       result.ranked = true;
-      result.window =
-          rank_window(magnitude, numel - kept_count - top, numel - top, scratch, lanes, span, for_each_span);
+      result.window = rank_window(magnitude, numel - kept_count - top, numel - top, scratch, lanes, span,
+                                  for_each_span, &work.key_counts);
     } else {  // rank sampling, row by row, the rows spread over the lanes
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
