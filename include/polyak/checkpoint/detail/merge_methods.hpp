@@ -545,85 +545,105 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   if (method == MergeMethod::Sce) {
     std::vector<std::uint64_t>&spread = work.keys, &scratch = work.scratch;
     spread.resize(numel);
-    std::vector<std::size_t> nonzero_in(lane_count, 0);  // (a count a lane, added after)
-    work.key_counts.start(lane_count);                   // (counted as they are written, for rank_window)
-    for_each_piece_in_lanes([&](std::size_t l, std::size_t begin, std::size_t count) {
-      MergeLane& lane = lanes[l];
-      read_lane(l, begin, count);  // (SCE needs its base)
-      // A model at a time over the piece (loops the compiler vectorizes), each scalar's operations
-      // those of one scalar at a time, in the same order: the largest magnitude, then the mean and
-      // the sum of squares of the task values divided by it. Lanes where they do not apply (NaN,
-      // infinity, all zero) compute what is then not taken.
-      double *largest = lane.elect.data(), *mean = lane.sum.data(), *square = lane.divisor.data();
-      unsigned char* nan = lane.nan.data();
-      const double* b = lane.base.data();
-      std::fill(largest, largest + count, 0.0);
-      std::fill(nan, nan + count, static_cast<unsigned char>(0));
+    work.key_counts.start(lane_count);  // (counted as they are written, for rank_window)
+    // Each model's sum of squares over the kept scalars, a non-finite task value left out: in
+    // double with compensated sums (product_sums.hpp), in long double where a model's lie beyond
+    // the range those hold (F64 values). The task values kept are formed in the lane's buffers.
+    const auto add_kept_squares = [&](MergeLane& lane, std::size_t at, std::size_t count,
+                                      std::vector<const double*>& v, ProductSums& part) {
+      const unsigned char* in_window = sce_kept(lane, at, count);
       for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = lane.x[m].data();
+        double* xm = lane.x[m].data();
+        const double* b = lane.base.data();
         for (std::size_t j = 0; j < count; ++j) {
           const double tau = xm[j] - b[j];
-          nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-          largest[j] = std::max(largest[j], std::abs(tau));
+          xm[j] = kept_or_zero((in_window[j] != 0) & std::isfinite(tau), tau);
         }
+        v[m] = xm;
       }
-      std::fill(mean, mean + count, 0.0);
-      std::fill(square, square + count, 0.0);
-      for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = lane.x[m].data();
-        for (std::size_t j = 0; j < count; ++j) mean[j] += (xm[j] - b[j]) / largest[j];
-      }
-      for (std::size_t j = 0; j < count; ++j) mean[j] /= static_cast<double>(models);
-      for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = lane.x[m].data();
-        for (std::size_t j = 0; j < count; ++j) {
-          const double d = (xm[j] - b[j]) / largest[j] - mean[j];
-          square[j] += d * d;
-        }
-      }
-      std::size_t nonzero_here = 0;
-      for (std::size_t j = 0; j < count; ++j) {
-        const double deviation =
-            nan[j] != 0 || std::isinf(largest[j]) ? std::numeric_limits<double>::quiet_NaN()
-            : largest[j] > 0 ? largest[j] * std::sqrt(square[j] / static_cast<double>(models))
-                             : 0.0;
-        spread[begin + j] = rank_key(deviation);
-        nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
-      }
-      std::size_t* counts = work.key_counts.lanes[l].data();
-      for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(spread[begin + j])];
-      nonzero_in[l] += nonzero_here;  // (once a piece: the lanes' counts share a cache line)
-    });
-    std::size_t nonzero = 0;
-    for (const std::size_t n : nonzero_in) nonzero += n;
-    if (o.select_topk < 1) {
+      part.add_squares(v.data(), count);
+    };
+    // The spreads, and where every scalar is kept (select_topk 1, mergekit's default) the squares
+    // too, in the same pass (in a pass of their own once the window is known, else).
+    const bool every_scalar = !(o.select_topk < 1);
+    struct SpreadPart {
+      ProductSums squares;
+      std::size_t nonzero;  // the scalars of nonzero spread
+    };
+    const SpreadPart first_pass = sum_in_spans(
+        SpreadPart{ProductSums(models), 0},
+        [&](std::size_t l, std::size_t span_begin, std::size_t span_end, SpreadPart& part) {
+          std::vector<const double*> v(models);
+          read_pieces(l, span_begin, span_end, [&](MergeLane& lane, std::size_t begin, std::size_t count) {
+            // A model at a time over the piece (loops the compiler vectorizes), each scalar's operations
+            // those of one scalar at a time, in the same order: the largest magnitude, then the mean and
+            // the sum of squares of the task values divided by it. Lanes where they do not apply (NaN,
+            // infinity, all zero) compute what is then not taken.
+            double *largest = lane.elect.data(), *mean = lane.sum.data(), *square = lane.divisor.data();
+            unsigned char* nan = lane.nan.data();
+            const double* b = lane.base.data();
+            std::fill(largest, largest + count, 0.0);
+            std::fill(nan, nan + count, static_cast<unsigned char>(0));
+            for (std::size_t m = 0; m < models; ++m) {
+              const double* xm = lane.x[m].data();
+              for (std::size_t j = 0; j < count; ++j) {
+                const double tau = xm[j] - b[j];
+                nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+                largest[j] = std::max(largest[j], std::abs(tau));
+              }
+            }
+            std::fill(mean, mean + count, 0.0);
+            std::fill(square, square + count, 0.0);
+            for (std::size_t m = 0; m < models; ++m) {
+              const double* xm = lane.x[m].data();
+              for (std::size_t j = 0; j < count; ++j) mean[j] += (xm[j] - b[j]) / largest[j];
+            }
+            for (std::size_t j = 0; j < count; ++j) mean[j] /= static_cast<double>(models);
+            for (std::size_t m = 0; m < models; ++m) {
+              const double* xm = lane.x[m].data();
+              for (std::size_t j = 0; j < count; ++j) {
+                const double d = (xm[j] - b[j]) / largest[j] - mean[j];
+                square[j] += d * d;
+              }
+            }
+            std::size_t nonzero_here = 0;
+            for (std::size_t j = 0; j < count; ++j) {
+              const double deviation =
+                  nan[j] != 0 || std::isinf(largest[j]) ? std::numeric_limits<double>::quiet_NaN()
+                  : largest[j] > 0 ? largest[j] * std::sqrt(square[j] / static_cast<double>(models))
+                                   : 0.0;
+              spread[begin + j] = rank_key(deviation);
+              nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
+            }
+            std::size_t* counts = work.key_counts.lanes[l].data();
+            for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(spread[begin + j])];
+            part.nonzero += nonzero_here;
+            if (every_scalar) add_kept_squares(lane, begin, count, v, part.squares);
+          });
+        },
+        [](SpreadPart& total, const SpreadPart& part) {
+          total.squares.add(part.squares);
+          total.nonzero += part.nonzero;
+        });
+    const std::size_t nonzero = first_pass.nonzero;
+    if (!every_scalar) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       sce_all = false;
       sce_window =
           rank_window(spread, numel - k, numel, scratch, lane_count, lane_span, in_lanes, &work.key_counts);
     }
-    // Each model's sum of squares over the kept scalars, a non-finite task value left out: in
-    // double with compensated sums (product_sums.hpp), in long double where a model's lie beyond
-    // the range those hold (F64 values). The task values kept are formed in the lane's buffers.
-    const ProductSums sums = sum_in_spans(
-        ProductSums(models),
-        [&](std::size_t l, std::size_t begin, std::size_t end, ProductSums& part) {
-          std::vector<const double*> v(models);
-          read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
-            const unsigned char* in_window = sce_kept(lane, at, count);
-            for (std::size_t m = 0; m < models; ++m) {
-              double* xm = lane.x[m].data();
-              const double* b = lane.base.data();
-              for (std::size_t j = 0; j < count; ++j) {
-                const double tau = xm[j] - b[j];
-                xm[j] = kept_or_zero((in_window[j] != 0) & std::isfinite(tau), tau);
-              }
-              v[m] = xm;
-            }
-            part.add_squares(v.data(), count);
-          });
-        },
-        [](ProductSums& total, const ProductSums& part) { total.add(part); });
+    ProductSums sums = first_pass.squares;
+    if (!every_scalar) {
+      sums = sum_in_spans(
+          ProductSums(models),
+          [&](std::size_t l, std::size_t begin, std::size_t end, ProductSums& part) {
+            std::vector<const double*> v(models);
+            read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
+              add_kept_squares(lane, at, count, v, part);
+            });
+          },
+          [](ProductSums& total, const ProductSums& part) { total.add(part); });
+    }
     std::vector<long double> squares(models);
     for (std::size_t m = 0; m < models; ++m) squares[m] = sums.at(m, m);
     if (!sums.in_range()) {
