@@ -470,6 +470,10 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   std::vector<KeptScalars>& kept = work.kept;
   kept.resize(is_task_vector_method(method) ? models : 0);
+  const std::vector<std::pair<double, double>> norms_drawn =
+      sparsification_of(method) == Sparsification::Random
+          ? drawn_norms(o, name, models, read_pieces, sum_in_spans)
+          : std::vector<std::pair<double, double>>(models, {0.0, 0.0});
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
         o, m, name, shape, numel,
@@ -480,7 +484,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           for (std::size_t j = 0; j < count; ++j) tau[j] -= lanes[l].base[j];
           return static_cast<const double*>(tau);
         },
-        for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, kept[m]);
+        for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, norms_drawn[m],
+        kept[m]);
   }
   // Model Stock: per group of scalars (the tensor, or each row of its last dimension), t, from the
   // Gram matrix of the task vectors (add_gram: a non-finite task value is left out of it, carried

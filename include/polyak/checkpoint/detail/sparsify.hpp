@@ -354,6 +354,69 @@ struct MergeWorkspace {
   std::vector<MergeLane> lanes;        ///< the last pass's, one a thread
 };
 
+/// The probability that a random method drops each scalar of model m's task vector: 1 - its density,
+/// or legacy DARE's `drop` where no density is given.
+inline double drawn_drop(const MergeOptions& o, std::size_t m) {
+  const bool legacy_dare = o.method == MergeMethod::Dare;
+  return legacy_dare && o.densities.empty() && !(o.density < 1) ? o.drop : 1 - o.density_of(m);
+}
+
+/// Whether a sparsified method keeps model m's L1 norm (its kept scalars times norm / kept norm):
+/// below density 1, where `rescale` (or the method's default) asks it; never legacy DARE, whose
+/// rescale is 1 / (1 - drop).
+inline bool rescales_l1(const MergeOptions& o, std::size_t m) {
+  return o.method != MergeMethod::Dare && o.density_of(m) < 1 &&
+         o.rescale.value_or(rescales_by_default(o.method));
+}
+
+/// The L1 norms, (every finite task value's, the drawn kept ones'), of each model's task vector under
+/// a random method (DARE-*), where rescales_l1 (else (0, 0)): one pass that reads each input once,
+/// for every model. read_pieces(lane, begin, end, body) calls body(lane_memory, at, count) for each
+/// piece of [begin, end), every model's and the base's scalars read into that MergeLane;
+/// sum_in_spans is merge_tensor's (as kept_scalars takes it). The draws are the merge's.
+template <class ReadPieces, class SumInSpans>
+std::vector<std::pair<double, double>> drawn_norms(const MergeOptions& o, const std::string& name,
+                                                   std::size_t models, ReadPieces&& read_pieces,
+                                                   SumInSpans&& sum_in_spans) {
+  using Norms = std::vector<std::pair<double, double>>;
+  std::vector<std::uint64_t> keys(models);
+  std::vector<double> drops(models);
+  std::vector<std::size_t> summed;  // the models that rescale
+  for (std::size_t m = 0; m < models; ++m) {
+    keys[m] = draw_key(o.seed, name, m);
+    drops[m] = drawn_drop(o, m);
+    if (rescales_l1(o, m)) summed.push_back(m);
+  }
+  if (summed.empty()) return Norms(models, {0.0, 0.0});
+  return sum_in_spans(
+      Norms(models, {0.0, 0.0}),
+      [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
+        read_pieces(lane, begin, end, [&](const MergeLane& memory, std::size_t at, std::size_t count) {
+          for (const std::size_t m : summed) {
+            const std::uint64_t key = keys[m];  // (in locals: stores through `part` could alias them)
+            const double drop = drops[m];
+            const double *x = memory.x[m].data(), *b = memory.base.data();
+            double all = part[m].first, kept = part[m].second;  // (each sum's additions in scalar order)
+            for (std::size_t j = 0; j < count; ++j) {
+              const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
+              const double size = std::abs(x[j] - b[j]);
+              if (std::isfinite(size)) {
+                all += size;
+                kept += keep ? size : 0;
+              }
+            }
+            part[m] = {all, kept};
+          }
+        });
+      },
+      [](Norms& total, const Norms& part) {
+        for (std::size_t m = 0; m < total.size(); ++m) {
+          total[m].first += part[m].first;
+          total[m].second += part[m].second;
+        }
+      });
+}
+
 /// Sets `result` to the kept scalars of model `m` under `o` (a task-vector method), given
 /// `tau_of(lane, begin, count)`, which returns model m's task values [begin, begin + count) (at most a
 /// piece) in lane `lane`'s memory, and for_each_piece(body), which calls body(lane, begin, count) for
@@ -361,12 +424,14 @@ struct MergeWorkspace {
 /// merge_tensor's sums in spans on the lanes (partial(lane, begin, end, part)), and
 /// for_each_span(body), which calls body(lane, begin, end) for every span of `span` scalars (a
 /// multiple of 64, or the tensor), lane < lanes, from several threads at once. `shape` gives
-/// Della's rows; `work` holds the rank keys.
+/// Della's rows; `work` holds the rank keys. A random method's L1 norms, where it rescales, are
+/// `drawn` (drawn_norms'; the pass that sums them reads every model at once).
 template <class TauOf, class ForEachPiece, class SumInSpans, class ForEachSpan>
 void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
                   const std::vector<std::int64_t>& shape, std::size_t numel, TauOf&& tau_of,
                   ForEachPiece&& for_each_piece, SumInSpans&& sum_in_spans, std::size_t lanes,
-                  std::size_t span, ForEachSpan&& for_each_span, MergeWorkspace& work, KeptScalars& result) {
+                  std::size_t span, ForEachSpan&& for_each_span, MergeWorkspace& work,
+                  const std::pair<double, double>& drawn, KeptScalars& result) {
   result.ranked = false;
   result.bits.clear();
   result.rescale = 1.0;
@@ -375,10 +440,10 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
   const double density = o.density_of(m);
   if (rule == Sparsification::None) return;
   const bool legacy_dare = o.method == MergeMethod::Dare;
-  const double drop = legacy_dare && o.densities.empty() && !(o.density < 1) ? o.drop : 1 - density;
+  const double drop = drawn_drop(o, m);
   if (legacy_dare) result.rescale = 1 / (1 - drop);
   if (!legacy_dare && density >= 1) return;  // everything, unrescaled
-  const bool rescale = !legacy_dare && o.rescale.value_or(rescales_by_default(o.method));
+  const bool rescale = rescales_l1(o, m);
   double norm = 0, kept_norm = 0;           // the L1 norms (finite values; a NaN stays at its scalar)
   using Norms = std::pair<double, double>;  // (norm, kept_norm), as the lanes sum them
   const auto add_norms = [](Norms& total, const Norms& part) {
@@ -386,34 +451,12 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     total.second += part.second;
   };
   if (rule == Sparsification::Random) {
-    // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); this pass reads
-    // the task vector only for the L1 norms of the rescale (summed in spans, on the lanes).
+    // Drawn as the merge goes (counter-based draws: the same scalar, the same draw); the L1 norms of
+    // the rescale are the caller's (drawn_norms).
     result.drawn = true;
     result.key = draw_key(o.seed, name, m);
     result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
-    if (rescale) {
-      const Norms norms = sum_in_spans(
-          Norms{0.0, 0.0},
-          [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
-            const std::uint64_t key = result.key;  // (in locals: stores through `part` could alias them)
-            double all = 0, kept = 0;
-            for (std::size_t at = begin; at < end; at += merge_piece) {
-              const std::size_t count = std::min(merge_piece, end - at);
-              const double* tau = tau_of(lane, at, count);
-              for (std::size_t j = 0; j < count; ++j) {
-                const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
-                const double size = std::abs(tau[j]);
-                if (std::isfinite(size)) {
-                  all += size;
-                  kept += keep ? size : 0;
-                }
-              }
-            }
-            part = {all, kept};
-          },
-          add_norms);
-      std::tie(norm, kept_norm) = norms;
-    }
+    if (rescale) std::tie(norm, kept_norm) = drawn;
   } else {
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
     magnitude.resize(numel);
