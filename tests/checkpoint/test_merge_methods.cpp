@@ -854,6 +854,26 @@ TEST_CASE("the models' inner products are summed with each addition's rounding c
   CHECK(all_zero.at(0, 1) == 0);
 }
 
+TEST_CASE("SCE's sums of squares take each square exactly: its weights are the exact ones, rounded once",
+          "[merge][sce][adversarial]") {
+  // (1 + 2^-30)^2 = 1 + 2^-29 + 2^-60, whose last term a square rounded to double loses; five of
+  // them (four interleaved sums and one left over) sum to 5 + 5 2^-29 + 5 2^-60, in long double's 64
+  // bits exactly.
+  const double x = 1 + std::ldexp(1.0, -30);
+  const std::vector<double> five(5, x);
+  const long double square = 1 + std::ldexp(1.0L, -29) + std::ldexp(1.0L, -60);
+  polyak::detail::ProductSums sums(1);
+  const double* v[] = {five.data()};
+  sums.add_squares(v, 5);
+  CHECK(sums.at(0, 0) == 5 * square);
+  // The reviewer's case: two F64 models of one scalar against a zero base, both kept; the weights
+  // x_m^2 / (x_0^2 + x_1^2) taken exactly give 0x1.ecba16767e2ccp-2 (Python's fractions), where
+  // squares rounded to double gave the weight of model 1 an ulp low and the merge 0x1.ecba16767e2cbp-2.
+  const std::vector<StateDict> models = {f64_of({0x1.1243418e643edp-1}), f64_of({0x1.7245f95ced1e6p-2})};
+  MergeOptions sce = method(MergeMethod::Sce);
+  CHECK(merge_of(models, f64_of({0.0}), sce) == std::vector<double>{0x1.ecba16767e2ccp-2});
+}
+
 TEST_CASE("NuSLERP of antipodal vectors is the linear mix: its cosine is exactly -1",
           "[merge][nuslerp][adversarial]") {
   // The helper's case: a cosine one rounding from -1 (2^-53: products rounded to double) makes

@@ -50,11 +50,13 @@ class ProductSums {
       for (std::size_t b = a; b < vectors_; ++b) add_products(v[a], v[b], count, sums_[a * vectors_ + b]);
     }
   }
-  /// Adds the squares alone (v_a v_a; the sums of a != b are left as they are, unused).
+  /// Adds the squares alone (v_a v_a; the sums of a != b are left as they are, unused), each taken
+  /// exactly: its rounding error is carried with the sum's (SCE's weights are ratios of these sums,
+  /// rounded once to double; squares rounded to double left them an ulp off in small F64 tensors).
   void add_squares(const double* const* v, std::size_t count) {
     for (std::size_t a = 0; a < vectors_; ++a) {
       note_nonzero(a, v[a], count);
-      add_products(v[a], v[a], count, sums_[a * vectors_ + a]);
+      add_exact_squares(v[a], count, sums_[a * vectors_ + a]);
     }
   }
   /// Adds a part summed apart.
@@ -109,6 +111,39 @@ class ProductSums {
       }
     }
     for (std::size_t j = whole; j < count; ++j) total.add(a[j] * b[j]);
+    for (std::size_t k = 0; k < ways; ++k) total.add(CompensatedSum{sum[k], error[k]});
+  }
+
+  /// Adds sum_j a[j]^2 to `total`, each square's rounding error carried too. a[j] = high + low, high
+  /// its 26 leading significant bits (the low 27 bits of its encoding cleared: no multiplication, so
+  /// no fused multiply-add can change the split), low the rest (27 bits, exact): x^2 = high^2 +
+  /// 2 high low + low^2, the first two exact products, the last off by under 2^-100 of x^2. Within
+  /// in_range() no partial product underflows by more; past it (an infinity or NaN) in_range() is
+  /// false.
+  static void add_exact_squares(const double* a, std::size_t count, CompensatedSum& total) {
+    constexpr std::size_t ways = 4;
+    double sum[ways] = {}, error[ways] = {};
+    const auto add_square = [](double x, double& into, double& into_error) {
+      std::uint64_t bits = 0;
+      std::memcpy(&bits, &x, sizeof bits);
+      bits &= ~((std::uint64_t{1} << 27) - 1);
+      double high = 0;
+      std::memcpy(&high, &bits, sizeof high);
+      const double low = x - high, square = x * x;
+      const double square_error = ((high * high - square) + 2 * high * low) + low * low;
+      const double next = into + square, back = next - into;
+      into_error += ((into - (next - back)) + (square - back)) + square_error;
+      into = next;
+    };
+    const std::size_t whole = count - count % ways;
+    for (std::size_t j = 0; j < whole; j += ways) {
+      for (std::size_t k = 0; k < ways; ++k) add_square(a[j + k], sum[k], error[k]);
+    }
+    for (std::size_t j = whole; j < count; ++j) {
+      double one = 0, one_error = 0;
+      add_square(a[j], one, one_error);
+      total.add(CompensatedSum{one, one_error});
+    }
     for (std::size_t k = 0; k < ways; ++k) total.add(CompensatedSum{sum[k], error[k]});
   }
 
