@@ -115,11 +115,12 @@ class ProductSums {
   }
 
   /// Adds sum_j a[j]^2 to `total`, each square's rounding error carried too. a[j] = high + low, high
-  /// its 26 leading significant bits (the low 27 bits of its encoding cleared: no multiplication, so
-  /// no fused multiply-add can change the split), low the rest (27 bits, exact): x^2 = high^2 +
-  /// 2 high low + low^2, the first two exact products, the last off by under 2^-100 of x^2. Within
-  /// in_range() no partial product underflows by more; past it (an infinity or NaN) in_range() is
-  /// false.
+  /// its 26 leading significant bits (the low 27 bits of its encoding cleared), low the rest (27
+  /// bits): x^2 = high^2 + (2 high low + low^2), the first term exact, added with two-sum, the second
+  /// (2^-25 of x^2 at most, rounded to under 2^-78 of x^2) carried in the error. Every product that
+  /// meets an addition is exact or that small, so a compiler that fuses a multiply into an add (GCC
+  /// does by default where the machine has FMA) cannot change the sum by more. Within in_range() no
+  /// partial product underflows by more; past it (an infinity or NaN) in_range() is false.
   static void add_exact_squares(const double* a, std::size_t count, CompensatedSum& total) {
     constexpr std::size_t ways = 4;
     double sum[ways] = {}, error[ways] = {};
@@ -129,10 +130,9 @@ class ProductSums {
       bits &= ~((std::uint64_t{1} << 27) - 1);
       double high = 0;
       std::memcpy(&high, &bits, sizeof high);
-      const double low = x - high, square = x * x;
-      const double square_error = ((high * high - square) + 2 * high * low) + low * low;
-      const double next = into + square, back = next - into;
-      into_error += ((into - (next - back)) + (square - back)) + square_error;
+      const double low = x - high, rest = 2 * high * low + low * low;
+      const double square = high * high, next = into + square, back = next - into;
+      into_error += ((into - (next - back)) + (square - back)) + rest;
       into = next;
     };
     const std::size_t whole = count - count % ways;
