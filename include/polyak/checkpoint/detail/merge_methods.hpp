@@ -681,6 +681,29 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   double weight_sum = 0;  // the divisor of normalize without consensus
   for (const double v : w) weight_sum += v;
   if (std::abs(weight_sum) < 1e-8) weight_sum = 1;
+  // TIES' sign consensus over a piece of `lane`, whose v holds each model's task values and elect
+  // their sum: into sum, the values that agree with elect's sign (times the model's weight where
+  // `weigh`, std::true_type or std::false_type: a loop each), into divisor those models' weights; each from
+  // 0, a model at a time (adding 0 where one disagrees leaves a sum that is never -0 unchanged).
+  const auto sum_agreeing = [&](MergeLane& lane, std::size_t count, auto weigh) {
+    const double* elect = lane.elect.data();
+    double *sum = lane.sum.data(), *divisor = lane.divisor.data();
+    std::fill(sum, sum + count, 0.0);
+    std::fill(divisor, divisor + count, 0.0);
+    for (std::size_t m = 0; m < models; ++m) {
+      const double* vm = lane.v.data() + m * piece;
+      const double weight = w[m];
+      for (std::size_t j = 0; j < count; ++j) {
+        const bool agreeing = agrees(vm[j], elect[j] >= 0 ? 1.0 : -1.0);
+        if constexpr (decltype(weigh)::value) {
+          sum[j] += agreeing ? weight * vm[j] : 0.0;
+        } else {
+          sum[j] += agreeing ? vm[j] : 0.0;
+        }
+        divisor[j] += agreeing ? weight : 0.0;
+      }
+    }
+  };
   // Merges scalars [begin, begin + count) of the piece in `lane` into result.
   const auto merge_piece_into = [&](MergeLane& lane, std::size_t begin, std::size_t count, double* result) {
     const std::vector<std::vector<double>>& xs = lane.x;
@@ -744,17 +767,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         }
       }
       if (consensus) {
-        std::fill(sum, sum + count, 0.0);
-        std::fill(divisor, divisor + count, 0.0);
-        for (std::size_t m = 0; m < models; ++m) {
-          const double* vm = vs.data() + m * piece;
-          const double weight = w[m];
-          for (std::size_t j = 0; j < count; ++j) {
-            const bool agreeing = agrees(vm[j], elect[j] >= 0 ? 1.0 : -1.0);
-            sum[j] += agreeing ? vm[j] : 0.0;
-            divisor[j] += agreeing ? weight : 0.0;
-          }
-        }
+        sum_agreeing(lane, count, std::false_type{});  // (the values already weighted)
         for (std::size_t j = 0; j < count; ++j) {
           const double d =
               exactly_equal(divisor[j], 0.0) ? 1.0 : divisor[j];  // (mergekit's guard, exactly 0)
@@ -814,8 +827,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         weight = std::clamp(weight, 0.0, 1.0);
         result[j] = weight * xs[0][j] + (1 - weight) * bs[j];
       }
-    } else {  // Sce, a model at a time over the piece as the task-vector methods above, each scalar's
-              // sums in the order of one scalar at a time (elect, then the agreeing terms, from 0)
+    } else {  // Sce, a model at a time over the piece as the task-vector methods above
       double *elect = lane.elect.data(), *sum = lane.sum.data(), *divisor = lane.divisor.data();
       unsigned char* nan = lane.nan.data();
       const double* b = bs.data();
@@ -832,17 +844,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           elect[j] += vm[j];
         }
       }
-      std::fill(sum, sum + count, 0.0);
-      std::fill(divisor, divisor + count, 0.0);
-      for (std::size_t m = 0; m < models; ++m) {
-        const double* vm = vs.data() + m * piece;
-        const double weight = w[m];
-        for (std::size_t j = 0; j < count; ++j) {
-          const bool agreeing = agrees(vm[j], elect[j] >= 0 ? 1.0 : -1.0);
-          sum[j] += agreeing ? weight * vm[j] : 0.0;
-          divisor[j] += agreeing ? weight : 0.0;
-        }
-      }
+      sum_agreeing(lane, count, std::true_type{});
       for (std::size_t j = 0; j < count; ++j) {
         const double d = exactly_equal(divisor[j], 0.0) ? 1.0 : divisor[j];  // (exactly zero)
         result[j] = nan[j] ? std::numeric_limits<double>::quiet_NaN() : b[j] + sum[j] / d;

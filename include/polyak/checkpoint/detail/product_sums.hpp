@@ -19,15 +19,19 @@
 
 namespace polyak::detail {
 
-/// A sum in double and the rounding error of its additions, carried (Knuth's two-sum: no branch).
+/// Adds x to `sum` and the addition's rounding error, plus `known_error` (x's own where the caller
+/// has it), to `error` (Knuth's two-sum: no branch).
+inline void add_carrying_error(double x, double& sum, double& error, double known_error = 0.0) {
+  const double total = sum + x, back = total - sum;
+  error += ((sum - (total - back)) + (x - back)) + known_error;
+  sum = total;
+}
+
+/// A sum in double and the rounding error of its additions, carried.
 struct CompensatedSum {
   double sum = 0, error = 0;
 
-  void add(double x) {
-    const double total = sum + x, back = total - sum;
-    error += (sum - (total - back)) + (x - back);
-    sum = total;
-  }
+  void add(double x) { add_carrying_error(x, sum, error); }
   void add(const CompensatedSum& part) {
     add(part.sum);
     error += part.error;
@@ -98,22 +102,30 @@ class ProductSums {
     }
     bits_[a] |= bits;
   }
-  /// Adds sum_j a[j] b[j] to `total`, in four interleaved sums (no chain of dependent additions).
-  static void add_products(const double* a, const double* b, std::size_t count, CompensatedSum& total) {
+  /// Adds terms [0, count) to `total`, add_term(j, sum, error) adding term j to a sum with its
+  /// rounding error, in four interleaved sums (no chain of dependent additions).
+  template <class AddTerm>
+  static void add_interleaved(std::size_t count, AddTerm&& add_term, CompensatedSum& total) {
     constexpr std::size_t ways = 4;
     double sum[ways] = {}, error[ways] = {};
     const std::size_t whole = count - count % ways;
     for (std::size_t j = 0; j < whole; j += ways) {
-      for (std::size_t k = 0; k < ways; ++k) {
-        const double x = a[j + k] * b[j + k], next = sum[k] + x, back = next - sum[k];
-        error[k] += (sum[k] - (next - back)) + (x - back);
-        sum[k] = next;
-      }
+      for (std::size_t k = 0; k < ways; ++k) add_term(j + k, sum[k], error[k]);
     }
-    for (std::size_t j = whole; j < count; ++j) total.add(a[j] * b[j]);
+    for (std::size_t j = whole; j < count; ++j) {
+      double one = 0, one_error = 0;
+      add_term(j, one, one_error);
+      total.add(CompensatedSum{one, one_error});
+    }
     for (std::size_t k = 0; k < ways; ++k) total.add(CompensatedSum{sum[k], error[k]});
   }
-
+  /// Adds sum_j a[j] b[j] to `total`, each product rounded once.
+  static void add_products(const double* a, const double* b, std::size_t count, CompensatedSum& total) {
+    add_interleaved(
+        count,
+        [a, b](std::size_t j, double& sum, double& error) { add_carrying_error(a[j] * b[j], sum, error); },
+        total);
+  }
   /// Adds sum_j a[j]^2 to `total`, each square's rounding error carried too. a[j] = high + low, high
   /// its 26 leading significant bits (the low 27 bits of its encoding cleared), low the rest (27
   /// bits): x^2 = high^2 + (2 high low + low^2), the first term exact, added with two-sum, the second
@@ -122,29 +134,19 @@ class ProductSums {
   /// does by default where the machine has FMA) cannot change the sum by more. Within in_range() no
   /// partial product underflows by more; past it (an infinity or NaN) in_range() is false.
   static void add_exact_squares(const double* a, std::size_t count, CompensatedSum& total) {
-    constexpr std::size_t ways = 4;
-    double sum[ways] = {}, error[ways] = {};
-    const auto add_square = [](double x, double& into, double& into_error) {
-      std::uint64_t bits = 0;
-      std::memcpy(&bits, &x, sizeof bits);
-      bits &= ~((std::uint64_t{1} << 27) - 1);
-      double high = 0;
-      std::memcpy(&high, &bits, sizeof high);
-      const double low = x - high, rest = 2 * high * low + low * low;
-      const double square = high * high, next = into + square, back = next - into;
-      into_error += ((into - (next - back)) + (square - back)) + rest;
-      into = next;
-    };
-    const std::size_t whole = count - count % ways;
-    for (std::size_t j = 0; j < whole; j += ways) {
-      for (std::size_t k = 0; k < ways; ++k) add_square(a[j + k], sum[k], error[k]);
-    }
-    for (std::size_t j = whole; j < count; ++j) {
-      double one = 0, one_error = 0;
-      add_square(a[j], one, one_error);
-      total.add(CompensatedSum{one, one_error});
-    }
-    for (std::size_t k = 0; k < ways; ++k) total.add(CompensatedSum{sum[k], error[k]});
+    add_interleaved(
+        count,
+        [a](std::size_t j, double& sum, double& error) {
+          const double x = a[j];
+          std::uint64_t bits = 0;
+          std::memcpy(&bits, &x, sizeof bits);
+          bits &= ~((std::uint64_t{1} << 27) - 1);
+          double high = 0;
+          std::memcpy(&high, &bits, sizeof high);
+          const double low = x - high;
+          add_carrying_error(high * high, sum, error, 2 * high * low + low * low);
+        },
+        total);
   }
 
   std::size_t vectors_;
