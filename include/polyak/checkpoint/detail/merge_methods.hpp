@@ -87,12 +87,14 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
   const double overflow = overflow_threshold(dtype);
+  // (read_inputs() first puts the inputs into xs and b, where the pass has not read them all.)
   const auto check_range = [&](const std::vector<std::vector<double>>& xs, const std::vector<double>& b,
-                               const double* values, std::size_t count) {
+                               const double* values, std::size_t count, auto&& read_inputs) {
     const double surely_finite = overflow * (1 - 0x1p-20);  // (below it, finite once rounded)
     std::size_t near_or_beyond = 0;                         // (a count first: a loop the compiler vectorizes)
     for (std::size_t j = 0; j < count; ++j) near_or_beyond += !(std::abs(values[j]) < surely_finite);
     if (near_or_beyond == 0) return;
+    read_inputs();
     for (std::size_t j = 0; j < count; ++j) {
       if (std::abs(values[j]) < surely_finite) continue;
       std::byte rounded[8];  // else round it as it will be written (F16 and BF16 go through float)
@@ -215,6 +217,42 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       read_lane(l, at, count);
       body(lanes[l], at, count);
     }
+  };
+
+  // The sparsified methods whose passes before the last read the task values (a ranked rule's key
+  // pass, a model at a time; a random rule's L1 norms) hold every model's (work.held) where they fit
+  // work.held_limit: formed from the inputs once, in the first such pass, and read from memory
+  // after it, the last pass reading the base alone. The same subtraction either way: the same bytes.
+  const Sparsification rule = sparsification_of(method);
+  const bool ranked_rule = rule == Sparsification::Magnitude || rule == Sparsification::Outliers ||
+                           rule == Sparsification::RankSampling;
+  std::size_t first_ranked = models;  // the first model whose key pass reads its task values
+  bool drawn_rescale = false;         // whether drawn_norms reads them
+  for (std::size_t m = models; m-- > 0;) {
+    if (ranked_rule && o.density_of(m) < 1) first_ranked = m;
+    if (rule == Sparsification::Random && rescales_l1(o, m)) drawn_rescale = true;
+  }
+  const bool hold = has_base && (first_ranked < models || drawn_rescale) && numel > 0 &&
+                    models <= work.held_limit / sizeof(double) / numel;
+  if (hold && work.held.size() < models * numel) work.held.resize(models * numel);
+  const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.data() + m * numel + begin; };
+  // Model m's task values of the piece read into `lane`, into `tau` (which may be the model's piece).
+  const auto subtract_base = [](const MergeLane& lane, std::size_t m, std::size_t count, double* tau) {
+    const double *xm = lane.x[m].data(), *b = lane.base.data();
+    for (std::size_t j = 0; j < count; ++j) tau[j] = xm[j] - b[j];
+  };
+  // body(tau, at, count) for every piece of [begin, end) read in lane l, tau[m] pointing at model m's
+  // task values of the piece: formed into work.held where held (this pass fills it), else in place.
+  const auto task_pieces = [&](std::size_t l, std::size_t begin, std::size_t end, auto&& body) {
+    std::vector<const double*> tau(models);
+    read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
+      for (std::size_t m = 0; m < models; ++m) {
+        double* into = hold ? held_of(m, at) : lane.x[m].data();
+        subtract_base(lane, m, count, into);
+        tau[m] = into;
+      }
+      body(static_cast<const double* const*>(tau.data()), at, count);
+    });
   };
 
   // The Gram matrix (n x n, row-major, long double) of the models' vectors over scalars [begin, end),
@@ -472,12 +510,19 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   kept.resize(is_task_vector_method(method) ? models : 0);
   const std::vector<std::pair<double, double>> norms_drawn =
       sparsification_of(method) == Sparsification::Random
-          ? drawn_norms(o, name, models, read_pieces, sum_in_spans)
+          ? drawn_norms(o, name, models, task_pieces, sum_in_spans)
           : std::vector<std::pair<double, double>>(models, {0.0, 0.0});
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
         o, m, name, shape, numel,
         [&](std::size_t l, std::size_t begin, std::size_t count) {  // model m's task values, in lane l
+          if (hold) {
+            if (m == first_ranked) {  // (the pass that fills work.held: every input read once)
+              read_lane(l, begin, count);
+              for (std::size_t k = 0; k < models; ++k) subtract_base(lanes[l], k, count, held_of(k, begin));
+            }
+            return static_cast<const double*>(held_of(m, begin));
+          }
           double* tau = lanes[l].x[m].data();
           read(l, m, begin, count, tau);
           read(l, models, begin, count, lanes[l].base.data());
@@ -748,11 +793,19 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         const KeptScalars& k = kept[m];
         const double factor = w[m] * k.rescale;
         const auto task_values = [&](auto&& keep) {  // keep(tau, position)
-          for (std::size_t j = 0; j < count; ++j) {
-            const double tau = xm[j] - b[j];
-            nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-            vm[j] = kept_or_zero(keep(tau, begin + j), factor * tau);
-            elect[j] += vm[j];
+          const auto each = [&](auto&& tau_at) {
+            for (std::size_t j = 0; j < count; ++j) {
+              const double tau = tau_at(j);
+              nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+              vm[j] = kept_or_zero(keep(tau, begin + j), factor * tau);
+              elect[j] += vm[j];
+            }
+          };
+          if (hold) {
+            const double* held_m = held_of(m, begin);
+            each([held_m](std::size_t j) { return held_m[j]; });
+          } else {
+            each([xm, b](std::size_t j) { return xm[j] - b[j]; });
           }
         };
         if (k.drawn) {
@@ -859,10 +912,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     MergeLane& lane = lanes[l];
     for (std::size_t at = begin; at < end; at += merge_piece) {
       const std::size_t count = std::min(merge_piece, end - at);
-      read_lane(l, at, count);
+      if (hold) {  // (the task values held: the base alone)
+        read(l, models, at, count, lane.base.data());
+      } else {
+        read_lane(l, at, count);
+      }
       double* result = lane.out.data();
       merge_piece_into(lane, at, count, result);
-      check_range(lane.x, lane.base, result, count);
+      check_range(lane.x, lane.base, result, count, [&] {
+        if (hold) read_lane(l, at, count);
+      });
       doubles_to_bytes(dtype, result, count, lane.out_bytes.data() + (at - begin) * out_element);
     }
     store(static_cast<const std::byte*>(lane.out_bytes.data()), begin, end - begin);

@@ -342,16 +342,25 @@ struct DellaRow {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> ranked, sort_scratch;  ///< one bucket's, sorted
 };
 
+/// The most memory a merge holds its task values in (`MergeWorkspace::held`): 256 MiB, every
+/// model's task vector of a tensor of up to 32 M scalars for one model, 8 M for four.
+inline constexpr std::size_t merge_held_bytes = std::size_t{256} << 20;
+
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
 /// a fresh vector of a tensor's size costs a page fault every 4 KiB, which on a virtual machine
 /// cost more than the selection it holds.
 struct MergeWorkspace {
-  std::vector<std::uint64_t> keys;     ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
-  std::vector<std::uint64_t> scratch;  ///< the copy of the keys that selection reorders
-  KeyCounts key_counts;                ///< the keys' histogram, a lane, counted as they are written
-  std::vector<KeptScalars> kept;       ///< per model
-  std::vector<DellaRow> rows;          ///< Della's, one a lane
-  std::vector<MergeLane> lanes;        ///< the last pass's, one a thread
+  /// Every model's task values (x - base, model m's at m * numel), where a sparsified method reads
+  /// them before its last pass and they fit `held_limit` bytes: the inputs are then read once
+  /// before the last pass, which reads the base alone, not once a pass (and the base once a model).
+  std::vector<double> held;
+  std::size_t held_limit = merge_held_bytes;  ///< (0: never held; the tests compare both ways)
+  std::vector<std::uint64_t> keys;            ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
+  std::vector<std::uint64_t> scratch;         ///< the copy of the keys that selection reorders
+  KeyCounts key_counts;                       ///< the keys' histogram, a lane, counted as they are written
+  std::vector<KeptScalars> kept;              ///< per model
+  std::vector<DellaRow> rows;                 ///< Della's, one a lane
+  std::vector<MergeLane> lanes;               ///< the last pass's, one a thread
 };
 
 /// The probability that a random method drops each scalar of model m's task vector: 1 - its density,
@@ -371,12 +380,12 @@ inline bool rescales_l1(const MergeOptions& o, std::size_t m) {
 
 /// The L1 norms, (every finite task value's, the drawn kept ones'), of each model's task vector under
 /// a random method (DARE-*), where rescales_l1 (else (0, 0)): one pass that reads each input once,
-/// for every model. read_pieces(lane, begin, end, body) calls body(lane_memory, at, count) for each
-/// piece of [begin, end), every model's and the base's scalars read into that MergeLane;
-/// sum_in_spans is merge_tensor's (as kept_scalars takes it). The draws are the merge's.
-template <class ReadPieces, class SumInSpans>
+/// for every model. task_pieces(lane, begin, end, body) calls body(tau, at, count) for each piece
+/// of [begin, end), tau[m] pointing at model m's task values of the piece; sum_in_spans is
+/// merge_tensor's (as kept_scalars takes it). The draws are the merge's.
+template <class TaskPieces, class SumInSpans>
 std::vector<std::pair<double, double>> drawn_norms(const MergeOptions& o, const std::string& name,
-                                                   std::size_t models, ReadPieces&& read_pieces,
+                                                   std::size_t models, TaskPieces&& task_pieces,
                                                    SumInSpans&& sum_in_spans) {
   using Norms = std::vector<std::pair<double, double>>;
   std::vector<std::uint64_t> keys(models);
@@ -391,15 +400,15 @@ std::vector<std::pair<double, double>> drawn_norms(const MergeOptions& o, const 
   return sum_in_spans(
       Norms(models, {0.0, 0.0}),
       [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
-        read_pieces(lane, begin, end, [&](const MergeLane& memory, std::size_t at, std::size_t count) {
+        task_pieces(lane, begin, end, [&](const double* const* tau, std::size_t at, std::size_t count) {
           for (const std::size_t m : summed) {
             const std::uint64_t key = keys[m];  // (in locals: stores through `part` could alias them)
             const double drop = drops[m];
-            const double *x = memory.x[m].data(), *b = memory.base.data();
+            const double* t = tau[m];
             double all = part[m].first, kept = part[m].second;  // (each sum's additions in scalar order)
             for (std::size_t j = 0; j < count; ++j) {
               const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
-              const double size = std::abs(x[j] - b[j]);
+              const double size = std::abs(t[j]);
               if (std::isfinite(size)) {
                 all += size;
                 kept += keep ? size : 0;
