@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support.hpp"
@@ -449,7 +450,8 @@ TEST_CASE("the thread count is checked: 0 to 64", "[merge][threads]") {
 TEST_CASE("the sparsified methods merge the same bytes with their task values held and read again",
           "[merge][threads]") {
   // Where every model's task values fit MergeWorkspace::held_limit, the methods that read them
-  // before the last pass (a ranked rule's key pass, a random rule's L1 norms) hold them, formed once;
+  // before the last pass (a ranked rule's key pass, a random rule's L1 norms, SCE's spreads and
+  // squares) hold them, formed once;
   // else each pass reads the inputs again. Three models over three spans and more, with NaN,
   // infinity and zeros, per-model densities (the first model's 1: its key pass reads nothing, the
   // second's fills), on 1 and 3 threads: the same bytes both ways, and the held way taken.
@@ -464,21 +466,33 @@ TEST_CASE("the sparsified methods merge the same bytes with their task values he
   }
   inputs[1][span + 3] = std::numeric_limits<double>::quiet_NaN();
   inputs[2][2 * span - 1] = std::numeric_limits<double>::infinity();
+  // F64 also scaled by 2^600: SCE's sums of squares then leave double's range (long double's pass).
+  double scale = 1;
   const polyak::detail::TensorSource read = [&](std::size_t, std::size_t m, std::size_t begin,
                                                 std::size_t count, double* out) {
-    std::copy_n(inputs[m].data() + begin, count, out);
+    for (std::size_t j = 0; j < count; ++j) out[j] = inputs[m][begin + j] * scale;
   };
-  for (const polyak::DType dtype : {polyak::DType::F32, polyak::DType::F64}) {
+  for (const auto& [dtype, scaled] : {std::pair{polyak::DType::F32, 1.0}, std::pair{polyak::DType::F64, 1.0},
+                                      std::pair{polyak::DType::F64, 0x1p600}}) {
+    scale = scaled;
     for (const MergeMethod method : polyak::all_merge_methods) {
       const polyak::Sparsification rule = polyak::sparsification_of(method);
-      if (rule == polyak::Sparsification::None || method == MergeMethod::Dare) continue;  // (nothing held)
+      const bool sce = method == MergeMethod::Sce;
+      if ((rule == polyak::Sparsification::None && !sce) || method == MergeMethod::Dare)
+        continue;  // (none held)
       for (const unsigned threads : {1u, 3u}) {
         MergeOptions o;
         o.method = method;
         o.threads = threads;
-        o.densities = {1.0, 0.3, 0.6};
-        o.seed = 7;
-        INFO(polyak::to_string(method) << ", " << polyak::dtype_name(dtype) << ", threads " << threads);
+        if (sce) {
+          o.select_topk =
+              threads == 1 ? 1.0 : 0.4;  // (the squares in the spreads' pass, or a pass of their own)
+        } else {
+          o.densities = {1.0, 0.3, 0.6};
+          o.seed = 7;
+        }
+        INFO(polyak::to_string(method)
+             << ", " << polyak::dtype_name(dtype) << " scaled " << scale << ", threads " << threads);
         const auto merged = [&](std::size_t held_limit, bool& held) {
           polyak::detail::MergeWorkspace work;
           work.held_limit = held_limit;

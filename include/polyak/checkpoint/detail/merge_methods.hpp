@@ -219,10 +219,11 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
 
-  // The sparsified methods whose passes before the last read the task values (a ranked rule's key
-  // pass, a model at a time; a random rule's L1 norms) hold every model's (work.held) where they fit
-  // work.held_limit: formed from the inputs once, in the first such pass, and read from memory
-  // after it, the last pass reading the base alone. The same subtraction either way: the same bytes.
+  // The methods whose passes before the last read the task values (a ranked rule's key pass, a
+  // model at a time; a random rule's L1 norms; Sce's spreads and sums of squares) hold every model's
+  // (work.held) where they fit work.held_limit: formed from the inputs once, in the first such pass,
+  // and read from memory after it, the last pass reading the base alone. The same subtraction either
+  // way: the same bytes.
   const Sparsification rule = sparsification_of(method);
   const bool ranked_rule = rule == Sparsification::Magnitude || rule == Sparsification::Outliers ||
                            rule == Sparsification::RankSampling;
@@ -232,8 +233,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     if (ranked_rule && o.density_of(m) < 1) first_ranked = m;
     if (rule == Sparsification::Random && rescales_l1(o, m)) drawn_rescale = true;
   }
-  const bool hold = has_base && (first_ranked < models || drawn_rescale) && numel > 0 &&
-                    models <= work.held_limit / sizeof(double) / numel;
+  const bool hold = has_base && (first_ranked < models || drawn_rescale || method == MergeMethod::Sce) &&
+                    numel > 0 && models <= work.held_limit / sizeof(double) / numel;
   if (hold && work.held.size() < models * numel) work.held.resize(models * numel);
   const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.data() + m * numel + begin; };
   // Model m's task values of the piece read into `lane`, into `tau` (which may be the model's piece).
@@ -241,17 +242,37 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     const double *xm = lane.x[m].data(), *b = lane.base.data();
     for (std::size_t j = 0; j < count; ++j) tau[j] = xm[j] - b[j];
   };
-  // body(tau, at, count) for every piece of [begin, end) read in lane l, tau[m] pointing at model m's
-  // task values of the piece: formed into work.held where held (this pass fills it), else in place.
+  // body(tau_at), tau_at(j) model m's task value at scalar j of the piece [begin, ...) in `lane`: held,
+  // or formed from the lane's pieces (the loop body writes a loop each, which the compiler vectorizes).
+  const auto with_task_values = [&](const MergeLane& lane, std::size_t m, std::size_t begin, auto&& body) {
+    if (hold) {
+      const double* held_m = held_of(m, begin);
+      body([held_m](std::size_t j) { return held_m[j]; });
+    } else {
+      const double *xm = lane.x[m].data(), *b = lane.base.data();
+      body([xm, b](std::size_t j) { return xm[j] - b[j]; });
+    }
+  };
+  // body(lane, tau, at, count) for every piece of [begin, end), in lane l, tau[m] pointing at model
+  // m's task values of the piece: in work.held once held_filled; else read, and formed into
+  // work.held where held (the pass that fills it), or in place in the lane's pieces.
+  bool held_filled = false;
   const auto task_pieces = [&](std::size_t l, std::size_t begin, std::size_t end, auto&& body) {
     std::vector<const double*> tau(models);
+    if (hold && held_filled) {
+      for (std::size_t at = begin; at < end; at += merge_piece) {
+        for (std::size_t m = 0; m < models; ++m) tau[m] = held_of(m, at);
+        body(lanes[l], static_cast<const double* const*>(tau.data()), at, std::min(merge_piece, end - at));
+      }
+      return;
+    }
     read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
       for (std::size_t m = 0; m < models; ++m) {
         double* into = hold ? held_of(m, at) : lane.x[m].data();
         subtract_base(lane, m, count, into);
         tau[m] = into;
       }
-      body(static_cast<const double* const*>(tau.data()), at, count);
+      body(lane, static_cast<const double* const*>(tau.data()), at, count);
     });
   };
 
@@ -512,6 +533,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       sparsification_of(method) == Sparsification::Random
           ? drawn_norms(o, name, models, task_pieces, sum_in_spans)
           : std::vector<std::pair<double, double>>(models, {0.0, 0.0});
+  held_filled = hold && drawn_rescale;
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
         o, m, name, shape, numel,
@@ -599,17 +621,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     // Each model's sum of squares over the kept scalars, a non-finite task value left out: in
     // double with compensated sums (product_sums.hpp), in long double where a model's lie beyond
     // the range those hold (F64 values). The task values kept are formed in the lane's buffers.
-    const auto add_kept_squares = [&](MergeLane& lane, std::size_t at, std::size_t count,
-                                      std::vector<const double*>& v, ProductSums& part) {
+    // (The kept values go into the lane's pieces of the models, which tau may be.)
+    const auto add_kept_squares = [&](MergeLane& lane, const double* const* tau, std::size_t at,
+                                      std::size_t count, std::vector<const double*>& v, ProductSums& part) {
       const unsigned char* in_window = sce_kept(lane, at, count);
       for (std::size_t m = 0; m < models; ++m) {
-        double* xm = lane.x[m].data();
-        const double* b = lane.base.data();
-        for (std::size_t j = 0; j < count; ++j) {
-          const double tau = xm[j] - b[j];
-          xm[j] = kept_or_zero((in_window[j] != 0) & std::isfinite(tau), tau);
-        }
-        v[m] = xm;
+        double* kept_m = lane.x[m].data();
+        const double* tm = tau[m];
+        for (std::size_t j = 0; j < count; ++j)
+          kept_m[j] = kept_or_zero((in_window[j] != 0) & std::isfinite(tm[j]), tm[j]);
+        v[m] = kept_m;
       }
       part.add_squares(v.data(), count);
     };
@@ -624,58 +645,59 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
         SpreadPart{ProductSums(models), 0},
         [&](std::size_t l, std::size_t span_begin, std::size_t span_end, SpreadPart& part) {
           std::vector<const double*> v(models);
-          read_pieces(l, span_begin, span_end, [&](MergeLane& lane, std::size_t begin, std::size_t count) {
-            // A model at a time over the piece (loops the compiler vectorizes), each scalar's operations
-            // those of one scalar at a time, in the same order: the largest magnitude, then the mean and
-            // the sum of squares of the task values divided by it. Lanes where they do not apply (NaN,
-            // infinity, all zero) compute what is then not taken.
-            double *largest = lane.elect.data(), *mean = lane.sum.data(), *square = lane.divisor.data();
-            unsigned char* nan = lane.nan.data();
-            const double* b = lane.base.data();
-            std::fill(largest, largest + count, 0.0);
-            std::fill(nan, nan + count, static_cast<unsigned char>(0));
-            for (std::size_t m = 0; m < models; ++m) {
-              const double* xm = lane.x[m].data();
-              for (std::size_t j = 0; j < count; ++j) {
-                const double tau = xm[j] - b[j];
-                nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-                largest[j] = std::max(largest[j], std::abs(tau));
-              }
-            }
-            std::fill(mean, mean + count, 0.0);
-            std::fill(square, square + count, 0.0);
-            for (std::size_t m = 0; m < models; ++m) {
-              const double* xm = lane.x[m].data();
-              for (std::size_t j = 0; j < count; ++j) mean[j] += (xm[j] - b[j]) / largest[j];
-            }
-            for (std::size_t j = 0; j < count; ++j) mean[j] /= static_cast<double>(models);
-            for (std::size_t m = 0; m < models; ++m) {
-              const double* xm = lane.x[m].data();
-              for (std::size_t j = 0; j < count; ++j) {
-                const double d = (xm[j] - b[j]) / largest[j] - mean[j];
-                square[j] += d * d;
-              }
-            }
-            std::size_t nonzero_here = 0;
-            for (std::size_t j = 0; j < count; ++j) {
-              const double deviation =
-                  nan[j] != 0 || std::isinf(largest[j]) ? std::numeric_limits<double>::quiet_NaN()
-                  : largest[j] > 0 ? largest[j] * std::sqrt(square[j] / static_cast<double>(models))
-                                   : 0.0;
-              spread[begin + j] = rank_key(deviation);
-              nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
-            }
-            std::size_t* counts = work.key_counts.lanes[l].data();
-            for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(spread[begin + j])];
-            part.nonzero += nonzero_here;
-            if (every_scalar) add_kept_squares(lane, begin, count, v, part.squares);
-          });
+          task_pieces(
+              l, span_begin, span_end,
+              [&](MergeLane& lane, const double* const* tau, std::size_t begin, std::size_t count) {
+                // A model at a time over the piece (loops the compiler vectorizes), each scalar's operations
+                // those of one scalar at a time, in the same order: the largest magnitude, then the mean and
+                // the sum of squares of the task values divided by it. Lanes where they do not apply (NaN,
+                // infinity, all zero) compute what is then not taken.
+                double *largest = lane.elect.data(), *mean = lane.sum.data(), *square = lane.divisor.data();
+                unsigned char* nan = lane.nan.data();
+                std::fill(largest, largest + count, 0.0);
+                std::fill(nan, nan + count, static_cast<unsigned char>(0));
+                for (std::size_t m = 0; m < models; ++m) {
+                  const double* tm = tau[m];
+                  for (std::size_t j = 0; j < count; ++j) {
+                    nan[j] |= static_cast<unsigned char>(std::isnan(tm[j]));
+                    largest[j] = std::max(largest[j], std::abs(tm[j]));
+                  }
+                }
+                std::fill(mean, mean + count, 0.0);
+                std::fill(square, square + count, 0.0);
+                for (std::size_t m = 0; m < models; ++m) {
+                  const double* tm = tau[m];
+                  for (std::size_t j = 0; j < count; ++j) mean[j] += tm[j] / largest[j];
+                }
+                for (std::size_t j = 0; j < count; ++j) mean[j] /= static_cast<double>(models);
+                for (std::size_t m = 0; m < models; ++m) {
+                  const double* tm = tau[m];
+                  for (std::size_t j = 0; j < count; ++j) {
+                    const double d = tm[j] / largest[j] - mean[j];
+                    square[j] += d * d;
+                  }
+                }
+                std::size_t nonzero_here = 0;
+                for (std::size_t j = 0; j < count; ++j) {
+                  const double deviation =
+                      nan[j] != 0 || std::isinf(largest[j]) ? std::numeric_limits<double>::quiet_NaN()
+                      : largest[j] > 0 ? largest[j] * std::sqrt(square[j] / static_cast<double>(models))
+                                       : 0.0;
+                  spread[begin + j] = rank_key(deviation);
+                  nonzero_here += spread[begin + j] > 0;  // (a deviation is >= 0; NaN ranks above all)
+                }
+                std::size_t* counts = work.key_counts.lanes[l].data();
+                for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(spread[begin + j])];
+                part.nonzero += nonzero_here;
+                if (every_scalar) add_kept_squares(lane, tau, begin, count, v, part.squares);
+              });
         },
         [](SpreadPart& total, const SpreadPart& part) {
           total.squares.add(part.squares);
           total.nonzero += part.nonzero;
         });
     const std::size_t nonzero = first_pass.nonzero;
+    held_filled = hold;
     if (!every_scalar) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       sce_all = false;
@@ -688,9 +710,10 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           ProductSums(models),
           [&](std::size_t l, std::size_t begin, std::size_t end, ProductSums& part) {
             std::vector<const double*> v(models);
-            read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
-              add_kept_squares(lane, at, count, v, part);
-            });
+            task_pieces(l, begin, end,
+                        [&](MergeLane& lane, const double* const* tau, std::size_t at, std::size_t count) {
+                          add_kept_squares(lane, tau, at, count, v, part);
+                        });
           },
           [](ProductSums& total, const ProductSums& part) { total.add(part); });
     }
@@ -700,15 +723,16 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       squares = sum_in_spans(
           std::vector<long double>(models, 0.0L),
           [&](std::size_t l, std::size_t begin, std::size_t end, std::vector<long double>& part) {
-            read_pieces(l, begin, end, [&](const MergeLane& lane, std::size_t at, std::size_t count) {
-              for (std::size_t j = 0; j < count; ++j) {
-                if (!sce_all && !sce_window.contains(spread[at + j], at + j)) continue;
-                for (std::size_t m = 0; m < models; ++m) {
-                  const auto tau = static_cast<long double>(lane.x[m][j] - lane.base[j]);
-                  if (std::isfinite(tau)) part[m] += tau * tau;
-                }
-              }
-            });
+            task_pieces(l, begin, end,
+                        [&](MergeLane&, const double* const* tau, std::size_t at, std::size_t count) {
+                          for (std::size_t j = 0; j < count; ++j) {
+                            if (!sce_all && !sce_window.contains(spread[at + j], at + j)) continue;
+                            for (std::size_t m = 0; m < models; ++m) {
+                              const auto value = static_cast<long double>(tau[m][j]);
+                              if (std::isfinite(value)) part[m] += value * value;
+                            }
+                          }
+                        });
           },
           [](std::vector<long double>& total, const std::vector<long double>& part) {
             for (std::size_t m = 0; m < total.size(); ++m) total[m] += part[m];
@@ -788,25 +812,18 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       std::fill(nan, nan + count, static_cast<unsigned char>(0));
       const double* b = bs.data();
       for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = xs[m].data();
         double* vm = vs.data() + m * piece;
         const KeptScalars& k = kept[m];
         const double factor = w[m] * k.rescale;
         const auto task_values = [&](auto&& keep) {  // keep(tau, position)
-          const auto each = [&](auto&& tau_at) {
+          with_task_values(lane, m, begin, [&](auto&& tau_at) {
             for (std::size_t j = 0; j < count; ++j) {
               const double tau = tau_at(j);
               nan[j] |= static_cast<unsigned char>(std::isnan(tau));
               vm[j] = kept_or_zero(keep(tau, begin + j), factor * tau);
               elect[j] += vm[j];
             }
-          };
-          if (hold) {
-            const double* held_m = held_of(m, begin);
-            each([held_m](std::size_t j) { return held_m[j]; });
-          } else {
-            each([xm, b](std::size_t j) { return xm[j] - b[j]; });
-          }
+          });
         };
         if (k.drawn) {
           task_values([&k](double, std::size_t at) { return uniform_draw(k.key, at) >= k.drop; });
@@ -888,14 +905,15 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       std::fill(elect, elect + count, 0.0);
       std::fill(nan, nan + count, static_cast<unsigned char>(0));
       for (std::size_t m = 0; m < models; ++m) {
-        const double* xm = xs[m].data();
         double* vm = vs.data() + m * piece;
-        for (std::size_t j = 0; j < count; ++j) {
-          const double tau = xm[j] - b[j];
-          nan[j] |= static_cast<unsigned char>(std::isnan(tau));
-          vm[j] = kept_or_zero(in_window[j] != 0, tau);
-          elect[j] += vm[j];
-        }
+        with_task_values(lane, m, begin, [&](auto&& tau_at) {
+          for (std::size_t j = 0; j < count; ++j) {
+            const double tau = tau_at(j);
+            nan[j] |= static_cast<unsigned char>(std::isnan(tau));
+            vm[j] = kept_or_zero(in_window[j] != 0, tau);
+            elect[j] += vm[j];
+          }
+        });
       }
       sum_agreeing(lane, count, std::true_type{});
       for (std::size_t j = 0; j < count; ++j) {

@@ -380,9 +380,9 @@ inline bool rescales_l1(const MergeOptions& o, std::size_t m) {
 
 /// The L1 norms, (every finite task value's, the drawn kept ones'), of each model's task vector under
 /// a random method (DARE-*), where rescales_l1 (else (0, 0)): one pass that reads each input once,
-/// for every model. task_pieces(lane, begin, end, body) calls body(tau, at, count) for each piece
-/// of [begin, end), tau[m] pointing at model m's task values of the piece; sum_in_spans is
-/// merge_tensor's (as kept_scalars takes it). The draws are the merge's.
+/// for every model. task_pieces(lane, begin, end, body) calls body(lane_memory, tau, at, count) for
+/// each piece of [begin, end), tau[m] pointing at model m's task values of the piece; sum_in_spans
+/// is merge_tensor's (as kept_scalars takes it). The draws are the merge's.
 template <class TaskPieces, class SumInSpans>
 std::vector<std::pair<double, double>> drawn_norms(const MergeOptions& o, const std::string& name,
                                                    std::size_t models, TaskPieces&& task_pieces,
@@ -400,23 +400,25 @@ std::vector<std::pair<double, double>> drawn_norms(const MergeOptions& o, const 
   return sum_in_spans(
       Norms(models, {0.0, 0.0}),
       [&](std::size_t lane, std::size_t begin, std::size_t end, Norms& part) {
-        task_pieces(lane, begin, end, [&](const double* const* tau, std::size_t at, std::size_t count) {
-          for (const std::size_t m : summed) {
-            const std::uint64_t key = keys[m];  // (in locals: stores through `part` could alias them)
-            const double drop = drops[m];
-            const double* t = tau[m];
-            double all = part[m].first, kept = part[m].second;  // (each sum's additions in scalar order)
-            for (std::size_t j = 0; j < count; ++j) {
-              const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
-              const double size = std::abs(t[j]);
-              if (std::isfinite(size)) {
-                all += size;
-                kept += keep ? size : 0;
+        task_pieces(
+            lane, begin, end,
+            [&](const MergeLane&, const double* const* tau, std::size_t at, std::size_t count) {
+              for (const std::size_t m : summed) {
+                const std::uint64_t key = keys[m];  // (in locals: stores through `part` could alias them)
+                const double drop = drops[m];
+                const double* t = tau[m];
+                double all = part[m].first, kept = part[m].second;  // (each sum's additions in scalar order)
+                for (std::size_t j = 0; j < count; ++j) {
+                  const bool keep = uniform_draw(key, at + j) >= drop;  // (as the merge will draw it)
+                  const double size = std::abs(t[j]);
+                  if (std::isfinite(size)) {
+                    all += size;
+                    kept += keep ? size : 0;
+                  }
+                }
+                part[m] = {all, kept};
               }
-            }
-            part[m] = {all, kept};
-          }
-        });
+            });
       },
       [](Norms& total, const Norms& part) {
         for (std::size_t m = 0; m < total.size(); ++m) {
