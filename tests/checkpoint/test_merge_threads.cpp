@@ -447,16 +447,15 @@ TEST_CASE("the thread count is checked: 0 to 64", "[merge][threads]") {
   CHECK(merge_lanes(o, 100 * span) == 1);
 }
 
-TEST_CASE("the sparsified methods merge the same bytes with their task values held and read again",
+TEST_CASE("DARE's rescaled methods merge the same bytes with their task values held and read again",
           "[merge][threads]") {
-  // Where every model's task values fit MergeWorkspace::held_limit, the methods that read them
-  // before the last pass (a ranked rule's key pass, a random rule's L1 norms, SCE's spreads and
-  // squares) hold them, formed once;
-  // else each pass reads the inputs again. Three models over three spans and more, with NaN,
-  // infinity and zeros, per-model densities (the first model's 1: its key pass reads nothing, the
-  // second's fills), on 1 and 3 threads: the same bytes both ways, and the held way taken.
+  // Where every model's task values fit MergeWorkspace::held_limit, DARE-TIES and DARE-linear (whose
+  // L1 norms read them before the last pass) hold them, formed in that pass; else the last pass
+  // reads the inputs again. Three models over three spans and more, with NaN, infinity and zeros,
+  // per-model densities (0 and 1 among them), rescaled or not, on 1 and 3 threads: the same bytes
+  // both ways, and the held way taken where a model rescales.
   const std::size_t numel = 2 * span + 1001, models = 3;
-  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel / 7), 7};
+  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
   for (std::size_t m = 0; m <= models; ++m) {
     for (std::size_t i = 0; i < numel; ++i) {
@@ -466,60 +465,61 @@ TEST_CASE("the sparsified methods merge the same bytes with their task values he
   }
   inputs[1][span + 3] = std::numeric_limits<double>::quiet_NaN();
   inputs[2][2 * span - 1] = std::numeric_limits<double>::infinity();
-  // F64 also scaled by 2^600: SCE's sums of squares then leave double's range (long double's pass).
+  // F64 also scaled by 2^600 (norms near 2^620).
   double scale = 1;
   const polyak::detail::TensorSource read = [&](std::size_t, std::size_t m, std::size_t begin,
                                                 std::size_t count, double* out) {
     for (std::size_t j = 0; j < count; ++j) out[j] = inputs[m][begin + j] * scale;
   };
+  struct Case {
+    std::vector<double> densities;
+    bool rescale;
+  };
   for (const auto& [dtype, scaled] : {std::pair{polyak::DType::F32, 1.0}, std::pair{polyak::DType::F64, 1.0},
                                       std::pair{polyak::DType::F64, 0x1p600}}) {
     scale = scaled;
-    for (const MergeMethod method : polyak::all_merge_methods) {
-      const polyak::Sparsification rule = polyak::sparsification_of(method);
-      const bool sce = method == MergeMethod::Sce;
-      if ((rule == polyak::Sparsification::None && !sce) || method == MergeMethod::Dare)
-        continue;  // (none held)
-      for (const unsigned threads : {1u, 3u}) {
-        MergeOptions o;
-        o.method = method;
-        o.threads = threads;
-        if (sce) {
-          o.select_topk =
-              threads == 1 ? 1.0 : 0.4;  // (the squares in the spreads' pass, or a pass of their own)
-        } else {
-          o.densities = {1.0, 0.3, 0.6};
+    for (const MergeMethod method : {MergeMethod::DareTies, MergeMethod::DareLinear}) {
+      for (const Case& c :
+           {Case{{1.0, 0.3, 0.6}, true}, Case{{0.0, 0.5, 1.0}, true}, Case{{0.3, 0.3, 0.3}, false}}) {
+        for (const unsigned threads : {1u, 3u}) {
+          MergeOptions o;
+          o.method = method;
+          o.threads = threads;
+          o.densities = c.densities;
+          o.rescale = c.rescale;
           o.seed = 7;
+          INFO(polyak::to_string(method)
+               << ", " << polyak::dtype_name(dtype) << " scaled " << scale << ", densities " << c.densities[0]
+               << " " << c.densities[1] << " " << c.densities[2] << ", rescale " << c.rescale << ", threads "
+               << threads);
+          const auto merged = [&](std::size_t held_limit, bool& held) {
+            polyak::detail::MergeWorkspace work;
+            work.held_limit = held_limit;
+            std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
+            polyak::detail::merge_tensor(
+                o, models, "w", shape, numel, dtype, true, read,
+                [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
+                  std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
+                              count * polyak::dtype_size(dtype));
+                },
+                work);
+            held = !work.held.empty();
+            return out;
+          };
+          bool held = false, read_again = true;
+          const std::vector<std::byte> from_held = merged(polyak::detail::merge_held_bytes, held);
+          const std::vector<std::byte> from_inputs = merged(0, read_again);
+          CHECK(held == c.rescale);  // (density 1 does not rescale; the others do)
+          CHECK(!read_again);
+          const bool same = from_held == from_inputs;
+          CHECK(same);
         }
-        INFO(polyak::to_string(method)
-             << ", " << polyak::dtype_name(dtype) << " scaled " << scale << ", threads " << threads);
-        const auto merged = [&](std::size_t held_limit, bool& held) {
-          polyak::detail::MergeWorkspace work;
-          work.held_limit = held_limit;
-          std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
-          polyak::detail::merge_tensor(
-              o, models, "w", shape, numel, dtype, true, read,
-              [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
-                std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
-                            count * polyak::dtype_size(dtype));
-              },
-              work);
-          held = !work.held.empty();
-          return out;
-        };
-        bool held = false, read_again = true;
-        const std::vector<std::byte> from_held = merged(polyak::detail::merge_held_bytes, held);
-        const std::vector<std::byte> from_inputs = merged(0, read_again);
-        CHECK(held);
-        CHECK(!read_again);
-        const bool same = from_held == from_inputs;
-        CHECK(same);
       }
     }
   }
 }
 
-TEST_CASE("a sparsified merge whose task values are held still refuses an overflow from finite inputs",
+TEST_CASE("a DARE merge whose task values are held still refuses an overflow from finite inputs",
           "[merge][threads]") {
   // The last pass reads the base alone where the task values are held; whether a value past the
   // dtype's range came from finite inputs needs the inputs, read again for that piece.
@@ -531,7 +531,7 @@ TEST_CASE("a sparsified merge whose task values are held still refuses an overfl
   m.insert("w", one.data(), {static_cast<std::int64_t>(one.size())});
   b.insert("w", zero.data(), {static_cast<std::int64_t>(zero.size())});
   i.insert("w", infinite.data(), {static_cast<std::int64_t>(infinite.size())});
-  for (const MergeMethod method : {MergeMethod::Ties, MergeMethod::DareTies, MergeMethod::DellaLinear}) {
+  for (const MergeMethod method : {MergeMethod::DareTies, MergeMethod::DareLinear}) {
     INFO(polyak::to_string(method));
     MergeOptions o;
     o.method = method;

@@ -97,7 +97,9 @@
 // per row (filter_wise) and one per pair of models; NuSlerp, not flattened, three long doubles and two
 // doubles per row or column. Each thread (MergeOptions::threads, as many as the largest tensor has spans of
 // 2^19 scalars) adds its span's output scalars (2 MB in float), two pieces per model and a 1 MiB block per
-// input.
+// input. The random methods that rescale (dare_ties, dare_linear) hold every model's task values, 8 bytes
+// per scalar and model, where that fits 256 MiB: the pass that sums their L1 norms forms them, and the
+// last pass reads the base alone, not every input again.
 #pragma once
 
 #include <algorithm>  // std::max_element

@@ -219,22 +219,18 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
     }
   };
 
-  // The methods whose passes before the last read the task values (a ranked rule's key pass, a
-  // model at a time; a random rule's L1 norms; Sce's spreads and sums of squares) hold every model's
-  // (work.held) where they fit work.held_limit: formed from the inputs once, in the first such pass,
-  // and read from memory after it, the last pass reading the base alone. The same subtraction either
-  // way: the same bytes.
-  const Sparsification rule = sparsification_of(method);
-  const bool ranked_rule = rule == Sparsification::Magnitude || rule == Sparsification::Outliers ||
-                           rule == Sparsification::RankSampling;
-  std::size_t first_ranked = models;  // the first model whose key pass reads its task values
-  bool drawn_rescale = false;         // whether drawn_norms reads them
-  for (std::size_t m = models; m-- > 0;) {
-    if (ranked_rule && o.density_of(m) < 1) first_ranked = m;
-    if (rule == Sparsification::Random && rescales_l1(o, m)) drawn_rescale = true;
+  // The random methods that rescale (DARE-TIES, DARE-linear) read every model's task values for
+  // their L1 norms before the last pass: they hold them (work.held) where they fit
+  // work.held_limit, formed in that pass, so that the last reads the base alone. The same
+  // subtraction either way: the same bytes. (Holding them cost the ranked methods and Sce more
+  // than it saved: writing doubles where they read float32 again; docs/merging.md.)
+  bool drawn_rescale = false;  // whether drawn_norms reads them
+  for (std::size_t m = 0; m < models; ++m) {
+    drawn_rescale =
+        drawn_rescale || (sparsification_of(method) == Sparsification::Random && rescales_l1(o, m));
   }
-  const bool hold = has_base && (first_ranked < models || drawn_rescale || method == MergeMethod::Sce) &&
-                    numel > 0 && models <= work.held_limit / sizeof(double) / numel;
+  const bool hold =
+      has_base && drawn_rescale && numel > 0 && models <= work.held_limit / sizeof(double) / numel;
   if (hold && work.held.size() < models * numel) work.held.resize(models * numel);
   const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.data() + m * numel + begin; };
   // Model m's task values of the piece read into `lane`, into `tau` (which may be the model's piece).
@@ -253,19 +249,11 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       body([xm, b](std::size_t j) { return xm[j] - b[j]; });
     }
   };
-  // body(lane, tau, at, count) for every piece of [begin, end), in lane l, tau[m] pointing at model
-  // m's task values of the piece: in work.held once held_filled; else read, and formed into
-  // work.held where held (the pass that fills it), or in place in the lane's pieces.
-  bool held_filled = false;
+  // body(lane, tau, at, count) for every piece of [begin, end), read in lane l, tau[m] pointing at
+  // model m's task values of the piece: formed into work.held where held (drawn_norms' pass), else
+  // in place in the lane's pieces.
   const auto task_pieces = [&](std::size_t l, std::size_t begin, std::size_t end, auto&& body) {
     std::vector<const double*> tau(models);
-    if (hold && held_filled) {
-      for (std::size_t at = begin; at < end; at += merge_piece) {
-        for (std::size_t m = 0; m < models; ++m) tau[m] = held_of(m, at);
-        body(lanes[l], static_cast<const double* const*>(tau.data()), at, std::min(merge_piece, end - at));
-      }
-      return;
-    }
     read_pieces(l, begin, end, [&](MergeLane& lane, std::size_t at, std::size_t count) {
       for (std::size_t m = 0; m < models; ++m) {
         double* into = hold ? held_of(m, at) : lane.x[m].data();
@@ -533,18 +521,10 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
       sparsification_of(method) == Sparsification::Random
           ? drawn_norms(o, name, models, task_pieces, sum_in_spans)
           : std::vector<std::pair<double, double>>(models, {0.0, 0.0});
-  held_filled = hold && drawn_rescale;
   for (std::size_t m = 0; m < kept.size(); ++m) {
     kept_scalars(
         o, m, name, shape, numel,
         [&](std::size_t l, std::size_t begin, std::size_t count) {  // model m's task values, in lane l
-          if (hold) {
-            if (m == first_ranked) {  // (the pass that fills work.held: every input read once)
-              read_lane(l, begin, count);
-              for (std::size_t k = 0; k < models; ++k) subtract_base(lanes[l], k, count, held_of(k, begin));
-            }
-            return static_cast<const double*>(held_of(m, begin));
-          }
           double* tau = lanes[l].x[m].data();
           read(l, m, begin, count, tau);
           read(l, models, begin, count, lanes[l].base.data());
@@ -697,7 +677,6 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           total.nonzero += part.nonzero;
         });
     const std::size_t nonzero = first_pass.nonzero;
-    held_filled = hold;
     if (!every_scalar) {
       const auto k = static_cast<std::size_t>(std::floor(o.select_topk * static_cast<double>(nonzero)));
       sce_all = false;

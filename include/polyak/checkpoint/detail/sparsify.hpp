@@ -343,16 +343,16 @@ struct DellaRow {
 };
 
 /// The most memory a merge holds its task values in (`MergeWorkspace::held`): 256 MiB, every
-/// model's task vector of a tensor of up to 32 M scalars for one model, 8 M for four.
+/// model's task vector of a tensor of up to 16 M scalars for two models, 8 M for four.
 inline constexpr std::size_t merge_held_bytes = std::size_t{256} << 20;
 
 /// Working memory of a merge's whole-tensor passes, reused from one tensor (and model) to the next:
 /// a fresh vector of a tensor's size costs a page fault every 4 KiB, which on a virtual machine
 /// cost more than the selection it holds.
 struct MergeWorkspace {
-  /// Every model's task values (x - base, model m's at m * numel), where a sparsified method reads
-  /// them before its last pass and they fit `held_limit` bytes: the inputs are then read once
-  /// before the last pass, which reads the base alone, not once a pass (and the base once a model).
+  /// Every model's task values (x - base, model m's at m * numel), where a random method that
+  /// rescales reads them for its L1 norms (drawn_norms) and they fit `held_limit` bytes: the last
+  /// pass then reads the base alone, not every input again.
   std::vector<double> held;
   std::size_t held_limit = merge_held_bytes;  ///< (0: never held; the tests compare both ways)
   std::vector<std::uint64_t> keys;            ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
