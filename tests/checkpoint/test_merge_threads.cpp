@@ -450,10 +450,10 @@ TEST_CASE("the thread count is checked: 0 to 64", "[merge][threads]") {
 TEST_CASE("DARE's rescaled methods merge the same bytes with their task values held and read again",
           "[merge][threads]") {
   // Where every model's task values fit MergeWorkspace::held_limit, DARE-TIES and DARE-linear (whose
-  // L1 norms read them before the last pass) hold them, formed in that pass; else the last pass
-  // reads the inputs again. Three models over three spans and more, with NaN, infinity and zeros,
-  // per-model densities (0 and 1 among them), rescaled or not, on 1 and 3 threads: the same bytes
-  // both ways, and the held way taken where a model rescales.
+  // L1 norms read them before the last pass) hold them from a merge's second such tensor on, formed
+  // in that pass; else the last pass reads the inputs again. Three models over three spans and more, with
+  // NaN, infinity and zeros, per-model densities (0 and 1 among them), rescaled or not, on 1 and 3 threads:
+  // the same bytes both ways, and the held way taken where a model rescales.
   const std::size_t numel = 2 * span + 1001, models = 3;
   const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
@@ -492,26 +492,33 @@ TEST_CASE("DARE's rescaled methods merge the same bytes with their task values h
                << ", " << polyak::dtype_name(dtype) << " scaled " << scale << ", densities " << c.densities[0]
                << " " << c.densities[1] << " " << c.densities[2] << ", rescale " << c.rescale << ", threads "
                << threads);
-          const auto merged = [&](std::size_t held_limit, bool& held) {
+          // The tensor merged twice in one workspace (as a merge's tensors one after another): held
+          // from the second on, where it fits.
+          const auto merged_twice = [&](std::size_t held_limit, std::vector<bool>& held) {
             polyak::detail::MergeWorkspace work;
             work.held_limit = held_limit;
-            std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
-            polyak::detail::merge_tensor(
-                o, models, "w", shape, numel, dtype, true, read,
-                [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
-                  std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
-                              count * polyak::dtype_size(dtype));
-                },
-                work);
-            held = !work.held.empty();
-            return out;
+            std::vector<std::vector<std::byte>> outs;
+            for (int time = 0; time < 2; ++time) {
+              std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
+              polyak::detail::merge_tensor(
+                  o, models, "w", shape, numel, dtype, true, read,
+                  [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
+                    std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
+                                count * polyak::dtype_size(dtype));
+                  },
+                  work);
+              held.push_back(work.held_capacity > 0);
+              outs.push_back(std::move(out));
+            }
+            return outs;
           };
-          bool held = false, read_again = true;
-          const std::vector<std::byte> from_held = merged(polyak::detail::merge_held_bytes, held);
-          const std::vector<std::byte> from_inputs = merged(0, read_again);
-          CHECK(held == c.rescale);  // (density 1 does not rescale; the others do)
-          CHECK(!read_again);
-          const bool same = from_held == from_inputs;
+          std::vector<bool> held, read_again;
+          const auto from_held = merged_twice(polyak::detail::merge_held_bytes, held);
+          const auto from_inputs = merged_twice(0, read_again);
+          CHECK(held == std::vector<bool>{false, c.rescale});  // (density 1 does not rescale; the others do)
+          CHECK(read_again == std::vector<bool>{false, false});
+          const bool same = from_held[0] == from_inputs[0] && from_held[1] == from_inputs[0] &&
+                            from_inputs[1] == from_inputs[0];
           CHECK(same);
         }
       }
@@ -523,14 +530,17 @@ TEST_CASE("a DARE merge whose task values are held still refuses an overflow fro
           "[merge][threads]") {
   // The last pass reads the base alone where the task values are held; whether a value past the
   // dtype's range came from finite inputs needs the inputs, read again for that piece.
-  // 64 such scalars: the random methods keep some of them (all dropped: one chance in 2^64).
+  // 64 such scalars: the random methods keep some of them (all dropped: one chance in 2^64). A
+  // tensor of zeros before it: the task values are held from a merge's second tensor on.
   std::vector<float> zero(2 * span + 5, 0.0f), one = zero, infinite = zero;
   std::fill_n(one.begin() + span + 17, 64, 1e30f);
   std::fill_n(infinite.begin() + span + 17, 64, std::numeric_limits<float>::infinity());
   StateDict m, b, i;
-  m.insert("w", one.data(), {static_cast<std::int64_t>(one.size())});
-  b.insert("w", zero.data(), {static_cast<std::int64_t>(zero.size())});
-  i.insert("w", infinite.data(), {static_cast<std::int64_t>(infinite.size())});
+  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(zero.size())};
+  for (StateDict* sd : {&m, &b, &i}) sd->insert("first", zero.data(), shape);
+  m.insert("w", one.data(), shape);
+  b.insert("w", zero.data(), shape);
+  i.insert("w", infinite.data(), shape);
   for (const MergeMethod method : {MergeMethod::DareTies, MergeMethod::DareLinear}) {
     INFO(polyak::to_string(method));
     MergeOptions o;

@@ -221,18 +221,26 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
 
   // The random methods that rescale (DARE-TIES, DARE-linear) read every model's task values for
   // their L1 norms before the last pass: they hold them (work.held) where they fit
-  // work.held_limit, formed in that pass, so that the last reads the base alone. The same
-  // subtraction either way: the same bytes. (Holding them cost the ranked methods and Sce more
-  // than it saved: writing doubles where they read float32 again; docs/merging.md.)
+  // work.held_limit, from a merge's second such tensor on, formed in that pass, so that the last
+  // reads the base alone. The same subtraction either way: the same bytes. (Holding them cost the
+  // ranked methods and Sce more than it saved: writing doubles where they read float32 again;
+  // docs/merging.md.)
   bool drawn_rescale = false;  // whether drawn_norms reads them
   for (std::size_t m = 0; m < models; ++m) {
     drawn_rescale =
         drawn_rescale || (sparsification_of(method) == Sparsification::Random && rescales_l1(o, m));
   }
-  const bool hold =
+  const bool fits =
       has_base && drawn_rescale && numel > 0 && models <= work.held_limit / sizeof(double) / numel;
-  if (hold && work.held.size() < models * numel) work.held.resize(models * numel);
-  const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.data() + m * numel + begin; };
+  const bool hold = fits && work.held_wanted;
+  work.held_wanted = work.held_wanted || fits;
+  if (hold && work.held_capacity < models * numel) {
+    work.held.reset();  // (freed before the larger block is taken: never both)
+    work.held_capacity = 0;
+    work.held.reset(new double[models * numel]);
+    work.held_capacity = models * numel;
+  }
+  const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.get() + m * numel + begin; };
   // Model m's task values of the piece read into `lane`, into `tau` (which may be the model's piece).
   const auto subtract_base = [](const MergeLane& lane, std::size_t m, std::size_t count, double* tau) {
     const double *xm = lane.x[m].data(), *b = lane.base.data();

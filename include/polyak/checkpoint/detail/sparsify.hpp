@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>  // std::memcpy
+#include <memory>   // std::unique_ptr
 #include <string>
 #include <tuple>  // std::tie
 #include <utility>
@@ -351,9 +352,14 @@ inline constexpr std::size_t merge_held_bytes = std::size_t{256} << 20;
 /// cost more than the selection it holds.
 struct MergeWorkspace {
   /// Every model's task values (x - base, model m's at m * numel), where a random method that
-  /// rescales reads them for its L1 norms (drawn_norms) and they fit `held_limit` bytes: the last
-  /// pass then reads the base alone, not every input again.
-  std::vector<double> held;
+  /// rescales reads them for its L1 norms (drawn_norms) and they fit `held_limit` bytes, from the
+  /// second such tensor of a merge on: the last pass then reads the base alone, not every input
+  /// again. (The first such tensor is read again: the first touch of fresh memory, some 1 GB/s on
+  /// a virtual machine, costs more than one tensor's reads save.) Allocated at its size, not
+  /// zeroed; an earlier block freed first.
+  std::unique_ptr<double[]> held;
+  std::size_t held_capacity = 0;              ///< the doubles `held` holds room for
+  bool held_wanted = false;                   ///< whether an earlier tensor would have held them
   std::size_t held_limit = merge_held_bytes;  ///< (0: never held; the tests compare both ways)
   std::vector<std::uint64_t> keys;            ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
   std::vector<std::uint64_t> scratch;         ///< the copy of the keys that selection reorders
