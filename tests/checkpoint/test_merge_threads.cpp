@@ -475,9 +475,10 @@ TEST_CASE("DARE's rescaled methods merge the same bytes with their task values h
     std::vector<double> densities;
     bool rescale;
   };
-  for (const auto& [dtype, scaled] : {std::pair{polyak::DType::F32, 1.0}, std::pair{polyak::DType::F64, 1.0},
+  for (const auto& dtype_and_scale : {std::pair{polyak::DType::F32, 1.0}, std::pair{polyak::DType::F64, 1.0},
                                       std::pair{polyak::DType::F64, 0x1p600}}) {
-    scale = scaled;
+    const polyak::DType dtype = dtype_and_scale.first;  // (not a structured binding: the lambdas capture it)
+    scale = dtype_and_scale.second;
     for (const MergeMethod method : {MergeMethod::DareTies, MergeMethod::DareLinear}) {
       for (const Case& c :
            {Case{{1.0, 0.3, 0.6}, true}, Case{{0.0, 0.5, 1.0}, true}, Case{{0.3, 0.3, 0.3}, false}}) {
