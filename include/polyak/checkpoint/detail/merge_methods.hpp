@@ -16,6 +16,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <new>  // std::bad_alloc
 #include <random>
 #include <string>
 #include <thread>
@@ -232,13 +233,17 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   }
   const bool fits =
       has_base && drawn_rescale && numel > 0 && models <= work.held_limit / sizeof(double) / numel;
-  const bool hold = fits && work.held_wanted;
+  bool hold = fits && work.held_wanted;
   work.held_wanted = work.held_wanted || fits;
   if (hold && work.held_capacity < models * numel) {
     work.held.reset();  // (freed before the larger block is taken: never both)
     work.held_capacity = 0;
-    work.held.reset(new double[models * numel]);
-    work.held_capacity = models * numel;
+    try {
+      work.held.reset(new double[models * numel]);
+      work.held_capacity = models * numel;
+    } catch (const std::bad_alloc&) {  // (an address-space limit: read the inputs again, as before)
+      hold = false;
+    }
   }
   const auto held_of = [&](std::size_t m, std::size_t begin) { return work.held.get() + m * numel + begin; };
   // Model m's task values of the piece read into `lane`, into `tau` (which may be the model's piece).

@@ -356,7 +356,8 @@ struct MergeWorkspace {
   /// second such tensor of a merge on: the last pass then reads the base alone, not every input
   /// again. (The first such tensor is read again: the first touch of fresh memory, some 1 GB/s on
   /// a virtual machine, costs more than one tensor's reads save.) Allocated at its size, not
-  /// zeroed; an earlier block freed first.
+  /// zeroed; an earlier block freed first; where the allocation fails (an address-space limit),
+  /// not held: the inputs are read again.
   std::unique_ptr<double[]> held;
   std::size_t held_capacity = 0;              ///< the doubles `held` holds room for
   bool held_wanted = false;                   ///< whether an earlier tensor would have held them
