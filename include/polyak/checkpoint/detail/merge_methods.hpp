@@ -227,10 +227,8 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
   // ranked methods and Sce more than it saved: writing doubles where they read float32 again;
   // docs/merging.md.)
   bool drawn_rescale = false;  // whether drawn_norms reads them
-  for (std::size_t m = 0; m < models; ++m) {
-    drawn_rescale =
-        drawn_rescale || (sparsification_of(method) == Sparsification::Random && rescales_l1(o, m));
-  }
+  for (std::size_t m = 0; m < models && sparsification_of(method) == Sparsification::Random; ++m)
+    drawn_rescale = drawn_rescale || rescales_l1(o, m);
   const bool fits =
       has_base && drawn_rescale && numel > 0 && models <= work.held_limit / sizeof(double) / numel;
   bool hold = fits && work.held_wanted;
@@ -541,7 +539,7 @@ void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& 
           double* tau = lanes[l].x[m].data();
           read(l, m, begin, count, tau);
           read(l, models, begin, count, lanes[l].base.data());
-          for (std::size_t j = 0; j < count; ++j) tau[j] -= lanes[l].base[j];
+          subtract_base(lanes[l], m, count, tau);  // (in place)
           return static_cast<const double*>(tau);
         },
         for_each_piece_in_lanes, sum_in_spans, lane_count, lane_span, in_lanes, work, norms_drawn[m],
