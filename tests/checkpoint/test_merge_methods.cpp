@@ -14,6 +14,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -652,6 +653,110 @@ TEST_CASE("selection by rank agrees with a full sort, duplicates and every bucke
         };
         CAPTURE(span);
         CHECK(kept(polyak::detail::rank_window(keys, lo, hi, scratch, 3, span, on_threads)) == expected);
+      }
+    }
+  }
+}
+
+TEST_CASE("selection by rank without the keys held agrees with a full sort, or leaves it to them",
+          "[merge][ties]") {
+  // rank_window_streamed against the definition (positions sorted by (key, later position first),
+  // the ranks [lo, hi) kept), on task values whose keys are spread, tied across a boundary, NaN and
+  // infinite; and where its sample misses (the sampled pieces unlike the rest) or its candidates
+  // outgrow a quarter of the tensor (40% of the values equal), it must say so (false), leaving the
+  // window to rank_window over the keys held.
+  namespace d = polyak::detail;
+  const std::size_t n = d::streamed_selection_min + 12345;
+  std::uint64_t state = 11;
+  const auto uniform = [&] { return static_cast<double>((state = d::mix64(state)) >> 11) * 0x1p-53; };
+  const std::size_t pieces = (n + d::merge_piece - 1) / d::merge_piece, stride = pieces / 4 * d::merge_piece;
+  for (int trial = 0; trial < 4; ++trial) {
+    std::vector<double> tau(n);
+    for (std::size_t p = 0; p < n; ++p) {
+      const double sign = uniform() < 0.5 ? -1.0 : 1.0, u = uniform();
+      switch (trial) {
+        case 0:  // spread over many binades, some NaN and infinity
+          tau[p] = p % 1001 == 0   ? std::numeric_limits<double>::quiet_NaN()
+                   : p % 1003 == 0 ? -std::numeric_limits<double>::infinity()
+                                   : sign * std::exp(8 * u - 4);
+          break;
+        case 1:  // 5% exactly +-0.5, ranked 47.5% to 52.5%: the window's boundaries cut them
+          tau[p] = sign * (u < 0.05 ? 0.5 : uniform());
+          break;
+        case 2:  // the sampled pieces 1e-30 and below, the rest in (0, 1): the sample misses
+          tau[p] = sign * (p / d::merge_piece * d::merge_piece % stride == 0 ? 1e-30 * u : u);
+          break;
+        default:  // 40% equal (0.25): too many candidates
+          tau[p] = sign * (u < 0.4 ? 0.25 : uniform());
+      }
+    }
+    std::vector<std::uint64_t> keys(n);
+    for (std::size_t p = 0; p < n; ++p) keys[p] = d::rank_key(tau[p]);
+    std::vector<std::size_t> order(n);
+    for (std::size_t p = 0; p < n; ++p) order[p] = p;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return keys[a] < keys[b] || (keys[a] == keys[b] && a > b);
+    });
+    const auto at = [&](double q) { return static_cast<std::size_t>(q * static_cast<double>(n)); };
+    for (const auto& [lo, hi] : std::vector<std::pair<std::size_t, std::size_t>>{{at(0.8), n},
+                                                                                 {at(0.5), n},
+                                                                                 {at(0.25), at(0.75)},
+                                                                                 {at(0.49), at(0.51)},
+                                                                                 {0, at(0.9)},
+                                                                                 {n - 1, n},
+                                                                                 {0, n},
+                                                                                 {5, 5}}) {
+      std::vector<bool> expected(n, false);
+      for (std::size_t r = lo; r < hi; ++r) expected[order[r]] = true;
+      const bool trivial = lo >= hi || (lo == 0 && hi == n);
+      // On one lane (the tensor one span), and on three threads in spans of 4 pieces, lane l taking
+      // spans l, l + 3, ...
+      for (const std::size_t lanes : {std::size_t{1}, std::size_t{3}}) {
+        const std::size_t span = lanes == 1 ? n : 4 * d::merge_piece;
+        const auto for_each_span = [&](auto&& body) {
+          std::vector<std::thread> threads;
+          for (std::size_t l = 0; l < lanes; ++l) {
+            threads.emplace_back([&body, n, span, lanes, l] {
+              for (std::size_t begin = l * span; begin < n; begin += lanes * span)
+                body(l, begin, std::min(begin + span, n));
+            });
+          }
+          for (auto& thread : threads) thread.join();
+        };
+        const auto for_each_piece = [&](auto&& body) {
+          for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+            for (std::size_t p = begin; p < end; p += d::merge_piece)
+              body(l, p, std::min(d::merge_piece, end - p));
+          });
+        };
+        const auto tau_of = [&tau](std::size_t, std::size_t begin, std::size_t) {
+          return static_cast<const double*>(tau.data() + begin);
+        };
+        d::KeyCounts counted;
+        d::StreamedSelection selection;
+        d::RankWindow window;
+        CAPTURE(trial, lo, hi, lanes);
+        const bool streamed = d::rank_window_streamed(n, lo, hi, tau_of, for_each_piece, lanes, span,
+                                                      for_each_span, counted, selection, window);
+        // Trial 2: the sample misses every boundary; trial 3: those among the equal 40% have too many
+        // candidates, the others not.
+        const auto tied = [&](std::size_t rank) {
+          return trial == 3 && keys[order[rank]] == d::rank_key(0.25);
+        };
+        const bool too_many = (lo > 0 && lo < n && tied(lo)) || (hi < n && hi > 0 && tied(hi - 1));
+        CHECK(streamed == (trivial || trial < 2 || (trial == 3 && !too_many)));
+        CHECK(selection.missed == (streamed ? 0u : 1u));
+        if (!streamed) continue;
+        std::vector<bool> keep(n);
+        for (std::size_t p = 0; p < n; ++p) keep[p] = window.contains(keys[p], p);
+        CHECK(keep == expected);
+        // The same window as rank_window's over the keys held, field by field.
+        std::vector<std::uint64_t> scratch;
+        const d::RankWindow held = d::rank_window(keys, lo, hi, scratch);
+        CHECK(std::tie(window.has_low, window.has_high, window.low, window.high, window.low_until,
+                       window.high_from) ==
+              std::tie(held.has_low, held.has_high, held.low, held.high, held.low_until, held.high_from));
+        if (trial == 1 && lo == at(0.5) && hi == n) CHECK(window.low_until < n);  // (a cut among ties)
       }
     }
   }

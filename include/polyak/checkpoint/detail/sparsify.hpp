@@ -303,6 +303,215 @@ inline RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size
                      [n](auto&& body) { body(std::size_t{0}, std::size_t{0}, n); });
 }
 
+/// The index of the lowest set bit of `mask` (not 0).
+inline std::size_t lowest_bit(std::uint64_t mask) {
+#if defined(__GNUC__) || defined(__clang__)
+  return static_cast<std::size_t>(__builtin_ctzll(mask));
+#else
+  std::size_t bit = 0;
+  for (; (mask & 1) == 0; mask >>= 1) ++bit;
+  return bit;
+#endif
+}
+
+/// Working memory of rank_window_streamed, kept in MergeWorkspace from one tensor to the next.
+struct StreamedSelection {
+  KeyCounts sample;                 ///< the sampled pieces' keys, counted a lane
+  std::vector<std::size_t> counts;  ///< a histogram summed over the lanes
+  std::vector<std::vector<std::pair<std::uint64_t, std::uint64_t>>> candidates;  ///< a lane's (key, position)
+  std::vector<std::vector<std::uint64_t>> piece_keys;                            ///< a lane's keys of a piece
+  std::vector<std::uint64_t> found;  ///< a boundary bucket's keys, then the positions of a boundary key
+  bool enabled = true;               ///< (false: the keys always held; the tests compare both ways)
+  std::size_t windows = 0;           ///< the windows found streamed
+  std::size_t missed = 0;            ///< the windows the sample missed (left to rank_window)
+};
+
+/// The smallest tensor rank_window_streamed takes (32 pieces, of which it samples 4 or 5); below it,
+/// the keys held cost little.
+inline constexpr std::size_t streamed_selection_min = 32 * merge_piece;
+
+/// rank_window's window of the ranks [lo, hi) of the keys of a tensor of n scalars, without holding
+/// the keys (8 bytes a scalar, written and read again). tau_of(lane, begin, count) gives the task
+/// values of a piece. A sample (every stride-th piece, 4 or 5 of them, a pass of their own) says in
+/// which buckets of KeyCounts the boundaries fall, with a wide margin; the pass that counts every
+/// key into `counted` keeps the (key, position) of those in these buckets. Where the boundaries'
+/// buckets turn out to lie among them, the window is selected from those alone, by rank_window's
+/// rules: the same window. Else, or where they outgrow a quarter of the tensor, it returns false,
+/// its memory freed, and leaves the window to rank_window over keys held: a second pass, so a sample
+/// that misses costs speed, never the result. for_each_piece, span and for_each_span are
+/// kept_scalars'.
+template <class TauOf, class ForEachPiece, class ForEachSpan>
+bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&& tau_of,
+                          ForEachPiece&& for_each_piece, std::size_t lanes, std::size_t span,
+                          ForEachSpan&& for_each_span, KeyCounts& counted, StreamedSelection& s,
+                          RankWindow& window) {
+  using Key = std::uint64_t;
+  constexpr std::size_t buckets = KeyCounts::buckets;
+  hi = std::min(hi, n);
+  window = RankWindow{};
+  if (lo >= hi) {  // empty: as rank_window, no pass at all
+    window.has_low = true;
+    window.low = ~Key{0};
+    window.low_until = 0;
+    return true;
+  }
+  window.has_low = lo > 0;
+  window.has_high = hi < n;
+  if (!window.has_low && !window.has_high) return true;  // every rank
+  if (!s.enabled || n < streamed_selection_min) return false;
+  // The sample: every stride-th piece (4 or 5 of them), its keys counted.
+  const std::size_t stride = (n + merge_piece - 1) / merge_piece / 4 * merge_piece;
+  s.sample.start(lanes);
+  for_each_span([&](std::size_t l, std::size_t begin, std::size_t end) {
+    std::size_t* count = s.sample.lanes[l].data();
+    for (std::size_t at = (begin + stride - 1) / stride * stride; at < end; at += stride) {
+      const std::size_t size = std::min(merge_piece, end - at);
+      const double* tau = tau_of(l, at, size);
+      for (std::size_t j = 0; j < size; ++j) ++count[KeyCounts::bucket(rank_key(tau[j]))];
+    }
+  });
+  const auto sum_lanes = [&](const KeyCounts& lanes_counted) {
+    s.counts.assign(buckets, 0);
+    for (const auto& count : lanes_counted.lanes) {
+      for (std::size_t b = 0; b < count.size(); ++b) s.counts[b] += count[b];
+    }
+  };
+  sum_lanes(s.sample);
+  std::size_t sampled = 0;
+  for (const std::size_t c : s.counts) sampled += c;
+  if (sampled == 0) return false;
+  // The bucket of the k-th smallest key (from 0) of s.counts, and how many keys lie below it.
+  const auto bucket_of_rank = [&](std::size_t k, std::size_t& below) {
+    std::size_t bucket = 0;
+    below = 0;
+    while (below + s.counts[bucket] <= k) below += s.counts[bucket++];
+    return bucket;
+  };
+  // The buckets where the sample puts rank k of n, with a margin of 6 standard deviations of a
+  // sampled rank and 1/64 of the sample besides (the pieces are not a random sample).
+  const auto buckets_around = [&](std::size_t k, std::size_t& first, std::size_t& width) {
+    const double q = (static_cast<double>(k) + 0.5) / static_cast<double>(n);
+    const double size = static_cast<double>(sampled), at = q * size;
+    const double margin = 6 * std::sqrt(size * q * (1 - q)) + size / 64 + 1;
+    std::size_t below = 0;
+    first = bucket_of_rank(static_cast<std::size_t>(std::max(0.0, at - margin)), below);
+    const std::size_t last = bucket_of_rank(static_cast<std::size_t>(std::min(size - 1, at + margin)), below);
+    width = last - first;
+  };
+  std::size_t first_a = 0, width_a = 0, first_b = 0, width_b = 0;
+  buckets_around(window.has_low ? lo : hi - 1, first_a, width_a);
+  first_b = first_a;
+  width_b = width_a;
+  if (window.has_low && window.has_high) buckets_around(hi - 1, first_b, width_b);
+  const auto candidate = [=](std::size_t b) -> std::uint64_t {  // (1 or 0: no branch)
+    return static_cast<std::uint64_t>(b - first_a <= width_a) |
+           static_cast<std::uint64_t>(b - first_b <= width_b);
+  };
+  // The keys counted, and the candidates kept, in one pass: at most a quarter of a lane's scalars
+  // (of its spans at most), 4 bytes a scalar where the keys held take 8.
+  const std::size_t spans = (n + span - 1) / span;
+  const std::size_t cap = (spans + lanes - 1) / lanes * std::min(span, n) / 4 + merge_piece;
+  if (s.candidates.size() < lanes) s.candidates.resize(lanes);
+  if (s.piece_keys.size() < lanes) s.piece_keys.resize(lanes);
+  for (std::size_t l = 0; l < lanes; ++l) s.piece_keys[l].resize(std::min(n, merge_piece));
+  std::vector<std::size_t> filled(lanes, 0);
+  std::vector<unsigned char> overflow(lanes, 0);
+  counted.start(lanes);
+  for_each_piece([&](std::size_t l, std::size_t begin, std::size_t count) {
+    const double* tau = tau_of(l, begin, count);
+    std::size_t* counts = counted.lanes[l].data();
+    std::vector<std::pair<Key, Key>>& kept = s.candidates[l];
+    std::size_t c = filled[l];
+    if (overflow[l] == 0 && c + count > kept.size()) {
+      if (c + count > cap) {
+        overflow[l] = 1;
+      } else {
+        kept.resize(std::min(cap, std::max(c + count, 2 * kept.size())));
+      }
+    }
+    if (overflow[l] != 0) {
+      for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(rank_key(tau[j]))];
+      return;
+    }
+    Key* keys = s.piece_keys[l].data();
+    for (std::size_t j = 0; j < count; ++j) keys[j] = rank_key(tau[j]);
+    for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(keys[j])];
+    std::pair<Key, Key>* out = kept.data();
+    for (std::size_t from = 0; from < count; from += 64) {  // (64 tested at once, the few kept by bit)
+      const std::size_t size = std::min<std::size_t>(64, count - from);
+      std::uint64_t mask = 0;
+      for (std::size_t j = 0; j < size; ++j) mask |= candidate(KeyCounts::bucket(keys[from + j])) << j;
+      for (; mask != 0; mask &= mask - 1) {
+        const std::size_t j = from + lowest_bit(mask);
+        out[c++] = {keys[j], begin + j};
+      }
+    }
+    filled[l] = c;
+  });
+  const auto missed = [&] {  // (the candidates' memory freed before rank_window's keys are taken)
+    for (auto& kept : s.candidates) std::vector<std::pair<Key, Key>>().swap(kept);
+    ++s.missed;
+    return false;
+  };
+  for (std::size_t l = 0; l < lanes; ++l) {
+    if (overflow[l] != 0) return missed();
+  }
+  sum_lanes(counted);
+  std::size_t below_low = 0, below_high = 0;
+  const std::size_t low_bucket = window.has_low ? bucket_of_rank(lo, below_low) : 0;
+  const std::size_t high_bucket = window.has_high ? bucket_of_rank(hi - 1, below_high) : 0;
+  if ((window.has_low && candidate(low_bucket) == 0) || (window.has_high && candidate(high_bucket) == 0))
+    return missed();
+  // The k-th smallest key (from 0), in `bucket` (`below`: the keys in buckets below it), with how
+  // many keys are below it and equal to it, as rank_window's selection.
+  std::vector<Key>& found = s.found;
+  const auto select = [&](std::size_t k, std::size_t bucket, std::size_t below, std::size_t& less,
+                          std::size_t& equal) {
+    found.clear();
+    for (std::size_t l = 0; l < lanes; ++l) {
+      for (std::size_t i = 0; i < filled[l]; ++i) {
+        if (KeyCounts::bucket(s.candidates[l][i].first) == bucket) found.push_back(s.candidates[l][i].first);
+      }
+    }
+    const auto at = found.begin() + static_cast<std::ptrdiff_t>(k - below);
+    std::nth_element(found.begin(), at, found.end());
+    const Key kth = *at;
+    less = below;
+    equal = 0;
+    for (const Key key : found) {
+      less += key < kth;
+      equal += key == kth;
+    }
+    return kth;
+  };
+  // The position of the index-th (from 0, by position) key equal to `key`.
+  const auto position_of = [&](Key key, std::size_t index) {
+    found.clear();
+    for (std::size_t l = 0; l < lanes; ++l) {
+      for (std::size_t i = 0; i < filled[l]; ++i) {
+        if (s.candidates[l][i].first == key) found.push_back(s.candidates[l][i].second);
+      }
+    }
+    std::nth_element(found.begin(), found.begin() + static_cast<std::ptrdiff_t>(index), found.end());
+    return static_cast<std::size_t>(found[index]);
+  };
+  std::size_t less_low = 0, equal_low = 0, less_high = 0, equal_high = 0, last_low = 0, first_high = 0;
+  if (window.has_low) {
+    window.low = select(lo, low_bucket, below_low, less_low, equal_low);
+    last_low = less_low + equal_low - 1 - lo;
+  }
+  if (window.has_high) {
+    window.high = select(hi - 1, high_bucket, below_high, less_high, equal_high);
+    first_high = less_high + equal_high - hi;
+  }
+  window.low_until = n;
+  window.high_from = 0;
+  if (window.has_low && last_low + 1 < equal_low) window.low_until = position_of(window.low, last_low + 1);
+  if (window.has_high && first_high > 0) window.high_from = position_of(window.high, first_high);
+  ++s.windows;
+  return true;
+}
+
 /// The whole-tensor work of sparsifying model m's task vector: its kept scalars and its rescale.
 /// Neither ranked, nor drawn, and no bits: every scalar is kept.
 struct KeptScalars {
@@ -365,6 +574,7 @@ struct MergeWorkspace {
   std::vector<std::uint64_t> keys;            ///< one rank key a scalar (a model's magnitudes, Sce's spreads)
   std::vector<std::uint64_t> scratch;         ///< the copy of the keys that selection reorders
   KeyCounts key_counts;                       ///< the keys' histogram, a lane, counted as they are written
+  StreamedSelection streamed;                 ///< the ranked methods' selection without their keys held
   std::vector<KeptScalars> kept;              ///< per model
   std::vector<DellaRow> rows;                 ///< Della's, one a lane
   std::vector<MergeLane> lanes;               ///< the last pass's, one a thread
@@ -476,9 +686,28 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     result.drop = drop;  // (density 0: drop 1, which no draw in [0, 1) reaches)
     if (rescale) std::tie(norm, kept_norm) = drawn;
   } else {
+    const bool by_rank = rule == Sparsification::Magnitude || rule == Sparsification::Outliers;
+    const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
+    std::size_t lo = 0, hi = 0;  // the window of ranks kept (by_rank)
+    if (rule == Sparsification::Magnitude) {
+      lo = numel - kept_count;
+      hi = numel;
+    } else if (rule == Sparsification::Outliers) {
+      std::size_t top = static_cast<std::size_t>(std::floor(o.gamma * static_cast<double>(numel)));
+      top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
+      lo = numel - kept_count - top;
+      hi = numel - top;
+    }
+    // Without the rescale's norms, nothing but the window needs the keys: selected as they are
+    // counted, where a sample finds their boundaries (else held, below).
+    if (by_rank && !rescale &&
+        rank_window_streamed(numel, lo, hi, tau_of, for_each_piece, lanes, span, for_each_span,
+                             work.key_counts, work.streamed, result.window)) {
+      result.ranked = true;
+      return;
+    }
     std::vector<std::uint64_t>&magnitude = work.keys, &scratch = work.scratch;
     magnitude.resize(numel);
-    const bool by_rank = rule == Sparsification::Magnitude || rule == Sparsification::Outliers;
     if (by_rank) work.key_counts.start(lanes);  // (counted as the keys are written, for rank_window)
     for_each_piece([&](std::size_t lane, std::size_t begin, std::size_t count) {  // (each its own keys)
       const double* tau = tau_of(lane, begin, count);
@@ -488,17 +717,9 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
       std::size_t* counts = work.key_counts.lanes[lane].data();
       for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(key[j])];
     });
-    const auto kept_count = static_cast<std::size_t>(std::floor(density * static_cast<double>(numel)));
-    if (rule == Sparsification::Magnitude) {
+    if (by_rank) {
       result.ranked = true;
-      result.window = rank_window(magnitude, numel - kept_count, numel, scratch, lanes, span, for_each_span,
-                                  &work.key_counts);
-    } else if (rule == Sparsification::Outliers) {
-      std::size_t top = static_cast<std::size_t>(std::floor(o.gamma * static_cast<double>(numel)));
-      top = std::min(top, numel - kept_count);  // fewer from the top where both cannot be met
-      result.ranked = true;
-      result.window = rank_window(magnitude, numel - kept_count - top, numel - top, scratch, lanes, span,
-                                  for_each_span, &work.key_counts);
+      result.window = rank_window(magnitude, lo, hi, scratch, lanes, span, for_each_span, &work.key_counts);
     } else {  // rank sampling, row by row, the rows spread over the lanes
       const std::size_t rows =
           shape.size() >= 2 && shape[0] > 0 ? static_cast<std::size_t>(shape[0]) : std::size_t{1};
