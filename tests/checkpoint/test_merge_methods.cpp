@@ -735,9 +735,15 @@ TEST_CASE("selection by rank without the keys held agrees with a full sort, or l
         d::KeyCounts counted;
         d::StreamedSelection selection;
         d::RankWindow window;
+        std::vector<std::uint64_t> held_keys(n), held_scratch(1000);  // (as an earlier tensor left them)
         CAPTURE(trial, lo, hi, lanes);
-        const bool streamed = d::rank_window_streamed(n, lo, hi, tau_of, for_each_piece, lanes, span,
-                                                      for_each_span, counted, selection, window);
+        const bool streamed =
+            d::rank_window_streamed(n, lo, hi, tau_of, for_each_piece, lanes, span, for_each_span, counted,
+                                    selection, held_keys, held_scratch, window);
+        // The keys held and the candidates never at once: freed where the candidates are taken, the
+        // candidates freed where it leaves the window to the keys.
+        CHECK((selection.room == 0) == (!streamed || trivial));
+        if (selection.room > 0) CHECK((held_keys.capacity() == 0 && held_scratch.capacity() == 0));
         // Trial 2: the sample misses every boundary; trial 3: those among the equal 40% have too many
         // candidates, the others not.
         const auto tied = [&](std::size_t rank) {

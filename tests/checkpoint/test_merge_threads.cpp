@@ -532,65 +532,77 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
           "[merge][threads]") {
   // Without the L1 rescale, the ranked methods find each model's window of ranks as they count the
   // keys, from a sample (rank_window_streamed), where a tensor is large enough; the keys held
-  // otherwise. Three models over two spans and more, NaN, infinity, zeros, ties at a boundary, on 1 and
-  // 3 threads, F32 and F64: the same bytes and windows both ways, the streamed way taken.
+  // otherwise. Three models over two spans and more, NaN, infinity, zeros, ties, on 1 and 3 threads,
+  // F32 and F64: the same bytes and windows both ways, the streamed way taken. With the first model
+  // frozen (equal to the base: every key 0) its window goes to the keys held, the others' streamed,
+  // and the keys are freed before the others' candidates are taken (never both held).
   const std::size_t numel = 2 * span + 1001, models = 3;
   REQUIRE(numel >= polyak::detail::streamed_selection_min);
   const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
-  for (std::size_t m = 0; m <= models; ++m) {
-    for (std::size_t i = 0; i < numel; ++i) {
-      const double v = std::sin(static_cast<double>(i) * (0.31 + 0.07 * static_cast<double>(m)));
-      inputs[m][i] = i % 11 == 0 ? 0.0 : i % 17 == 0 && m < models ? inputs[models][i] + 0.5 : v;  // (ties)
+  for (const bool frozen : {false, true}) {
+    for (std::size_t m = 0; m <= models; ++m) {
+      for (std::size_t i = 0; i < numel; ++i) {
+        const double v = std::sin(static_cast<double>(i) * (0.31 + 0.07 * static_cast<double>(m)));
+        inputs[m][i] = i % 11 == 0 ? 0.0 : i % 17 == 0 && m < models ? inputs[models][i] + 0.5 : v;  // (ties)
+      }
     }
-  }
-  inputs[1][span + 3] = std::numeric_limits<double>::quiet_NaN();
-  inputs[2][2 * span - 1] = std::numeric_limits<double>::infinity();
-  const polyak::detail::TensorSource read = [&](std::size_t, std::size_t m, std::size_t begin,
-                                                std::size_t count, double* out) {
-    for (std::size_t j = 0; j < count; ++j) out[j] = inputs[m][begin + j];
-  };
-  for (const polyak::DType dtype : {polyak::DType::F32, polyak::DType::F64}) {
-    for (const MergeMethod method :
-         {MergeMethod::Ties, MergeMethod::Breadcrumbs, MergeMethod::BreadcrumbsTies}) {
-      for (const double density : {0.2, 0.5, 0.97}) {
-        for (const unsigned threads : {1u, 3u}) {
-          MergeOptions o;
-          o.method = method;
-          o.threads = threads;
-          o.density = density;
-          if (method != MergeMethod::Ties) o.gamma = 0.02;
-          INFO(polyak::to_string(method)
-               << ", " << polyak::dtype_name(dtype) << ", density " << density << ", threads " << threads);
-          const auto merged = [&](bool streamed, std::vector<polyak::detail::RankWindow>& windows,
-                                  std::size_t& found) {
-            polyak::detail::MergeWorkspace work;
-            work.streamed.enabled = streamed;
-            std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
-            polyak::detail::merge_tensor(
-                o, models, "w", shape, numel, dtype, true, read,
-                [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
-                  std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
-                              count * polyak::dtype_size(dtype));
-                },
-                work);
-            for (const auto& kept : work.kept) windows.push_back(kept.window);
-            found = work.streamed.windows;
-            return out;
-          };
-          std::vector<polyak::detail::RankWindow> streamed_windows, held_windows;
-          std::size_t streamed_found = 0, held_found = 0;
-          const auto streamed = merged(true, streamed_windows, streamed_found);
-          const auto held = merged(false, held_windows, held_found);
-          CHECK(streamed_found == models);
-          CHECK(held_found == 0);
-          CHECK(streamed == held);
-          REQUIRE(streamed_windows.size() == held_windows.size());
-          for (std::size_t m = 0; m < models; ++m) {
-            const auto& a = streamed_windows[m];
-            const auto& b = held_windows[m];
-            CHECK(std::tie(a.has_low, a.has_high, a.low, a.high, a.low_until, a.high_from) ==
-                  std::tie(b.has_low, b.has_high, b.low, b.high, b.low_until, b.high_from));
+    inputs[1][span + 3] = std::numeric_limits<double>::quiet_NaN();
+    inputs[2][2 * span - 1] = std::numeric_limits<double>::infinity();
+    if (frozen) inputs[0] = inputs[models];
+    const polyak::detail::TensorSource read = [&](std::size_t, std::size_t m, std::size_t begin,
+                                                  std::size_t count, double* out) {
+      for (std::size_t j = 0; j < count; ++j) out[j] = inputs[m][begin + j];
+    };
+    for (const polyak::DType dtype : {polyak::DType::F32, polyak::DType::F64}) {
+      for (const MergeMethod method :
+           {MergeMethod::Ties, MergeMethod::Breadcrumbs, MergeMethod::BreadcrumbsTies}) {
+        for (const double density : {0.2, 0.5, 0.97}) {
+          for (const unsigned threads : {1u, 3u}) {
+            MergeOptions o;
+            o.method = method;
+            o.threads = threads;
+            o.density = density;
+            if (method != MergeMethod::Ties) o.gamma = 0.02;
+            INFO(polyak::to_string(method) << ", " << polyak::dtype_name(dtype) << ", density " << density
+                                           << ", threads " << threads << ", frozen " << frozen);
+            struct Merged {
+              std::vector<std::byte> bytes;
+              std::vector<polyak::detail::RankWindow> windows;
+              std::size_t streamed = 0, missed = 0;
+              bool keys_held = false;
+            };
+            const auto merged = [&](bool streamed) {
+              polyak::detail::MergeWorkspace work;
+              work.streamed.enabled = streamed;
+              Merged result;
+              result.bytes.resize(numel * polyak::dtype_size(dtype));
+              polyak::detail::merge_tensor(
+                  o, models, "w", shape, numel, dtype, true, read,
+                  [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
+                    std::memcpy(result.bytes.data() + begin * polyak::dtype_size(dtype), bytes,
+                                count * polyak::dtype_size(dtype));
+                  },
+                  work);
+              for (const auto& kept : work.kept) result.windows.push_back(kept.window);
+              result.streamed = work.streamed.windows;
+              result.missed = work.streamed.missed;
+              result.keys_held = work.keys.capacity() > 0;
+              return result;
+            };
+            const Merged streamed = merged(true), held = merged(false);
+            CHECK(streamed.streamed == (frozen ? models - 1 : models));
+            CHECK(streamed.missed == (frozen ? 1u : 0u));
+            CHECK_FALSE(streamed.keys_held);  // (the last model's window streamed: the keys freed)
+            CHECK(held.streamed == 0);
+            CHECK(streamed.bytes == held.bytes);
+            REQUIRE(streamed.windows.size() == held.windows.size());
+            for (std::size_t m = 0; m < models; ++m) {
+              const auto& a = streamed.windows[m];
+              const auto& b = held.windows[m];
+              CHECK(std::tie(a.has_low, a.has_high, a.low, a.high, a.low_until, a.high_from) ==
+                    std::tie(b.has_low, b.has_high, b.low, b.high, b.low_until, b.high_from));
+            }
           }
         }
       }

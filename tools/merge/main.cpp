@@ -17,7 +17,8 @@
 // is laid out as the first input (a folder of shards and an index, for a sharded one). Every floating-point
 // tensor is computed in double and rounded once to its own dtype; integer tensors (counters such as
 // n_averaged) are taken from the last input. Memory: a few pieces of one tensor (the ranked methods: plus a
-// key per scalar of the largest tensor; dare_ties and dare_linear: every model's task values of a tensor, a
+// key per scalar of the largest tensor, or without --rescale those near the kept window's boundaries;
+// dare_ties and dare_linear: every model's task values of a tensor, a
 // double each, where they fit 256 MiB; polyak/checkpoint/merge_options.hpp). Inputs that differ in tensor
 // names, dtypes or shapes, and any argument it cannot read, are refused with the problem named, and no output
 // is written.

@@ -88,9 +88,14 @@
 // (ranked above every finite magnitude, NaN above infinity; left out of the L1 norms, Model Stock's,
 // NuSlerp's and the spherical methods' inner products, and SCE's weights). Memory: a 1 MiB block and
 // a 16 Ki-scalar piece (in double) per model, a span of 2^19 output scalars in the output's dtype
-// (2 MB in float), kept from one tensor to the next; the ranked methods and Sce add an 8-byte key per scalar
-// of the largest tensor (its magnitudes; the selection copies the boundary's bucket of them; the kept
-// scalars are a window of keys, asked as the merge goes), Della also one bit per scalar and model (the
+// (2 MB in float), kept from one tensor to the next; Sce, Della and the ranked methods where they rescale
+// add an 8-byte key per scalar of the largest tensor (its magnitudes; the selection copies the boundary's
+// bucket of them; the kept scalars are a window of keys, asked as the merge goes). The ranked methods
+// without the rescale (TIES's and Breadcrumbs' default), on a tensor of 2^19 scalars or more, keep no
+// keys: a sample of 4 or 5 pieces says where the window's boundaries fall, and the pass that counts the
+// keys keeps the (key, position) of the scalars in those buckets, 16 bytes each, at most a quarter of a
+// thread's scalars (some 6% of normally distributed ones); where the sample misses, they are freed and
+// the 8-byte keys held instead (the same window either way). Della also one bit per scalar and model (the
 // kept scalars; the random methods draw as they merge and keep none) and, per thread, counts for up to
 // 2^14 buckets of a row's keys (33 bytes each) and 48 bytes per scalar of the buckets it ranks exactly
 // (few; a whole row where its magnitudes are all equal); Model Stock one double

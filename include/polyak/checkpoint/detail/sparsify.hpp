@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>  // std::memcpy
 #include <memory>   // std::unique_ptr
+#include <new>      // std::bad_alloc
 #include <string>
 #include <tuple>  // std::tie
 #include <utility>
@@ -314,12 +315,21 @@ inline std::size_t lowest_bit(std::uint64_t mask) {
 #endif
 }
 
+/// A scalar near a boundary of the kept window, as rank_window_streamed keeps it (no initializer: a
+/// block of them is allocated, not written, until filled).
+struct Candidate {
+  std::uint64_t key;       ///< its rank key
+  std::uint64_t position;  ///< its position in the tensor
+};
+
 /// Working memory of rank_window_streamed, kept in MergeWorkspace from one tensor to the next.
 struct StreamedSelection {
-  KeyCounts sample;                 ///< the sampled pieces' keys, counted a lane
-  std::vector<std::size_t> counts;  ///< a histogram summed over the lanes
-  std::vector<std::vector<std::pair<std::uint64_t, std::uint64_t>>> candidates;  ///< a lane's (key, position)
-  std::vector<std::vector<std::uint64_t>> piece_keys;                            ///< a lane's keys of a piece
+  KeyCounts sample;                                    ///< the sampled pieces' keys, counted a lane
+  std::vector<std::size_t> counts;                     ///< a histogram summed over the lanes
+  std::unique_ptr<Candidate[]> candidates;             ///< lane l's from l * room: one block, whose pages are
+                                                       ///< touched only as filled and given back when freed
+  std::size_t room = 0, lanes = 0;                     ///< the candidates a lane has room for, and the lanes
+  std::vector<std::vector<std::uint64_t>> piece_keys;  ///< a lane's keys of a piece
   std::vector<std::uint64_t> found;  ///< a boundary bucket's keys, then the positions of a boundary key
   bool enabled = true;               ///< (false: the keys always held; the tests compare both ways)
   std::size_t windows = 0;           ///< the windows found streamed
@@ -344,6 +354,7 @@ template <class TauOf, class ForEachPiece, class ForEachSpan>
 bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&& tau_of,
                           ForEachPiece&& for_each_piece, std::size_t lanes, std::size_t span,
                           ForEachSpan&& for_each_span, KeyCounts& counted, StreamedSelection& s,
+                          std::vector<std::uint64_t>& held_keys, std::vector<std::uint64_t>& held_scratch,
                           RankWindow& window) {
   using Key = std::uint64_t;
   constexpr std::size_t buckets = KeyCounts::buckets;
@@ -407,11 +418,37 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     return static_cast<std::uint64_t>(b - first_a <= width_a) |
            static_cast<std::uint64_t>(b - first_b <= width_b);
   };
+  const auto missed = [&] {  // (the candidates' memory freed before rank_window's keys are taken)
+    s.candidates.reset();
+    s.room = s.lanes = 0;
+    std::vector<std::uint64_t>().swap(s.found);
+    ++s.missed;
+    return false;
+  };
+  // Where the sample puts a fifth of its keys in those buckets, the candidates would near their
+  // limit (a quarter of the scalars): a tensor whose task values are mostly equal (a layer left
+  // frozen, all zero) goes to the keys held at once, not after a pass.
+  std::size_t near = 0;
+  for (std::size_t b = 0; b < buckets; ++b) near += s.counts[b] * static_cast<std::size_t>(candidate(b));
+  if (near > sampled / 5) return missed();
   // The keys counted, and the candidates kept, in one pass: at most a quarter of a lane's scalars
-  // (of its spans at most), 4 bytes a scalar where the keys held take 8.
+  // (of its spans at most), 16 bytes each: 4 bytes a scalar where the keys held take 8 (they and the
+  // copy rank_window selects in are freed first: the two never held at once).
   const std::size_t spans = (n + span - 1) / span;
   const std::size_t cap = (spans + lanes - 1) / lanes * std::min(span, n) / 4 + merge_piece;
-  if (s.candidates.size() < lanes) s.candidates.resize(lanes);
+  std::vector<std::uint64_t>().swap(held_keys);
+  std::vector<std::uint64_t>().swap(held_scratch);
+  if (s.room < cap || s.lanes < lanes) {  // (one block: a large one is the system's, freed to it)
+    s.candidates.reset();                 // (freed before the larger block is taken)
+    s.room = s.lanes = 0;
+    try {
+      s.candidates.reset(new Candidate[lanes * cap]);
+      s.room = cap;
+      s.lanes = lanes;
+    } catch (const std::bad_alloc&) {  // (an address-space limit: the keys held, as before)
+      return missed();
+    }
+  }
   if (s.piece_keys.size() < lanes) s.piece_keys.resize(lanes);
   for (std::size_t l = 0; l < lanes; ++l) s.piece_keys[l].resize(std::min(n, merge_piece));
   std::vector<std::size_t> filled(lanes, 0);
@@ -420,15 +457,8 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   for_each_piece([&](std::size_t l, std::size_t begin, std::size_t count) {
     const double* tau = tau_of(l, begin, count);
     std::size_t* counts = counted.lanes[l].data();
-    std::vector<std::pair<Key, Key>>& kept = s.candidates[l];
     std::size_t c = filled[l];
-    if (overflow[l] == 0 && c + count > kept.size()) {
-      if (c + count > cap) {
-        overflow[l] = 1;
-      } else {
-        kept.resize(std::min(cap, std::max(c + count, 2 * kept.size())));
-      }
-    }
+    if (c + count > cap) overflow[l] = 1;
     if (overflow[l] != 0) {
       for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(rank_key(tau[j]))];
       return;
@@ -436,7 +466,7 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     Key* keys = s.piece_keys[l].data();
     for (std::size_t j = 0; j < count; ++j) keys[j] = rank_key(tau[j]);
     for (std::size_t j = 0; j < count; ++j) ++counts[KeyCounts::bucket(keys[j])];
-    std::pair<Key, Key>* out = kept.data();
+    Candidate* out = s.candidates.get() + l * s.room;
     for (std::size_t from = 0; from < count; from += 64) {  // (64 tested at once, the few kept by bit)
       const std::size_t size = std::min<std::size_t>(64, count - from);
       std::uint64_t mask = 0;
@@ -448,11 +478,6 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     }
     filled[l] = c;
   });
-  const auto missed = [&] {  // (the candidates' memory freed before rank_window's keys are taken)
-    for (auto& kept : s.candidates) std::vector<std::pair<Key, Key>>().swap(kept);
-    ++s.missed;
-    return false;
-  };
   for (std::size_t l = 0; l < lanes; ++l) {
     if (overflow[l] != 0) return missed();
   }
@@ -470,7 +495,8 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     found.clear();
     for (std::size_t l = 0; l < lanes; ++l) {
       for (std::size_t i = 0; i < filled[l]; ++i) {
-        if (KeyCounts::bucket(s.candidates[l][i].first) == bucket) found.push_back(s.candidates[l][i].first);
+        const Candidate& c = s.candidates[l * s.room + i];
+        if (KeyCounts::bucket(c.key) == bucket) found.push_back(c.key);
       }
     }
     const auto at = found.begin() + static_cast<std::ptrdiff_t>(k - below);
@@ -489,7 +515,8 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     found.clear();
     for (std::size_t l = 0; l < lanes; ++l) {
       for (std::size_t i = 0; i < filled[l]; ++i) {
-        if (s.candidates[l][i].first == key) found.push_back(s.candidates[l][i].second);
+        const Candidate& c = s.candidates[l * s.room + i];
+        if (c.key == key) found.push_back(c.position);
       }
     }
     std::nth_element(found.begin(), found.begin() + static_cast<std::ptrdiff_t>(index), found.end());
@@ -508,6 +535,7 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   window.high_from = 0;
   if (window.has_low && last_low + 1 < equal_low) window.low_until = position_of(window.low, last_low + 1);
   if (window.has_high && first_high > 0) window.high_from = position_of(window.high, first_high);
+  std::vector<std::uint64_t>().swap(found);  // (a bucket's worth: not kept for later tensors)
   ++s.windows;
   return true;
 }
@@ -702,7 +730,7 @@ void kept_scalars(const MergeOptions& o, std::size_t m, const std::string& name,
     // counted, where a sample finds their boundaries (else held, below).
     if (by_rank && !rescale &&
         rank_window_streamed(numel, lo, hi, tau_of, for_each_piece, lanes, span, for_each_span,
-                             work.key_counts, work.streamed, result.window)) {
+                             work.key_counts, work.streamed, work.keys, work.scratch, result.window)) {
       result.ranked = true;
       return;
     }
