@@ -662,15 +662,16 @@ TEST_CASE("selection by rank without the keys held agrees with a full sort, or l
           "[merge][ties]") {
   // rank_window_streamed against the definition (positions sorted by (key, later position first),
   // the ranks [lo, hi) kept), on task values whose keys are spread, tied across a boundary, NaN and
-  // infinite; and where its sample misses (the sampled pieces unlike the rest) or its candidates
-  // outgrow a quarter of the tensor (40% of the values equal), it must say so (false), leaving the
-  // window to rank_window over the keys held.
+  // infinite; and where its sample misses (the sampled pieces unlike the rest), puts a fifth of
+  // itself near a boundary (40% of the values equal), or its candidates outgrow a quarter of the
+  // tensor (the sampled pieces spread, the others all near the boundary), it must say so (false),
+  // leaving the window to rank_window over the keys held.
   namespace d = polyak::detail;
   const std::size_t n = d::streamed_selection_min + 12345;
   std::uint64_t state = 11;
   const auto uniform = [&] { return static_cast<double>((state = d::mix64(state)) >> 11) * 0x1p-53; };
   const std::size_t pieces = (n + d::merge_piece - 1) / d::merge_piece, stride = pieces / 4 * d::merge_piece;
-  for (int trial = 0; trial < 4; ++trial) {
+  for (int trial = 0; trial < 5; ++trial) {
     std::vector<double> tau(n);
     for (std::size_t p = 0; p < n; ++p) {
       const double sign = uniform() < 0.5 ? -1.0 : 1.0, u = uniform();
@@ -686,8 +687,11 @@ TEST_CASE("selection by rank without the keys held agrees with a full sort, or l
         case 2:  // the sampled pieces 1e-30 and below, the rest in (0, 1): the sample misses
           tau[p] = sign * (p / d::merge_piece * d::merge_piece % stride == 0 ? 1e-30 * u : u);
           break;
-        default:  // 40% equal (0.25): too many candidates
+        case 3:  // 40% equal (0.25): too many candidates, as the sample says
           tau[p] = sign * (u < 0.4 ? 0.25 : uniform());
+          break;
+        default:  // the sampled pieces in (0, 1), the rest in [0.8, 0.801): too many, found as counted
+          tau[p] = sign * (p / d::merge_piece * d::merge_piece % stride == 0 ? u : 0.8 + 0.001 * u);
       }
     }
     std::vector<std::uint64_t> keys(n);
@@ -744,14 +748,17 @@ TEST_CASE("selection by rank without the keys held agrees with a full sort, or l
         // candidates freed where it leaves the window to the keys.
         CHECK((selection.room == 0) == (!streamed || trivial));
         if (selection.room > 0) CHECK((held_keys.capacity() == 0 && held_scratch.capacity() == 0));
-        // Trial 2: the sample misses every boundary; trial 3: those among the equal 40% have too many
-        // candidates, the others not.
-        const auto tied = [&](std::size_t rank) {
-          return trial == 3 && keys[order[rank]] == d::rank_key(0.25);
+        // Trial 2: the sample misses every boundary; trials 3 and 4: those among the crowded values
+        // have too many candidates (trial 4's top 20% found so as the candidates outgrow their
+        // limit), the others not.
+        const auto crowded = [&](std::size_t rank) {
+          const double size = std::abs(tau[order[rank]]);
+          return (trial == 3 && size == 0.25) || (trial == 4 && size >= 0.8 && size < 0.801);
         };
-        const bool too_many = (lo > 0 && lo < n && tied(lo)) || (hi < n && hi > 0 && tied(hi - 1));
-        CHECK(streamed == (trivial || trial < 2 || (trial == 3 && !too_many)));
+        const bool too_many = (lo > 0 && lo < n && crowded(lo)) || (hi < n && hi > 0 && crowded(hi - 1));
+        CHECK(streamed == (trivial || trial < 2 || (trial >= 3 && !too_many)));
         CHECK(selection.missed == (streamed ? 0u : 1u));
+        if (trial == 4 && lo == at(0.8) && hi == n) CHECK(selection.outgrown == 1);
         if (!streamed) continue;
         std::vector<bool> keep(n);
         for (std::size_t p = 0; p < n; ++p) keep[p] = window.contains(keys[p], p);
@@ -766,6 +773,28 @@ TEST_CASE("selection by rank without the keys held agrees with a full sort, or l
       }
     }
   }
+  // A tensor below streamed_selection_min after a streamed one: left to the keys held, the
+  // candidates of the earlier one freed first.
+  std::vector<double> tau(n);
+  for (std::size_t p = 0; p < n; ++p) tau[p] = std::sin(static_cast<double>(p));
+  const auto tau_of = [&tau](std::size_t, std::size_t begin, std::size_t) {
+    return static_cast<const double*>(tau.data() + begin);
+  };
+  d::KeyCounts counted;
+  d::StreamedSelection selection;
+  d::RankWindow window;
+  std::vector<std::uint64_t> held_keys, held_scratch;
+  for (const std::size_t size : {n, std::size_t{1000}}) {
+    const auto one_span = [&](auto&& body) { body(std::size_t{0}, std::size_t{0}, size); };
+    const auto pieces = [&](auto&& body) {
+      for (std::size_t p = 0; p < size; p += d::merge_piece)
+        body(std::size_t{0}, p, std::min(d::merge_piece, size - p));
+    };
+    const bool streamed = d::rank_window_streamed(size, size / 2, size, tau_of, pieces, 1, size, one_span,
+                                                  counted, selection, held_keys, held_scratch, window);
+    CHECK(streamed == (size == n));
+    CHECK((selection.room > 0) == (size == n));
+  }
 }
 
 TEST_CASE("DELLA's row order: the radix sort agrees with std::stable_sort, equal keys in order",
@@ -777,7 +806,7 @@ TEST_CASE("DELLA's row order: the radix sort agrees with std::stable_sort, equal
   using Pair = std::pair<std::uint64_t, std::uint64_t>;
   for (const std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{255}, std::size_t{256},
                               std::size_t{5000}, std::size_t{100000}}) {
-    for (int trial = 0; trial < 4; ++trial) {
+    for (int trial = 0; trial < 5; ++trial) {
       std::vector<Pair> items(n), scratch;
       for (std::size_t i = 0; i < n; ++i) {
         const std::uint64_t r = next();

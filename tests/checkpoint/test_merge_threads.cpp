@@ -533,14 +533,14 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
   // Without the L1 rescale, the ranked methods find each model's window of ranks as they count the
   // keys, from a sample (rank_window_streamed), where a tensor is large enough; the keys held
   // otherwise. Three models over two spans and more, NaN, infinity, zeros, ties, on 1 and 3 threads,
-  // F32 and F64: the same bytes and windows both ways, the streamed way taken. With the first model
-  // frozen (equal to the base: every key 0) its window goes to the keys held, the others' streamed,
-  // and the keys are freed before the others' candidates are taken (never both held).
+  // F32 and F64: the same bytes and windows both ways, the streamed way taken. With the first or the
+  // last model frozen (equal to the base: every key 0) its window goes to the keys held, the others'
+  // streamed, and each is freed before the other is taken (never both held).
   const std::size_t numel = 2 * span + 1001, models = 3;
   REQUIRE(numel >= polyak::detail::streamed_selection_min);
   const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
-  for (const bool frozen : {false, true}) {
+  for (const int frozen : {-1, 0, 2}) {  // (the model left frozen, if any)
     for (std::size_t m = 0; m <= models; ++m) {
       for (std::size_t i = 0; i < numel; ++i) {
         const double v = std::sin(static_cast<double>(i) * (0.31 + 0.07 * static_cast<double>(m)));
@@ -549,7 +549,7 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
     }
     inputs[1][span + 3] = std::numeric_limits<double>::quiet_NaN();
     inputs[2][2 * span - 1] = std::numeric_limits<double>::infinity();
-    if (frozen) inputs[0] = inputs[models];
+    if (frozen >= 0) inputs[static_cast<std::size_t>(frozen)] = inputs[models];
     const polyak::detail::TensorSource read = [&](std::size_t, std::size_t m, std::size_t begin,
                                                   std::size_t count, double* out) {
       for (std::size_t j = 0; j < count; ++j) out[j] = inputs[m][begin + j];
@@ -570,7 +570,7 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
               std::vector<std::byte> bytes;
               std::vector<polyak::detail::RankWindow> windows;
               std::size_t streamed = 0, missed = 0;
-              bool keys_held = false;
+              bool keys_held = false, candidates_held = false;
             };
             const auto merged = [&](bool streamed) {
               polyak::detail::MergeWorkspace work;
@@ -588,12 +588,15 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
               result.streamed = work.streamed.windows;
               result.missed = work.streamed.missed;
               result.keys_held = work.keys.capacity() > 0;
+              result.candidates_held = work.streamed.room > 0;
               return result;
             };
             const Merged streamed = merged(true), held = merged(false);
-            CHECK(streamed.streamed == (frozen ? models - 1 : models));
-            CHECK(streamed.missed == (frozen ? 1u : 0u));
-            CHECK_FALSE(streamed.keys_held);  // (the last model's window streamed: the keys freed)
+            CHECK(streamed.streamed == (frozen >= 0 ? models - 1 : models));
+            CHECK(streamed.missed == (frozen >= 0 ? 1u : 0u));
+            // The last model's window streamed: the keys freed; left to the keys: the candidates freed.
+            CHECK(streamed.keys_held == (frozen == 2));
+            CHECK(streamed.candidates_held == (frozen != 2));
             CHECK(held.streamed == 0);
             CHECK(streamed.bytes == held.bytes);
             REQUIRE(streamed.windows.size() == held.windows.size());

@@ -334,6 +334,7 @@ struct StreamedSelection {
   bool enabled = true;               ///< (false: the keys always held; the tests compare both ways)
   std::size_t windows = 0;           ///< the windows found streamed
   std::size_t missed = 0;            ///< the windows the sample missed (left to rank_window)
+  std::size_t outgrown = 0;          ///< of those, the windows whose candidates passed their limit
 };
 
 /// The smallest tensor rank_window_streamed takes (32 pieces, of which it samples 4 or 5); below it,
@@ -369,7 +370,15 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   window.has_low = lo > 0;
   window.has_high = hi < n;
   if (!window.has_low && !window.has_high) return true;  // every rank
-  if (!s.enabled || n < streamed_selection_min) return false;
+  // Where the window is left to rank_window, its keys held: the candidates' memory freed first (the
+  // two never held at once).
+  const auto release = [&s] {
+    s.candidates.reset();
+    s.room = s.lanes = 0;
+    std::vector<std::uint64_t>().swap(s.found);
+    return false;
+  };
+  if (!s.enabled || n < streamed_selection_min) return release();
   // The sample: every stride-th piece (4 or 5 of them), its keys counted.
   const std::size_t stride = (n + merge_piece - 1) / merge_piece / 4 * merge_piece;
   s.sample.start(lanes);
@@ -390,7 +399,7 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   sum_lanes(s.sample);
   std::size_t sampled = 0;
   for (const std::size_t c : s.counts) sampled += c;
-  if (sampled == 0) return false;
+  if (sampled == 0) return release();
   // The bucket of the k-th smallest key (from 0) of s.counts, and how many keys lie below it.
   const auto bucket_of_rank = [&](std::size_t k, std::size_t& below) {
     std::size_t bucket = 0;
@@ -418,12 +427,9 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     return static_cast<std::uint64_t>(b - first_a <= width_a) |
            static_cast<std::uint64_t>(b - first_b <= width_b);
   };
-  const auto missed = [&] {  // (the candidates' memory freed before rank_window's keys are taken)
-    s.candidates.reset();
-    s.room = s.lanes = 0;
-    std::vector<std::uint64_t>().swap(s.found);
+  const auto missed = [&] {
     ++s.missed;
-    return false;
+    return release();
   };
   // Where the sample puts a fifth of its keys in those buckets, the candidates would near their
   // limit (a quarter of the scalars): a tensor whose task values are mostly equal (a layer left
@@ -479,7 +485,10 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
     filled[l] = c;
   });
   for (std::size_t l = 0; l < lanes; ++l) {
-    if (overflow[l] != 0) return missed();
+    if (overflow[l] != 0) {
+      ++s.outgrown;
+      return missed();
+    }
   }
   sum_lanes(counted);
   std::size_t below_low = 0, below_high = 0;
