@@ -154,6 +154,22 @@ struct KeyCounts {
   static std::size_t bucket(std::uint64_t key) { return static_cast<std::size_t>(key >> 48); }
 };
 
+/// The windows that need no key: an empty one (no key reaches the low boundary) and one of every rank.
+/// Clamps hi to n and sets `window`'s kind; true where those settle it, with no pass over the keys.
+inline bool window_without_keys(std::size_t n, std::size_t lo, std::size_t& hi, RankWindow& window) {
+  hi = std::min(hi, n);
+  window = RankWindow{};
+  if (lo >= hi) {
+    window.has_low = true;
+    window.low = ~std::uint64_t{0};
+    window.low_until = 0;
+    return true;
+  }
+  window.has_low = lo > 0;
+  window.has_high = hi < n;
+  return !window.has_low && !window.has_high;
+}
+
 /// The window of the ranks [lo, hi) of `value` (a key a scalar; RankWindow says how equal keys
 /// rank). `scratch` is working memory (resized).
 ///
@@ -170,17 +186,8 @@ RankWindow rank_window(const std::vector<std::uint64_t>& value, std::size_t lo, 
                        ForEachSpan&& for_each_span, const KeyCounts* counted = nullptr) {
   using Key = std::uint64_t;
   const std::size_t n = value.size();
-  hi = std::min(hi, n);
   RankWindow window;
-  if (lo >= hi) {  // empty: no key reaches the low boundary
-    window.has_low = true;
-    window.low = ~Key{0};
-    window.low_until = 0;
-    return window;
-  }
-  window.has_low = lo > 0;
-  window.has_high = hi < n;
-  if (!window.has_low && !window.has_high) return window;  // every rank
+  if (window_without_keys(n, lo, hi, window)) return window;
   constexpr std::size_t buckets = KeyCounts::buckets;
   KeyCounts counting;
   if (counted == nullptr) {
@@ -359,17 +366,7 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
                           RankWindow& window) {
   using Key = std::uint64_t;
   constexpr std::size_t buckets = KeyCounts::buckets;
-  hi = std::min(hi, n);
-  window = RankWindow{};
-  if (lo >= hi) {  // empty: as rank_window, no pass at all
-    window.has_low = true;
-    window.low = ~Key{0};
-    window.low_until = 0;
-    return true;
-  }
-  window.has_low = lo > 0;
-  window.has_high = hi < n;
-  if (!window.has_low && !window.has_high) return true;  // every rank
+  if (window_without_keys(n, lo, hi, window)) return true;
   // Where the window is left to rank_window, its keys held: the candidates' memory freed first (the
   // two never held at once).
   const auto release = [&s] {
