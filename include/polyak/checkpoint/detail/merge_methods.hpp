@@ -49,6 +49,12 @@ namespace detail {
 using TensorSource = std::function<void(std::size_t lane, std::size_t model, std::size_t begin,
                                         std::size_t count, double* out)>;
 
+/// Where a merge puts one tensor's merged scalars: store(bytes, begin, count) takes elements [begin,
+/// begin + count), already in the output's dtype, from any lane's thread, at once with the others.
+/// (A std::function, not a template parameter: merge_tensor is compiled once a translation unit,
+/// not once a caller's lambda; it is called once a span of merge_lane_span scalars.)
+using TensorSink = std::function<void(const std::byte* bytes, std::size_t begin, std::size_t count)>;
+
 /// The scalars one thread merges at a time (several pieces: a thread is started a span, and a 1 MiB
 /// block of every input dtype but F64 lies within one span of one lane).
 inline constexpr std::size_t merge_lane_span = std::size_t{1} << 19;
@@ -81,10 +87,10 @@ inline bool agrees(double value, double sign) { return (value > 0 && sign > 0) |
 /// merge_lanes(o, numel) threads at once (this one among them), in no order between threads. `with_base`:
 /// read(lane, models, ...) reads a base model (needed by needs_base methods, optional for takes_optional_base
 /// ones).
-template <class Store>
-void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
-                  const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype, bool with_base,
-                  const TensorSource& read, Store&& store, MergeWorkspace& work) {
+inline void merge_tensor(const MergeOptions& o, std::size_t models, const std::string& name,
+                         const std::vector<std::int64_t>& shape, std::size_t numel, DType dtype,
+                         bool with_base, const TensorSource& read, const TensorSink& store,
+                         MergeWorkspace& work) {
   // A merged value that overflows its dtype while its inputs are finite (a scale or weights too large)
   // is refused, not written as infinity.
   const double overflow = overflow_threshold(dtype);
