@@ -2,8 +2,7 @@
 // The per-step path allocates nothing: update_parameters, copy_to, swap and average_parameters, with
 // and without threads, for every averaging function; and a post-hoc EMA snapshot streams its profile
 // to disk without copying it. This binary replaces the global operator new to count calls, so it stands
-// apart from the other tests.
-#define CATCH_CONFIG_MAIN
+// apart from the other tests (its main is polyak_test_main's, compiled once for every test binary).
 #include <catch2/catch.hpp>
 
 #include <atomic>
