@@ -57,6 +57,22 @@ StateDict model(int k, bool dtypes = false) {
   return sd;
 }
 
+/// One tensor of `numel` scalars merged by merge_tensor from `read` (the base's input last) into
+/// bytes of `dtype`, in `work` (so that a test can merge again in the same workspace and read it).
+std::vector<std::byte> merge_into_bytes(const MergeOptions& o, std::size_t models, std::size_t numel,
+                                        polyak::DType dtype, const polyak::detail::TensorSource& read,
+                                        polyak::detail::MergeWorkspace& work) {
+  const std::size_t element = polyak::dtype_size(dtype);
+  std::vector<std::byte> out(numel * element);
+  polyak::detail::merge_tensor(
+      o, models, "w", {static_cast<std::int64_t>(numel)}, numel, dtype, true, read,
+      [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
+        std::memcpy(out.data() + begin * element, bytes, count * element);
+      },
+      work);
+  return out;
+}
+
 /// `method` with the settings the benchmark uses (a fifth kept by the sparsified ones).
 MergeOptions options_for(MergeMethod method, unsigned threads) {
   MergeOptions o;
@@ -456,7 +472,6 @@ TEST_CASE("DARE's rescaled methods merge the same bytes with their task values h
   // NaN, infinity and zeros, per-model densities (0 and 1 among them), rescaled or not, on 1 and 3 threads:
   // the same bytes both ways, and the held way taken where a model rescales.
   const std::size_t numel = 2 * span + 1001, models = 3;
-  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
   for (std::size_t m = 0; m <= models; ++m) {
     for (std::size_t i = 0; i < numel; ++i) {
@@ -505,16 +520,8 @@ TEST_CASE("DARE's rescaled methods merge the same bytes with their task values h
           work.held_limit = held_limit;
           std::vector<std::vector<std::byte>> outs;
           for (int time = 0; time < 2; ++time) {
-            std::vector<std::byte> out(numel * polyak::dtype_size(dtype));
-            polyak::detail::merge_tensor(
-                o, models, "w", shape, numel, dtype, true, read,
-                [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
-                  std::memcpy(out.data() + begin * polyak::dtype_size(dtype), bytes,
-                              count * polyak::dtype_size(dtype));
-                },
-                work);
+            outs.push_back(merge_into_bytes(o, models, numel, dtype, read, work));
             held.push_back(work.held_capacity > 0);
-            outs.push_back(std::move(out));
           }
           return outs;
         };
@@ -541,7 +548,6 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
   // streamed, and each is freed before the other is taken (never both held).
   const std::size_t numel = 2 * span + 1001, models = 3;
   REQUIRE(numel >= polyak::detail::streamed_selection_min);
-  const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(numel)};
   std::vector<std::vector<double>> inputs(models + 1, std::vector<double>(numel));  // the base last
   for (const int frozen : {-1, 0, 2}) {  // (the model left frozen, if any)
     for (std::size_t k = 0; k <= models; ++k) {
@@ -587,25 +593,19 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
           std::vector<std::byte> bytes;
           std::vector<polyak::detail::RankWindow> windows;
           std::size_t streamed = 0, missed = 0;
-          bool keys_held = false, candidates_held = false;
+          bool keys_held = false, candidates_held = false, found_held = false;
         };
         const auto merged = [&](bool streamed) {
           polyak::detail::MergeWorkspace work;
           work.streamed.enabled = streamed;
           Merged result;
-          result.bytes.resize(numel * polyak::dtype_size(dtype));
-          polyak::detail::merge_tensor(
-              o, models, "w", shape, numel, dtype, true, read,
-              [&](const std::byte* bytes, std::size_t begin, std::size_t count) {
-                std::memcpy(result.bytes.data() + begin * polyak::dtype_size(dtype), bytes,
-                            count * polyak::dtype_size(dtype));
-              },
-              work);
+          result.bytes = merge_into_bytes(o, models, numel, dtype, read, work);
           for (const auto& kept : work.kept) result.windows.push_back(kept.window);
           result.streamed = work.streamed.windows;
           result.missed = work.streamed.missed;
           result.keys_held = work.keys.capacity() > 0;
           result.candidates_held = work.streamed.room > 0;
+          result.found_held = work.streamed.found.capacity() > 0;
           return result;
         };
         const Merged streamed = merged(true), held = merged(false);
@@ -614,6 +614,7 @@ TEST_CASE("TIES and Breadcrumbs merge the same bytes with their rank keys held a
         // The last model's window streamed: the keys freed; left to the keys: the candidates freed.
         CHECK(streamed.keys_held == (frozen == 2));
         CHECK(streamed.candidates_held == (frozen != 2));
+        CHECK(streamed.found_held == (frozen != 2));  // (a boundary bucket's keys: kept as the candidates)
         CHECK(held.streamed == 0);
         CHECK(streamed.bytes == held.bytes);
         REQUIRE(streamed.windows.size() == held.windows.size());

@@ -338,6 +338,7 @@ struct StreamedSelection {
   std::size_t room = 0, lanes = 0;                     ///< the candidates a lane has room for, and the lanes
   std::vector<std::vector<std::uint64_t>> piece_keys;  ///< a lane's keys of a piece
   std::vector<std::uint64_t> found;  ///< a boundary bucket's keys, then the positions of a boundary key
+                                     ///< (kept for the next tensor, as the candidates are)
   bool enabled = true;               ///< (false: the keys always held; the tests compare both ways)
   std::size_t windows = 0;           ///< the windows found streamed
   std::size_t missed = 0;            ///< the windows the sample missed (left to rank_window)
@@ -499,6 +500,7 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   const auto select = [&](std::size_t k, std::size_t bucket, std::size_t below, std::size_t& less,
                           std::size_t& equal) {
     found.clear();
+    found.reserve(s.counts[bucket]);  // (every key of a candidates' bucket is a candidate)
     for (std::size_t l = 0; l < lanes; ++l) {
       for (std::size_t i = 0; i < filled[l]; ++i) {
         const Candidate& c = s.candidates[l * s.room + i];
@@ -541,7 +543,10 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   window.high_from = 0;
   if (window.has_low && last_low + 1 < equal_low) window.low_until = position_of(window.low, last_low + 1);
   if (window.has_high && first_high > 0) window.high_from = position_of(window.high, first_high);
-  std::vector<std::uint64_t>().swap(found);  // (a bucket's worth: not kept for later tensors)
+  // `found` is kept for the next tensor: taken afresh, its pages were a third of a TIES merge's page
+  // faults. It holds a bucket's keys, 8 bytes each of candidates held at 16: at most half the
+  // candidates' block, which is kept too (and both are freed before any keys are held).
+  found.clear();
   ++s.windows;
   return true;
 }
