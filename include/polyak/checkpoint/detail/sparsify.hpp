@@ -543,9 +543,9 @@ bool rank_window_streamed(std::size_t n, std::size_t lo, std::size_t hi, TauOf&&
   window.high_from = 0;
   if (window.has_low && last_low + 1 < equal_low) window.low_until = position_of(window.low, last_low + 1);
   if (window.has_high && first_high > 0) window.high_from = position_of(window.high, first_high);
-  // `found` is kept for the next tensor: taken afresh, its pages were a third of a TIES merge's page
-  // faults. It holds a bucket's keys, 8 bytes each of candidates held at 16: at most half the
-  // candidates' block, which is kept too (and both are freed before any keys are held).
+  // `found` is kept, not freed: taken afresh each window, its pages were most of a ranked merge's
+  // page faults (docs/merging.md). A bucket's keys, 8 bytes each of candidates held at 16, it is at
+  // most half the candidates' block, and release() frees both before any keys are held.
   found.clear();
   ++s.windows;
   return true;
